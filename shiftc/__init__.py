@@ -1,0 +1,31 @@
+"""shiftc: compile trained neural networks into small, fast native libraries.
+
+    import shiftc
+    shiftc.export("path/to/hf-folder-or.gguf", "model.onnx")
+    shiftc.compile("model.onnx", "model.so", target="host")
+    m = shiftc.load("model.so", threads=2)
+    m.run({"x": array}) / m.generate(prompt, tokenizer=...)
+    shiftc.evaluate("model.so", task="perplexity", tokens=32768, window=512)
+    shiftc.bench("model.so", vs="onnxruntime", threads=1)
+
+The API is imported lazily so that ``import shiftc`` (and the native kernels) stay light.
+"""
+
+__version__ = "0.1.0"
+
+_API = ("export", "compile", "load", "evaluate", "bench", "inspect", "generate")
+
+
+def __getattr__(name):
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    if name in ("ShiftcError",):
+        from . import errors
+
+        return getattr(errors, name)
+    raise AttributeError(f"module 'shiftc' has no attribute '{name}'")
+
+
+__all__ = list(_API) + ["ShiftcError", "__version__"]

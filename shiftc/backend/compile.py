@@ -1,0 +1,129 @@
+"""Compile an ONNX model into one native model library.
+
+The library is a single shared object produced by ``tvm.compile`` + ``export_library``. Weights are
+inside it (constants of the Relax VM executable), so a board needs the .so and the TVM runtime
+(libtvm_runtime + libtvm_ffi) only. Besides ``main`` (the graph; arguments are the ONNX graph
+inputs in order, the result a tuple of the graph outputs in order), the library exports a function
+``shiftc_metadata`` that returns a uint8 tensor holding UTF-8 JSON::
+
+    {"format": 1, "shiftc_version": ..., "target": {...TVM target...}, "target_name": "host",
+     "isa": "avx512", "task": "causal-lm", "decoder": {...}, "tokenizer": "...",
+     "inputs": [{"name", "dtype", "shape"}], "outputs": [...], "source": "model.onnx"}
+
+so the Python and C++ runtimes can validate inputs and drive KV-cache decoding without any
+sidecar file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .. import __version__
+from ..errors import BadInputError, UnsupportedError
+from ..frontend import metadata as md
+from ..frontend.onnx_io import atomic_output, load_model
+from ..progress import step
+from ..targets import TargetSpec, get_target
+from .importer import to_relax
+from .pipeline import relax_pipeline
+
+METADATA_FUNC = "shiftc_metadata"
+LIBRARY_FORMAT = 1
+
+
+@dataclass
+class CompileResult:
+    path: str
+    target: str
+    isa: str
+    size_bytes: int
+    seconds: float
+    metadata: dict
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "target": self.target,
+            "isa": self.isa,
+            "size_bytes": self.size_bytes,
+            "seconds": round(self.seconds, 2),
+            "task": self.metadata.get("task"),
+        }
+
+
+def library_metadata(model: onnx.ModelProto, target: TargetSpec, source: str) -> dict:
+    meta = {
+        "format": LIBRARY_FORMAT,
+        "shiftc_version": __version__,
+        "target": target.tvm,
+        "target_name": target.name,
+        "isa": target.isa,
+        "source": os.path.basename(source),
+    }
+    meta.update(md.get_info(model))
+    meta.update(md.signature(model))
+    return meta
+
+
+def _add_metadata_function(mod, meta: dict):
+    from tvm import relax
+
+    blob = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy()
+    bb = relax.BlockBuilder()
+    with bb.function(METADATA_FUNC, []):
+        bb.emit_func_output(relax.const(blob, "uint8"))
+    mod[METADATA_FUNC] = bb.get()[METADATA_FUNC].with_attr("global_symbol", METADATA_FUNC)
+    return mod
+
+
+def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, *, target: str = "host") -> CompileResult:
+    """ONNX (a path or a ModelProto) -> model library at ``output`` (written atomically)."""
+    import time
+
+    import tvm
+
+    t0 = time.perf_counter()
+    spec = get_target(target)
+    if isinstance(model, (str, os.PathLike)):
+        source = os.fspath(model)
+        with step(f"loading {source}"):
+            proto = load_model(source)
+    else:
+        source, proto = "<in-memory model>", model
+    output = os.fspath(output)
+    if not output.endswith(".so"):
+        raise BadInputError(f"output '{output}': a model library must be named *.so")
+
+    with step("importing ONNX into Relax"):
+        mod = to_relax(proto, source)
+    meta = library_metadata(proto, spec, source)
+    mod = _add_metadata_function(mod, meta)
+    with step(f"compiling for {spec.name} ({spec.description})"):
+        try:
+            with tvm.transform.PassContext(opt_level=3):
+                ex = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline(spec))
+        except Exception as exc:
+            lines = str(exc).strip().splitlines()
+            raise UnsupportedError(
+                f"{source}: compilation for target '{spec.name}' failed: {lines[-1] if lines else exc!r}"
+            ) from exc
+    with step(f"writing {output}"):
+        with atomic_output(output) as tmp:
+            # export_library picks the toolchain from the suffix; keep .so on the temp name.
+            tmp_so = tmp + ".so"
+            try:
+                ex.export_library(tmp_so, **_export_options(spec))
+                os.replace(tmp_so, tmp)
+            finally:
+                if os.path.exists(tmp_so):
+                    os.remove(tmp_so)
+    return CompileResult(output, spec.name, spec.isa, os.path.getsize(output), time.perf_counter() - t0, meta)
+
+
+def _export_options(spec: TargetSpec) -> dict:
+    return {}

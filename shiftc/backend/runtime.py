@@ -1,0 +1,279 @@
+"""Run a model: a compiled library (TVM runtime) or an ``.onnx`` file (ONNX Runtime, the reference).
+
+Both expose the same interface, so evaluation, benchmarks and generation treat them alike:
+
+    m = load("model.so", threads=2)        # or load("model.onnx")
+    m.run({"x": array}) -> {"y": array}    # numpy in, numpy out; inputs checked against the signature
+    s = m.lm_session(batch=1)              # causal LMs: incremental decoding with a KV cache
+    logits = s.step(token_ids)             # [B, S] -> [B, S, V]; the cache grows by S
+
+Inputs are validated before a run: names, dtypes, ranks, fixed dimensions, and that every
+symbolic dimension (``batch``, ``past + seq``) takes one consistent value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+
+from ..errors import BadInputError, RuntimeInputError, UsageError
+from .compile import METADATA_FUNC
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class Model:
+    """Common interface of compiled and ONNX Runtime models."""
+
+    kind = "?"
+    meta: dict
+    path: str
+
+    @property
+    def task(self) -> str:
+        return self.meta.get("task", "custom")
+
+    @property
+    def inputs(self) -> list[dict]:
+        return self.meta["inputs"]
+
+    @property
+    def outputs(self) -> list[dict]:
+        return self.meta["outputs"]
+
+    # -- plain runs -------------------------------------------------------------------------
+    def run(self, feeds: dict[str, np.ndarray] | list[np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = self._prepare(feeds)
+        outs = self._run_raw(arrays)
+        return {o["name"]: self._to_numpy(v) for o, v in zip(self.outputs, outs)}
+
+    def _prepare(self, feeds) -> list[np.ndarray]:
+        if isinstance(feeds, dict):
+            unknown = sorted(set(feeds) - {i["name"] for i in self.inputs})
+            if unknown:
+                raise RuntimeInputError(
+                    f"{self.path}: unknown input(s) {unknown}; the model takes "
+                    f"{[i['name'] for i in self.inputs]}"
+                )
+            missing = [i["name"] for i in self.inputs if i["name"] not in feeds]
+            if missing:
+                raise RuntimeInputError(f"{self.path}: missing input(s) {missing}")
+            arrays = [feeds[i["name"]] for i in self.inputs]
+        else:
+            arrays = list(feeds)
+            if len(arrays) != len(self.inputs):
+                raise RuntimeInputError(
+                    f"{self.path}: expected {len(self.inputs)} inputs, got {len(arrays)}"
+                )
+        return check_inputs(self.path, self.inputs, [np.asarray(a) for a in arrays])
+
+    def _run_raw(self, arrays: list) -> list:
+        raise NotImplementedError
+
+    def _to_numpy(self, value) -> np.ndarray:
+        return np.asarray(value)
+
+    # -- causal LM ----------------------------------------------------------------------------
+    def lm_session(self, batch: int = 1) -> "LMSession":
+        if self.task != "causal-lm" or "decoder" not in self.meta:
+            raise UsageError(f"{self.path}: task is '{self.task}', not a causal LM with a KV cache")
+        return LMSession(self, batch)
+
+    def _empty_past(self, shape: tuple[int, ...]):
+        return np.zeros(shape, np.float32)
+
+    def _past_from_outputs(self, outs: list) -> list:
+        return list(outs[1:])
+
+
+class CompiledModel(Model):
+    """A model library compiled by shiftc, run by the TVM runtime."""
+
+    kind = "compiled"
+
+    def __init__(self, path: str, threads: int | None = None):
+        import tvm
+        from tvm import relax
+
+        self.path = path
+        if not os.path.isfile(path):
+            raise BadInputError(f"model library '{path}' does not exist")
+        set_threads(threads or default_threads())
+        self.threads = threads or default_threads()
+        try:
+            lib = tvm.runtime.load_module(path)
+        except Exception as exc:
+            raise BadInputError(f"'{path}' is not a loadable model library: {str(exc).strip().splitlines()[-1]}") from exc
+        self._device = tvm.cpu()
+        self._vm = relax.VirtualMachine(lib, self._device)
+        try:
+            blob = self._vm[METADATA_FUNC]().numpy().tobytes()
+            self.meta = json.loads(blob.decode("utf-8"))
+        except Exception as exc:
+            raise BadInputError(f"'{path}' is not a shiftc model library (no {METADATA_FUNC})") from exc
+        self._main = self._vm["main"]
+        self._tensor = tvm.runtime.tensor
+
+    def _run_raw(self, arrays):
+        args = [a if not isinstance(a, np.ndarray) else self._tensor(np.ascontiguousarray(a), self._device) for a in arrays]
+        out = self._main(*args)
+        if len(self.outputs) == 1:
+            return [out]
+        return [out[i] for i in range(len(self.outputs))]
+
+    def _to_numpy(self, value):
+        return value.numpy()
+
+    def _empty_past(self, shape):
+        return self._tensor(np.zeros(shape, np.float32), self._device)
+
+
+class OnnxModel(Model):
+    """An ``.onnx`` file run by ONNX Runtime (CPU), with the same interface."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, path: str, threads: int | None = None, proto=None):
+        import onnxruntime as ort
+
+        from ..frontend import metadata as md
+        from ..frontend.onnx_io import load_model
+
+        self.path = path
+        proto = proto if proto is not None else load_model(path)
+        self.meta = {**md.get_info(proto), **md.signature(proto)}
+        opts = ort.SessionOptions()
+        self.threads = threads or default_threads()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            self._sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BadInputError(f"ONNX Runtime cannot load '{path}': {str(exc).strip().splitlines()[0]}") from exc
+        self._names = [i["name"] for i in self.inputs]
+        self._out_names = [o["name"] for o in self.outputs]
+
+    def _run_raw(self, arrays):
+        return self._sess.run(self._out_names, dict(zip(self._names, arrays)))
+
+
+def set_threads(n: int) -> None:
+    """Size the TVM runtime's thread pool (process-wide)."""
+    import tvm_ffi
+
+    if n < 1:
+        raise UsageError(f"--threads must be >= 1 (got {n})")
+    tvm_ffi.get_global_func("runtime.config_threadpool")(0, int(n))
+
+
+def load(path: str | os.PathLike, threads: int | None = None) -> Model:
+    """Open a compiled library (``.so``) or an ONNX file (``.onnx``)."""
+    path = os.fspath(path)
+    if path.endswith(".onnx"):
+        return OnnxModel(path, threads)
+    if path.endswith(".so"):
+        return CompiledModel(path, threads)
+    raise UsageError(f"'{path}': expected a compiled model library (.so) or an ONNX file (.onnx)")
+
+
+# -- input validation -------------------------------------------------------------------------
+
+_SYM = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _eval_dim(expr: str, env: dict[str, int]) -> int | None:
+    names = _SYM.findall(expr)
+    if not names or any(n not in env for n in names):
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9_+\-* ]+", expr):
+        return None
+    return int(eval(expr, {"__builtins__": {}}, dict(env)))  # only names, ints and + - *
+
+
+def check_inputs(path: str, spec: list[dict], arrays: list[np.ndarray]) -> list[np.ndarray]:
+    env: dict[str, int] = {}
+    deferred = []
+    out = []
+    for s, a in zip(spec, arrays):
+        name, dtype, shape = s["name"], s["dtype"], s["shape"]
+        if dtype is not None and a.dtype != np.dtype(dtype):
+            raise RuntimeInputError(f"{path}: input '{name}' must be {dtype}, got {a.dtype}")
+        if shape is not None:
+            if a.ndim != len(shape):
+                raise RuntimeInputError(
+                    f"{path}: input '{name}' must have rank {len(shape)} (shape {shape}), got shape {list(a.shape)}"
+                )
+            for axis, (want, got) in enumerate(zip(shape, a.shape)):
+                if isinstance(want, int):
+                    if want != got:
+                        raise RuntimeInputError(
+                            f"{path}: input '{name}' dimension {axis} must be {want}, got {got} (shape {list(a.shape)})"
+                        )
+                elif isinstance(want, str):
+                    if _SYM.fullmatch(want):
+                        if env.setdefault(want, got) != got:
+                            raise RuntimeInputError(
+                                f"{path}: input '{name}' dimension {axis} ('{want}') is {got}, "
+                                f"but another input fixed '{want}' = {env[want]}"
+                            )
+                    else:
+                        deferred.append((name, axis, want, got))
+        out.append(a)
+    for name, axis, want, got in deferred:
+        value = _eval_dim(want, env)
+        if value is not None and value != got:
+            raise RuntimeInputError(
+                f"{path}: input '{name}' dimension {axis} must be {want} = {value}, got {got}"
+            )
+    return out
+
+
+# -- incremental decoding -------------------------------------------------------------------------
+
+
+class LMSession:
+    """KV-cache state of one batch of sequences being decoded.
+
+    ``step(ids)`` feeds ``S`` new tokens per sequence, returns their logits and keeps the presents
+    as the next step's past. ``attention_mask``/``position_ids`` are maintained here (no padding:
+    all sequences of a batch advance together).
+    """
+
+    def __init__(self, model: Model, batch: int = 1):
+        self.model = model
+        self.batch = batch
+        d = model.meta["decoder"]
+        self.num_layers, self.kv_heads, self.head_dim = d["num_layers"], d["num_kv_heads"], d["head_dim"]
+        self.vocab = d["vocab_size"]
+        self.eos = set(d.get("eos_token_ids", []))
+        self.reset()
+
+    def reset(self) -> None:
+        shape = (self.batch, self.kv_heads, 0, self.head_dim)
+        self.past = [self.model._empty_past(shape) for _ in range(2 * self.num_layers)]
+        self.length = 0
+
+    def step(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        b, s = ids.shape
+        if b != self.batch:
+            raise RuntimeInputError(f"batch of {b} sequences given to a session of batch {self.batch}")
+        total = self.length + s
+        mask = np.ones((b, total), np.int64)
+        pos = np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (b, s)).copy()
+        if self.length == 0:
+            # the first call validates the full signature once
+            check_inputs(self.model.path, self.model.inputs[:3], [ids, mask, pos])
+        outs = self.model._run_raw([ids, mask, pos, *self.past])
+        self.past = self.model._past_from_outputs(outs)
+        self.length = total
+        logits = self.model._to_numpy(outs[0])
+        return logits[:, -1] if last_only else logits

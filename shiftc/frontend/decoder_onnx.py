@@ -1,0 +1,264 @@
+"""Causal-LM export: write the ONNX graph of a Llama-family decoder directly from its weights.
+
+Tracing a Hugging Face decoder yields hundreds of Shape/Gather/Concat nodes that compute the masks
+and reshapes at run time; they slow every backend down and confuse shape inference. For the
+Llama family (Llama, Mistral, Qwen2, SmolLM: pre-norm RMSNorm blocks, rotary embeddings, grouped-
+query attention, SwiGLU MLP) shiftc writes the graph itself, with no shape arithmetic at all:
+
+Inputs (B = batch, S = new tokens, P = cached tokens, T = P + S):
+    input_ids        int64 [B, S]
+    attention_mask   int64 [B, T]   1 = real token, 0 = padding (left padding supported)
+    position_ids     int64 [B, S]   usually cumsum(attention_mask) - 1 for the new tokens
+    past_key_values.{i}.key / .value   float32 [B, KVH, P, D]
+Outputs:
+    logits           float32 [B, S, V]
+    present.{i}.key / .value           float32 [B, KVH, T, D]
+
+Math per block (h = hidden state, x̂ = RMSNorm(x) = x / sqrt(mean(x²) + eps) · w):
+    q, k, v = x̂Wq (+bq), x̂Wk (+bk), x̂Wv (+bv); rotary on q, k with
+        rope(x) = x·cos + rotate_half(x)·sin,  rotate_half([x1, x2]) = [−x2, x1]
+    attention with grouped-query heads: q is viewed as [B, KVH, G, S, D] (G = H / KVH) and
+        multiplies k [B, KVH, 1, T, D] by broadcasting, so no key/value repetition is materialised;
+    mask: key j is visible to query i iff kpos_j ≤ qpos_i and attention_mask_j = 1, where
+        kpos = cumsum(attention_mask) − 1; masked scores get −1e9 before the softmax;
+    h += o(attn); h += W_down(silu(x̂ W_gate) ⊙ x̂ W_up).
+The LM head reuses the embedding matrix through a Transpose node when the weights are tied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..errors import UnsupportedError
+
+OPSET = 17
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm3")
+MASK_VALUE = -1e9
+# Symbolic length of the attention window. Written as an expression so that shape inference (ONNX
+# Runtime, TVM) knows it equals the cached plus the new tokens.
+TOTAL = "past + seq"
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What the runtime needs to drive a causal LM exported by this module."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "eos_token_ids": list(self.eos_token_ids),
+        }
+
+
+class _Graph:
+    """A tiny builder: unique names, initializers from numpy, nodes appended in order."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._consts: dict[tuple, str] = {}
+        self._n = 0
+
+    def _name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const_i64(self, values) -> str:
+        key = ("i64", tuple(values))
+        if key not in self._consts:
+            self._consts[key] = self.init(self._name("const_i64"), np.asarray(values, np.int64))
+        return self._consts[key]
+
+    def const_f32(self, value: float) -> str:
+        key = ("f32", float(value))
+        if key not in self._consts:
+            self._consts[key] = self.init(self._name("const_f32"), np.asarray(value, np.float32))
+        return self._consts[key]
+
+    def op(self, op_type: str, inputs: list[str], name: str, n_out: int = 1, **attrs) -> str | list[str]:
+        outs = [f"{name}" if n_out == 1 else f"{name}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().to("cpu").float().numpy()
+
+
+def _rope_tables(config, head_dim: int, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    theta = theta or getattr(config, "rope_theta", 10000.0)
+    if rope_type not in ("default", None):
+        raise UnsupportedError(
+            f"rotary embedding type '{rope_type}' is not supported by the decoder exporter "
+            "(supported: default)"
+        )
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    t = np.arange(max_pos, dtype=np.float64)
+    freqs = np.outer(t, inv_freq)  # [max_pos, D/2]
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+def check_supported(config) -> None:
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedError(
+            f"causal-LM architecture '{mt}' is not supported by shiftc's decoder exporter "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedError(f"hidden_act '{act}' is not supported (supported: silu)")
+
+
+def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.ModelProto, DecoderSpec]:
+    """Build the ONNX graph of a Llama-family ``*ForCausalLM`` torch module (weights in fp32)."""
+    config = model.config
+    check_supported(config)
+    sd = {k: v for k, v in model.state_dict().items()}
+    hidden = config.hidden_size
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // n_heads
+    group = n_heads // n_kv
+    n_layers = config.num_hidden_layers
+    vocab = config.vocab_size
+    eps = float(config.rms_norm_eps)
+    max_pos = int(max_positions or min(getattr(config, "max_position_embeddings", 4096), 32768))
+    half = head_dim // 2
+
+    g = _Graph()
+    emb_name = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]))
+    cos_t, sin_t = _rope_tables(config, head_dim, max_pos)
+    # cos/sin tables hold D/2 columns; rope is applied on the two halves separately.
+    cos_name, sin_name = g.init("rope.cos", cos_t), g.init("rope.sin", sin_t)
+
+    h = g.op("Gather", [emb_name, "input_ids"], "embed", axis=0)
+
+    # Rotary tables for the new positions, broadcastable to q [B,KVH,G,S,D/2] and k [B,KVH,S,D/2].
+    cos = g.op("Gather", [cos_name, "position_ids"], "rope_cos", axis=0)  # [B,S,D/2]
+    sin = g.op("Gather", [sin_name, "position_ids"], "rope_sin", axis=0)
+    cos_k = g.op("Unsqueeze", [cos, g.const_i64([1])], "rope_cos_k")  # [B,1,S,D/2]
+    sin_k = g.op("Unsqueeze", [sin, g.const_i64([1])], "rope_sin_k")
+    cos_q = g.op("Unsqueeze", [cos_k, g.const_i64([1])], "rope_cos_q")  # [B,1,1,S,D/2]
+    sin_q = g.op("Unsqueeze", [sin_k, g.const_i64([1])], "rope_sin_q")
+
+    # Additive attention mask [B,1,1,S,T].
+    kpos = g.op("CumSum", ["attention_mask", g.const_i64([1])], "mask_cumsum")
+    kpos = g.op("Sub", [kpos, g.const_i64([1])], "mask_kpos")  # [B,T]
+    kpos = g.op("Unsqueeze", [kpos, g.const_i64([1, 2, 3])], "mask_kpos5")  # [B,1,1,1,T]
+    qpos = g.op("Unsqueeze", ["position_ids", g.const_i64([1, 2, 4])], "mask_qpos5")  # [B,1,1,S,1]
+    causal = g.op("LessOrEqual", [kpos, qpos], "mask_causal")
+    am5 = g.op("Unsqueeze", ["attention_mask", g.const_i64([1, 2, 3])], "mask_am5")
+    valid = g.op("Greater", [am5, g.const_i64([0])], "mask_valid")
+    allowed = g.op("And", [causal, valid], "mask_allowed")
+    mask = g.op("Where", [allowed, g.const_f32(0.0), g.const_f32(MASK_VALUE)], "mask_add")
+
+    def rmsnorm(x: str, weight_key: str, name: str) -> str:
+        w = g.init(weight_key, _np(sd[weight_key]))
+        sq = g.op("Mul", [x, x], f"{name}_sq")
+        ms = g.op("ReduceMean", [sq], f"{name}_mean", axes=[-1], keepdims=1)
+        ms = g.op("Add", [ms, g.const_f32(eps)], f"{name}_eps")
+        rs = g.op("Sqrt", [ms], f"{name}_sqrt")
+        y = g.op("Div", [x, rs], f"{name}_div")
+        return g.op("Mul", [y, w], f"{name}_out")
+
+    def linear(x: str, prefix: str, name: str) -> str:
+        wt = g.init(f"{prefix}.weight.T", _np(sd[f"{prefix}.weight"]).T)  # [in, out]
+        y = g.op("MatMul", [x, wt], name)
+        if f"{prefix}.bias" in sd:
+            b = g.init(f"{prefix}.bias", _np(sd[f"{prefix}.bias"]))
+            y = g.op("Add", [y, b], f"{name}_bias")
+        return y
+
+    def rope(x: str, cos_: str, sin_: str, axis: int, name: str) -> str:
+        x1, x2 = g.op("Split", [x, g.const_i64([half, half])], f"{name}_split", n_out=2, axis=axis)
+        a = g.op("Sub", [g.op("Mul", [x1, cos_], f"{name}_x1c"), g.op("Mul", [x2, sin_], f"{name}_x2s")], f"{name}_lo")
+        b = g.op("Add", [g.op("Mul", [x2, cos_], f"{name}_x2c"), g.op("Mul", [x1, sin_], f"{name}_x1s")], f"{name}_hi")
+        return g.op("Concat", [a, b], f"{name}_out", axis=axis)
+
+    graph_inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", TOTAL]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+    ]
+    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])]
+    scale = g.const_f32(1.0 / np.sqrt(head_dim))
+
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        graph_inputs += [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", n_kv, "past", head_dim])
+            for n in (past_k, past_v)
+        ]
+        x = rmsnorm(h, f"{p}.input_layernorm.weight", f"l{i}_attn_norm")
+        q = linear(x, f"{p}.self_attn.q_proj", f"l{i}_q")
+        k = linear(x, f"{p}.self_attn.k_proj", f"l{i}_k")
+        v = linear(x, f"{p}.self_attn.v_proj", f"l{i}_v")
+        q = g.op("Reshape", [q, g.const_i64([0, 0, n_kv, group, head_dim])], f"l{i}_q_heads")
+        q = g.op("Transpose", [q], f"l{i}_q_t", perm=[0, 2, 3, 1, 4])  # [B,KVH,G,S,D]
+        k = g.op("Reshape", [k, g.const_i64([0, 0, n_kv, head_dim])], f"l{i}_k_heads")
+        k = g.op("Transpose", [k], f"l{i}_k_t", perm=[0, 2, 1, 3])  # [B,KVH,S,D]
+        v = g.op("Reshape", [v, g.const_i64([0, 0, n_kv, head_dim])], f"l{i}_v_heads")
+        v = g.op("Transpose", [v], f"l{i}_v_t", perm=[0, 2, 1, 3])
+        q = rope(q, cos_q, sin_q, 4, f"l{i}_q_rope")
+        k = rope(k, cos_k, sin_k, 3, f"l{i}_k_rope")
+        k_all = g.op("Concat", [past_k, k], f"present.{i}.key", axis=2)  # [B,KVH,T,D]
+        v_all = g.op("Concat", [past_v, v], f"present.{i}.value", axis=2)
+        graph_outputs += [
+            helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", n_kv, TOTAL, head_dim])
+            for n in (k_all, v_all)
+        ]
+        kt = g.op("Transpose", [k_all], f"l{i}_kT", perm=[0, 1, 3, 2])  # [B,KVH,D,T]
+        kt = g.op("Unsqueeze", [kt, g.const_i64([2])], f"l{i}_kT5")  # [B,KVH,1,D,T]
+        v5 = g.op("Unsqueeze", [v_all, g.const_i64([2])], f"l{i}_v5")  # [B,KVH,1,T,D]
+        s = g.op("MatMul", [q, kt], f"l{i}_scores")  # [B,KVH,G,S,T]
+        s = g.op("Mul", [s, scale], f"l{i}_scaled")
+        s = g.op("Add", [s, mask], f"l{i}_masked")
+        pr = g.op("Softmax", [s], f"l{i}_probs", axis=-1)
+        a = g.op("MatMul", [pr, v5], f"l{i}_attn")  # [B,KVH,G,S,D]
+        a = g.op("Transpose", [a], f"l{i}_attn_t", perm=[0, 3, 1, 2, 4])  # [B,S,KVH,G,D]
+        a = g.op("Reshape", [a, g.const_i64([0, 0, n_heads * head_dim])], f"l{i}_attn_merge")
+        o = linear(a, f"{p}.self_attn.o_proj", f"l{i}_o")
+        h = g.op("Add", [h, o], f"l{i}_resid1")
+        x = rmsnorm(h, f"{p}.post_attention_layernorm.weight", f"l{i}_mlp_norm")
+        gate = linear(x, f"{p}.mlp.gate_proj", f"l{i}_gate")
+        up = linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}_sigmoid")], f"l{i}_silu")
+        d = linear(g.op("Mul", [act, up], f"l{i}_glu"), f"{p}.mlp.down_proj", f"l{i}_down")
+        h = g.op("Add", [h, d], f"l{i}_resid2")
+
+    h = rmsnorm(h, "model.norm.weight", "final_norm")
+    if "lm_head.weight" in sd and not getattr(config, "tie_word_embeddings", False):
+        head = g.init("lm_head.weight.T", _np(sd["lm_head.weight"]).T)
+    else:
+        head = g.op("Transpose", [emb_name], "lm_head_tied", perm=[1, 0])
+    g.op("MatMul", [h, head], "logits")
+
+    graph = helper.make_graph(g.nodes, "shiftc_decoder", graph_inputs, graph_outputs, g.inits)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="shiftc")
+    onnx_model.ir_version = 8
+    eos = getattr(config, "eos_token_id", None)
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    spec = DecoderSpec(n_layers, n_kv, head_dim, vocab, tuple(int(e) for e in eos_ids))
+    return onnx_model, spec

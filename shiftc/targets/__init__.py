@@ -1,0 +1,96 @@
+"""Compilation targets: a name a user types -> a TVM target (JSON dict form, TVM 0.27).
+
+``host`` detects the running CPU (LLVM's name for it, so AVX2/AVX-512/AMX are used where present).
+Named x86-64 targets pin an ISA level so a library built here runs on older machines:
+``x86-64-avx2`` (Haswell and later) and ``x86-64-avx512`` (Skylake-SP and later); ``x86-64`` is the
+baseline (SSE2). A target's ``isa`` field is what the kernels of csrc/ dispatch on.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field
+
+from ..errors import UsageError
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    description: str
+    tvm: dict = field(hash=False)
+    isa: str  # "avx512" | "avx2" | "sse2" | "neon" | "cuda"
+    cross: bool = False  # the library cannot be loaded on this machine
+
+    def tvm_target(self):
+        import tvm
+
+        return tvm.target.Target(self.tvm)
+
+
+def _host_triple() -> str:
+    machine = platform.machine()
+    return {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(machine, f"{machine}-linux-gnu")
+
+
+def host_cpu_flags() -> set[str]:
+    """CPU feature flags of this machine from /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _host() -> TargetSpec:
+    import tvm
+
+    detected = tvm.target.Target.from_device(tvm.cpu())
+    mcpu = str(detected.attrs.get("mcpu", "")) or "generic"
+    flags = host_cpu_flags()
+    if platform.machine() == "aarch64":
+        isa = "neon"
+    elif {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        isa = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        isa = "avx2"
+    else:
+        isa = "sse2"
+    num_cores = _physical_cores()
+    spec = {"kind": "llvm", "mtriple": _host_triple(), "mcpu": mcpu, "num-cores": num_cores}
+    return TargetSpec("host", f"this machine ({mcpu}, {isa})", spec, isa)
+
+
+def _physical_cores() -> int:
+    import os
+
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def _x86(name: str, mcpu: str, isa: str, desc: str) -> TargetSpec:
+    return TargetSpec(name, desc, {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}, isa)
+
+
+_FIXED = {
+    "x86-64": lambda: _x86("x86-64", "x86-64", "sse2", "any x86-64 CPU (SSE2 baseline)"),
+    "x86-64-avx2": lambda: _x86("x86-64-avx2", "haswell", "avx2", "x86-64 with AVX2+FMA (Haswell and later)"),
+    "x86-64-avx512": lambda: _x86(
+        "x86-64-avx512", "skylake-avx512", "avx512", "x86-64 with AVX-512 (Skylake-SP and later)"
+    ),
+}
+
+TARGETS = {"host": _host, **_FIXED}
+
+
+def get_target(name: str) -> TargetSpec:
+    """Look a target up by name; an unknown name is a usage error that lists the choices."""
+    if name not in TARGETS:
+        raise UsageError(f"--target '{name}' is not known; choose one of: {', '.join(TARGETS)}")
+    return TARGETS[name]()
+
+
+def target_names() -> list[str]:
+    return list(TARGETS)
