@@ -215,13 +215,18 @@ class Sampler:
             if idx.size == 0:
                 idx = np.array([int(np.argmax(p))])
             return idx, p[idx], logp
+        use_p = cfg.top_p is not None and cfg.top_p < 1.0
         if cfg.top_k is not None:
             idx = top_k_indices(p, int(cfg.top_k))  # sorted descending
-        elif cfg.top_p is not None and cfg.top_p < 1.0:
-            idx = np.argsort(-p, kind="stable")
+        elif use_p:
+            # The nucleus is a prefix of the sorted tokens: try the 1024 most likely first
+            # (p sums to 1 here) and sort the whole vocabulary only if they are not enough.
+            idx = top_k_indices(p, 1024)
+            if p[idx].sum() < cfg.top_p:
+                idx = np.argsort(-p, kind="stable")
         else:
             return np.arange(p.shape[0]), p, logp
-        if cfg.top_p is not None and cfg.top_p < 1.0:
+        if use_p:
             idx = idx[: top_p_cut(p[idx], cfg.top_p)]
         return idx, p[idx], logp
 

@@ -247,3 +247,16 @@ def test_config_object_and_bad_logits():
 
     with pytest.raises(BadInputError):
         s.sample(np.array([0.0, np.nan]))
+
+
+@pytest.mark.parametrize("scale", [0.5, 8.0])  # nucleus beyond / within the 1024 most likely
+def test_top_p_large_vocab(scale):
+    z = rand_logits(11, vocab=5000, scale=scale)
+    p = ref_softmax(z)
+    order = np.argsort(-p, kind="stable")
+    n = int(np.searchsorted(np.cumsum(p[order]), 0.9) + 1)
+    assert (n > 1024) == (scale == 0.5)
+    ref = np.zeros_like(p)
+    ref[order[:n]] = p[order[:n]]
+    ref /= ref.sum()
+    np.testing.assert_allclose(Sampler(top_p=0.9).distribution(z), ref, atol=PROB_ATOL)

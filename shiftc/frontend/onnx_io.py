@@ -488,10 +488,8 @@ def _remove_quietly(tmp: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             os.unlink(tmp)
-    except FileNotFoundError:
-        pass
     except OSError:
-        pass  # nothing more to do; never mask the original error
+        pass  # already gone, or nothing more to do; never mask the original error
 
 
 def _prepare_commit(tmp: str, path: str) -> None:
@@ -508,7 +506,10 @@ def _prepare_commit(tmp: str, path: str) -> None:
         finally:
             os.close(fd)
     except OSError as e:
-        raise BadInputError(f"{path}: cannot write the output ({e.strerror}).") from None
+        raise BadInputError(
+            f"{path}: cannot write the output ({e.strerror}); check the disk and the folder's "
+            "permissions, or choose another output path."
+        ) from None
 
 
 def _sync_folder(folder: str) -> None:
