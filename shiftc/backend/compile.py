@@ -27,7 +27,7 @@ from .. import __version__
 from ..errors import BadInputError, UnsupportedError
 from ..frontend import metadata as md
 from ..frontend.onnx_io import atomic_output, load_model
-from ..progress import step
+from ..progress import log, step
 from ..targets import TargetSpec, get_target
 from .importer import to_relax
 from .pipeline import relax_pipeline
@@ -64,6 +64,7 @@ def library_metadata(model: onnx.ModelProto, target: TargetSpec, source: str) ->
         "target_name": target.name,
         "isa": target.isa,
         "source": os.path.basename(source),
+        "source_path": os.path.abspath(source) if os.path.exists(source) else None,
     }
     meta.update(md.get_info(model))
     meta.update(md.signature(model))
@@ -102,16 +103,23 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
     with step("importing ONNX into Relax"):
         mod = to_relax(proto, source)
     meta = library_metadata(proto, spec, source)
-    mod = _add_metadata_function(mod, meta)
+    meta["pipeline"] = "optimized"
+    base_mod, mod = mod, _add_metadata_function(mod, meta)
     with step(f"compiling for {spec.name} ({spec.description})"):
         try:
-            with tvm.transform.PassContext(opt_level=3):
-                ex = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline(spec))
-        except Exception as exc:
-            lines = str(exc).strip().splitlines()
-            raise UnsupportedError(
-                f"{source}: compilation for target '{spec.name}' failed: {lines[-1] if lines else exc!r}"
-            ) from exc
+            ex = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline(spec))
+        except Exception as first:
+            # Some graphs (data-dependent shapes from Range/NonZero inside fused kernels) defeat
+            # operator fusion; TVM's unfused build pipeline still compiles them, slower.
+            log(f"optimizing pipeline failed ({_last_line(first)}); retrying with the unfused pipeline")
+            try:
+                meta["pipeline"] = "unfused"
+                mod = _add_metadata_function(base_mod, meta)
+                ex = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline="default")
+            except Exception as exc:
+                raise UnsupportedError(
+                    f"{source}: compilation for target '{spec.name}' failed: {_last_line(exc)}"
+                ) from exc
     with step(f"writing {output}"):
         with atomic_output(output) as tmp:
             # export_library picks the toolchain from the suffix; keep .so on the temp name.
@@ -123,6 +131,11 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
                 if os.path.exists(tmp_so):
                     os.remove(tmp_so)
     return CompileResult(output, spec.name, spec.isa, os.path.getsize(output), time.perf_counter() - t0, meta)
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else repr(exc)
 
 
 def _export_options(spec: TargetSpec) -> dict:

@@ -1,0 +1,95 @@
+"""The Python API. The CLI (shiftc.cli) only parses arguments and calls these functions.
+
+    export(src, output)                     HF folder / GGUF / module:factory -> .onnx
+    compile(model, output, target="host")   .onnx -> model library (.so)
+    load(path, threads=None)                .so or .onnx -> runnable (run / lm_session / generate)
+    evaluate(path, task="perplexity", ...)  accuracy on held-out data
+    bench(path, vs="onnxruntime", ...)      latency next to ONNX Runtime
+    inspect(path)                           ops, parameters, bytes by dtype, inputs/outputs
+    generate(path, prompt, ...)             text from a causal LM
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import BadInputError, UsageError
+
+
+def export(src: str, output: str | os.PathLike, *, task: str | None = None, max_positions: int | None = None):
+    from .frontend.export import export as _export
+
+    return _export(src, output, task=task, max_positions=max_positions)
+
+
+def compile(model, output: str | os.PathLike, *, target: str = "host"):  # noqa: A001 - mirrors the CLI verb
+    from .backend.compile import compile_model
+
+    return compile_model(model, output, target=target)
+
+
+class Runnable:
+    """A loaded model: ``run`` for any task, ``generate`` / ``lm_session`` for causal LMs."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def run(self, feeds):
+        return self.model.run(feeds)
+
+    def lm_session(self, batch: int = 1):
+        return self.model.lm_session(batch)
+
+    def generate(self, prompt: str, **kwargs) -> dict:
+        from .generate import generate as _generate
+        from .sampling import Sampler
+
+        sampler_keys = ("greedy", "temperature", "top_k", "top_p", "mirostat_tau", "mirostat_eta", "seed")
+        skw = {k: kwargs.pop(k) for k in sampler_keys if k in kwargs}
+        sampler = kwargs.pop("sampler", None) or (Sampler(**skw) if skw else Sampler(greedy=True))
+        return _generate(self.model, prompt, sampler=sampler, **kwargs)
+
+
+def load(path: str | os.PathLike, threads: int | None = None) -> Runnable:
+    from .backend.runtime import load as _load
+
+    return Runnable(_load(path, threads))
+
+
+def evaluate(path: str | os.PathLike, *, task: str = "perplexity", tokens: int = 32768, window: int = 512,
+             corpus: str = "wikipedia", split: str = "eval", tokenizer: str | None = None, threads: int | None = None) -> dict:
+    from .evaluate import TASKS, perplexity
+
+    if task not in TASKS:
+        raise UsageError(f"--task '{task}' is not known; choose one of: {', '.join(TASKS)}")
+    model = load(path, threads).model
+    return perplexity(model, tokens=tokens, window=window, corpus=corpus, split=split, tokenizer=tokenizer)
+
+
+def bench(path: str | os.PathLike, *, vs: str = "onnxruntime", threads: int = 1, reference: str | None = None, **kwargs) -> dict:
+    from .bench import bench as _bench
+
+    return _bench(os.fspath(path), vs=vs, threads=threads, reference=reference, **kwargs)
+
+
+def inspect(path: str | os.PathLike) -> dict:
+    path = os.fspath(path)
+    if path.endswith(".onnx"):
+        from .frontend import metadata as md
+        from .frontend.onnx_io import load_model, model_summary
+
+        proto = load_model(path)
+        return {"path": path, "kind": "onnx", **md.get_info(proto), **model_summary(proto)}
+    if path.endswith(".so"):
+        from .backend.runtime import CompiledModel
+
+        m = CompiledModel(path, threads=1)
+        return {"path": path, "kind": "library", "size_bytes": os.path.getsize(path), **m.meta}
+    raise BadInputError(f"'{path}': expected an .onnx file or a compiled .so library")
+
+
+def generate(path: str | os.PathLike, prompt: str, *, threads: int | None = None, **kwargs) -> dict:
+    return load(path, threads).generate(prompt, **kwargs)

@@ -1,0 +1,247 @@
+"""``shiftc`` command line. Parses arguments and calls shiftc.api; nothing else lives here.
+
+Exit codes: 0 ok, 2 usage error, 3 bad input file, 4 unsupported model/op, 5 run-time input
+error, 1 internal error (a bug). Errors go to stderr; ``--json`` prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import EXIT_INTERNAL, EXIT_USAGE, ShiftcError, UsageError
+
+
+def _existing(path: str) -> str:
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"'{path}' does not exist")
+    return path
+
+
+def _model_file(path: str) -> str:
+    path = _existing(path)
+    if not path.endswith((".onnx", ".so")):
+        raise argparse.ArgumentTypeError(f"'{path}': expected an .onnx file or a compiled .so library")
+    return path
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (got {n})")
+    return n
+
+
+def _emit(args, result: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(text)
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_export(args):
+    from . import api
+
+    r = api.export(args.src, args.output, task=args.task, max_positions=args.max_positions)
+    _emit(args, r.to_json(), f"wrote {r.path} ({r.task}, {r.num_nodes} nodes, {r.size_bytes / 1e6:.1f} MB)")
+
+
+def cmd_compile(args):
+    from . import api
+
+    r = api.compile(args.model, args.output, target=args.target)
+    _emit(args, r.to_json(), f"wrote {r.path} (target {r.target}, {r.isa}, {r.size_bytes / 1e6:.1f} MB, {r.seconds:.1f}s)")
+
+
+def cmd_inspect(args):
+    from . import api
+
+    r = api.inspect(args.model)
+    lines = [f"{r['path']} ({r['kind']}, task {r.get('task', 'custom')})"]
+    if r["kind"] == "onnx":
+        lines.append(f"  opsets: {r['opset_imports']}  nodes: {r['num_nodes']}  parameters: {r['num_parameters']:,}")
+        for dom, ops in r["ops"].items():
+            lines.append(f"  ops [{dom}]: " + ", ".join(f"{k}×{v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])))
+        lines.append("  bytes by dtype: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in r["bytes_by_dtype"].items()))
+    else:
+        lines.append(f"  target {r['target_name']} ({r['isa']}), {r['size_bytes'] / 1e6:.1f} MB, from {r.get('source')}")
+    for kind in ("inputs", "outputs"):
+        sig = r[kind]
+        shown = sig if len(sig) <= 8 else sig[:6]
+        lines.append(f"  {kind}:")
+        lines += [f"    {s['name']}: {s['dtype']} {s['shape']}" for s in shown]
+        if len(sig) > len(shown):
+            lines.append(f"    ... {len(sig) - len(shown)} more")
+    _emit(args, r, "\n".join(lines))
+
+
+def cmd_run(args):
+    import numpy as np
+
+    from . import api
+
+    m = api.load(args.model, threads=args.threads)
+    if args.inputs:
+        data = np.load(args.inputs)
+        feeds = {k: data[k] for k in data.files}
+    else:
+        from .bench import random_inputs
+
+        feeds = dict(zip([i["name"] for i in m.inputs], random_inputs(m.model, {})))
+    outs = m.run(feeds)
+    if args.output:
+        from .frontend.onnx_io import atomic_output
+
+        with atomic_output(args.output) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **outs)
+    summary = {k: {"shape": list(v.shape), "dtype": str(v.dtype), "mean": float(np.mean(v)) if v.size else None} for k, v in outs.items()}
+    _emit(args, {"outputs": summary, "saved": args.output}, "\n".join(f"{k}: {v['dtype']} {v['shape']} mean {v['mean']:.6g}" for k, v in summary.items()))
+
+
+def cmd_eval(args):
+    from . import api
+
+    r = api.evaluate(args.model, task=args.task, tokens=args.tokens, window=args.window, corpus=args.corpus,
+                     split=args.split, tokenizer=args.tokenizer, threads=args.threads)
+    _emit(args, r, f"perplexity {r['perplexity']:.4f} ({r['backend']}, {r['tokens_scored']} tokens in {r['windows']} windows of {r['window']}, {r['corpus']}/{r['split']})")
+
+
+def cmd_bench(args):
+    from . import api
+
+    r = api.bench(args.model, vs=args.vs, threads=args.threads, reference=args.reference, repeats=args.repeats,
+                  prefill=args.prefill, decode=args.decode)
+    if r["task"] == "causal-lm":
+        rows = [f"{'':8} {'compiled':>14} {'onnxruntime':>14} {'ratio':>7}   (threads {r['threads']})"]
+        for k in ("prefill", "decode"):
+            v = r[k]
+            rows.append(f"{k:8} {v['compiled_tokens_per_s']:>10.1f} t/s {v['onnxruntime_tokens_per_s']:>10.1f} t/s {v['ratio']:>7.2f}")
+        text = "\n".join(rows)
+    else:
+        v = r["latency_ms"]
+        text = f"latency: compiled {v['compiled']:.3f} ms, onnxruntime {v['onnxruntime']:.3f} ms, ratio {r['ratio']:.2f} (threads {r['threads']})"
+    _emit(args, r, text)
+
+
+def cmd_generate(args):
+    from . import api
+
+    stream = None if args.json else (lambda s: print(s, end="", flush=True))
+    kw = dict(max_new_tokens=args.max_new_tokens, tokenizer=args.tokenizer, chat=args.chat, seed=args.seed, on_text=stream)
+    if args.mirostat_tau is not None:
+        kw.update(mirostat_tau=args.mirostat_tau, mirostat_eta=args.mirostat_eta, temperature=args.temperature)
+    elif args.sampler == "greedy":
+        kw.update(greedy=True)
+    else:
+        kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    r = api.generate(args.model, args.prompt, threads=args.threads, **kw)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        dec = r["decode_tokens_per_s"]
+        print(f"\n[{r['new_tokens']} tokens; prefill {r['prefill_tokens_per_s']:.1f} t/s, decode {dec:.1f} t/s]" if dec else "", file=sys.stderr)
+
+
+# -- parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .targets import target_names
+
+    p = argparse.ArgumentParser(prog="shiftc", description="Compile trained neural networks into small, fast native libraries.")
+    p.add_argument("--version", action="version", version=f"shiftc {__import__('shiftc').__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, fn, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--json", action="store_true", help="print a machine-readable JSON result on stdout")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = command("export", cmd_export, "export a Hugging Face folder, a GGUF file or module:factory to ONNX")
+    sp.add_argument("src", help="HF model folder, .gguf file, or module:factory (a callable returning (torch module, example inputs))")
+    sp.add_argument("-o", "--output", required=True, help="output .onnx file")
+    sp.add_argument("--task", choices=["causal-lm", "encoder", "image-classification"], help="expected task (checked)")
+    sp.add_argument("--max-positions", type=_positive, help="causal LMs: longest sequence supported (default: the model's, at most 32768)")
+
+    sp = command("inspect", cmd_inspect, "show ops, parameters, bytes by dtype, inputs and outputs")
+    sp.add_argument("model", type=_model_file, help=".onnx file or compiled .so")
+
+    sp = command("compile", cmd_compile, "compile an ONNX model into a native model library")
+    sp.add_argument("model", type=_existing, help="input .onnx file")
+    sp.add_argument("-o", "--output", required=True, help="output model library (.so)")
+    sp.add_argument("--target", default="host", choices=target_names(), help="target machine (default: this one)")
+
+    sp = command("run", cmd_run, "run a model once on inputs from an .npz file (random inputs if omitted)")
+    sp.add_argument("model", type=_model_file)
+    sp.add_argument("--inputs", type=_existing, help=".npz with one array per model input")
+    sp.add_argument("-o", "--output", help="write the outputs to this .npz")
+    sp.add_argument("--threads", type=_positive)
+
+    sp = command("eval", cmd_eval, "measure accuracy (perplexity on held-out Wikipedia text)")
+    sp.add_argument("model", type=_model_file)
+    sp.add_argument("--task", default="perplexity", choices=["perplexity"])
+    sp.add_argument("--tokens", type=_positive, default=32768, help="token budget (default 32768)")
+    sp.add_argument("--window", type=_positive, default=512, help="tokens per window (default 512)")
+    sp.add_argument("--corpus", default="wikipedia", choices=["wikipedia", "lee"])
+    sp.add_argument("--split", default="eval", help="wikipedia: eval (held out) or calib; lee: all")
+    sp.add_argument("--tokenizer", help="HF folder or .gguf (default: the one recorded at export)")
+    sp.add_argument("--threads", type=_positive)
+
+    sp = command("bench", cmd_bench, "time a compiled library next to ONNX Runtime (same inputs and threads)")
+    sp.add_argument("model", type=_model_file, help="compiled .so")
+    sp.add_argument("--vs", default="onnxruntime", choices=["onnxruntime"])
+    sp.add_argument("--reference", type=_existing, help="the .onnx to compare with (default: the one it was compiled from)")
+    sp.add_argument("--threads", type=_positive, default=1)
+    sp.add_argument("--repeats", type=_positive, default=10)
+    sp.add_argument("--prefill", type=_positive, default=128, help="causal LMs: prompt tokens (default 128)")
+    sp.add_argument("--decode", type=_positive, default=32, help="causal LMs: decode steps timed (default 32)")
+
+    sp = command("generate", cmd_generate, "generate text with a causal LM")
+    sp.add_argument("model", type=_model_file)
+    sp.add_argument("--tokenizer", help="HF folder or .gguf (default: the one recorded at export)")
+    sp.add_argument("--prompt", required=True)
+    sp.add_argument("--max-new-tokens", type=_positive, default=64)
+    sp.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    sp.add_argument("--sampler", choices=["greedy", "sample"], default="greedy", help="greedy, or sample with --temperature/--top-k/--top-p")
+    sp.add_argument("--temperature", type=float, default=1.0)
+    sp.add_argument("--top-k", type=_positive)
+    sp.add_argument("--top-p", type=float)
+    sp.add_argument("--mirostat-tau", type=float, help="Mirostat v2 target surprise τ in bits (enables Mirostat)")
+    sp.add_argument("--mirostat-eta", type=float, default=0.1, help="Mirostat v2 learning rate η")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--threads", type=_positive)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+        return 0
+    except ShiftcError as exc:
+        print(f"shiftc {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"shiftc {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: say so, keep the traceback for the report
+        import traceback
+
+        traceback.print_exc()
+        print(f"shiftc {args.command}: internal error: {exc!r} (please report this)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

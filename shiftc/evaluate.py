@@ -1,0 +1,71 @@
+"""Accuracy of a model (compiled library or ONNX): perplexity on held-out text, top-1 on images.
+
+Perplexity: the held-out split of the text corpus (see frontend.data: Wikipedia articles whose
+crc32(title) % 4 == 0) is tokenized, concatenated with EOS between articles, and cut into
+``tokens // window`` non-overlapping windows of ``window`` tokens. Each window is scored from an
+empty KV cache in one forward pass; every position but the first predicts the next token:
+
+    PPL = exp( Σ_windows Σ_{t=1}^{W-1} −log p(x_t | x_<t) / (n_windows · (W − 1)) )
+
+Log-probabilities are computed in float64 from the model's float32 logits. The same windows are
+used for an .onnx (ONNX Runtime) and a compiled library, so their results are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from .backend.runtime import Model
+from .errors import UsageError
+from .frontend.data import load_corpus, token_windows
+from .progress import Counter
+from .tokenizer import tokenizer_for
+
+TASKS = ("perplexity",)
+
+
+def window_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
+    """Sum of −log p(ids[t] | ids[<t]) for t ≥ 1, and the number of predicted tokens."""
+    z = logits[:-1].astype(np.float64)
+    m = z.max(axis=-1, keepdims=True)
+    lse = m[:, 0] + np.log(np.exp(z - m).sum(axis=-1))
+    target = z[np.arange(len(ids) - 1), ids[1:]]
+    return float((lse - target).sum()), len(ids) - 1
+
+
+def perplexity(model: Model, *, tokens: int = 32768, window: int = 512, corpus: str = "wikipedia",
+               split: str = "eval", tokenizer: str | None = None) -> dict:
+    if model.task != "causal-lm":
+        raise UsageError(f"--task perplexity needs a causal LM; '{model.path}' is '{model.task}'")
+    if window < 2:
+        raise UsageError(f"--window must be >= 2 (got {window})")
+    tok = tokenizer_for(model.meta, tokenizer, model.path)
+    windows = token_windows(tok, load_corpus(corpus, split), window=window, n_tokens=tokens)
+    session = model.lm_session(batch=1)
+    total_nll, count = 0.0, 0
+    progress = Counter(f"perplexity ({model.kind})", len(windows))
+    t0 = time.perf_counter()
+    for w in windows:
+        session.reset()
+        logits = session.step(w[None])[0]
+        nll, n = window_nll(logits, w)
+        total_nll += nll
+        count += n
+        progress.update(extra=f"ppl so far {math.exp(total_nll / count):.3f}")
+    seconds = time.perf_counter() - t0
+    return {
+        "task": "perplexity",
+        "model": model.path,
+        "backend": model.kind,
+        "perplexity": math.exp(total_nll / count),
+        "mean_nll": total_nll / count,
+        "corpus": corpus,
+        "split": split,
+        "windows": int(len(windows)),
+        "window": window,
+        "tokens_scored": count,
+        "seconds": round(seconds, 2),
+    }

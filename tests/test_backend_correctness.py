@@ -1,0 +1,125 @@
+"""Compiled outputs vs ONNX Runtime on models built in the tests (and real ones, marked slow).
+
+Tolerances are named per model family: fp32 compute in a different order (fusion, vectorised
+reductions) differs from ONNX Runtime by a few ulps per accumulation, growing with depth.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import shiftc
+from conftest import assert_close, ort_run
+
+# name: (rtol, atol)
+TOL_MLP = (1e-5, 1e-5)
+TOL_CNN = (1e-4, 1e-5)
+TOL_EFFICIENTNET = (1e-3, 2e-3)  # 16 MBConv blocks of depthwise + pointwise convs
+TOL_ENCODER = (1e-4, 1e-4)
+TOL_DECODER = (1e-4, 2e-4)
+TOL_SMOLLM2_LOGITS = (1e-3, 5e-3)  # 30 layers, logits of magnitude ~20
+
+
+def _compile_factory(factory: str, tmp_path):
+    onnx_path, lib = str(tmp_path / "m.onnx"), str(tmp_path / "m.so")
+    shiftc.export(factory, onnx_path)
+    shiftc.compile(onnx_path, lib)
+    return onnx_path, lib
+
+
+def _check_against_ort(onnx_path, lib, feeds, tol, what):
+    got = shiftc.load(lib, threads=2).run(feeds)
+    ref = ort_run(onnx_path, feeds)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].shape == ref[k].shape, k
+        assert_close(got[k], ref[k], rtol=tol[0], atol=tol[1], what=f"{what}: {k}")
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_mlp(tmp_path, batch):
+    onnx_path, lib = _compile_factory("tests.factories:mlp", tmp_path)
+    x = np.random.default_rng(0).standard_normal((batch, 32)).astype(np.float32)
+    _check_against_ort(onnx_path, lib, {"input": x}, TOL_MLP, "mlp")
+
+
+def test_small_cnn(tmp_path):
+    onnx_path, lib = _compile_factory("tests.factories:small_cnn", tmp_path)
+    for batch in (1, 3):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+        _check_against_ort(onnx_path, lib, {"input": x}, TOL_CNN, f"cnn batch {batch}")
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_real_weights(tmp_path):
+    from shiftc.frontend.data import load_images
+
+    onnx_path, lib = _compile_factory("tests.factories:efficientnet_lite0", tmp_path)
+    images, names = load_images(224)
+    got = shiftc.load(lib, threads=2).run({"pixel_values": images[:4]})["logits"]
+    ref = ort_run(onnx_path, {"pixel_values": images[:4]})["logits"]
+    assert_close(got, ref, rtol=TOL_EFFICIENTNET[0], atol=TOL_EFFICIENTNET[1], what="efficientnet-lite0 logits")
+    assert (got.argmax(1) == ref.argmax(1)).all(), "top-1 classes differ from ONNX Runtime"
+
+
+def test_bert_style_encoder(tmp_path):
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    BertModel(cfg).save_pretrained(tmp_path / "bert")
+    onnx_path, lib = str(tmp_path / "bert.onnx"), str(tmp_path / "bert.so")
+    r = shiftc.export(str(tmp_path / "bert"), onnx_path)
+    assert r.task == "encoder"
+    shiftc.compile(onnx_path, lib)
+    rng = np.random.default_rng(0)
+    for b, s in ((1, 7), (3, 16)):
+        ids = rng.integers(0, 1000, (b, s)).astype(np.int64)
+        mask = np.ones((b, s), np.int64)
+        mask[-1, : s // 3] = 0
+        _check_against_ort(onnx_path, lib, {"input_ids": ids, "attention_mask": mask}, TOL_ENCODER, f"bert {b}x{s}")
+
+
+def test_llama_decoder_kv_cache(tiny_llama):
+    """Prefill then several decode steps: compiled vs ONNX Runtime, step by step."""
+    onnx_path, lib = tiny_llama
+    compiled, ref = shiftc.load(lib, threads=2), shiftc.load(onnx_path, threads=2)
+    sc, sr = compiled.lm_session(batch=2), ref.lm_session(batch=2)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(0, 49152, (2, 9))
+    assert_close(sc.step(prompt), sr.step(prompt), rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what="prefill")
+    for i in range(4):
+        tok = rng.integers(0, 49152, (2, 1))
+        assert_close(sc.step(tok), sr.step(tok), rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what=f"decode step {i}")
+    assert sc.length == sr.length == 13
+
+
+def test_llama_decoder_matches_torch(tiny_llama_dir, tiny_llama):
+    """The exported graph is the HF model: logits of a prefill + decode equal torch's."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    _, lib = tiny_llama
+    s = shiftc.load(lib).lm_session()
+    ids = torch.tensor([[1, 500, 20, 7, 49000, 3]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    got = np.concatenate([s.step(ids[:, :4].numpy()), s.step(ids[:, 4:5].numpy()), s.step(ids[:, 5:].numpy())], axis=1)
+    assert_close(got, ref, rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what="compiled vs torch")
+
+
+@pytest.mark.slow
+def test_smollm2_real_weights(smollm2_build):
+    onnx_path, lib = smollm2_build
+    compiled, ref = shiftc.load(lib), shiftc.load(onnx_path)
+    sc, sr = compiled.lm_session(), ref.lm_session()
+    prompt = np.random.default_rng(0).integers(0, 49152, (1, 12))
+    a, b = sc.step(prompt), sr.step(prompt)
+    assert_close(a, b, rtol=TOL_SMOLLM2_LOGITS[0], atol=TOL_SMOLLM2_LOGITS[1], what="smollm2 prefill")
+    for t in (5, 17, 300):
+        a, b = sc.step(np.array([[t]])), sr.step(np.array([[t]]))
+        assert_close(a, b, rtol=TOL_SMOLLM2_LOGITS[0], atol=TOL_SMOLLM2_LOGITS[1], what="smollm2 decode")
+    assert a.argmax() == b.argmax()
