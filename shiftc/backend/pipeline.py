@@ -1,10 +1,11 @@
 """The Relax compilation pipeline shiftc runs for each target.
 
 CPU (LLVM): TVM's CPU pipeline (library dispatch -> legalize -> fuse -> lower -> finalize) with
-the rule-based schedules of ``tvm.s_tir.dlight`` applied to the fused TIR functions before
-lowering: GEMV (matrix-vector products: decode-time MatMuls) and Reduction (norms, softmax
-statistics), which vectorise and parallelise the innermost loops. Functions no rule matches keep
-TVM's default lowering. No tuning run is needed.
+shiftc's rule-based schedules (``shiftc.backend.schedules``) applied to the fused TIR functions
+before lowering: a register-blocked matmul (symbolic M: decode and prefill share one function,
+fused epilogues kept), row reductions (softmax, norms) and injective ops, all vectorised for the
+target ISA and parallelised over TVM's runtime thread pool. Functions no rule matches keep TVM's
+default lowering. No tuning run is needed.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from __future__ import annotations
 from ..targets import TargetSpec
 
 
-def _cpu_schedule_pass():
-    from tvm.s_tir import dlight as dl
+def _cpu_schedule_pass(spec: TargetSpec):
+    from .schedules import cpu_schedule_pass
 
-    return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())
+    return cpu_schedule_pass(spec.isa)
 
 
 def relax_pipeline(spec: TargetSpec):
@@ -33,7 +34,7 @@ def relax_pipeline(spec: TargetSpec):
             seq = tvm.transform.Sequential(
                 cpu_generic.library_dispatch_passes(target)
                 + cpu_generic.legalize_passes(target)
-                + [_cpu_schedule_pass()]
+                + [_cpu_schedule_pass(spec)]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
             )

@@ -1,0 +1,33 @@
+"""Rule-based CPU schedules for the fused TIR functions of a shiftc model (no tuning).
+
+Each rule is a ``tvm.s_tir.dlight`` ScheduleRule: it inspects one PrimFunc and either returns a
+schedule or ``None`` (not my pattern); ``ApplyDefaultSchedule`` tries the rules in order. All of
+them accept symbolic extents (``batch``, ``seq``, ``past + seq``), so one compiled function serves
+both prefill and decode. See docs/architecture.md, "CPU schedules".
+"""
+
+from __future__ import annotations
+
+from .elementwise import Injective
+from .matmul import Matmul
+from .reduction import RowReduction
+
+VECTOR_LANES = {"avx512": 16, "avx2": 8, "sse2": 4, "neon": 4}
+# (MR rows, NR / lanes vectors) of the matmul register tile: MR * nvec accumulators + nvec
+# B vectors + 1 broadcast must fit the vector register file (32 on AVX-512, 16 on AVX2/SSE/NEON*).
+MATMUL_TILE = {"avx512": (4, 4), "avx2": (4, 3), "sse2": (4, 3), "neon": (4, 4)}
+
+
+def cpu_rules(isa: str):
+    lanes = VECTOR_LANES.get(isa, 4)
+    mr, nvec = MATMUL_TILE.get(isa, (4, 2))
+    return [Matmul(lanes=lanes, mr=mr, nvec=nvec), RowReduction(lanes=lanes), Injective(lanes=lanes)]
+
+
+def cpu_schedule_pass(isa: str):
+    from tvm.s_tir import dlight as dl
+
+    return dl.ApplyDefaultSchedule(*cpu_rules(isa))
+
+
+__all__ = ["Matmul", "RowReduction", "Injective", "cpu_rules", "cpu_schedule_pass", "VECTOR_LANES"]

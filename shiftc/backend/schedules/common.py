@@ -1,0 +1,69 @@
+"""Helpers shared by shiftc's CPU schedule rules."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+
+def is_llvm(target: Target) -> bool:
+    return target is not None and target.kind.name == "llvm"
+
+
+def extent_of(sch: s_tir.Schedule, loop) -> int | tirx.PrimExpr:
+    ext = sch.get(loop).extent
+    return ext.value if isinstance(ext, tirx.IntImm) else ext
+
+
+def vars_in(exprs) -> set:
+    from tvm.tirx.analysis import undefined_vars
+
+    found = set()
+    for e in exprs:
+        found.update(undefined_vars(e, []))
+    return found
+
+
+def vectorize_innermost(sch: s_tir.Schedule, block, lanes: int) -> bool:
+    """Vectorise the innermost loop of ``block`` when its extent is static.
+
+    Extents that are a multiple of ``lanes`` are split into native-width vectors (the outer part
+    unrolled when short); small static extents are vectorised whole; symbolic extents are left
+    scalar (a predicated vector loop would be scalarised anyway).
+    """
+    loops = sch.get_loops(block)
+    if not loops:
+        return False
+    inner = loops[-1]
+    ext = extent_of(sch, inner)
+    if not isinstance(ext, int) or ext < 2:
+        return False
+    if ext % lanes == 0 and ext > lanes:
+        outer, vec = sch.split(inner, [None, lanes])
+        if ext // lanes <= 8:
+            sch.unroll(outer)
+        sch.vectorize(vec)
+    elif ext <= lanes:
+        sch.vectorize(inner)
+    elif ext % (lanes // 2) == 0:
+        _, vec = sch.split(inner, [None, lanes // 2])
+        sch.vectorize(vec)
+    else:
+        return False
+    return True
+
+
+def parallel_outer(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True) -> None:
+    """Vectorise the innermost loop and parallelise the fused outer loops of a root-level block."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    n_loops = len(loops)
+    vectorized = vectorize_innermost(sch, block, lanes)
+    loops = sch.get_loops(block)
+    outer = loops[: n_loops - 1] if vectorized or n_loops > 1 else loops
+    if not outer:
+        return
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    if parallel:
+        sch.parallel(fused)
