@@ -63,6 +63,7 @@ def library_metadata(model: onnx.ModelProto, target: TargetSpec, source: str) ->
         "target": target.tvm,
         "target_name": target.name,
         "isa": target.isa,
+        "device": target.device_type,
         "source": os.path.basename(source),
         "source_path": os.path.abspath(source) if os.path.exists(source) else None,
     }
@@ -82,14 +83,15 @@ def _add_metadata_function(mod, meta: dict):
     return mod
 
 
-def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, *, target: str = "host") -> CompileResult:
+def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, *, target: str = "host",
+                  arch: str | None = None) -> CompileResult:
     """ONNX (a path or a ModelProto) -> model library at ``output`` (written atomically)."""
     import time
 
     import tvm
 
     t0 = time.perf_counter()
-    spec = get_target(target)
+    spec = get_target(target, arch)
     if isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)
         with step(f"loading {source}"):
@@ -109,6 +111,8 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
         try:
             ex = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline(spec))
         except Exception as first:
+            if spec.device_type != "cpu":
+                raise UnsupportedError(f"{source}: compilation for target '{spec.name}' failed: {_last_line(first)}") from first
             # Some graphs (data-dependent shapes from Range/NonZero inside fused kernels) defeat
             # operator fusion; TVM's unfused build pipeline still compiles them, slower.
             log(f"optimizing pipeline failed ({_last_line(first)}); retrying with the unfused pipeline")

@@ -98,24 +98,32 @@ class CompiledModel(Model):
 
     def __init__(self, path: str, threads: int | None = None):
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine
 
         self.path = path
         if not os.path.isfile(path):
             raise BadInputError(f"model library '{path}' does not exist")
         set_threads(threads or default_threads())
         self.threads = threads or default_threads()
+        _load_device_runtimes()
         try:
             lib = tvm.runtime.load_module(path)
         except Exception as exc:
-            raise BadInputError(f"'{path}' is not a loadable model library: {str(exc).strip().splitlines()[-1]}") from exc
-        self._device = tvm.cpu()
-        self._vm = relax.VirtualMachine(lib, self._device)
-        try:
-            blob = self._vm[METADATA_FUNC]().numpy().tobytes()
-            self.meta = json.loads(blob.decode("utf-8"))
-        except Exception as exc:
-            raise BadInputError(f"'{path}' is not a shiftc model library (no {METADATA_FUNC})") from exc
+            msg = str(exc).strip().splitlines()[-1]
+            if "cuda" in msg:
+                raise BadInputError(
+                    f"'{path}' is compiled for CUDA; it loads only where an NVIDIA GPU and its driver are present"
+                ) from exc
+            raise BadInputError(f"'{path}' is not a loadable model library: {msg}") from exc
+        self.meta = _read_metadata(lib, path)
+        device = self.meta.get("device", "cpu")
+        if device == "cuda":
+            if not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist:
+                raise BadInputError(f"'{path}' is compiled for CUDA, but no CUDA device is available here")
+            self._device = tvm.cuda(0)
+        else:
+            self._device = tvm.cpu()
+        self._vm = VirtualMachine(lib, self._device)
         self._main = self._vm["main"]
         self._tensor = tvm.runtime.tensor
 
@@ -131,6 +139,79 @@ class CompiledModel(Model):
 
     def _empty_past(self, shape):
         return self._tensor(np.zeros(shape, np.float32), self._device)
+
+
+def _load_device_runtimes() -> None:
+    """Register TVM's CUDA runtime (module loader, device API) where the wheel ships it and a
+    driver is present; harmless elsewhere. Needed in runtime-only installs, where nothing else
+    loads it."""
+    import ctypes
+
+    import tvm
+
+    lib = os.path.join(os.path.dirname(tvm.__file__), "lib", "libtvm_runtime_cuda.so")
+    if os.path.exists(lib):
+        try:
+            ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            return  # no CUDA driver on this machine
+        if getattr(tvm.base, "_RUNTIME_ONLY", False):
+            _register_nvcc_callback()
+
+
+def _register_nvcc_callback() -> None:
+    """CUDA libraries from TVM 0.27 carry CUDA C++ that the CUDA runtime compiles when the library
+    is loaded, through the global function ``tvm_callback_cuda_compile``. TVM's own callback needs
+    its compiler library; in a runtime-only install shiftc registers one that runs nvcc for the
+    GPU present and caches the fatbin under ~/.cache/shiftc/cuda."""
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    import tvm
+    import tvm_ffi
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    dev = tvm.cuda(0)
+    arch = "sm_" + dev.compute_version.replace(".", "") if dev.exist else "sm_80"
+    if arch == "sm_90":
+        arch = "sm_90a"
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "shiftc", "cuda")
+
+    def compile_cuda(code, *_):
+        key = hashlib.sha256((arch + "\0" + str(code)).encode()).hexdigest()[:32]
+        path = os.path.join(cache, key + ".fatbin")
+        if not os.path.exists(path):
+            os.makedirs(cache, exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = os.path.join(tmp, "k.cu")
+                with open(src, "w") as f:
+                    f.write(str(code))
+                out = os.path.join(tmp, "k.fatbin")
+                subprocess.run([nvcc, "--fatbin", "-O3", f"-arch={arch}", "-o", out, src], check=True,
+                               capture_output=True)
+                os.replace(out, path)
+        with open(path, "rb") as f:
+            return f.read()
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
+
+
+def _read_metadata(lib, path: str) -> dict:
+    """The JSON of the library's ``shiftc_metadata`` function (run on the CPU: it only returns a
+    constant, so it works whatever device the model is for)."""
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    try:
+        vm = VirtualMachine(lib, tvm.cpu())
+        blob = vm[METADATA_FUNC]().numpy().tobytes()
+        return json.loads(blob.decode("utf-8"))
+    except Exception as exc:
+        raise BadInputError(f"'{path}' is not a shiftc model library (no {METADATA_FUNC})") from exc
 
 
 class OnnxModel(Model):

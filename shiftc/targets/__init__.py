@@ -20,6 +20,10 @@ class TargetSpec:
     description: str
     tvm: dict = field(hash=False)
     isa: str  # "avx512" | "avx2" | "sse2" | "neon" | "cuda"
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if self.tvm.get("kind") == "cuda" else "cpu"
     cross: bool = False  # the library cannot be loaded on this machine
 
     def tvm_target(self):
@@ -82,13 +86,33 @@ _FIXED = {
     ),
 }
 
-TARGETS = {"host": _host, **_FIXED}
+CUDA_ARCHS = ("sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
+DEFAULT_CUDA_ARCH = "sm_80"
 
 
-def get_target(name: str) -> TargetSpec:
-    """Look a target up by name; an unknown name is a usage error that lists the choices."""
+def _cuda(arch: str | None = None) -> TargetSpec:
+    """NVIDIA GPU through TVM's CUDA codegen (kernels compiled by nvcc at build time); the host
+    side of the library is built for this machine's CPU."""
+    arch = arch or DEFAULT_CUDA_ARCH
+    if arch not in CUDA_ARCHS:
+        raise UsageError(f"--arch '{arch}' is not supported for cuda; choose one of: {', '.join(CUDA_ARCHS)}")
+    host = {"kind": "llvm", "mtriple": _host_triple()}
+    spec = {"kind": "cuda", "arch": arch, "max_num_threads": 1024, "thread_warp_size": 32, "host": host}
+    return TargetSpec("cuda", f"NVIDIA GPU ({arch})", spec, "cuda")
+
+
+TARGETS = {"host": _host, **_FIXED, "cuda": _cuda}
+
+
+def get_target(name: str, arch: str | None = None) -> TargetSpec:
+    """Look a target up by name; an unknown name is a usage error that lists the choices.
+    ``arch`` selects the GPU architecture of GPU targets (``--arch``)."""
     if name not in TARGETS:
         raise UsageError(f"--target '{name}' is not known; choose one of: {', '.join(TARGETS)}")
+    if name == "cuda":
+        return _cuda(arch)
+    if arch is not None:
+        raise UsageError(f"--arch applies to GPU targets only, not to '{name}'")
     return TARGETS[name]()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .elementwise import Injective
 from .matmul import Matmul
+from .packing import pack_matmul_weights_pass
 from .reduction import RowReduction
 
 VECTOR_LANES = {"avx512": 16, "avx2": 8, "sse2": 4, "neon": 4}
@@ -25,9 +26,12 @@ def cpu_rules(isa: str):
 
 
 def cpu_schedule_pass(isa: str):
+    """Weight packing for constant-B matmuls, then the rules on every unscheduled PrimFunc."""
+    import tvm
     from tvm.s_tir import dlight as dl
 
-    return dl.ApplyDefaultSchedule(*cpu_rules(isa))
+    rules = cpu_rules(isa)
+    return tvm.transform.Sequential([pack_matmul_weights_pass(rules[0]), dl.ApplyDefaultSchedule(*rules)])
 
 
 __all__ = ["Matmul", "RowReduction", "Injective", "cpu_rules", "cpu_schedule_pass", "VECTOR_LANES"]

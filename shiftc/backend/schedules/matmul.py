@@ -71,7 +71,15 @@ class Matmul(ScheduleRule):
         except Exception:  # a pattern we do not handle: leave the function to other rules
             return None
 
-    def _apply(self, func):
+    def packable(self, func) -> tuple[int, int] | None:
+        """(param index of B, NR) when B is a static 2-D [K, N] parameter the rule can pack."""
+        try:
+            res = self._apply(func, analyze_only=True)
+        except Exception:
+            return None
+        return res
+
+    def _apply(self, func, analyze_only: bool = False, pack: bool = False):
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if not infos:
@@ -134,6 +142,29 @@ class Matmul(ScheduleRule):
             nr = nr_pick
         if m_pos is None:
             mr = 1
+        if analyze_only or pack:
+            b_buf = load_b.source
+            b_param = None
+            for idx, p in enumerate(func.params):
+                if p.same_as(b_buf):
+                    b_param = idx
+            shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in b_buf.shape]
+            ok = (
+                b_param is not None
+                and len(shape) == 2
+                and None not in shape
+                and isinstance(n_ext, int)
+                and n_ext % nr == 0
+                and nr % lanes == 0
+                and len(load_b.indices) == 2
+                and isinstance(load_b.indices[0], tirx.Var)
+                and load_b.indices[0].same_as(k_var)
+            )
+            if analyze_only:
+                return (b_param, nr) if ok else None
+            if not ok:
+                return None
+            b_name = b_buf.name
 
         padding = [1] * len(iter_vars)
         padding[n_pos] = nr
@@ -193,6 +224,11 @@ class Matmul(ScheduleRule):
             sch.unroll(n_iv)
         sch.vectorize(n_vec)
         sch.decompose_reduction(main_rv, k_loop)
+        if pack:
+            # B[k, n] -> Bp[n // NR, k, n % NR]: each NR-wide panel is one contiguous stream.
+            upd = sch.get(main_rv)
+            idx = [i for i, r in enumerate(upd.reads) if r.source.name == b_name]
+            sch.transform_layout(main_rv, ("read", idx[0]), lambda k, n: (n // nr, k, n % nr))
         # epilogue: vectorise its innermost (n) loop
         vectorize_innermost(sch, last, lanes)
         # padding copies (A_pad / B_pad): plain parallel copies at the root
