@@ -22,10 +22,11 @@ def export(src: str, output: str | os.PathLike, *, task: str | None = None, max_
     return _export(src, output, task=task, max_positions=max_positions)
 
 
-def compile(model, output: str | os.PathLike, *, target: str = "host", arch: str | None = None):  # noqa: A001
+def compile(model, output: str | os.PathLike, *, target: str = "host", arch: str | None = None,  # noqa: A001
+            cpu: str | None = None):
     from .backend.compile import compile_model
 
-    return compile_model(model, output, target=target, arch=arch)
+    return compile_model(model, output, target=target, arch=arch, cpu=cpu)
 
 
 class Runnable:

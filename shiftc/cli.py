@@ -57,7 +57,7 @@ def cmd_export(args):
 def cmd_compile(args):
     from . import api
 
-    r = api.compile(args.model, args.output, target=args.target, arch=args.arch)
+    r = api.compile(args.model, args.output, target=args.target, arch=args.arch, cpu=args.cpu)
     _emit(args, r.to_json(), f"wrote {r.path} (target {r.target}, {r.isa}, {r.size_bytes / 1e6:.1f} MB, {r.seconds:.1f}s)")
 
 
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", required=True, help="output model library (.so)")
     sp.add_argument("--target", default="host", choices=target_names(), help="target machine (default: this one)")
     sp.add_argument("--arch", help="GPU architecture for --target cuda (sm_80, sm_90, ...; default sm_80)")
+    sp.add_argument("--cpu", help="Arm core for --target aarch64 (cortex-a53, cortex-a72, cortex-a76, ...)")
 
     sp = command("run", cmd_run, "run a model once on inputs from an .npz file (random inputs if omitted)")
     sp.add_argument("model", type=_model_file)

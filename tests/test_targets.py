@@ -67,3 +67,18 @@ def test_cuda_build_step(tmp_path):
         x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
         got = shiftc.load(lib).run({"input": x})["output"]
         np.testing.assert_allclose(got, ort_run(onnx_path, {"input": x})["output"], rtol=1e-4, atol=1e-4)
+
+
+def test_aarch64_cross_compile(tmp_path):
+    """--target aarch64 cross-compiles a NEON library (ELF for AArch64) with aarch64-linux-gnu-g++."""
+    import shutil
+
+    from conftest import require
+
+    require(shutil.which("aarch64-linux-gnu-g++") is not None, "aarch64-linux-gnu-g++ not installed (apt-get install g++-aarch64-linux-gnu)")
+    onnx_path, lib = str(tmp_path / "m.onnx"), str(tmp_path / "m_arm.so")
+    shiftc.export("tests.factories:mlp", onnx_path)
+    r = shiftc.compile(onnx_path, lib, target="aarch64", cpu="cortex-a76")
+    assert r.isa == "neon"
+    header = open(lib, "rb").read(20)
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64

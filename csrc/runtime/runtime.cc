@@ -26,6 +26,7 @@ namespace shiftc {
 namespace {
 
 constexpr int kPooledAllocator = 2;  // tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
+constexpr int64_t kLibraryFormat = 1;  // shiftc/backend/compile.py LIBRARY_FORMAT
 
 // Runs `fn`, turning TVM's exceptions into shiftc::Error prefixed with `context`.
 template <typename F>
@@ -156,11 +157,13 @@ struct Model::Impl {
 
   std::vector<ffi::Tensor> Call(const std::vector<ffi::Tensor>& args) const {
     std::vector<ffi::AnyView> views(args.begin(), args.end());
-    ffi::Any ret;
-    Guard(path + ": running main", [&] { main.CallPacked(views.data(), static_cast<int32_t>(views.size()), &ret); });
-    if (auto single = ret.as<ffi::Tensor>()) return {*single};
     std::vector<ffi::Tensor> outs;
-    for (const ffi::Any& v : ret.cast<ffi::Array<ffi::Any>>()) outs.push_back(v.cast<ffi::Tensor>());
+    Guard(path + ": running main", [&] {
+      ffi::Any ret;
+      main.CallPacked(views.data(), static_cast<int32_t>(views.size()), &ret);
+      if (auto single = ret.as<ffi::Tensor>()) return outs.push_back(*single);
+      for (const ffi::Any& v : ret.cast<ffi::Array<ffi::Any>>()) outs.push_back(v.cast<ffi::Tensor>());
+    });
     if (outs.size() != outputs.size())
       throw Error(path + ": main returned " + std::to_string(outs.size()) + " outputs, the metadata lists " +
                   std::to_string(outputs.size()));
@@ -193,24 +196,30 @@ Model Model::Load(const std::string& path, Device device) {
   auto meta_fn = impl->vm->GetFunction("shiftc_metadata", false);
   ffi::Optional<ffi::Tensor> blob;
   if (meta_fn) blob = Guard(path + ": reading metadata", [&] { return (*meta_fn)().cast<ffi::Tensor>(); });
-  if (!blob) throw Error("'" + path + "' is not a shiftc model library (no shiftc_metadata)");
+  if (!blob || blob.value().ndim() != 1 || blob.value().dtype().bits != 8)
+    throw Error("'" + path + "' is not a shiftc model library (no shiftc_metadata)");
   const char* bytes = static_cast<const char*>(blob.value().data_ptr()) + blob.value().byte_offset();
   impl->meta_json.assign(bytes, static_cast<size_t>(blob.value().numel()));
-  ffi::String err;
-  ffi::Any meta = ffi::json::Parse(impl->meta_json, &err);
-  if (!err.empty()) throw Error(path + ": malformed shiftc metadata: " + std::string(err));
-  impl->meta = meta.cast<ffi::Map<ffi::Any, ffi::Any>>();
-  auto task = impl->meta.find(ffi::String("task"));
-  impl->task = task == impl->meta.end() ? "custom" : Str((*task).second);
-  impl->inputs = ParseSignature(Field(impl->meta, "inputs"));
-  impl->outputs = ParseSignature(Field(impl->meta, "outputs"));
+  Guard(path + ": malformed shiftc metadata", [&] {
+    impl->meta = ffi::json::Parse(impl->meta_json).cast<ffi::Map<ffi::Any, ffi::Any>>();
+    int64_t format = Field(impl->meta, "format").cast<int64_t>();
+    if (format != kLibraryFormat)
+      throw Error(path + ": library format " + std::to_string(format) + ", this runtime reads format " +
+                  std::to_string(kLibraryFormat) + " (rebuild it with a matching shiftc)");
+    auto task = impl->meta.find(ffi::String("task"));
+    impl->task = task == impl->meta.end() ? "custom" : Str((*task).second);
+    impl->inputs = ParseSignature(Field(impl->meta, "inputs"));
+    impl->outputs = ParseSignature(Field(impl->meta, "outputs"));
+  });
   impl->feeds.resize(impl->inputs.size());
-  impl->main = impl->vm->GetFunction("main", false).value();
+  auto main = impl->vm->GetFunction("main", false);
+  if (!main) throw Error("'" + path + "' has no 'main' function");
+  impl->main = *main;
   return Model(std::move(impl));
 }
 
 void Model::SetNumThreads(int n) {
-  if (n < 0) throw Error("SetNumThreads: the thread count must be >= 0");
+  if (n < 1) throw Error("SetNumThreads: the thread count must be >= 1, got " + std::to_string(n));
   Guard("config_threadpool", [&] { Global("runtime.config_threadpool")(0, n); });
 }
 
@@ -319,14 +328,16 @@ LMSession::LMSession(const Model& model) : impl_(std::make_unique<Impl>()) {
   auto dec = m.meta.find(ffi::String("decoder"));
   if (m.task != "causal-lm" || dec == m.meta.end())
     throw Error(m.path + ": task is '" + m.task + "', not a causal LM with a KV cache");
-  auto d = (*dec).second.cast<ffi::Map<ffi::Any, ffi::Any>>();
-  s.layers = Field(d, "num_layers").cast<int64_t>();
-  s.kv_heads = Field(d, "num_kv_heads").cast<int64_t>();
-  s.head_dim = Field(d, "head_dim").cast<int64_t>();
-  s.vocab = Field(d, "vocab_size").cast<int64_t>();
-  auto eos = d.find(ffi::String("eos_token_ids"));
-  if (eos != d.end())
-    for (const ffi::Any& e : (*eos).second.cast<ffi::Array<ffi::Any>>()) s.eos.push_back(e.cast<int64_t>());
+  Guard(m.path + ": malformed decoder metadata", [&] {
+    auto d = (*dec).second.cast<ffi::Map<ffi::Any, ffi::Any>>();
+    s.layers = Field(d, "num_layers").cast<int64_t>();
+    s.kv_heads = Field(d, "num_kv_heads").cast<int64_t>();
+    s.head_dim = Field(d, "head_dim").cast<int64_t>();
+    s.vocab = Field(d, "vocab_size").cast<int64_t>();
+    auto eos = d.find(ffi::String("eos_token_ids"));
+    if (eos != d.end())
+      for (const ffi::Any& e : (*eos).second.cast<ffi::Array<ffi::Any>>()) s.eos.push_back(e.cast<int64_t>());
+  });
   size_t n = static_cast<size_t>(2 * s.layers);
   if (m.inputs.size() != 3 + n || m.outputs.size() != 1 + n || m.outputs[0].dtype != "float32")
     throw Error(m.path + ": signature does not match a KV-cache decoder with " + std::to_string(s.layers) + " layers");

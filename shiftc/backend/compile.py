@@ -84,14 +84,14 @@ def _add_metadata_function(mod, meta: dict):
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, *, target: str = "host",
-                  arch: str | None = None) -> CompileResult:
+                  arch: str | None = None, cpu: str | None = None) -> CompileResult:
     """ONNX (a path or a ModelProto) -> model library at ``output`` (written atomically)."""
     import time
 
     import tvm
 
     t0 = time.perf_counter()
-    spec = get_target(target, arch)
+    spec = get_target(target, arch, cpu)
     if isinstance(model, (str, os.PathLike)):
         source = os.fspath(model)
         with step(f"loading {source}"):
@@ -143,4 +143,15 @@ def _last_line(exc: BaseException) -> str:
 
 
 def _export_options(spec: TargetSpec) -> dict:
-    return {}
+    if spec.cross_cc is None:
+        return {}
+    import shutil
+
+    from tvm.support import cc
+
+    if shutil.which(spec.cross_cc) is None:
+        raise UnsupportedError(
+            f"--target {spec.name} needs the cross compiler '{spec.cross_cc}' "
+            "(Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu)"
+        )
+    return {"fcompile": cc.cross_compiler(spec.cross_cc)}

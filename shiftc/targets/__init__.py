@@ -24,7 +24,7 @@ class TargetSpec:
     @property
     def device_type(self) -> str:
         return "cuda" if self.tvm.get("kind") == "cuda" else "cpu"
-    cross: bool = False  # the library cannot be loaded on this machine
+    cross_cc: str | None = None  # C++ cross compiler that links the library (None: the host's)
 
     def tvm_target(self):
         import tvm
@@ -101,18 +101,37 @@ def _cuda(arch: str | None = None) -> TargetSpec:
     return TargetSpec("cuda", f"NVIDIA GPU ({arch})", spec, "cuda")
 
 
-TARGETS = {"host": _host, **_FIXED, "cuda": _cuda}
+AARCH64_CC = "aarch64-linux-gnu-g++"
 
 
-def get_target(name: str, arch: str | None = None) -> TargetSpec:
+def _aarch64(cpu: str | None = None) -> TargetSpec:
+    """64-bit Arm Linux boards (NEON), cross-compiled with aarch64-linux-gnu-g++.
+    ``cpu`` (``--cpu``) tunes for a core, e.g. cortex-a53, cortex-a72, cortex-a76, neoverse-n1."""
+    spec = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    if cpu:
+        spec["mcpu"] = cpu
+    desc = f"aarch64 Linux with NEON{' (' + cpu + ')' if cpu else ''}"
+    native = platform.machine() == "aarch64"
+    return TargetSpec("aarch64", desc, spec, "neon", cross_cc=None if native else AARCH64_CC)
+
+
+TARGETS = {"host": _host, **_FIXED, "aarch64": _aarch64, "cuda": _cuda}
+
+
+def get_target(name: str, arch: str | None = None, cpu: str | None = None) -> TargetSpec:
     """Look a target up by name; an unknown name is a usage error that lists the choices.
-    ``arch`` selects the GPU architecture of GPU targets (``--arch``)."""
+    ``arch`` selects the GPU architecture of GPU targets (``--arch``), ``cpu`` the Arm core of
+    the aarch64 target (``--cpu``)."""
     if name not in TARGETS:
         raise UsageError(f"--target '{name}' is not known; choose one of: {', '.join(TARGETS)}")
+    if arch is not None and name != "cuda":
+        raise UsageError(f"--arch applies to GPU targets only, not to '{name}'")
+    if cpu is not None and name != "aarch64":
+        raise UsageError(f"--cpu applies to the aarch64 target only, not to '{name}'")
     if name == "cuda":
         return _cuda(arch)
-    if arch is not None:
-        raise UsageError(f"--arch applies to GPU targets only, not to '{name}'")
+    if name == "aarch64":
+        return _aarch64(cpu)
     return TARGETS[name]()
 
 

@@ -30,15 +30,15 @@ def pack_matmul_weights_pass(rule: Matmul):
 
         def visit(node):
             if isinstance(node, relax.Call) and node.op.same_as(call_tir):
-                sites[node.args[0]].append(node)
+                sites[node.args[0].name_hint].append(node)
 
         for _gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 relax.analysis.post_order_visit(func, visit)
 
         plans = {}  # GlobalVar -> (param index, NR)
-        for gv, calls in sites.items():
-            func = mod[gv]
+        for name, calls in sites.items():
+            func = mod[name]
             if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
                 continue
             info = rule.packable(func)
@@ -48,15 +48,26 @@ def pack_matmul_weights_pass(rule: Matmul):
             if all(
                 idx < len(c.args[1].fields) and isinstance(c.args[1].fields[idx], GenericConst) for c in calls
             ):
-                plans[gv] = info
+                plans[name] = info
         if not plans:
             return mod
 
-        for gv, (_idx, _nr) in plans.items():
-            sch = rule._apply(mod[gv], pack=True)
+        new_gvs, scheduled = {}, {}
+        for name in list(plans):
+            sch = rule._apply(mod[name], pack=True)
             if sch is None:
+                del plans[name]
                 continue
-            mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            # a fresh GlobalVar: the old one carries the old (unpacked) signature
+            scheduled[name] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        if not scheduled:
+            return mod
+        for name in scheduled:
+            del mod[mod.get_global_var(name)]
+        bb = relax.BlockBuilder(mod)
+        for name, func in scheduled.items():
+            new_gvs[name] = bb.add_func(func, name)
+        mod = bb.get()
 
         packed_cache = {}
 
@@ -73,12 +84,12 @@ def pack_matmul_weights_pass(rule: Matmul):
         class _Rewrite(relax.PyExprMutator):
             def visit_call_(self, call):
                 call = super().visit_call_(call)
-                if call.op.same_as(call_tir) and call.args[0] in plans:
-                    idx, nr = plans[call.args[0]]
+                if call.op.same_as(call_tir) and call.args[0].name_hint in plans:
+                    idx, nr = plans[call.args[0].name_hint]
                     fields = list(call.args[1].fields)
                     fields[idx] = packed(fields[idx], nr)
-                    args = [call.args[0], relax.Tuple(fields), *call.args[2:]]
-                    return relax.Call(call.op, args, call.attrs, call.sinfo_args)
+                    args = [new_gvs[call.args[0].name_hint], relax.Tuple(fields), *call.args[2:]]
+                    return relax.Call(call.op, args, call.attrs, call.ty_args)
                 return call
 
         for gv, func in list(mod.functions_items()):

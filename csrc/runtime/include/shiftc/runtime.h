@@ -11,8 +11,11 @@
 //
 // This header has no TVM types in it: link shiftc::runtime and include this file. All errors
 // (missing library, not a shiftc library, unknown input name, wrong dtype/rank/dimension, TVM
-// failures) are thrown as shiftc::Error with a message naming the problem. A Model is not
-// thread-safe; use one Model per thread (copies share the loaded library, not the inputs).
+// failures) are thrown as shiftc::Error with a message naming the problem.
+//
+// Threading: a Model (and the LMSessions made from it, which share its VM) must be used from one
+// thread at a time; load the library once per thread to run in parallel.
+// Inputs are copied into TVM tensors by SetInput, so the caller's buffers can be reused at once.
 #pragma once
 
 #include <cstddef>
@@ -66,8 +69,14 @@ class SHIFTC_API Model {
   // not a shiftc model library (no `shiftc_metadata`).
   static Model Load(const std::string& path, Device device = Device::CPU());
 
-  // Size of the TVM runtime's thread pool (process-wide). 0 = TVM's default.
+  // Size of the TVM runtime's thread pool (process-wide, n >= 1). Without a call, TVM picks it
+  // (the TVM_NUM_THREADS environment variable overrides its choice).
   static void SetNumThreads(int n);
+
+  Model(Model&&) noexcept = default;
+  Model& operator=(Model&&) noexcept = default;
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
 
   const std::string& path() const;
   const std::string& task() const;  // "causal-lm" | "encoder" | "image-classification" | "custom"
