@@ -296,6 +296,12 @@ def test_library_errors(app, mlp_lib, tmp_path):
     tvm.compile(to_relax(onnx_path_model(onnx_path), onnx_path), target="llvm").export_library(str(tmp_path / "plain.so"))
     proc = run_app(app, "info", tmp_path / "plain.so", check=False)
     assert proc.returncode == 1 and "is not a shiftc model library (no shiftc_metadata)" in proc.stderr, proc.stderr
+    # A library for another device (the CUDA target compiles without a GPU or nvcc).
+    import shiftc
+
+    shiftc.compile(onnx_path, str(tmp_path / "cuda.so"), target="cuda")
+    proc = run_app(app, "info", tmp_path / "cuda.so", check=False)
+    assert proc.returncode == 1 and "is compiled for CUDA; this C++ runtime runs CPU model libraries only" in proc.stderr
     assert run_app(app, check=False).returncode == 2
     assert run_app(app, "lm", mlp_lib, "--steps", "x", check=False).returncode == 2
 

@@ -185,7 +185,14 @@ Model Model::Load(const std::string& path, Device device) {
   impl->device = DLDevice{static_cast<DLDeviceType>(device.type), device.id};
   // An absolute path, or dlopen() would search the library path for a bare file name.
   std::string abs = std::filesystem::absolute(path).string();
-  ffi::Module lib = Guard("'" + path + "' is not a loadable model library", [&] { return ffi::Module::LoadFromFile(abs); });
+  ffi::Module lib = Guard("'" + path + "' is not a loadable model library", [&] {
+    try {
+      return ffi::Module::LoadFromFile(abs);
+    } catch (const ffi::Error& e) {
+      if (e.message().find("cuda") == std::string::npos) throw;
+      throw Error("'" + path + "' is compiled for CUDA; this C++ runtime runs CPU model libraries only");
+    }
+  });
   auto load_exec = lib->GetFunction("vm_load_executable", true);
   if (!load_exec) throw Error("'" + path + "' is not a shiftc model library (no Relax VM executable)");
   Guard(path + ": initializing the Relax VM", [&] {
@@ -206,6 +213,9 @@ Model Model::Load(const std::string& path, Device device) {
     if (format != kLibraryFormat)
       throw Error(path + ": library format " + std::to_string(format) + ", this runtime reads format " +
                   std::to_string(kLibraryFormat) + " (rebuild it with a matching shiftc)");
+    auto dev = impl->meta.find(ffi::String("device"));
+    if (dev != impl->meta.end() && Str((*dev).second) != "cpu")
+      throw Error("'" + path + "' is compiled for " + Str((*dev).second) + "; this C++ runtime runs CPU model libraries only");
     auto task = impl->meta.find(ffi::String("task"));
     impl->task = task == impl->meta.end() ? "custom" : Str((*task).second);
     impl->inputs = ParseSignature(Field(impl->meta, "inputs"));

@@ -19,6 +19,12 @@ def _cpu_schedule_pass(spec: TargetSpec):
     return cpu_schedule_pass(spec.isa)
 
 
+def _fast_math_pass():
+    from .schedules.fast_math import fast_math_pass
+
+    return fast_math_pass()
+
+
 def relax_pipeline(spec: TargetSpec):
     import tvm
     from tvm import relax
@@ -33,6 +39,7 @@ def relax_pipeline(spec: TargetSpec):
         with target:
             seq = tvm.transform.Sequential(
                 cpu_generic.library_dispatch_passes(target)
+                + [_fast_math_pass()]
                 + cpu_generic.legalize_passes(target)
                 + [_cpu_schedule_pass(spec)]
                 + cpu_generic.dataflow_lower_passes(target)

@@ -13,8 +13,8 @@
 // (missing library, not a shiftc library, unknown input name, wrong dtype/rank/dimension, TVM
 // failures) are thrown as shiftc::Error with a message naming the problem.
 //
-// Threading: a Model (and the LMSessions made from it, which share its VM) must be used from one
-// thread at a time; load the library once per thread to run in parallel.
+// Threading: a Model and the LMSessions made from it share one Relax VM; use them from one
+// thread at a time (TVM parallelizes each run itself, see SetNumThreads).
 // Inputs are copied into TVM tensors by SetInput, so the caller's buffers can be reused at once.
 #pragma once
 

@@ -1,0 +1,192 @@
+"""CPU backend speed: shiftc-compiled libraries vs ONNX Runtime (fp32), same thread count.
+
+Cases: GEMV 1x4096 . 4096x4096, GEMM 128x4096 . 4096x4096 (MatMul with a constant weight and a
+symbolic M, compiled once and run at both M), SmolLM2-135M decode (1 token with a 128-token KV
+cache) and prefill (128 tokens), each at 1 and 2 threads. Runs alternate compiled / ORT so load
+changes on the machine hit both; each reported time is the median, ratio = ORT / compiled
+(>= 1: compiled is faster).
+
+    python benchmarks/bench_backend.py [--model /tmp/smol/smol.onnx] [--threads 1 2]
+                                       [--json benchmarks/results/backend.json] [--skip-llm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def _matmul_onnx(path: str, K: int, N: int) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.save(model, path)
+
+
+def _alternate(fns: dict, rounds: int, warmup: int = 2) -> dict:
+    """Median seconds of each callable, calls interleaved round by round."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _row(case: str, threads: int, t: dict, extra: dict | None = None) -> dict:
+    row = {
+        "case": case,
+        "threads": threads,
+        "compiled_ms": round(t["compiled"] * 1e3, 3),
+        "ort_ms": round(t["ort"] * 1e3, 3),
+        "ratio": round(t["ort"] / t["compiled"], 3),
+    }
+    row.update(extra or {})
+    print(f"{case:<28} {threads:>2}  {row['compiled_ms']:>10.3f}  {row['ort_ms']:>10.3f}  {row['ratio']:>6.2f}", flush=True)
+    return row
+
+
+def bench_matmul(workdir: str, threads_list, rounds: int) -> tuple[list, dict]:
+    from shiftc.backend.compile import compile_model
+    from shiftc.backend.runtime import load
+
+    K = N = 4096
+    onnx_path = os.path.join(workdir, "matmul4096.onnx")
+    so_path = os.path.join(workdir, "matmul4096.so")
+    _matmul_onnx(onnx_path, K, N)
+    res = compile_model(onnx_path, so_path)
+    rows = []
+    rng = np.random.default_rng(1)
+    for threads in threads_list:
+        comp = load(so_path, threads=threads)
+        ort = load(onnx_path, threads=threads)
+        for name, M, r in (("GEMV 1x4096x4096", 1, rounds * 5), ("GEMM 128x4096x4096", 128, rounds)):
+            x = rng.standard_normal((M, K)).astype(np.float32)
+            diff = float(np.abs(comp.run({"x": x})["y"] - ort.run({"x": x})["y"]).max())
+            t = _alternate({"compiled": lambda: comp.run({"x": x}), "ort": lambda: ort.run({"x": x})}, r)
+            rows.append(_row(name, threads, t, {"max_abs_diff": diff}))
+    return rows, {"matmul_compile_s": round(res.seconds, 2)}
+
+
+def bench_llm(model_path: str, workdir: str, threads_list, rounds: int, so_path: str | None) -> tuple[list, dict]:
+    from shiftc.backend.compile import compile_model
+    from shiftc.backend.runtime import load
+
+    info = {}
+    if so_path is None:
+        so_path = os.path.join(workdir, "smollm2.so")
+        res = compile_model(model_path, so_path)
+        info["smollm2_compile_s"] = round(res.seconds, 2)
+        print(f"SmolLM2 compiled in {res.seconds:.1f} s", flush=True)
+    rows = []
+    prompt = np.random.default_rng(0).integers(0, 49152, (1, 128))
+    for threads in threads_list:
+        comp = load(so_path, threads=threads)
+        ort = load(model_path, threads=threads)
+        sessions = {"compiled": comp.lm_session(), "ort": ort.lm_session()}
+        logits = {}
+
+        def prefill(kind):
+            s = sessions[kind]
+            s.reset()
+            logits[kind] = s.step(prompt)
+
+        t = _alternate({k: (lambda k=k: prefill(k)) for k in sessions}, max(3, rounds // 3), warmup=1)
+        diff = float(np.abs(logits["compiled"] - logits["ort"]).max())
+        rows.append(_row("SmolLM2 prefill(128)", threads, t, {"max_abs_logits_diff": diff}))
+
+        # decode: one token on top of the 128-token cache; reset the cache length each call so
+        # every timed step sees the same past (128) and the cache does not grow.
+        saved = {k: (list(s.past), s.length) for k, s in sessions.items()}
+
+        def decode(kind):
+            s = sessions[kind]
+            s.past, s.length = list(saved[kind][0]), saved[kind][1]
+            logits[kind] = s.step(np.array([[42]]))
+
+        t = _alternate({k: (lambda k=k: decode(k)) for k in sessions}, rounds * 2)
+        diff = float(np.abs(logits["compiled"] - logits["ort"]).max())
+        extra = {"max_abs_logits_diff": diff, "compiled_tok_s": round(1 / t["compiled"], 2), "ort_tok_s": round(1 / t["ort"], 2)}
+        rows.append(_row("SmolLM2 decode (past 128)", threads, t, extra))
+    return rows, info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="/tmp/smol/smol.onnx", help="SmolLM2 fp32 ONNX (exported if missing)")
+    ap.add_argument("--so", default=None, help="an already compiled SmolLM2 library (skips compiling)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "backend.json"))
+    ap.add_argument("--skip-llm", action="store_true")
+    ap.add_argument("--skip-matmul", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("SHIFTC_QUIET", "1")
+
+    rows, info = [], {}
+    print(f"{'case':<28} {'th':>2}  {'compiled ms':>10}  {'ORT ms':>10}  {'ratio':>6}   (ratio = ORT / compiled)")
+    with tempfile.TemporaryDirectory(prefix="shiftc-bench-") as work:
+        if not args.skip_matmul:
+            r, i = bench_matmul(work, args.threads, args.rounds)
+            rows += r
+            info.update(i)
+        if not args.skip_llm:
+            model = args.model
+            if not os.path.exists(model):
+                from shiftc.frontend.data import smollm2_gguf
+                from shiftc.frontend.export import export
+
+                os.makedirs(os.path.dirname(os.path.abspath(model)), exist_ok=True)
+                export(str(smollm2_gguf()), model)
+            r, i = bench_llm(model, work, args.threads, args.rounds, args.so)
+            rows += r
+            info.update(i)
+
+    import onnxruntime
+    import tvm
+
+    from shiftc.targets import get_target
+
+    spec = get_target("host")
+    out = {
+        "host": {"cpu": spec.description, "isa": spec.isa, "machine": platform.machine(), "cpus": os.cpu_count(),
+                 "loadavg_end": os.getloadavg()},
+        "versions": {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__},
+        "method": "alternating compiled/ORT runs, median; ratio = ORT time / compiled time",
+        **info,
+        "results": rows,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

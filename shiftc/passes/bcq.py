@@ -1,0 +1,372 @@
+"""Binary-coding quantization (BCQ) with power-of-two scales, inside GPTQ error compensation.
+
+Math only (numpy in, numpy out; torch does the heavy lifting on the CPU); no graph here.
+
+Representation
+--------------
+A weight matrix ``W [N, K]`` (N output rows, K input columns) is approximated by q binary planes
+
+    W ≈ Ŵ = Σ_{i=1..q} α_i ⊙ B_i,     B_i ∈ {−1,+1}^{N×K},  α_i ∈ R_{>0}^{N × ceil(K/G)}
+
+with one scale per (plane i, row n, group g of G consecutive columns), broadcast over the group.
+Scales are rounded so that multiplying by α is a shift:
+
+    scale_mode "pow2"    α = 2^e                 (one int8 exponent per scale)
+    scale_mode "pow2x2"  α = 2^e1 + 2^e2         (two int8 exponents; e2 may be "no term")
+
+Exponents are int8 in [−127, 127]; :data:`NO_TERM` (−128) means "this term is 0". Signs live in B,
+so α > 0 (an all-zero group gets α = 0: every exponent is NO_TERM).
+
+Fit of one group (:func:`fit_group`), rows independent, ``w ∈ R^G`` one row of the group:
+  1. greedy init: r = w; for i = 1..q: b_i = sign(r) (sign 0 = +1), α_i = mean|r|, r -= α_i b_i;
+  2. alternating refinement, ``iters`` rounds:
+     α ← argmin_α ‖w − Bα‖² = (BᵀB)⁻¹ Bᵀw  (B = [b_1 … b_q] ∈ {±1}^{G×q}), then |α|, then rounded;
+     b ← for every weight the best of the 2^q codes c ∈ {±1}^q: argmin_c |w_j − Σ_i α_i c_i|,
+  keeping the best (B, α) seen. The rounding is inside the loop, so the final fit is the best
+  fit for the rounded scales, not a rounded best fit.
+
+Output-error-aware fit (:func:`quantize_gptq`), GPTQ (Frantar et al. 2022) with BCQ groups.
+With calibration inputs X [T, K] of the layer and H = XᵀX, the layer's output error is
+
+    E(Ŵ) = ‖XWᵀ − XŴᵀ‖²_F = tr((W − Ŵ) H (W − Ŵ)ᵀ).
+
+  * damping: H ← H + λ · mean(diag H) · I (λ = ``damp``, 0.01); dead columns (H_jj = 0) get
+    H_jj = 1 and W[:, j] = 0;
+  * optional activation order: columns are processed by decreasing H_jj (groups stay the stored
+    groups of consecutive columns);
+  * U = upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU). Quantizing column j to ŵ_j with the later
+    columns free, the optimal update of the not-yet-quantized columns k > j is
+        δ_j = (w_j − ŵ_j) / U_jj,     W[:, k] ← W[:, k] − δ_j · U_jk      (k > j);
+  * the scales α of a group are fitted (step 1–2 above) on the group's *current* (compensated)
+    weights when its first column is reached; then each column takes, per row, the nearest of
+    the 2^q code values Σ_i α_i c_i, and its error is propagated as above;
+  * updates are applied lazily, a block of columns at a time: W[:, i2:] −= Δ U[i1:i2, i2:].
+
+Round-to-nearest baseline (:func:`quantize_rtn`): uniform asymmetric q-bit per group,
+scale s = (max − min)/(2^q − 1), zero point z = round(−min/s), ŵ = s·(clamp(round(w/s) + z) − z).
+
+Storage (:func:`bits_per_weight`), column padding ignored:
+    BCQ pow2: q + 8q/G     BCQ pow2x2: q + 16q/G     RTN: q + (32 + q)/G  (fp32 scale, q-bit zero)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: Exponent value meaning "no term" (the term is 0). Valid exponents are −127 … 127.
+NO_TERM = -128
+E_MIN, E_MAX = -127, 127
+SCALE_MODES = {"pow2": 1, "pow2x2": 2}  # mode -> exponents per scale (T)
+MAX_BITS = 4
+WORD_BITS = 32
+
+
+@dataclass
+class BcqResult:
+    """A quantized matrix. ``codes[n, k]`` is the code c ∈ [0, 2^q): bit i of c set ⟺ B_i[n,k] = +1."""
+
+    codes: np.ndarray  # uint8 [N, K]
+    exps: np.ndarray  # int8 [q, N, ceil(K/G), T]
+    bits: int
+    group: int
+    scale_mode: str
+
+    @property
+    def alpha(self) -> np.ndarray:
+        """float32 [q, N, ceil(K/G)]: α = Σ_t 2^{e_t} (NO_TERM terms are 0)."""
+        return exps_to_alpha(self.exps)
+
+    def planes01(self) -> np.ndarray:
+        """uint8 [q, N, K] of 0/1: plane i holds bit i of the codes (1 = +1)."""
+        return np.stack([(self.codes >> i) & 1 for i in range(self.bits)]).astype(np.uint8)
+
+    def packed_planes(self) -> np.ndarray:
+        """uint32 [q, N, ceil(K/32)] in the layout of csrc/include/shiftc/packed.h."""
+        return pack_planes(self.planes01())
+
+    def dequantize(self) -> np.ndarray:
+        return reconstruct(self.planes01(), self.alpha, self.group)
+
+
+def _check(bits: int, group: int, scale_mode: str) -> None:
+    if not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be in 1..{MAX_BITS}, got {bits}")
+    if group < WORD_BITS or group % WORD_BITS:
+        raise ValueError(f"group must be a positive multiple of {WORD_BITS}, got {group}")
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode must be one of {sorted(SCALE_MODES)}, got {scale_mode!r}")
+
+
+# -- packing and reconstruction -------------------------------------------------------------------
+
+
+def pack_planes(planes01: np.ndarray) -> np.ndarray:
+    """uint8 0/1 [q, N, K] -> uint32 [q, N, ceil(K/32)]: bit c%32 of word c//32, zero padding."""
+    q, n, k = planes01.shape
+    wpr = -(-k // WORD_BITS)
+    padded = np.zeros((q, n, wpr * WORD_BITS), np.uint8)
+    padded[..., :k] = planes01
+    packed = np.packbits(padded, axis=-1, bitorder="little")  # [q, n, wpr*4] bytes
+    return np.ascontiguousarray(packed).view("<u4").astype(np.uint32).reshape(q, n, wpr)
+
+
+def unpack_planes(packed: np.ndarray, k: int) -> np.ndarray:
+    """uint32 [q, N, W] -> uint8 0/1 [q, N, k] (padding bits dropped)."""
+    b = np.ascontiguousarray(packed.astype("<u4")).view(np.uint8)
+    return np.unpackbits(b, axis=-1, bitorder="little")[..., :k]
+
+
+def exps_to_alpha(exps: np.ndarray) -> np.ndarray:
+    """int8 [..., T] -> float32 [...]: Σ_t 2^{e_t}, a NO_TERM exponent contributing 0."""
+    e = exps.astype(np.float64)
+    terms = np.where(exps == NO_TERM, 0.0, np.exp2(e))
+    return terms.sum(axis=-1).astype(np.float32)
+
+
+def reconstruct(planes01: np.ndarray, alpha: np.ndarray, group: int, coding: str = "pm1") -> np.ndarray:
+    """Ŵ [N, K] = Σ_i α_i ⊙ s(B_i), α [q, N, ceil(K/G)] broadcast over each group's columns."""
+    q, n, k = planes01.shape
+    s = planes01.astype(np.float32) * 2 - 1 if coding == "pm1" else planes01.astype(np.float32)
+    a = np.repeat(alpha.astype(np.float32), group, axis=-1)[..., :k]
+    return (a * s).sum(axis=0)
+
+
+def bits_per_weight(bits: int, group: int, scale_mode: str = "pow2", method: str = "bcq") -> float:
+    """Stored bits per weight, scales included (see the module docstring)."""
+    if method == "rtn":
+        return bits + (32 + bits) / group
+    return bits + 8 * SCALE_MODES[scale_mode] * bits / group
+
+
+# -- scale rounding -----------------------------------------------------------------------------
+
+
+def _nearest_pow2_exp(x: torch.Tensor) -> torch.Tensor:
+    """Exponent e of the power of two nearest to x > 0 (in linear distance)."""
+    lo = torch.floor(torch.log2(x))
+    up = torch.where(x - torch.exp2(lo) > torch.exp2(lo + 1) - x, lo + 1, lo)
+    return up
+
+
+def round_scales(alpha: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round α ≥ 0 to the nearest representable value; returns (rounded α, int exponents [..., T])."""
+    a = alpha.clamp_min(0)
+    zero = a <= 2.0 ** (E_MIN - 1)
+    safe = torch.where(zero, torch.ones_like(a), a)
+    if scale_mode == "pow2":
+        e = _nearest_pow2_exp(safe).clamp(E_MIN, E_MAX)
+        e = torch.where(zero, torch.full_like(e, NO_TERM), e)
+        val = torch.where(zero, torch.zeros_like(a), torch.exp2(e))
+        return val, e[..., None]
+    # pow2x2: best of {2^e1 + 2^e2 (e2 nearest to the residual), 2^e1, 2^(e1+1)}, e1 = floor(log2 α)
+    e1 = torch.floor(torch.log2(safe)).clamp(E_MIN, E_MAX)
+    r = safe - torch.exp2(e1)
+    e2 = _nearest_pow2_exp(torch.where(r > 0, r, torch.ones_like(r))).clamp(E_MIN, E_MAX)
+    e2 = torch.minimum(e2, e1)
+    cands_val = torch.stack([torch.exp2(e1) + torch.exp2(e2), torch.exp2(e1), torch.exp2((e1 + 1).clamp(max=E_MAX))], -1)
+    best = (cands_val - safe[..., None]).abs().argmin(-1, keepdim=True)
+    val = cands_val.gather(-1, best)[..., 0]
+    no = torch.full_like(e1, NO_TERM)
+    first = torch.where(best[..., 0] == 2, (e1 + 1).clamp(max=E_MAX), e1)
+    second = torch.where(best[..., 0] == 0, e2, no)
+    e = torch.stack([first, second], -1)
+    e = torch.where(zero[..., None], torch.full_like(e, NO_TERM), e)
+    val = torch.where(zero, torch.zeros_like(val), val)
+    return val, e
+
+
+# -- BCQ fit of one group -----------------------------------------------------------------------
+
+
+def _code_signs(q: int, dtype=torch.float32) -> torch.Tensor:
+    """[2^q, q] of ±1: row c, column i = +1 iff bit i of c is set."""
+    c = torch.arange(2**q)
+    return (((c[:, None] >> torch.arange(q)[None, :]) & 1) * 2 - 1).to(dtype)
+
+
+def nearest_codes(w: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, C], α [q, N] -> (codes int64 [N, C], values [N, C]): per weight the best of 2^q codes."""
+    q = alpha.shape[0]
+    values = alpha.T @ _code_signs(q, alpha.dtype).T  # [N, 2^q]
+    idx = (w[:, :, None] - values[:, None, :]).abs().argmin(-1)
+    return idx, values.gather(1, idx)
+
+
+def scale_neighbours(alpha: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The representable values just below and just above α ≥ 0 (both 0 where α is 0).
+
+    pow2: 2^⌊log2 α⌋ and twice that. pow2x2: with e1 = ⌊log2 α⌋, r = α − 2^e1, f = ⌊log2 r⌋:
+    2^e1 + 2^f and 2^e1 + 2^(f+1) (α itself when r = 0).
+    """
+    a = alpha.clamp_min(0)
+    zero = a <= 2.0 ** (E_MIN - 1)
+    safe = torch.where(zero, torch.ones_like(a), a)
+    e1 = torch.floor(torch.log2(safe)).clamp(E_MIN, E_MAX - 1)
+    if scale_mode == "pow2":
+        lo, hi = torch.exp2(e1), torch.exp2(e1 + 1)
+    else:
+        base = torch.exp2(e1)
+        r = safe - base
+        f = torch.floor(torch.log2(torch.where(r > 0, r, torch.ones_like(r)))).clamp(E_MIN, E_MAX)
+        f = torch.minimum(f, e1 - 1)
+        lo = torch.where(r > 0, base + torch.exp2(f), base)
+        hi = torch.where(r > 0, base + torch.exp2(f + 1), base)
+    z = torch.zeros_like(a)
+    return torch.where(zero, z, lo), torch.where(zero, z, hi)
+
+
+def _sq_err(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return ((w - nearest_codes(w, alpha)[1]) ** 2).sum(1)
+
+
+def _choose_scales(w: torch.Tensor, a: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rounded scales for w [N, C] near the unrounded a [q, N]: start from the nearest representable
+    values, then per plane keep the neighbour below or above that lowers the row's error."""
+    lo, hi = scale_neighbours(a, scale_mode)
+    alpha = torch.where(a - lo <= hi - a, lo, hi)
+    err = _sq_err(w, alpha)
+    for i in range(alpha.shape[0]):
+        for cand in (lo[i], hi[i]):
+            alt = alpha.clone()
+            alt[i] = cand
+            e = _sq_err(w, alt)
+            better = e < err
+            err = torch.where(better, e, err)
+            alpha[i] = torch.where(better, cand, alpha[i])
+    return alpha, err
+
+
+def fit_group(w: torch.Tensor, bits: int, scale_mode: str = "pow2", iters: int = 6) -> torch.Tensor:
+    """BCQ fit of w [N, C] (one group, rows independent); returns rounded α [q, N] (see module doc)."""
+    n = w.shape[0]
+    r = w.clone()
+    a = torch.empty(bits, n, dtype=w.dtype)
+    for i in range(bits):  # greedy init
+        a[i] = r.abs().mean(1)
+        r -= a[i, :, None] * torch.where(r >= 0, 1.0, -1.0).to(w.dtype)
+    best_alpha, best_err = _choose_scales(w, a, scale_mode)
+    alpha = best_alpha.clone()
+    signs = _code_signs(bits, w.dtype)
+    eye = 1e-6 * torch.eye(bits, dtype=w.dtype)
+    for _ in range(iters):
+        B = signs[nearest_codes(w, alpha)[0]]  # [N, C, q]: B given the current scales
+        a_ls = torch.linalg.solve(B.transpose(1, 2) @ B + eye, B.transpose(1, 2) @ w[:, :, None])[..., 0].T.abs()
+        alpha, err = _choose_scales(w, a_ls, scale_mode)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_alpha[:, better] = alpha[:, better]
+    return best_alpha
+
+
+def _alpha_exps(alpha: torch.Tensor, scale_mode: str) -> torch.Tensor:
+    return round_scales(alpha, scale_mode)[1]
+
+
+# -- whole matrices -----------------------------------------------------------------------------
+
+
+def quantize_bcq(w: np.ndarray, bits: int, group: int, scale_mode: str = "pow2", iters: int = 6) -> BcqResult:
+    """Plain BCQ of W [N, K] (weight error only), group by group."""
+    return quantize_gptq(w, None, bits, group, scale_mode=scale_mode, iters=iters)
+
+
+def quantize_gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *, scale_mode: str = "pow2",
+                  damp: float = 0.01, act_order: bool = False, iters: int = 6, block: int | None = None) -> BcqResult:
+    """BCQ of W [N, K] inside GPTQ error compensation with H [K, K] = XᵀX (module docstring).
+
+    ``h=None`` means no calibration data: plain BCQ, group by group (no error propagation).
+    """
+    _check(bits, group, scale_mode)
+    W = torch.as_tensor(np.asarray(w, np.float32)).clone()
+    n, k = W.shape
+    ng = -(-k // group)
+    alpha = torch.zeros(bits, n, ng)
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    fitted = torch.zeros(ng, dtype=torch.bool)
+    if h is None:
+        for g in range(ng):
+            c0, c1 = g * group, min(k, (g + 1) * group)
+            alpha[:, :, g] = fit_group(W[:, c0:c1], bits, scale_mode, iters)
+            codes[:, c0:c1] = nearest_codes(W[:, c0:c1], alpha[:, :, g])[0].to(torch.uint8)
+        return _result(codes, alpha, bits, group, scale_mode)
+
+    H = torch.as_tensor(np.asarray(h, np.float64)).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    grp = perm // group  # stored group of each processed column
+    block = block or group
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros(n, i2 - i1)
+        for j in range(i2 - i1):
+            col = i1 + j
+            g = int(grp[col])
+            if not fitted[g]:
+                pos = torch.nonzero(grp == g)[:, 0]  # processed positions of the group (all >= col)
+                cur = W[:, pos].clone()
+                inb = pos < i2
+                cur[:, inb] = W1[:, pos[inb] - i1]
+                out = ~inb
+                if out.any() and j > 0:  # pending (lazy) updates of this block for later columns
+                    cur[:, out] -= Err1[:, :j] @ U[i1:col][:, pos[out]]
+                alpha[:, :, g] = fit_group(cur, bits, scale_mode, iters)
+                fitted[g] = True
+            idx, val = nearest_codes(W1[:, j : j + 1], alpha[:, :, g])
+            codes[:, perm[col]] = idx[:, 0].to(torch.uint8)
+            err = (W1[:, j] - val[:, 0]) / U[col, col]
+            W1[:, j:] -= err[:, None] * U[col, col:i2][None, :]
+            Err1[:, j] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return _result(codes, alpha, bits, group, scale_mode)
+
+
+def _result(codes: torch.Tensor, alpha: torch.Tensor, bits: int, group: int, scale_mode: str) -> BcqResult:
+    exps = _alpha_exps(alpha, scale_mode)  # α are already representable: this recovers exponents
+    return BcqResult(codes.numpy(), exps.numpy().astype(np.int8), bits, group, scale_mode)
+
+
+def quantize_rtn(w: np.ndarray, bits: int, group: int) -> np.ndarray:
+    """Round-to-nearest baseline: uniform asymmetric ``bits``-bit per group; returns dequantized W."""
+    w = np.asarray(w, np.float32)
+    n, k = w.shape
+    ng = -(-k // group)
+    pad = np.zeros((n, ng * group), np.float32)
+    pad[:, :k] = w
+    g = pad.reshape(n, ng, group)
+    if k % group:  # the last partial group: its range over real columns only
+        last = g[:, -1, : k - (ng - 1) * group]
+        mn_last, mx_last = last.min(1), last.max(1)
+    mn, mx = g.min(2), g.max(2)
+    if k % group:
+        mn[:, -1], mx[:, -1] = mn_last, mx_last
+    levels = 2**bits - 1
+    s = np.where(mx > mn, (mx - mn) / levels, 1.0)[..., None]
+    z = np.round(-mn[..., None] / s)
+    qv = np.clip(np.round(g / s) + z, 0, levels)
+    return (s * (qv - z)).reshape(n, ng * group)[:, :k].astype(np.float32)
+
+
+# -- error metrics --------------------------------------------------------------------------------
+
+
+def relative_weight_error(w: np.ndarray, w_hat: np.ndarray) -> float:
+    """‖W − Ŵ‖_F / ‖W‖_F."""
+    return float(np.linalg.norm(w - w_hat) / max(np.linalg.norm(w), 1e-30))
+
+
+def relative_output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> float:
+    """‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F computed from H = XᵀX: sqrt(tr(ΔHΔᵀ) / tr(WHWᵀ))."""
+    w64, d = np.asarray(w, np.float64), np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
+    h = np.asarray(h, np.float64)
+    num = np.einsum("nk,kl,nl->", d, h, d)
+    den = np.einsum("nk,kl,nl->", w64, h, w64)
+    return float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
