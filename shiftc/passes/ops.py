@@ -1,0 +1,172 @@
+"""The ``ai.shiftc`` op table: for each op its schema, ONNX function body and numpy reference.
+
+:data:`OPS` is the one place to look an op up. Each entry says what the op's inputs and attributes
+are, builds the ``onnx.FunctionProto`` that lets ONNX Runtime (or anyone) execute the op with
+standard ONNX ops, and names the numpy reference that kernels are tested against. Kernels and the
+TVM lowering live in the backend (``shiftc/backend/importer.register_converter``).
+
+BcqMatMul
+---------
+``Y = X · Ŵᵀ``,  ``Ŵ [N, K] = Σ_{i<q} α_i ⊙ s(B_i)``,  α broadcast over groups of G columns.
+
+inputs
+    X       float32 [..., K]
+    planes  uint32  [q, N, ceil(K/32)]   bit c%32 of word c/32 of row n of plane i = B_i[n, c];
+                                          padding bits zero (csrc/include/shiftc/packed.h)
+    exps    int8    [q, N, ceil(K/G), T] α = Σ_t 2^{e_t}; T = 1 ("pow2") or 2 ("pow2x2");
+                                          e = −128 (:data:`shiftc.passes.bcq.NO_TERM`) means
+                                          "no term" (contributes 0), so α = 0 is representable
+attributes
+    bits         int  q (1..4), must equal planes.shape[0]
+    group_size   int  G, a multiple of 32
+    in_features  int  K (the planes are padded to a multiple of 32)
+    coding       str  "pm1": s(1) = +1, s(0) = −1 (signs live in B, so α ≥ 0);
+                      "01" : s(b) = b — reserved for the binarization pass. Only "pm1" has a
+                      function body so far (one model-local function per op name), see below.
+output
+    Y       float32 [..., N]
+
+Bias: the op has none. A bias stays a standard ``Add`` after the op (the backend fuses it); an
+optional input in a function body would need the body to branch on the input's presence, which
+ONNX functions cannot do.
+
+The function body unpacks with shifts only, ``b_j = (w << (31 − j)) >> 31``, so it needs opset 11+
+(BitShift) and 13+ (ReduceSum / Slice / Unsqueeze with input axes). It is emitted with the model's
+own default-domain opset (17 … 21), since a model-local function must import the same version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .bcq import NO_TERM, exps_to_alpha, reconstruct, unpack_planes
+
+DOMAIN = "ai.shiftc"
+DOMAIN_VERSION = 1
+MIN_OPSET = 13
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    name: str
+    inputs: tuple[tuple[str, str], ...]  # (name, "dtype [shape]")
+    outputs: tuple[tuple[str, str], ...]
+    attributes: tuple[tuple[str, str], ...]  # (name, "type: meaning")
+    function: Callable[[int], onnx.FunctionProto]  # opset -> function body
+    reference: Callable[..., np.ndarray]  # numpy reference
+
+
+# -- BcqMatMul ------------------------------------------------------------------------------------
+
+
+def bcq_matmul_ref(x: np.ndarray, planes: np.ndarray, exps: np.ndarray, *, bits: int, group_size: int,
+                   in_features: int, coding: str = "pm1", bias: np.ndarray | None = None) -> np.ndarray:
+    """numpy reference of BcqMatMul: ``X Ŵᵀ (+ bias)``, accumulated in float64, returned as float32."""
+    if planes.shape[0] != bits or exps.shape[0] != bits:
+        raise ValueError(f"bits={bits} but planes {planes.shape} / exps {exps.shape}")
+    w = reconstruct(unpack_planes(planes, in_features), exps_to_alpha(exps), group_size, coding)
+    y = np.asarray(x, np.float64) @ w.astype(np.float64).T
+    if bias is not None:
+        y = y + bias
+    return y.astype(np.float32)
+
+
+def bcq_matmul_function(opset: int, coding: str = "pm1") -> onnx.FunctionProto:
+    """The ONNX function body of ``ai.shiftc::BcqMatMul`` for a model of default-domain ``opset``."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"BcqMatMul's function body needs opset >= {MIN_OPSET}, got {opset}")
+    if coding != "pm1":
+        raise ValueError(f"coding {coding!r} has no function body yet (reserved); use 'pm1'")
+
+    def const(name, value, dtype):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, np.shape(value), np.ravel(value).tolist()))
+
+    def attr_const(name, attr):
+        n = helper.make_node("Constant", [], [name])
+        a = onnx.AttributeProto(name="value_int", ref_attr_name=attr, type=onnx.AttributeProto.INT)
+        n.attribute.append(a)
+        return n
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [
+        # bits: planes [q,N,W] -> [q,N,W,32] of 0/1 by two shifts, -> [q,N,W*32] -> first K columns
+        const("left", np.arange(31, -1, -1, dtype=np.uint32), TensorProto.UINT32),  # 31 - j
+        const("right", np.array([31], np.uint32), TensorProto.UINT32),
+        const("ax_last", np.array([-1], np.int64), i64),
+        const("ax_0", np.array([0], np.int64), i64),
+        const("zero_i", np.array([0], np.int64), i64),
+        const("shape_qn_", np.array([0, 0, -1], np.int64), i64),
+        attr_const("k_scalar", "in_features"),
+        attr_const("g_scalar", "group_size"),
+        helper.make_node("Unsqueeze", ["k_scalar", "ax_0"], ["k_1"]),
+        helper.make_node("Unsqueeze", ["g_scalar", "ax_0"], ["g_1"]),
+        helper.make_node("Unsqueeze", ["planes", "ax_last"], ["words"]),
+        helper.make_node("BitShift", ["words", "left"], ["shl"], direction="LEFT"),
+        helper.make_node("BitShift", ["shl", "right"], ["bits01"], direction="RIGHT"),
+        helper.make_node("Reshape", ["bits01", "shape_qn_"], ["bits_flat"]),
+        helper.make_node("Slice", ["bits_flat", "zero_i", "k_1", "ax_last"], ["bits_k"]),
+        helper.make_node("Cast", ["bits_k"], ["b_f"], to=f32),
+        const("two", np.array(2.0, np.float32), f32),
+        const("one", np.array(1.0, np.float32), f32),
+        helper.make_node("Mul", ["b_f", "two"], ["b2"]),
+        helper.make_node("Sub", ["b2", "one"], ["signs"]),  # pm1: s = 2b - 1, [q,N,K]
+        # scales: exps [q,N,ng,T] -> alpha [q,N,ng] = sum_t (e == NO_TERM ? 0 : 2^e)
+        helper.make_node("Cast", ["exps"], ["e_f"], to=f32),
+        const("no_term", np.array(float(NO_TERM), np.float32), f32),
+        const("zero_f", np.array(0.0, np.float32), f32),
+        helper.make_node("Equal", ["e_f", "no_term"], ["is_none"]),
+        helper.make_node("Pow", ["two", "e_f"], ["p2"]),
+        helper.make_node("Where", ["is_none", "zero_f", "p2"], ["terms"]),
+        helper.make_node("ReduceSum", ["terms", "ax_last"], ["alpha"], keepdims=0),
+        # broadcast alpha over its G columns: [q,N,ng,1] expand [q,N,ng,G] -> [q,N,ng*G] -> [:K]
+        helper.make_node("Unsqueeze", ["alpha", "ax_last"], ["alpha4"]),
+        const("ones3", np.array([1, 1, 1], np.int64), i64),
+        helper.make_node("Concat", ["ones3", "g_1"], ["g_shape"], axis=0),
+        helper.make_node("Expand", ["alpha4", "g_shape"], ["alpha_g"]),
+        helper.make_node("Reshape", ["alpha_g", "shape_qn_"], ["alpha_flat"]),
+        helper.make_node("Slice", ["alpha_flat", "zero_i", "k_1", "ax_last"], ["alpha_k"]),
+        # W [N,K] = sum_i alpha_i * s_i ;  Y = X W^T
+        helper.make_node("Mul", ["alpha_k", "signs"], ["planes_w"]),
+        helper.make_node("ReduceSum", ["planes_w", "ax_0"], ["w"], keepdims=0),
+        helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["X", "w_t"], ["Y"]),
+    ]
+    return helper.make_function(
+        DOMAIN, "BcqMatMul", ["X", "planes", "exps"], ["Y"], nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["bits", "group_size", "in_features", "coding"],
+        doc_string="Y = X W^T, W = sum_i alpha_i * (2 B_i - 1); see shiftc/passes/ops.py",
+    )
+
+
+BCQ_MATMUL = OpSpec(
+    name="BcqMatMul",
+    inputs=(("X", "float32 [..., K]"), ("planes", "uint32 [q, N, ceil(K/32)]"),
+            ("exps", "int8 [q, N, ceil(K/G), T]")),
+    outputs=(("Y", "float32 [..., N]"),),
+    attributes=(("bits", "int: q, 1..4"), ("group_size", "int: G, multiple of 32"),
+                ("in_features", "int: K"), ("coding", "string: 'pm1' ('01' reserved)")),
+    function=bcq_matmul_function,
+    reference=bcq_matmul_ref,
+)
+
+#: op name -> spec; the one table of shiftc's ops (domain :data:`DOMAIN`).
+OPS: dict[str, OpSpec] = {BCQ_MATMUL.name: BCQ_MATMUL}
+
+
+def add_functions(model: onnx.ModelProto, names: list[str]) -> None:
+    """Add the function bodies of ops ``names`` (once each) and the ``ai.shiftc`` opset import."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise ValueError("the model imports no default-domain opset")
+    have = {(f.domain, f.name) for f in model.functions}
+    for name in names:
+        if (DOMAIN, name) not in have:
+            model.functions.append(OPS[name].function(opset))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
