@@ -7,13 +7,15 @@
     m.run({"x": array}) / m.generate(prompt, tokenizer=...)
     shiftc.evaluate("model.so", task="perplexity", tokens=32768, window=512)
     shiftc.bench("model.so", vs="onnxruntime", threads=1)
+    shiftc.compress("model.onnx", "model-3bit.onnx", bits=3, group=128, calib="wikipedia")
+    shiftc.package("model.onnx", "model-arm", target="aarch64")   # a folder for an Arm board
 
 The API is imported lazily so that ``import shiftc`` (and the native kernels) stay light.
 """
 
 __version__ = "0.1.0"
 
-_API = ("export", "compile", "load", "evaluate", "bench", "inspect", "generate")
+_API = ("export", "compile", "load", "evaluate", "bench", "inspect", "generate", "compress", "package")
 
 
 def __getattr__(name):

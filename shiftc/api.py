@@ -2,11 +2,13 @@
 
     export(src, output)                     HF folder / GGUF / module:factory -> .onnx
     compile(model, output, target="host")   .onnx -> model library (.so)
+    package(model, output, target="aarch64") .onnx/.so -> folder for a board (model, runtime, app)
     load(path, threads=None)                .so or .onnx -> runnable (run / lm_session / generate)
     evaluate(path, task="perplexity", ...)  accuracy on held-out data
     bench(path, vs="onnxruntime", ...)      latency next to ONNX Runtime
     inspect(path)                           ops, parameters, bytes by dtype, inputs/outputs
     generate(path, prompt, ...)             text from a causal LM
+    compress(model, output, bits=3, ...)    .onnx -> compressed .onnx (shift-add: BCQ, 2^e scales)
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ def compile(model, output: str | os.PathLike, *, target: str = "host", arch: str
     from .backend.compile import compile_model
 
     return compile_model(model, output, target=target, arch=arch, cpu=cpu)
+
+
+def package(model: str | os.PathLike, output: str | os.PathLike, *, target: str = "aarch64", cpu: str | None = None,
+            wheels: str | os.PathLike | None = None):
+    from .targets.package import package as _package
+
+    return _package(model, output, target=target, cpu=cpu, wheels=wheels)
 
 
 class Runnable:
@@ -94,3 +103,27 @@ def inspect(path: str | os.PathLike) -> dict:
 
 def generate(path: str | os.PathLike, prompt: str, *, threads: int | None = None, **kwargs) -> dict:
     return load(path, threads).generate(prompt, **kwargs)
+
+
+def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int | None = None, group: int | None = None,
+             scale_mode: str | None = None, act_order: bool | None = None, lm_head: bool | None = None,
+             layer_bits: dict | None = None, skip: list | None = None, calib: str | None = None,
+             calib_windows: int | None = None, calib_window: int | None = None, tokenizer: str | None = None,
+             recipe: str | os.PathLike | None = None, threads: int | None = None) -> dict:
+    """Compress an ONNX model with the shift-add pass; arguments given override the recipe file.
+
+    ``calib``: "wikipedia" (default), "lee", or "none" (data-free: plain BCQ, no GPTQ).
+    Returns the report (per-layer bits, bits per weight, weight/output errors; sizes).
+    """
+    from .passes.compress import compress as _compress
+    from .passes.recipe import CompressConfig, load_recipe, validate
+
+    cfg = load_recipe(recipe) if recipe is not None else CompressConfig()
+    s, c = cfg.shiftadd, cfg.calib
+    for obj, key, value in ((s, "bits", bits), (s, "group", group), (s, "scale_mode", scale_mode),
+                            (s, "act_order", act_order), (s, "lm_head", lm_head), (s, "layer_bits", layer_bits),
+                            (s, "skip", skip), (c, "corpus", calib), (c, "windows", calib_windows),
+                            (c, "window", calib_window), (c, "tokenizer", tokenizer), (cfg, "threads", threads)):
+        if value is not None:
+            setattr(obj, key, value)
+    return _compress(model, output, validate(cfg))

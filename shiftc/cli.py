@@ -37,6 +37,20 @@ def _positive(value: str) -> int:
     return n
 
 
+def _bits(value: str) -> int:
+    n = _positive(value) if value.lstrip("-").isdigit() else None
+    if n is None or not 1 <= n <= 4:
+        raise argparse.ArgumentTypeError(f"must be 1..4 (got {value})")
+    return n
+
+
+def _group(value: str) -> int:
+    n = _positive(value)
+    if n % 32:
+        raise argparse.ArgumentTypeError(f"must be a positive multiple of 32 (got {n})")
+    return n
+
+
 def _emit(args, result: dict, text: str) -> None:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
@@ -59,6 +73,16 @@ def cmd_compile(args):
 
     r = api.compile(args.model, args.output, target=args.target, arch=args.arch, cpu=args.cpu)
     _emit(args, r.to_json(), f"wrote {r.path} (target {r.target}, {r.isa}, {r.size_bytes / 1e6:.1f} MB, {r.seconds:.1f}s)")
+
+
+def cmd_package(args):
+    from . import api
+
+    r = api.package(args.model, args.output, target=args.target, cpu=args.cpu, wheels=args.wheels)
+    size = r.to_json()["size_bytes"]
+    _emit(args, r.to_json(), f"wrote {r.path}/ (target {r.target}: runtime {size['runtime'] / 1e6:.1f} MB + model "
+                             f"{size['model'] / 1e6:.1f} MB = {size['total'] / 1e6:.1f} MB, {r.seconds:.1f}s); "
+                             f"on the board: ./bin/shiftc_run info model.so (see {r.path}/README.md)")
 
 
 def cmd_inspect(args):
@@ -151,6 +175,17 @@ def cmd_generate(args):
         print(f"\n[{r['new_tokens']} tokens; prefill {r['prefill_tokens_per_s']:.1f} t/s, decode {dec:.1f} t/s]" if dec else "", file=sys.stderr)
 
 
+def cmd_compress(args):
+    from . import api
+
+    r = api.compress(args.model, args.output, bits=args.shiftadd_bits, group=args.group, scale_mode=args.scale_mode,
+                     act_order=args.act_order or None, lm_head=args.shiftadd_lm_head, calib=args.calib,
+                     calib_windows=args.calib_windows, calib_window=args.calib_window, tokenizer=args.tokenizer,
+                     recipe=args.recipe, threads=args.threads)
+    _emit(args, r, f"wrote {r['path']} ({len(r['layers'])} layers shift-add, {r['bits_per_weight']:.3f} bits/weight, "
+                   f"{r['size_bytes'] / 1e6:.1f} MB from {r['source_size_bytes'] / 1e6:.1f} MB, {r['seconds']:.1f}s)")
+
+
 # -- parser --------------------------------------------------------------------------------------
 
 
@@ -183,6 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--arch", help="GPU architecture for --target cuda (sm_80, sm_90, ...; default sm_80)")
     sp.add_argument("--cpu", help="Arm core for --target aarch64 (cortex-a53, cortex-a72, cortex-a76, ...)")
 
+    sp = command("package", cmd_package, "package a model for a board: model library, TVM and C++ runtime, example app, README")
+    sp.add_argument("model", type=_model_file, help=".onnx (compiled for the target) or a library already compiled for it")
+    sp.add_argument("-o", "--output", required=True, help="output folder (an earlier package there is replaced)")
+    sp.add_argument("--target", default="aarch64", choices=["aarch64"], help="board (default aarch64: 64-bit Arm Linux)")
+    sp.add_argument("--cpu", help="Arm core to tune the model for (cortex-a53, cortex-a72, cortex-a76, ...)")
+    sp.add_argument("--wheels", type=_existing, help="folder with the aarch64 apache-tvm and apache-tvm-ffi wheels "
+                    "(offline use; default: $SHIFTC_WHEELS, else pip download into ~/.cache/shiftc/wheels)")
+
     sp = command("run", cmd_run, "run a model once on inputs from an .npz file (random inputs if omitted)")
     sp.add_argument("model", type=_model_file)
     sp.add_argument("--inputs", type=_existing, help=".npz with one array per model input")
@@ -207,6 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=_positive, default=10)
     sp.add_argument("--prefill", type=_positive, default=128, help="causal LMs: prompt tokens (default 128)")
     sp.add_argument("--decode", type=_positive, default=32, help="causal LMs: decode steps timed (default 32)")
+
+    sp = command("compress", cmd_compress, "compress an ONNX model: shift-add (binary-coded weights, power-of-two scales)")
+    sp.add_argument("model", type=_existing, help="input .onnx file")
+    sp.add_argument("-o", "--output", required=True, help="output .onnx file")
+    sp.add_argument("--recipe", type=_existing, help="YAML recipe (schema: shiftc/passes/recipe.py); flags override it")
+    sp.add_argument("--shiftadd-bits", type=_bits, help="bit planes per weight, 1..4 (default 3)")
+    sp.add_argument("--group", type=_group, help="input columns per scale, a multiple of 32 (default 128)")
+    sp.add_argument("--scale-mode", choices=["pow2", "pow2x2"], help="scale = 2^e or 2^e1 + 2^e2 (default pow2)")
+    sp.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
+    sp.add_argument("--shiftadd-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                    help="quantize the LM head too (default on)")
+    sp.add_argument("--calib", choices=["wikipedia", "lee", "none"], help="calibration text (default wikipedia; none: data-free)")
+    sp.add_argument("--calib-windows", type=_positive, help="calibration windows (default 16)")
+    sp.add_argument("--calib-window", type=_positive, help="tokens per calibration window (default 256)")
+    sp.add_argument("--tokenizer", help="HF folder or .gguf (default: the one recorded at export)")
+    sp.add_argument("--threads", type=_positive)
 
     sp = command("generate", cmd_generate, "generate text with a causal LM")
     sp.add_argument("model", type=_model_file)

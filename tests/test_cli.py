@@ -140,3 +140,16 @@ def test_bad_sources_and_flags(tmp_path):
     assert r.returncode == EXIT_USAGE and "pdp11" in r.stderr
     r = run_cli("eval", str(tmp_path / "m.onnx"), "--tokens", "0")
     assert r.returncode == EXIT_USAGE and "--tokens" in r.stderr
+
+
+def test_out_of_range_token_ids_refused(tiny_llama):
+    import shiftc
+    from shiftc.errors import RuntimeInputError
+
+    _, lib = tiny_llama
+    s = shiftc.load(lib).lm_session()
+    with pytest.raises(RuntimeInputError, match="token ids"):
+        s.step(np.array([[1, 49152]]))
+    with pytest.raises(RuntimeInputError, match="token ids"):
+        s.step(np.array([[-1]]))
+    assert s.length == 0  # nothing ran

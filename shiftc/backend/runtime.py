@@ -345,6 +345,11 @@ class LMSession:
         if ids.ndim == 1:
             ids = ids[None]
         b, s = ids.shape
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
+            # compiled embedding gathers do not bounds-check: refuse before running
+            raise RuntimeInputError(
+                f"{self.model.path}: token ids must be in [0, {self.vocab}), got [{ids.min()}, {ids.max()}]"
+            )
         if b != self.batch:
             raise RuntimeInputError(f"batch of {b} sequences given to a session of batch {self.batch}")
         total = self.length + s

@@ -224,12 +224,14 @@ def _sq_err(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 
 def _choose_scales(w: torch.Tensor, a: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rounded scales for w [N, C] near the unrounded a [q, N]: start from the nearest representable
-    values, then per plane keep the neighbour below or above that lowers the row's error."""
+    values, then per plane keep the neighbour below or above that lowers the row's error (pow2x2
+    also tries the powers of two around α, a subset of its grid)."""
     lo, hi = scale_neighbours(a, scale_mode)
     alpha = torch.where(a - lo <= hi - a, lo, hi)
     err = _sq_err(w, alpha)
+    cands = [lo, hi] + (list(scale_neighbours(a, "pow2")) if scale_mode == "pow2x2" else [])  # pow2 ⊂ pow2x2
     for i in range(alpha.shape[0]):
-        for cand in (lo[i], hi[i]):
+        for cand in (c[i] for c in cands):
             alt = alpha.clone()
             alt[i] = cand
             e = _sq_err(w, alt)

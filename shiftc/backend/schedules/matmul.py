@@ -62,6 +62,7 @@ class Matmul(ScheduleRule):
         self.mr = mr
         self.nvec = nvec
         self.parallel = parallel
+        self.acc_scope = "global"
 
     def apply(self, func, target: Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or not is_llvm(target):
@@ -212,10 +213,10 @@ class Matmul(ScheduleRule):
         if self.parallel:
             sch.parallel(tile)
         if last is None:
-            sch.cache_write(main_rv, 0, "local")
+            sch.cache_write(main_rv, 0, self.acc_scope)
             last = sch.get_consumers(main_rv)[0]
         else:
-            sch.set_scope(main_rv, 0, "local")
+            sch.set_scope(main_rv, 0, self.acc_scope)
         sch.reverse_compute_at(last, tile, preserve_unit_loops=True)
         if m_i is not None:
             sch.unroll(m_i)

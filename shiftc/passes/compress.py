@@ -1,0 +1,62 @@
+"""The compress pipeline shared by ``shiftc.compress`` and ``shiftc compress``.
+
+    load (safe) -> match layers -> calibrate (H = XᵀX per layer input, ONNX Runtime on the
+    calibration split) -> shift-add pass (BCQ + power-of-two scales inside GPTQ) -> onnx.checker
+    -> atomic save
+
+Returns a JSON-able report: per layer shape, bits, bits per weight, relative weight error and
+relative output error on the calibration data; sizes before and after; timings.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import onnx
+
+from ..errors import BadInputError
+from ..frontend.onnx_io import load_model, save_model
+from .recipe import CompressConfig, validate
+from .shiftadd import ShiftAddPass
+from ..progress import log, step
+
+
+def compress(src: str | os.PathLike, output: str | os.PathLike, config: CompressConfig) -> dict:
+    src, output = os.fspath(src), os.fspath(output)
+    validate(config)
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(int(config.threads))
+    t0 = time.perf_counter()
+    model = load_model(src)
+    sa = ShiftAddPass(config.shiftadd)
+    targets, skipped = sa.match(model)
+    if not targets:
+        raise BadInputError(f"'{src}': no MatMul/Gemm with a constant weight to compress "
+                            f"({len(skipped)} skipped: {[r for _, r in skipped][:3]})")
+    hessians = None
+    calib_windows = 0
+    if config.calib.corpus != "none":
+        from .calibration import calibration_windows, collect_hessians
+
+        c = config.calib
+        ids = calibration_windows(model, corpus=c.corpus, split=c.split, windows=c.windows, window=c.window,
+                                  tokenizer=c.tokenizer, model_path=src)
+        calib_windows = len(ids)
+        with step(f"calibration ({len(ids)} windows x {ids.shape[1]} tokens, {len({t.x for t in targets})} inputs)"):
+            hessians = collect_hessians(model, [t.x for t in targets], ids, threads=config.threads)
+    with step(f"shift-add on {len(targets)} layers"):
+        result = sa(model, hessians)
+    del model, hessians
+    try:
+        onnx.checker.check_model(result.model, full_check=result.model.ByteSize() < 2**31 - 1)
+    except onnx.checker.ValidationError as e:  # a bug in the pass, not the user's input
+        raise RuntimeError(f"shift-add produced an invalid model: {e}") from e
+    save_model(result.model, output)
+    log(f"wrote {output}")
+    rep = result.report
+    return {"path": output, "source": src, "size_bytes": os.path.getsize(output), "source_size_bytes": os.path.getsize(src),
+            "calibration": {"corpus": config.calib.corpus, "windows": calib_windows, "window": config.calib.window},
+            "seconds": round(time.perf_counter() - t0, 1), **rep}

@@ -1,0 +1,119 @@
+"""Compression recipes: a YAML file -> :class:`CompressConfig` (the same keys as the CLI flags).
+
+Schema (every key optional; the values shown are the defaults)::
+
+    shiftadd:
+      bits: 3              # 1..4, planes per weight            (--shiftadd-bits)
+      group: 128           # columns per scale, multiple of 32  (--group)
+      scale_mode: pow2     # pow2 | pow2x2                      (--scale-mode)
+      act_order: false     # GPTQ activation ordering           (--act-order)
+      damp: 0.01           # GPTQ damping λ (H += λ·mean(diag H)·I)
+      iters: 6             # alternating-refinement rounds per group
+      lm_head: true        # quantize the LM head too           (--shiftadd-lm-head / --no-...)
+      layer_bits: {}       # {initializer name or glob: bits}, first match wins
+      skip: []             # globs of layer names left in fp32
+    calib:
+      corpus: wikipedia    # wikipedia | lee | none (none: data-free, plain BCQ)   (--calib)
+      split: calib
+      windows: 16          # calibration windows                 (--calib-windows)
+      window: 256          # tokens per window                   (--calib-window)
+      tokenizer: null      # HF folder or .gguf (default: the one recorded at export)
+    threads: null          # threads for ONNX Runtime and torch
+
+Layer names are weight initializer names (decoder graphs: ``model.layers.3.mlp.down_proj.weight.T``)
+or ``lm_head`` for a tied head. Unknown keys and bad values raise :class:`UsageError` naming the
+file and key. Flags given on the command line override the recipe.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+from ..errors import BadInputError, UsageError
+from .shiftadd import ShiftAddConfig
+
+SCALE_MODES = ("pow2", "pow2x2")
+CALIB_CORPORA = ("wikipedia", "lee", "none")
+
+
+@dataclass
+class CalibConfig:
+    corpus: str = "wikipedia"
+    split: str = "calib"
+    windows: int = 16
+    window: int = 256
+    tokenizer: str | None = None
+
+
+@dataclass
+class CompressConfig:
+    shiftadd: ShiftAddConfig = field(default_factory=ShiftAddConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    threads: int | None = None
+
+
+def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
+    """Check values; the message names the flag (and the recipe file when given)."""
+    s, c = cfg.shiftadd, cfg.calib
+    pre = f"{where}: " if where else ""
+
+    def bad(flag, msg):
+        raise UsageError(f"{pre}{flag} {msg}")
+
+    for name, b in [("", s.bits)] + [(f" (layer_bits '{k}')", v) for k, v in s.layer_bits.items()]:
+        if not isinstance(b, int) or not 1 <= b <= 4:
+            bad("--shiftadd-bits" + name, f"must be 1..4, got {b!r}")
+    if not isinstance(s.group, int) or s.group < 32 or s.group % 32:
+        bad("--group", f"must be a positive multiple of 32, got {s.group!r}")
+    if s.scale_mode not in SCALE_MODES:
+        bad("--scale-mode", f"must be one of {', '.join(SCALE_MODES)}, got {s.scale_mode!r}")
+    if not 0 <= float(s.damp) < 10:
+        bad("damp", f"must be in [0, 10), got {s.damp!r}")
+    if not isinstance(s.iters, int) or s.iters < 0:
+        bad("iters", f"must be an integer >= 0, got {s.iters!r}")
+    if c.corpus not in CALIB_CORPORA:
+        bad("--calib", f"must be one of {', '.join(CALIB_CORPORA)}, got {c.corpus!r}")
+    for flag, v in (("--calib-windows", c.windows), ("--calib-window", c.window)):
+        if not isinstance(v, int) or v < 1:
+            bad(flag, f"must be an integer >= 1, got {v!r}")
+    return cfg
+
+
+def _section(obj, data: dict, path: str, section: str):
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: '{section}' must be a mapping")
+    known = {f.name for f in fields(obj)}
+    for k, v in data.items():
+        if k not in known:
+            raise UsageError(f"{path}: unknown key '{section}.{k}' (known: {', '.join(sorted(known))})")
+        setattr(obj, k, v)
+
+
+def load_recipe(path: str | os.PathLike) -> CompressConfig:
+    """Read a recipe file (schema in the module docstring)."""
+    import yaml
+
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise BadInputError(f"--recipe '{path}': no such file") from None
+    except yaml.YAMLError as e:
+        raise UsageError(f"--recipe '{path}': not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--recipe '{path}': the top level must be a mapping")
+    cfg = CompressConfig()
+    for k, v in data.items():
+        if k == "shiftadd":
+            _section(cfg.shiftadd, v, path, k)
+        elif k == "calib":
+            _section(cfg.calib, v, path, k)
+        elif k == "threads":
+            cfg.threads = v
+        else:
+            raise UsageError(f"{path}: unknown key '{k}' (known: shiftadd, calib, threads)")
+    cfg.shiftadd.layer_bits = dict(cfg.shiftadd.layer_bits or {})
+    cfg.shiftadd.skip = list(cfg.shiftadd.skip or [])
+    return validate(cfg, f"--recipe '{path}'")

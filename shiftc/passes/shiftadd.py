@@ -1,0 +1,243 @@
+"""The shift-add pass: constant-weight MatMul / Gemm -> ``ai.shiftc::BcqMatMul`` (graph surgery only).
+
+Contract on the graph
+---------------------
+Targets (each refusal is recorded in ``skipped`` with its reason, naming the node):
+  * ``MatMul(x, W)`` with W a 2-D float initializer [K, N] (shiftc's decoder graphs store
+    ``<prefix>.weight.T``): the layer's weight is Wᵀ [N, K];
+  * ``MatMul(x, Transpose(E, perm=[1, 0]))`` with E an initializer [N, K] — the tied LM head of
+    decoder graphs (``MatMul(h, Transpose(embedding))``): the layer's weight is E;
+  * ``Gemm(x, B, C)`` with alpha = beta = 1, transA = 0, B an initializer, C absent or an
+    initializer: weight B (transB = 1) or Bᵀ; C becomes a standard ``Add`` after the op.
+A node whose output is a graph output (the LM head) is quantized only with ``lm_head=True``.
+Layer names are the weight initializer's name; the tied head is named ``lm_head``. Per-layer
+bits come from ``layer_bits`` ({name or glob: bits}, first match wins, else ``bits``); layers
+matching a ``skip`` glob are left alone.
+
+Each target becomes ``BcqMatMul(x, <name>.bcq_planes, <name>.bcq_exps)`` writing the node's
+output; nodes and initializers left without consumers are removed (the embedding stays when the
+Gather still reads it). The op's function body (shiftc/passes/ops.py) is added to
+``model.functions`` with the ``ai.shiftc`` opset import, and ``metadata_props`` gets
+``shiftc.compression``: JSON with the pass, op, scale mode and per-layer bits, group, shape
+and bits per weight (scales included). The math (BCQ fit, GPTQ compensation, error metrics) is
+in shiftc/passes/bcq.py; H per input tensor comes from shiftc/passes/calibration.py.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..progress import Counter
+from . import bcq, ops
+
+OP = "BcqMatMul"
+METADATA_KEY = "shiftc.compression"
+
+
+@dataclass
+class ShiftAddConfig:
+    bits: int = 3
+    group: int = 128
+    scale_mode: str = "pow2"
+    act_order: bool = False
+    damp: float = 0.01
+    iters: int = 6
+    lm_head: bool = True
+    layer_bits: dict[str, int] = field(default_factory=dict)
+    skip: list[str] = field(default_factory=list)
+
+    def bits_for(self, name: str) -> int:
+        for pattern, b in self.layer_bits.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return int(b)
+        return self.bits
+
+
+@dataclass
+class Target:
+    name: str  # layer name: the weight initializer's name, or "lm_head" for a tied head
+    node: str  # name (or output) of the node replaced
+    x: str  # the activation input
+    weight: str  # initializer holding the weight
+    transposed: bool  # the initializer holds Wᵀ [K, N]
+    bias: str | None = None  # Gemm's C
+    is_head: bool = False
+
+
+@dataclass
+class PassResult:
+    model: onnx.ModelProto
+    modified: bool
+    report: dict
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _node_id(node: onnx.NodeProto) -> str:
+    return node.name or node.output[0]
+
+
+class ShiftAddPass:
+    """Replace constant-weight MatMul/Gemm by BcqMatMul. Returns a new model; the input is not changed."""
+
+    name = "shiftadd"
+
+    def __init__(self, config: ShiftAddConfig | None = None):
+        self.config = config or ShiftAddConfig()
+
+    # -- matching -----------------------------------------------------------------------------
+    def match(self, model: onnx.ModelProto) -> tuple[list[Target], list[tuple[str, str]]]:
+        """(targets, skipped [(node, reason)]) in graph order."""
+        g = model.graph
+        inits = {t.name: t for t in g.initializer}
+        producers = {o: n for n in g.node for o in n.output}
+        graph_outs = {o.name for o in g.output}
+        cfg = self.config
+        targets, skipped = [], []
+
+        def weight_ok(name):
+            t = inits.get(name)
+            return t is not None and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
+
+        for node in g.node:
+            nid = _node_id(node)
+            if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
+                continue
+            is_head = node.output[0] in graph_outs
+            t = None
+            if node.op_type == "MatMul":
+                w = node.input[1]
+                if weight_ok(w):
+                    t = Target(w, nid, node.input[0], w, True, is_head=is_head)
+                elif w in producers and producers[w].op_type == "Transpose" and weight_ok(producers[w].input[0]) \
+                        and list(_attrs(producers[w]).get("perm", [1, 0])) == [1, 0]:
+                    e = producers[w].input[0]
+                    t = Target("lm_head" if is_head else e, nid, node.input[0], e, False, is_head=is_head)
+                else:
+                    skipped.append((nid, f"MatMul '{nid}': input '{w}' is not a constant 2-D float32 weight"))
+                    continue
+            else:
+                a = _attrs(node)
+                if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+                    skipped.append((nid, f"Gemm '{nid}': alpha/beta != 1 or transA set"))
+                    continue
+                b = node.input[1]
+                c = node.input[2] if len(node.input) > 2 and node.input[2] else None
+                if not weight_ok(b) or (c is not None and c not in inits):
+                    skipped.append((nid, f"Gemm '{nid}': B or C is not a constant initializer"))
+                    continue
+                t = Target(b, nid, node.input[0], b, not a.get("transB", 0), bias=c, is_head=is_head)
+            if t.is_head and not cfg.lm_head:
+                skipped.append((nid, f"'{t.name}' is the LM head and lm_head is off"))
+            elif any(fnmatch.fnmatchcase(t.name, p) for p in cfg.skip):
+                skipped.append((nid, f"'{t.name}' matches a skip pattern"))
+            else:
+                targets.append(t)
+        return targets, skipped
+
+    # -- rewriting ------------------------------------------------------------------------------
+    def __call__(self, model: onnx.ModelProto, hessians: dict[str, np.ndarray] | None = None) -> PassResult:
+        cfg = self.config
+        targets, skipped = self.match(model)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        if not targets:
+            return PassResult(out, False, {"layers": {}, "skipped": skipped})
+        g = out.graph
+        inits = {t.name: t for t in g.initializer}
+        by_id = {_node_id(n): i for i, n in enumerate(g.node)}
+        layers, new_inits = {}, []
+        progress = Counter("shift-add", len(targets))
+        replacements: dict[int, list[onnx.NodeProto]] = {}
+        for t in targets:
+            w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
+            w = w.T if t.transposed else w  # [N, K]
+            bits = cfg.bits_for(t.name)
+            h = None if hessians is None else hessians.get(t.x)
+            r = bcq.quantize_gptq(w, h, bits, cfg.group, scale_mode=cfg.scale_mode, damp=cfg.damp,
+                                  act_order=cfg.act_order, iters=cfg.iters)
+            prefix = t.name[: -len(".weight.T")] if t.name.endswith(".weight.T") else t.name
+            planes, exps = f"{prefix}.bcq_planes", f"{prefix}.bcq_exps"
+            new_inits += [numpy_helper.from_array(r.packed_planes(), planes), numpy_helper.from_array(r.exps, exps)]
+            old = g.node[by_id[t.node]]
+            y = old.output[0]
+            mm_out = f"{y}_nobias" if t.bias else y
+            nodes = [helper.make_node(OP, [t.x, planes, exps], [mm_out], name=f"{_node_id(old)}_bcq", domain=ops.DOMAIN,
+                                      bits=bits, group_size=cfg.group, in_features=w.shape[1], coding="pm1")]
+            if t.bias:
+                nodes.append(helper.make_node("Add", [mm_out, t.bias], [y], name=f"{_node_id(old)}_bias"))
+            replacements[by_id[t.node]] = nodes
+            w_hat = r.dequantize()
+            entry = {"shape": list(w.shape), "bits": bits, "group": cfg.group, "scale_mode": cfg.scale_mode,
+                     "bits_per_weight": bcq.bits_per_weight(bits, cfg.group, cfg.scale_mode),
+                     "rel_weight_error": bcq.relative_weight_error(w, w_hat)}
+            if h is not None:
+                entry["rel_output_error"] = bcq.relative_output_error(w, w_hat, h)
+            layers[t.name] = entry
+            progress.update(extra=t.name)
+        new_nodes = []
+        for i, n in enumerate(g.node):
+            new_nodes.extend(replacements.get(i, [n]))
+        del g.node[:]
+        g.node.extend(new_nodes)
+        g.initializer.extend(new_inits)
+        _remove_dead(g)
+        ops.add_functions(out, [OP])
+        summary = _summary(cfg, layers)
+        props = {p.key: p.value for p in out.metadata_props}
+        props[METADATA_KEY] = json.dumps(summary)
+        del out.metadata_props[:]
+        for k, v in props.items():
+            out.metadata_props.add(key=k, value=v)
+        return PassResult(out, True, {**summary, "layers": layers, "skipped": skipped})
+
+
+def _summary(cfg: ShiftAddConfig, layers: dict) -> dict:
+    n = sum(int(np.prod(e["shape"])) for e in layers.values())
+    bpw = sum(e["bits_per_weight"] * int(np.prod(e["shape"])) for e in layers.values()) / max(n, 1)
+    return {"pass": "shiftadd", "op": f"{ops.DOMAIN}::{OP}", "scale_mode": cfg.scale_mode, "group": cfg.group,
+            "bits_per_weight": bpw, "quantized_weights": n,
+            "layers": {k: {key: e[key] for key in ("shape", "bits", "group", "bits_per_weight")} for k, e in layers.items()}}
+
+
+def _used_names(graph: onnx.GraphProto) -> set[str]:
+    used = {o.name for o in graph.output}
+    stack = list(graph.node)
+    while stack:
+        n = stack.pop()
+        used.update(i for i in n.input if i)
+        for a in n.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                used.update(o.name for o in sub.output)
+                stack.extend(sub.node)
+    return used
+
+
+def _remove_dead(graph: onnx.GraphProto) -> None:
+    """Drop nodes none of whose outputs is used, then initializers nothing reads (to a fixpoint)."""
+    while True:
+        used = _used_names(graph)
+        keep = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(keep) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(keep)
+    used = _used_names(graph)
+    inputs = {i.name for i in graph.input}
+    live = [t for t in graph.initializer if t.name in used or t.name in inputs]
+    if len(live) != len(graph.initializer):
+        kept = []
+        for t in live:
+            c = onnx.TensorProto()
+            c.CopyFrom(t)
+            kept.append(c)
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
