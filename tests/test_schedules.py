@@ -265,3 +265,28 @@ def test_rules_schedule_matmul_and_reductions():
             )
     assert sum(v == "matmul" for v in claimed.values()) == 2, json.dumps(claimed)
     assert any(v == "reduction" for k, v in claimed.items() if "softmax" in k), json.dumps(claimed)
+
+
+def test_matmul_symbolic_m_has_gemv_branch():
+    """With a symbolic m the rule emits both kernels: ``if m == 1`` (decode GEMV) else the MR-row tile."""
+    import tvm
+    from tvm import tirx
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    from shiftc.backend.importer import to_relax
+    from shiftc.backend.schedules import cpu_rules
+    from shiftc.targets import get_target
+
+    spec = get_target("host")
+    target = spec.tvm_target()
+    mod = to_relax(_matmul_model(64, 128), "matmul")
+    with target, tvm.transform.PassContext(opt_level=3):
+        mod = tvm.transform.Sequential(
+            cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+        )(mod)
+    matmul = cpu_rules(spec.isa)[0]
+    funcs = [f for _gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    scheduled = [matmul.apply(f, target, False) for f in funcs]
+    scripts = [s.mod["main"].script() for s in scheduled if s is not None]
+    assert len(scripts) == 1
+    assert "== T.int64(1):" in scripts[0] and "else:" in scripts[0], scripts[0][:2000]

@@ -15,14 +15,17 @@ from .reduction import RowReduction
 
 VECTOR_LANES = {"avx512": 16, "avx2": 8, "sse2": 4, "neon": 4}
 # (MR rows, NR / lanes vectors) of the matmul register tile: MR * nvec accumulators + nvec
-# B vectors + 1 broadcast must fit the vector register file (32 on AVX-512, 16 on AVX2/SSE/NEON*).
-MATMUL_TILE = {"avx512": (4, 4), "avx2": (4, 3), "sse2": (4, 3), "neon": (4, 4)}
+# B vectors + 1 broadcast must fit the vector register file (32 on AVX-512, 16 on AVX2/SSE/NEON*),
+# and the tile must stay under 1024 bytes (TVM's stack-allocation limit, see matmul.py).
+MATMUL_TILE = {"avx512": (6, 2), "avx2": (4, 3), "sse2": (4, 3), "neon": (4, 4)}
+# vectors per row of the one-row (M == 1, decode) kernel's n tile
+GEMV_NVEC = {"avx512": 8, "avx2": 8, "sse2": 8, "neon": 8}
 
 
 def cpu_rules(isa: str):
     lanes = VECTOR_LANES.get(isa, 4)
     mr, nvec = MATMUL_TILE.get(isa, (4, 2))
-    return [Matmul(lanes=lanes, mr=mr, nvec=nvec), RowReduction(lanes=lanes), Injective(lanes=lanes)]
+    return [Matmul(lanes=lanes, mr=mr, nvec=nvec, gemv_nvec=GEMV_NVEC.get(isa, 8)), RowReduction(lanes=lanes), Injective(lanes=lanes)]
 
 
 def cpu_schedule_pass(isa: str):

@@ -1,23 +1,36 @@
-"""Register-blocked CPU schedule for matmul-like PrimFuncs with symbolic extents.
+"""Register-blocked CPU schedules for matmul-like PrimFuncs with symbolic extents.
 
 Matches a fused PrimFunc whose first block is ``C[..., m, n] += A[..., m, k] * B[..., k, n]``
 (one reduction axis, float32, any number of leading "outer" axes, any of which may be symbolic)
 followed by injective epilogue blocks (bias add, residual add, SiLU gating, scale + mask, ...).
 
-Schedule (a BLIS-style micro-kernel expressed with TIR primitives)::
+Two micro-kernels (BLIS-style, expressed with TIR primitives)::
 
+    gemm (m > 1):
     A_pad = A padded along m to a multiple of MR   (only when m is not known to divide)
     parallel for (outer..., n_o, m_o):             # one MR x NR tile of C per iteration
-        acc[MR, NR] = 0                            # "local" scope -> LLVM keeps it in registers
+        acc[MR, NR] = 0                            # < 1024 bytes -> alloca -> registers
         for k:
             unroll m_i < MR:  unroll n_v:  vector(lanes) acc[m_i, n] += A[m, k] * B[k, n]
         epilogue(acc) -> output tile               # fused elementwise ops, vectorised
 
-``pad_einsum`` pads the m (and, if needed, n) axis so the register tile never carries a
-predicate inside the k loop: a symbolic ``seq`` (decode: 1, prefill: 128) costs one small copy
-of A instead of a branch per FMA. NR is a multiple of the vector width (AVX-512: 16 lanes,
-AVX2: 8), n_v vectors per row of the tile, and MR rows, chosen so that MR * n_v accumulators
-plus the B vectors fit the register file.
+    gemv (m == 1, decode):
+    parallel for (outer..., n_o):                  # one row, an NG-wide tile (NG >= NR)
+        acc[NG] = 0
+        for k:  unroll n_v:  vector(lanes) acc[n] += A[k] * B[k, n]
+        epilogue(acc) -> output
+
+With a symbolic m both are generated and the function body is ``if m == 1: gemv else: gemm``
+(one branch per call), so decode does not pay the MR-row padding (MR x the FMAs, an A copy) and
+streams the weight with several panels in flight. ``pad_einsum`` pads m (and, if needed, n) so
+the register tile never carries a predicate inside the k loop.
+
+The accumulator is a "global"-scope buffer of under 1024 bytes on purpose: TVM lowers such a
+constant-size allocation to an LLVM alloca, which SROA promotes to registers once the tile loops
+are unrolled. A "local" or larger allocation becomes a TVMBackendAllocWorkspace call per tile;
+LLVM then cannot prove it does not alias A_pad and stores the whole tile on every k step (this
+alone cost 2x on GEMM). Hence AVX-512 uses MR x NR = 6 x 32 (12 zmm accumulators, 768 bytes)
+rather than 8 x 32 or 4 x 64 (exactly 1024 bytes).
 """
 
 from __future__ import annotations
@@ -54,33 +67,70 @@ def _match_mac(block: tirx.SBlock):
     return store, a, b
 
 
-class Matmul(ScheduleRule):
-    """C[..., m, n] = sum_k A[..., m, k] * B[..., k, n] (+ injective epilogue)."""
+def _max_acc_floats() -> int:
+    # TVM places a constant-size "global" allocation below 1024 bytes on the stack (an LLVM alloca,
+    # which SROA turns into registers once the tile loops are unrolled). Anything larger, and any
+    # "local" allocation, becomes a TVMBackendAllocWorkspace call per tile: LLVM then cannot
+    # prove the accumulator does not alias A, and stores the whole tile back on every k step.
+    return 1024 // 4 - 1
 
-    def __init__(self, lanes: int = 16, mr: int = 4, nvec: int = 4, parallel: bool = True):
+
+class Matmul(ScheduleRule):
+    """C[..., m, n] = sum_k A[..., m, k] * B[..., k, n] (+ injective epilogue).
+
+    Two micro-kernels, one function: ``gemm`` (an MR x NR register tile, m padded to MR) and
+    ``gemv`` (one row, a wide n tile, no padding, several weight panels streamed at once). With a
+    static m the matching one is used; with a symbolic m (decode and prefill share the function)
+    both are generated and the body branches on ``m == 1`` once per call.
+    """
+
+    def __init__(self, lanes: int = 16, mr: int = 6, nvec: int = 2, gemv_nvec: int = 8, parallel: bool = True):
         self.lanes = lanes
         self.mr = mr
         self.nvec = nvec
+        self.gemv_nvec = gemv_nvec
         self.parallel = parallel
-        self.acc_scope = "global"
 
     def apply(self, func, target: Target, _tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or not is_llvm(target):
             return None
         try:
-            return self._apply(func)
+            return self.schedule(func)
         except Exception:  # a pattern we do not handle: leave the function to other rules
             return None
 
     def packable(self, func) -> tuple[int, int] | None:
         """(param index of B, NR) when B is a static 2-D [K, N] parameter the rule can pack."""
         try:
-            res = self._apply(func, analyze_only=True)
+            info = self._analyze(func)
         except Exception:
             return None
-        return res
+        if info is None or not info["packable"]:
+            return None
+        return info["b_param"], info["nr"]
 
-    def _apply(self, func, analyze_only: bool = False, pack: bool = False):
+    def schedule(self, func, pack: bool = False):
+        """A schedule (or a ``.mod`` holder) for ``func``; ``pack``: B is read as [N/NR, K, NR]."""
+        info = self._analyze(func)
+        if info is None or (pack and not info["packable"]):
+            return None
+        m_ext = info["m_ext"]
+        if info["m_pos"] is None or (isinstance(m_ext, int) and m_ext == 1):
+            sch = self._schedule(func, info, "gemv", pack)
+        elif isinstance(m_ext, int):
+            sch = self._schedule(func, info, "gemm", pack)
+        else:
+            gemm = self._schedule(func, info, "gemm", pack)
+            gemv = self._schedule(func, info, "gemv", pack)
+            sch = s_tir.Schedule(_branch(gemm.mod["main"], gemv.mod["main"], m_ext))
+        if pack:
+            # B[k, n] -> Bp[n // NR, k, n % NR]: each NR-wide panel is one contiguous stream.
+            # Applied once to the whole function, so both kernels read the same packed buffer.
+            _pack_b(sch, sch.mod["main"].params[info["b_param"]], info["nr"])
+        return sch
+
+    # -- analysis ---------------------------------------------------------------------------
+    def _analyze(self, func):
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
         if not infos:
@@ -124,55 +174,68 @@ class Matmul(ScheduleRule):
             if v in uses_a and v not in uses_b:
                 m_pos = pos
                 break
-
         n_pos = len(spatial) - 1
-        n_ext = main.iters[n_pos].dom
-        lanes, mr = self.lanes, self.mr
-        nr = lanes * self.nvec
-        if isinstance(n_ext, tirx.IntImm):
-            n_ext = n_ext.value
-        if isinstance(n_ext, int):
-            # the widest tile (in vectors) that divides n; pad n only for odd sizes
-            nr_pick = None
-            for nv in range(self.nvec, 0, -1):
-                if n_ext % (nv * lanes) == 0:
-                    nr_pick = nv * lanes
-                    break
-            if nr_pick is None:
-                nr_pick = min(nr, ((n_ext + lanes - 1) // lanes) * lanes)
-            nr = nr_pick
+        n_ext = _int(main.iters[n_pos].dom)
+        m_ext = _int(main.iters[m_pos].dom) if m_pos is not None else 1
+        lanes = self.lanes
+        nr = _pick_tile(n_ext, lanes, self.nvec)
+        b_buf = load_b.source
+        b_param = None
+        for idx, p in enumerate(func.params):
+            if p.same_as(b_buf):
+                b_param = idx
+        shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in b_buf.shape]
+        packable = (
+            b_param is not None
+            and len(shape) == 2
+            and None not in shape
+            and isinstance(n_ext, int)
+            and n_ext % nr == 0
+            and nr % lanes == 0
+            and len(load_b.indices) == 2
+            and isinstance(load_b.indices[0], tirx.Var)
+            and load_b.indices[0].same_as(k_var)
+        )
+        return {
+            "n_iters": len(iter_vars),
+            "n_spatial": len(spatial),
+            "m_pos": m_pos,
+            "n_pos": n_pos,
+            "m_ext": m_ext,
+            "n_ext": n_ext,
+            "nr": nr,
+            "b_param": b_param,
+            "b_name": b_buf.name,
+            "packable": packable,
+            "names": [bi.name for bi in infos],
+        }
+
+    # -- scheduling -------------------------------------------------------------------------
+    def _schedule(self, func, info, variant: str, pack: bool):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        main = infos[0]
+        lanes = self.lanes
+        n_pos, m_pos, n_ext = info["n_pos"], info["m_pos"], info["n_ext"]
+        pack_nr = info["nr"]
+        if variant == "gemm":
+            mr, nr = self.mr, pack_nr
+            # the accumulator tile must stay below TVM's stack-allocation limit
+            while mr > 1 and mr * nr > _max_acc_floats():
+                mr -= 1
+        else:
+            mr = 1
+            nr = _pick_gemv_tile(n_ext, lanes, self.gemv_nvec, pack_nr if pack else None)
         if m_pos is None:
             mr = 1
-        if analyze_only or pack:
-            b_buf = load_b.source
-            b_param = None
-            for idx, p in enumerate(func.params):
-                if p.same_as(b_buf):
-                    b_param = idx
-            shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in b_buf.shape]
-            ok = (
-                b_param is not None
-                and len(shape) == 2
-                and None not in shape
-                and isinstance(n_ext, int)
-                and n_ext % nr == 0
-                and nr % lanes == 0
-                and len(load_b.indices) == 2
-                and isinstance(load_b.indices[0], tirx.Var)
-                and load_b.indices[0].same_as(k_var)
-            )
-            if analyze_only:
-                return (b_param, nr) if ok else None
-            if not ok:
-                return None
-            b_name = b_buf.name
 
-        padding = [1] * len(iter_vars)
+        padding = [1] * info["n_iters"]
         padding[n_pos] = nr
-        if m_pos is not None:
+        if m_pos is not None and mr > 1:
             padding[m_pos] = mr
         names_before = {bi.name for bi in infos}
-        sch.pad_einsum(main.block_rv, padding)
+        if any(p > 1 for p in padding):
+            sch.pad_einsum(main.block_rv, padding)
         acc_buffer = sch.get(main.block_rv).writes[0].source
         epilogues = [bi.block_rv for bi in infos[1:]]
         producers = []
@@ -195,16 +258,17 @@ class Matmul(ScheduleRule):
 
         loops = sch.get_loops(main_rv)
         k_loop = loops[-1]
-        outer = list(loops[: len(spatial)])
+        outer = list(loops[: info["n_spatial"]])
         n_loop = outer[n_pos]
         n_o, n_i = sch.split(n_loop, [None, nr])
-        if m_pos is not None:
+        if m_pos is not None and mr > 1:
             m_loop = outer[m_pos]
             m_o, m_i = sch.split(m_loop, [None, mr])
             rest = [l for p, l in enumerate(outer) if p not in (m_pos, n_pos)]
             sch.reorder(*rest, n_o, m_o, k_loop, m_i, n_i)
             par = rest + [n_o, m_o]
         else:
+            # gemv: m (extent 1 at run time, or absent) stays an outer loop
             rest = [l for p, l in enumerate(outer) if p != n_pos]
             sch.reorder(*rest, n_o, k_loop, n_i)
             par = rest + [n_o]
@@ -213,10 +277,10 @@ class Matmul(ScheduleRule):
         if self.parallel:
             sch.parallel(tile)
         if last is None:
-            sch.cache_write(main_rv, 0, self.acc_scope)
+            sch.cache_write(main_rv, 0, "global")
             last = sch.get_consumers(main_rv)[0]
         else:
-            sch.set_scope(main_rv, 0, self.acc_scope)
+            sch.set_scope(main_rv, 0, "global")
         sch.reverse_compute_at(last, tile, preserve_unit_loops=True)
         if m_i is not None:
             sch.unroll(m_i)
@@ -225,17 +289,73 @@ class Matmul(ScheduleRule):
             sch.unroll(n_iv)
         sch.vectorize(n_vec)
         sch.decompose_reduction(main_rv, k_loop)
-        if pack:
-            # B[k, n] -> Bp[n // NR, k, n % NR]: each NR-wide panel is one contiguous stream.
-            upd = sch.get(main_rv)
-            idx = [i for i, r in enumerate(upd.reads) if r.source.name == b_name]
-            sch.transform_layout(main_rv, ("read", idx[0]), lambda k, n: (n // nr, k, n % nr))
         # epilogue: vectorise its innermost (n) loop
         vectorize_innermost(sch, last, lanes)
         # padding copies (A_pad / B_pad): plain parallel copies at the root
         for b in producers:
-            bl = sch.get_loops(b)
-            if not bl:
-                continue
-            parallel_outer(sch, b, lanes, self.parallel)
+            if sch.get_loops(b):
+                parallel_outer(sch, b, lanes, self.parallel)
         return sch
+
+
+def _int(e):
+    return e.value if isinstance(e, tirx.IntImm) else e
+
+
+def _pick_tile(n_ext, lanes: int, nvec: int) -> int:
+    """The widest tile (in vectors, at most ``nvec``) that divides n; pad n only for odd sizes."""
+    if not isinstance(n_ext, int):
+        return lanes * nvec
+    for nv in range(nvec, 0, -1):
+        if n_ext % (nv * lanes) == 0:
+            return nv * lanes
+    return min(lanes * nvec, ((n_ext + lanes - 1) // lanes) * lanes)
+
+
+def _pick_gemv_tile(n_ext, lanes: int, nvec: int, panel: int | None) -> int:
+    """n tile of the one-row kernel: up to ``nvec`` vectors (several packed panels, each its own
+    sequential stream), dividing n, preferring an even number of tiles of at least 8 (threads)."""
+    if panel is not None:
+        cands = [nv * lanes for nv in range(nvec, 0, -1) if (nv * lanes) % panel == 0 or panel % (nv * lanes) == 0]
+    else:
+        cands = [nv * lanes for nv in range(nvec, 0, -1)]
+    if not isinstance(n_ext, int):
+        return cands[0] if panel is None else min(cands[0], max(panel, lanes))
+    div = [c for c in cands if n_ext % c == 0]
+    for ok in (lambda t: t >= 8 and t % 2 == 0, lambda t: t >= 8, lambda t: True):
+        for c in div:
+            if ok(n_ext // c):
+                return c
+    return _pick_tile(n_ext, lanes, nvec)
+
+
+def _branch(gemm_func, gemv_func, m_ext):
+    """One PrimFunc: ``if m == 1: <gemv body> else: <gemm body>`` under one root block (the
+    buffers of both kernels allocated there), so later schedule primitives see both kernels."""
+    from tvm.s_tir.stmt import SBlock, SBlockRealize
+
+    gemm_root, gemv_root = gemm_func.body.block, gemv_func.body.block
+    cond = m_ext == 1
+    cond = cond.asobject() if hasattr(cond, "asobject") else cond
+    body = tirx.IfThenElse(cond, gemv_root.body, gemm_root.body)
+    allocs = list(gemv_root.alloc_buffers) + list(gemm_root.alloc_buffers)
+    root = SBlock([], [], [], "root", body, None, allocs)
+    return gemm_func.with_body(SBlockRealize([], True, root))
+
+
+def _pack_b(sch, b_buffer, panel: int) -> None:
+    """Read B[k, n] as Bp[n // NR, k, n % NR] everywhere in the (scheduled) function."""
+
+    def find(block):
+        for child in sch.get_child_blocks(block):
+            stmt = sch.get(child)
+            for i, r in enumerate(stmt.reads):
+                if r.source.same_as(b_buffer):
+                    return child, i
+            found = find(child)
+            if found is not None:
+                return found
+        return None
+
+    block, idx = find(sch.get_sblock("root"))
+    sch.transform_layout(block, ("read", idx), lambda k, n: (n // panel, k, n % panel))

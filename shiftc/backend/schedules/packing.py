@@ -54,7 +54,7 @@ def pack_matmul_weights_pass(rule: Matmul):
 
         new_gvs, scheduled = {}, {}
         for name in list(plans):
-            sch = rule._apply(mod[name], pack=True)
+            sch = rule.schedule(mod[name], pack=True)
             if sch is None:
                 del plans[name]
                 continue
