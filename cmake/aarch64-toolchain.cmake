@@ -24,12 +24,13 @@ if(_shiftc_cross_cc)
   set(CMAKE_C_COMPILER "${_shiftc_cross_cc}")
 endif()
 
-# Libraries, headers and packages from the target root only; programs (python, qemu) from the host.
+# Libraries and headers from the target root only; programs (python, qemu) from the host.
 set(CMAKE_FIND_ROOT_PATH "${SHIFTC_CROSS_SYSROOT}")
 set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)
 set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)
 set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)
-set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)
+# Packages (find_package(shiftc) in a package folder) from CMAKE_PREFIX_PATH as given, too.
+set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE BOTH)
 
 # ctest (and add_custom_command's use of built programs) runs them under qemu when it is installed.
 find_program(_shiftc_qemu qemu-aarch64)

@@ -191,6 +191,7 @@ def cmd_compress(args):
 
 def build_parser() -> argparse.ArgumentParser:
     from .targets import target_names
+    from .targets.package import PACKAGE_TARGETS
 
     p = argparse.ArgumentParser(prog="shiftc", description="Compile trained neural networks into small, fast native libraries.")
     p.add_argument("--version", action="version", version=f"shiftc {__import__('shiftc').__version__}")
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = command("package", cmd_package, "package a model for a board: model library, TVM and C++ runtime, example app, README")
     sp.add_argument("model", type=_model_file, help=".onnx (compiled for the target) or a library already compiled for it")
     sp.add_argument("-o", "--output", required=True, help="output folder (an earlier package there is replaced)")
-    sp.add_argument("--target", default="aarch64", choices=["aarch64"], help="board (default aarch64: 64-bit Arm Linux)")
+    sp.add_argument("--target", default="aarch64", choices=PACKAGE_TARGETS, help="board (default aarch64: 64-bit Arm Linux)")
     sp.add_argument("--cpu", help="Arm core to tune the model for (cortex-a53, cortex-a72, cortex-a76, ...)")
     sp.add_argument("--wheels", type=_existing, help="folder with the aarch64 apache-tvm and apache-tvm-ffi wheels "
                     "(offline use; default: $SHIFTC_WHEELS, else pip download into ~/.cache/shiftc/wheels)")

@@ -122,20 +122,18 @@ def package(model: str | os.PathLike, output: str | os.PathLike, *, target: str 
             meta = compile_model(model, model_so, target=target, cpu=cpu).metadata
         else:
             shutil.copyfile(model, model_so)
-        files = {os.path.relpath(os.path.join(d, f), stage): os.path.getsize(os.path.join(d, f))
-                 for d, _, names in os.walk(stage) for f in names}
+        files = _file_sizes(stage)
         runtime_bytes = sum(n for f, n in files.items() if f == "bin/shiftc_run" or (f.startswith("lib/") and f.endswith(".so")))
         requires = _requirements(stage, spec)
         result = PackageResult(output, target, cpu, meta.get("task", "custom"), files["model.so"], runtime_bytes,
-                               0.0, versions, requires, files)
-        _write(os.path.join(stage, "README.md"), _readme(os.path.basename(output), model, meta, spec, result))
+                               0.0, versions, requires)
+        _write(os.path.join(stage, "README.md"), _readme(os.path.basename(output), meta, spec, result))
         manifest = {"format": 1, "shiftc_version": _shiftc_version(), "target": target, "cpu": cpu,
                     "tvm_target": spec.tvm, "source": os.path.basename(model), "task": result.task,
                     "versions": versions, "requires": requires, "files": files,
                     "size_bytes": result.to_json()["size_bytes"]}
         _write(os.path.join(stage, MANIFEST), json.dumps(manifest, indent=2) + "\n")
-        result.files = {**files, "README.md": os.path.getsize(os.path.join(stage, "README.md")),
-                        MANIFEST: os.path.getsize(os.path.join(stage, MANIFEST))}
+        result.files = _file_sizes(stage)
         os.chmod(stage, 0o777 & ~_umask())  # mkdtemp made it 0700
         _move_into_place(stage, output)
     except BaseException:
@@ -375,7 +373,8 @@ def _runtime_tree(source: str, spec, cmake: str, versions: dict, wheel_files: di
 
 
 def _requirements(stage: str, spec) -> dict:
-    """Newest glibc / libstdc++ symbol versions the package's binaries need (from readelf)."""
+    """Newest glibc / libstdc++ (GLIBCXX_) symbol versions the package's binaries need (from readelf):
+    {"glibc": "2.34", "glibcxx": "3.4.29"}; empty where no readelf is installed."""
     triple = spec.tvm.get("mtriple", "")
     readelf = shutil.which(f"{triple}-readelf") or shutil.which("readelf")
     if readelf is None:
@@ -388,7 +387,7 @@ def _requirements(stage: str, spec) -> dict:
         key = tuple(int(x) for x in ver.split("."))
         if key > need.get(lib, ()):
             need[lib] = key
-    return {{"GLIBC": "glibc", "GLIBCXX": "libstdc++"}[k]: f"{k}_{'.'.join(map(str, v))}" for k, v in sorted(need.items())}
+    return {k.lower(): ".".join(map(str, v)) for k, v in sorted(need.items())}
 
 
 def _mb(n: int) -> str:
@@ -416,6 +415,11 @@ def _move_into_place(stage: str, output: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _file_sizes(folder: str) -> dict:
+    return dict(sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f)))
+                       for d, _, names in os.walk(folder) for f in names))
+
+
 def _write(path: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
@@ -437,17 +441,18 @@ def _dims(t: dict) -> str:
     return "[" + ", ".join(str(d) for d in t["shape"]) + "]"
 
 
-def _readme(name: str, source: str, meta: dict, spec, r: PackageResult) -> str:
+def _readme(name: str, meta: dict, spec, r: PackageResult) -> str:
     task = r.task
     sig = [f"    input  {t['name']:<28} {t['dtype']:<8} {_dims(t)}" for t in meta.get("inputs", [])]
     sig += [f"    output {t['name']:<28} {t['dtype']:<8} {_dims(t)}" for t in meta.get("outputs", [])]
     if len(sig) > 12:
         sig = sig[:10] + [f"    ... {len(sig) - 10} more (./bin/shiftc_run info model.so lists all)"]
-    needs = " and ".join(f"{lib} providing {ver}" for lib, ver in r.requires.items())
+    needs = " and ".join(f"{ {'glibc': 'glibc', 'glibcxx': 'libstdc++ (GLIBCXX_)'}[k]} {v} or newer"
+                         for k, v in r.requires.items())
     lines = [
         f"# {name}: a shiftc model for {spec.description}",
         "",
-        f"Built by shiftc {_shiftc_version()} from `{os.path.basename(source)}` (task: {task}). Copy this whole folder",
+        f"Built by shiftc {_shiftc_version()} from `{meta.get('source', 'model.onnx')}` (task: {task}). Copy this whole folder",
         "to the board (`scp -r`, rsync, a USB stick); nothing else is needed there: no Python, no TVM install.",
         f"It needs 64-bit Arm Linux{' with ' + needs if needs else ''} (check with `ldd --version`).",
         "",
