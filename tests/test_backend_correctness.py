@@ -123,3 +123,20 @@ def test_smollm2_real_weights(smollm2_build):
         a, b = sc.step(np.array([[t]])), sr.step(np.array([[t]]))
         assert_close(a, b, rtol=TOL_SMOLLM2_LOGITS[0], atol=TOL_SMOLLM2_LOGITS[1], what="smollm2 decode")
     assert a.argmax() == b.argmax()
+
+
+def test_hf_image_classifier(tmp_path):
+    """An HF image-classification folder (ResNet config, random weights) exports with a dynamic
+    batch and compiles; logits match ONNX Runtime."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, image_size=64)
+    ResNetForImageClassification(cfg).eval().save_pretrained(tmp_path / "resnet")
+    onnx_path, lib = str(tmp_path / "r.onnx"), str(tmp_path / "r.so")
+    assert shiftc.export(str(tmp_path / "resnet"), onnx_path).task == "image-classification"
+    shiftc.compile(onnx_path, lib)
+    for batch in (1, 2):
+        x = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype(np.float32)
+        _check_against_ort(onnx_path, lib, {"pixel_values": x}, TOL_CNN, f"resnet batch {batch}")
