@@ -3,9 +3,10 @@
 CPU (LLVM): TVM's CPU pipeline (library dispatch -> legalize -> fuse -> lower -> finalize) with
 shiftc's rule-based schedules (``shiftc.backend.schedules``) applied to the fused TIR functions
 before lowering: a register-blocked matmul (symbolic M: decode and prefill share one function,
-fused epilogues kept), row reductions (softmax, norms) and injective ops, all vectorised for the
-target ISA and parallelised over TVM's runtime thread pool. Functions no rule matches keep TVM's
-default lowering. No tuning run is needed.
+fused epilogues kept), row reductions (norms; a last-axis float32 softmax is replaced before
+legalisation by a hand-written row-softmax PrimFunc, see ``schedules/softmax.py``) and injective
+ops, all vectorised for the target ISA and parallelised over TVM's runtime thread pool. Functions
+no rule matches keep TVM's default lowering. No tuning run is needed.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ def _cpu_schedule_pass(spec: TargetSpec):
     return cpu_schedule_pass(spec.isa)
 
 
-def _fast_math_pass():
+def _fast_math_pass(spec: TargetSpec):
+    from .schedules import VECTOR_LANES
     from .schedules.fast_math import fast_math_pass
 
-    return fast_math_pass()
+    return fast_math_pass(VECTOR_LANES.get(spec.isa, 4))
 
 
 def relax_pipeline(spec: TargetSpec):
@@ -39,7 +41,7 @@ def relax_pipeline(spec: TargetSpec):
         with target:
             seq = tvm.transform.Sequential(
                 cpu_generic.library_dispatch_passes(target)
-                + [_fast_math_pass()]
+                + [_fast_math_pass(spec)]
                 + cpu_generic.legalize_passes(target)
                 + [_cpu_schedule_pass(spec)]
                 + cpu_generic.dataflow_lower_passes(target)
