@@ -56,13 +56,20 @@ def random_inputs(model: Model, dims: dict[str, int], seed: int = 0) -> list[np.
     return arrays
 
 
-def _alternate(fns: dict[str, callable], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+GAP_S = 0.05  # idle time before each timed call (see _alternate)
+
+
+def _alternate(fns: dict[str, callable], repeats: int, warmup: int = 1, gap_s: float = GAP_S) -> dict[str, list[float]]:
+    """Time the functions in turn, ``repeats`` rounds. Each timed call is preceded by a short
+    pause: ONNX Runtime's worker threads busy-spin for tens of milliseconds after a run and would
+    otherwise take a core away from whatever runs next."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
+            time.sleep(gap_s)
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
