@@ -54,8 +54,14 @@ def test_cuda_build_step(tmp_path):
     them as CUDA C++ compiled when the library is loaded on the GPU machine."""
     onnx_path, lib = str(tmp_path / "m.onnx"), str(tmp_path / "m_cuda.so")
     shiftc.export("tests.factories:mlp", onnx_path)
+    import shutil
+
+    from conftest import require
+
+    require(shutil.which("nvcc") is not None, "nvcc not found (CUDA toolkit): the kernels' PTX check needs it")
     r = shiftc.compile(onnx_path, lib, target="cuda", arch="sm_90")
     assert r.target == "cuda" and os.path.getsize(lib) > 0
+    assert r.cuda_ptx_bytes and r.cuda_ptx_bytes > 1000, "nvcc produced no PTX for the kernels"
     data = open(lib, "rb").read()
     assert b"__global__" in data and b"blockIdx" in data, "no CUDA kernels in the library"
     import tvm

@@ -44,6 +44,7 @@ class CompileResult:
     size_bytes: int
     seconds: float
     metadata: dict
+    cuda_ptx_bytes: int | None = None  # CUDA targets: size of the PTX nvcc produced in the build check
 
     def to_json(self) -> dict:
         return {
@@ -53,6 +54,7 @@ class CompileResult:
             "size_bytes": self.size_bytes,
             "seconds": round(self.seconds, 2),
             "task": self.metadata.get("task"),
+            **({"cuda_ptx_bytes": self.cuda_ptx_bytes} if self.cuda_ptx_bytes is not None else {}),
         }
 
 
@@ -124,6 +126,10 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
                 raise UnsupportedError(
                     f"{source}: compilation for target '{spec.name}' failed: {_last_line(exc)}"
                 ) from exc
+    if spec.device_type == "cuda":
+        meta_ptx = _check_cuda_kernels(ex, spec)
+    else:
+        meta_ptx = None
     with step(f"writing {output}"):
         with atomic_output(output) as tmp:
             # export_library picks the toolchain from the suffix; keep .so on the temp name.
@@ -134,7 +140,46 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
             finally:
                 if os.path.exists(tmp_so):
                     os.remove(tmp_so)
-    return CompileResult(output, spec.name, spec.isa, os.path.getsize(output), time.perf_counter() - t0, meta)
+    result = CompileResult(output, spec.name, spec.isa, os.path.getsize(output), time.perf_counter() - t0, meta)
+    result.cuda_ptx_bytes = meta_ptx
+    return result
+
+
+def _cuda_sources(module) -> list[str]:
+    found = []
+    if getattr(module, "kind", None) == "cuda":
+        found.append(module.inspect_source())
+    for sub in module.imports:
+        found += _cuda_sources(sub)
+    return found
+
+
+def _check_cuda_kernels(ex, spec: TargetSpec) -> int | None:
+    """TVM 0.27 keeps CUDA kernels as CUDA C++ in the library (compiled when it is loaded). Where
+    nvcc is available, compile them to PTX for the requested arch now, so that a kernel that does
+    not build fails here, at compile time, not on the GPU machine. Returns the PTX size."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    nvcc = shutil.which("nvcc")
+    sources = _cuda_sources(ex.mod)
+    if not sources:
+        raise UnsupportedError(f"target {spec.name}: the build produced no CUDA kernels")
+    if nvcc is None:
+        log("nvcc not found: CUDA kernels not pre-checked (they compile when the library is loaded)")
+        return None
+    total = 0
+    with step(f"checking CUDA kernels with nvcc ({spec.tvm['arch']})"), tempfile.TemporaryDirectory() as tmp:
+        for i, src in enumerate(sources):
+            cu, ptx = os.path.join(tmp, f"k{i}.cu"), os.path.join(tmp, f"k{i}.ptx")
+            with open(cu, "w") as f:
+                f.write(src)
+            r = subprocess.run([nvcc, "--ptx", f"-arch={spec.tvm['arch']}", "-o", ptx, cu], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise UnsupportedError(f"target {spec.name}: nvcc rejected the generated kernels: {r.stderr.strip()[-800:]}")
+            total += os.path.getsize(ptx)
+    return total
 
 
 def _last_line(exc: BaseException) -> str:
