@@ -61,6 +61,36 @@ def rtn_model(model: onnx.ModelProto, targets, bits: int, group: int) -> onnx.Mo
     return out
 
 
+def dequantized_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every BcqMatMul replaced by MatMul with Ŵᵀ reconstructed in numpy (fp32). ONNX Runtime gives
+    the same logits as on the function bodies (tests/test_shiftadd.py checks it) but does not
+    constant-fold 211 function bodies at session start, which needs far more memory than this
+    shared machine has free."""
+    from shiftc.passes import bcq
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    nodes = []
+    for n in out.graph.node:
+        if n.op_type != "BcqMatMul":
+            nodes.append(n)
+            continue
+        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        planes, exps = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
+        w = bcq.reconstruct(bcq.unpack_planes(planes, a["in_features"]), bcq.exps_to_alpha(exps), a["group_size"])
+        name = n.input[1] + ".dequant.T"
+        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+        nodes.append(onnx.helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    del out.functions[:]
+    from shiftc.passes.shiftadd import _remove_dead
+
+    _remove_dead(out.graph)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="exported SmolLM2 .onnx (default: export it into the work folder)")
@@ -74,6 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--calib-window", type=int, default=256)
     p.add_argument("--ort-blocks", default="32,128", help="MatMulNBits 4-bit block sizes ('' to skip)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reuse", action="store_true", help="reuse smol_sa{q}.onnx found in --work")
     p.add_argument("--out", default="benchmarks/results/shiftadd_accuracy.json")
     a = p.parse_args(argv)
 
@@ -101,6 +132,8 @@ def main(argv=None) -> int:
         rows.append({"method": name, "perplexity": v, "bits_per_weight": bpw, "layers": layers, "note": note,
                      "size_mb": round(os.path.getsize(path) / 1e6, 1)})
         timings[f"ppl {name}"] = round(time.perf_counter() - t0, 1)
+        with open(a.out + ".partial", "w") as f:  # partial results survive an interrupted run
+            json.dump({"rows": rows, "timings_s": timings}, f, indent=2)
         print(f"  {name}: ppl {v:.3f}", file=sys.stderr, flush=True)
 
     add("fp32", src, 32.0, "all", "")
@@ -109,18 +142,29 @@ def main(argv=None) -> int:
     targets, _ = base.match(model)
     t0 = time.perf_counter()
     ids = calibration_windows(model, windows=a.calib_windows, window=a.calib_window, model_path=src)
-    hs = collect_hessians(model, [t.x for t in targets], ids, threads=a.threads)
+    need = [q for q in bits_list if not (a.reuse and os.path.exists(os.path.join(work, f"smol_sa{q}.onnx")))]
+    hs = collect_hessians(model, [t.x for t in targets], ids, threads=a.threads) if need else None
     timings["calibration"] = round(time.perf_counter() - t0, 1)
     for q in bits_list:
-        t0 = time.perf_counter()
-        res = ShiftAddPass(ShiftAddConfig(bits=q, group=a.group, scale_mode=a.scale_mode))(model, hs)
-        timings[f"shiftadd {q}-bit"] = round(time.perf_counter() - t0, 1)
         path = os.path.join(work, f"smol_sa{q}.onnx")
-        save_model(res.model, path)
-        errs = [e["rel_output_error"] for e in res.report["layers"].values()]
-        add(f"shiftadd {q}-bit G{a.group} {a.scale_mode}", path, res.report["bits_per_weight"], f"{len(targets)} (incl. LM head)",
-            f"GPTQ, calib {len(ids)}x{ids.shape[1]}; mean rel. output error {np.mean(errs):.4f}")
-        del res
+        if a.reuse and os.path.exists(path):  # a compressed model from an earlier run with the same settings
+            sa_model = load_model(path)
+            meta = json.loads({p.key: p.value for p in sa_model.metadata_props}["shiftc.compression"])
+            bpw, note = meta["bits_per_weight"], "reused " + path
+        else:
+            t0 = time.perf_counter()
+            res = ShiftAddPass(ShiftAddConfig(bits=q, group=a.group, scale_mode=a.scale_mode))(model, hs)
+            timings[f"shiftadd {q}-bit"] = round(time.perf_counter() - t0, 1)
+            save_model(res.model, path)
+            errs = [e["rel_output_error"] for e in res.report["layers"].values()]
+            bpw, note = res.report["bits_per_weight"], f"mean rel. output error {np.mean(errs):.4f}"
+            sa_model = res.model
+            del res
+        deq = os.path.join(work, f"smol_sa{q}_deq.onnx")
+        save_model(dequantized_copy(sa_model), deq)
+        del sa_model
+        add(f"shiftadd {q}-bit G{a.group} {a.scale_mode}", deq, bpw, f"{len(targets)} (incl. LM head)",
+            f"GPTQ, calib {a.calib_windows}x{a.calib_window}; {note}; evaluated on Ŵ written back as fp32")
     for q in bits_list:
         path = os.path.join(work, f"smol_rtn{q}.onnx")
         save_model(rtn_model(model, targets, q, a.group), path)

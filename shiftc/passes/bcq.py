@@ -38,7 +38,10 @@ With calibration inputs X [T, K] of the layer and H = XᵀX, the layer's output 
     columns free, the optimal update of the not-yet-quantized columns k > j is
         δ_j = (w_j − ŵ_j) / U_jj,     W[:, k] ← W[:, k] − δ_j · U_jk      (k > j);
   * the scales α of a group are fitted (step 1–2 above) on the group's *current* (compensated)
-    weights when its first column is reached; then each column takes, per row, the nearest of
+    weights when its first column is reached, the squared error of column j weighted by H_jj
+    (least squares for α becomes (BᵀDB)α = BᵀDw, D = diag(H_jj)): with the "massive
+    activations" of LLMs one input channel can carry 10³× the median energy, and its weights
+    must be fitted best; then each column takes, per row, the nearest of
     the 2^q code values Σ_i α_i c_i, and its error is propagated as above;
   * updates are applied lazily, a block of columns at a time: W[:, i2:] −= Δ U[i1:i2, i2:].
 
@@ -218,45 +221,52 @@ def scale_neighbours(alpha: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor
     return torch.where(zero, z, lo), torch.where(zero, z, hi)
 
 
-def _sq_err(w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return ((w - nearest_codes(w, alpha)[1]) ** 2).sum(1)
+def _sq_err(w: torch.Tensor, alpha: torch.Tensor, cw: torch.Tensor | None = None) -> torch.Tensor:
+    e = (w - nearest_codes(w, alpha)[1]) ** 2
+    return (e if cw is None else e * cw).sum(1)
 
 
-def _choose_scales(w: torch.Tensor, a: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _choose_scales(w: torch.Tensor, a: torch.Tensor, scale_mode: str, cw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rounded scales for w [N, C] near the unrounded a [q, N]: start from the nearest representable
     values, then per plane keep the neighbour below or above that lowers the row's error (pow2x2
     also tries the powers of two around α, a subset of its grid)."""
     lo, hi = scale_neighbours(a, scale_mode)
     alpha = torch.where(a - lo <= hi - a, lo, hi)
-    err = _sq_err(w, alpha)
+    err = _sq_err(w, alpha, cw)
     cands = [lo, hi] + (list(scale_neighbours(a, "pow2")) if scale_mode == "pow2x2" else [])  # pow2 ⊂ pow2x2
     for i in range(alpha.shape[0]):
         for cand in (c[i] for c in cands):
             alt = alpha.clone()
             alt[i] = cand
-            e = _sq_err(w, alt)
+            e = _sq_err(w, alt, cw)
             better = e < err
             err = torch.where(better, e, err)
             alpha[i] = torch.where(better, cand, alpha[i])
     return alpha, err
 
 
-def fit_group(w: torch.Tensor, bits: int, scale_mode: str = "pow2", iters: int = 6) -> torch.Tensor:
-    """BCQ fit of w [N, C] (one group, rows independent); returns rounded α [q, N] (see module doc)."""
+def fit_group(w: torch.Tensor, bits: int, scale_mode: str = "pow2", iters: int = 6,
+              col_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """BCQ fit of w [N, C] (one group, rows independent); returns rounded α [q, N] (see module doc).
+
+    ``col_weight`` [C] ≥ 0 weights each column's squared error (GPTQ passes diag H: the
+    activation energy of the column's input), so columns fed by large activations fit best."""
+    cw = None if col_weight is None else (col_weight / col_weight.mean().clamp_min(1e-30)).to(w.dtype)
     n = w.shape[0]
     r = w.clone()
     a = torch.empty(bits, n, dtype=w.dtype)
     for i in range(bits):  # greedy init
         a[i] = r.abs().mean(1)
         r -= a[i, :, None] * torch.where(r >= 0, 1.0, -1.0).to(w.dtype)
-    best_alpha, best_err = _choose_scales(w, a, scale_mode)
+    best_alpha, best_err = _choose_scales(w, a, scale_mode, cw)
     alpha = best_alpha.clone()
     signs = _code_signs(bits, w.dtype)
-    eye = 1e-6 * torch.eye(bits, dtype=w.dtype)
+    eye = 1e-4 * w.shape[1] * torch.eye(bits, dtype=w.dtype)  # ridge: planes can coincide (BᵀB singular)
     for _ in range(iters):
         B = signs[nearest_codes(w, alpha)[0]]  # [N, C, q]: B given the current scales
-        a_ls = torch.linalg.solve(B.transpose(1, 2) @ B + eye, B.transpose(1, 2) @ w[:, :, None])[..., 0].T.abs()
-        alpha, err = _choose_scales(w, a_ls, scale_mode)
+        Bw = B if cw is None else B * cw[None, :, None]  # weighted least squares: (BᵀDB) α = BᵀDw
+        a_ls = torch.linalg.solve(Bw.transpose(1, 2) @ B + eye, Bw.transpose(1, 2) @ w[:, :, None])[..., 0].T.abs()
+        alpha, err = _choose_scales(w, a_ls, scale_mode, cw)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_alpha[:, better] = alpha[:, better]
@@ -302,6 +312,7 @@ def quantize_gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *,
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    hdiag = torch.diag(H).float()  # activation energy per (permuted) column: weights the group fits
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     grp = perm // group  # stored group of each processed column
     block = block or group
@@ -320,7 +331,7 @@ def quantize_gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *,
                 out = ~inb
                 if out.any() and j > 0:  # pending (lazy) updates of this block for later columns
                     cur[:, out] -= Err1[:, :j] @ U[i1:col][:, pos[out]]
-                alpha[:, :, g] = fit_group(cur, bits, scale_mode, iters)
+                alpha[:, :, g] = fit_group(cur, bits, scale_mode, iters, col_weight=hdiag[pos])
                 fitted[g] = True
             idx, val = nearest_codes(W1[:, j : j + 1], alpha[:, :, g])
             codes[:, perm[col]] = idx[:, 0].to(torch.uint8)

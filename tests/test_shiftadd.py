@@ -1,0 +1,209 @@
+"""The shift-add pass, the ai.shiftc::BcqMatMul op (function body, numpy and native references),
+calibration, the compress API and CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import ort_run, run_cli
+from shiftc import _native as nat
+from shiftc.errors import EXIT_USAGE
+from shiftc.passes import bcq, ops
+from shiftc.passes.shiftadd import METADATA_KEY, ShiftAddConfig, ShiftAddPass
+
+torch.set_num_threads(1)
+
+# BcqMatMul: ONNX function body (ORT, float32 accumulation) vs numpy reference (float64) vs the
+# native scalar reference (float64). Outputs are O(sqrt(K)·|α|) with x ~ N(0,1), |w| ~ 0.05.
+RTOL_OP, ATOL_OP = 1e-5, 1e-5
+# Whole model: ORT on the compressed graph vs ORT on the same graph with Ŵ written back as fp32.
+RTOL_MODEL, ATOL_MODEL = 1e-4, 1e-4
+
+
+def _op_model(x_shape, planes, exps, q, g, k, opset=17):
+    node = helper.make_node("BcqMatMul", ["x", "planes", "exps"], ["y"], domain=ops.DOMAIN, bits=q,
+                            group_size=g, in_features=k, coding="pm1")
+    graph = helper.make_graph([node], "bcq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*x_shape[:-1], planes.shape[1]])],
+                              [numpy_helper.from_array(planes, "planes"), numpy_helper.from_array(exps, "exps")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    ops.add_functions(m, ["BcqMatMul"])
+    return m
+
+
+def test_op_name_is_not_a_standard_onnx_op():
+    assert not onnx.defs.has("BcqMatMul")
+    assert set(ops.OPS) == {"BcqMatMul"} and ops.OPS["BcqMatMul"].reference is ops.bcq_matmul_ref
+
+
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+@pytest.mark.parametrize("g", [32, 64, 128])
+@pytest.mark.parametrize("mode", ["pow2", "pow2x2"])
+def test_function_body_matches_references(q, g, mode, tmp_path):
+    rng = np.random.default_rng(q * 100 + g)
+    n, k = 24, 150  # K not a multiple of 32
+    r = bcq.quantize_bcq(rng.standard_normal((n, k)).astype(np.float32) * 0.05, q, g, mode, iters=2)
+    planes, exps = r.packed_planes(), r.exps
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    m = _op_model([2, 3, k], planes, exps, q, g, k)
+    onnx.checker.check_model(m, full_check=True)
+    path = str(tmp_path / "op.onnx")
+    onnx.save(m, path)
+    y_ort = ort_run(path, {"x": x})["y"]
+    y_ref = ops.bcq_matmul_ref(x, planes, exps, bits=q, group_size=g, in_features=k)
+    y_gemm = nat.bcq_gemm_ref(x.reshape(-1, k), planes, r.alpha, g, "pm1").reshape(2, 3, n)
+    y_gemv = nat.bcq_gemv_ref(x[0, 0], planes, r.alpha, g, "pm1")
+    np.testing.assert_allclose(y_ort, y_ref, rtol=RTOL_OP, atol=ATOL_OP)
+    np.testing.assert_allclose(y_gemm, y_ref, rtol=RTOL_OP, atol=ATOL_OP)
+    np.testing.assert_allclose(y_gemv, y_ref[0, 0], rtol=RTOL_OP, atol=ATOL_OP)
+    np.testing.assert_allclose(y_ref, x @ r.dequantize().T, rtol=RTOL_OP, atol=ATOL_OP)
+
+
+def test_no_term_exponent_means_zero():
+    planes = bcq.pack_planes(np.ones((1, 2, 32), np.uint8))
+    exps = np.array([[[[bcq.NO_TERM]], [[0]]]], np.int8)  # row 0: α = 0; row 1: α = 1
+    y = ops.bcq_matmul_ref(np.ones((1, 32), np.float32), planes, exps, bits=1, group_size=32, in_features=32)
+    np.testing.assert_array_equal(y, [[0.0, 32.0]])
+
+
+# -- the pass on graphs -------------------------------------------------------------------------
+
+
+def _dequantized_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace every BcqMatMul by MatMul with Ŵᵀ reconstructed in numpy (the reference graph)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    nodes = []
+    for n in out.graph.node:
+        if n.op_type != "BcqMatMul":
+            nodes.append(n)
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        w = bcq.reconstruct(bcq.unpack_planes(inits[n.input[1]], a["in_features"]), bcq.exps_to_alpha(inits[n.input[2]]), a["group_size"])
+        name = n.input[1] + ".dequant.T"
+        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+        nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    del out.functions[:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_llama_dir, tmp_path_factory):
+    import shiftc
+
+    path = str(tmp_path_factory.mktemp("tiny_sa") / "tiny.onnx")
+    shiftc.export(tiny_llama_dir, path)
+    return path
+
+
+def _feeds(model, ids):
+    dec = json.loads({p.key: p.value for p in model.metadata_props}["shiftc.decoder"])
+    s = ids.shape[1]
+    f = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(s, dtype=np.int64)[None]}
+    for i in range(dec["num_layers"]):
+        for kv in ("key", "value"):
+            f[f"past_key_values.{i}.{kv}"] = np.zeros((1, dec["num_kv_heads"], 0, dec["head_dim"]), np.float32)
+    return f
+
+
+def test_pass_on_tiny_llama_with_calibration(tiny_onnx, smollm2_gguf_path, tmp_path):
+    import shiftc.api
+
+    out = str(tmp_path / "tiny3.onnx")
+    rep = shiftc.api.compress(tiny_onnx, out, bits=3, group=32, layer_bits={"*.mlp.down_proj.*": 2},
+                              calib="wikipedia", calib_windows=2, calib_window=32, tokenizer=smollm2_gguf_path, threads=1)
+    m = onnx.load(out)
+    onnx.checker.check_model(m, full_check=True)
+    kinds = [n.op_type for n in m.graph.node]
+    assert kinds.count("BcqMatMul") == 2 * 7 + 1  # 7 linear layers per block, plus the tied LM head
+    assert kinds.count("MatMul") == 2 * 2  # attention scores and values stay
+    names = {t.name for t in m.graph.initializer}
+    assert "model.embed_tokens.weight" in names  # still read by the Gather
+    assert not any(nm.endswith(".weight.T") for nm in names)  # dead fp32 weights removed
+    assert {(o.domain, o.version) for o in m.opset_import} >= {(ops.DOMAIN, 1)}
+    meta = json.loads({p.key: p.value for p in m.metadata_props}[METADATA_KEY])
+    assert meta["layers"]["model.layers.0.mlp.down_proj.weight.T"]["bits"] == 2
+    assert meta["layers"]["lm_head"]["bits"] == 3 and meta["scale_mode"] == "pow2"
+    assert rep["layers"]["lm_head"]["bits_per_weight"] == bcq.bits_per_weight(3, 32)
+    assert all(0 < e["rel_output_error"] < 1 for e in rep["layers"].values())
+    ids = np.random.default_rng(0).integers(0, 49152, size=(1, 12)).astype(np.int64)
+    ref_path = str(tmp_path / "ref.onnx")
+    onnx.save(_dequantized_copy(m), ref_path)
+    got, ref = ort_run(out, _feeds(m, ids))["logits"], ort_run(ref_path, _feeds(m, ids))["logits"]
+    np.testing.assert_allclose(got, ref, rtol=RTOL_MODEL, atol=RTOL_MODEL * np.abs(ref).max())
+
+
+def test_pass_skip_and_lm_head_off(tiny_onnx):
+    model = onnx.load(tiny_onnx)
+    cfg = ShiftAddConfig(bits=2, group=64, lm_head=False, skip=["*.k_proj.*"], iters=1)
+    res = ShiftAddPass(cfg)(model)
+    assert res.modified and len(res.report["layers"]) == 2 * 6
+    reasons = " ".join(r for _, r in res.report["skipped"])
+    assert "LM head" in reasons and "skip pattern" in reasons
+    assert sum(n.op_type == "BcqMatMul" for n in model.graph.node) == 0  # the input is untouched
+
+
+def test_pass_on_gemm_with_bias(tmp_path):
+    rng = np.random.default_rng(7)
+    w, b = rng.standard_normal((40, 96)).astype(np.float32), rng.standard_normal(40).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W", "b"], ["y"], name="fc", transB=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 96])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 40])],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    res = ShiftAddPass(ShiftAddConfig(bits=4, group=32))(m)
+    onnx.checker.check_model(res.model, full_check=True)
+    assert [n.op_type for n in res.model.graph.node] == ["BcqMatMul", "Add"]
+    assert [t.name for t in res.model.graph.initializer] == ["b", "W.bcq_planes", "W.bcq_exps"]
+    path = str(tmp_path / "g.onnx")
+    onnx.save(res.model, path)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    planes, exps = (numpy_helper.to_array(t) for t in res.model.graph.initializer[1:])
+    want = ops.bcq_matmul_ref(x, planes, exps, bits=4, group_size=32, in_features=96, bias=b)
+    np.testing.assert_allclose(ort_run(path, {"x": x})["y"], want, rtol=RTOL_OP, atol=1e-4)
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_compress_json_and_recipe(tiny_onnx, tmp_path):
+    out = str(tmp_path / "c.onnx")
+    r = run_cli("compress", tiny_onnx, "-o", out, "--shiftadd-bits", "2", "--group", "64", "--calib", "none",
+                "--scale-mode", "pow2x2", "--json", check=True)
+    rep = json.loads(r.stdout)
+    assert rep["path"] == out and rep["scale_mode"] == "pow2x2" and rep["group"] == 64
+    assert rep["bits_per_weight"] == pytest.approx(bcq.bits_per_weight(2, 64, "pow2x2"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("shiftadd:\n  bits: 3\n  group: 32\n  lm_head: false\ncalib:\n  corpus: none\n")
+    rep = json.loads(run_cli("compress", tiny_onnx, "-o", out, "--recipe", str(recipe), "--json", check=True).stdout)
+    assert "lm_head" not in rep["layers"] and rep["group"] == 32
+    assert all(e["bits"] == 3 for e in rep["layers"].values())
+
+
+@pytest.mark.parametrize("flags,flag", [(["--shiftadd-bits", "0"], "--shiftadd-bits"), (["--shiftadd-bits", "5"], "--shiftadd-bits"),
+                                        (["--group", "48"], "--group"), (["--scale-mode", "pow3"], "--scale-mode")])
+def test_cli_bad_flags(tiny_onnx, tmp_path, flags, flag):
+    r = run_cli("compress", tiny_onnx, "-o", str(tmp_path / "x.onnx"), *flags)
+    assert r.returncode == EXIT_USAGE and flag in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_cli_bad_recipe(tiny_onnx, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("shiftadd:\n  bitz: 3\n")
+    r = run_cli("compress", tiny_onnx, "-o", str(tmp_path / "x.onnx"), "--recipe", str(recipe))
+    assert r.returncode == EXIT_USAGE and "shiftadd.bitz" in r.stderr and str(recipe) in r.stderr
+    recipe.write_text("shiftadd:\n  group: 40\n")
+    r = run_cli("compress", tiny_onnx, "-o", str(tmp_path / "x.onnx"), "--recipe", str(recipe))
+    assert r.returncode == EXIT_USAGE and "--group" in r.stderr
