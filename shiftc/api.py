@@ -54,7 +54,7 @@ class Runnable:
         return self.model.lm_session(batch)
 
     def generate(self, prompt: str, **kwargs) -> dict:
-        from .generate import generate as _generate
+        from .generation import generate as _generate
         from .sampling import Sampler
 
         sampler_keys = ("greedy", "temperature", "top_k", "top_p", "mirostat_tau", "mirostat_eta", "seed")
@@ -71,7 +71,7 @@ def load(path: str | os.PathLike, threads: int | None = None) -> Runnable:
 
 def evaluate(path: str | os.PathLike, *, task: str = "perplexity", tokens: int = 32768, window: int = 512,
              corpus: str = "wikipedia", split: str = "eval", tokenizer: str | None = None, threads: int | None = None) -> dict:
-    from .evaluate import TASKS, perplexity
+    from .evaluation import TASKS, perplexity
 
     if task not in TASKS:
         raise UsageError(f"--task '{task}' is not known; choose one of: {', '.join(TASKS)}")
@@ -80,7 +80,7 @@ def evaluate(path: str | os.PathLike, *, task: str = "perplexity", tokens: int =
 
 
 def bench(path: str | os.PathLike, *, vs: str = "onnxruntime", threads: int = 1, reference: str | None = None, **kwargs) -> dict:
-    from .bench import bench as _bench
+    from .benchmarking import bench as _bench
 
     return _bench(os.fspath(path), vs=vs, threads=threads, reference=reference, **kwargs)
 

@@ -117,7 +117,7 @@ def cmd_run(args):
         data = np.load(args.inputs)
         feeds = {k: data[k] for k in data.files}
     else:
-        from .bench import random_inputs
+        from .benchmarking import random_inputs
 
         feeds = dict(zip([i["name"] for i in m.inputs], random_inputs(m.model, {})))
     outs = m.run(feeds)
