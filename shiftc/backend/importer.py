@@ -75,6 +75,7 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 def check_lowerable(model: onnx.ModelProto, source: str = "model") -> None:
     """Raise one UnsupportedError listing every node the backend cannot lower."""
+    _load_builtin_converters()
     opset = model_opset(model)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UnsupportedError(
@@ -131,9 +132,14 @@ def _importer_class():
     return ShiftcImporter
 
 
+def _load_builtin_converters() -> None:
+    from . import shiftc_ops  # noqa: F401  (registers the ai.shiftc lowerings)
+
+
 def to_relax(model: onnx.ModelProto, source: str = "model"):
     """Convert a checked ONNX model into a Relax IRModule whose ``main`` takes the graph inputs
     in order (weights become constants)."""
+    _load_builtin_converters()
     check_lowerable(model, source)
     if model.ir_version < 3:
         raise BadInputError(f"{source}: ONNX IR version {model.ir_version} is too old")
