@@ -24,12 +24,13 @@ import os
 import platform
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+
+from shiftc.benchmarking import alternate  # noqa: E402  (after the path set-up)
 
 
 def _matmul_onnx(path: str, K: int, N: int) -> None:
@@ -55,17 +56,7 @@ GAP_S = 0.1
 
 def _alternate(fns: dict, rounds: int, warmup: int = 2) -> dict:
     """Median seconds of each callable, calls interleaved round by round, each after GAP_S."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            if GAP_S:
-                time.sleep(GAP_S)
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    times = alternate(fns, rounds, warmup=warmup, gap_s=GAP_S)
     return {k: float(np.median(v)) for k, v in times.items()}
 
 

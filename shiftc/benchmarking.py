@@ -56,10 +56,10 @@ def random_inputs(model: Model, dims: dict[str, int], seed: int = 0) -> list[np.
     return arrays
 
 
-GAP_S = 0.05  # idle time before each timed call (see _alternate)
+GAP_S = 0.05  # idle time before each timed call (see alternate)
 
 
-def _alternate(fns: dict[str, callable], repeats: int, warmup: int = 1, gap_s: float = GAP_S) -> dict[str, list[float]]:
+def alternate(fns: dict[str, callable], repeats: int, warmup: int = 1, gap_s: float = GAP_S) -> dict[str, list[float]]:
     """Time the functions in turn, ``repeats`` rounds. Each timed call is preceded by a short
     pause: ONNX Runtime's worker threads busy-spin for tens of milliseconds after a run and would
     otherwise take a core away from whatever runs next."""
@@ -87,7 +87,7 @@ def bench(model_path: str, *, vs: str = "onnxruntime", threads: int = 1, referen
         result.update(_bench_lm(compiled, ref, repeats, prefill, decode))
     else:
         arrays = random_inputs(compiled, dims or {})
-        times = _alternate({"compiled": lambda: compiled.run(arrays), "onnxruntime": lambda: ref.run(arrays)}, repeats)
+        times = alternate({"compiled": lambda: compiled.run(arrays), "onnxruntime": lambda: ref.run(arrays)}, repeats)
         c, o = statistics.median(times["compiled"]), statistics.median(times["onnxruntime"])
         result.update({"latency_ms": {"compiled": c * 1e3, "onnxruntime": o * 1e3}, "ratio": o / c})
     return result
@@ -105,14 +105,14 @@ def _bench_lm(compiled: Model, ref: Model, repeats: int, prefill: int, decode: i
         return run
 
     log(f"bench: prefill {prefill} tokens x{repeats}")
-    pre = _alternate({k: prefill_fn(s) for k, s in sessions.items()}, repeats)
+    pre = alternate({k: prefill_fn(s) for k, s in sessions.items()}, repeats)
     # decode: after the prompt, `decode` one-token steps per backend, interleaved step by step
     for s in sessions.values():
         s.reset()
         s.step(prompt, last_only=True)
     log(f"bench: decode {decode} tokens")
     tok = np.array([[1]])
-    dec = _alternate({k: (lambda s=s: s.step(tok, last_only=True)) for k, s in sessions.items()}, decode, warmup=2)
+    dec = alternate({k: (lambda s=s: s.step(tok, last_only=True)) for k, s in sessions.items()}, decode, warmup=2)
     out = {"prefill_tokens": prefill, "decode_tokens": decode}
     for name, times in (("prefill", pre), ("decode", dec)):
         c, o = statistics.median(times["compiled"]), statistics.median(times["onnxruntime"])
