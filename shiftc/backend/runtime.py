@@ -13,6 +13,7 @@ symbolic dimension (``batch``, ``past + seq``) takes one consistent value.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -141,6 +142,7 @@ class CompiledModel(Model):
         return self._tensor(np.zeros(shape, np.float32), self._device)
 
 
+@functools.lru_cache(maxsize=None)
 def _load_device_runtimes() -> None:
     """Register TVM's CUDA runtime (module loader, device API) where the wheel ships it and a
     driver is present; harmless elsewhere. Needed in runtime-only installs, where nothing else
