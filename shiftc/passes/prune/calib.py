@@ -1,0 +1,69 @@
+"""Input-activation norms for the activation-aware criteria, collected with ONNX Runtime.
+
+For every tensor X that feeds a layer with a constant weight, ``‖X_c‖₂ = sqrt(Σ X_c²)`` per input
+channel c (the last axis for MatMul/Gemm inputs, axis 1 for Conv inputs), summed over all
+calibration samples and positions. Causal LMs run on windows of the ``calib`` text split (the
+same windows as the shift-add pass, :mod:`shiftc.passes.calibration`); image classifiers on
+scikit-image's photos. Accumulated sample by sample: memory holds one sample's activations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ...errors import UsageError
+from ...frontend import metadata as md
+from ...progress import Counter
+
+
+def calibration_feeds(model: onnx.ModelProto, *, corpus: str = "wikipedia", windows: int = 16, window: int = 256,
+                      tokenizer: str | None = None, model_path: str = "the model") -> list[dict]:
+    """One feed dict per calibration sample, for a causal LM (text) or an image classifier (photos)."""
+    info = md.get_info(model)
+    if info.get("task") == "causal-lm" and "decoder" in info:
+        from ..calibration import _decoder_feeds, calibration_windows
+
+        ids = calibration_windows(model, corpus=corpus, windows=windows, window=window, tokenizer=tokenizer,
+                                  model_path=model_path)
+        return [_decoder_feeds(model, w[None]) for w in ids]
+    if info.get("task") == "image-classification":
+        from ...frontend.data import load_images
+
+        inits = {t.name for t in model.graph.initializer}
+        (inp,) = [i for i in model.graph.input if i.name not in inits]
+        dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        size = dims[-1] if len(dims) == 4 and dims[-1] > 0 else 224
+        images, _ = load_images(size)
+        return [{inp.name: images[i:i + 1]} for i in range(len(images))]
+    raise UsageError(f"--prune-criterion activation: '{model_path}' is a '{info.get('task')}' model; calibration "
+                     "data exists for causal LMs (text) and image classifiers (photos); use --prune-criterion magnitude")
+
+
+def collect_norms(model: onnx.ModelProto, tensors: dict[str, int], feeds: list[dict], *,
+                  threads: int | None = None) -> dict[str, np.ndarray]:
+    """{tensor: ‖X_c‖₂ per channel c of axis ``tensors[name]``} over all ``feeds`` (float64)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    names = list(tensors)
+    for n in names:
+        if n not in have:
+            probe.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    del probe
+    sq: dict[str, np.ndarray] = {}
+    progress = Counter("activation norms", len(feeds))
+    for f in feeds:
+        for n, x in zip(names, sess.run(names, f)):
+            x = np.moveaxis(np.asarray(x, np.float64), tensors[n], -1)
+            s = np.square(x).reshape(-1, x.shape[-1]).sum(axis=0)
+            sq[n] = sq[n] + s if n in sq else s
+        progress.update()
+    return {n: np.sqrt(v) for n, v in sq.items()}

@@ -1,0 +1,238 @@
+"""``PrunePass``: structured pruning of an ONNX model (returns a new model; the input is not edited).
+
+    groups   = dependency analysis (:mod:`.groups`): coupled channels, heads, KV groups
+    scores   = importance per unit (:mod:`.criteria`), activation norms from calibration
+    plan     = units to remove per group, meeting the budget (below)
+    model'   = surgery (:mod:`.surgery`) + metadata (KV heads of the decoder spec, ``shiftc.prune``)
+
+Budget: ``ratio`` of the parameters (or FLOPs, ``budget="flops"``) of the layer weights that
+belong to prunable groups in scope. Decoders lose the same number of KV groups (with their query
+heads) in every layer — the runtimes keep one ``num_kv_heads`` for all layers — namely
+``round(ratio · KVH)``; the rest of the budget comes from the other groups at one common ratio r'
+(found by bisection on the exact count after removal), each group dropping its lowest-scored
+units. Kept widths of groups with ≥ 4·``align`` units are rounded to a multiple of ``align``
+(vector-friendly shapes for the compiled kernels).
+
+Scopes: ``mlp`` (channels between two MatMuls: SwiGLU / FFN hidden units), ``heads`` (KV groups
+with their query heads, or attention heads), ``channels`` (Conv channels).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ...errors import UsageError
+from ...frontend import metadata as md
+from .criteria import CRITERIA, unit_scores
+from .groups import GraphInfo, Group, analyze
+from .surgery import apply
+
+SCOPES = ("mlp", "heads", "channels")
+BUDGETS = ("params", "flops")
+
+
+@dataclass
+class PruneConfig:
+    ratio: float = 0.25  # fraction of the in-scope parameters (or FLOPs) removed   (--prune)
+    criterion: str = "activation"  # activation | magnitude | lorapr             (--prune-criterion)
+    scope: list = field(default_factory=lambda: list(SCOPES))  # (--prune-scope mlp,heads)
+    budget: str = "params"  # params | flops                                       (--prune-budget)
+    align: int = 8  # kept widths rounded to a multiple of this (large groups only)
+    skip: list = field(default_factory=list)  # globs of weight names whose groups are left alone
+
+
+def validate(cfg: PruneConfig, pre: str = "") -> None:
+    if not isinstance(cfg.ratio, (int, float)) or not 0 <= cfg.ratio < 1:
+        raise UsageError(f"{pre}--prune must be a fraction in [0, 1), got {cfg.ratio!r}")
+    if cfg.criterion not in CRITERIA:
+        raise UsageError(f"{pre}--prune-criterion must be one of {', '.join(CRITERIA)}, got {cfg.criterion!r}")
+    bad = [s for s in cfg.scope if s not in SCOPES]
+    if bad or not cfg.scope:
+        raise UsageError(f"{pre}--prune-scope: unknown scope {bad or cfg.scope!r} (choose from {', '.join(SCOPES)})")
+    if cfg.budget not in BUDGETS:
+        raise UsageError(f"{pre}--prune-budget must be one of {', '.join(BUDGETS)}, got {cfg.budget!r}")
+    if not isinstance(cfg.align, int) or cfg.align < 1:
+        raise UsageError(f"{pre}prune align must be an integer >= 1, got {cfg.align!r}")
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    report: dict
+
+
+def _layer_costs(info: GraphInfo, budget: str) -> dict[str, float]:
+    """Cost of one weight element per layer: 1 (params) or multiply-adds per input token/image."""
+    costs = {}
+    for node, w, _ in info.compute_weights():
+        f = 1.0
+        if budget == "flops":
+            out = info.shapes.get(node.output[0]) or []
+            spatial = out[2:] if node.op_type == "Conv" else out[:-1]
+            f = float(np.prod([d for d in spatial if isinstance(d, int) and d > 0] or [1]))
+        costs[w] = f
+    return costs
+
+
+class PrunePass:
+    def __init__(self, config: PruneConfig | None = None):
+        self.config = config or PruneConfig()
+        validate(self.config)
+
+    def analyze(self, model: onnx.ModelProto) -> tuple[GraphInfo, list[Group]]:
+        info = GraphInfo(model)
+        return info, analyze(model, info)
+
+    def calibration_tensors(self, info: GraphInfo) -> dict[str, int]:
+        """Activation tensors whose channel norms the activation criterion needs: {name: axis}."""
+        from .criteria import layer_inputs
+
+        return {x: ax for _, _, x, ax in layer_inputs(info).values()}
+
+    def __call__(self, model: onnx.ModelProto, *, info: GraphInfo | None = None, groups: list[Group] | None = None,
+                 norms: dict | None = None, scores: dict | None = None) -> PruneResult:
+        cfg = self.config
+        if info is None or groups is None:
+            info, groups = self.analyze(model)
+        if cfg.criterion == "activation" and norms is None:
+            raise UsageError("--prune-criterion activation needs calibration data (activation norms)")
+        if cfg.criterion == "lorapr" and scores is None:
+            raise UsageError("--prune-criterion lorapr needs LoRAPrune scores (from a PyTorch model)")
+        status = {}
+        for i, g in enumerate(groups):
+            if g.refusal:
+                status[i] = ("refused", g.refusal)
+            elif g.kind not in cfg.scope:
+                status[i] = ("out of scope", f"{g.kind} not in --prune-scope {','.join(cfg.scope)}")
+            elif any(fnmatch.fnmatch(w, pat) for w in g.layers for pat in cfg.skip):
+                status[i] = ("skipped", "a layer matches prune skip")
+            elif g.units < 2:
+                status[i] = ("kept", "a single unit")
+            else:
+                status[i] = ("candidate", None)
+        # the runtimes keep one KV head count for all layers: KV groups go everywhere or nowhere
+        kv = [i for i, g in enumerate(groups) if g.kind == "heads" and g.io]
+        held = [i for i in kv if status[i][0] != "candidate"]
+        if held and len(held) < len(kv):
+            for i in kv:
+                if status[i][0] == "candidate":
+                    status[i] = ("kept", f"KV groups are removed in every layer or none; the group of "
+                                         f"'{groups[held[0]].root}' is {status[held[0]][0]}")
+        cand = [i for i, (s, _) in status.items() if s == "candidate"]
+        order = {i: np.argsort(unit_scores(groups[i], info, cfg.criterion, norms=norms, scores=scores), kind="stable")
+                 for i in cand}
+        n_remove = self._plan(info, groups, cand)
+        plan = [(groups[i], np.sort(order[i][:n_remove[i]])) for i in cand]
+        pruned = apply(model, info, plan)
+        before, after = self._cost(info, groups, cand, {i: 0 for i in cand}), self._cost(info, groups, cand, n_remove)
+        self._update_metadata(pruned, model)
+        report_groups = []
+        for i, g in enumerate(groups):
+            s, why = status[i]
+            layers = g.layers if len(g.layers) <= 8 else g.layers[:8] + [f"... {len(g.layers) - 8} more"]
+            entry = {"root": g.root, "kind": g.kind, "layers": layers, "units": g.units,
+                     "unit_size": int(len(g.dims[(g.root, next(a for t, a in g.dims if t == g.root))].idx) // g.units)}
+            if s == "candidate":
+                removed = [int(u) for u in np.sort(order[i][:n_remove[i]])]
+                entry.update(status="pruned" if removed else "kept", kept=g.units - len(removed), removed_units=removed)
+            else:
+                entry.update(status=s, reason=why, kept=g.units)
+            report_groups.append(entry)
+        dec = md.get_info(pruned).get("decoder")
+        report = {"criterion": cfg.criterion, "ratio": cfg.ratio, "budget": cfg.budget, "scope": list(cfg.scope),
+                  f"in_scope_{cfg.budget}": before,
+                  f"removed_{cfg.budget}": before - after,
+                  "removed_fraction": round((before - after) / before, 4) if before else 0.0,
+                  "groups": report_groups}
+        if dec:
+            report["num_kv_heads"] = dec["num_kv_heads"]
+        self._record(pruned, report)
+        return PruneResult(pruned, report)
+
+    # -- budget --------------------------------------------------------------------------------
+    def _cost(self, info, groups, cand, n_remove) -> float:
+        costs = _layer_costs(info, self.config.budget)
+        cut: dict[tuple[str, int], int] = {}
+        for i in cand:
+            g = groups[i]
+            k = n_remove[i]
+            if not k:
+                continue
+            for d in g.weights:
+                if d.tensor in costs:
+                    per_unit = np.bincount(d.unit, minlength=g.units)
+                    # cost of the k cheapest-to-count units is the same for every unit choice when
+                    # units are uniform (they are: channels, KV groups); use the mean
+                    cut[(d.tensor, d.axis)] = cut.get((d.tensor, d.axis), 0) + int(round(per_unit.mean() * k))
+        seen = {d.tensor for i in cand for d in groups[i].weights if d.tensor in costs}
+        total = 0.0
+        for w in seen:
+            shape = list(info.shapes[w])
+            for ax in range(len(shape)):
+                shape[ax] -= cut.get((w, ax), 0)
+            total += float(np.prod(shape)) * costs[w]
+        return total
+
+    def _plan(self, info, groups, cand) -> dict[int, int]:
+        cfg = self.config
+        align = cfg.align
+
+        def n_for(g: Group, r: float) -> int:
+            keep = g.units - int(round(r * g.units))
+            if g.units >= 4 * align:
+                keep = int(round(keep / align)) * align
+            return int(min(max(g.units - max(keep, 1), 0), g.units - 1))
+
+        heads = [i for i in cand if groups[i].kind == "heads" and groups[i].io]  # KV-cache groups
+        rest = [i for i in cand if i not in heads]
+        n = {i: 0 for i in cand}
+        if heads:
+            kv = {groups[i].units for i in heads}
+            if len(kv) == 1:
+                k = int(round(cfg.ratio * kv.pop()))
+                k = min(k, groups[heads[0]].units - 1)
+                for i in heads:
+                    n[i] = k
+        base = self._cost(info, groups, cand, {i: 0 for i in cand})
+        target = base * (1 - cfg.ratio)
+        if not rest or self._cost(info, groups, cand, n) <= target:
+            return n
+        lo, hi = 0.0, 1.0
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            trial = {**n, **{i: n_for(groups[i], mid) for i in rest}}
+            if self._cost(info, groups, cand, trial) > target:
+                lo = mid
+            else:
+                hi = mid
+        plans = [{**n, **{i: n_for(groups[i], r) for i in rest}} for r in (lo, hi)]
+        # the closer of the two plans around the target (coarse units can overshoot)
+        return min(plans, key=lambda p: abs(self._cost(info, groups, cand, p) - target))
+
+    # -- metadata ------------------------------------------------------------------------------
+    @staticmethod
+    def _update_metadata(pruned: onnx.ModelProto, original: onnx.ModelProto) -> None:
+        meta = md.get_info(original)
+        dec = meta.get("decoder")
+        if not dec:
+            return
+        kv = {vi.type.tensor_type.shape.dim[1].dim_value for vi in pruned.graph.input
+              if vi.name.startswith("past_key_values.")}
+        if len(kv) != 1:
+            raise RuntimeError(f"pruned decoder has different KV head counts per layer: {sorted(kv)}")
+        md.set_info(pruned, task=meta["task"], decoder=dict(dec, num_kv_heads=kv.pop()))
+
+    @staticmethod
+    def _record(pruned: onnx.ModelProto, report: dict) -> None:
+        summary = {k: v for k, v in report.items() if k != "groups"}
+        summary["layers"] = {g["root"]: [g["kept"], g["units"]] for g in report["groups"] if g["status"] == "pruned"}
+        props = {p.key: p.value for p in pruned.metadata_props}
+        props["shiftc.prune"] = json.dumps(summary)
+        del pruned.metadata_props[:]
+        for k, v in props.items():
+            pruned.metadata_props.add(key=k, value=v)
