@@ -7,11 +7,14 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "shiftc/bcq_lut.h"
 #include "shiftc/packed.h"
 
 namespace py = pybind11;
@@ -86,9 +89,9 @@ void check_group(int64_t group, const char* fn) {
 
 // Validate planes [q, N, ceil(K/32)] and scales [q, N, ceil(K/G)] for a given K.
 void check_weights(const carray<uint32_t>& planes, const carray<float>& scales, int64_t K,
-                   int64_t group, const char* fn) {
+                   int64_t group, const char* fn, const char* scales_name = "scales") {
     check_ndim(planes, 3, fn, "planes", "uint32 [q, N, ceil(K/32)]");
-    check_ndim(scales, 3, fn, "scales", "float32 [q, N, ceil(K/group)]");
+    check_ndim(scales, 3, fn, scales_name, "float32 [q, N, ceil(K/group)]");
     const int64_t q = planes.shape(0), N = planes.shape(1);
     if (q < 1) fail(fn, "planes must hold at least one bit-plane (q >= 1), got shape " +
                             shape_str(planes));
@@ -102,7 +105,7 @@ void check_weights(const carray<uint32_t>& planes, const carray<float>& scales, 
     const int64_t ng = shiftc::n_groups(K, group);
     if (scales.shape(0) != q || scales.shape(1) != N || scales.shape(2) != ng) {
         std::ostringstream os;
-        os << "scales must have shape [q, N, ceil(K/group)] = (" << q << ", " << N << ", " << ng
+        os << scales_name << " must have shape [q, N, ceil(K/group)] = (" << q << ", " << N << ", " << ng
            << ") for K=" << K << ", group=" << group << ", got " << shape_str(scales);
         fail(fn, os.str());
     }
@@ -223,6 +226,150 @@ carray<float> py_bcq_gemm_ref(py::handle X_obj, py::handle planes_obj, py::handl
     return Y;
 }
 
+
+// ---------------------------------------------------------------------------
+// lut16 kernels (shiftc/bcq_lut.h)
+// ---------------------------------------------------------------------------
+
+// An exact-dtype, 1-D, C-contiguous view of `obj` (no conversion: these arrays come from
+// bcq_pack_lut16, and a silent cast would hide a mix-up of arguments).
+template <typename T>
+carray<T> exact_1d(py::handle obj, const char* fn, const char* name, const char* expected,
+                   int64_t size) {
+    py::array a = py::array::ensure(obj);
+    if (!a) {
+        PyErr_Clear();
+        fail(fn, std::string(name) + " must be a numpy array (" + expected + ")");
+    }
+    if (!a.dtype().is(py::dtype::of<T>())) {
+        fail(fn, std::string(name) + " must be " + expected + ", got dtype " +
+                     std::string(py::str(a.dtype())));
+    }
+    check_ndim(a, 1, fn, name, expected);
+    if (a.shape(0) != size) {
+        std::ostringstream os;
+        os << name << " must hold " << size << " elements for these N, K, bits, group, got "
+           << a.shape(0);
+        fail(fn, os.str());
+    }
+    return carray<T>::ensure(a);
+}
+
+py::tuple py_bcq_pack_lut16(py::handle planes_obj, py::handle alpha_obj, int64_t K, int64_t group,
+                            const std::string& coding_str) {
+    const char* fn = "bcq_pack_lut16";
+    auto planes = as_array<uint32_t>(planes_obj, fn, "planes", "iu", "a uint32 array");
+    auto alpha = as_array<float>(alpha_obj, fn, "alpha", "fiu", "a float32 array");
+    const shiftc::Coding coding = parse_coding(coding_str, fn);
+    check_group(group, fn);
+    if (K < 1) fail(fn, "K must be >= 1, got " + std::to_string(K));
+    check_weights(planes, alpha, K, group, fn, "alpha");
+    const int64_t q = planes.shape(0), N = planes.shape(1);
+    if (q > 4) fail(fn, "planes must hold 1..4 bit-planes, got q=" + std::to_string(q));
+    if (N < 1) fail(fn, "planes must hold at least one row (N >= 1), got shape " + shape_str(planes));
+    const int32_t q32 = static_cast<int32_t>(q);
+    carray<uint8_t> codes({shiftc_bcq_codes_bytes(N, K, q32, group)});
+    carray<float> scales({shiftc_bcq_scales_floats(N, K, q32, group)});
+    const bool zero_one = coding == shiftc::Coding::kZeroOne;
+    carray<float> offsets({zero_one ? shiftc_bcq_offsets_floats(N, K, group) : int64_t{0}});
+    int rc;
+    {
+        const uint32_t* pp = planes.data();
+        const float* ap = alpha.data();
+        uint8_t* cp = codes.mutable_data();
+        float* sp = scales.mutable_data();
+        float* op = zero_one ? offsets.mutable_data() : nullptr;
+        py::gil_scoped_release nogil;
+        rc = shiftc_bcq_pack_lut16(pp, ap, N, K, q32, group, static_cast<int32_t>(coding), cp, sp, op);
+    }
+    if (rc != 0) fail(fn, "shiftc_bcq_pack_lut16 rejected the arguments");
+    return py::make_tuple(codes, scales, zero_one ? py::object(offsets) : py::object(py::none()));
+}
+
+carray<float> py_bcq_matmul_lut16(py::handle x_obj, py::handle codes_obj, py::handle scales_obj,
+                                  py::handle offsets_obj, int64_t N, int64_t K, int64_t bits,
+                                  int64_t group, int64_t threads) {
+    const char* fn = "bcq_matmul_lut16";
+    if (N < 1) fail(fn, "N must be >= 1, got " + std::to_string(N));
+    if (K < 1) fail(fn, "K must be >= 1, got " + std::to_string(K));
+    if (bits < 1 || bits > 4) fail(fn, "bits must be in 1..4, got " + std::to_string(bits));
+    check_group(group, fn);
+    if (threads < 1) fail(fn, "threads must be >= 1, got " + std::to_string(threads));
+    auto x = as_array<float>(x_obj, fn, "x", "f", "a float array [M, K]");
+    check_ndim(x, 2, fn, "x", "float32 [M, K]");
+    if (x.shape(1) != K) {
+        fail(fn, "x must have shape [M, K] = [M, " + std::to_string(K) + "], got " + shape_str(x));
+    }
+    const int32_t q = static_cast<int32_t>(bits);
+    auto codes = exact_1d<uint8_t>(codes_obj, fn, "codes", "uint8 [codes_bytes] from bcq_pack_lut16",
+                                   shiftc_bcq_codes_bytes(N, K, q, group));
+    auto scales = exact_1d<float>(scales_obj, fn, "scales", "float32 [scales] from bcq_pack_lut16",
+                                  shiftc_bcq_scales_floats(N, K, q, group));
+    carray<float> offsets;
+    const bool has_offsets = !offsets_obj.is_none();
+    if (has_offsets) {
+        offsets = exact_1d<float>(offsets_obj, fn, "offsets", "float32 [offsets] from bcq_pack_lut16 or None",
+                                  shiftc_bcq_offsets_floats(N, K, group));
+    }
+    const int64_t M = x.shape(0);
+    carray<float> y({M, N});
+    if (M == 0) return y;
+    const int64_t ntasks = (N + 31) / 32;
+    const int64_t nthreads = std::min<int64_t>(threads, ntasks);
+    std::vector<float> ws(static_cast<size_t>(shiftc_bcq_workspace_floats(M, K, group)));
+    const float* xp = x.data();
+    const uint8_t* cp = codes.data();
+    const float* sp = scales.data();
+    const float* op = has_offsets ? offsets.data() : nullptr;
+    float* yp = y.mutable_data();
+    int rc = 0;
+    {
+        py::gil_scoped_release nogil;
+        rc = shiftc_bcq_prepare(xp, M, K, group, ws.data());
+        auto run = [&](int64_t t0, int64_t t1, int* out) {
+            for (int64_t t = t0; t < t1; ++t) {
+                if (shiftc_bcq_compute(xp, ws.data(), M, K, N, q, group, cp, sp, op, yp, t) != 0) *out = -1;
+            }
+        };
+        if (rc == 0) {
+            std::vector<int> rcs(static_cast<size_t>(nthreads), 0);
+            std::vector<std::thread> pool;
+            for (int64_t i = 1; i < nthreads; ++i) {
+                pool.emplace_back(run, ntasks * i / nthreads, ntasks * (i + 1) / nthreads, &rcs[i]);
+            }
+            run(0, ntasks / nthreads, &rcs[0]);
+            for (auto& th : pool) th.join();
+            for (int r : rcs) rc |= r;
+        }
+    }
+    if (rc != 0) fail(fn, "the lut16 kernel rejected the arguments");
+    return y;
+}
+
+const char* isa_name(int isa) {
+    switch (isa) {
+        case 1: return "scalar";
+        case 2: return "avx2";
+        case 3: return "avx512";
+        default: return "unknown";
+    }
+}
+
+std::string py_bcq_set_isa(const std::string& name) {
+    const char* fn = "bcq_set_isa";
+    int isa;
+    if (name == "auto") isa = 0;
+    else if (name == "scalar") isa = 1;
+    else if (name == "avx2") isa = 2;
+    else if (name == "avx512") isa = 3;
+    else fail(fn, "name must be \"auto\", \"scalar\", \"avx2\" or \"avx512\", got \"" + name + "\"");
+    const int got = shiftc_bcq_set_isa(isa);
+    if (got < 0) fail(fn, "ISA \"" + name + "\" is not available on this CPU / build");
+    return isa_name(got);
+}
+
+std::string py_bcq_isa() { return isa_name(shiftc_bcq_isa()); }
+
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
@@ -250,4 +397,24 @@ PYBIND11_MODULE(_native, m) {
           py::arg("group"), py::arg("coding") = "pm1",
           "bcq_gemm_ref(X: float32 [M, K], planes, scales, group, coding) -> float32 [M, N]\n\n"
           "Row m of the result is bcq_gemv_ref(X[m], ...).");
+
+    m.attr("BCQ_LUT_MAX_M") = SHIFTC_BCQ_LUT_MAX_M;
+    m.def("bcq_pack_lut16", &py_bcq_pack_lut16, py::arg("planes"), py::arg("alpha"), py::arg("K"),
+          py::arg("group"), py::arg("coding") = "pm1",
+          "bcq_pack_lut16(planes: uint32 [q, N, ceil(K/32)], alpha: float32 [q, N, ceil(K/group)],\n"
+          "               K: int, group: int, coding: 'pm1'|'01')\n"
+          "    -> (codes: uint8 1-D, scales: float32 1-D, offsets: float32 1-D or None)\n\n"
+          "Repacks ONNX-side bit planes into the lut16 layout of shiftc/bcq_lut.h. A '01' plane\n"
+          "becomes a +-1 plane with alpha/2 and offsets sum_i alpha_i/2; 'pm1' has no offsets.");
+    m.def("bcq_matmul_lut16", &py_bcq_matmul_lut16, py::arg("x"), py::arg("codes"), py::arg("scales"),
+          py::arg("offsets"), py::arg("N"), py::arg("K"), py::arg("bits"), py::arg("group"),
+          py::arg("threads") = 1,
+          "bcq_matmul_lut16(x: float32 [M, K], codes, scales, offsets, N, K, bits, group, threads=1)\n"
+          "    -> float32 [M, N]\n\n"
+          "Y = X W^T on the lut16 arrays of bcq_pack_lut16: table lookups for M < BCQ_LUT_MAX_M,\n"
+          "expanded panels and FMA otherwise. threads > 1 splits the 32-column tasks over threads.");
+    m.def("bcq_set_isa", &py_bcq_set_isa, py::arg("name"),
+          "bcq_set_isa(name: 'auto'|'scalar'|'avx2'|'avx512') -> str: the ISA now used by the lut16\n"
+          "kernels (process-wide). Raises ValueError if the CPU or build lacks it.");
+    m.def("bcq_isa", &py_bcq_isa, "bcq_isa() -> str: the ISA the lut16 kernels use now.");
 }

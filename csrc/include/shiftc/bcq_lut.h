@@ -1,0 +1,99 @@
+// shiftc BCQ run-time kernels: the "lut16" weight layout and the matmul entry points.
+//
+// These kernels execute ai.shiftc::BcqMatMul,  Y[M, N] = X[M, K] . W^T,  with
+//
+//     W[n, k] = sum_{i < q} alpha[i][n][g(k)] * s(B_i[n, k])  +  mu[n][g(k)]      g(k) = k / G
+//
+// s(b) = 2b - 1 (+-1 planes). A {0,1} plane (coding "01") is converted at pack time:
+// alpha * b = (alpha/2) * s(b) + alpha/2, so its scale halves and alpha/2 goes to the offset mu.
+//
+// The ONNX-side storage (uint32 bit planes [q, N, ceil(K/32)], int8 exponents) is described in
+// shiftc/packed.h; it is repacked once, at compile time, into the layout below by
+// shiftc_bcq_pack_lut16(). The same source file (csrc/kernels/bcq_lut.cc) is compiled into the
+// Python module shiftc._native and, by `shiftc compile`, into every model library that contains a
+// BcqMatMul, so a model needs nothing but the TVM runtime.
+//
+// ---------------------------------------------------------------------------
+// lut16 layout
+// ---------------------------------------------------------------------------
+//   NB  = ceil(N / 16)            row blocks of 16 output rows (N padded with zero rows)
+//   Kp  = ceil(K / G) * G          columns padded to whole groups (G a multiple of 32)
+//   NG  = Kp / G                   groups per row
+//
+//   codes   uint8  [NB][Kp/8][q][16]
+//           byte r of (block b, column octet o, plane i) holds the bits of plane i for row 16b+r,
+//           columns 8o..8o+7: bit j = B_i[16b+r, 8o+j]. So the LOW nibble is the 4-bit index of
+//           columns 8o..8o+3 and the HIGH nibble the index of columns 8o+4..8o+7.
+//           Padding (rows >= N, columns >= K) has bit 0.
+//   scales  float  [NB][NG][q][16]     alpha[i][16b+r][g]  (0 for padded rows)
+//   offsets float  [NB][NG][16]        mu[16b+r][g], or NULL when every mu is 0
+//
+// ---------------------------------------------------------------------------
+// Algorithm
+// ---------------------------------------------------------------------------
+//   M < SHIFTC_BCQ_LUT_MAX_M ("GEMV", decode): per row of X and per 4 consecutive columns c,
+//   a 16-entry table T[c][m] = sum_{j<4} (bit j of m ? +x[4c+j] : -x[4c+j]) (zero for columns
+//   >= K). A row block's partial sum for plane i over a group is sum_c T[c][nibble]: one
+//   16-lane table permute per 16 rows and 4 columns, no multiplication; the group's partials are
+//   then scaled by alpha (a power of two, or a sum of two: exact in float, i.e. a shift) and
+//   summed over planes; mu adds mu * sum_{k in g} x[k].
+//   M >= SHIFTC_BCQ_LUT_MAX_M ("GEMM", prefill): each task expands its 32-row panel of W to float
+//   a K-slice at a time (sign select + add per plane) and runs a register-blocked FMA kernel
+//   over all M rows; the expansion is amortised over M.
+//
+// ---------------------------------------------------------------------------
+// Calling convention (used by the TIR that `shiftc compile` emits, and by shiftc._native)
+// ---------------------------------------------------------------------------
+//   ws = float[shiftc_bcq_workspace_floats(M, K, G)]
+//   shiftc_bcq_prepare(x, M, K, G, ws);                      // once, one thread
+//   for t in [0, ntasks) in parallel:                          // ntasks = ceil(NB / 2)
+//       shiftc_bcq_compute(x, ws, M, K, N, q, G, codes, scales, offsets, y, t);
+//   Task t writes rows [32t, min(32t + 32, N)) of every output row of Y (Y is [M, N], row-major,
+//   and need not be initialised). Tasks are independent.
+//   All functions return 0 on success and -1 on invalid arguments.
+//
+// ISA: x86-64 builds carry scalar, AVX2+FMA and AVX-512 (F, BW) versions and pick one at run
+// time from the CPU (or from shiftc_bcq_set_isa, for tests); other targets use the scalar code.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SHIFTC_BCQ_LUT_MAX_M 4  // rows of X below which the LUT (GEMV) path is used
+
+// Sizes of the lut16 arrays, in elements.
+int64_t shiftc_bcq_codes_bytes(int64_t N, int64_t K, int32_t q, int64_t G);
+int64_t shiftc_bcq_scales_floats(int64_t N, int64_t K, int32_t q, int64_t G);
+int64_t shiftc_bcq_offsets_floats(int64_t N, int64_t K, int64_t G);
+
+// Repack ONNX-side storage into lut16.
+//   planes  uint32 [q][N][ceil(K/32)]  (shiftc/packed.h)
+//   alpha   float  [q][N][ceil(K/G)]   scale values (exponents already turned into floats)
+//   coding  0 = pm1, 1 = "01"
+//   offsets may be NULL only for coding 0; for coding 1 it receives sum_i alpha_i / 2.
+int shiftc_bcq_pack_lut16(const uint32_t* planes, const float* alpha, int64_t N, int64_t K, int32_t q,
+                          int64_t G, int32_t coding, uint8_t* codes, float* scales, float* offsets);
+
+// Workspace, in floats, that shiftc_bcq_prepare fills and shiftc_bcq_compute reads:
+//   M < SHIFTC_BCQ_LUT_MAX_M :  M * (Kp/4*16 + NG)   (tables, then per-group sums of x)
+//   otherwise                :  M * NG               (per-group sums of x)
+int64_t shiftc_bcq_workspace_floats(int64_t M, int64_t K, int64_t G);
+
+int shiftc_bcq_prepare(const float* x, int64_t M, int64_t K, int64_t G, float* ws);
+
+int shiftc_bcq_compute(const float* x, const float* ws, int64_t M, int64_t K, int64_t N, int32_t q,
+                       int64_t G, const uint8_t* codes, const float* scales, const float* offsets,
+                       float* y, int64_t task);
+
+// ISA selection: 0 = auto (default), 1 = scalar, 2 = AVX2, 3 = AVX-512. Returns the ISA now in
+// use, or -1 when the requested one is not available on this CPU / build.
+int shiftc_bcq_set_isa(int isa);
+int shiftc_bcq_isa(void);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,863 @@
+// shiftc BCQ run-time kernels on the lut16 layout: sizes, pack, prepare, compute, ISA dispatch.
+//
+// The contract (layout, math, calling convention) is in shiftc/bcq_lut.h. This file is
+// self-contained on purpose: `shiftc compile` compiles it standalone into every model library
+// that holds a BcqMatMul, for x86-64 and for aarch64, with no ISA flags. x86-64 kernels therefore
+// carry their ISA in a function attribute and are chosen at run time from the CPU:
+//
+//   kernel              scalar (all targets)   AVX2 + FMA              AVX-512 F/BW/VL/DQ
+//   table build         prepare_scalar         prepare_avx2            prepare_avx512
+//   GEMV (M < MAX_M)    lut_task_scalar        lut_task_avx2 (8 rows)  lut_task_avx512 (16 rows)
+//   GEMM (M >= MAX_M)   gemm_task_scalar       gemm_task_avx2 (6x16)   gemm_task_avx512 (MRx32)
+//
+// GEMV ("LUT") path. For 4 consecutive columns c of a row of X, prepare() stores the table
+//   T[c][m] = sum_{j<4} (bit j of m ? +x[4c+j] : -x[4c+j])         (0 for columns >= K)
+// so that sum_{j<4} s(B[n, 4c+j]) x[4c+j] = T[c][nibble of row n]. A code byte holds two nibbles
+// (columns 8o..8o+3 and 8o+4..8o+7) of one row and plane, so 16 rows take one 16-lane table
+// permute per nibble: no multiplication. Partial sums are kept per plane and group and scaled
+// once per group: y[n] += alpha[i][n][g] * part[i] (+ mu[n][g] * sum_{k in g} x[k]).
+//
+// GEMM path. A task owns 32 output columns of Y (two row blocks of W). For a K-slice of kKc
+// columns it expands its panel of W to float, panel[k][32] = mu - sum_i alpha_i + sum_{i: bit}
+// 2 alpha_i (one masked add per plane and 16 weights), then runs a register-blocked FMA kernel
+// over all M rows of X; the expansion is amortised over M.
+#include "shiftc/bcq_lut.h"
+
+#include <atomic>
+#include <string.h>
+
+#if defined(__x86_64__)
+// GCC 12's AVX-512 headers initialise "undefined" vectors from themselves (`__Y = __Y`), which
+// -Wmaybe-uninitialized reports at every inlined intrinsic (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#define SHIFTC_LUT_X86 1
+#define SHIFTC_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#define SHIFTC_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
+#else
+#define SHIFTC_LUT_X86 0
+#endif
+
+namespace {
+
+constexpr int kMaxQ = 4;           // planes supported (ai.shiftc::BcqMatMul's bits: 1..4)
+constexpr int64_t kBlock = 16;     // rows of W per lut16 block
+constexpr int64_t kTaskRows = 32;  // rows of W (= columns of Y) per task
+constexpr int64_t kKc = 256;       // GEMM: K-slice expanded at a time (panel = kKc x 32 floats)
+constexpr int kMaxMc = 4;          // GEMV: rows of X sharing one pass over the codes
+
+enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+bool valid_shape(int64_t N, int64_t K, int32_t q, int64_t G) {
+    return N >= 1 && K >= 1 && q >= 1 && q <= kMaxQ && G > 0 && G % 32 == 0;
+}
+
+// Everything a task needs, derived once per call.
+struct Problem {
+    const float* x;        // [M, K]
+    const float* ws;       // workspace filled by shiftc_bcq_prepare
+    const uint8_t* codes;  // [NB][Kp/8][q][16]
+    const float* scales;   // [NB][NG][q][16]
+    const float* offsets;  // [NB][NG][16] or nullptr
+    float* y;              // [M, N]
+    int64_t M, K, N, G;
+    int64_t Kp, NG, NB, octs;  // padded columns, groups, row blocks, column octets (Kp / 8)
+    int64_t ws_row;            // GEMV workspace floats per row of X: Kp*4 tables + NG sums
+    int q;
+};
+
+Problem make_problem(const float* x, const float* ws, int64_t M, int64_t K, int64_t N, int32_t q,
+                     int64_t G, const uint8_t* codes, const float* scales, const float* offsets,
+                     float* y) {
+    Problem p;
+    p.x = x;
+    p.ws = ws;
+    p.codes = codes;
+    p.scales = scales;
+    p.offsets = offsets;
+    p.y = y;
+    p.M = M;
+    p.K = K;
+    p.N = N;
+    p.G = G;
+    p.q = q;
+    p.NG = ceil_div(K, G);
+    p.Kp = p.NG * G;
+    p.NB = ceil_div(N, kBlock);
+    p.octs = p.Kp / 8;
+    p.ws_row = p.Kp * 4 + p.NG;
+    return p;
+}
+
+// Octets [o_begin, o_end) of group g that hold at least one column < K (the rest have all-zero
+// tables and contribute nothing).
+void group_octets(const Problem& p, int64_t g, int64_t* o_begin, int64_t* o_end) {
+    *o_begin = g * (p.G / 8);
+    const int64_t last = ceil_div(p.K, 8);
+    const int64_t end = *o_begin + p.G / 8;
+    *o_end = end < last ? end : last;
+}
+
+// Rows [m0, m0 + rows) of X in blocks of near-equal size, none above max_rows.
+struct RowSplit {
+    int64_t nblk, base, extra;
+    RowSplit(int64_t M, int64_t max_rows) {
+        nblk = ceil_div(M, max_rows);
+        base = nblk ? M / nblk : 0;
+        extra = nblk ? M % nblk : 0;
+    }
+    int64_t start(int64_t i) const { return i * base + (i < extra ? i : extra); }
+    int64_t size(int64_t i) const { return base + (i < extra ? 1 : 0); }
+};
+
+// ===========================================================================================
+// Scalar reference kernels (every target)
+// ===========================================================================================
+
+// Table of 4 columns: t[m] = sum_j (bit j of m ? +x_j : -x_j), summed in the order j = 0..3 (the
+// SIMD builds use the same order, so every ISA builds bit-identical tables).
+void table4_scalar(const float xs[4], float* t) {
+    for (int m = 0; m < 16; ++m) {
+        float v = (m & 1) ? xs[0] : -xs[0];
+        for (int j = 1; j < 4; ++j) v += ((m >> j) & 1) ? xs[j] : -xs[j];
+        t[m] = v;
+    }
+}
+
+void group_sums_scalar(const float* xr, int64_t K, int64_t G, int64_t NG, float* gs) {
+    for (int64_t g = 0; g < NG; ++g) {
+        const int64_t end = (g + 1) * G < K ? (g + 1) * G : K;
+        float s = 0.f;
+        for (int64_t k = g * G; k < end; ++k) s += xr[k];
+        gs[g] = s;
+    }
+}
+
+void prepare_scalar(const float* x, int64_t M, int64_t K, int64_t G, bool tables, float* ws) {
+    const int64_t NG = ceil_div(K, G), Kp = NG * G;
+    const int64_t row = tables ? Kp * 4 + NG : NG;
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        float* w = ws + m * row;
+        if (tables) {
+            for (int64_t c = 0; c < Kp / 4; ++c) {
+                float xs[4];
+                for (int j = 0; j < 4; ++j) xs[j] = 4 * c + j < K ? xr[4 * c + j] : 0.f;
+                table4_scalar(xs, w + 16 * c);
+            }
+            w += Kp * 4;
+        }
+        group_sums_scalar(xr, K, G, NG, w);
+    }
+}
+
+// GEMV: rows [16b, 16b+16) of W for every row of X.
+void lut_block_scalar(const Problem& p, int64_t b) {
+    const int q = p.q;
+    const uint8_t* cb = p.codes + b * p.octs * q * 16;
+    const float* sb = p.scales + b * p.NG * q * 16;
+    const float* ob = p.offsets ? p.offsets + b * p.NG * 16 : nullptr;
+    for (int64_t r = 0; r < kBlock && b * kBlock + r < p.N; ++r) {
+        for (int64_t m = 0; m < p.M; ++m) {
+            const float* T = p.ws + m * p.ws_row;
+            const float* gs = T + p.Kp * 4;
+            float tot = 0.f;
+            for (int64_t g = 0; g < p.NG; ++g) {
+                int64_t o0, o1;
+                group_octets(p, g, &o0, &o1);
+                for (int i = 0; i < q; ++i) {
+                    float part = 0.f;
+                    for (int64_t o = o0; o < o1; ++o) {
+                        const uint8_t c = cb[(o * q + i) * 16 + r];
+                        part += T[32 * o + (c & 15)] + T[32 * o + 16 + (c >> 4)];
+                    }
+                    tot += sb[(g * q + i) * 16 + r] * part;
+                }
+                if (ob) tot += ob[g * 16 + r] * gs[g];
+            }
+            p.y[m * p.N + b * kBlock + r] = tot;
+        }
+    }
+}
+
+void lut_task_scalar(const Problem& p, int64_t t) {
+    for (int64_t b = 2 * t; b < 2 * t + 2 && b < p.NB; ++b) lut_block_scalar(p, b);
+}
+
+// GEMM: expand columns [k0, k0 + kc) of rows [16 b0, 16 (b0 + nv)) of W into panel[k][16 nv].
+// w = (mu - sum_i alpha_i) + sum_{i : bit set} 2 alpha_i, added in plane order (as the SIMD
+// expansions do, so every ISA expands to the same floats).
+void expand_scalar(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t kc, float* panel) {
+    const int q = p.q;
+    const int64_t o0 = k0 / 8, o1 = ceil_div(k0 + kc, 8);
+    for (int bb = 0; bb < nv; ++bb) {
+        const uint8_t* cb = p.codes + (b0 + bb) * p.octs * q * 16;
+        for (int64_t o = o0; o < o1; ++o) {
+            const int64_t g = o * 8 / p.G;
+            const float* s = p.scales + ((b0 + bb) * p.NG + g) * q * 16;
+            const float* mu = p.offsets ? p.offsets + ((b0 + bb) * p.NG + g) * 16 : nullptr;
+            for (int r = 0; r < 16; ++r) {
+                float base = mu ? mu[r] : 0.f;
+                for (int i = 0; i < q; ++i) base -= s[i * 16 + r];
+                for (int j = 0; j < 8; ++j) {
+                    float w = base;
+                    for (int i = 0; i < q; ++i) {
+                        if ((cb[(o * q + i) * 16 + r] >> j) & 1) w += 2.f * s[i * 16 + r];
+                    }
+                    panel[((o - o0) * 8 + j) * 16 * nv + bb * 16 + r] = w;
+                }
+            }
+        }
+    }
+}
+
+void gemm_task_scalar(const Problem& p, int64_t t) {
+    const int64_t b0 = 2 * t;
+    const int nv = b0 + 1 < p.NB ? 2 : 1;
+    const int64_t n0 = t * kTaskRows;
+    const int64_t ncols = p.N - n0 < 16 * nv ? p.N - n0 : 16 * nv;
+    const int64_t width = 16 * nv;
+    float panel[kKc * kTaskRows];
+    for (int64_t k0 = 0; k0 < p.K; k0 += kKc) {
+        const int64_t kc = p.K - k0 < kKc ? p.K - k0 : kKc;
+        expand_scalar(p, b0, nv, k0, kc, panel);
+        for (int64_t m = 0; m < p.M; ++m) {
+            const float* xr = p.x + m * p.K + k0;
+            float acc[kTaskRows] = {};
+            for (int64_t k = 0; k < kc; ++k) {
+                const float xv = xr[k];
+                const float* w = panel + k * width;
+                for (int64_t n = 0; n < width; ++n) acc[n] += xv * w[n];
+            }
+            float* yr = p.y + m * p.N + n0;
+            for (int64_t n = 0; n < ncols; ++n) yr[n] = k0 ? yr[n] + acc[n] : acc[n];
+        }
+    }
+}
+
+#if SHIFTC_LUT_X86
+// ===========================================================================================
+// AVX2 + FMA
+// ===========================================================================================
+
+// Lane m of kSign[j] is +1 where bit j of m is set, else -1 (16 lanes: a whole 4-column table).
+alignas(64) const float kSign[4][16] = {
+    {-1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1, -1, 1},
+    {-1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1, -1, -1, 1, 1},
+    {-1, -1, -1, -1, 1, 1, 1, 1, -1, -1, -1, -1, 1, 1, 1, 1},
+    {-1, -1, -1, -1, -1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1},
+};
+
+SHIFTC_TARGET_AVX2 float group_sum_avx2(const float* x, int64_t n) {
+    __m256 s = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + k));
+    alignas(32) float l[8];
+    _mm256_store_ps(l, s);
+    float r = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+    for (; k < n; ++k) r += x[k];
+    return r;
+}
+
+SHIFTC_TARGET_AVX2 void prepare_avx2(const float* x, int64_t M, int64_t K, int64_t G, bool tables,
+                                     float* ws) {
+    const int64_t NG = ceil_div(K, G), Kp = NG * G;
+    const int64_t row = tables ? Kp * 4 + NG : NG;
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        float* w = ws + m * row;
+        if (tables) {
+            for (int h = 0; h < 2; ++h) {
+                const __m256 s0 = _mm256_load_ps(kSign[0] + 8 * h), s1 = _mm256_load_ps(kSign[1] + 8 * h);
+                const __m256 s2 = _mm256_load_ps(kSign[2] + 8 * h), s3 = _mm256_load_ps(kSign[3] + 8 * h);
+                for (int64_t c = 0; c < Kp / 4; ++c) {
+                    float xs[4];
+                    for (int j = 0; j < 4; ++j) xs[j] = 4 * c + j < K ? xr[4 * c + j] : 0.f;
+                    __m256 t = _mm256_mul_ps(_mm256_set1_ps(xs[0]), s0);
+                    t = _mm256_fmadd_ps(_mm256_set1_ps(xs[1]), s1, t);
+                    t = _mm256_fmadd_ps(_mm256_set1_ps(xs[2]), s2, t);
+                    t = _mm256_fmadd_ps(_mm256_set1_ps(xs[3]), s3, t);
+                    _mm256_storeu_ps(w + 16 * c + 8 * h, t);
+                }
+            }
+            w += Kp * 4;
+        }
+        for (int64_t g = 0; g < NG; ++g) {
+            const int64_t end = (g + 1) * G < K ? (g + 1) * G : K;
+            w[g] = group_sum_avx2(xr + g * G, end - g * G);
+        }
+    }
+}
+
+// GEMV, 8 rows (half h of block b) x MC rows of X starting at m0. Table entries 0..7 and 8..15
+// are two registers; the index's bit 3, shifted into the sign bit, picks one with blendv.
+template <int Q, int MC>
+SHIFTC_TARGET_AVX2 void lut_rows_avx2(const Problem& p, int64_t b, int h, int64_t m0) {
+    const uint8_t* cb = p.codes + b * p.octs * Q * 16 + 8 * h;
+    const float* sb = p.scales + b * p.NG * Q * 16 + 8 * h;
+    const float* ob = p.offsets ? p.offsets + b * p.NG * 16 + 8 * h : nullptr;
+    const float* T[MC];
+    for (int mc = 0; mc < MC; ++mc) T[mc] = p.ws + (m0 + mc) * p.ws_row;
+    __m256 tot[MC];
+    for (int mc = 0; mc < MC; ++mc) tot[mc] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < p.NG; ++g) {
+        int64_t o0, o1;
+        group_octets(p, g, &o0, &o1);
+        __m256 part[Q][MC];
+        for (int i = 0; i < Q; ++i)
+            for (int mc = 0; mc < MC; ++mc) part[i][mc] = _mm256_setzero_ps();
+        for (int64_t o = o0; o < o1; ++o) {
+            for (int i = 0; i < Q; ++i) {
+                const __m256i lo =
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(cb + (o * Q + i) * 16)));
+                const __m256i hi = _mm256_srli_epi32(lo, 4);
+                const __m256 sel_lo = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 28));
+                const __m256 sel_hi = _mm256_castsi256_ps(_mm256_slli_epi32(lo, 24));
+                for (int mc = 0; mc < MC; ++mc) {
+                    const float* t = T[mc] + 32 * o;
+                    const __m256 v0 = _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(t), lo),
+                                                       _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 8), lo),
+                                                       sel_lo);
+                    const __m256 v1 =
+                        _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 16), hi),
+                                         _mm256_permutevar8x32_ps(_mm256_loadu_ps(t + 24), hi), sel_hi);
+                    part[i][mc] = _mm256_add_ps(part[i][mc], _mm256_add_ps(v0, v1));
+                }
+            }
+        }
+        for (int i = 0; i < Q; ++i) {
+            const __m256 s = _mm256_loadu_ps(sb + (g * Q + i) * 16);
+            for (int mc = 0; mc < MC; ++mc) tot[mc] = _mm256_fmadd_ps(part[i][mc], s, tot[mc]);
+        }
+        if (ob) {
+            const __m256 mu = _mm256_loadu_ps(ob + g * 16);
+            for (int mc = 0; mc < MC; ++mc)
+                tot[mc] = _mm256_fmadd_ps(mu, _mm256_set1_ps(T[mc][p.Kp * 4 + g]), tot[mc]);
+        }
+    }
+    const int64_t n0 = b * kBlock + 8 * h;
+    const int64_t valid = p.N - n0;
+    for (int mc = 0; mc < MC; ++mc) {
+        float* yr = p.y + (m0 + mc) * p.N + n0;
+        if (valid >= 8) {
+            _mm256_storeu_ps(yr, tot[mc]);
+        } else {
+            alignas(32) float l[8];
+            _mm256_store_ps(l, tot[mc]);
+            for (int64_t r = 0; r < valid; ++r) yr[r] = l[r];
+        }
+    }
+}
+
+using LutRowsAvx2 = void (*)(const Problem&, int64_t, int, int64_t);
+template <int Q>
+constexpr LutRowsAvx2 kLutAvx2Row[kMaxMc] = {lut_rows_avx2<Q, 1>, lut_rows_avx2<Q, 2>,
+                                             lut_rows_avx2<Q, 3>, lut_rows_avx2<Q, 4>};
+constexpr const LutRowsAvx2* kLutAvx2[kMaxQ] = {kLutAvx2Row<1>, kLutAvx2Row<2>, kLutAvx2Row<3>,
+                                                kLutAvx2Row<4>};
+
+void lut_task_avx2(const Problem& p, int64_t t) {
+    const RowSplit rs(p.M, kMaxMc);
+    for (int64_t b = 2 * t; b < 2 * t + 2 && b < p.NB; ++b) {
+        for (int h = 0; h < 2 && b * kBlock + 8 * h < p.N; ++h) {
+            for (int64_t i = 0; i < rs.nblk; ++i) {
+                kLutAvx2[p.q - 1][rs.size(i) - 1](p, b, h, rs.start(i));
+            }
+        }
+    }
+}
+
+// GEMM expansion, 8 rows at a time: bit j of the code bytes (zero-extended to 32-bit lanes) is
+// moved into the sign bit and selects 2 alpha or 0 with blendv.
+template <int Q>
+SHIFTC_TARGET_AVX2 void expand_avx2(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t kc,
+                                    float* panel) {
+    const int64_t o0 = k0 / 8, o1 = ceil_div(k0 + kc, 8);
+    const int64_t width = 16 * nv;
+    for (int bb = 0; bb < nv; ++bb) {
+        const uint8_t* cb = p.codes + (b0 + bb) * p.octs * Q * 16;
+        for (int h = 0; h < 2; ++h) {
+            int64_t gcur = -1;
+            __m256 base = _mm256_setzero_ps(), a2[Q];
+            for (int i = 0; i < Q; ++i) a2[i] = _mm256_setzero_ps();
+            for (int64_t o = o0; o < o1; ++o) {
+                const int64_t g = o * 8 / p.G;
+                if (g != gcur) {
+                    gcur = g;
+                    const float* s = p.scales + ((b0 + bb) * p.NG + g) * Q * 16 + 8 * h;
+                    base = p.offsets ? _mm256_loadu_ps(p.offsets + ((b0 + bb) * p.NG + g) * 16 + 8 * h)
+                                     : _mm256_setzero_ps();
+                    for (int i = 0; i < Q; ++i) {
+                        const __m256 a = _mm256_loadu_ps(s + i * 16);
+                        base = _mm256_sub_ps(base, a);
+                        a2[i] = _mm256_add_ps(a, a);
+                    }
+                }
+                __m256i c[Q];
+                for (int i = 0; i < Q; ++i) {
+                    c[i] = _mm256_slli_epi32(
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(cb + (o * Q + i) * 16 + 8 * h))),
+                        24);  // bit 7 in the sign bit; one more left shift per column below
+                }
+                float* dst = panel + (o - o0) * 8 * width + bb * 16 + 8 * h;
+                for (int j = 7; j >= 0; --j) {
+                    __m256 w = base;
+                    for (int i = 0; i < Q; ++i) {
+                        w = _mm256_add_ps(w, _mm256_blendv_ps(_mm256_setzero_ps(), a2[i], _mm256_castsi256_ps(c[i])));
+                        c[i] = _mm256_slli_epi32(c[i], 1);
+                    }
+                    _mm256_storeu_ps(dst + j * width, w);
+                }
+            }
+        }
+    }
+}
+
+// C[MR rows of Y, 16 columns] (+)= X[MR, kc] . panel[kc, 16] (panel row stride `ldw`).
+template <int MR>
+SHIFTC_TARGET_AVX2 void mk_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t kc,
+                                float* y, int64_t ldy, bool accumulate, int64_t ncols) {
+    __m256 c0[MR], c1[MR];
+    for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kc; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(w + k * ldw), b1 = _mm256_loadu_ps(w + k * ldw + 8);
+        for (int r = 0; r < MR; ++r) {
+            const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+            c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
+            c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+        float* yr = y + r * ldy;
+        if (ncols >= 16) {
+            if (accumulate) {
+                c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(yr));
+                c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(yr + 8));
+            }
+            _mm256_storeu_ps(yr, c0[r]);
+            _mm256_storeu_ps(yr + 8, c1[r]);
+        } else {
+            alignas(32) float l[16];
+            _mm256_store_ps(l, c0[r]);
+            _mm256_store_ps(l + 8, c1[r]);
+            for (int64_t n = 0; n < ncols; ++n) yr[n] = accumulate ? yr[n] + l[n] : l[n];
+        }
+    }
+}
+
+constexpr int kMrAvx2 = 6;
+using MkAvx2 = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool,
+                        int64_t);
+constexpr MkAvx2 kMkAvx2[kMrAvx2] = {mk_avx2<1>, mk_avx2<2>, mk_avx2<3>, mk_avx2<4>, mk_avx2<5>, mk_avx2<6>};
+
+template <int Q>
+SHIFTC_TARGET_AVX2 void gemm_task_avx2_q(const Problem& p, int64_t t) {
+    const int64_t b0 = 2 * t;
+    const int nv = b0 + 1 < p.NB ? 2 : 1;
+    const int64_t n0 = t * kTaskRows, width = 16 * nv;
+    alignas(64) float panel[kKc * kTaskRows];
+    const RowSplit rs(p.M, kMrAvx2);
+    for (int64_t k0 = 0; k0 < p.K; k0 += kKc) {
+        const int64_t kc = p.K - k0 < kKc ? p.K - k0 : kKc;
+        expand_avx2<Q>(p, b0, nv, k0, kc, panel);
+        for (int half = 0; half < nv; ++half) {
+            const int64_t ncols = p.N - n0 - 16 * half;
+            if (ncols <= 0) break;
+            for (int64_t i = 0; i < rs.nblk; ++i) {
+                const int64_t m0 = rs.start(i);
+                kMkAvx2[rs.size(i) - 1](p.x + m0 * p.K + k0, p.K, panel + 16 * half, width, kc,
+                                        p.y + m0 * p.N + n0 + 16 * half, p.N, k0 > 0, ncols);
+            }
+        }
+    }
+}
+
+void gemm_task_avx2(const Problem& p, int64_t t) {
+    switch (p.q) {
+        case 1: gemm_task_avx2_q<1>(p, t); break;
+        case 2: gemm_task_avx2_q<2>(p, t); break;
+        case 3: gemm_task_avx2_q<3>(p, t); break;
+        default: gemm_task_avx2_q<4>(p, t); break;
+    }
+}
+
+// ===========================================================================================
+// AVX-512 (F, BW, VL, DQ)
+// ===========================================================================================
+
+SHIFTC_TARGET_AVX512 void prepare_avx512(const float* x, int64_t M, int64_t K, int64_t G, bool tables,
+                                         float* ws) {
+    const int64_t NG = ceil_div(K, G), Kp = NG * G;
+    const int64_t row = tables ? Kp * 4 + NG : NG;
+    const __m512 s0 = _mm512_load_ps(kSign[0]), s1 = _mm512_load_ps(kSign[1]);
+    const __m512 s2 = _mm512_load_ps(kSign[2]), s3 = _mm512_load_ps(kSign[3]);
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        float* w = ws + m * row;
+        if (tables) {
+            const int64_t full = K / 4;  // quads entirely inside K
+            for (int64_t c = 0; c < full; ++c) {
+                const float* xs = xr + 4 * c;
+                __m512 t = _mm512_mul_ps(_mm512_set1_ps(xs[0]), s0);
+                t = _mm512_fmadd_ps(_mm512_set1_ps(xs[1]), s1, t);
+                t = _mm512_fmadd_ps(_mm512_set1_ps(xs[2]), s2, t);
+                t = _mm512_fmadd_ps(_mm512_set1_ps(xs[3]), s3, t);
+                _mm512_storeu_ps(w + 16 * c, t);
+            }
+            for (int64_t c = full; c < Kp / 4; ++c) {
+                float xs[4];
+                for (int j = 0; j < 4; ++j) xs[j] = 4 * c + j < K ? xr[4 * c + j] : 0.f;
+                table4_scalar(xs, w + 16 * c);
+            }
+            w += Kp * 4;
+        }
+        for (int64_t g = 0; g < NG; ++g) {
+            const int64_t end = (g + 1) * G < K ? (g + 1) * G : K;
+            __m512 s = _mm512_setzero_ps();
+            for (int64_t k = g * G; k < end; k += 16) {
+                const int64_t n = end - k;
+                const __mmask16 mk = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+                s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(mk, xr + k));
+            }
+            w[g] = _mm512_reduce_add_ps(s);
+        }
+    }
+}
+
+// GEMV, 16 rows (block b) x MC rows of X starting at m0. The code bytes of one plane and octet,
+// zero-extended to 32-bit lanes, index the low-nibble table directly (permutexvar reads only the
+// low 4 bits of each lane) and the high-nibble table after a shift by 4.
+template <int Q, int MC>
+SHIFTC_TARGET_AVX512 void lut_rows_avx512(const Problem& p, int64_t b, int64_t m0) {
+    // With one plane and one row the single accumulator chain would limit the loop: use two.
+    constexpr int U = (Q * MC == 1) ? 2 : 1;
+    const uint8_t* cb = p.codes + b * p.octs * Q * 16;
+    const float* sb = p.scales + b * p.NG * Q * 16;
+    const float* ob = p.offsets ? p.offsets + b * p.NG * 16 : nullptr;
+    const float* T[MC];
+    for (int mc = 0; mc < MC; ++mc) T[mc] = p.ws + (m0 + mc) * p.ws_row;
+    __m512 tot[MC];
+    for (int mc = 0; mc < MC; ++mc) tot[mc] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.NG; ++g) {
+        int64_t o0, o1;
+        group_octets(p, g, &o0, &o1);
+        __m512 part[U][Q][MC];
+        for (int u = 0; u < U; ++u)
+            for (int i = 0; i < Q; ++i)
+                for (int mc = 0; mc < MC; ++mc) part[u][i][mc] = _mm512_setzero_ps();
+        int64_t o = o0;
+        for (; o + U <= o1; o += U) {
+            for (int u = 0; u < U; ++u) {
+                for (int i = 0; i < Q; ++i) {
+                    const __m512i lo =
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(cb + ((o + u) * Q + i) * 16)));
+                    const __m512i hi = _mm512_srli_epi32(lo, 4);
+                    for (int mc = 0; mc < MC; ++mc) {
+                        const float* t = T[mc] + 32 * (o + u);
+                        const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)),
+                                                       _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
+                        part[u][i][mc] = _mm512_add_ps(part[u][i][mc], v);
+                    }
+                }
+            }
+        }
+        for (; o < o1; ++o) {  // odd octet left when U = 2
+            for (int i = 0; i < Q; ++i) {
+                const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(cb + (o * Q + i) * 16)));
+                const __m512i hi = _mm512_srli_epi32(lo, 4);
+                for (int mc = 0; mc < MC; ++mc) {
+                    const float* t = T[mc] + 32 * o;
+                    const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)),
+                                                   _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
+                    part[0][i][mc] = _mm512_add_ps(part[0][i][mc], v);
+                }
+            }
+        }
+        for (int i = 0; i < Q; ++i) {
+            const __m512 s = _mm512_loadu_ps(sb + (g * Q + i) * 16);
+            for (int mc = 0; mc < MC; ++mc) {
+                __m512 v = part[0][i][mc];
+                if (U == 2) v = _mm512_add_ps(v, part[U - 1][i][mc]);
+                tot[mc] = _mm512_fmadd_ps(v, s, tot[mc]);
+            }
+        }
+        if (ob) {
+            const __m512 mu = _mm512_loadu_ps(ob + g * 16);
+            for (int mc = 0; mc < MC; ++mc)
+                tot[mc] = _mm512_fmadd_ps(mu, _mm512_set1_ps(T[mc][p.Kp * 4 + g]), tot[mc]);
+        }
+    }
+    const int64_t n0 = b * kBlock;
+    const int64_t valid = p.N - n0;
+    const __mmask16 mk = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+    for (int mc = 0; mc < MC; ++mc) _mm512_mask_storeu_ps(p.y + (m0 + mc) * p.N + n0, mk, tot[mc]);
+}
+
+using LutRowsAvx512 = void (*)(const Problem&, int64_t, int64_t);
+template <int Q>
+constexpr LutRowsAvx512 kLutAvx512Row[kMaxMc] = {lut_rows_avx512<Q, 1>, lut_rows_avx512<Q, 2>,
+                                                 lut_rows_avx512<Q, 3>, lut_rows_avx512<Q, 4>};
+constexpr const LutRowsAvx512* kLutAvx512[kMaxQ] = {kLutAvx512Row<1>, kLutAvx512Row<2>,
+                                                    kLutAvx512Row<3>, kLutAvx512Row<4>};
+
+void lut_task_avx512(const Problem& p, int64_t t) {
+    const RowSplit rs(p.M, kMaxMc);
+    for (int64_t b = 2 * t; b < 2 * t + 2 && b < p.NB; ++b) {
+        for (int64_t i = 0; i < rs.nblk; ++i) kLutAvx512[p.q - 1][rs.size(i) - 1](p, b, rs.start(i));
+    }
+}
+
+// GEMM expansion, 16 rows per register: bit j of the 16 code bytes of a plane is a 16-bit lane
+// mask (vptestmb), which adds 2 alpha to the lanes that have it.
+template <int Q>
+SHIFTC_TARGET_AVX512 void expand_avx512(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t kc,
+                                        float* panel) {
+    const int64_t o0 = k0 / 8, o1 = ceil_div(k0 + kc, 8);
+    const int64_t width = 16 * nv;
+    for (int bb = 0; bb < nv; ++bb) {
+        const uint8_t* cb = p.codes + (b0 + bb) * p.octs * Q * 16;
+        int64_t gcur = -1;
+        __m512 base = _mm512_setzero_ps(), a2[Q];
+        for (int i = 0; i < Q; ++i) a2[i] = _mm512_setzero_ps();
+        for (int64_t o = o0; o < o1; ++o) {
+            const int64_t g = o * 8 / p.G;
+            if (g != gcur) {
+                gcur = g;
+                const float* s = p.scales + ((b0 + bb) * p.NG + g) * Q * 16;
+                base = p.offsets ? _mm512_loadu_ps(p.offsets + ((b0 + bb) * p.NG + g) * 16) : _mm512_setzero_ps();
+                for (int i = 0; i < Q; ++i) {
+                    const __m512 a = _mm512_loadu_ps(s + i * 16);
+                    base = _mm512_sub_ps(base, a);
+                    a2[i] = _mm512_add_ps(a, a);
+                }
+            }
+            __m128i c[Q];
+            for (int i = 0; i < Q; ++i) c[i] = _mm_loadu_si128((const __m128i*)(cb + (o * Q + i) * 16));
+            float* dst = panel + (o - o0) * 8 * width + bb * 16;
+            for (int j = 0; j < 8; ++j) {
+                const __m128i bit = _mm_set1_epi8((char)(1 << j));
+                __m512 w = base;
+                for (int i = 0; i < Q; ++i) w = _mm512_mask_add_ps(w, _mm_test_epi8_mask(c[i], bit), w, a2[i]);
+                _mm512_store_ps(dst + j * width, w);
+            }
+        }
+    }
+}
+
+// C[MR rows of Y, 16 NV columns] (+)= X[MR, kc] . panel[kc, 16 NV]; columns masked by m0, m1.
+template <int MR, int NV>
+SHIFTC_TARGET_AVX512 void mk_avx512(const float* x, int64_t ldx, const float* w, int64_t kc, float* y,
+                                    int64_t ldy, bool accumulate, __mmask16 m0, __mmask16 m1) {
+    __m512 c0[MR], c1[MR];
+    for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+    for (int64_t k = 0; k < kc; ++k) {
+        const __m512 b0 = _mm512_load_ps(w + k * 16 * NV);
+        const __m512 b1 = NV == 2 ? _mm512_load_ps(w + k * 16 * NV + 16) : b0;
+        for (int r = 0; r < MR; ++r) {
+            const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
+            c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
+            if (NV == 2) c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
+        }
+    }
+    for (int r = 0; r < MR; ++r) {
+        float* yr = y + r * ldy;
+        if (accumulate) c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(m0, yr));
+        _mm512_mask_storeu_ps(yr, m0, c0[r]);
+        if (NV == 2) {
+            if (accumulate) c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(m1, yr + 16));
+            _mm512_mask_storeu_ps(yr + 16, m1, c1[r]);
+        }
+    }
+}
+
+constexpr int kMrAvx512 = 14;
+using MkAvx512 = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, bool, __mmask16,
+                          __mmask16);
+template <int NV>
+constexpr MkAvx512 kMkAvx512Nv[kMrAvx512] = {
+    mk_avx512<1, NV>,  mk_avx512<2, NV>,  mk_avx512<3, NV>,  mk_avx512<4, NV>,  mk_avx512<5, NV>,
+    mk_avx512<6, NV>,  mk_avx512<7, NV>,  mk_avx512<8, NV>,  mk_avx512<9, NV>,  mk_avx512<10, NV>,
+    mk_avx512<11, NV>, mk_avx512<12, NV>, mk_avx512<13, NV>, mk_avx512<14, NV>};
+constexpr const MkAvx512* kMkAvx512[2] = {kMkAvx512Nv<1>, kMkAvx512Nv<2>};
+
+template <int Q>
+SHIFTC_TARGET_AVX512 void gemm_task_avx512_q(const Problem& p, int64_t t) {
+    const int64_t b0 = 2 * t;
+    const int nv = b0 + 1 < p.NB ? 2 : 1;
+    const int64_t n0 = t * kTaskRows;
+    const int64_t ncols = p.N - n0 < 16 * nv ? p.N - n0 : 16 * nv;
+    const __mmask16 m0 = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
+    const __mmask16 m1 = ncols >= 32 ? (__mmask16)0xFFFF : ncols <= 16 ? (__mmask16)0 : (__mmask16)((1u << (ncols - 16)) - 1);
+    alignas(64) float panel[kKc * kTaskRows];
+    const RowSplit rs(p.M, kMrAvx512);
+    const MkAvx512* mk = kMkAvx512[nv - 1];
+    for (int64_t k0 = 0; k0 < p.K; k0 += kKc) {
+        const int64_t kc = p.K - k0 < kKc ? p.K - k0 : kKc;
+        expand_avx512<Q>(p, b0, nv, k0, kc, panel);
+        for (int64_t i = 0; i < rs.nblk; ++i) {
+            const int64_t mr0 = rs.start(i);
+            mk[rs.size(i) - 1](p.x + mr0 * p.K + k0, p.K, panel, kc, p.y + mr0 * p.N + n0, p.N, k0 > 0, m0, m1);
+        }
+    }
+}
+
+void gemm_task_avx512(const Problem& p, int64_t t) {
+    switch (p.q) {
+        case 1: gemm_task_avx512_q<1>(p, t); break;
+        case 2: gemm_task_avx512_q<2>(p, t); break;
+        case 3: gemm_task_avx512_q<3>(p, t); break;
+        default: gemm_task_avx512_q<4>(p, t); break;
+    }
+}
+#endif  // SHIFTC_LUT_X86
+
+// ===========================================================================================
+// Dispatch
+// ===========================================================================================
+
+bool isa_available(int isa) {
+    if (isa == kScalar) return true;
+#if SHIFTC_LUT_X86
+    __builtin_cpu_init();
+    if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == kAvx512) {
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    }
+#endif
+    return false;
+}
+
+int best_isa() {
+    if (isa_available(kAvx512)) return kAvx512;
+    if (isa_available(kAvx2)) return kAvx2;
+    return kScalar;
+}
+
+std::atomic<int> g_isa{kAuto};  // kAuto until first use or shiftc_bcq_set_isa
+
+int current_isa() {
+    int isa = g_isa.load(std::memory_order_relaxed);
+    if (isa == kAuto) {
+        isa = best_isa();
+        g_isa.store(isa, std::memory_order_relaxed);
+    }
+    return isa;
+}
+
+}  // namespace
+
+extern "C" {
+
+int64_t shiftc_bcq_codes_bytes(int64_t N, int64_t K, int32_t q, int64_t G) {
+    if (!valid_shape(N, K, q, G)) return -1;
+    return ceil_div(N, kBlock) * (ceil_div(K, G) * G / 8) * q * 16;
+}
+
+int64_t shiftc_bcq_scales_floats(int64_t N, int64_t K, int32_t q, int64_t G) {
+    if (!valid_shape(N, K, q, G)) return -1;
+    return ceil_div(N, kBlock) * ceil_div(K, G) * q * 16;
+}
+
+int64_t shiftc_bcq_offsets_floats(int64_t N, int64_t K, int64_t G) {
+    if (!valid_shape(N, K, 1, G)) return -1;
+    return ceil_div(N, kBlock) * ceil_div(K, G) * 16;
+}
+
+int shiftc_bcq_pack_lut16(const uint32_t* planes, const float* alpha, int64_t N, int64_t K, int32_t q,
+                          int64_t G, int32_t coding, uint8_t* codes, float* scales, float* offsets) {
+    if (!valid_shape(N, K, q, G) || (coding != 0 && coding != 1) || !planes || !alpha || !codes ||
+        !scales || (coding == 1 && !offsets)) {
+        return -1;
+    }
+    const int64_t NG = ceil_div(K, G), octs = NG * G / 8, NB = ceil_div(N, kBlock);
+    const int64_t wpr = ceil_div(K, 32);
+    const float half = coding == 1 ? 0.5f : 1.f;
+    for (int64_t b = 0; b < NB; ++b) {
+        for (int64_t o = 0; o < octs; ++o) {
+            const int64_t c0 = 8 * o;
+            const int64_t valid = K - c0;  // columns of this octet inside K
+            const uint32_t keep = valid >= 8 ? 0xFFu : valid <= 0 ? 0u : (1u << valid) - 1u;
+            for (int i = 0; i < q; ++i) {
+                uint8_t* dst = codes + ((b * octs + o) * q + i) * 16;
+                for (int64_t r = 0; r < kBlock; ++r) {
+                    const int64_t n = b * kBlock + r;
+                    uint32_t byte = 0;
+                    if (n < N && keep) byte = (planes[(i * N + n) * wpr + c0 / 32] >> (c0 % 32)) & keep;
+                    dst[r] = (uint8_t)byte;
+                }
+            }
+        }
+        for (int64_t g = 0; g < NG; ++g) {
+            for (int64_t r = 0; r < kBlock; ++r) {
+                const int64_t n = b * kBlock + r;
+                float mu = 0.f;
+                for (int i = 0; i < q; ++i) {
+                    const float a = n < N ? alpha[(i * N + n) * NG + g] * half : 0.f;
+                    scales[((b * NG + g) * q + i) * 16 + r] = a;
+                    mu += a;
+                }
+                if (offsets) offsets[(b * NG + g) * 16 + r] = coding == 1 ? mu : 0.f;
+            }
+        }
+    }
+    return 0;
+}
+
+int64_t shiftc_bcq_workspace_floats(int64_t M, int64_t K, int64_t G) {
+    if (M < 0 || !valid_shape(1, K, 1, G)) return -1;
+    const int64_t NG = ceil_div(K, G);
+    return M < SHIFTC_BCQ_LUT_MAX_M ? M * (NG * G * 4 + NG) : M * NG;
+}
+
+int shiftc_bcq_prepare(const float* x, int64_t M, int64_t K, int64_t G, float* ws) {
+    if (M < 0 || !valid_shape(1, K, 1, G) || (M > 0 && (!x || !ws))) return -1;
+    const bool tables = M < SHIFTC_BCQ_LUT_MAX_M;
+    switch (current_isa()) {
+#if SHIFTC_LUT_X86
+        case kAvx512: prepare_avx512(x, M, K, G, tables, ws); break;
+        case kAvx2: prepare_avx2(x, M, K, G, tables, ws); break;
+#endif
+        default: prepare_scalar(x, M, K, G, tables, ws); break;
+    }
+    return 0;
+}
+
+int shiftc_bcq_compute(const float* x, const float* ws, int64_t M, int64_t K, int64_t N, int32_t q,
+                       int64_t G, const uint8_t* codes, const float* scales, const float* offsets,
+                       float* y, int64_t task) {
+    if (M < 0 || !valid_shape(N, K, q, G) || task < 0 || task >= ceil_div(ceil_div(N, kBlock), 2)) return -1;
+    if (M == 0) return 0;
+    if (!x || !ws || !codes || !scales || !y) return -1;
+    const Problem p = make_problem(x, ws, M, K, N, q, G, codes, scales, offsets, y);
+    const bool lut = M < SHIFTC_BCQ_LUT_MAX_M;
+    switch (current_isa()) {
+#if SHIFTC_LUT_X86
+        case kAvx512: lut ? lut_task_avx512(p, task) : gemm_task_avx512(p, task); break;
+        case kAvx2: lut ? lut_task_avx2(p, task) : gemm_task_avx2(p, task); break;
+#endif
+        default: lut ? lut_task_scalar(p, task) : gemm_task_scalar(p, task); break;
+    }
+    return 0;
+}
+
+int shiftc_bcq_set_isa(int isa) {
+    if (isa == kAuto) {
+        const int best = best_isa();
+        g_isa.store(best, std::memory_order_relaxed);
+        return best;
+    }
+    if (isa < kScalar || isa > kAvx512 || !isa_available(isa)) return -1;
+    g_isa.store(isa, std::memory_order_relaxed);
+    return isa;
+}
+
+int shiftc_bcq_isa(void) { return current_isa(); }
+
+}  // extern "C"

@@ -1,0 +1,273 @@
+"""The lut16 kernels of ai.shiftc::BcqMatMul (csrc/kernels/bcq_lut.cc, layout in
+csrc/include/shiftc/bcq_lut.h) through shiftc._native, against the float64 numpy reference
+shiftc.passes.ops.bcq_matmul_ref, for every ISA this CPU has.
+
+Tolerance: the kernels sum signed columns per plane and scale the sums, and a "01" plane runs as
+a +-1 plane plus an offset, so every intermediate is bounded by
+S[m, n] = sum_k |x[m, k]| A[n, k],  A[n, k] = sum_i alpha_i[n, g(k)]  (>= |w[n, k]|),
+and a float32 kernel's error on output (m, n) is a few float32 epsilons times S whatever the
+summation order: every output must satisfy |y - ref| <= RTOL * S. (S, not sum_k |x||w|: a weight
+that cancels to 0, e.g. "01" bit 0, still goes through +-alpha/2 terms.)
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from conftest import require
+from shiftc import _native as nat
+from shiftc.passes.bcq import NO_TERM, exps_to_alpha, pack_planes, reconstruct, unpack_planes
+from shiftc.passes.ops import bcq_matmul_ref
+
+RTOL = 1e-5  # relative to sum_k |x_k| |w_nk|, per output
+MAX_M = nat.BCQ_LUT_MAX_M  # rows of X below which the table (GEMV) path runs
+M_VALUES = sorted({1, 2, 3, MAX_M - 1, MAX_M, 17, 130} - {0})
+ISAS = ["scalar", "avx2", "avx512"]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test with the lut16 kernels forced to one ISA; restore automatic choice after."""
+    try:
+        nat.bcq_set_isa(request.param)
+    except ValueError as e:
+        require(False, f"this CPU/build lacks ISA {request.param}: {e}")
+    yield request.param
+    nat.bcq_set_isa("auto")
+
+
+def make_weights(rng, q: int, n: int, k: int, group: int):
+    """Random bit planes and power-of-two scales, some of them sums of two powers (pow2x2) and
+    some zero (both terms NO_TERM), as the shift-add pass emits them."""
+    ng = -(-k // group)
+    planes01 = rng.integers(0, 2, (q, n, k), dtype=np.uint8)
+    exps = rng.integers(-7, 1, (q, n, ng, 2)).astype(np.int8)
+    exps[..., 1] = np.where(rng.random((q, n, ng)) < 0.5, NO_TERM, exps[..., 1])
+    exps[rng.random((q, n, ng)) < 0.02] = NO_TERM
+    return pack_planes(planes01), exps
+
+
+def error_scale(x: np.ndarray, exps: np.ndarray, k: int, group: int) -> np.ndarray:
+    """S [M, N] of the module docstring."""
+    a = np.repeat(exps_to_alpha(exps).astype(np.float64).sum(axis=0), group, axis=-1)[:, :k]  # A [N, K]
+    return np.abs(x.astype(np.float64)) @ a.T
+
+
+def check(y: np.ndarray, x: np.ndarray, planes: np.ndarray, exps: np.ndarray, *, q: int, k: int, group: int,
+          coding: str, what: str) -> None:
+    ref = bcq_matmul_ref(x, planes, exps, bits=q, group_size=group, in_features=k, coding=coding)
+    bound = error_scale(x, exps, k, group)
+    assert y.shape == ref.shape and y.dtype == np.float32, what
+    err = np.abs(y.astype(np.float64) - ref.astype(np.float64))
+    bad = err > RTOL * bound + 1e-30
+    assert not bad.any(), f"{what}: {bad.sum()} outputs off, worst err/bound {np.max(err / np.maximum(bound, 1e-30)):.3g}"
+
+
+def run(x, planes, exps, *, q, k, group, coding, threads=1):
+    codes, scales, offsets = nat.bcq_pack_lut16(planes, exps_to_alpha(exps), k, group, coding)
+    return nat.bcq_matmul_lut16(x, codes, scales, offsets, planes.shape[1], k, q, group, threads=threads)
+
+
+# -- correctness --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("coding", ["pm1", "01"])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+def test_every_bits_group_coding_and_m(isa, q, group, coding):
+    """N=17 (one full and one partial row block, a half task), K=576 (G=128: last group partial),
+    every M of both paths."""
+    rng = np.random.default_rng(q * 100 + group)
+    n, k = 17, 576
+    planes, exps = make_weights(rng, q, n, k, group)
+    for m in M_VALUES:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        y = run(x, planes, exps, q=q, k=k, group=group, coding=coding)
+        check(y, x, planes, exps, q=q, k=k, group=group, coding=coding, what=f"{isa} q={q} G={group} {coding} M={m}")
+
+
+# (N, K) grid; bits, group and coding rotate over it so that each shape meets several of them.
+SHAPES = list(itertools.product([1, 17, 576, 1536], [64, 576, 1536]))
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_shapes(isa, n, k):
+    i = SHAPES.index((n, k))
+    q, group, coding = 1 + i % 4, (32, 64, 128)[i % 3], ("pm1", "01")[i % 2]
+    rng = np.random.default_rng(i)
+    planes, exps = make_weights(rng, q, n, k, group)
+    # the large shapes only at the M of each path's edge, to keep the scalar ISA quick
+    ms = [1, MAX_M - 1, MAX_M, 130] if n * k <= 576 * 576 else [1, MAX_M]
+    for m in sorted(set(ms) - {0}):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        y = run(x, planes, exps, q=q, k=k, group=group, coding=coding)
+        check(y, x, planes, exps, q=q, k=k, group=group, coding=coding, what=f"{isa} N={n} K={k} q={q} G={group} M={m}")
+
+
+@pytest.mark.parametrize("k", [1, 7, 31, 33, 61, 100, 200])
+def test_k_not_a_multiple_of_8_or_32(isa, k):
+    """Columns >= K inside the last octet/word/group contribute nothing."""
+    rng = np.random.default_rng(k)
+    n, q, group = 40, 3, 32
+    for coding in ("pm1", "01"):
+        planes, exps = make_weights(rng, q, n, k, group)
+        for m in (1, MAX_M, 20):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            y = run(x, planes, exps, q=q, k=k, group=group, coding=coding)
+            check(y, x, planes, exps, q=q, k=k, group=group, coding=coding, what=f"{isa} K={k} {coding} M={m}")
+
+
+@pytest.mark.parametrize("m", [1, MAX_M, 130])
+def test_threads_match_one_thread(isa, m):
+    """Tasks are independent: two threads give bit-identical results."""
+    rng = np.random.default_rng(m)
+    n, k, q, group = 576, 576, 2, 128
+    planes, exps = make_weights(rng, q, n, k, group)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y1 = run(x, planes, exps, q=q, k=k, group=group, coding="01", threads=1)
+    y2 = run(x, planes, exps, q=q, k=k, group=group, coding="01", threads=2)
+    np.testing.assert_array_equal(y1, y2)
+    check(y2, x, planes, exps, q=q, k=k, group=group, coding="01", what=f"{isa} threads=2 M={m}")
+
+
+def test_isas_agree():
+    """Every available ISA gives the same outputs up to summation order (they build identical
+    tables and expanded weights)."""
+    rng = np.random.default_rng(7)
+    n, k, q, group = 48, 320, 3, 64
+    planes, exps = make_weights(rng, q, n, k, group)
+    xs = [rng.standard_normal((m, k)).astype(np.float32) for m in (1, 130)]
+    outs = {}
+    for isa in ISAS:
+        try:
+            nat.bcq_set_isa(isa)
+        except ValueError:
+            continue
+        outs[isa] = [run(x, planes, exps, q=q, k=k, group=group, coding="pm1") for x in xs]
+    nat.bcq_set_isa("auto")
+    base = outs.pop("scalar")
+    for isa, ys in outs.items():
+        for x, a, b in zip(xs, ys, base):
+            bound = error_scale(x, exps, k, group)
+            assert np.all(np.abs(a - b) <= 2 * RTOL * bound), isa
+
+
+# -- layout ---------------------------------------------------------------------------------------
+
+
+def np_pack_lut16(planes01: np.ndarray, alpha: np.ndarray, k: int, group: int, coding: str):
+    """numpy transcription of the lut16 layout in shiftc/bcq_lut.h."""
+    q, n, _ = planes01.shape
+    ng = -(-k // group)
+    kp, nb = ng * group, -(-n // 16)
+    bits = np.zeros((q, nb * 16, kp), np.uint8)
+    bits[:, :n, :k] = planes01
+    # codes [NB][Kp/8][q][16]: byte r = bits 8o..8o+7 of row 16b+r, bit j = column 8o+j
+    octets = np.packbits(bits.reshape(q, nb * 16, kp // 8, 8), axis=-1, bitorder="little")[..., 0]
+    codes = octets.reshape(q, nb, 16, kp // 8).transpose(1, 3, 0, 2)
+    a = np.zeros((q, nb * 16, ng), np.float32)
+    a[:, :n] = alpha * (0.5 if coding == "01" else 1.0)
+    scales = a.reshape(q, nb, 16, ng).transpose(1, 3, 0, 2)
+    offsets = a.sum(axis=0).reshape(nb, 16, ng).transpose(0, 2, 1) if coding == "01" else None
+    return codes.ravel(), scales.ravel(), None if offsets is None else offsets.ravel()
+
+
+@pytest.mark.parametrize("coding", ["pm1", "01"])
+@pytest.mark.parametrize("q,n,k,group", [(1, 1, 64, 32), (3, 17, 576, 128), (4, 40, 100, 64), (2, 33, 33, 32)])
+def test_pack_layout(q, n, k, group, coding):
+    rng = np.random.default_rng(n)
+    planes01 = rng.integers(0, 2, (q, n, k), dtype=np.uint8)
+    alpha = np.exp2(rng.integers(-6, 1, (q, n, -(-k // group)))).astype(np.float32)
+    got = nat.bcq_pack_lut16(pack_planes(planes01), alpha, k, group, coding)
+    want = np_pack_lut16(planes01, alpha, k, group, coding)
+    assert got[0].dtype == np.uint8 and got[1].dtype == np.float32
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    if coding == "pm1":
+        assert got[2] is None
+    else:
+        np.testing.assert_array_equal(got[2], want[2])
+
+
+def test_pack_ignores_set_padding_bits():
+    """Bits set beyond K in the last word (not allowed by packed.h, but cheap to tolerate) are
+    dropped: the codes equal those of the clean planes."""
+    rng = np.random.default_rng(3)
+    q, n, k, group = 2, 5, 40, 32
+    planes = pack_planes(rng.integers(0, 2, (q, n, k), dtype=np.uint8))
+    dirty = planes.copy()
+    dirty[..., -1] |= np.uint32(0xFFFFFF00)  # columns 40..63
+    alpha = np.ones((q, n, 2), np.float32)
+    np.testing.assert_array_equal(nat.bcq_pack_lut16(dirty, alpha, k, group)[0], nat.bcq_pack_lut16(planes, alpha, k, group)[0])
+
+
+# -- ISA selection and bad arguments ----------------------------------------------------------------
+
+
+def test_isa_selection():
+    assert nat.bcq_set_isa("scalar") == "scalar" and nat.bcq_isa() == "scalar"
+    best = nat.bcq_set_isa("auto")
+    assert best in ISAS and nat.bcq_isa() == best
+    with pytest.raises(ValueError, match="name must be"):
+        nat.bcq_set_isa("sse4")
+    assert nat.bcq_isa() == best
+
+
+@pytest.fixture(scope="module")
+def packed():
+    rng = np.random.default_rng(0)
+    q, n, k, group = 2, 20, 96, 32
+    planes, exps = make_weights(rng, q, n, k, group)
+    codes, scales, _ = nat.bcq_pack_lut16(planes, exps_to_alpha(exps), k, group, "pm1")
+    _, _, offsets = nat.bcq_pack_lut16(planes, exps_to_alpha(exps), k, group, "01")
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    return dict(x=x, codes=codes, scales=scales, offsets=offsets, N=n, K=k, bits=q, group=group)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(x=np.zeros((3, 95), np.float32)), "x must have shape"),
+    (dict(x=np.zeros(96, np.float32)), "x must be 2-D"),
+    (dict(x=np.zeros((3, 96), np.int32)), "x must be a float array"),
+    (dict(codes="int8"), "codes must be uint8"),
+    (dict(codes="short"), "codes must hold"),
+    (dict(scales="float64"), "scales must be float32"),
+    (dict(scales="short"), "scales must hold"),
+    (dict(offsets="short"), "offsets must hold"),
+    (dict(N=0), "N must be >= 1"),
+    (dict(N=40), "codes must hold"),
+    (dict(K=0), "K must be >= 1"),
+    (dict(bits=0), "bits must be in 1..4"),
+    (dict(bits=5), "bits must be in 1..4"),
+    (dict(group=48), "group must be a positive multiple of 32"),
+    (dict(threads=0), "threads must be >= 1"),
+])
+def test_matmul_rejects_bad_arguments(packed, change, match):
+    args = dict(packed, threads=1)
+    for key, val in change.items():
+        if isinstance(val, str) and val == "short":
+            val = args[key][:-1]
+        elif isinstance(val, str):
+            val = args[key].astype(val)
+        args[key] = val
+    with pytest.raises(ValueError, match=f"bcq_matmul_lut16: {match}"):
+        nat.bcq_matmul_lut16(**args)
+
+
+def test_pack_rejects_bad_arguments():
+    planes = np.zeros((2, 4, 3), np.uint32)  # K in 65..96
+    alpha = np.ones((2, 4, 3), np.float32)  # G = 32
+    with pytest.raises(ValueError, match="bcq_pack_lut16: coding must be"):
+        nat.bcq_pack_lut16(planes, alpha, 96, 32, "pm2")
+    with pytest.raises(ValueError, match="bcq_pack_lut16: planes must have shape"):
+        nat.bcq_pack_lut16(planes, alpha, 200, 32)
+    with pytest.raises(ValueError, match="bcq_pack_lut16: alpha must have shape"):
+        nat.bcq_pack_lut16(planes, alpha, 96, 64)
+    with pytest.raises(ValueError, match="bcq_pack_lut16: group must be"):
+        nat.bcq_pack_lut16(planes, alpha, 96, 40)
+    with pytest.raises(ValueError, match="bcq_pack_lut16: planes must hold 1..4"):
+        nat.bcq_pack_lut16(np.zeros((5, 4, 3), np.uint32), np.ones((5, 4, 3), np.float32), 96, 32)
+    with pytest.raises(ValueError, match="bcq_pack_lut16: K must be >= 1"):
+        nat.bcq_pack_lut16(planes, alpha, 0, 32)
