@@ -109,16 +109,37 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
              scale_mode: str | None = None, act_order: bool | None = None, lm_head: bool | None = None,
              layer_bits: dict | None = None, skip: list | None = None, calib: str | None = None,
              calib_windows: int | None = None, calib_window: int | None = None, tokenizer: str | None = None,
-             recipe: str | os.PathLike | None = None, threads: int | None = None) -> dict:
+             recipe: str | os.PathLike | None = None, threads: int | None = None, prune: float | None = None,
+             prune_criterion: str | None = None, prune_scope: list | str | None = None,
+             prune_budget: str | None = None, nm: str | None = None) -> dict:
     """Compress an ONNX model with the shift-add pass; arguments given override the recipe file.
 
     ``calib``: "wikipedia" (default), "lee", or "none" (data-free: plain BCQ, no GPTQ).
+    ``prune``: fraction of the prunable parameters (``prune_budget="flops"``: FLOPs) removed by
+    structured pruning (``prune_criterion`` activation | magnitude | lorapr, ``prune_scope`` of
+    mlp, heads, channels); ``nm``: N:M sparsity such as "2:4". Pruning alone (no shift-add
+    argument, no recipe) writes a pruned fp32 model. The report's ``prune`` lists kept units per group.
     Returns the report (per-layer bits, bits per weight, weight/output errors; sizes).
     """
     from .passes.compress import compress as _compress
     from .passes.recipe import CompressConfig, load_recipe, validate
 
     cfg = load_recipe(recipe) if recipe is not None else CompressConfig()
+    sa_args = (bits, group, scale_mode, act_order, lm_head, layer_bits, skip)
+    if any(v is not None for v in (prune, prune_criterion, prune_scope, prune_budget, nm)):
+        from .passes.prune import PruneConfig
+
+        cfg.prune = cfg.prune or PruneConfig(ratio=0.0)
+        for key, value in (("ratio", prune), ("criterion", prune_criterion), ("scope", prune_scope),
+                           ("budget", prune_budget), ("nm", nm)):
+            if value is not None:
+                setattr(cfg.prune, key, value)
+        if recipe is None and all(v is None for v in sa_args):
+            cfg.shiftadd = None  # prune only
+    if cfg.shiftadd is None and any(v is not None for v in sa_args):
+        from .passes.shiftadd import ShiftAddConfig
+
+        cfg.shiftadd = ShiftAddConfig()
     s, c = cfg.shiftadd, cfg.calib
     for obj, key, value in ((s, "bits", bits), (s, "group", group), (s, "scale_mode", scale_mode),
                             (s, "act_order", act_order), (s, "lm_head", lm_head), (s, "layer_bits", layer_bits),

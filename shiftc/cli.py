@@ -44,6 +44,16 @@ def _bits(value: str) -> int:
     return n
 
 
+def _fraction(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number") from None
+    if not 0 <= f < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1) (got {value})")
+    return f
+
+
 def _group(value: str) -> int:
     n = _positive(value)
     if n % 32:
@@ -181,7 +191,14 @@ def cmd_compress(args):
     r = api.compress(args.model, args.output, bits=args.shiftadd_bits, group=args.group, scale_mode=args.scale_mode,
                      act_order=args.act_order or None, lm_head=args.shiftadd_lm_head, calib=args.calib,
                      calib_windows=args.calib_windows, calib_window=args.calib_window, tokenizer=args.tokenizer,
-                     recipe=args.recipe, threads=args.threads)
+                     recipe=args.recipe, threads=args.threads, prune=args.prune, prune_criterion=args.prune_criterion,
+                     prune_scope=args.prune_scope, prune_budget=args.prune_budget, nm=args.nm)
+    if "layers" not in r:  # pruning only
+        from .passes.prune.prune import summary
+
+        _emit(args, r, summary(r["prune"]) + f"\nwrote {r['path']} ({r['size_bytes'] / 1e6:.1f} MB from "
+                       f"{r['source_size_bytes'] / 1e6:.1f} MB, {r['seconds']:.1f}s)")
+        return
     _emit(args, r, f"wrote {r['path']} ({len(r['layers'])} layers shift-add, {r['bits_per_weight']:.3f} bits/weight, "
                    f"{r['size_bytes'] / 1e6:.1f} MB from {r['source_size_bytes'] / 1e6:.1f} MB, {r['seconds']:.1f}s)")
 
@@ -262,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
     sp.add_argument("--shiftadd-lm-head", action=argparse.BooleanOptionalAction, default=None,
                     help="quantize the LM head too (default on)")
+    sp.add_argument("--prune", type=_fraction, metavar="RATIO",
+                    help="structured pruning: fraction of the prunable parameters removed (channels, KV groups)")
+    sp.add_argument("--prune-criterion", choices=["activation", "magnitude", "lorapr"],
+                    help="unit importance: |W|·‖x‖ from calibration (default), |W|², or LoRAPrune scores")
+    sp.add_argument("--prune-scope", metavar="mlp,heads,channels", help="what may be pruned (default all three)")
+    sp.add_argument("--prune-budget", choices=["params", "flops"], help="what RATIO counts (default params)")
+    sp.add_argument("--nm", metavar="N:M", help="N:M semi-structured sparsity after pruning (2:4, 4:8)")
     sp.add_argument("--calib", choices=["wikipedia", "lee", "none"], help="calibration text (default wikipedia; none: data-free)")
     sp.add_argument("--calib-windows", type=_positive, help="calibration windows (default 16)")
     sp.add_argument("--calib-window", type=_positive, help="tokens per calibration window (default 256)")

@@ -337,3 +337,39 @@ def test_nm_pattern_and_activation_criterion():
     assert rep["pattern"] == "2:4" and len(rep["layers"]) == 3
     meta = json.loads({p.key: p.value for p in out.metadata_props}["shiftc.sparsity"])
     assert meta["pattern"] == "2:4" and set(meta["layers"]) == {"w1", "w2", "w3"}
+
+
+# -- CLI / API / recipe ------------------------------------------------------------------------
+
+def test_cli_compress_prune(tmp_path):
+    from conftest import run_cli
+
+    src, out = str(tmp_path / "m.onnx"), str(tmp_path / "p.onnx")
+    onnx.save(residual_mlp(zero=(0, 3, 4, 9)), src)
+    p = run_cli("compress", src, "-o", out, "--prune", "0.25", "--prune-criterion", "magnitude", "--json", check=True)
+    rep = json.loads(p.stdout)["prune"]
+    (g,) = [g for g in rep["groups"] if g["root"] == "w1"]
+    assert g["kept"] == 16 - len(g["removed_units"]) and g["status"] == "pruned"
+    _valid(onnx.load(out))
+    p = run_cli("compress", src, "-o", out, "--prune", "0.25", "--prune-scope", "mlp,rows")
+    assert p.returncode == 2 and "--prune-scope" in p.stderr and "rows" in p.stderr
+    p = run_cli("compress", src, "-o", out, "--nm", "3:2")
+    assert p.returncode == 2 and "--nm 3:2" in p.stderr
+
+
+def test_recipe_prune_section(tmp_path):
+    import shiftc
+    from shiftc.errors import UsageError
+    from shiftc.passes.recipe import load_recipe
+
+    src, out = str(tmp_path / "m.onnx"), str(tmp_path / "p.onnx")
+    onnx.save(residual_mlp(), src)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prune:\n  ratio: 0.25\n  criterion: magnitude\n  scope: mlp\n  nm: '2:4'\n")
+    cfg = load_recipe(recipe)
+    assert cfg.shiftadd is None and cfg.prune.scope == ["mlp"]
+    rep = shiftc.compress(src, out, recipe=str(recipe))
+    assert rep["prune"]["removed_fraction"] > 0 and rep["prune"]["nm"]["pattern"] == "2:4"
+    recipe.write_text("prune:\n  ratios: 0.25\n")
+    with pytest.raises(UsageError, match="prune.ratios"):
+        load_recipe(recipe)

@@ -1,6 +1,6 @@
 """The compress pipeline shared by ``shiftc.compress`` and ``shiftc compress``.
 
-    load (safe) -> match layers -> calibrate (H = XᵀX per layer input, ONNX Runtime on the
+    load (safe) -> [prune: structured / N:M, shiftc/passes/prune] -> match layers -> calibrate (H = XᵀX per layer input, ONNX Runtime on the
     calibration split) -> shift-add pass (BCQ + power-of-two scales inside GPTQ) -> onnx.checker
     -> atomic save
 
@@ -31,6 +31,17 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
         torch.set_num_threads(int(config.threads))
     t0 = time.perf_counter()
     model = load_model(src)
+    prune_report = None
+    if config.prune is not None:  # structured pruning / N:M first (shiftc/passes/prune)
+        from .prune.run import prune_model
+
+        model, prune_report = prune_model(model, config.prune, config.calib, model_path=src, threads=config.threads)
+        if config.shiftadd is None:
+            save_model(model, output)
+            log(f"wrote {output}")
+            return {"path": output, "source": src, "size_bytes": os.path.getsize(output),
+                    "source_size_bytes": os.path.getsize(src), "seconds": round(time.perf_counter() - t0, 1),
+                    "prune": prune_report}
     sa = ShiftAddPass(config.shiftadd)
     targets, skipped = sa.match(model)
     if not targets:
@@ -59,4 +70,5 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
     rep = result.report
     return {"path": output, "source": src, "size_bytes": os.path.getsize(output), "source_size_bytes": os.path.getsize(src),
             "calibration": {"corpus": config.calib.corpus, "windows": calib_windows, "window": config.calib.window},
-            "seconds": round(time.perf_counter() - t0, 1), **rep}
+            "seconds": round(time.perf_counter() - t0, 1), **rep,
+            **({"prune": prune_report} if prune_report is not None else {})}

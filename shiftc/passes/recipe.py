@@ -19,6 +19,13 @@ Schema (every key optional; the values shown are the defaults)::
       window: 256          # tokens per window                   (--calib-window)
       tokenizer: null      # HF folder or .gguf (default: the one recorded at export)
     threads: null          # threads for ONNX Runtime and torch
+    prune:                 # structured pruning, before shift-add (schema: shiftc/passes/prune/prune.py)
+      ratio: 0.25          # fraction of in-scope parameters (or FLOPs) removed  (--prune)
+      criterion: activation  # activation | magnitude | lorapr            (--prune-criterion)
+      scope: [mlp, heads, channels]                                       (--prune-scope)
+      budget: params       # params | flops                                (--prune-budget)
+      nm: null             # N:M sparsity after pruning, e.g. "2:4"        (--nm)
+    A recipe with a prune section and no shiftadd section only prunes.
 
 Layer names are weight initializer names (decoder graphs: ``model.layers.3.mlp.down_proj.weight.T``)
 or ``lm_head`` for a tied head. Unknown keys and bad values raise :class:`UsageError` naming the
@@ -31,6 +38,8 @@ import os
 from dataclasses import dataclass, field, fields
 
 from ..errors import BadInputError, UsageError
+from .prune.prune import PruneConfig
+from .prune.prune import validate as validate_prune
 from .shiftadd import ShiftAddConfig
 
 SCALE_MODES = ("pow2", "pow2x2")
@@ -51,6 +60,7 @@ class CompressConfig:
     shiftadd: ShiftAddConfig = field(default_factory=ShiftAddConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     threads: int | None = None
+    prune: PruneConfig | None = None  # None: no pruning; shiftadd None: no shift-add
 
 
 def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
@@ -60,6 +70,11 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
 
     def bad(flag, msg):
         raise UsageError(f"{pre}{flag} {msg}")
+
+    if cfg.prune is not None:
+        validate_prune(cfg.prune, pre)
+    if s is None:
+        return cfg
 
     for name, b in [("", s.bits)] + [(f" (layer_bits '{k}')", v) for k, v in s.layer_bits.items()]:
         if not isinstance(b, int) or not 1 <= b <= 4:
@@ -112,8 +127,14 @@ def load_recipe(path: str | os.PathLike) -> CompressConfig:
             _section(cfg.calib, v, path, k)
         elif k == "threads":
             cfg.threads = v
+        elif k == "prune":
+            cfg.prune = PruneConfig()
+            _section(cfg.prune, v, path, k)
+            if "shiftadd" not in data:
+                cfg.shiftadd = None
         else:
-            raise UsageError(f"{path}: unknown key '{k}' (known: shiftadd, calib, threads)")
-    cfg.shiftadd.layer_bits = dict(cfg.shiftadd.layer_bits or {})
-    cfg.shiftadd.skip = list(cfg.shiftadd.skip or [])
+            raise UsageError(f"{path}: unknown key '{k}' (known: shiftadd, calib, threads, prune)")
+    if cfg.shiftadd is not None:
+        cfg.shiftadd.layer_bits = dict(cfg.shiftadd.layer_bits or {})
+        cfg.shiftadd.skip = list(cfg.shiftadd.skip or [])
     return validate(cfg, f"--recipe '{path}'")

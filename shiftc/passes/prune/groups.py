@@ -232,6 +232,6 @@ def analyze(model: onnx.ModelProto, info: GraphInfo | None = None) -> list[Group
         weights = {x.tensor for x in group.weights}
         group.layers = [x.tensor for x in group.weights if x.tensor in compute]
         conv = any(n.op_type == "Conv" and n.input[1] in weights for n, _, _ in cw)
-        group.kind = "heads" if any(k[0] == "reshape" for k in group.edits) else "channels" if conv else "mlp"
+        group.kind = "channels" if conv else "heads" if any(k[0] == "reshape" for k in group.edits) else "mlp"
         groups.append(group)
     return groups

@@ -44,6 +44,7 @@ class PruneConfig:
     budget: str = "params"  # params | flops                                       (--prune-budget)
     align: int = 8  # kept widths rounded to a multiple of this (large groups only)
     skip: list = field(default_factory=list)  # globs of weight names whose groups are left alone
+    nm: str | None = None  # N:M sparsity (e.g. "2:4") applied after the structured pruning   (--nm)
 
 
 def validate(cfg: PruneConfig, pre: str = "") -> None:
@@ -51,11 +52,17 @@ def validate(cfg: PruneConfig, pre: str = "") -> None:
         raise UsageError(f"{pre}--prune must be a fraction in [0, 1), got {cfg.ratio!r}")
     if cfg.criterion not in CRITERIA:
         raise UsageError(f"{pre}--prune-criterion must be one of {', '.join(CRITERIA)}, got {cfg.criterion!r}")
+    if isinstance(cfg.scope, str):
+        cfg.scope = [x.strip() for x in cfg.scope.split(",") if x.strip()]
     bad = [s for s in cfg.scope if s not in SCOPES]
     if bad or not cfg.scope:
         raise UsageError(f"{pre}--prune-scope: unknown scope {bad or cfg.scope!r} (choose from {', '.join(SCOPES)})")
     if cfg.budget not in BUDGETS:
         raise UsageError(f"{pre}--prune-budget must be one of {', '.join(BUDGETS)}, got {cfg.budget!r}")
+    if cfg.nm is not None:
+        from .nm import parse_pattern
+
+        parse_pattern(cfg.nm)
     if not isinstance(cfg.align, int) or cfg.align < 1:
         raise UsageError(f"{pre}prune align must be an integer >= 1, got {cfg.align!r}")
 
@@ -236,3 +243,25 @@ class PrunePass:
         del pruned.metadata_props[:]
         for k, v in props.items():
             pruned.metadata_props.add(key=k, value=v)
+
+
+def summary(report: dict) -> str:
+    """Printed form of a prune report: totals, then kept/total units per group (layer)."""
+    lines = []
+    if "groups" in report:
+        b = report["budget"]
+        lines.append(f"pruned {report['removed_fraction']:.1%} of the in-scope {b} "
+                     f"({report[f'removed_{b}']:.3g} of {report[f'in_scope_{b}']:.3g}; {report['criterion']})"
+                     + (f"; KV heads per layer: {report['num_kv_heads']}" if "num_kv_heads" in report else ""))
+        for g in report["groups"]:
+            what = {"heads": "KV groups" if g["unit_size"] > 1 else "heads", "mlp": "channels",
+                    "channels": "channels"}[g["kind"]]
+            unit = f" of {g['unit_size']}" if g["unit_size"] > 1 else ""
+            tail = f"  ({g['reason']})" if g.get("reason") else ""
+            lines.append(f"  {g['root']:<48} {g['kind']:<8} kept {g['kept']:>5}/{g['units']:<5} {what}{unit}"
+                         f"  {g['status']}{tail}")
+    if "nm" in report:
+        nm = report["nm"]
+        lines.append(f"N:M {nm['pattern']} ({nm['criterion']}) on {len(nm['layers'])} layers, "
+                     f"{len(nm['skipped'])} skipped; sparse kernel: {nm['sparse_kernel']}")
+    return "\n".join(lines)
