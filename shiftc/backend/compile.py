@@ -30,6 +30,8 @@ from ..frontend.onnx_io import atomic_output, load_model
 from ..progress import log, step
 from ..targets import TargetSpec, get_target
 from .importer import to_relax
+from .kernels import kernel_object, uses_kernels
+from .shiftc_ops import lowering_for
 from .pipeline import relax_pipeline
 
 METADATA_FUNC = "shiftc_metadata"
@@ -104,8 +106,12 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
     if not output.endswith(".so"):
         raise BadInputError(f"output '{output}': a model library must be named *.so")
 
-    with step("importing ONNX into Relax"):
+    with step("importing ONNX into Relax"), lowering_for(spec.device_type):
         mod = to_relax(proto, source)
+    addons = []
+    if uses_kernels(mod):
+        with step("compiling shiftc's kernels"):
+            addons.append(kernel_object(spec.cross_cc))
     meta = library_metadata(proto, spec, source)
     meta["pipeline"] = "optimized"
     base_mod, mod = mod, _add_metadata_function(mod, meta)
@@ -135,7 +141,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
             # export_library picks the toolchain from the suffix; keep .so on the temp name.
             tmp_so = tmp + ".so"
             try:
-                ex.export_library(tmp_so, **_export_options(spec))
+                ex.export_library(tmp_so, addons=addons or None, **_export_options(spec))
                 os.replace(tmp_so, tmp)
             finally:
                 if os.path.exists(tmp_so):

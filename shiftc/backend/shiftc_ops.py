@@ -1,19 +1,53 @@
 """Relax lowerings of the ``ai.shiftc`` ops (see shiftc/passes/ops.py for their schemas).
 
-BcqMatMul — current lowering: the packed bit planes and scale exponents are constants, so the
-weight ``Ŵ = Σ α_i ⊙ s(B_i)`` is reconstructed once at compile time (with the op table's numpy
-reference functions) and the op becomes a float32 matmul, scheduled like any other (packed
-weight panels, register-blocked kernels). The compiled model is exact with respect to the ONNX
-reference, but neither smaller nor faster than fp32: the LUT kernels that run on the packed
-bits are the next step of the shift-add work.
+BcqMatMul on CPU targets
+------------------------
+The packed bit planes and scale exponents are constants. At compile time they are repacked into
+the kernels' ``lut16`` layout (csrc/include/shiftc/bcq_lut.h: 16-row blocks, one 4-bit table
+index per row and 4 columns, scales as floats that are exact powers of two or sums of two), and
+the op becomes a ``call_tir`` to a small PrimFunc that calls the C kernels of
+csrc/kernels/bcq_lut.cc by name::
+
+    shiftc_bcq_prepare(x, M, K, G, ws)             # tables of ± sums of x (decode) / group sums
+    for t in parallel(ceil(N / 32)):               # TVM's thread pool
+        shiftc_bcq_compute(x, ws, M, K, N, q, G, codes, scales, offsets, y, t)
+
+The kernel source is compiled for the target and linked into the model library
+(:func:`shiftc.backend.kernels.kernel_object`), so the library still needs only the TVM runtime.
+The weights stay packed in the library: q bits per weight plus one float per 16-row block, group
+and plane (``bits_per_weight`` in the compression metadata counts the int8 exponents the ONNX
+file stores instead).
+
+BcqMatMul on CUDA targets: the weight ``Ŵ = Σ α_i ⊙ s(B_i)`` is reconstructed once at compile
+time and the op becomes a float32 matmul (exact, but not smaller or faster than fp32).
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import numpy as np
 
 from ..errors import UnsupportedError
 from .importer import SHIFTC_DOMAIN, register_converter
+
+#: PrimFunc attribute marking functions that call the C kernels (compile.py links them in).
+EXTERN_ATTR = "shiftc.extern_kernels"
+ROW_BLOCK = 16  # rows per lut16 block
+TASK_ROWS = 32  # output columns per kernel task
+
+_device = contextvars.ContextVar("shiftc_lowering_device", default="cpu")
+
+
+@contextlib.contextmanager
+def lowering_for(device_type: str):
+    """Converters inside this block lower for ``device_type`` ("cpu" or "cuda")."""
+    token = _device.set(device_type)
+    try:
+        yield
+    finally:
+        _device.reset(token)
 
 
 def _constant(expr, node, what: str) -> np.ndarray:
@@ -23,9 +57,111 @@ def _constant(expr, node, what: str) -> np.ndarray:
     return value.numpy()
 
 
+def pack_lut16(planes: np.ndarray, alpha: np.ndarray, k: int, group: int, coding: str = "pm1"):
+    """ONNX-side storage -> lut16 arrays ``(codes uint8, scales float32, offsets float32 | None)``.
+
+    The C kernels' own packer (``shiftc._native.bcq_pack_lut16``) is used where it is built;
+    this numpy version is the executable statement of the layout (and what tests compare it to).
+    """
+    from ..passes.bcq import unpack_planes
+
+    q, n, _ = planes.shape
+    nb, ng = -(-n // ROW_BLOCK), -(-k // group)
+    kp = ng * group
+    bits = np.zeros((q, nb * ROW_BLOCK, kp), np.uint8)
+    bits[:, :n, :k] = unpack_planes(planes, k)
+    octets = bits.reshape(q, nb, ROW_BLOCK, kp // 8, 8)
+    byte = (octets << np.arange(8, dtype=np.uint8)).sum(-1, dtype=np.uint8)  # [q, nb, 16, kp/8]
+    codes = np.ascontiguousarray(byte.transpose(1, 3, 0, 2))  # [nb, kp/8, q, 16]
+    a = np.zeros((q, nb * ROW_BLOCK, ng), np.float32)
+    a[:, :n] = alpha
+    offsets = None
+    if coding == "01":  # α·b = (α/2)·s(b) + α/2
+        a = a / 2
+        offsets = np.ascontiguousarray(a.sum(0).reshape(nb, ROW_BLOCK, ng).transpose(0, 2, 1))  # [nb, ng, 16]
+    elif coding != "pm1":
+        raise ValueError(f"unknown coding {coding!r}")
+    scales = np.ascontiguousarray(a.reshape(q, nb, ROW_BLOCK, ng).transpose(1, 3, 0, 2))  # [nb, ng, q, 16]
+    return codes.reshape(-1), scales.reshape(-1), None if offsets is None else offsets.reshape(-1)
+
+
+def _pack(planes, alpha, k, group, coding):
+    try:
+        from .. import _native
+
+        fn = getattr(_native, "bcq_pack_lut16", None)
+    except ImportError:
+        fn = None
+    if fn is None:
+        return pack_lut16(planes, alpha, k, group, coding)
+    return fn(planes, alpha, k, group, coding)
+
+
+def workspace_floats(m, k: int, group: int, lut_max_m: int):
+    """shiftc_bcq_workspace_floats (bcq_lut.h) as an expression of the symbolic row count ``m``."""
+    from tvm import tirx
+
+    kp, ng = -(-k // group) * group, -(-k // group)
+    if isinstance(m, int):
+        return m * (kp // 4 * 16 + ng) if m < lut_max_m else m * ng
+    return tirx.Select(m < lut_max_m, m * (kp // 4 * 16 + ng), m * ng)
+
+
+def lut_max_m() -> int:
+    """SHIFTC_BCQ_LUT_MAX_M from the kernels' header (the TIR must agree with the C code)."""
+    import re
+
+    from .kernels import kernel_header
+
+    text = kernel_header().read_text()
+    found = re.search(r"#define\s+SHIFTC_BCQ_LUT_MAX_M\s+(\d+)", text)
+    if not found:
+        raise RuntimeError("SHIFTC_BCQ_LUT_MAX_M not found in bcq_lut.h")
+    return int(found.group(1))
+
+
+def _bcq_tir(k, n, q, group, n_codes, n_scales, n_off, ntasks, off_ptr):
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def bcq_matmul(x_h: T.handle, c_h: T.handle, s_h: T.handle, o_h: T.handle, y_h: T.handle, ws_h: T.handle):
+        # (buffers by match_buffer: this module's annotations are strings, see __future__)
+        T.func_attr({"tir.is_scheduled": True, "tir.noalias": True})
+        codes = T.match_buffer(c_h, (n_codes,), "uint8")
+        scales = T.match_buffer(s_h, (n_scales,), "float32")
+        offsets = T.match_buffer(o_h, (n_off,), "float32")
+        m = T.int64()
+        w = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        ws = T.match_buffer(ws_h, (w,), "float32")
+        T.evaluate(T.call_extern("int32", "shiftc_bcq_prepare", x.data, m, T.int64(k), T.int64(group), ws.data))
+        for t in T.parallel(T.int64(ntasks)):
+            T.evaluate(T.call_extern(
+                "int32", "shiftc_bcq_compute", x.data, ws.data, m, T.int64(k), T.int64(n), T.int32(q),
+                T.int64(group), codes.data, scales.data, off_ptr(offsets), y.data, t))
+
+    return bcq_matmul
+
+
+def _bcq_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales: int, n_offsets: int):
+    """PrimFunc (x [M, K], codes, scales, offsets, y [M, N], ws) calling the kernels (module doc)."""
+    from tvm.script import tirx as T
+
+    if n_offsets:
+        def off_ptr(buf):
+            return buf.data
+    else:
+        def off_ptr(buf):
+            return T.reinterpret("handle", T.uint64(0))  # NULL: no offsets
+    func = _bcq_tir(k, n, q, group, n_codes, n_scales, max(n_offsets, 1), -(-n // TASK_ROWS), off_ptr)
+    # op_pattern 8 = kOpaque: operator fusion leaves the call alone
+    return func.with_attr(EXTERN_ATTR, True).with_attr("op_pattern", 8)
+
+
 @register_converter(SHIFTC_DOMAIN, "BcqMatMul")
 def _bcq_matmul(bb, inputs, attrs, node):
-    from tvm import relax
+    from tvm import relax, tirx
 
     from ..passes.bcq import exps_to_alpha, reconstruct, unpack_planes
 
@@ -37,5 +173,29 @@ def _bcq_matmul(bb, inputs, attrs, node):
     bits, group, k = int(attrs["bits"]), int(attrs["group_size"]), int(attrs["in_features"])
     if planes.shape[0] != bits:
         raise UnsupportedError(f"node '{node.name}': bits={bits} but planes has {planes.shape[0]} planes")
-    w = reconstruct(unpack_planes(planes, k), exps_to_alpha(exps), group, coding).astype(np.float32)  # [N, K]
-    return relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T), "float32"))
+    if coding not in ("pm1", "01"):
+        raise UnsupportedError(f"node '{node.name}': unknown coding {coding!r}")
+    alpha = exps_to_alpha(exps)  # [q, N, ng]
+    n = int(planes.shape[1])
+    if _device.get() != "cpu":
+        w = reconstruct(unpack_planes(planes, k), alpha, group, coding).astype(np.float32)  # [N, K]
+        return relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T), "float32"))
+
+    codes, scales, offsets = _pack(planes, alpha, k, group, coding)
+    x = bb.normalize(x)
+    x_shape = list(x.ty.shape)
+    if not x_shape or int(x_shape[-1]) != k:
+        raise UnsupportedError(f"node '{node.name}': input X has shape {x_shape}, expected [..., {k}]")
+    rows = 1
+    for d in x_shape[:-1]:
+        rows = rows * (int(d) if isinstance(d, tirx.IntImm) else d)
+    fn = _bcq_primfunc(k, n, bits, group, codes.size, scales.size, 0 if offsets is None else offsets.size)
+    gv = bb.add_func(fn, f"shiftc_bcq_{n}x{k}_q{bits}g{group}{'_off' if offsets is not None else ''}")
+    x2 = bb.emit(relax.op.reshape(x, [rows, k]))
+    off = offsets if offsets is not None else np.zeros(1, np.float32)
+    out = bb.emit(relax.call_tir(
+        gv, [x2, relax.const(codes, "uint8"), relax.const(scales, "float32"), relax.const(off, "float32")],
+        [relax.TensorType([rows, n], "float32"),
+         relax.TensorType([workspace_floats(rows, k, group, lut_max_m())], "float32")]))
+    y = bb.emit(relax.TupleGetItem(out, 0))
+    return relax.op.reshape(y, x_shape[:-1] + [n])

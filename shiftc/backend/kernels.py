@@ -1,0 +1,70 @@
+"""shiftc's C kernels as object files linked into model libraries.
+
+A model library that contains an ``ai.shiftc`` op calls the C entry points of
+csrc/kernels/bcq_lut.cc (declared in csrc/include/shiftc/bcq_lut.h) by name. :func:`kernel_object`
+compiles that one source file for the target — the host C++ compiler, or the target's cross
+compiler — with run-time ISA dispatch inside (scalar / AVX2 / AVX-512 on x86-64), and caches the
+object under ``$SHIFTC_CACHE`` (default ``~/.cache/shiftc``) keyed by the source text, the
+compiler and the flags. The sources are found in the source tree (``csrc/``) or, in an installed
+wheel, in ``shiftc/csrc/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from ..errors import UnsupportedError
+from ..frontend.onnx_io import atomic_output
+
+_SOURCE = Path("kernels") / "bcq_lut.cc"
+_HEADER = Path("include") / "shiftc" / "bcq_lut.h"
+FLAGS = ["-O3", "-fPIC", "-std=c++17", "-fno-math-errno"]
+
+
+def csrc_dir() -> Path:
+    pkg = Path(__file__).resolve().parents[1]
+    for cand in (pkg.parent / "csrc", pkg / "csrc"):
+        if (cand / _SOURCE).is_file() and (cand / _HEADER).is_file():
+            return cand
+    raise UnsupportedError(f"shiftc's kernel sources ({_SOURCE}) are missing from {pkg.parent / 'csrc'} and {pkg / 'csrc'}")
+
+
+def kernel_header() -> Path:
+    return csrc_dir() / _HEADER
+
+
+def kernel_object(cross_cc: str | None = None) -> str:
+    """Path of bcq_lut.o built for the target whose C++ compiler is ``cross_cc`` (None: host)."""
+    cxx = cross_cc or os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None or shutil.which(cxx) is None:
+        raise UnsupportedError(f"compiling shiftc's kernels needs a C++ compiler ({cross_cc or 'c++/g++'} not found)")
+    root = csrc_dir()
+    src = root / _SOURCE
+    key = hashlib.sha256()
+    for part in (src.read_bytes(), kernel_header().read_bytes(), cxx.encode(), " ".join(FLAGS).encode()):
+        key.update(part)
+    cache = Path(os.environ.get("SHIFTC_CACHE", Path.home() / ".cache" / "shiftc")) / "kernels"
+    cache.mkdir(parents=True, exist_ok=True)
+    obj = cache / f"bcq_lut-{key.hexdigest()[:16]}.o"
+    if obj.is_file():
+        return str(obj)
+    with atomic_output(str(obj)) as tmp:
+        cmd = [cxx, *FLAGS, "-I", str(root / "include"), "-c", str(src), "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise UnsupportedError(f"compiling {src} failed ({' '.join(cmd)}):\n{r.stderr.strip()[-2000:]}")
+    return str(obj)
+
+
+def uses_kernels(mod) -> bool:
+    """Whether the Relax IRModule has PrimFuncs that call shiftc's C kernels."""
+    from tvm import tirx
+
+    from .shiftc_ops import EXTERN_ATTR
+
+    return any(isinstance(f, tirx.PrimFunc) and f.attrs is not None and EXTERN_ATTR in f.attrs
+               for f in mod.functions.values())
