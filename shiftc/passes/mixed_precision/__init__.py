@@ -1,0 +1,19 @@
+"""Mixed precision: per-layer shift-add bit widths from measured sensitivity, under a size budget
+(average stored bits per weight, scales included) and optionally a latency budget.
+
+    sensitivity.py  each layer quantized alone at each candidate width: output error on the
+                    calibration data tr(ΔW H ΔWᵀ) (no PyTorch), weight error, ShiftAddLLM's score
+    hawq.py         HAWQ-V2: Hessian traces per layer by Hutchinson probes through PyTorch
+    allocate.py     the integer program (scipy.optimize.milp), Pareto sweep, ShiftAddLLM's
+                    sort-and-threshold and random allocations (baselines)
+    latency.py      kernel time per layer shape and width (the LUT kernels), for the latency budget
+    cache.py        per-layer quantized results on disk (each layer quantized once per width)
+    assemble.py     fp32 models with Ŵ written back, to evaluate plans quickly
+    plan.py         the step behind ``shiftc compress --bits-budget``; report.py the HTML/JSON report
+
+The plan is a {layer name: bits} mapping for ShiftAddConfig.layer_bits.
+"""
+
+from .config import MixedPrecisionConfig
+
+__all__ = ["MixedPrecisionConfig"]

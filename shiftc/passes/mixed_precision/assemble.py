@@ -1,0 +1,67 @@
+"""Models for evaluating a plan: quantized weights written back as fp32 (Ŵ), in ONNX.
+
+A plan evaluated this way gives the same logits as the compressed model's BcqMatMul ops run
+through their ONNX function bodies (both compute x·Ŵᵀ with the same Ŵ), but ONNX Runtime loads it
+quickly: it does not have to constant-fold one function body per layer. Used by the benchmark
+(plans assembled from the per-layer cache, no re-quantization) and by the report's perplexity of
+a compressed file (:func:`dequantized_copy`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .. import bcq
+
+
+def with_weights(model: onnx.ModelProto, targets, w_hat: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose target layers compute with ``w_hat[name]`` [N, K] (fp32)."""
+    from ..shiftadd import _remove_dead
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    nodes = {(n.name or n.output[0]): n for n in out.graph.node}
+    for t in targets:
+        if t.name not in w_hat:
+            continue
+        w = np.asarray(w_hat[t.name], np.float32)
+        if t.transposed:
+            inits[t.weight].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), t.weight))
+        else:  # Gemm with transB, or the tied head: a new initializer for this node only
+            name = f"{t.name}.mp_dequant"
+            node = nodes[t.node]
+            if node.op_type == "Gemm":
+                out.graph.initializer.append(numpy_helper.from_array(w, name))
+            else:
+                out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+            node.input[1] = name
+    _remove_dead(out.graph)
+    return out
+
+
+def dequantized_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every ``ai.shiftc::BcqMatMul`` replaced by a MatMul with its Ŵᵀ reconstructed in numpy."""
+    from ..shiftadd import _remove_dead
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    nodes = []
+    for n in out.graph.node:
+        if n.op_type != "BcqMatMul":
+            nodes.append(n)
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        planes, exps = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
+        w = bcq.reconstruct(bcq.unpack_planes(planes, a["in_features"]), bcq.exps_to_alpha(exps), a["group_size"])
+        name = n.input[1] + ".dequant.T"
+        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+        nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    del out.functions[:]
+    _remove_dead(out.graph)
+    return out

@@ -1,0 +1,73 @@
+"""Per-layer quantization results on disk, so that each layer is quantized once per bit width.
+
+Measuring sensitivity quantizes every layer at every candidate bit width; comparing allocations
+(a budget sweep, baselines) assembles models from those same results. :class:`LayerCache` stores
+one shift-add result per (layer, bit width) as ``<dir>/<layer>.b<bits>.<key>.npz`` holding the packed
+planes (uint32 [q, N, ceil(K/32)], csrc/include/shiftc/packed.h) and the int8 scale exponents.
+
+The key is a hash of everything the result depends on: the layer name, the weight's bytes, the
+calibration H of its input (or "no H"), bits, group, scale mode, damping, activation order and
+refinement rounds. A changed weight, calibration set or quantizer setting misses the cache; a
+change of the quantizer's *code* does not change the key — clear the folder after upgrading
+shiftc (``rm -r DIR``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+
+import numpy as np
+
+from .. import bcq
+
+
+def digest(a: np.ndarray | None) -> str:
+    if a is None:
+        return "none"
+    a = np.ascontiguousarray(a)
+    return hashlib.sha1(str(a.dtype).encode() + str(a.shape).encode() + a.tobytes()).hexdigest()[:16]
+
+
+def result_key(name: str, w_digest: str, h_digest: str, bits: int, cfg) -> str:
+    s = "|".join(map(str, (name, w_digest, h_digest, bits, cfg.group, cfg.scale_mode, cfg.damp, cfg.act_order, cfg.iters)))
+    return hashlib.sha1(s.encode()).hexdigest()[:16]
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+class LayerCache:
+    """A folder of per-layer results; ``None`` as folder = no caching (every get misses)."""
+
+    def __init__(self, folder: str | os.PathLike | None):
+        self.folder = None if folder is None else os.fspath(folder)
+        if self.folder:
+            os.makedirs(self.folder, exist_ok=True)
+
+    def path(self, name: str, bits: int, key: str) -> str | None:
+        return None if not self.folder else os.path.join(self.folder, f"{_safe(name)}.b{bits}.{key}.npz")
+
+    def get(self, name: str, bits: int, key: str, k: int, group: int, scale_mode: str) -> bcq.BcqResult | None:
+        p = self.path(name, bits, key)
+        if not p or not os.path.exists(p):
+            return None
+        try:
+            with np.load(p) as z:
+                planes, exps = z["planes"], z["exps"]
+        except Exception:  # a truncated file from an interrupted run: recompute
+            return None
+        codes = np.zeros(planes.shape[1:2] + (k,), np.uint8)
+        for i, pl in enumerate(bcq.unpack_planes(planes, k)):
+            codes |= (pl.astype(np.uint8) << i)
+        return bcq.BcqResult(codes, exps, bits, group, scale_mode)
+
+    def put(self, name: str, bits: int, key: str, planes: np.ndarray, exps: np.ndarray) -> None:
+        p = self.path(name, bits, key)
+        if not p:
+            return
+        tmp = p + ".tmp.npz"
+        np.savez(tmp, planes=planes, exps=exps)
+        os.replace(tmp, p)

@@ -1,0 +1,57 @@
+"""Settings of the mixed-precision allocation (recipe section ``mixed_precision``, CLI flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SENSITIVITIES = ("calib", "hawq")
+
+
+@dataclass
+class MixedPrecisionConfig:
+    bits_budget: float | None = None  # average stored bits per weight, scales included (--bits-budget)
+    candidates: list[int] = field(default_factory=lambda: [2, 3, 4])  # widths to choose from (--mp-candidates)
+    sensitivity: str = "calib"  # calib (H = XᵀX output error, no PyTorch) | hawq (Hutchinson traces) (--sensitivity)
+    tie: bool = False  # layers reading the same input (q/k/v; gate/up) share one width (--mp-tie)
+    latency_budget_ms: float | None = None  # modelled time of the quantized layers + other_ms (--latency-budget-ms)
+    target: str = "host"  # where kernel times are measured (--target); only the host for now
+    other_ms: float = 0.0  # time outside the quantized layers, added to the latency model
+    latency_rows: int = 1  # rows of x the kernels are timed at (1: decode)
+    latency_threads: int = 1
+    cache: str | None = None  # folder keeping per-layer results between runs (--mp-cache)
+    hawq_source: str | None = None  # HF folder / .gguf for the PyTorch model (default: recorded at export)
+    hawq_probes: int = 32  # maximum Hutchinson probes
+    hawq_tol: float = 0.02  # relative change of the total trace that stops the probes
+    hawq_window: int = 128  # tokens per probe
+    report: bool = True  # write OUT.report.json / OUT.report.html
+    eval_tokens: int = 0  # perplexity before/after on this many held-out tokens in the report (0: not measured)
+    eval_window: int = 512
+
+
+def validate_mixed_precision(m: MixedPrecisionConfig, bad) -> None:
+    """``bad(flag, message)`` raises; called by recipe.validate."""
+    if m.bits_budget is not None:
+        try:
+            v = float(m.bits_budget)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not 1.0 <= v <= 8.0:
+            bad("--bits-budget", f"must be a number of bits per weight in [1, 8], got {m.bits_budget!r}")
+    c = m.candidates
+    if not isinstance(c, (list, tuple)) or not c or any(not isinstance(b, int) or not 1 <= b <= 4 for b in c) \
+            or len(set(c)) != len(c):
+        bad("--mp-candidates", f"must be distinct bit widths in 1..4, got {c!r}")
+    if m.sensitivity not in SENSITIVITIES:
+        bad("--sensitivity", f"must be one of {', '.join(SENSITIVITIES)}, got {m.sensitivity!r}")
+    if m.latency_budget_ms is not None:
+        if m.bits_budget is None:
+            bad("--latency-budget-ms", "needs --bits-budget as well")
+        if not isinstance(m.latency_budget_ms, (int, float)) or m.latency_budget_ms <= 0:
+            bad("--latency-budget-ms", f"must be > 0, got {m.latency_budget_ms!r}")
+    for flag, v, lo in (("hawq_probes", m.hawq_probes, 2), ("hawq_window", m.hawq_window, 2),
+                        ("latency_rows", m.latency_rows, 1), ("latency_threads", m.latency_threads, 1),
+                        ("--report-eval-tokens", m.eval_tokens, 0), ("eval_window", m.eval_window, 2)):
+        if not isinstance(v, int) or v < lo:
+            bad(flag, f"must be an integer >= {lo}, got {v!r}")
+    if not isinstance(m.hawq_tol, (int, float)) or not 0 < m.hawq_tol < 1:
+        bad("hawq_tol", f"must be in (0, 1), got {m.hawq_tol!r}")
