@@ -191,11 +191,20 @@ def _code_signs(q: int, dtype=torch.float32) -> torch.Tensor:
 
 
 def nearest_codes(w: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, C], α [q, N] -> (codes int64 [N, C], values [N, C]): per weight the best of 2^q codes."""
+    """w [N, C], α [q, N] -> (codes int64 [N, C], values [N, C]): per weight the best of 2^q codes.
+
+    A binary search of w among the midpoints of the row's sorted code values (O(log 2^q) per
+    weight, not 2^q distances); of codes with equal values the lowest code is returned."""
     q = alpha.shape[0]
     values = alpha.T @ _code_signs(q, alpha.dtype).T  # [N, 2^q]
-    idx = (w[:, :, None] - values[:, None, :]).abs().argmin(-1)
-    return idx, values.gather(1, idx)
+    sv, order = torch.sort(values, dim=1, stable=True)  # equal values keep increasing code order
+    mids = (sv[:, 1:] + sv[:, :-1]) * 0.5
+    pos = torch.searchsorted(mids.contiguous(), w.contiguous())  # [N, C] index into the sorted values
+    if q > 1:  # runs of equal values -> the first (lowest code) of the run
+        start = torch.arange(2**q).expand_as(sv).clone()
+        start[:, 1:] = torch.where(sv[:, 1:] == sv[:, :-1], 0, start[:, 1:])
+        pos = start.cummax(1).values.gather(1, pos)
+    return order.gather(1, pos), sv.gather(1, pos)
 
 
 def scale_neighbours(alpha: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
