@@ -285,6 +285,27 @@ def test_lm_on_board_matches_host(lm_pkg, tiny_llama, tmp_path):
     print(f"\n[qemu-vs-host] tiny LM greedy: {len(board)} identical tokens; {proc.stdout.splitlines()[-1]}")
 
 
+# -- shift-add (ai.shiftc::BcqMatMul and its C kernels, cross-compiled) --------------------------------
+
+
+def test_shiftadd_mlp_on_board_matches_host(cross_tools, mlp, tmp_path):
+    """A 2-bit shift-add MLP: the lut16 kernels are cross-compiled into the aarch64 library and
+    give the host's numbers under qemu, at a GEMV and a GEMM row count."""
+    import shiftc
+    import shiftc.api
+
+    sa = str(tmp_path / "mlp_sa2.onnx")
+    shiftc.api.compress(mlp[0], sa, bits=2, group=32, calib="none")
+    host_lib = str(tmp_path / "mlp_sa2-host.so")
+    shiftc.compile(sa, host_lib)
+    pkg = shiftc.package(sa, tmp_path / "mlp-sa-arm", target="aarch64")
+    host = shiftc.load(host_lib)
+    for rows in (1, 9):
+        x = np.random.default_rng(rows).standard_normal((rows, 32)).astype(np.float32)
+        max_abs_error(board_dump(pkg.path, {"input": x}, tmp_path, tag=f"sa{rows}"), host.run({"input": x}), ATOL_MLP,
+                      f"shift-add mlp, {rows} rows")
+
+
 # -- EfficientNet-Lite0 (real weights) ---------------------------------------------------------------
 
 

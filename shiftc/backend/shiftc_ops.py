@@ -136,10 +136,10 @@ def _bcq_tir(k, n, q, group, n_codes, n_scales, n_off, ntasks, off_ptr):
         y = T.match_buffer(y_h, (m, n), "float32")
         ws = T.match_buffer(ws_h, (w,), "float32")
         T.evaluate(T.call_extern("int32", "shiftc_bcq_prepare", x.data, m, T.int64(k), T.int64(group), ws.data))
-        for t in T.parallel(T.int64(ntasks)):
+        for t in T.parallel(T.int32(ntasks)):  # int32 + explicit cast: the C side takes int64_t
             T.evaluate(T.call_extern(
                 "int32", "shiftc_bcq_compute", x.data, ws.data, m, T.int64(k), T.int64(n), T.int32(q),
-                T.int64(group), codes.data, scales.data, off_ptr(offsets), y.data, t))
+                T.int64(group), codes.data, scales.data, off_ptr(offsets), y.data, T.Cast("int64", t)))
 
     return bcq_matmul
 
