@@ -2,7 +2,10 @@
 
 export (GGUF -> ONNX with KV cache) -> compile (host CPU) -> evaluate perplexity with ONNX Runtime
 and with the compiled library on the same held-out Wikipedia tokens -> decode/prefill speed of
-both -> generate a short answer. Prints a final table and writes it as JSON.
+both -> generate a short answer; then the same model compressed by the shift-add pass (3-bit
+binary-coding weights with power-of-two scales, calibrated on the Wikipedia calibration split) and
+compiled with the LUT kernels: its perplexity on the same tokens, size and speed beside the fp32
+ones. Prints a final table and writes it as JSON. ``--no-compress`` skips the compressed model.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--shiftadd-bits", type=int, default=3)
+    p.add_argument("--no-compress", action="store_true", help="fp32 only (skip the shift-add model)")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     onnx_path = os.path.join(args.workdir, "smollm2-135m.onnx")
@@ -51,6 +56,10 @@ def main(argv=None) -> int:
     gen = api.load(lib_path, threads=args.threads).generate(
         "What is the capital of France?", chat=True, max_new_tokens=args.max_new_tokens, greedy=True)
 
+    sa = None
+    if not args.no_compress:
+        sa = _compressed(args, onnx_path, threads, timings)
+
     ppl_o, ppl_c = evals["onnxruntime"]["perplexity"], evals["compiled"]["perplexity"]
     rows = [
         ("", "ONNX Runtime", "shiftc compiled"),
@@ -60,20 +69,62 @@ def main(argv=None) -> int:
         (f"decode t/s ({threads} threads)", f"{speed['decode']['onnxruntime_tokens_per_s']:.1f}", f"{speed['decode']['compiled_tokens_per_s']:.1f}"),
         ("size (MB)", f"{os.path.getsize(onnx_path) / 1e6:.1f} (.onnx)", f"{os.path.getsize(lib_path) / 1e6:.1f} (.so)"),
     ]
+    if sa is not None:
+        rows[0] += (f"shift-add {args.shiftadd_bits}-bit",)
+        rows[1] += (f"{sa['eval']['perplexity']:.3f}",)
+        rows[2] += (str(sa["eval"]["tokens_scored"]),)
+        rows[3] += (f"{sa['bench']['prefill']['compiled_tokens_per_s']:.1f}",)
+        rows[4] += (f"{sa['bench']['decode']['compiled_tokens_per_s']:.1f}",)
+        rows[5] += (f"{sa['library_bytes'] / 1e6:.1f} (.so)",)
     print()
-    print("SmolLM2-135M-Instruct (fp32) — export -> compile -> evaluate -> generate")
+    print("SmolLM2-135M-Instruct — export -> compile -> evaluate -> generate"
+          + ("" if sa is None else f" -> shift-add {args.shiftadd_bits}-bit"))
     w0 = max(len(r[0]) for r in rows)
     for r in rows:
-        print(f"  {r[0]:<{w0}}  {r[1]:>18}  {r[2]:>18}")
+        print(f"  {r[0]:<{w0}}" + "".join(f"  {c:>18}" for c in r[1:]))
     print(f"  perplexity agreement: {abs(ppl_c - ppl_o) / ppl_o * 100:.4f}% relative difference")
     print(f"  export {timings['export_s']:.1f}s, compile {timings['compile_s']:.1f}s")
     print(f"  generate (greedy, chat): {gen['text']!r}")
-    result = {"evaluate": evals, "bench": speed, "generate": gen, "timings": timings,
+    if sa is not None:
+        d = sa["bench"]["decode"]
+        print(f"  shift-add: {sa['report'].get('bits_per_weight', float('nan')):.2f} bits per quantized weight "
+              f"(scales included); decode {d['ratio']:.2f}x ONNX Runtime fp32, "
+              f"{d['compiled_tokens_per_s'] / speed['decode']['compiled_tokens_per_s']:.2f}x compiled fp32; "
+              f"perplexity {sa['eval']['perplexity'] / ppl_o:.2f}x fp32; compress {timings['compress_s']:.0f}s")
+        print(f"  generate (shift-add): {sa['generate']['text']!r}")
+    result = {"evaluate": evals, "bench": speed, "generate": gen, "timings": timings, "shiftadd": sa,
               "sizes": {"onnx": os.path.getsize(onnx_path), "library": os.path.getsize(lib_path)}}
     with open(os.path.join(args.workdir, "demo.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"  (written to {os.path.join(args.workdir, 'demo.json')})")
     return 0
+
+
+def _compressed(args, onnx_path: str, threads: int, timings: dict) -> dict:
+    """Shift-add compress -> compile -> evaluate -> bench -> generate (the demo's second column)."""
+    sa_onnx = os.path.join(args.workdir, f"smollm2-135m-sa{args.shiftadd_bits}.onnx")
+    sa_lib = os.path.join(args.workdir, f"smollm2-135m-sa{args.shiftadd_bits}.so")
+    report_path = sa_onnx + ".demo-report.json"
+    t0 = time.perf_counter()
+    if not os.path.exists(sa_onnx) or os.path.getmtime(sa_onnx) < os.path.getmtime(onnx_path) \
+            or not os.path.exists(report_path):
+        log(f"compressing: shift-add {args.shiftadd_bits}-bit")
+        report = api.compress(onnx_path, sa_onnx, bits=args.shiftadd_bits, threads=args.threads)
+        with open(report_path, "w") as f:
+            json.dump({k: v for k, v in report.items() if k != "layers"}, f, default=str)
+    with open(report_path) as f:
+        report = json.load(f)
+    timings["compress_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if not os.path.exists(sa_lib) or os.path.getmtime(sa_lib) < os.path.getmtime(sa_onnx):
+        api.compile(sa_onnx, sa_lib, target="host")
+    timings["compile_shiftadd_s"] = time.perf_counter() - t0
+    log(f"perplexity with the shift-add library on {args.tokens} held-out tokens")
+    ev = api.evaluate(sa_lib, tokens=args.tokens, window=args.window, threads=args.threads)
+    bench = api.bench(sa_lib, reference=onnx_path, threads=threads, repeats=3, prefill=128, decode=16)
+    gen = api.load(sa_lib, threads=args.threads).generate(
+        "What is the capital of France?", chat=True, max_new_tokens=args.max_new_tokens, greedy=True)
+    return {"eval": ev, "bench": bench, "generate": gen, "report": report, "library_bytes": os.path.getsize(sa_lib)}
 
 
 if __name__ == "__main__":
