@@ -373,3 +373,26 @@ def test_recipe_prune_section(tmp_path):
     recipe.write_text("prune:\n  ratios: 0.25\n")
     with pytest.raises(UsageError, match="prune.ratios"):
         load_recipe(recipe)
+
+
+def test_bias_compensation_restores_constant_channel():
+    from shiftc.passes.prune.calib import collect_norms
+
+    w1, b1, w2, b2 = _f(4, 3, 1, 1, seed=1), _f(4, seed=2), _f(2, 4, 1, 1, seed=3), _f(2, seed=4)
+    w1[1], b1[1], w2[:, 1] = 0, 2.0, 0.01  # channel 1: relu(2) everywhere, a small weight downstream
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1"),
+             helper.make_node("Relu", ["c1"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2", "b2"], ["out"], name="conv2")]
+    m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 2, 4, 4])],
+               {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
+    x = _f(1, 3, 4, 4, seed=5)
+    means: dict = {}
+    norms = collect_norms(m, {"x": 1, "r": 1}, [{"x": x}], means=means)
+    cfg = PruneConfig(ratio=0.25, criterion="activation", align=1)
+    r = PrunePass(cfg)(m, norms=norms, means=means)
+    assert [g["removed_units"] for g in r.report["groups"] if g["root"] == "w1"] == [[1]]
+    np.testing.assert_allclose(_run(r.model, {"x": x})[0], _run(m, {"x": x})[0], **EXACT)
+    cfg.compensate = False
+    off = PrunePass(cfg)(m, norms=norms, means=means)
+    assert np.abs(_run(off.model, {"x": x})[0] - _run(m, {"x": x})[0]).max() > 0.01

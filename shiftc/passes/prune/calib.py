@@ -42,8 +42,10 @@ def calibration_feeds(model: onnx.ModelProto, *, corpus: str = "wikipedia", wind
 
 
 def collect_norms(model: onnx.ModelProto, tensors: dict[str, int], feeds: list[dict], *,
-                  threads: int | None = None) -> dict[str, np.ndarray]:
-    """{tensor: ‖X_c‖₂ per channel c of axis ``tensors[name]``} over all ``feeds`` (float64)."""
+                  threads: int | None = None, means: dict | None = None) -> dict[str, np.ndarray]:
+    """{tensor: ‖X_c‖₂ per channel c of axis ``tensors[name]``} over all ``feeds`` (float64).
+
+    ``means``, if given, is filled with the mean of X_c per channel (for bias compensation)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
@@ -59,11 +61,19 @@ def collect_norms(model: onnx.ModelProto, tensors: dict[str, int], feeds: list[d
     sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     del probe
     sq: dict[str, np.ndarray] = {}
+    sm: dict[str, np.ndarray] = {}
+    count: dict[str, int] = {}
     progress = Counter("activation norms", len(feeds))
     for f in feeds:
         for n, x in zip(names, sess.run(names, f)):
             x = np.moveaxis(np.asarray(x, np.float64), tensors[n], -1)
             s = np.square(x).reshape(-1, x.shape[-1]).sum(axis=0)
             sq[n] = sq[n] + s if n in sq else s
+            if means is not None:
+                x2 = x.reshape(-1, x.shape[-1])
+                sm[n] = sm[n] + x2.sum(axis=0) if n in sm else x2.sum(axis=0)
+                count[n] = count.get(n, 0) + x2.shape[0]
         progress.update()
+    if means is not None:
+        means.update({n: v / count[n] for n, v in sm.items()})
     return {n: np.sqrt(v) for n, v in sq.items()}

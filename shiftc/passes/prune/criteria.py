@@ -75,3 +75,45 @@ def unit_scores(group, info, criterion: str, *, norms: dict | None = None, score
         mean = s.mean()
         total += s / mean if mean > 0 else s
     return total
+
+
+def compensate_bias(model, info, plan, means: dict):
+    """Copy of ``model`` where each Conv/Gemm that loses input channels c keeps their mean effect.
+
+    A removed input channel's activation is replaced by its calibration mean μ_c (instead of 0):
+    b_o += Σ_c Σ_spatial W[o, c, ...] · μ_c, added to the layer's existing bias initializer
+    (layers without one are left as they are). Exact for channels that are constant, e.g. a
+    ReLU6 of a folded BatchNorm bias whose conv weights were pruned away.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    layers = layer_inputs(info)
+    delta: dict[str, np.ndarray] = {}
+    for group, units in plan:
+        if len(units) == 0:
+            continue
+        for d in group.weights:
+            if d.tensor not in layers:
+                continue
+            node, in_axis, x, _ = layers[d.tensor]
+            groups_attr = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if node.op_type not in ("Conv", "Gemm") or d.axis != in_axis or groups_attr != 1 or x not in means:
+                continue
+            bias = node.input[2] if len(node.input) > 2 else ""
+            if bias not in info.inits:
+                continue
+            rm = np.sort(d.idx[np.isin(d.unit, units)])
+            w = info.const(d.tensor).astype(np.float64)
+            wk = np.moveaxis(w, in_axis, 0)[rm]  # [removed, out, ...]
+            wk = wk.reshape(len(rm), wk.shape[1], -1).sum(axis=2)  # spatial taps summed
+            delta[bias] = delta.get(bias, 0) + means[x][rm] @ wk
+    if not delta:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in delta:
+            b = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array((b + delta[t.name]).astype(b.dtype), t.name))
+    return out

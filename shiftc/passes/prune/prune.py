@@ -28,7 +28,7 @@ import onnx
 
 from ...errors import UsageError
 from ...frontend import metadata as md
-from .criteria import CRITERIA, unit_scores
+from .criteria import CRITERIA, compensate_bias, unit_scores
 from .groups import GraphInfo, Group, analyze
 from .surgery import apply
 
@@ -45,6 +45,7 @@ class PruneConfig:
     align: int = 8  # kept widths rounded to a multiple of this (large groups only)
     skip: list = field(default_factory=list)  # globs of weight names whose groups are left alone
     nm: str | None = None  # N:M sparsity (e.g. "2:4") applied after the structured pruning   (--nm)
+    compensate: bool = True  # fold removed inputs' calibration mean into the consumer's bias (Conv/Gemm)
 
 
 def validate(cfg: PruneConfig, pre: str = "") -> None:
@@ -102,14 +103,15 @@ class PrunePass:
         return {x: ax for _, _, x, ax in layer_inputs(info).values()}
 
     def __call__(self, model: onnx.ModelProto, *, info: GraphInfo | None = None, groups: list[Group] | None = None,
-                 norms: dict | None = None, scores: dict | None = None) -> PruneResult:
+                 norms: dict | None = None, scores: dict | None = None, means: dict | None = None) -> PruneResult:
         cfg = self.config
         if info is None or groups is None:
             info, groups = self.analyze(model)
         if cfg.criterion == "activation" and norms is None:
             raise UsageError("--prune-criterion activation needs calibration data (activation norms)")
         if cfg.criterion == "lorapr" and scores is None:
-            raise UsageError("--prune-criterion lorapr needs LoRAPrune scores (from a PyTorch model)")
+            raise UsageError("--prune-criterion lorapr needs LoRAPrune scores per weight (LoRA gradients on the "
+                             "PyTorch model), which shiftc does not compute yet; use activation or magnitude")
         status = {}
         for i, g in enumerate(groups):
             if g.refusal:
@@ -135,6 +137,8 @@ class PrunePass:
                  for i in cand}
         n_remove = self._plan(info, groups, cand)
         plan = [(groups[i], np.sort(order[i][:n_remove[i]])) for i in cand]
+        if means and cfg.compensate:
+            model = compensate_bias(model, info, plan, means)
         pruned = apply(model, info, plan)
         before, after = self._cost(info, groups, cand, {i: 0 for i in cand}), self._cost(info, groups, cand, n_remove)
         self._update_metadata(pruned, model)

@@ -14,7 +14,7 @@ from .nm import apply_nm
 from .prune import PruneConfig, PrunePass
 
 
-def _norms(model, pp: PrunePass, info, calib, model_path: str, threads: int | None) -> dict:
+def _norms(model, pp: PrunePass, info, calib, model_path: str, threads: int | None, means=None) -> dict:
     if calib is not None and calib.corpus == "none":
         raise UsageError("--prune-criterion activation / --nm need calibration data; --calib none was given "
                          "(use --prune-criterion magnitude, or --calib wikipedia)")
@@ -23,7 +23,7 @@ def _norms(model, pp: PrunePass, info, calib, model_path: str, threads: int | No
     feeds = calibration_feeds(model, model_path=model_path, **kw)
     tensors = pp.calibration_tensors(info)
     with step(f"activation norms ({len(feeds)} samples, {len(tensors)} layer inputs)"):
-        return collect_norms(model, tensors, feeds, threads=threads)
+        return collect_norms(model, tensors, feeds, threads=threads, means=means)
 
 
 def prune_model(model: onnx.ModelProto, cfg: PruneConfig, calib=None, *, model_path: str = "the model",
@@ -34,9 +34,10 @@ def prune_model(model: onnx.ModelProto, cfg: PruneConfig, calib=None, *, model_p
     if cfg.ratio > 0:
         with step("dependency analysis"):
             info, groups = pp.analyze(model)
-        norms = _norms(model, pp, info, calib, model_path, threads) if cfg.criterion == "activation" else None
+        means: dict = {}
+        norms = _norms(model, pp, info, calib, model_path, threads, means) if cfg.criterion == "activation" else None
         with step(f"pruning {cfg.ratio:.0%} ({cfg.criterion}, {cfg.budget})"):
-            result = pp(model, info=info, groups=groups, norms=norms, scores=scores)
+            result = pp(model, info=info, groups=groups, norms=norms, scores=scores, means=means or None)
         model, report = result.model, result.report
     if cfg.nm:
         from .groups import GraphInfo
