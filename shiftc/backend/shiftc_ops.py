@@ -199,3 +199,57 @@ def _bcq_matmul(bb, inputs, attrs, node):
          relax.TensorType([workspace_floats(rows, k, group, lut_max_m())], "float32")]))
     y = bb.emit(relax.TupleGetItem(out, 0))
     return relax.op.reshape(y, x_shape[:-1] + [n])
+
+
+def fdb_lut16(planes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, k: int, group: int):
+    """FdbMatMul storage -> lut16 arrays: the {0,1} planes packed with coding "01" (halved scales,
+    offsets Σα/2) and the op's own per-group offsets μ added to those offsets."""
+    q, n, _ = planes.shape
+    alpha = np.ascontiguousarray(scales.astype(np.float32))
+    codes, lut_scales, lut_off = _pack(planes, alpha, k, group, "01")
+    nb, ng = -(-n // ROW_BLOCK), -(-k // group)
+    mu = np.zeros((nb * ROW_BLOCK, ng), np.float32)
+    mu[:n] = offsets.astype(np.float32)
+    lut_off = np.asarray(lut_off, np.float32) + mu.reshape(nb, ROW_BLOCK, ng).transpose(0, 2, 1).reshape(-1)
+    return np.asarray(codes), np.asarray(lut_scales, np.float32), np.ascontiguousarray(lut_off, np.float32)
+
+
+@register_converter(SHIFTC_DOMAIN, "FdbMatMul")
+def _fdb_matmul(bb, inputs, attrs, node):
+    """FdbMatMul (shiftc/passes/ops.py): W = Σ α_i·B_i + μ with {0,1} planes. CPU: the BcqMatMul
+    kernels with coding "01" and μ folded into their per-group offsets; CUDA: W reconstructed."""
+    from tvm import relax, tirx
+
+    from ..passes.bcq import unpack_planes
+    from ..passes.fdb import reconstruct
+
+    x = inputs[0]
+    planes = _constant(inputs[1], node, "planes")
+    scales = _constant(inputs[2], node, "scales")
+    offsets = _constant(inputs[3], node, "offsets")
+    bits, group, k = int(attrs["bits"]), int(attrs["group_size"]), int(attrs["in_features"])
+    n = int(planes.shape[1])
+    if planes.shape[0] != bits or scales.shape[:2] != (bits, n) or offsets.shape[0] != n:
+        raise UnsupportedError(f"node '{node.name}' (FdbMatMul): bits={bits} but planes {planes.shape}, "
+                               f"scales {scales.shape}, offsets {offsets.shape}")
+    if _device.get() != "cpu":
+        w = reconstruct(unpack_planes(planes, k), scales, offsets, group).astype(np.float32)  # [N, K]
+        return relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T), "float32"))
+
+    codes, lut_scales, lut_off = fdb_lut16(planes, scales, offsets, k, group)
+    x = bb.normalize(x)
+    x_shape = list(x.ty.shape)
+    if not x_shape or int(x_shape[-1]) != k:
+        raise UnsupportedError(f"node '{node.name}' (FdbMatMul): input X has shape {x_shape}, expected [..., {k}]")
+    rows = 1
+    for d in x_shape[:-1]:
+        rows = rows * (int(d) if isinstance(d, tirx.IntImm) else d)
+    fn = _bcq_primfunc(k, n, bits, group, codes.size, lut_scales.size, lut_off.size)
+    gv = bb.add_func(fn, f"shiftc_fdb_{n}x{k}_q{bits}g{group}")
+    x2 = bb.emit(relax.op.reshape(x, [rows, k]))
+    out = bb.emit(relax.call_tir(
+        gv, [x2, relax.const(codes, "uint8"), relax.const(lut_scales, "float32"), relax.const(lut_off, "float32")],
+        [relax.TensorType([rows, n], "float32"),
+         relax.TensorType([workspace_floats(rows, k, group, lut_max_m())], "float32")]))
+    y = bb.emit(relax.TupleGetItem(out, 0))
+    return relax.op.reshape(y, x_shape[:-1] + [n])

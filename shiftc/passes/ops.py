@@ -33,6 +33,11 @@ ONNX functions cannot do.
 The function body unpacks with shifts only, ``b_j = (w << (31 − j)) >> 31``, so it needs opset 11+
 (BitShift) and 13+ (ReduceSum / Slice / Unsqueeze with input axes). It is emitted with the model's
 own default-domain opset (17 … 21), since a model-local function must import the same version.
+
+FdbMatMul
+---------
+``Y = X · Ŵᵀ``, ``Ŵ = Σ_i α_i ⊙ B_i + μ`` with {0,1} planes, float16 scales α [q, N, ceil(K/G)] and
+offsets μ [N, ceil(K/G)]: the binarization pass's op (schema beside its function body below).
 """
 
 from __future__ import annotations
@@ -170,3 +175,110 @@ def add_functions(model: onnx.ModelProto, names: list[str]) -> None:
             model.functions.append(OPS[name].function(opset))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+
+
+# -- FdbMatMul ------------------------------------------------------------------------------------
+#
+# ``Y = X · Ŵᵀ``,  ``Ŵ [N, K] = Σ_{i<q} α_i ⊙ B_i + μ``,  B_i ∈ {0, 1}, α and μ broadcast over groups
+# of G columns (the binarization pass, shiftc/passes/binarize.py; math in shiftc/passes/fdb.py).
+#
+# inputs
+#     X        float32 [..., K]
+#     planes   uint32  [q, N, ceil(K/32)]   same bit layout as BcqMatMul (packed.h), padding bits zero
+#     scales   float16 [q, N, ceil(K/G)]    α_i, any sign
+#     offsets  float16 [N, ceil(K/G)]       μ
+# attributes
+#     bits  (q, 1..4; the pass writes 2 for "fdb" and 1 for "1bit"), group_size (G, a multiple
+#     of 32), in_features (K)
+# output
+#     Y        float32 [..., N]
+# As with BcqMatMul there is no bias input: a Gemm's C stays a standard Add after the op.
+
+
+def fdb_matmul_ref(x: np.ndarray, planes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, *, bits: int,
+                   group_size: int, in_features: int, bias: np.ndarray | None = None) -> np.ndarray:
+    """numpy reference of FdbMatMul: ``X Ŵᵀ (+ bias)``, accumulated in float64, returned as float32."""
+    from .fdb import reconstruct as fdb_reconstruct
+
+    if planes.shape[0] != bits or scales.shape[0] != bits:
+        raise ValueError(f"bits={bits} but planes {planes.shape} / scales {scales.shape}")
+    w = fdb_reconstruct(unpack_planes(planes, in_features), scales, offsets, group_size)
+    y = np.asarray(x, np.float64) @ w.astype(np.float64).T
+    if bias is not None:
+        y = y + bias
+    return y.astype(np.float32)
+
+
+def fdb_matmul_function(opset: int) -> onnx.FunctionProto:
+    """The ONNX function body of ``ai.shiftc::FdbMatMul`` for a model of default-domain ``opset``."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"FdbMatMul's function body needs opset >= {MIN_OPSET}, got {opset}")
+
+    def const(name, value, dtype):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, np.shape(value), np.ravel(value).tolist()))
+
+    def attr_const(name, attr):
+        n = helper.make_node("Constant", [], [name])
+        n.attribute.append(onnx.AttributeProto(name="value_int", ref_attr_name=attr, type=onnx.AttributeProto.INT))
+        return n
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [
+        # bits: planes [q,N,W] -> [q,N,W,32] of 0/1 by two shifts -> [q,N,W*32] -> first K columns
+        const("left", np.arange(31, -1, -1, dtype=np.uint32), TensorProto.UINT32),
+        const("right", np.array([31], np.uint32), TensorProto.UINT32),
+        const("ax_last", np.array([-1], np.int64), i64),
+        const("ax_0", np.array([0], np.int64), i64),
+        const("zero_i", np.array([0], np.int64), i64),
+        const("shape_qn_", np.array([0, 0, -1], np.int64), i64),
+        const("shape_n_", np.array([0, -1], np.int64), i64),
+        attr_const("k_scalar", "in_features"),
+        attr_const("g_scalar", "group_size"),
+        helper.make_node("Unsqueeze", ["k_scalar", "ax_0"], ["k_1"]),
+        helper.make_node("Unsqueeze", ["g_scalar", "ax_0"], ["g_1"]),
+        helper.make_node("Unsqueeze", ["planes", "ax_last"], ["words"]),
+        helper.make_node("BitShift", ["words", "left"], ["shl"], direction="LEFT"),
+        helper.make_node("BitShift", ["shl", "right"], ["bits01"], direction="RIGHT"),
+        helper.make_node("Reshape", ["bits01", "shape_qn_"], ["bits_flat"]),
+        helper.make_node("Slice", ["bits_flat", "zero_i", "k_1", "ax_last"], ["bits_k"]),
+        helper.make_node("Cast", ["bits_k"], ["b_f"], to=f32),  # {0,1} coding: the bit is the factor
+        # scales [q,N,ng] -> [q,N,ng,G] -> [q,N,ng*G] -> [:K]; offsets likewise with one axis less
+        helper.make_node("Cast", ["scales"], ["alpha"], to=f32),
+        helper.make_node("Unsqueeze", ["alpha", "ax_last"], ["alpha4"]),
+        const("ones3", np.array([1, 1, 1], np.int64), i64),
+        helper.make_node("Concat", ["ones3", "g_1"], ["g_shape"], axis=0),
+        helper.make_node("Expand", ["alpha4", "g_shape"], ["alpha_g"]),
+        helper.make_node("Reshape", ["alpha_g", "shape_qn_"], ["alpha_flat"]),
+        helper.make_node("Slice", ["alpha_flat", "zero_i", "k_1", "ax_last"], ["alpha_k"]),
+        helper.make_node("Cast", ["offsets"], ["mu"], to=f32),
+        helper.make_node("Unsqueeze", ["mu", "ax_last"], ["mu3"]),
+        const("ones2", np.array([1, 1], np.int64), i64),
+        helper.make_node("Concat", ["ones2", "g_1"], ["g_shape2"], axis=0),
+        helper.make_node("Expand", ["mu3", "g_shape2"], ["mu_g"]),
+        helper.make_node("Reshape", ["mu_g", "shape_n_"], ["mu_flat"]),
+        helper.make_node("Slice", ["mu_flat", "zero_i", "k_1", "ax_last"], ["mu_k"]),
+        # W [N,K] = sum_i alpha_i * b_i + mu ;  Y = X W^T
+        helper.make_node("Mul", ["alpha_k", "b_f"], ["planes_w"]),
+        helper.make_node("ReduceSum", ["planes_w", "ax_0"], ["w_planes"], keepdims=0),
+        helper.make_node("Add", ["w_planes", "mu_k"], ["w"]),
+        helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["X", "w_t"], ["Y"]),
+    ]
+    return helper.make_function(
+        DOMAIN, "FdbMatMul", ["X", "planes", "scales", "offsets"], ["Y"], nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["bits", "group_size", "in_features"],
+        doc_string="Y = X W^T, W = sum_i alpha_i * B_i + mu (B in {0,1}); see shiftc/passes/ops.py",
+    )
+
+
+FDB_MATMUL = OpSpec(
+    name="FdbMatMul",
+    inputs=(("X", "float32 [..., K]"), ("planes", "uint32 [q, N, ceil(K/32)]"),
+            ("scales", "float16 [q, N, ceil(K/G)]"), ("offsets", "float16 [N, ceil(K/G)]")),
+    outputs=(("Y", "float32 [..., N]"),),
+    attributes=(("bits", "int: q, 1..4"), ("group_size", "int: G, multiple of 32"), ("in_features", "int: K")),
+    function=fdb_matmul_function,
+    reference=fdb_matmul_ref,
+)
+OPS[FDB_MATMUL.name] = FDB_MATMUL
