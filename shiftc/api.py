@@ -111,7 +111,11 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
              calib_windows: int | None = None, calib_window: int | None = None, tokenizer: str | None = None,
              recipe: str | os.PathLike | None = None, threads: int | None = None, prune: float | None = None,
              prune_criterion: str | None = None, prune_scope: list | str | None = None,
-             prune_budget: str | None = None, nm: str | None = None) -> dict:
+             prune_budget: str | None = None, nm: str | None = None, bits_budget: float | None = None,
+             candidates: list | None = None, sensitivity: str | None = None, tie: bool | None = None,
+             latency_budget_ms: float | None = None, target: str | None = None, mp_cache: str | None = None,
+             report: bool | None = None, report_eval_tokens: int | None = None,
+             hawq_source: str | None = None) -> dict:
     """Compress an ONNX model with the shift-add pass; arguments given override the recipe file.
 
     ``calib``: "wikipedia" (default), "lee", or "none" (data-free: plain BCQ, no GPTQ).
@@ -119,13 +123,20 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
     structured pruning (``prune_criterion`` activation | magnitude | lorapr, ``prune_scope`` of
     mlp, heads, channels); ``nm``: N:M sparsity such as "2:4". Pruning alone (no shift-add
     argument, no recipe) writes a pruned fp32 model. The report's ``prune`` lists kept units per group.
+    ``bits_budget``: choose each layer's bits (``candidates``, default [2, 3, 4]) to minimise the
+    total ``sensitivity`` ("calib": output error on the calibration data; "hawq": HAWQ-V2 Hessian
+    traces through PyTorch, from ``hawq_source`` or the recorded export source) with an average of
+    at most ``bits_budget`` stored bits per weight (scales included); ``tie`` gives layers sharing an
+    input one width; ``latency_budget_ms`` adds a budget on the measured kernel times (``target``
+    "host"); ``mp_cache`` keeps per-layer results between runs. Writes OUT.report.json/.html
+    (``report=False``: not), with perplexity before/after when ``report_eval_tokens`` > 0.
     Returns the report (per-layer bits, bits per weight, weight/output errors; sizes).
     """
     from .passes.compress import compress as _compress
     from .passes.recipe import CompressConfig, load_recipe, validate
 
     cfg = load_recipe(recipe) if recipe is not None else CompressConfig()
-    sa_args = (bits, group, scale_mode, act_order, lm_head, layer_bits, skip)
+    sa_args = (bits, group, scale_mode, act_order, lm_head, layer_bits, skip, bits_budget)
     if any(v is not None for v in (prune, prune_criterion, prune_scope, prune_budget, nm)):
         from .passes.prune import PruneConfig
 
@@ -147,4 +158,11 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
                             (c, "window", calib_window), (c, "tokenizer", tokenizer), (cfg, "threads", threads)):
         if value is not None:
             setattr(obj, key, value)
+    mp = cfg.mixed_precision
+    for key, value in (("bits_budget", bits_budget), ("candidates", candidates), ("sensitivity", sensitivity),
+                       ("tie", tie), ("latency_budget_ms", latency_budget_ms), ("target", target),
+                       ("cache", mp_cache), ("report", report), ("eval_tokens", report_eval_tokens),
+                       ("hawq_source", hawq_source)):
+        if value is not None:
+            setattr(mp, key, value)
     return _compress(model, output, validate(cfg))

@@ -54,6 +54,26 @@ def _fraction(value: str) -> float:
     return f
 
 
+def _bits_budget(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number of bits per weight") from None
+    if not 1 <= f <= 8:
+        raise argparse.ArgumentTypeError(f"must be in [1, 8] bits per weight (got {value})")
+    return f
+
+
+def _bit_list(value: str) -> list[int]:
+    try:
+        bits = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a comma-separated list of bit widths") from None
+    if not bits or any(not 1 <= b <= 4 for b in bits) or len(set(bits)) != len(bits):
+        raise argparse.ArgumentTypeError(f"must be distinct bit widths in 1..4 (got {value})")
+    return bits
+
+
 def _group(value: str) -> int:
     n = _positive(value)
     if n % 32:
@@ -192,15 +212,27 @@ def cmd_compress(args):
                      act_order=args.act_order or None, lm_head=args.shiftadd_lm_head, calib=args.calib,
                      calib_windows=args.calib_windows, calib_window=args.calib_window, tokenizer=args.tokenizer,
                      recipe=args.recipe, threads=args.threads, prune=args.prune, prune_criterion=args.prune_criterion,
-                     prune_scope=args.prune_scope, prune_budget=args.prune_budget, nm=args.nm)
+                     prune_scope=args.prune_scope, prune_budget=args.prune_budget, nm=args.nm,
+                     bits_budget=args.bits_budget, candidates=args.mp_candidates, sensitivity=args.sensitivity,
+                     tie=args.mp_tie or None, latency_budget_ms=args.latency_budget_ms, target=args.target,
+                     mp_cache=args.mp_cache, report=args.report, report_eval_tokens=args.report_eval_tokens,
+                     hawq_source=args.hawq_source)
     if "layers" not in r:  # pruning only
         from .passes.prune.prune import summary
 
         _emit(args, r, summary(r["prune"]) + f"\nwrote {r['path']} ({r['size_bytes'] / 1e6:.1f} MB from "
                        f"{r['source_size_bytes'] / 1e6:.1f} MB, {r['seconds']:.1f}s)")
         return
+    mp = r.get("mixed_precision")
+    extra = ""
+    if mp:
+        widths = sorted({e["bits"] for e in r["layers"].values()})
+        counts = ", ".join(f"{b}-bit x{sum(1 for e in r['layers'].values() if e['bits'] == b)}" for b in widths)
+        extra = f"\nmixed precision ({mp['kind']}): budget {mp['bits_budget']:g} -> {counts}"
+        if mp.get("report"):
+            extra += f"\nreport: {mp['report']['html']}"
     _emit(args, r, f"wrote {r['path']} ({len(r['layers'])} layers shift-add, {r['bits_per_weight']:.3f} bits/weight, "
-                   f"{r['size_bytes'] / 1e6:.1f} MB from {r['source_size_bytes'] / 1e6:.1f} MB, {r['seconds']:.1f}s)")
+                   f"{r['size_bytes'] / 1e6:.1f} MB from {r['source_size_bytes'] / 1e6:.1f} MB, {r['seconds']:.1f}s)" + extra)
 
 
 # -- parser --------------------------------------------------------------------------------------
@@ -286,6 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prune-scope", metavar="mlp,heads,channels", help="what may be pruned (default all three)")
     sp.add_argument("--prune-budget", choices=["params", "flops"], help="what RATIO counts (default params)")
     sp.add_argument("--nm", metavar="N:M", help="N:M semi-structured sparsity after pruning (2:4, 4:8)")
+    sp.add_argument("--bits-budget", type=_bits_budget, metavar="BITS",
+                    help="mixed precision: per-layer bits minimising sensitivity with this average of stored bits "
+                         "per weight (scales included), e.g. 2.5; writes OUT.report.json/.html")
+    sp.add_argument("--mp-candidates", type=_bit_list, metavar="2,3,4", help="bit widths to choose from (default 2,3,4)")
+    sp.add_argument("--sensitivity", choices=["calib", "kl", "hawq"],
+                    help="calib: layer output error on the calibration data (default); kl: the model's output KL with "
+                         "each layer alone quantized (ONNX Runtime); hawq: HAWQ-V2 Hessian traces (PyTorch)")
+    sp.add_argument("--mp-tie", action="store_true", help="layers sharing an input (q/k/v; gate/up) get one width")
+    sp.add_argument("--latency-budget-ms", type=float, metavar="MS",
+                    help="also bound the quantized layers' kernel time, measured per shape with the LUT kernels")
+    sp.add_argument("--target", help="where --latency-budget-ms is measured (host only for now)")
+    sp.add_argument("--mp-cache", metavar="DIR", help="keep per-layer quantized results here between runs")
+    sp.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,
+                    help="write OUT.report.json/.html with --bits-budget (default on)")
+    sp.add_argument("--report-eval-tokens", type=_positive, metavar="N",
+                    help="report perplexity before/after on N held-out tokens (ONNX Runtime)")
+    sp.add_argument("--hawq-source", help="HF folder or .gguf of the PyTorch model for --sensitivity hawq "
+                                          "(default: the source recorded at export)")
     sp.add_argument("--calib", choices=["wikipedia", "lee", "none"], help="calibration text (default wikipedia; none: data-free)")
     sp.add_argument("--calib-windows", type=_positive, help="calibration windows (default 16)")
     sp.add_argument("--calib-window", type=_positive, help="tokens per calibration window (default 256)")

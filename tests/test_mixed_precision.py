@@ -182,3 +182,64 @@ def test_hutchinson_traces_match_exact_hessian():
         assert r["traces"][name] == pytest.approx(exact, abs=4 * r["sem"][name] + 1e-6)
     with pytest.raises(UsageError, match="layer 'nope.weight.T'"):
         hawq.hessian_traces(m, ["nope.weight.T"], ids, max_probes=2, min_probes=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tiny_llama_dir, tmp_path_factory):
+    import shiftc
+
+    path = str(tmp_path_factory.mktemp("tiny_mp") / "tiny.onnx")
+    shiftc.export(tiny_llama_dir, path)
+    return path
+
+
+def test_cli_bits_budget_plan_and_report(tiny_decoder, tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    out = str(tmp_path / "mp.onnx")
+    # data-free (--calib none) keeps this test fast; the H-based measures are checked above
+    r = run_cli("compress", tiny_decoder, "-o", out, "--bits-budget", "2.6", "--mp-candidates", "2,3", "--group", "32",
+                "--calib", "none", "--threads", "1", "--mp-cache", str(tmp_path / "cache"), "--no-shiftadd-lm-head",
+                "--json", check=True)
+    rep = json.loads(r.stdout)
+    mp = rep["mixed_precision"]
+    bits = {k: e["bits"] for k, e in rep["layers"].items()}
+    assert set(bits.values()) == {2, 3} and mp["avg_bits"] <= 2.6
+    assert rep["bits_per_weight"] == pytest.approx(mp["avg_bits"])  # the pass wrote the plan
+    meta = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["shiftc.compression"])
+    assert {k: e["bits"] for k, e in meta["layers"].items()} == bits
+    page = open(mp["report"]["html"]).read()
+    assert page.count("data:image/png;base64,") == 2 and "Pareto" in page
+    saved = json.load(open(mp["report"]["json"]))
+    assert saved["mixed_precision"]["layer_bits"] == bits and len(saved["mixed_precision"]["pareto"]) > 5
+    assert len(list((tmp_path / "cache").iterdir())) == 2 * len(bits)  # each layer quantized once per width
+
+
+@pytest.mark.parametrize("flags,flag,code", [
+    (["--bits-budget", "0.5"], "--bits-budget", 2), (["--mp-candidates", "2,5"], "--mp-candidates", 2),
+    (["--bits-budget", "2.5", "--latency-budget-ms", "1", "--target", "aarch64"], "--target aarch64", 4)])
+def test_cli_bad_mixed_precision_flags(tiny_decoder, tmp_path, flags, flag, code):
+    from conftest import run_cli
+
+    r = run_cli("compress", tiny_decoder, "-o", str(tmp_path / "x.onnx"), "--calib", "none", "--group", "32", *flags)
+    assert r.returncode == code and flag in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_latency_budget_with_lut_kernels(tiny_decoder, tmp_path):
+    from shiftc.passes.mixed_precision import latency
+
+    if not latency.kernel_available():
+        pytest.skip("shiftc._native.bcq_matmul_lut16 not built")
+    import shiftc.api
+
+    common = dict(group=32, calib="none", candidates=[1, 2], mp_cache=str(tmp_path / "cache"), report=False, threads=1,
+                  lm_head=False)
+    free = shiftc.api.compress(tiny_decoder, str(tmp_path / "a.onnx"), bits_budget=2.2, **common)
+    per = free["mixed_precision"]
+    assert per["latency"] is None
+    r = shiftc.api.compress(tiny_decoder, str(tmp_path / "b.onnx"), bits_budget=2.2, latency_budget_ms=1e3, **common)
+    lt = r["mixed_precision"]["latency"]
+    assert lt["predicted_ms"] <= 1e3 and set(lt["per_shape_ms"]) == {"128x64", "64x64", "32x64", "64x128"}

@@ -3,6 +3,8 @@
     load (safe) -> [prune: structured / N:M, shiftc/passes/prune] -> match layers -> calibrate (H = XᵀX per layer input, ONNX Runtime on the
     calibration split) -> shift-add pass (BCQ + power-of-two scales inside GPTQ) -> onnx.checker
     -> atomic save
+    With --bits-budget, the per-layer bits come from shiftc/passes/mixed_precision (sensitivity ->
+    integer program) before the shift-add pass, and a report is written beside the output.
 
 Returns a JSON-able report: per layer shape, bits, bits per weight, relative weight error and
 relative output error on the calibration data; sizes before and after; timings.
@@ -58,6 +60,15 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
         calib_windows = len(ids)
         with step(f"calibration ({len(ids)} windows x {ids.shape[1]} tokens, {len({t.x for t in targets})} inputs)"):
             hessians = collect_hessians(model, [t.x for t in targets], ids, threads=config.threads)
+    plan = None
+    if config.mixed_precision.bits_budget is not None:  # per-layer bits under a budget (passes/mixed_precision)
+        from dataclasses import replace
+
+        from .mixed_precision.plan import make_plan
+
+        plan = make_plan(model, targets, hessians, config.shiftadd, config.mixed_precision, src=src,
+                         tokenizer=config.calib.tokenizer)
+        sa = ShiftAddPass(replace(config.shiftadd, layer_bits=plan["layer_bits"]))
     with step(f"shift-add on {len(targets)} layers"):
         result = sa(model, hessians)
     del model, hessians
@@ -68,7 +79,12 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
     save_model(result.model, output)
     log(f"wrote {output}")
     rep = result.report
-    return {"path": output, "source": src, "size_bytes": os.path.getsize(output), "source_size_bytes": os.path.getsize(src),
-            "calibration": {"corpus": config.calib.corpus, "windows": calib_windows, "window": config.calib.window},
-            "seconds": round(time.perf_counter() - t0, 1), **rep,
-            **({"prune": prune_report} if prune_report is not None else {})}
+    out = {"path": output, "source": src, "size_bytes": os.path.getsize(output), "source_size_bytes": os.path.getsize(src),
+           "calibration": {"corpus": config.calib.corpus, "windows": calib_windows, "window": config.calib.window},
+           "seconds": round(time.perf_counter() - t0, 1), **rep,
+           **({"prune": prune_report} if prune_report is not None else {})}
+    if plan is not None:  # plan summary, perplexity before/after if asked, OUT.report.json/.html
+        from .mixed_precision.plan import finish
+
+        out["mixed_precision"] = finish(out, plan, config.mixed_precision, threads=config.threads)
+    return out

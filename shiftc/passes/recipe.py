@@ -26,6 +26,16 @@ Schema (every key optional; the values shown are the defaults)::
       budget: params       # params | flops                                (--prune-budget)
       nm: null             # N:M sparsity after pruning, e.g. "2:4"        (--nm)
     A recipe with a prune section and no shiftadd section only prunes.
+    mixed_precision:       # per-layer shift-add bits under a budget (shiftc/passes/mixed_precision)
+      bits_budget: null    # average stored bits per weight, scales included; null: off  (--bits-budget)
+      candidates: [2, 3, 4]  # widths to choose from                   (--mp-candidates)
+      sensitivity: calib   # calib (output error via H = XᵀX) | hawq (Hessian traces, PyTorch)  (--sensitivity)
+      tie: false           # layers sharing an input (q/k/v; gate/up) get one width  (--mp-tie)
+      latency_budget_ms: null  # modelled kernel time budget, host only  (--latency-budget-ms, --target)
+      cache: null          # folder keeping per-layer quantized results between runs  (--mp-cache)
+      report: true         # OUT.report.json + OUT.report.html beside the output
+      eval_tokens: 0       # perplexity before/after in the report        (--report-eval-tokens)
+    (all keys: shiftc/passes/mixed_precision/config.py). With bits_budget set, layer_bits must be empty.
 
 Layer names are weight initializer names (decoder graphs: ``model.layers.3.mlp.down_proj.weight.T``)
 or ``lm_head`` for a tied head. Unknown keys and bad values raise :class:`UsageError` naming the
@@ -40,6 +50,7 @@ from dataclasses import dataclass, field, fields
 from ..errors import BadInputError, UsageError
 from .prune.prune import PruneConfig
 from .prune.prune import validate as validate_prune
+from .mixed_precision.config import MixedPrecisionConfig, validate_mixed_precision
 from .shiftadd import ShiftAddConfig
 
 SCALE_MODES = ("pow2", "pow2x2")
@@ -61,6 +72,7 @@ class CompressConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     threads: int | None = None
     prune: PruneConfig | None = None  # None: no pruning; shiftadd None: no shift-add
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)  # bits_budget None: off
 
 
 def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
@@ -73,6 +85,9 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
 
     if cfg.prune is not None:
         validate_prune(cfg.prune, pre)
+    validate_mixed_precision(cfg.mixed_precision, bad)
+    if s is None and cfg.mixed_precision.bits_budget is not None:
+        bad("--bits-budget", "allocates shift-add bits: it needs the shift-add pass (a shiftadd section or flag)")
     if s is None:
         return cfg
 
@@ -127,13 +142,15 @@ def load_recipe(path: str | os.PathLike) -> CompressConfig:
             _section(cfg.calib, v, path, k)
         elif k == "threads":
             cfg.threads = v
+        elif k == "mixed_precision":
+            _section(cfg.mixed_precision, v, path, k)
         elif k == "prune":
             cfg.prune = PruneConfig()
             _section(cfg.prune, v, path, k)
             if "shiftadd" not in data:
                 cfg.shiftadd = None
         else:
-            raise UsageError(f"{path}: unknown key '{k}' (known: shiftadd, calib, threads, prune)")
+            raise UsageError(f"{path}: unknown key '{k}' (known: shiftadd, calib, threads, prune, mixed_precision)")
     if cfg.shiftadd is not None:
         cfg.shiftadd.layer_bits = dict(cfg.shiftadd.layer_bits or {})
         cfg.shiftadd.skip = list(cfg.shiftadd.skip or [])

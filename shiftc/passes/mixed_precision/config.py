@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SENSITIVITIES = ("calib", "hawq")
+SENSITIVITIES = ("calib", "hawq", "kl")
 
 
 @dataclass
 class MixedPrecisionConfig:
     bits_budget: float | None = None  # average stored bits per weight, scales included (--bits-budget)
     candidates: list[int] = field(default_factory=lambda: [2, 3, 4])  # widths to choose from (--mp-candidates)
-    sensitivity: str = "calib"  # calib (H = XᵀX output error, no PyTorch) | hawq (Hutchinson traces) (--sensitivity)
+    sensitivity: str = "calib"  # calib (H = XᵀX output error) | kl (output KL via ONNX Runtime) | hawq (Hutchinson
+    #                             traces, PyTorch)                                          (--sensitivity)
     tie: bool = False  # layers reading the same input (q/k/v; gate/up) share one width (--mp-tie)
     latency_budget_ms: float | None = None  # modelled time of the quantized layers + other_ms (--latency-budget-ms)
     target: str = "host"  # where kernel times are measured (--target); only the host for now
@@ -23,6 +24,8 @@ class MixedPrecisionConfig:
     hawq_probes: int = 32  # maximum Hutchinson probes
     hawq_tol: float = 0.02  # relative change of the total trace that stops the probes
     hawq_window: int = 128  # tokens per probe
+    kl_windows: int = 2  # calibration windows for the output-KL sensitivity (ONNX Runtime)
+    kl_window: int = 128
     report: bool = True  # write OUT.report.json / OUT.report.html
     eval_tokens: int = 0  # perplexity before/after on this many held-out tokens in the report (0: not measured)
     eval_window: int = 512
@@ -48,7 +51,12 @@ def validate_mixed_precision(m: MixedPrecisionConfig, bad) -> None:
             bad("--latency-budget-ms", "needs --bits-budget as well")
         if not isinstance(m.latency_budget_ms, (int, float)) or m.latency_budget_ms <= 0:
             bad("--latency-budget-ms", f"must be > 0, got {m.latency_budget_ms!r}")
-    for flag, v, lo in (("hawq_probes", m.hawq_probes, 2), ("hawq_window", m.hawq_window, 2),
+        if m.target not in ("host", None):
+            from ...errors import UnsupportedError
+
+            raise UnsupportedError(f"--latency-budget-ms with --target {m.target}: kernel times can only be "
+                                   f"measured on this machine (--target host) for now")
+    for flag, v, lo in (("hawq_probes", m.hawq_probes, 2), ("hawq_window", m.hawq_window, 2), ("kl_windows", m.kl_windows, 1), ("kl_window", m.kl_window, 2),
                         ("latency_rows", m.latency_rows, 1), ("latency_threads", m.latency_threads, 1),
                         ("--report-eval-tokens", m.eval_tokens, 0), ("eval_window", m.eval_window, 2)):
         if not isinstance(v, int) or v < lo:

@@ -8,6 +8,8 @@ shiftc/passes/bcq.py), giving ΔW_i(b) = W_i − Q_b(W_i). From it:
   calib   (no PyTorch)  the layer's output error on the calibration tokens,
               E_i(b) = ‖X_i ΔW_iᵀ‖²_F = tr(ΔW_i H_i ΔW_iᵀ)
           — the quantity GPTQ minimises, summed over all calibration tokens;
+  kl      (no PyTorch)  the model's mean next-token KL(p_fp32 ‖ p) with layer i alone quantized,
+          through ONNX Runtime on calibration windows (e2e.py): measured where the loss is;
   hawq    (HAWQ-V2)     Ω_i(b) = Tr(∇²_{W_i} L) / n_i · ‖ΔW_i(b)‖²_F, with the trace of the loss
           Hessian block of layer i estimated by Hutchinson's method (hawq.py); n_i = N·K; a
           negative trace estimate counts as 0.
@@ -33,7 +35,7 @@ from ...progress import Counter
 from .. import bcq
 from .cache import LayerCache, digest, result_key
 
-KINDS = ("calib", "hawq")
+KINDS = ("calib", "hawq", "kl")
 
 
 @dataclass
@@ -47,6 +49,7 @@ class LayerStats:
     w_err: dict[int, float] = field(default_factory=dict)  # bits -> ‖ΔW‖²_F
     hessian_trace: float | None = None  # Tr of the loss Hessian block (Hutchinson), for hawq
     hessian_trace_sem: float | None = None  # its standard error over the probes
+    kl: dict[int, float] = field(default_factory=dict)  # bits -> output KL, this layer alone quantized (e2e.py)
 
     @property
     def n(self) -> int:
@@ -60,6 +63,10 @@ class LayerStats:
                 raise ValueError(f"layer '{self.name}': no Hessian trace (run the HAWQ estimate first)")
             # a negative estimate (noise, or a direction of negative curvature) counts as zero
             return max(self.hessian_trace, 0.0) / self.n * self.w_err[bits]
+        if kind == "kl":
+            if bits not in self.kl:
+                raise ValueError(f"layer '{self.name}': no output KL at {bits} bits (run the ONNX Runtime estimate first)")
+            return self.kl[bits]
         raise ValueError(f"sensitivity kind must be one of {KINDS}, got {kind!r}")
 
 
@@ -91,13 +98,15 @@ class SensitivityTable:
                             "shiftaddllm": ly.shiftaddllm, "hessian_trace": ly.hessian_trace,
                             "hessian_trace_sem": ly.hessian_trace_sem,
                             "out_err": {str(b): v for b, v in ly.out_err.items()},
-                            "w_err": {str(b): v for b, v in ly.w_err.items()}} for ly in self.layers]}
+                            "w_err": {str(b): v for b, v in ly.w_err.items()},
+                            "kl": {str(b): v for b, v in ly.kl.items()}} for ly in self.layers]}
 
     @classmethod
     def from_json(cls, d: dict) -> "SensitivityTable":
         layers = [LayerStats(e["name"], e["x"], tuple(e["shape"]), e.get("out_ref"), e.get("shiftaddllm"),
                              {int(b): v for b, v in e["out_err"].items()}, {int(b): v for b, v in e["w_err"].items()},
-                             e.get("hessian_trace"), e.get("hessian_trace_sem")) for e in d["layers"]]
+                             e.get("hessian_trace"), e.get("hessian_trace_sem"),
+                             {int(b): v for b, v in e.get("kl", {}).items()}) for e in d["layers"]]
         return cls(layers, [int(b) for b in d["bits"]], int(d["group"]), d["scale_mode"], d.get("info", {}))
 
     def save(self, path: str) -> None:

@@ -1,0 +1,272 @@
+"""Mixed-precision allocation on SmolLM2-135M at an average of 2.5 bits per weight, side by side.
+
+Plans compared at the same size (average stored bits per weight over all 211 quantized weights,
+scales included, bcq.bits_per_weight; group 128, power-of-two scales, GPTQ with the calibration H):
+
+  mp-calib        shiftc's integer program on the calibration-only sensitivity tr(ΔW H ΔWᵀ)
+  mp-hawq         the same program on HAWQ-V2 sensitivity (Hutchinson Hessian traces, PyTorch)
+  mp-kl           the same program on the output KL with each layer alone quantized (ONNX Runtime)
+  shiftaddllm     ShiftAddLLM's sort-and-threshold: layers sorted by its Cholesky-based score, the
+                  top ones 3-bit and the rest 2-bit, the threshold set by the same size budget
+  random-{0,1,2}  random widths from the same candidates, average within 0.02 below the budget
+
+Each layer is quantized once per candidate width (cached under --cache, default /tmp/mp/cache)
+and every plan is assembled from the cache (Ŵ written back as fp32 weights: the same numbers the
+BcqMatMul function bodies compute), so a plan costs one perplexity evaluation, not one
+quantization. Perplexity: shiftc.evaluate (ONNX Runtime, non-overlapping windows of the held-out
+Wikipedia split, each from an empty cache), one thread.
+
+    .venv/bin/python benchmarks/bench_mixed_precision.py --tokens 8192 \
+        --out benchmarks/results/mixed_precision.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="/tmp/sa/smol.onnx", help="exported SmolLM2 .onnx (exported there if missing)")
+    p.add_argument("--work", default="/tmp/mp", help="folder for H, tables, traces and the evaluated models")
+    p.add_argument("--cache", default=None, help="per-layer result cache (default WORK/cache)")
+    p.add_argument("--budget", type=float, default=2.5)
+    p.add_argument("--candidates", default="2,3", help="widths the plans choose from")
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--calib-windows", type=int, default=16)
+    p.add_argument("--calib-window", type=int, default=256)
+    p.add_argument("--hawq-probes", type=int, default=32)
+    p.add_argument("--hawq-window", type=int, default=128)
+    p.add_argument("--hawq-tol", type=float, default=0.01)
+    p.add_argument("--random", type=int, default=3, help="number of random plans")
+    p.add_argument("--kl-windows", type=int, default=2, help="calibration windows for the output-KL sensitivity")
+    p.add_argument("--kl-window", type=int, default=128)
+    p.add_argument("--plans", default="mp-calib,mp-hawq,shiftaddllm,random",
+                   help="which plans to evaluate (also: fp32, uniform-2, uniform-3, shiftaddllm-80-20, mp-calib-80-20)")
+    p.add_argument("--seed-from", default="", help="compressed models whose layers seed the cache: BITS=PATH,...")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="benchmarks/results/mixed_precision.json")
+    a = p.parse_args(argv)
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    import torch
+
+    torch.set_num_threads(a.threads)
+    import shiftc.api
+    from onnx import numpy_helper
+
+    from shiftc.frontend.data import smollm2_gguf
+    from shiftc.frontend.onnx_io import load_model, save_model
+    from shiftc.passes.calibration import calibration_windows, collect_hessians
+    from shiftc.passes.mixed_precision import allocate as A
+    from shiftc.passes.mixed_precision import hawq
+    from shiftc.passes.mixed_precision.assemble import with_weights
+    from shiftc.passes.mixed_precision.cache import LayerCache, digest, result_key
+    from shiftc.passes.mixed_precision.sensitivity import SensitivityTable, measure, quantize_layer, rank_agreement, _weights
+    from shiftc.passes.shiftadd import ShiftAddConfig, ShiftAddPass
+
+    os.makedirs(a.work, exist_ok=True)
+    cache = LayerCache(a.cache or os.path.join(a.work, "cache"))
+    widths = [int(b) for b in a.candidates.split(",")]
+    timings = {}
+    if not os.path.exists(a.model):
+        shiftc.export(str(smollm2_gguf()), a.model, max_positions=1024)
+    model = load_model(a.model)
+    cfg = ShiftAddConfig(group=a.group)
+    targets, _ = ShiftAddPass(cfg).match(model)
+
+    # calibration H (saved: the cache keys depend on it)
+    hpath = os.path.join(a.work, "hessians.npz")
+    if os.path.exists(hpath):
+        with np.load(hpath) as z:
+            hs = {k.replace("|", "/"): z[k] for k in z.files}
+    else:
+        t0 = time.perf_counter()
+        ids = calibration_windows(model, windows=a.calib_windows, window=a.calib_window, model_path=a.model)
+        hs = collect_hessians(model, [t.x for t in targets], ids, threads=a.threads)
+        np.savez(hpath, **{k.replace("/", "|"): v for k, v in hs.items()})
+        timings["calibration"] = round(time.perf_counter() - t0, 1)
+    weights = _weights(model, targets)
+
+    # optional: seed the cache from compressed models made with the same settings
+    for item in filter(None, a.seed_from.split(",")):
+        b, path = item.split("=", 1)
+        b = int(b)
+        inits = {t.name: t for t in load_model(path).graph.initializer}
+        for t in targets:
+            prefix = t.name[: -len(".weight.T")] if t.name.endswith(".weight.T") else t.name
+            key = result_key(t.name, digest(weights[t.name]), digest(hs[t.x]), b, cfg)
+            if not os.path.exists(cache.path(t.name, b, key)):
+                cache.put(t.name, b, key, numpy_helper.to_array(inits[prefix + ".bcq_planes"]),
+                          numpy_helper.to_array(inits[prefix + ".bcq_exps"]))
+
+    # sensitivity tables, one per width (so a new width only adds its own pass)
+    table = None
+    for b in widths:
+        tp = os.path.join(a.work, f"table_b{b}.json")
+        if os.path.exists(tp):
+            tb = SensitivityTable.load(tp)
+        else:
+            t0 = time.perf_counter()
+            tb = measure(model, targets, hs, cfg, [b], cache)
+            tb.save(tp)
+            timings[f"sensitivity {b}-bit"] = round(time.perf_counter() - t0, 1)
+        if table is None:
+            table = tb
+        else:
+            for ly, lb in zip(table.layers, tb.layers):
+                ly.out_err.update(lb.out_err)
+                ly.w_err.update(lb.w_err)
+    table.bits = widths
+    kinds = ["calib"]
+    plans_wanted = a.plans.split(",")
+
+    # HAWQ traces
+    hq = os.path.join(a.work, "hawq.json")
+    if any(pl.startswith("mp-hawq") for pl in plans_wanted):
+        if os.path.exists(hq):
+            tr = json.load(open(hq))
+        else:
+            t0 = time.perf_counter()
+            ids = calibration_windows(model, windows=a.hawq_probes, window=a.hawq_window, model_path=a.model)
+            tr = hawq.hessian_traces(hawq.load_torch_model(str(smollm2_gguf())), table.names(), ids,
+                                     tol=a.hawq_tol, min_probes=8, max_probes=a.hawq_probes)
+            json.dump(tr, open(hq, "w"))
+            timings["hawq traces"] = round(time.perf_counter() - t0, 1)
+        hawq.attach(table, tr)
+        kinds.append("hawq")
+
+    # output-KL sensitivity through ONNX Runtime (each layer alone quantized)
+    klp = os.path.join(a.work, "kl.json")
+    if any(pl.startswith("mp-kl") for pl in plans_wanted):
+        from shiftc.passes.mixed_precision.e2e import output_kl
+
+        if os.path.exists(klp):
+            kl = {k: {int(b): v for b, v in d.items()} for k, d in json.load(open(klp))["kl"].items()}
+        else:
+            t0 = time.perf_counter()
+            ids = calibration_windows(model, windows=a.kl_windows, window=a.kl_window, model_path=a.model)
+
+            def w_hat(name, b):
+                t = next(t for t in targets if t.name == name)
+                return quantize_layer(name, weights[name], hs[t.x], b, cfg, cache).dequantize()
+
+            kl, info = output_kl(model, targets, w_hat, ids, widths, threads=a.threads)
+            json.dump({"kl": kl, "info": info}, open(klp, "w"))
+            timings["output KL"] = round(time.perf_counter() - t0, 1)
+        for ly in table.layers:
+            ly.kl = dict(kl[ly.name])
+        kinds.append("kl")
+
+    sizes = table.sizes()
+    bpw = table.bits_per_weight()
+    bpw_of = dict(zip(widths, map(float, bpw)))
+    scores = np.array([ly.shiftaddllm for ly in table.layers])
+    plans: dict[str, np.ndarray] = {}
+    for pl in plans_wanted:
+        if pl in ("mp-calib", "mp-hawq", "mp-kl"):
+            plans[pl] = A.allocate(table.matrix(pl[3:]), sizes, widths, bpw, a.budget)["bits"]
+        elif pl == "shiftaddllm":
+            plans[pl] = A.threshold_for_budget(scores, sizes, 2, 3, bpw_of, a.budget)
+        elif pl == "shiftaddllm-80-20":  # the paper's fractions (a smaller size than the budget)
+            plans[pl] = A.sort_and_threshold(scores, sizes, {2: 0.8, 3: 0.2})
+        elif pl == "mp-calib-80-20":  # ours at the size of the paper's 80/20 plan
+            b8020 = A.average_bits(A.sort_and_threshold(scores, sizes, {2: 0.8, 3: 0.2}), sizes, bpw_of)
+            plans[pl] = A.allocate(table.matrix("calib"), sizes, widths, bpw, b8020)["bits"]
+        elif pl == "random":
+            for s in range(a.random):
+                plans[f"random-{s}"] = A.random_allocation(sizes, widths, bpw_of, a.budget, seed=s)
+        elif pl.startswith("uniform-"):
+            plans[pl] = np.full(len(sizes), int(pl.split("-")[1]))
+        elif pl != "fp32":
+            raise SystemExit(f"--plans: unknown plan '{pl}'")
+
+    out_json = a.out
+    rows = []
+    prev = {}
+    if os.path.exists(out_json + ".partial"):  # resume: plans already evaluated with the same settings
+        prev = {r["plan"]: r for r in json.load(open(out_json + ".partial"))["rows"]
+                if r.get("tokens") == a.tokens and r.get("budget") == a.budget}
+
+    def evaluate(name, path):
+        t0 = time.perf_counter()
+        r = shiftc.api.evaluate(path, tokens=a.tokens, window=a.window, threads=a.threads)
+        timings[f"ppl {name}"] = round(time.perf_counter() - t0, 1)
+        return r
+
+    names = table.names()
+    for name in (["fp32"] if "fp32" in plans_wanted else []) + list(plans):
+        if name in prev:
+            rows.append(prev[name])
+            continue
+        if name == "fp32":
+            r = evaluate(name, a.model)
+            rows.append({"plan": name, "perplexity": r["perplexity"], "bits_per_weight": 32.0, "tokens": a.tokens,
+                         "budget": a.budget})
+        else:
+            bits = plans[name]
+            t0 = time.perf_counter()
+            w_hat = {}
+            for t, b in zip(targets, bits):
+                rr = quantize_layer(t.name, weights[t.name], hs[t.x], int(b), cfg, cache)
+                w_hat[t.name] = rr.dequantize()
+            path = os.path.join(a.work, f"plan_eval_{os.getpid()}.onnx")
+            save_model(with_weights(model, targets, w_hat), path)
+            del w_hat
+            timings[f"assemble {name}"] = round(time.perf_counter() - t0, 1)
+            r = evaluate(name, path)
+            os.remove(path)
+            row = {"plan": name, "perplexity": r["perplexity"], "bits_per_weight": A.average_bits(bits, sizes, bpw_of),
+                   "tokens": a.tokens, "tokens_scored": r["tokens_scored"], "budget": a.budget,
+                   "widths": {str(b): int(np.sum(bits == b)) for b in widths},
+                   "predicted": {k: float(table.matrix(k)[np.arange(len(bits)), [widths.index(int(b)) for b in bits]].sum())
+                                 for k in kinds},
+                   "layer_bits": {n: int(b) for n, b in zip(names, bits)}}
+            rows.append(row)
+        with open(out_json + ".partial", "w") as f:
+            json.dump({"rows": rows, "timings_s": timings}, f, indent=1)
+        print(f"  {name}: ppl {rows[-1]['perplexity']:.3f}", file=sys.stderr, flush=True)
+
+    rand = [r["perplexity"] for r in rows if r["plan"].startswith("random-")]
+    summary = {}
+    by = {r["plan"]: r["perplexity"] for r in rows}
+    if rand:
+        summary["random_mean"] = float(np.mean(rand))
+    for ours in ("mp-calib", "mp-hawq", "mp-kl"):
+        if ours in by:
+            if "shiftaddllm" in by:
+                summary[f"{ours} / shiftaddllm"] = by[ours] / by["shiftaddllm"]
+            if rand:
+                summary[f"{ours} / random mean"] = by[ours] / float(np.mean(rand))
+    result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", "budget_bits_per_weight": a.budget,
+              "candidates": widths, "group": a.group, "scale_mode": "pow2", "tokens": a.tokens, "window": a.window,
+              "corpus": "wikipedia/eval", "threads": a.threads, "calibration": f"{a.calib_windows}x{a.calib_window} tokens",
+              "rank_agreement_calib_vs_hawq": rank_agreement(table) if "hawq" in kinds else None,
+              "rank_agreement_calib_vs_kl": rank_agreement(table, ("calib", "kl")) if "kl" in kinds else None,
+              "rank_agreement_hawq_vs_kl": rank_agreement(table, ("hawq", "kl")) if {"hawq", "kl"} <= set(kinds) else None,
+              "hawq": table.info.get("hawq"), "summary": summary, "rows": rows, "timings_s": timings}
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    with open(out_json, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"SmolLM2-135M, {a.budget} bits/weight budget, perplexity on {a.tokens} held-out tokens (window {a.window})")
+    print(f"{'plan':22} {'ppl':>10} {'bits/w':>7}  widths")
+    for r in rows:
+        print(f"{r['plan']:22} {r['perplexity']:10.3f} {r['bits_per_weight']:7.3f}  {r.get('widths', '')}")
+    for k, v in summary.items():
+        print(f"{k}: {v:.3f}")
+    for key in ("calib_vs_hawq", "calib_vs_kl", "hawq_vs_kl"):
+        if result[f"rank_agreement_{key}"]:
+            print(f"Kendall tau {key}:", {k: round(v["tau"], 3) for k, v in result[f"rank_agreement_{key}"].items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

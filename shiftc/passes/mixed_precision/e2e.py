@@ -1,0 +1,96 @@
+"""End-to-end sensitivity through ONNX Runtime (no PyTorch): the model's output change when one
+layer alone is quantized.
+
+For each layer i and width b, the model runs on calibration windows with W_i replaced by
+Q_b(W_i) (every other layer fp32), and the sensitivity is the mean over predicted tokens of
+KL(p_fp32 ‖ p_quantized) of the next-token distributions — zero for a lossless layer, never
+negative, and comparable across layers because it is measured where the loss is.
+
+How: a copy of the graph exposes each target weight as an overridable graph input (its
+initializer stays as the default value), so one ONNX Runtime session serves every (layer,
+width): a run feeds only the replaced weight. A tied LM head (MatMul with Transpose(embedding))
+gets its own [K, N] weight input so that the embedding Gather keeps the fp32 table.
+Cost: layers × widths forward passes over ``windows`` × ``window`` tokens.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ...progress import Counter
+
+
+def _exposed(model: onnx.ModelProto, targets) -> tuple[onnx.ModelProto, dict[str, tuple[str, bool]]]:
+    """(model copy, {layer: (input name, feed transposed [K, N])})."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = {(n.name or n.output[0]): n for n in g.node}
+    feeds = {}
+    have_inputs = {i.name for i in g.input}
+    for t in targets:
+        node = nodes[t.node]
+        if t.transposed:  # MatMul(x, Wᵀ) / Gemm(x, Wᵀ): override the initializer itself
+            name, as_t = t.weight, True
+        elif node.op_type == "Gemm":  # Gemm with transB: W [N, K]
+            name, as_t = t.weight, False
+        else:  # tied head: MatMul(x, Transpose(E)) -> MatMul(x, own [K, N] weight)
+            name, as_t = f"{t.name}.e2e.T", True
+            w = numpy_helper.to_array(inits[t.weight])
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+            node.input[1] = name
+        if name not in have_inputs:
+            dims = [int(d) for d in (inits[name].dims if name in inits else g.initializer[-1].dims)]
+            g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
+            have_inputs.add(name)
+        feeds[t.name] = (name, as_t)
+    from ..shiftadd import _remove_dead
+
+    _remove_dead(g)
+    return out, feeds
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def output_kl(model: onnx.ModelProto, targets, w_hat, windows: np.ndarray, widths: list[int], *,
+              threads: int = 1) -> tuple[dict[str, dict[int, float]], dict]:
+    """{layer: {bits: mean KL}} with ``w_hat(name, bits) -> Ŵ [N, K]``; and run info."""
+    import onnxruntime as ort
+
+    from ..calibration import _decoder_feeds
+
+    probe, feeds = _exposed(model, targets)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    del probe
+    base_feeds = [_decoder_feeds(model, w[None]) for w in windows]
+    ref = [_log_softmax(sess.run(["logits"], f)[0][0, :-1]) for f in base_feeds]
+    out: dict[str, dict[int, float]] = {}
+    t0 = time.perf_counter()
+    progress = Counter(f"output KL ({len(widths)} widths)", len(targets))
+    for t in targets:
+        name, as_t = feeds[t.name]
+        out[t.name] = {}
+        for b in widths:
+            w = np.asarray(w_hat(t.name, b), np.float32)
+            wf = np.ascontiguousarray(w.T) if as_t else w
+            kl = 0.0
+            n = 0
+            for f, lp in zip(base_feeds, ref):
+                lq = _log_softmax(sess.run(["logits"], {**f, name: wf})[0][0, :-1])
+                kl += float(np.sum(np.exp(lp) * (lp - lq)))
+                n += lp.shape[0]
+            out[t.name][b] = kl / n
+        progress.update(extra=t.name)
+    return out, {"windows": int(len(windows)), "window": int(windows.shape[1]), "seconds": round(time.perf_counter() - t0, 1)}
