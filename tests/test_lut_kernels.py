@@ -23,8 +23,9 @@ from shiftc.passes.bcq import NO_TERM, exps_to_alpha, pack_planes, reconstruct, 
 from shiftc.passes.ops import bcq_matmul_ref
 
 RTOL = 1e-5  # relative to sum_k |x_k| |w_nk|, per output
-MAX_M = nat.BCQ_LUT_MAX_M  # rows of X below which the table (GEMV) path runs
-M_VALUES = sorted({1, 2, 3, MAX_M - 1, MAX_M, 17, 130} - {0})
+MAX_M = nat.BCQ_LUT_MAX_M  # rows of X below which prepare builds tables (the GEMV path)
+# both sides of MAX_M and of the kernels' per-bit-width cutoffs below it (6, 8, 12)
+M_VALUES = sorted({1, 2, 3, 5, 6, 7, 8, MAX_M - 1, MAX_M, 17, 130} - {0})
 ISAS = ["scalar", "avx2", "avx512"]
 
 

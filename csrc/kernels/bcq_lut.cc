@@ -46,9 +46,15 @@ constexpr int kMaxQ = 4;           // planes supported (ai.shiftc::BcqMatMul's b
 constexpr int64_t kBlock = 16;     // rows of W per lut16 block
 constexpr int64_t kTaskRows = 32;  // rows of W (= columns of Y) per task
 constexpr int64_t kKc = 256;       // GEMM: K-slice expanded at a time (panel = kKc x 32 floats)
-constexpr int kMaxMc = 4;          // GEMV: rows of X sharing one pass over the codes
 
 enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+
+// The table path runs for M < SHIFTC_BCQ_LUT_MAX_M (the workspace then holds tables) AND M below
+// this cutoff for the bit width; otherwise the GEMM path runs (it reads no tables). A table pass
+// costs about q/4 lookups per weight and row, the GEMM path one FMA per weight and row plus a
+// fixed expansion of W, so the crossover falls with q. Measured on a Xeon (Emerald Rapids,
+// AVX-512), 1 thread, N x K = 4096 x 4096, 1536 x 576 and 576 x 1536.
+constexpr int64_t kLutRowsBelow[kMaxQ] = {12, 12, 8, 6};
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -66,7 +72,8 @@ struct Problem {
     float* y;              // [M, N]
     int64_t M, K, N, G;
     int64_t Kp, NG, NB, octs;  // padded columns, groups, row blocks, column octets (Kp / 8)
-    int64_t ws_row;            // GEMV workspace floats per row of X: Kp*4 tables + NG sums
+    const float* tables;       // GEMV: [M][Kp/4][16] tables of X's rows (start of the workspace)
+    const float* gsums;        // [M][NG] per-group sums of X's rows (after the tables)
     int q;
 };
 
@@ -89,7 +96,8 @@ Problem make_problem(const float* x, const float* ws, int64_t M, int64_t K, int6
     p.Kp = p.NG * G;
     p.NB = ceil_div(N, kBlock);
     p.octs = p.Kp / 8;
-    p.ws_row = p.Kp * 4 + p.NG;
+    p.tables = ws;
+    p.gsums = ws + (M < SHIFTC_BCQ_LUT_MAX_M ? M * p.Kp * 4 : 0);
     return p;
 }
 
@@ -139,19 +147,18 @@ void group_sums_scalar(const float* xr, int64_t K, int64_t G, int64_t NG, float*
 
 void prepare_scalar(const float* x, int64_t M, int64_t K, int64_t G, bool tables, float* ws) {
     const int64_t NG = ceil_div(K, G), Kp = NG * G;
-    const int64_t row = tables ? Kp * 4 + NG : NG;
+    float* const sums = ws + (tables ? M * Kp * 4 : 0);
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * K;
-        float* w = ws + m * row;
         if (tables) {
+            float* w = ws + m * Kp * 4;
             for (int64_t c = 0; c < Kp / 4; ++c) {
                 float xs[4];
                 for (int j = 0; j < 4; ++j) xs[j] = 4 * c + j < K ? xr[4 * c + j] : 0.f;
                 table4_scalar(xs, w + 16 * c);
             }
-            w += Kp * 4;
         }
-        group_sums_scalar(xr, K, G, NG, w);
+        group_sums_scalar(xr, K, G, NG, sums + m * NG);
     }
 }
 
@@ -163,8 +170,8 @@ void lut_block_scalar(const Problem& p, int64_t b) {
     const float* ob = p.offsets ? p.offsets + b * p.NG * 16 : nullptr;
     for (int64_t r = 0; r < kBlock && b * kBlock + r < p.N; ++r) {
         for (int64_t m = 0; m < p.M; ++m) {
-            const float* T = p.ws + m * p.ws_row;
-            const float* gs = T + p.Kp * 4;
+            const float* T = p.tables + m * p.Kp * 4;
+            const float* gs = p.gsums + m * p.NG;
             float tot = 0.f;
             for (int64_t g = 0; g < p.NG; ++g) {
                 int64_t o0, o1;
@@ -266,10 +273,10 @@ SHIFTC_TARGET_AVX2 float group_sum_avx2(const float* x, int64_t n) {
 SHIFTC_TARGET_AVX2 void prepare_avx2(const float* x, int64_t M, int64_t K, int64_t G, bool tables,
                                      float* ws) {
     const int64_t NG = ceil_div(K, G), Kp = NG * G;
-    const int64_t row = tables ? Kp * 4 + NG : NG;
+    float* const sums = ws + (tables ? M * Kp * 4 : 0);
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * K;
-        float* w = ws + m * row;
+        float* w = ws + m * Kp * 4;
         if (tables) {
             for (int h = 0; h < 2; ++h) {
                 const __m256 s0 = _mm256_load_ps(kSign[0] + 8 * h), s1 = _mm256_load_ps(kSign[1] + 8 * h);
@@ -284,8 +291,8 @@ SHIFTC_TARGET_AVX2 void prepare_avx2(const float* x, int64_t M, int64_t K, int64
                     _mm256_storeu_ps(w + 16 * c + 8 * h, t);
                 }
             }
-            w += Kp * 4;
         }
+        w = sums + m * NG;
         for (int64_t g = 0; g < NG; ++g) {
             const int64_t end = (g + 1) * G < K ? (g + 1) * G : K;
             w[g] = group_sum_avx2(xr + g * G, end - g * G);
@@ -301,7 +308,7 @@ SHIFTC_TARGET_AVX2 void lut_rows_avx2(const Problem& p, int64_t b, int h, int64_
     const float* sb = p.scales + b * p.NG * Q * 16 + 8 * h;
     const float* ob = p.offsets ? p.offsets + b * p.NG * 16 + 8 * h : nullptr;
     const float* T[MC];
-    for (int mc = 0; mc < MC; ++mc) T[mc] = p.ws + (m0 + mc) * p.ws_row;
+    for (int mc = 0; mc < MC; ++mc) T[mc] = p.tables + (m0 + mc) * p.Kp * 4;
     __m256 tot[MC];
     for (int mc = 0; mc < MC; ++mc) tot[mc] = _mm256_setzero_ps();
     for (int64_t g = 0; g < p.NG; ++g) {
@@ -336,7 +343,7 @@ SHIFTC_TARGET_AVX2 void lut_rows_avx2(const Problem& p, int64_t b, int h, int64_
         if (ob) {
             const __m256 mu = _mm256_loadu_ps(ob + g * 16);
             for (int mc = 0; mc < MC; ++mc)
-                tot[mc] = _mm256_fmadd_ps(mu, _mm256_set1_ps(T[mc][p.Kp * 4 + g]), tot[mc]);
+                tot[mc] = _mm256_fmadd_ps(mu, _mm256_set1_ps(p.gsums[(m0 + mc) * p.NG + g]), tot[mc]);
         }
     }
     const int64_t n0 = b * kBlock + 8 * h;
@@ -353,21 +360,38 @@ SHIFTC_TARGET_AVX2 void lut_rows_avx2(const Problem& p, int64_t b, int h, int64_
     }
 }
 
-using LutRowsAvx2 = void (*)(const Problem&, int64_t, int, int64_t);
-template <int Q>
-constexpr LutRowsAvx2 kLutAvx2Row[kMaxMc] = {lut_rows_avx2<Q, 1>, lut_rows_avx2<Q, 2>,
-                                             lut_rows_avx2<Q, 3>, lut_rows_avx2<Q, 4>};
-constexpr const LutRowsAvx2* kLutAvx2[kMaxQ] = {kLutAvx2Row<1>, kLutAvx2Row<2>, kLutAvx2Row<3>,
-                                                kLutAvx2Row<4>};
+// Rows of X per pass in the AVX2 GEMV (accumulators within the 16 vector registers).
+constexpr int lut_mc_avx2(int q) { return q == 1 ? 4 : q == 2 ? 3 : 2; }
 
-void lut_task_avx2(const Problem& p, int64_t t) {
-    const RowSplit rs(p.M, kMaxMc);
+using LutRowsAvx2 = void (*)(const Problem&, int64_t, int, int64_t);
+template <int Q, int MC>
+constexpr LutRowsAvx2 lut_fn_avx2() {
+    if constexpr (MC <= lut_mc_avx2(Q)) {
+        return lut_rows_avx2<Q, MC>;
+    } else {
+        return nullptr;
+    }
+}
+template <int Q>
+constexpr LutRowsAvx2 kLutAvx2[4] = {lut_fn_avx2<Q, 1>(), lut_fn_avx2<Q, 2>(), lut_fn_avx2<Q, 3>(),
+                                     lut_fn_avx2<Q, 4>()};
+
+template <int Q>
+void lut_task_avx2_q(const Problem& p, int64_t t) {
+    const RowSplit rs(p.M, lut_mc_avx2(Q));
     for (int64_t b = 2 * t; b < 2 * t + 2 && b < p.NB; ++b) {
         for (int h = 0; h < 2 && b * kBlock + 8 * h < p.N; ++h) {
-            for (int64_t i = 0; i < rs.nblk; ++i) {
-                kLutAvx2[p.q - 1][rs.size(i) - 1](p, b, h, rs.start(i));
-            }
+            for (int64_t i = 0; i < rs.nblk; ++i) kLutAvx2<Q>[rs.size(i) - 1](p, b, h, rs.start(i));
         }
+    }
+}
+
+void lut_task_avx2(const Problem& p, int64_t t) {
+    switch (p.q) {
+        case 1: lut_task_avx2_q<1>(p, t); break;
+        case 2: lut_task_avx2_q<2>(p, t); break;
+        case 3: lut_task_avx2_q<3>(p, t); break;
+        default: lut_task_avx2_q<4>(p, t); break;
     }
 }
 
@@ -381,13 +405,13 @@ SHIFTC_TARGET_AVX2 void expand_avx2(const Problem& p, int64_t b0, int nv, int64_
     for (int bb = 0; bb < nv; ++bb) {
         const uint8_t* cb = p.codes + (b0 + bb) * p.octs * Q * 16;
         for (int h = 0; h < 2; ++h) {
-            int64_t gcur = -1;
+            int64_t gnext = o0;
             __m256 base = _mm256_setzero_ps(), a2[Q];
             for (int i = 0; i < Q; ++i) a2[i] = _mm256_setzero_ps();
             for (int64_t o = o0; o < o1; ++o) {
-                const int64_t g = o * 8 / p.G;
-                if (g != gcur) {
-                    gcur = g;
+                if (o == gnext) {  // first octet of a group (one division per group, not per octet)
+                    const int64_t g = o * 8 / p.G;
+                    gnext = (g + 1) * p.G / 8;
                     const float* s = p.scales + ((b0 + bb) * p.NG + g) * Q * 16 + 8 * h;
                     base = p.offsets ? _mm256_loadu_ps(p.offsets + ((b0 + bb) * p.NG + g) * 16 + 8 * h)
                                      : _mm256_setzero_ps();
@@ -492,12 +516,12 @@ void gemm_task_avx2(const Problem& p, int64_t t) {
 SHIFTC_TARGET_AVX512 void prepare_avx512(const float* x, int64_t M, int64_t K, int64_t G, bool tables,
                                          float* ws) {
     const int64_t NG = ceil_div(K, G), Kp = NG * G;
-    const int64_t row = tables ? Kp * 4 + NG : NG;
+    float* const sums = ws + (tables ? M * Kp * 4 : 0);
     const __m512 s0 = _mm512_load_ps(kSign[0]), s1 = _mm512_load_ps(kSign[1]);
     const __m512 s2 = _mm512_load_ps(kSign[2]), s3 = _mm512_load_ps(kSign[3]);
     for (int64_t m = 0; m < M; ++m) {
         const float* xr = x + m * K;
-        float* w = ws + m * row;
+        float* w = ws + m * Kp * 4;
         if (tables) {
             const int64_t full = K / 4;  // quads entirely inside K
             for (int64_t c = 0; c < full; ++c) {
@@ -513,8 +537,8 @@ SHIFTC_TARGET_AVX512 void prepare_avx512(const float* x, int64_t M, int64_t K, i
                 for (int j = 0; j < 4; ++j) xs[j] = 4 * c + j < K ? xr[4 * c + j] : 0.f;
                 table4_scalar(xs, w + 16 * c);
             }
-            w += Kp * 4;
         }
+        w = sums + m * NG;
         for (int64_t g = 0; g < NG; ++g) {
             const int64_t end = (g + 1) * G < K ? (g + 1) * G : K;
             __m512 s = _mm512_setzero_ps();
@@ -528,86 +552,111 @@ SHIFTC_TARGET_AVX512 void prepare_avx512(const float* x, int64_t M, int64_t K, i
     }
 }
 
-// GEMV, 16 rows (block b) x MC rows of X starting at m0. The code bytes of one plane and octet,
-// zero-extended to 32-bit lanes, index the low-nibble table directly (permutexvar reads only the
-// low 4 bits of each lane) and the high-nibble table after a shift by 4.
-template <int Q, int MC>
-SHIFTC_TARGET_AVX512 void lut_rows_avx512(const Problem& p, int64_t b, int64_t m0) {
-    // With one plane and one row the single accumulator chain would limit the loop: use two.
-    constexpr int U = (Q * MC == 1) ? 2 : 1;
-    const uint8_t* cb = p.codes + b * p.octs * Q * 16;
-    const float* sb = p.scales + b * p.NG * Q * 16;
-    const float* ob = p.offsets ? p.offsets + b * p.NG * 16 : nullptr;
+// Rows of X sharing one pass over the codes in the AVX-512 GEMV: the accumulators (2 blocks x Q
+// planes x MC rows) and the running totals must fit the 32 vector registers.
+constexpr int lut_mc_avx512(int q) { return q <= 2 ? 4 : q == 3 ? 3 : 2; }
+
+// GEMV, NBLK row blocks (16 rows each, b0 and b0 + 1) x MC rows of X starting at m0. The code
+// bytes of one plane and octet, zero-extended to 32-bit lanes, index the low-nibble table directly
+// (permutexvar reads only the low 4 bits of each lane) and the high-nibble table after a shift by
+// 4. Both blocks of a task share each table load.
+template <int Q, int NBLK, int MC>
+SHIFTC_TARGET_AVX512 void lut_rows_avx512(const Problem& p, int64_t b0, int64_t m0) {
+    // One block, one plane, one row: a single accumulator chain would bound the loop; use two.
+    constexpr int U = (Q * MC * NBLK == 1) ? 2 : 1;
+    const int64_t bstride = p.octs * Q * 16;
+    const uint8_t* cb = p.codes + b0 * bstride;
     const float* T[MC];
-    for (int mc = 0; mc < MC; ++mc) T[mc] = p.ws + (m0 + mc) * p.ws_row;
-    __m512 tot[MC];
-    for (int mc = 0; mc < MC; ++mc) tot[mc] = _mm512_setzero_ps();
+    for (int mc = 0; mc < MC; ++mc) T[mc] = p.tables + (m0 + mc) * p.Kp * 4;
+    __m512 tot[NBLK][MC];
+    for (int nb = 0; nb < NBLK; ++nb)
+        for (int mc = 0; mc < MC; ++mc) tot[nb][mc] = _mm512_setzero_ps();
     for (int64_t g = 0; g < p.NG; ++g) {
         int64_t o0, o1;
         group_octets(p, g, &o0, &o1);
-        __m512 part[U][Q][MC];
+        __m512 part[U][NBLK][Q][MC];
         for (int u = 0; u < U; ++u)
-            for (int i = 0; i < Q; ++i)
-                for (int mc = 0; mc < MC; ++mc) part[u][i][mc] = _mm512_setzero_ps();
-        int64_t o = o0;
-        for (; o + U <= o1; o += U) {
-            for (int u = 0; u < U; ++u) {
-                for (int i = 0; i < Q; ++i) {
-                    const __m512i lo =
-                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(cb + ((o + u) * Q + i) * 16)));
-                    const __m512i hi = _mm512_srli_epi32(lo, 4);
-                    for (int mc = 0; mc < MC; ++mc) {
-                        const float* t = T[mc] + 32 * (o + u);
-                        const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)),
-                                                       _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
-                        part[u][i][mc] = _mm512_add_ps(part[u][i][mc], v);
+            for (int nb = 0; nb < NBLK; ++nb)
+                for (int i = 0; i < Q; ++i)
+                    for (int mc = 0; mc < MC; ++mc) part[u][nb][i][mc] = _mm512_setzero_ps();
+        for (int64_t o = o0; o < o1; o += U) {
+            for (int u = 0; u < U && o + u < o1; ++u) {
+                const int64_t oc = o + u;
+                __m512 tlo[MC], thi[MC];
+                for (int mc = 0; mc < MC; ++mc) {
+                    tlo[mc] = _mm512_loadu_ps(T[mc] + 32 * oc);
+                    thi[mc] = _mm512_loadu_ps(T[mc] + 32 * oc + 16);
+                }
+                for (int nb = 0; nb < NBLK; ++nb) {
+                    for (int i = 0; i < Q; ++i) {
+                        const __m512i lo = _mm512_cvtepu8_epi32(
+                            _mm_loadu_si128((const __m128i*)(cb + nb * bstride + (oc * Q + i) * 16)));
+                        const __m512i hi = _mm512_srli_epi32(lo, 4);
+                        for (int mc = 0; mc < MC; ++mc) {
+                            const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(lo, tlo[mc]),
+                                                           _mm512_permutexvar_ps(hi, thi[mc]));
+                            part[u][nb][i][mc] = _mm512_add_ps(part[u][nb][i][mc], v);
+                        }
                     }
                 }
             }
         }
-        for (; o < o1; ++o) {  // odd octet left when U = 2
+        for (int nb = 0; nb < NBLK; ++nb) {
+            const float* sg = p.scales + ((b0 + nb) * p.NG + g) * Q * 16;
             for (int i = 0; i < Q; ++i) {
-                const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(cb + (o * Q + i) * 16)));
-                const __m512i hi = _mm512_srli_epi32(lo, 4);
+                const __m512 sc = _mm512_loadu_ps(sg + i * 16);
                 for (int mc = 0; mc < MC; ++mc) {
-                    const float* t = T[mc] + 32 * o;
-                    const __m512 v = _mm512_add_ps(_mm512_permutexvar_ps(lo, _mm512_loadu_ps(t)),
-                                                   _mm512_permutexvar_ps(hi, _mm512_loadu_ps(t + 16)));
-                    part[0][i][mc] = _mm512_add_ps(part[0][i][mc], v);
+                    __m512 v = part[0][nb][i][mc];
+                    if (U == 2) v = _mm512_add_ps(v, part[U - 1][nb][i][mc]);
+                    tot[nb][mc] = _mm512_fmadd_ps(v, sc, tot[nb][mc]);
+                }
+            }
+            if (p.offsets) {
+                const __m512 mu = _mm512_loadu_ps(p.offsets + ((b0 + nb) * p.NG + g) * 16);
+                for (int mc = 0; mc < MC; ++mc) {
+                    tot[nb][mc] = _mm512_fmadd_ps(mu, _mm512_set1_ps(p.gsums[(m0 + mc) * p.NG + g]), tot[nb][mc]);
                 }
             }
         }
-        for (int i = 0; i < Q; ++i) {
-            const __m512 s = _mm512_loadu_ps(sb + (g * Q + i) * 16);
-            for (int mc = 0; mc < MC; ++mc) {
-                __m512 v = part[0][i][mc];
-                if (U == 2) v = _mm512_add_ps(v, part[U - 1][i][mc]);
-                tot[mc] = _mm512_fmadd_ps(v, s, tot[mc]);
-            }
-        }
-        if (ob) {
-            const __m512 mu = _mm512_loadu_ps(ob + g * 16);
-            for (int mc = 0; mc < MC; ++mc)
-                tot[mc] = _mm512_fmadd_ps(mu, _mm512_set1_ps(T[mc][p.Kp * 4 + g]), tot[mc]);
-        }
     }
-    const int64_t n0 = b * kBlock;
-    const int64_t valid = p.N - n0;
-    const __mmask16 mk = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
-    for (int mc = 0; mc < MC; ++mc) _mm512_mask_storeu_ps(p.y + (m0 + mc) * p.N + n0, mk, tot[mc]);
+    for (int nb = 0; nb < NBLK; ++nb) {
+        const int64_t n0 = (b0 + nb) * kBlock;
+        const int64_t valid = p.N - n0;
+        const __mmask16 mk = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+        for (int mc = 0; mc < MC; ++mc) _mm512_mask_storeu_ps(p.y + (m0 + mc) * p.N + n0, mk, tot[nb][mc]);
+    }
 }
 
 using LutRowsAvx512 = void (*)(const Problem&, int64_t, int64_t);
+// kLutAvx512<Q, NBLK>[MC - 1]; MC above lut_mc_avx512(Q) is never called (nullptr).
+template <int Q, int NBLK, int MC>
+constexpr LutRowsAvx512 lut_fn_avx512() {
+    if constexpr (MC <= lut_mc_avx512(Q)) {
+        return lut_rows_avx512<Q, NBLK, MC>;
+    } else {
+        return nullptr;
+    }
+}
+template <int Q, int NBLK>
+constexpr LutRowsAvx512 kLutAvx512[4] = {lut_fn_avx512<Q, NBLK, 1>(), lut_fn_avx512<Q, NBLK, 2>(),
+                                         lut_fn_avx512<Q, NBLK, 3>(), lut_fn_avx512<Q, NBLK, 4>()};
+
 template <int Q>
-constexpr LutRowsAvx512 kLutAvx512Row[kMaxMc] = {lut_rows_avx512<Q, 1>, lut_rows_avx512<Q, 2>,
-                                                 lut_rows_avx512<Q, 3>, lut_rows_avx512<Q, 4>};
-constexpr const LutRowsAvx512* kLutAvx512[kMaxQ] = {kLutAvx512Row<1>, kLutAvx512Row<2>,
-                                                    kLutAvx512Row<3>, kLutAvx512Row<4>};
+void lut_task_avx512_q(const Problem& p, int64_t t) {
+    const RowSplit rs(p.M, lut_mc_avx512(Q));
+    const bool two = 2 * t + 1 < p.NB;
+    for (int64_t i = 0; i < rs.nblk; ++i) {
+        const int mc = (int)rs.size(i);
+        (two ? kLutAvx512<Q, 2>[mc - 1] : kLutAvx512<Q, 1>[mc - 1])(p, 2 * t, rs.start(i));
+    }
+}
 
 void lut_task_avx512(const Problem& p, int64_t t) {
-    const RowSplit rs(p.M, kMaxMc);
-    for (int64_t b = 2 * t; b < 2 * t + 2 && b < p.NB; ++b) {
-        for (int64_t i = 0; i < rs.nblk; ++i) kLutAvx512[p.q - 1][rs.size(i) - 1](p, b, rs.start(i));
+    switch (p.q) {
+        case 1: lut_task_avx512_q<1>(p, t); break;
+        case 2: lut_task_avx512_q<2>(p, t); break;
+        case 3: lut_task_avx512_q<3>(p, t); break;
+        default: lut_task_avx512_q<4>(p, t); break;
     }
 }
 
@@ -620,13 +669,13 @@ SHIFTC_TARGET_AVX512 void expand_avx512(const Problem& p, int64_t b0, int nv, in
     const int64_t width = 16 * nv;
     for (int bb = 0; bb < nv; ++bb) {
         const uint8_t* cb = p.codes + (b0 + bb) * p.octs * Q * 16;
-        int64_t gcur = -1;
+        int64_t gnext = o0;
         __m512 base = _mm512_setzero_ps(), a2[Q];
         for (int i = 0; i < Q; ++i) a2[i] = _mm512_setzero_ps();
         for (int64_t o = o0; o < o1; ++o) {
-            const int64_t g = o * 8 / p.G;
-            if (g != gcur) {
-                gcur = g;
+            if (o == gnext) {  // first octet of a group (one division per group, not per octet)
+                const int64_t g = o * 8 / p.G;
+                gnext = (g + 1) * p.G / 8;
                 const float* s = p.scales + ((b0 + bb) * p.NG + g) * Q * 16;
                 base = p.offsets ? _mm512_loadu_ps(p.offsets + ((b0 + bb) * p.NG + g) * 16) : _mm512_setzero_ps();
                 for (int i = 0; i < Q; ++i) {
@@ -649,28 +698,45 @@ SHIFTC_TARGET_AVX512 void expand_avx512(const Problem& p, int64_t b0, int nv, in
 }
 
 // C[MR rows of Y, 16 NV columns] (+)= X[MR, kc] . panel[kc, 16 NV]; columns masked by m0, m1.
+// With few rows, KU sets of accumulators (k, k+1, ...) keep enough FMA chains in flight to hide
+// the FMA latency.
 template <int MR, int NV>
 SHIFTC_TARGET_AVX512 void mk_avx512(const float* x, int64_t ldx, const float* w, int64_t kc, float* y,
                                     int64_t ldy, bool accumulate, __mmask16 m0, __mmask16 m1) {
-    __m512 c0[MR], c1[MR];
-    for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-    for (int64_t k = 0; k < kc; ++k) {
-        const __m512 b0 = _mm512_load_ps(w + k * 16 * NV);
-        const __m512 b1 = NV == 2 ? _mm512_load_ps(w + k * 16 * NV + 16) : b0;
-        for (int r = 0; r < MR; ++r) {
-            const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
-            c0[r] = _mm512_fmadd_ps(a, b0, c0[r]);
-            if (NV == 2) c1[r] = _mm512_fmadd_ps(a, b1, c1[r]);
+    constexpr int KU = MR * NV >= 8 ? 1 : MR * NV >= 4 ? 2 : 4;
+    __m512 c[KU][MR][NV];
+    for (int u = 0; u < KU; ++u)
+        for (int r = 0; r < MR; ++r)
+            for (int v = 0; v < NV; ++v) c[u][r][v] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + KU <= kc; k += KU) {
+        for (int u = 0; u < KU; ++u) {
+            __m512 b[NV];
+            for (int v = 0; v < NV; ++v) b[v] = _mm512_load_ps(w + (k + u) * 16 * NV + 16 * v);
+            for (int r = 0; r < MR; ++r) {
+                const __m512 a = _mm512_set1_ps(x[r * ldx + k + u]);
+                for (int v = 0; v < NV; ++v) c[u][r][v] = _mm512_fmadd_ps(a, b[v], c[u][r][v]);
+            }
         }
     }
+    for (; k < kc; ++k) {
+        __m512 b[NV];
+        for (int v = 0; v < NV; ++v) b[v] = _mm512_load_ps(w + k * 16 * NV + 16 * v);
+        for (int r = 0; r < MR; ++r) {
+            const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
+            for (int v = 0; v < NV; ++v) c[0][r][v] = _mm512_fmadd_ps(a, b[v], c[0][r][v]);
+        }
+    }
+    for (int u = 1; u < KU; ++u)
+        for (int r = 0; r < MR; ++r)
+            for (int v = 0; v < NV; ++v) c[0][r][v] = _mm512_add_ps(c[0][r][v], c[u][r][v]);
     for (int r = 0; r < MR; ++r) {
-        float* yr = y + r * ldy;
-        if (accumulate) c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(m0, yr));
-        _mm512_mask_storeu_ps(yr, m0, c0[r]);
-        if (NV == 2) {
-            if (accumulate) c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(m1, yr + 16));
-            _mm512_mask_storeu_ps(yr + 16, m1, c1[r]);
+        for (int v = 0; v < NV; ++v) {
+            float* yr = y + r * ldy + 16 * v;
+            const __mmask16 mk = v == 0 ? m0 : m1;
+            __m512 acc = c[0][r][v];
+            if (accumulate) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mk, yr));
+            _mm512_mask_storeu_ps(yr, mk, acc);
         }
     }
 }
@@ -836,7 +902,7 @@ int shiftc_bcq_compute(const float* x, const float* ws, int64_t M, int64_t K, in
     if (M == 0) return 0;
     if (!x || !ws || !codes || !scales || !y) return -1;
     const Problem p = make_problem(x, ws, M, K, N, q, G, codes, scales, offsets, y);
-    const bool lut = M < SHIFTC_BCQ_LUT_MAX_M;
+    const bool lut = M < SHIFTC_BCQ_LUT_MAX_M && M < kLutRowsBelow[q - 1];
     switch (current_isa()) {
 #if SHIFTC_LUT_X86
         case kAvx512: lut ? lut_task_avx512(p, task) : gemm_task_avx512(p, task); break;

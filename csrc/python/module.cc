@@ -316,7 +316,10 @@ carray<float> py_bcq_matmul_lut16(py::handle x_obj, py::handle codes_obj, py::ha
     if (M == 0) return y;
     const int64_t ntasks = (N + 31) / 32;
     const int64_t nthreads = std::min<int64_t>(threads, ntasks);
-    std::vector<float> ws(static_cast<size_t>(shiftc_bcq_workspace_floats(M, K, group)));
+    // workspace aligned to 64 bytes, as a TVM allocation is: each row's tables then start a
+    // cache line, and no table load straddles two lines
+    std::vector<float> ws_buf(static_cast<size_t>(shiftc_bcq_workspace_floats(M, K, group)) + 16);
+    float* ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ws_buf.data()) + 63) & ~uintptr_t{63});
     const float* xp = x.data();
     const uint8_t* cp = codes.data();
     const float* sp = scales.data();
@@ -325,10 +328,10 @@ carray<float> py_bcq_matmul_lut16(py::handle x_obj, py::handle codes_obj, py::ha
     int rc = 0;
     {
         py::gil_scoped_release nogil;
-        rc = shiftc_bcq_prepare(xp, M, K, group, ws.data());
+        rc = shiftc_bcq_prepare(xp, M, K, group, ws);
         auto run = [&](int64_t t0, int64_t t1, int* out) {
             for (int64_t t = t0; t < t1; ++t) {
-                if (shiftc_bcq_compute(xp, ws.data(), M, K, N, q, group, cp, sp, op, yp, t) != 0) *out = -1;
+                if (shiftc_bcq_compute(xp, ws, M, K, N, q, group, cp, sp, op, yp, t) != 0) *out = -1;
             }
         };
         if (rc == 0) {

@@ -31,7 +31,8 @@
 // ---------------------------------------------------------------------------
 // Algorithm
 // ---------------------------------------------------------------------------
-//   M < SHIFTC_BCQ_LUT_MAX_M ("GEMV", decode): per row of X and per 4 consecutive columns c,
+//   M < SHIFTC_BCQ_LUT_MAX_M ("GEMV", decode; see the macro for the per-bit-width cutoff): per row
+//   of X and per 4 consecutive columns c,
 //   a 16-entry table T[c][m] = sum_{j<4} (bit j of m ? +x[4c+j] : -x[4c+j]) (zero for columns
 //   >= K). A row block's partial sum for plane i over a group is sum_c T[c][nibble]: one
 //   16-lane table permute per 16 rows and 4 columns, no multiplication; the group's partials are
@@ -63,7 +64,10 @@
 extern "C" {
 #endif
 
-#define SHIFTC_BCQ_LUT_MAX_M 4  // rows of X below which the LUT (GEMV) path is used
+// Rows of X below which prepare builds tables and the LUT (GEMV) path may run. compute uses the
+// tables for M below this AND below a cutoff per bit width (q <= 2: 12, q = 3: 8, q = 4: 6, set by
+// measurement in bcq_lut.cc); otherwise it runs the GEMM path, which reads no tables.
+#define SHIFTC_BCQ_LUT_MAX_M 12
 
 // Sizes of the lut16 arrays, in elements.
 int64_t shiftc_bcq_codes_bytes(int64_t N, int64_t K, int32_t q, int64_t G);
@@ -79,7 +83,9 @@ int shiftc_bcq_pack_lut16(const uint32_t* planes, const float* alpha, int64_t N,
                           int64_t G, int32_t coding, uint8_t* codes, float* scales, float* offsets);
 
 // Workspace, in floats, that shiftc_bcq_prepare fills and shiftc_bcq_compute reads:
-//   M < SHIFTC_BCQ_LUT_MAX_M :  M * (Kp/4*16 + NG)   (tables, then per-group sums of x)
+//   M < SHIFTC_BCQ_LUT_MAX_M :  M * (Kp/4*16 + NG)   (tables [M][Kp/4][16], then per-group
+//                                                     sums of x [M][NG]; 64-byte alignment of
+//                                                     ws keeps every table on one cache line)
 //   otherwise                :  M * NG               (per-group sums of x)
 int64_t shiftc_bcq_workspace_floats(int64_t M, int64_t K, int64_t G);
 

@@ -1,0 +1,216 @@
+"""lut16 kernels of ai.shiftc::BcqMatMul next to ONNX Runtime's fp32 MatMul and MatMulNBits.
+
+Y = X W^T with X [M, K], W [N, K], at the same thread count (default 1; ONNX Runtime sessions get
+intra_op_num_threads = threads), in ONE process with the calls alternating round by round
+(shiftc.benchmarking.alternate) so that load from elsewhere on the machine hits all alike.
+
+    shiftc-qB     shiftc._native.bcq_matmul_lut16 at B = 2, 3, 4 bits, G = 128, pm1 planes,
+                  power-of-two scales (tables for M < BCQ_LUT_MAX_M, expanded panels otherwise);
+                  the time includes prepare (tables) and the workspace allocation
+    ort-fp32      MatMul with a constant fp32 weight (MLAS; prepacked at session creation)
+    ort-nbitsB    com.microsoft MatMulNBits, B bits, block 128, symmetric, from onnxruntime's
+                  MatMulNBitsQuantizer, accuracy_level 0 (fp32 math: the default) and, as
+                  "ort-nbitsB-int8", accuracy_level 4 (activations quantized to int8 per block)
+A width ONNX Runtime refuses is reported as refused with its message (the quantizer accepts 2, 4
+and 8 bits; a hand-written bits=3 node is tried as well).
+
+Prints, per shape, each implementation's median time and its ratio other / shiftc-qB (> 1: the
+shiftc kernel is faster), checks the acceptance targets, and writes the JSON.
+
+    python benchmarks/bench_lut_kernels.py [--threads 1] [--rounds 20] [--only gemv|gemm|smollm2]
+                                           [--json benchmarks/results/lut_kernels.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import statistics
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from shiftc import _native as nat  # noqa: E402  (after the path set-up)
+from shiftc.benchmarking import alternate  # noqa: E402
+from shiftc.passes.bcq import pack_planes  # noqa: E402
+
+GROUP = 128
+SHIFTC_BITS = (2, 3, 4)
+NBITS = (4, 3, 2)
+# (name, M, K, N, timed rounds relative to --rounds)
+SHAPES = [
+    ("gemv", 1, 4096, 4096, 1.0),
+    ("gemm", 128, 4096, 4096, 0.25),
+    ("smollm2", 1, 576, 1536, 1.0),
+    ("smollm2", 1, 1536, 576, 1.0),
+    ("smollm2", 1, 576, 49152, 0.5),
+]
+# acceptance targets at 1 thread: (shape, shiftc bits, other, minimum other/shiftc)
+TARGETS = [
+    ((1, 4096, 4096), 2, "ort-fp32", 5.0),
+    ((1, 4096, 4096), 2, "ort-nbits4", 2.5),
+    ((1, 4096, 4096), 3, "ort-fp32", 3.5),
+    ((128, 4096, 4096), 3, "ort-fp32", 1.0),
+]
+
+
+def _session(model, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _fp32_model(w_kn: np.ndarray):
+    from onnx import TensorProto, helper, numpy_helper
+
+    K, N = w_kn.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
+        [numpy_helper.from_array(w_kn, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    return model
+
+
+def _nbits_model(w_kn: np.ndarray, bits: int, accuracy_level: int):
+    """MatMulNBits from the quantizer; for a width it refuses, the node written by hand (random
+    codes: only the speed matters), which ONNX Runtime may still refuse at session creation."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    K, N = w_kn.shape
+    if bits in (2, 4, 8):
+        quant = MatMulNBitsQuantizer(_fp32_model(w_kn), bits=bits, block_size=GROUP, is_symmetric=True,
+                                     accuracy_level=accuracy_level)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            quant.process()
+        return quant.model.model
+    rng = np.random.default_rng(bits)
+    nb = -(-K // GROUP)
+    blob = GROUP * bits // 8
+    b = rng.integers(0, 256, (N, nb, blob), dtype=np.uint8)
+    scales = (rng.random(N * nb, dtype=np.float32) + 0.5) / 64
+    node = helper.make_node("MatMulNBits", ["x", "B", "scales"], ["y"], domain="com.microsoft", K=K, N=N, bits=bits,
+                            block_size=GROUP, accuracy_level=accuracy_level)
+    graph = helper.make_graph(
+        [node], "nbits",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
+        [numpy_helper.from_array(b, "B"), numpy_helper.from_array(scales, "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 9
+    return model
+
+
+def _shiftc_fn(x, w_bits, q: int, K: int, N: int, threads: int):
+    rng = np.random.default_rng(q)
+    planes = pack_planes(w_bits[:q])
+    alpha = np.exp2(rng.integers(-9, -3, (q, N, -(-K // GROUP)))).astype(np.float32)
+    codes, scales, offsets = nat.bcq_pack_lut16(planes, alpha, K, GROUP, "pm1")
+    return lambda: nat.bcq_matmul_lut16(x, codes, scales, offsets, N, K, q, GROUP, threads=threads)
+
+
+def bench_shape(M: int, K: int, N: int, threads: int, rounds: int) -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
+    w_bits = rng.integers(0, 2, (max(SHIFTC_BITS), N, K), dtype=np.uint8)
+    fns, refused = {}, {}
+    for q in SHIFTC_BITS:
+        fns[f"shiftc-q{q}"] = _shiftc_fn(x, w_bits, q, K, N, threads)
+    sess = _session(_fp32_model(w), threads)
+    fns["ort-fp32"] = lambda s=sess: s.run(None, {"x": x})
+    for bits in NBITS:
+        for level, suffix in ((0, ""), (4, "-int8")):
+            name = f"ort-nbits{bits}{suffix}"
+            try:
+                s = _session(_nbits_model(w, bits, level), threads)
+                s.run(None, {"x": x})
+            except Exception as e:  # noqa: BLE001  (any refusal is reported, not fatal)
+                refused[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                continue
+            fns[name] = lambda s=s: s.run(None, {"x": x})
+    times = alternate(fns, rounds, warmup=2)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    best = {k: min(v) * 1e3 for k, v in times.items()}
+    ratios = {f"{other}/shiftc-q{q}": med[other] / med[f"shiftc-q{q}"] for q in SHIFTC_BITS for other in med
+              if not other.startswith("shiftc")}
+    return {"M": M, "K": K, "N": N, "median_ms": med, "min_ms": best, "ratios": ratios, "refused": refused,
+            "rounds": rounds}
+
+
+def print_shape(r: dict) -> None:
+    print(f"\nM={r['M']} K={r['K']} N={r['N']}   (median of {r['rounds']} alternating rounds; ratio = other / shiftc)")
+    print(f"  {'implementation':<20}{'median ms':>11}{'min ms':>9}" + "".join(f"{'/q' + str(q):>8}" for q in SHIFTC_BITS))
+    for name, ms in r["median_ms"].items():
+        cols = "".join(f"{ms / r['median_ms'][f'shiftc-q{q}']:>8.2f}" for q in SHIFTC_BITS)
+        print(f"  {name:<20}{ms:>11.3f}{r['min_ms'][name]:>9.3f}{cols}")
+    for name, why in r["refused"].items():
+        print(f"  {name:<20}  refused by ONNX Runtime: {why}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=20, help="alternating rounds for the GEMV shapes")
+    ap.add_argument("--only", choices=sorted({s[0] for s in SHAPES}), help="run one shape family")
+    ap.add_argument("--json", default=os.path.join(HERE, "results", "lut_kernels.json"))
+    args = ap.parse_args()
+    import onnxruntime as ort
+
+    results = []
+    for family, M, K, N, frac in SHAPES:
+        if args.only and family != args.only:
+            continue
+        results.append(bench_shape(M, K, N, args.threads, max(3, int(args.rounds * frac))))
+        print_shape(results[-1])
+    checks = []
+    if args.threads == 1:
+        for shape, q, other, need in TARGETS:
+            r = next((r for r in results if (r["M"], r["K"], r["N"]) == shape), None)
+            if r is None or other not in r["median_ms"]:
+                continue
+            got = r["ratios"][f"{other}/shiftc-q{q}"]
+            checks.append({"shape": list(shape), "bits": q, "vs": other, "target": need, "ratio": got, "met": got >= need})
+        print("\nacceptance targets (1 thread):")
+        for c in checks:
+            print(f"  {'x'.join(map(str, c['shape']))} shiftc-q{c['bits']} vs {c['vs']}: {c['ratio']:.2f}x "
+                  f"(target >= {c['target']}x) {'met' if c['met'] else 'NOT met'}")
+    out = {
+        "what": "shiftc lut16 BcqMatMul kernels vs ONNX Runtime fp32 MatMul and MatMulNBits, alternating runs",
+        "threads": args.threads, "group": GROUP, "isa": nat.bcq_isa(), "lut_max_m": nat.BCQ_LUT_MAX_M,
+        "onnxruntime": ort.__version__, "cpu": _cpu_name(), "load_average": os.getloadavg(),
+        "results": results, "targets": checks,
+    }
+    if args.only is None:
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"\nwrote {args.json}")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
