@@ -1,0 +1,226 @@
+"""The binarize pass: constant-weight MatMul / Gemm -> ``ai.shiftc::FdbMatMul`` (graph surgery only).
+
+Targets are those of the shift-add pass (shiftc/passes/shiftadd.py, :meth:`ShiftAddPass.match`):
+``MatMul`` with a constant 2-D weight, the tied LM head ``MatMul(h, Transpose(E))`` and ``Gemm``
+(bias kept as a standard ``Add``); ``lm_head`` and ``skip`` work the same way. Each target becomes
+
+    FdbMatMul(x, <prefix>.fdb_planes, <prefix>.fdb_scales, <prefix>.fdb_offsets)
+
+with ``bits`` 2 (mode ``fdb``) or 1 (mode ``1bit``); the weights are fitted by shiftc/passes/fdb.py
+(GPTQ-compensated when a Hessian H = XᵀX of the layer input is given). Nodes and initializers left
+without consumers are removed, the op's function body is added (so ONNX Runtime runs the model),
+and ``metadata_props["shiftc.compression"]`` records the pass, mode, group and per-layer bits per
+weight (scales and offsets included).
+
+:func:`run` is the pipeline step behind ``shiftc compress --binarize`` (called from
+shiftc/passes/compress.py): match -> calibrate -> pass -> checker -> atomic save.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..progress import Counter
+from . import bcq, fdb, ops
+from .shiftadd import METADATA_KEY, PassResult, ShiftAddConfig, ShiftAddPass, Target, _node_id, _remove_dead
+
+OP = "FdbMatMul"
+MODES = tuple(fdb.MODES)
+
+
+@dataclass
+class BinarizeConfig:
+    mode: str = "fdb"  # fdb (2 planes) | 1bit
+    group: int = 128
+    act_order: bool = False
+    damp: float = 0.01
+    iters: int = 8
+    lm_head: bool = True
+    skip: list[str] = field(default_factory=list)
+
+
+def validate(cfg: BinarizeConfig, bad) -> None:
+    """Check values; ``bad(flag, message)`` raises the caller's usage error."""
+    if cfg.mode not in MODES:
+        bad("--binarize", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if not isinstance(cfg.group, int) or cfg.group < 32 or cfg.group % 32:
+        bad("--group", f"must be a positive multiple of 32, got {cfg.group!r}")
+    if not 0 <= float(cfg.damp) < 10:
+        bad("binarize.damp", f"must be in [0, 10), got {cfg.damp!r}")
+    if not isinstance(cfg.iters, int) or cfg.iters < 0:
+        bad("binarize.iters", f"must be an integer >= 0, got {cfg.iters!r}")
+
+
+class BinarizePass:
+    """Replace constant-weight MatMul/Gemm by FdbMatMul. Returns a new model; the input is unchanged."""
+
+    name = "binarize"
+
+    def __init__(self, config: BinarizeConfig | None = None):
+        self.config = config or BinarizeConfig()
+
+    def match(self, model: onnx.ModelProto) -> tuple[list[Target], list[tuple[str, str]]]:
+        """(targets, skipped [(node, reason)]): the shift-add pass's matching."""
+        c = self.config
+        return ShiftAddPass(ShiftAddConfig(lm_head=c.lm_head, skip=list(c.skip))).match(model)
+
+    def quantize(self, w: np.ndarray, h: np.ndarray | None) -> fdb.FdbResult:
+        c = self.config
+        return fdb.quantize_gptq(w, h, c.mode, c.group, damp=c.damp, act_order=c.act_order, iters=c.iters)
+
+    def __call__(self, model: onnx.ModelProto, hessians: dict[str, np.ndarray] | None = None,
+                 results: dict[str, fdb.FdbResult] | None = None) -> PassResult:
+        """``results`` ({layer name: FdbResult}) are used as given instead of fitting."""
+        cfg = self.config
+        results = results or {}
+        targets, skipped = self.match(model)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        if not targets:
+            return PassResult(out, False, {"layers": {}, "skipped": skipped})
+        g = out.graph
+        inits = {t.name: t for t in g.initializer}
+        by_id = {_node_id(n): i for i, n in enumerate(g.node)}
+        layers, new_inits, replacements = {}, [], {}
+        progress = Counter("binarize", len(targets))
+        for t in targets:
+            w = ShiftAddPass.weight(inits, t)  # [N, K]
+            h = None if hessians is None else hessians.get(t.x)
+            r = results[t.name] if t.name in results else self.quantize(w, h)
+            prefix = t.name[: -len(".weight.T")] if t.name.endswith(".weight.T") else t.name
+            names = [f"{prefix}.fdb_planes", f"{prefix}.fdb_scales", f"{prefix}.fdb_offsets"]
+            new_inits += [numpy_helper.from_array(r.packed_planes(), names[0]),
+                          numpy_helper.from_array(r.scales, names[1]), numpy_helper.from_array(r.offsets, names[2])]
+            old = g.node[by_id[t.node]]
+            y = old.output[0]
+            mm_out = f"{y}_nobias" if t.bias else y
+            nodes = [helper.make_node(OP, [t.x, *names], [mm_out], name=f"{_node_id(old)}_fdb", domain=ops.DOMAIN,
+                                      bits=r.bits, group_size=r.group, in_features=w.shape[1])]
+            if t.bias:
+                nodes.append(helper.make_node("Add", [mm_out, t.bias], [y], name=f"{_node_id(old)}_bias"))
+            replacements[by_id[t.node]] = nodes
+            w_hat = r.dequantize()
+            entry = {"shape": list(w.shape), "bits": r.bits, "group": r.group, "mode": r.mode,
+                     "bits_per_weight": fdb.bits_per_weight(r.bits, r.group),
+                     "rel_weight_error": bcq.relative_weight_error(w, w_hat)}
+            if h is not None:
+                entry["rel_output_error"] = bcq.relative_output_error(w, w_hat, h)
+            layers[t.name] = entry
+            progress.update(extra=t.name)
+        new_nodes = []
+        for i, n in enumerate(g.node):
+            new_nodes.extend(replacements.get(i, [n]))
+        del g.node[:]
+        g.node.extend(new_nodes)
+        g.initializer.extend(new_inits)
+        _remove_dead(g)
+        ops.add_functions(out, [OP])
+        summary = _summary(cfg, layers)
+        props = {p.key: p.value for p in out.metadata_props}
+        props[METADATA_KEY] = json.dumps(summary)
+        del out.metadata_props[:]
+        for k, v in props.items():
+            out.metadata_props.add(key=k, value=v)
+        return PassResult(out, True, {**summary, "layers": layers, "skipped": skipped})
+
+
+def _summary(cfg: BinarizeConfig, layers: dict) -> dict:
+    n = sum(int(np.prod(e["shape"])) for e in layers.values())
+    bpw = sum(e["bits_per_weight"] * int(np.prod(e["shape"])) for e in layers.values()) / max(n, 1)
+    return {"pass": "binarize", "op": f"{ops.DOMAIN}::{OP}", "mode": cfg.mode, "group": cfg.group,
+            "bits_per_weight": bpw, "quantized_weights": n,
+            "layers": {k: {key: e[key] for key in ("shape", "bits", "group", "bits_per_weight")} for k, e in layers.items()}}
+
+
+def dequantized_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every FdbMatMul replaced by a MatMul with Ŵᵀ reconstructed in numpy (float32): the same
+    numbers as the function bodies, without ONNX Runtime inlining and folding one body per layer
+    (which takes far more memory at session start). For evaluation and benchmarks."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    nodes = []
+    for n in out.graph.node:
+        if n.op_type != OP or n.domain != ops.DOMAIN:
+            nodes.append(n)
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+        p, s, o = (numpy_helper.to_array(inits[i]) for i in n.input[1:4])
+        w = fdb.reconstruct(bcq.unpack_planes(p, a["in_features"]), s, o, a["group_size"])
+        name = n.input[1] + ".dequant.T"
+        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
+        nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    keep = [f for f in out.functions if not (f.domain == ops.DOMAIN and f.name == OP)]
+    del out.functions[:]
+    out.functions.extend(keep)
+    _remove_dead(out.graph)
+    return out
+
+
+def run(model: onnx.ModelProto, src: str, output: str, config, t0: float, prune_report: dict | None = None) -> dict:
+    """The compress pipeline with the binarize pass (``config``: recipe.CompressConfig with
+    ``binarize`` set). Returns the report: per layer shape, bits, bits per weight, errors; sizes."""
+    from ..errors import BadInputError
+    from ..frontend.onnx_io import save_model
+    from ..progress import log, step
+
+    bp = BinarizePass(config.binarize)
+    targets, skipped = bp.match(model)
+    if not targets:
+        raise BadInputError(f"'{src}': no MatMul/Gemm with a constant weight to binarize "
+                            f"({len(skipped)} skipped: {[r for _, r in skipped][:3]})")
+    hessians, calib_windows = None, 0
+    if config.calib.corpus != "none":
+        from .calibration import calibration_windows, collect_hessians
+
+        c = config.calib
+        ids = calibration_windows(model, corpus=c.corpus, split=c.split, windows=c.windows, window=c.window,
+                                  tokenizer=c.tokenizer, model_path=src)
+        calib_windows = len(ids)
+        with step(f"calibration ({len(ids)} windows x {ids.shape[1]} tokens, {len({t.x for t in targets})} inputs)"):
+            hessians = collect_hessians(model, [t.x for t in targets], ids, threads=config.threads)
+    with step(f"binarize ({config.binarize.mode}) on {len(targets)} layers"):
+        result = bp(model, hessians)
+    del model, hessians
+    try:
+        onnx.checker.check_model(result.model, full_check=result.model.ByteSize() < 2**31 - 1)
+    except onnx.checker.ValidationError as e:  # a bug in the pass, not the user's input
+        raise RuntimeError(f"binarize produced an invalid model: {e}") from e
+    save_model(result.model, output)
+    log(f"wrote {output}")
+    return {"path": output, "source": src, "size_bytes": os.path.getsize(output), "source_size_bytes": os.path.getsize(src),
+            "calibration": {"corpus": config.calib.corpus, "windows": calib_windows, "window": config.calib.window},
+            "seconds": round(time.perf_counter() - t0, 1), **result.report,
+            **({"prune": prune_report} if prune_report is not None else {})}
+
+
+
+
+def apply_args(cfg, mode: str | None, *, group=None, act_order=None, lm_head=None, skip=None,
+               shiftadd_only: dict | None = None) -> None:
+    """Point a recipe.CompressConfig at the binarize pass (``shiftc.compress(binarize=...)``):
+    the shared flags go to the binarize section, and the shift-add pass is turned off. Flags that
+    only mean something to shift-add (``shiftadd_only``: {flag: value}) are refused."""
+    from ..errors import UsageError
+
+    given = [flag for flag, v in (shiftadd_only or {}).items() if v is not None]
+    if given:
+        raise UsageError(f"--binarize replaces the shift-add pass; {', '.join(given)} cannot be used with it")
+    b = cfg.binarize or BinarizeConfig()
+    if mode is not None:
+        b.mode = mode
+    for key, value in (("group", group), ("act_order", act_order), ("lm_head", lm_head), ("skip", skip)):
+        if value is not None:
+            setattr(b, key, list(value) if key == "skip" else value)
+    cfg.binarize = b
+    cfg.shiftadd = None
