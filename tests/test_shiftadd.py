@@ -143,6 +143,27 @@ def test_pass_on_tiny_llama_with_calibration(tiny_onnx, smollm2_gguf_path, tmp_p
     np.testing.assert_allclose(got, ref, rtol=RTOL_MODEL, atol=RTOL_MODEL * np.abs(ref).max())
 
 
+def test_sequential_calibration(tiny_onnx, smollm2_gguf_path):
+    """Stage 1's H comes from the fp32 model (the pruned probe graph gives the same H as the full
+    one); later stages see the earlier layers quantized; the pass takes the results as given."""
+    from shiftc.passes.calibration import calibration_windows, collect_hessians, quantize_sequential
+
+    model = onnx.load(tiny_onnx)
+    sa = ShiftAddPass(ShiftAddConfig(bits=2, group=32, iters=1))
+    targets = sa.match(model)[0]
+    ids = calibration_windows(model, windows=2, window=16, tokenizer=smollm2_gguf_path)
+    results, hs = quantize_sequential(model, targets, ids, sa.quantize, stages=3, threads=1)
+    assert set(results) == {t.name for t in targets}
+    inputs = list(dict.fromkeys(t.x for t in targets))
+    ref = collect_hessians(model, inputs, ids, threads=1)
+    assert set(hs) == set(ref)
+    np.testing.assert_allclose(hs[inputs[0]], ref[inputs[0]], rtol=1e-5)  # stage 1: fp32 activations
+    assert not np.allclose(hs[inputs[-1]], ref[inputs[-1]], rtol=1e-3)  # last stage: quantized prefix
+    res = sa(model, hs, results=results)
+    planes = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer if t.name.endswith(".bcq_planes")}
+    np.testing.assert_array_equal(planes["lm_head.bcq_planes"], results["lm_head"].packed_planes())
+
+
 def test_pass_skip_and_lm_head_off(tiny_onnx):
     model = onnx.load(tiny_onnx)
     cfg = ShiftAddConfig(bits=2, group=64, lm_head=False, skip=["*.k_proj.*"], iters=1)

@@ -6,6 +6,12 @@ one calibration window. The ONNX graph itself is run by ONNX Runtime on a copy o
 graph outputs are those tensors; H is accumulated window by window (float64), so memory holds
 one window's activations plus the H matrices, never all activations.
 
+Sequential calibration (:func:`quantize_sequential`, GPTQ's order): the inputs are split, in graph
+order, into ``stages`` consecutive chunks; H of a chunk's layers is collected on the model whose
+layers of the earlier chunks are already quantized (their Ŵ written back as fp32 weights), so each
+layer is fitted to the activations it will really see. Each stage runs only the part of the graph
+its tensors depend on, so the total cost is about (stages + 1) / 2 full calibration passes.
+
 Calibration text: the ``calib`` split of :mod:`shiftc.frontend.data` (disjoint from the ``eval``
 split perplexity is measured on), cut into ``windows`` windows of ``window`` tokens with the
 tokenizer recorded in the model (``shiftc.tokenizer``) or given explicitly.
@@ -60,12 +66,7 @@ def collect_hessians(model: onnx.ModelProto, inputs: list[str], windows: np.ndar
     import onnxruntime as ort
 
     names = list(dict.fromkeys(inputs))
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    for n in names:
-        if n not in have:
-            probe.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+    probe = _probe(model, names)
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
@@ -85,3 +86,81 @@ def collect_hessians(model: onnx.ModelProto, inputs: list[str], windows: np.ndar
                 hs[n] = h
         progress.update()
     return hs
+
+
+def _probe(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of the model whose outputs are ``names``, keeping only the nodes they depend on (all
+    graph inputs stay, so the same feeds work)."""
+    g = model.graph
+    producer = {o: i for i, n in enumerate(g.node) for o in n.output}
+    need, stack, keep = set(), list(names), set()
+    while stack:
+        t = stack.pop()
+        if t in need:
+            continue
+        need.add(t)
+        if t in producer and producer[t] not in keep:
+            keep.add(producer[t])
+            node = g.node[producer[t]]
+            stack.extend(i for i in node.input if i)
+            for a in node.attribute:  # tensors read by subgraphs from the outer scope
+                for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    stack.extend(i for n in sub.node for i in n.input if i)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.node[:]
+    probe.graph.node.extend(g.node[i] for i in sorted(keep))
+    live = [t for t in g.initializer if t.name in need]
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(live)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names)
+    return probe
+
+
+def quantize_sequential(model: onnx.ModelProto, targets: list, windows: np.ndarray, quantize, *, stages: int,
+                        threads: int | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Sequential calibration (module docstring). ``targets`` are shift-add
+    :class:`~shiftc.passes.shiftadd.Target` s; ``quantize(target, W [N, K], H)`` returns a result with
+    ``dequantize()``. Returns ({layer name: result}, {input tensor: H the layer was fitted with})."""
+    from onnx import numpy_helper
+
+    from ..progress import log
+
+    inputs = list(dict.fromkeys(t.x for t in targets))
+    stages = max(1, min(int(stages), len(inputs)))
+    bounds = [round(i * len(inputs) / stages) for i in range(stages + 1)]
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    inits = {t.name: t for t in work.graph.initializer}
+    nodes = {(n.name or n.output[0]): n for n in work.graph.node}
+    readers: dict[str, int] = {}
+    for n in work.graph.node:
+        for i in set(n.input):
+            readers[i] = readers.get(i, 0) + 1
+    results, hessians = {}, {}
+    for s in range(stages):
+        chunk = inputs[bounds[s]:bounds[s + 1]]
+        log(f"sequential calibration: stage {s + 1}/{stages} ({len(chunk)} inputs)")
+        hs = collect_hessians(work, chunk, windows, threads=threads)
+        hessians.update(hs)
+        for t in (t for t in targets if t.x in hs):
+            w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
+            w = w.T if t.transposed else w
+            r = results[t.name] = quantize(t, w, hs[t.x])
+            if s == stages - 1:
+                continue
+            w_hat = r.dequantize()
+            node = nodes[t.node]
+            if node.op_type == "Gemm" or (t.transposed and readers.get(t.weight, 0) == 1):
+                # the node reads the initializer directly: write Ŵ back in its stored orientation
+                new = np.ascontiguousarray(w_hat.T if t.transposed else w_hat)
+                name = t.weight if readers.get(t.weight, 0) == 1 else f"{t.name}.calib_q"
+            else:  # tied head (MatMul of a Transpose) or a shared initializer: a new [K, N] weight
+                new, name = np.ascontiguousarray(w_hat.T), f"{t.name}.calib_q.T"
+            if name == t.weight:
+                inits[name].CopyFrom(numpy_helper.from_array(new, name))
+            else:
+                work.graph.initializer.append(numpy_helper.from_array(new, name))
+                node.input[1] = name
+    return results, hessians

@@ -49,7 +49,7 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
     if not targets:
         raise BadInputError(f"'{src}': no MatMul/Gemm with a constant weight to compress "
                             f"({len(skipped)} skipped: {[r for _, r in skipped][:3]})")
-    hessians = None
+    hessians, results = None, None
     calib_windows = 0
     if config.calib.corpus != "none":
         from .calibration import calibration_windows, collect_hessians
@@ -59,7 +59,13 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
                                   tokenizer=c.tokenizer, model_path=src)
         calib_windows = len(ids)
         with step(f"calibration ({len(ids)} windows x {ids.shape[1]} tokens, {len({t.x for t in targets})} inputs)"):
-            hessians = collect_hessians(model, [t.x for t in targets], ids, threads=config.threads)
+            if c.sequential > 1 and config.mixed_precision.bits_budget is None:  # quantizes while calibrating
+                from .calibration import quantize_sequential
+
+                results, hessians = quantize_sequential(model, targets, ids, sa.quantize, stages=c.sequential,
+                                                        threads=config.threads)
+            else:
+                hessians = collect_hessians(model, [t.x for t in targets], ids, threads=config.threads)
     plan = None
     if config.mixed_precision.bits_budget is not None:  # per-layer bits under a budget (passes/mixed_precision)
         from dataclasses import replace
@@ -70,7 +76,7 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
                          tokenizer=config.calib.tokenizer)
         sa = ShiftAddPass(replace(config.shiftadd, layer_bits=plan["layer_bits"]))
     with step(f"shift-add on {len(targets)} layers"):
-        result = sa(model, hessians)
+        result = sa(model, hessians, results=results)
     del model, hessians
     try:
         onnx.checker.check_model(result.model, full_check=result.model.ByteSize() < 2**31 - 1)

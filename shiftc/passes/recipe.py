@@ -18,6 +18,7 @@ Schema (every key optional; the values shown are the defaults)::
       windows: 16          # calibration windows                 (--calib-windows)
       window: 256          # tokens per window                   (--calib-window)
       tokenizer: null      # HF folder or .gguf (default: the one recorded at export)
+      sequential: 1        # stages: H of a stage's layers with the earlier stages quantized (1: off)
     threads: null          # threads for ONNX Runtime and torch
     prune:                 # structured pruning, before shift-add (schema: shiftc/passes/prune/prune.py)
       ratio: 0.25          # fraction of in-scope parameters (or FLOPs) removed  (--prune)
@@ -64,6 +65,7 @@ class CalibConfig:
     windows: int = 16
     window: int = 256
     tokenizer: str | None = None
+    sequential: int = 1  # stages of sequential calibration (1: every H from the fp32 model)
 
 
 @dataclass
@@ -104,7 +106,7 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
         bad("iters", f"must be an integer >= 0, got {s.iters!r}")
     if c.corpus not in CALIB_CORPORA:
         bad("--calib", f"must be one of {', '.join(CALIB_CORPORA)}, got {c.corpus!r}")
-    for flag, v in (("--calib-windows", c.windows), ("--calib-window", c.window)):
+    for flag, v in (("--calib-windows", c.windows), ("--calib-window", c.window), ("calib.sequential", c.sequential)):
         if not isinstance(v, int) or v < 1:
             bad(flag, f"must be an integer >= 1, got {v!r}")
     return cfg

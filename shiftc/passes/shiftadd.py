@@ -143,9 +143,26 @@ class ShiftAddPass:
                 targets.append(t)
         return targets, skipped
 
-    # -- rewriting ------------------------------------------------------------------------------
-    def __call__(self, model: onnx.ModelProto, hessians: dict[str, np.ndarray] | None = None) -> PassResult:
+    # -- quantization -------------------------------------------------------------------------
+    @staticmethod
+    def weight(inits: dict[str, onnx.TensorProto], t: Target) -> np.ndarray:
+        """The layer's weight W [N, K] (float32)."""
+        w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
+        return w.T if t.transposed else w
+
+    def quantize(self, t: Target, w: np.ndarray, h: np.ndarray | None) -> bcq.BcqResult:
+        """BCQ of one target's weight W [N, K] with H = XᵀX of its input (None: data-free)."""
         cfg = self.config
+        return bcq.quantize_gptq(w, h, cfg.bits_for(t.name), cfg.group, scale_mode=cfg.scale_mode, damp=cfg.damp,
+                                 act_order=cfg.act_order, iters=cfg.iters)
+
+    # -- rewriting ------------------------------------------------------------------------------
+    def __call__(self, model: onnx.ModelProto, hessians: dict[str, np.ndarray] | None = None,
+                 results: dict[str, bcq.BcqResult] | None = None) -> PassResult:
+        """``results`` ({layer name: BcqResult}) are used as given instead of quantizing (sequential
+        calibration quantizes while it calibrates: shiftc/passes/calibration.py)."""
+        cfg = self.config
+        results = results or {}
         targets, skipped = self.match(model)
         out = onnx.ModelProto()
         out.CopyFrom(model)
@@ -158,12 +175,10 @@ class ShiftAddPass:
         progress = Counter("shift-add", len(targets))
         replacements: dict[int, list[onnx.NodeProto]] = {}
         for t in targets:
-            w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
-            w = w.T if t.transposed else w  # [N, K]
-            bits = cfg.bits_for(t.name)
+            w = self.weight(inits, t)  # [N, K]
             h = None if hessians is None else hessians.get(t.x)
-            r = bcq.quantize_gptq(w, h, bits, cfg.group, scale_mode=cfg.scale_mode, damp=cfg.damp,
-                                  act_order=cfg.act_order, iters=cfg.iters)
+            r = results[t.name] if t.name in results else self.quantize(t, w, h)
+            bits = r.bits
             prefix = t.name[: -len(".weight.T")] if t.name.endswith(".weight.T") else t.name
             planes, exps = f"{prefix}.bcq_planes", f"{prefix}.bcq_exps"
             new_inits += [numpy_helper.from_array(r.packed_planes(), planes), numpy_helper.from_array(r.exps, exps)]
@@ -171,13 +186,13 @@ class ShiftAddPass:
             y = old.output[0]
             mm_out = f"{y}_nobias" if t.bias else y
             nodes = [helper.make_node(OP, [t.x, planes, exps], [mm_out], name=f"{_node_id(old)}_bcq", domain=ops.DOMAIN,
-                                      bits=bits, group_size=cfg.group, in_features=w.shape[1], coding="pm1")]
+                                      bits=bits, group_size=r.group, in_features=w.shape[1], coding="pm1")]
             if t.bias:
                 nodes.append(helper.make_node("Add", [mm_out, t.bias], [y], name=f"{_node_id(old)}_bias"))
             replacements[by_id[t.node]] = nodes
             w_hat = r.dequantize()
-            entry = {"shape": list(w.shape), "bits": bits, "group": cfg.group, "scale_mode": cfg.scale_mode,
-                     "bits_per_weight": bcq.bits_per_weight(bits, cfg.group, cfg.scale_mode),
+            entry = {"shape": list(w.shape), "bits": bits, "group": r.group, "scale_mode": r.scale_mode,
+                     "bits_per_weight": bcq.bits_per_weight(bits, r.group, r.scale_mode),
                      "rel_weight_error": bcq.relative_weight_error(w, w_hat)}
             if h is not None:
                 entry["rel_output_error"] = bcq.relative_output_error(w, w_hat, h)
