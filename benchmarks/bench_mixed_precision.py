@@ -31,6 +31,24 @@ import time
 import numpy as np
 
 
+class _LazyH(dict):
+    """{input tensor: H} read from the .npz on first use; digests computed once."""
+
+    def __init__(self, z):
+        super().__init__()
+        self.z = z
+        self.keys_ = {k.replace("|", "/"): k for k in z.files}
+
+    def __getitem__(self, k):
+        return self.z[self.keys_[k]]
+
+    def get(self, k, default=None):
+        return self[k] if k in self.keys_ else default
+
+    def __contains__(self, k):
+        return k in self.keys_
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="/tmp/sa/smol.onnx", help="exported SmolLM2 .onnx (exported there if missing)")
@@ -51,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--kl-window", type=int, default=128)
     p.add_argument("--plans", default="mp-calib,mp-hawq,shiftaddllm,random",
                    help="which plans to evaluate (also: fp32, uniform-2, uniform-3, shiftaddllm-80-20, mp-calib-80-20)")
+    p.add_argument("--latency-fraction", type=float, default=0.9,
+                   help="plans '<kind>-lat': kernel-time budget as this fraction of the size-only plan's modelled time")
     p.add_argument("--seed-from", default="", help="compressed models whose layers seed the cache: BITS=PATH,...")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/mixed_precision.json")
@@ -85,9 +105,9 @@ def main(argv=None) -> int:
 
     # calibration H (saved: the cache keys depend on it)
     hpath = os.path.join(a.work, "hessians.npz")
-    if os.path.exists(hpath):
-        with np.load(hpath) as z:
-            hs = {k.replace("|", "/"): z[k] for k in z.files}
+    if os.path.exists(hpath):  # loaded on demand (807 MB as float64 for SmolLM2): only cache misses need H
+        z = np.load(hpath)
+        hs = _LazyH(z)
     else:
         t0 = time.perf_counter()
         ids = calibration_windows(model, windows=a.calib_windows, window=a.calib_window, model_path=a.model)
@@ -159,7 +179,16 @@ def main(argv=None) -> int:
                 t = next(t for t in targets if t.name == name)
                 return quantize_layer(name, weights[name], hs[t.x], b, cfg, cache).dequantize()
 
-            kl, info = output_kl(model, targets, w_hat, ids, widths, threads=a.threads)
+            part = klp + ".partial"
+            done = {k: {int(b): v for b, v in d.items()} for k, d in json.load(open(part)).items()} \
+                if os.path.exists(part) else None
+
+            def save_part(res):
+                with open(part + ".tmp", "w") as f:
+                    json.dump(res, f)
+                os.replace(part + ".tmp", part)
+
+            kl, info = output_kl(model, targets, w_hat, ids, widths, threads=a.threads, done=done, on_layer=save_part)
             json.dump({"kl": kl, "info": info}, open(klp, "w"))
             timings["output KL"] = round(time.perf_counter() - t0, 1)
         for ly in table.layers:
@@ -171,7 +200,23 @@ def main(argv=None) -> int:
     bpw_of = dict(zip(widths, map(float, bpw)))
     scores = np.array([ly.shiftaddllm for ly in table.layers])
     plans: dict[str, np.ndarray] = {}
+    latency_info = None
+    if any(pl.endswith("-lat") for pl in plans_wanted):  # latency model from the LUT kernels (decode, 1 row)
+        from shiftc.passes.mixed_precision.latency import layer_times
+
+        times, per_shape = layer_times([ly.shape for ly in table.layers], widths, a.group, threads=a.threads)
+        latency_info = {"per_shape_ms": per_shape, "fraction": a.latency_fraction, "plans": {}}
     for pl in plans_wanted:
+        if pl.endswith("-lat"):
+            kind = pl[3:-4]
+            free = A.allocate(table.matrix(kind), sizes, widths, bpw, a.budget, times=times)
+            budget_ms = a.latency_fraction * free["latency"]
+            r = A.allocate(table.matrix(kind), sizes, widths, bpw, a.budget, times=times, latency_budget=budget_ms)
+            plans[pl] = r["bits"]
+            latency_info["plans"][pl] = {"size_only_ms": free["latency"], "budget_ms": budget_ms,
+                                         "predicted_ms": r["latency"], "avg_bits": r["avg_bits"],
+                                         "objective": r["objective"], "size_only_objective": free["objective"]}
+            continue
         if pl in ("mp-calib", "mp-hawq", "mp-kl"):
             plans[pl] = A.allocate(table.matrix(pl[3:]), sizes, widths, bpw, a.budget)["bits"]
         elif pl == "shiftaddllm":
@@ -252,7 +297,7 @@ def main(argv=None) -> int:
               "rank_agreement_calib_vs_hawq": rank_agreement(table) if "hawq" in kinds else None,
               "rank_agreement_calib_vs_kl": rank_agreement(table, ("calib", "kl")) if "kl" in kinds else None,
               "rank_agreement_hawq_vs_kl": rank_agreement(table, ("hawq", "kl")) if {"hawq", "kl"} <= set(kinds) else None,
-              "hawq": table.info.get("hawq"), "summary": summary, "rows": rows, "timings_s": timings}
+              "hawq": table.info.get("hawq"), "latency_model": latency_info, "summary": summary, "rows": rows, "timings_s": timings}
     os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
     with open(out_json, "w") as f:
         json.dump(result, f, indent=1)

@@ -193,17 +193,18 @@ def tiny_decoder(tiny_llama_dir, tmp_path_factory):
     return path
 
 
-def test_cli_bits_budget_plan_and_report(tiny_decoder, tmp_path):
+def test_cli_bits_budget_plan_and_report(tiny_decoder, tmp_path, capsys):
     import json
 
-    from conftest import run_cli
+    from shiftc.cli import main
 
     out = str(tmp_path / "mp.onnx")
-    # data-free (--calib none) keeps this test fast; the H-based measures are checked above
-    r = run_cli("compress", tiny_decoder, "-o", out, "--bits-budget", "2.6", "--mp-candidates", "2,3", "--group", "32",
-                "--calib", "none", "--threads", "1", "--mp-cache", str(tmp_path / "cache"), "--no-shiftadd-lm-head",
-                "--json", check=True)
-    rep = json.loads(r.stdout)
+    # in-process and data-free (--calib none) to keep this test fast; the H-based measures are checked above
+    code = main(["compress", tiny_decoder, "-o", out, "--bits-budget", "2.6", "--mp-candidates", "2,3", "--group", "32",
+                 "--calib", "none", "--threads", "1", "--mp-cache", str(tmp_path / "cache"), "--no-shiftadd-lm-head",
+                 "--json"])
+    assert code == 0
+    rep = json.loads(capsys.readouterr().out)
     mp = rep["mixed_precision"]
     bits = {k: e["bits"] for k, e in rep["layers"].items()}
     assert set(bits.values()) == {2, 3} and mp["avg_bits"] <= 2.6
@@ -220,11 +221,15 @@ def test_cli_bits_budget_plan_and_report(tiny_decoder, tmp_path):
 @pytest.mark.parametrize("flags,flag,code", [
     (["--bits-budget", "0.5"], "--bits-budget", 2), (["--mp-candidates", "2,5"], "--mp-candidates", 2),
     (["--bits-budget", "2.5", "--latency-budget-ms", "1", "--target", "aarch64"], "--target aarch64", 4)])
-def test_cli_bad_mixed_precision_flags(tiny_decoder, tmp_path, flags, flag, code):
-    from conftest import run_cli
+def test_cli_bad_mixed_precision_flags(tiny_decoder, tmp_path, capsys, flags, flag, code):
+    from shiftc.cli import main
 
-    r = run_cli("compress", tiny_decoder, "-o", str(tmp_path / "x.onnx"), "--calib", "none", "--group", "32", *flags)
-    assert r.returncode == code and flag in r.stderr
+    argv = ["compress", tiny_decoder, "-o", str(tmp_path / "x.onnx"), "--calib", "none", "--group", "32", *flags]
+    try:
+        got = main(argv)
+    except SystemExit as e:  # argparse rejects the value
+        got = e.code
+    assert got == code and flag in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
 
 

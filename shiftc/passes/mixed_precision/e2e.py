@@ -62,8 +62,9 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def output_kl(model: onnx.ModelProto, targets, w_hat, windows: np.ndarray, widths: list[int], *,
-              threads: int = 1) -> tuple[dict[str, dict[int, float]], dict]:
-    """{layer: {bits: mean KL}} with ``w_hat(name, bits) -> Ŵ [N, K]``; and run info."""
+              threads: int = 1, done: dict | None = None, on_layer=None) -> tuple[dict[str, dict[int, float]], dict]:
+    """{layer: {bits: mean KL}} with ``w_hat(name, bits) -> Ŵ [N, K]``; and run info. Layers in ``done``
+    (an earlier, interrupted run) are kept; ``on_layer(result so far)`` is called after each layer."""
     import onnxruntime as ort
 
     from ..calibration import _decoder_feeds
@@ -76,10 +77,11 @@ def output_kl(model: onnx.ModelProto, targets, w_hat, windows: np.ndarray, width
     del probe
     base_feeds = [_decoder_feeds(model, w[None]) for w in windows]
     ref = [_log_softmax(sess.run(["logits"], f)[0][0, :-1]) for f in base_feeds]
-    out: dict[str, dict[int, float]] = {}
+    out: dict[str, dict[int, float]] = {k: dict(v) for k, v in (done or {}).items()}
     t0 = time.perf_counter()
-    progress = Counter(f"output KL ({len(widths)} widths)", len(targets))
-    for t in targets:
+    todo = [t for t in targets if not all(b in out.get(t.name, {}) for b in widths)]
+    progress = Counter(f"output KL ({len(widths)} widths)", len(todo))
+    for t in todo:
         name, as_t = feeds[t.name]
         out[t.name] = {}
         for b in widths:
@@ -93,4 +95,6 @@ def output_kl(model: onnx.ModelProto, targets, w_hat, windows: np.ndarray, width
                 n += lp.shape[0]
             out[t.name][b] = kl / n
         progress.update(extra=t.name)
+        if on_layer is not None:
+            on_layer(out)
     return out, {"windows": int(len(windows)), "window": int(windows.shape[1]), "seconds": round(time.perf_counter() - t0, 1)}

@@ -90,7 +90,14 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
         with step("mixed precision: kernel times per layer shape"):
             times, time_table = latency.layer_times([ly.shape for ly in table.layers], widths, sa_cfg.group,
                                                     m=mp.latency_rows, threads=mp.latency_threads, target=mp.target)
-    return plan_from_table(table, mp, kinds, times=times, time_table=time_table)
+    plan = plan_from_table(table, mp, kinds, times=times, time_table=time_table)
+    if cache.folder:  # the chosen widths' results, so the pass need not quantize again
+        from .sensitivity import _weights, quantize_layer
+
+        weights = _weights(model, targets)
+        plan["results"] = {t.name: quantize_layer(t.name, weights[t.name], None if hessians is None else hessians.get(t.x),
+                                                  plan["layer_bits"][t.name], sa_cfg, cache) for t in targets}
+    return plan
 
 
 def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=None, time_table=None) -> dict:
@@ -134,7 +141,7 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
 
 
 def to_json(plan: dict) -> dict:
-    out = {k: v for k, v in plan.items() if k != "table"}
+    out = {k: v for k, v in plan.items() if k not in ("table", "results")}
     out["sensitivity_table"] = plan["table"].to_json()
     return out
 
