@@ -45,6 +45,15 @@ class BinarizeConfig:
     iters: int = 8
     lm_head: bool = True
     skip: list[str] = field(default_factory=list)
+    # deviation-aware distillation of the scales/offsets afterwards (shiftc/passes/distill.py)
+    distill_steps: int = 0  # 0: off                                     (--distill-steps)
+    distill_minutes: float | None = None  # wall-clock bound              (--distill-minutes)
+    distill_loss: str = "dad"  # dad | kl                                 (--distill-loss)
+    distill_source: str | None = None  # HF folder / .gguf (default: recorded at export)  (--distill-source)
+    distill_lr: float = 1e-4
+    distill_windows: int = 64
+    distill_window: int = 128
+    distill_seed: int = 0
 
 
 def validate(cfg: BinarizeConfig, bad) -> None:
@@ -57,6 +66,12 @@ def validate(cfg: BinarizeConfig, bad) -> None:
         bad("binarize.damp", f"must be in [0, 10), got {cfg.damp!r}")
     if not isinstance(cfg.iters, int) or cfg.iters < 0:
         bad("binarize.iters", f"must be an integer >= 0, got {cfg.iters!r}")
+    if not isinstance(cfg.distill_steps, int) or cfg.distill_steps < 0:
+        bad("--distill-steps", f"must be an integer >= 0, got {cfg.distill_steps!r}")
+    if cfg.distill_minutes is not None and not float(cfg.distill_minutes) > 0:
+        bad("--distill-minutes", f"must be > 0, got {cfg.distill_minutes!r}")
+    if cfg.distill_loss not in ("dad", "kl"):
+        bad("--distill-loss", f"must be dad or kl, got {cfg.distill_loss!r}")
 
 
 class BinarizePass:
@@ -191,7 +206,23 @@ def run(model: onnx.ModelProto, src: str, output: str, config, t0: float, prune_
             hessians = collect_hessians(model, [t.x for t in targets], ids, threads=config.threads)
     with step(f"binarize ({config.binarize.mode}) on {len(targets)} layers"):
         result = bp(model, hessians)
-    del model, hessians
+    del hessians
+    b = config.binarize
+    distill_report = None
+    if b.distill_steps or b.distill_minutes:  # fine-tune scales/offsets against the fp32 model
+        from .calibration import calibration_windows
+        from .distill import DistillConfig, distill, load_teacher
+
+        teacher = load_teacher(model, b.distill_source, src)
+        ids = calibration_windows(model, corpus=config.calib.corpus if config.calib.corpus != "none" else "wikipedia",
+                                  windows=b.distill_windows, window=b.distill_window, tokenizer=config.calib.tokenizer,
+                                  model_path=src)
+        dcfg = DistillConfig(steps=b.distill_steps or 10**9, minutes=b.distill_minutes, loss=b.distill_loss,
+                             lr=b.distill_lr, seed=b.distill_seed)
+        new_model, distill_report = distill(result.model, teacher, ids, dcfg)
+        result.model.CopyFrom(new_model)
+        del teacher, new_model
+    del model
     try:
         onnx.checker.check_model(result.model, full_check=result.model.ByteSize() < 2**31 - 1)
     except onnx.checker.ValidationError as e:  # a bug in the pass, not the user's input
@@ -201,13 +232,14 @@ def run(model: onnx.ModelProto, src: str, output: str, config, t0: float, prune_
     return {"path": output, "source": src, "size_bytes": os.path.getsize(output), "source_size_bytes": os.path.getsize(src),
             "calibration": {"corpus": config.calib.corpus, "windows": calib_windows, "window": config.calib.window},
             "seconds": round(time.perf_counter() - t0, 1), **result.report,
-            **({"prune": prune_report} if prune_report is not None else {})}
+            **({"prune": prune_report} if prune_report is not None else {}),
+            **({"distill": distill_report} if distill_report is not None else {})}
 
 
 
 
 def apply_args(cfg, mode: str | None, *, group=None, act_order=None, lm_head=None, skip=None,
-               shiftadd_only: dict | None = None) -> None:
+               shiftadd_only: dict | None = None, distill: dict | None = None) -> None:
     """Point a recipe.CompressConfig at the binarize pass (``shiftc.compress(binarize=...)``):
     the shared flags go to the binarize section, and the shift-add pass is turned off. Flags that
     only mean something to shift-add (``shiftadd_only``: {flag: value}) are refused."""
@@ -219,7 +251,8 @@ def apply_args(cfg, mode: str | None, *, group=None, act_order=None, lm_head=Non
     b = cfg.binarize or BinarizeConfig()
     if mode is not None:
         b.mode = mode
-    for key, value in (("group", group), ("act_order", act_order), ("lm_head", lm_head), ("skip", skip)):
+    for key, value in (("group", group), ("act_order", act_order), ("lm_head", lm_head), ("skip", skip),
+                       *((f"distill_{k}", v) for k, v in (distill or {}).items())):
         if value is not None:
             setattr(b, key, list(value) if key == "skip" else value)
     cfg.binarize = b
