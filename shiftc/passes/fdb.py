@@ -115,9 +115,12 @@ def levels(alpha: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
 
 def nearest(w: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, C] -> (codes int64 [N, C], values [N, C]): per weight the nearest of the row's levels."""
-    lv = levels(alpha, mu)  # [N, L]
-    idx = (w[:, :, None] - lv[:, None, :]).abs().argmin(-1)
-    return idx, lv.gather(1, idx)
+    sv, order = torch.sort(levels(alpha, mu), dim=1)  # [N, L] ascending levels
+    mids = ((sv[:, 1:] + sv[:, :-1]) * 0.5).contiguous()
+    pos = (w > mids[:, :1]).long()  # index among the sorted levels: midpoints below w (2^q − 1 compares)
+    for j in range(1, mids.shape[1]):
+        pos += w > mids[:, j:j + 1]
+    return order.gather(1, pos), sv.gather(1, pos)
 
 
 def _err(w: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
