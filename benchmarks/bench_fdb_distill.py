@@ -1,0 +1,99 @@
+"""Distillation of an FDB 2-bit SmolLM2-135M: deviation-aware (entropy-re-weighted KL) vs plain KL.
+
+Starts from the binarized model that benchmarks/bench_fdb.py wrote (FDB 2-bit, GPTQ-calibrated),
+fine-tunes its scales/offsets against the fp32 model (shiftc/passes/distill.py) with each loss at
+the same budget (steps, learning rate, windows, seed), writes them back and measures perplexity
+with ONNX Runtime on the held-out Wikipedia split (shiftc.evaluate, Ŵ written back as fp32: the
+same numbers as the FdbMatMul function bodies). Training windows come from the calib split.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py --model /tmp/fdb/smol_fdb_g128.onnx \
+        --steps 48 --window 128 --tokens 8192 --out benchmarks/results/fdb_distill.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="FDB-binarized SmolLM2 .onnx (bench_fdb.py's smol_fdb_g128.onnx)")
+    p.add_argument("--source", help="fp32 PyTorch model, HF folder or .gguf (default: SmolLM2's GGUF)")
+    p.add_argument("--losses", default="dad,kl")
+    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--minutes", type=float, default=None, help="time bound per loss (steps still cap it)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--window", type=int, default=128, help="training tokens per window")
+    p.add_argument("--windows", type=int, default=64, help="calibration windows cycled through")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=8192, help="evaluation tokens")
+    p.add_argument("--eval-window", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ptq-ppl", type=float, help="perplexity of the model before distillation (skip measuring it)")
+    p.add_argument("--fp32-ppl", type=float, help="fp32 perplexity for the ratio (from bench_fdb.py)")
+    p.add_argument("--out", default="benchmarks/results/fdb_distill.json")
+    a = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    import shiftc.api
+    from shiftc.frontend.data import smollm2_gguf
+    from shiftc.frontend.onnx_io import load_model, save_model
+    from shiftc.passes.binarize import dequantized_copy
+    from shiftc.passes.calibration import calibration_windows
+    from shiftc.passes.distill import DistillConfig, distill, load_teacher
+
+    work = os.path.dirname(os.path.abspath(a.model))
+    model = load_model(a.model)
+    result = {"model": a.model, "tokens": a.tokens, "window": a.eval_window, "corpus": "wikipedia/eval",
+              "threads": a.threads, "train": {"steps": a.steps, "minutes": a.minutes, "lr": a.lr, "window": a.window,
+                                               "windows": a.windows, "seed": a.seed, "split": "wikipedia/calib"},
+              "fp32_perplexity": a.fp32_ppl, "rows": [],
+              "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py " + " ".join(argv or sys.argv[1:])}
+
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+
+    def ppl(m, name):
+        path = os.path.join(work, f"{name}_deq.onnx")
+        save_model(dequantized_copy(m), path)
+        return shiftc.api.evaluate(path, tokens=a.tokens, window=a.eval_window, threads=a.threads)["perplexity"]
+
+    if a.ptq_ppl is None:
+        a.ptq_ppl = ppl(model, "ptq")
+    result["rows"].append({"method": "fdb 2-bit PTQ", "perplexity": a.ptq_ppl})
+    save()
+    teacher = load_teacher(model, a.source or str(smollm2_gguf()))
+    ids = calibration_windows(model, windows=a.windows, window=a.window, model_path=a.model)
+    for loss in [x for x in a.losses.split(",") if x]:
+        t0 = time.perf_counter()
+        out, rep = distill(model, teacher, ids, DistillConfig(steps=a.steps, minutes=a.minutes, loss=loss, lr=a.lr,
+                                                              seed=a.seed))
+        save_model(out, os.path.join(work, f"smol_fdb_distill_{loss}.onnx"))
+        v = ppl(out, f"distill_{loss}")
+        h = rep.pop("history")
+        first = sum(e["kl"] for e in h[:5]) / max(len(h[:5]), 1)
+        last = sum(e["kl"] for e in h[-5:]) / max(len(h[-5:]), 1)
+        result["rows"].append({"method": f"fdb 2-bit + distill ({loss})", "perplexity": v, **rep,
+                               "kl_first5": first, "kl_last5": last, "seconds_total": round(time.perf_counter() - t0, 1),
+                               "history": h})
+        save()
+        print(f"  {loss}: ppl {v:.3f} after {rep['steps']} steps ({rep['seconds']:.0f}s); KL {first:.4f} -> {last:.4f}",
+              file=sys.stderr, flush=True)
+    print(f"{'method':34} {'ppl':>10} {'x PTQ':>7}" + (f" {'x fp32':>7}" if a.fp32_ppl else ""))
+    for r in result["rows"]:
+        print(f"{r['method']:34} {r['perplexity']:10.3f} {r['perplexity'] / a.ptq_ppl:7.3f}"
+              + (f" {r['perplexity'] / a.fp32_ppl:7.3f}" if a.fp32_ppl else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
