@@ -1,8 +1,10 @@
 """Structured pruning: validity, compiled speed and accuracy (shiftc/passes/prune).
 
 SmolLM2-135M-Instruct, ~25% of the transformer blocks' parameters removed (MLP channels and one
-of the three KV groups with its three query heads in every layer), criteria activation (|W|·‖x‖,
-16 calibration windows of 256 tokens) and magnitude (|W|²), no recovery fine-tuning:
+of the three KV groups with its three query heads in every layer), criteria LoRAPrune (LoRA
+gradients during the fine-tune), activation (|W|·‖x‖, 16 calibration windows of 256 tokens) and
+magnitude (|W|²), each followed by (lorapr: combined with) the same LoRA fine-tune (rank 8,
+--recover-steps windows of 128 tokens of the Wikipedia calibration split, seed 0, 1 thread):
     valid ONNX (onnx.checker full check + strict shape inference, ONNX Runtime runs it),
     compiled decode / prefill tokens/s of the pruned vs the unpruned library (alternating runs,
     one process, same threads), perplexity on the held-out Wikipedia split (ONNX Runtime) of
@@ -12,7 +14,8 @@ scikit-image's photos; magnitude beside it): valid ONNX, compiled latency ratio,
 with the unpruned model on the same photos.
 
     python benchmarks/bench_prune.py [--smollm2 smollm2.onnx] [--effnet effnet.onnx] [--work DIR]
-                                     [--threads 1] [--tokens 8192] [--json benchmarks/results/prune.json]
+                                     [--threads 1] [--tokens 8192] [--recover-steps 40] [--reuse]
+                                     [--skip effnet] [--json benchmarks/results/prune.json]
 """
 
 from __future__ import annotations
@@ -74,19 +77,37 @@ def bench_smollm2(args, out: dict) -> None:
         src = os.path.join(args.work, "smollm2.onnx")
         if not os.path.exists(src):
             shiftc.export(str(smollm2_gguf()), src, max_positions=1024)
-    res = {"source": src, "ratio": 0.25, "scope": ["mlp", "heads"]}
+    lora = {"steps": args.recover_steps, "window": 128, "batch": 1, "rank": 8, "alpha": 16, "lr": args.lora_lr,
+            "seed": 0, "data": "wikipedia calib split (never the eval split)",
+            "targets": "q/k/v/o/gate/up/down of every layer", "threads": args.threads}
+    res = {"source": src, "ratio": 0.25, "scope": ["mlp", "heads"], "recovery": lora}
     paths = {}
-    for crit in ("activation", "magnitude"):
-        dst = os.path.join(args.work, f"smollm2_prune25_{crit}.onnx")
-        res[crit] = _prune(src, dst, PruneConfig(ratio=0.25, criterion=crit, scope=["mlp", "heads"]), args.threads)
+    for crit in args.criteria:
+        dst = os.path.join(args.work, f"smollm2_prune25_{crit}_lora{args.recover_steps}.onnx")
+        cache = dst + ".json"
+        if args.reuse and os.path.exists(cache):
+            with open(cache) as f:
+                res[crit] = json.load(f)
+        else:
+            cfg = PruneConfig(ratio=0.25, criterion=crit, scope=["mlp", "heads"], recover_steps=args.recover_steps,
+                              lora_lr=args.lora_lr, lora_window=128)
+            res[crit] = _prune(src, dst, cfg, args.threads)
+            with open(cache, "w") as f:
+                json.dump(res[crit], f)
+        print(crit, json.dumps({k: v for k, v in res[crit]["report"].items() if k != "kept"}), flush=True)
         paths[crit] = dst
     base_params = _params(src)
-    res["block_params"] = {"fp32": base_params, "pruned": _params(paths["activation"]),
-                           "removed_fraction": round(1 - _params(paths["activation"]) / base_params, 4)}
-    # compiled speed: unpruned vs pruned (activation), alternating in one process
-    libs = {}
-    for name, p in (("fp32", src), ("pruned", paths["activation"])):
-        libs[name] = os.path.join(args.work, f"smollm2_{name}.so")
+    first = paths[args.criteria[0]]
+    res["block_params"] = {"fp32": base_params, "pruned": _params(first),
+                           "removed_fraction": round(1 - _params(first) / base_params, 4)}
+    res["mlp_widths"] = sorted({v[0] for k, v in res[args.criteria[0]]["report"]["kept"].items() if "mlp" in k})
+    # compiled speed: unpruned vs pruned, alternating in one process (the kept widths are the same
+    # for every criterion: the budget fixes the counts, the criterion only which units)
+    libs = {"fp32": args.fp32_lib or os.path.join(args.work, "smollm2_fp32.so"),
+            "pruned": os.path.join(args.work, f"smollm2_pruned_{args.criteria[0]}.so")}
+    for name, p in (("fp32", src), ("pruned", first)):
+        if args.reuse and os.path.exists(libs[name]):
+            continue
         t0 = time.perf_counter()
         shiftc.compile(p, libs[name])
         res.setdefault("compile_seconds", {})[name] = round(time.perf_counter() - t0, 1)
@@ -111,17 +132,18 @@ def bench_smollm2(args, out: dict) -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         speed[name] = {f"{k}_tokens_per_s": round(n / t, 2) for k, t in med.items()}
         speed[name]["speedup"] = round(med["fp32"] / med["pruned"], 3)
-    res["compiled_speed"] = speed | {"threads": args.threads, "cached_tokens": 128}
+    res["compiled_speed"] = speed | {"threads": args.threads, "cached_tokens": 128, "libraries": libs}
     print(json.dumps(res["compiled_speed"]), flush=True)  # before the long perplexity runs
+    gen = models["pruned"].generate("What is the capital of France?", chat=True, max_new_tokens=16)
+    res["generate_pruned"] = gen["text"]
     del models, sessions
     # perplexity (ONNX Runtime, held-out split)
     ppl = {}
-    for name, p in (("fp32", src), ("magnitude", paths["magnitude"]), ("activation", paths["activation"])):
+    for name, p in [("fp32", src)] + [(c, paths[c]) for c in args.criteria]:
         ppl[name] = round(shiftc.evaluate(p, tokens=args.tokens, window=512, threads=args.threads)["perplexity"], 3)
-    res["perplexity"] = ppl | {"tokens": args.tokens, "window": 512, "recovery": "none"}
-    gen = shiftc.load(libs["pruned"], threads=args.threads).generate("What is the capital of France?", chat=True,
-                                                                      max_new_tokens=16)
-    res["generate_pruned"] = gen["text"]
+        print("perplexity", name, ppl[name], flush=True)
+    res["perplexity"] = ppl | {"tokens": args.tokens, "window": 512, "split": "wikipedia eval",
+                               "recovery": f"LoRA, {args.recover_steps} steps (see recovery)"}
     out["smollm2"] = res
 
 
@@ -176,6 +198,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--decode", type=int, default=48)
     ap.add_argument("--skip", choices=["smollm2", "effnet"], action="append", default=[])
+    ap.add_argument("--criteria", default="lorapr,magnitude,activation", type=lambda s: s.split(","))
+    ap.add_argument("--recover-steps", type=int, default=40, help="LoRA fine-tune steps, the same for every criterion")
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
+    ap.add_argument("--fp32-lib", help="an already compiled unpruned SmolLM2 library")
+    ap.add_argument("--reuse", action="store_true", help="reuse pruned models / libraries found in --work")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "prune.json"))
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -187,6 +214,8 @@ def main() -> None:
         with open(args.json) as f:
             out = json.load(f)
     out.update({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()})
+    for k in ("partial", "note"):
+        out.pop(k, None)
     if "effnet" not in args.skip:
         bench_effnet(args, out)
         print(json.dumps(out["efficientnet_lite0"], indent=1), flush=True)

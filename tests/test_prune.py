@@ -396,3 +396,106 @@ def test_bias_compensation_restores_constant_channel():
     cfg.compensate = False
     off = PrunePass(cfg)(m, norms=norms, means=means)
     assert np.abs(_run(off.model, {"x": x})[0] - _run(m, {"x": x})[0]).max() > 0.01
+
+
+# -- LoRA: LoRAPrune criterion and recovery fine-tuning (shiftc/passes/prune/lora.py) -----------
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    """A random tiny Llama saved as an HF folder and exported by shiftc (metadata names the folder)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shiftc.frontend.export import export
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=True)
+    d = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(d / "hf")
+    export(str(d / "hf"), d / "m.onnx", max_positions=64)
+    return str(d / "m.onnx")
+
+
+@pytest.fixture()
+def tiny_windows(monkeypatch):
+    """Calibration windows without a tokenizer (the tiny model has none): random ids < 64."""
+    import shiftc.passes.calibration as cal
+
+    def windows(model, *, windows=16, window=256, split="calib", **_):
+        assert split == "calib"
+        return np.random.default_rng(0).integers(0, 64, (windows, window))
+
+    monkeypatch.setattr(cal, "calibration_windows", windows)
+
+
+def test_lorapr_prunes_the_units_it_masked(tiny_source, tiny_windows):
+    from shiftc.passes.prune.run import prune_model
+
+    m = onnx.load(tiny_source)
+    cfg = PruneConfig(ratio=0.3, criterion="lorapr", scope=["mlp", "heads"], recover_steps=8, lora_window=16)
+    out, rep = prune_model(m, cfg, model_path=tiny_source)
+    _valid(out)
+    assert rep["num_kv_heads"] == 1 and rep["lora"]["steps"] == 8
+    assert {g["kind"]: g["kept"] for g in rep["groups"] if g["status"] == "pruned"} == {"heads": 1, "mlp": 40}
+    # the merged LoRA weights are in the model: kept columns of q_proj differ from the original
+    before = numpy_helper.to_array(next(t for t in m.graph.initializer if t.name.endswith("0.self_attn.q_proj.weight.T")))
+    after = numpy_helper.to_array(next(t for t in out.graph.initializer if t.name.endswith("0.self_attn.q_proj.weight.T")))
+    kept = [g for g in rep["groups"] if g["root"] == "model.layers.0.self_attn.q_proj.weight.T"][0]
+    cols = np.concatenate([np.arange(u * 16, u * 16 + 16) for u in range(2) if u not in kept["removed_units"]])
+    assert after.shape == (32, 16) and 0 < np.abs(after - before[:, cols]).max() < 0.5
+    logits = _run(out, _decoder_feeds(1))[0]
+    assert np.isfinite(logits).all()
+
+
+def test_recovery_keeps_the_criterion_plan(tiny_source, tiny_windows):
+    from shiftc.passes.prune.run import prune_model
+
+    m = onnx.load(tiny_source)
+    cfg = PruneConfig(ratio=0.3, criterion="magnitude", scope=["mlp", "heads"])
+    _, plain = prune_model(m, cfg, model_path=tiny_source)
+    cfg.recover_steps = 4
+    cfg.lora_window = 16
+    out, rec = prune_model(m, cfg, model_path=tiny_source)
+    _valid(out)
+    assert rec["criterion"] == "magnitude" and rec["lora"]["steps"] == 4
+    assert [g.get("removed_units") for g in rec["groups"]] == [g.get("removed_units") for g in plain["groups"]]
+
+
+def test_lorapr_errors_name_the_flags(tiny_source, tiny_windows, tmp_path):
+    from shiftc.errors import UsageError
+    from shiftc.frontend import metadata as md
+    from shiftc.passes.prune.run import prune_model
+
+    m = onnx.load(tiny_source)
+    with pytest.raises(UsageError, match="--recover-steps"):
+        prune_model(m, PruneConfig(ratio=0.3, criterion="lorapr"), model_path=tiny_source)
+    info = md.get_info(m)
+    md.set_info(m, task=info["task"], decoder=info["decoder"], tokenizer=str(tmp_path / "gone"))
+    with pytest.raises(UsageError, match="--prune-criterion lorapr.*does not exist"):
+        prune_model(m, PruneConfig(ratio=0.3, criterion="lorapr", recover_steps=2), model_path=tiny_source)
+    with pytest.raises(UsageError, match="--recover-steps"):
+        PrunePass(PruneConfig(recover_steps=0))
+
+
+def test_matmul_widths_aligned_for_the_compiled_gemv():
+    """Default alignment: MLP widths become multiples of 128 (packed 32-wide panels, four per decode
+    GEMV task); groups differ by one multiple where that keeps the total closest to the budget."""
+    nodes, inits, h = [], {}, "x"
+    for i in range(3):
+        inits[f"w1_{i}"], inits[f"w2_{i}"] = _f(16, 512, seed=i), _f(512, 16, seed=10 + i)
+        nodes += [helper.make_node("MatMul", [h, f"w1_{i}"], [f"h{i}"], name=f"fc1_{i}"),
+                  helper.make_node("Relu", [f"h{i}"], [f"a{i}"], name=f"relu{i}"),
+                  helper.make_node("MatMul", [f"a{i}", f"w2_{i}"], [f"y{i}"], name=f"fc2_{i}"),
+                  helper.make_node("Add", [h, f"y{i}"], [f"r{i}"], name=f"resid{i}")]
+        h = f"r{i}"
+    m = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+               [helper.make_tensor_value_info(h, TensorProto.FLOAT, ["batch", 16])], inits)
+    r = PrunePass(PruneConfig(ratio=0.2, criterion="magnitude"))(m)
+    kept = [g["kept"] for g in r.report["groups"] if g["units"] == 512]
+    assert sorted(kept) == [384, 384, 512] and abs(r.report["removed_fraction"] - 1 / 6) < 1e-3
+    r = PrunePass(PruneConfig(ratio=0.2, criterion="magnitude", align=8))(m)
+    kept = [g["kept"] for g in r.report["groups"] if g["units"] == 512]
+    assert all(k % 8 == 0 for k in kept) and abs(r.report["removed_fraction"] - 0.2) < 0.01
+    _valid(r.model)

@@ -1,4 +1,9 @@
-"""The pruning step of the compress pipeline: analyze → calibrate → prune → N:M → check.
+"""The pruning step of the compress pipeline: analyze → calibrate → [LoRA] → prune → N:M → check.
+
+With ``--prune-criterion lorapr``, or ``--recover-steps/--recover-minutes`` after magnitude /
+activation, a LoRA fine-tune of the torch model (:mod:`.lora`) runs on the unpruned ONNX model's
+export source with the pruned units masked; its merged weights replace the ONNX weights before
+the surgery.
 
 Used by :mod:`shiftc.passes.compress` (``shiftc compress --prune/--nm``) and the benchmarks.
 """
@@ -26,6 +31,70 @@ def _norms(model, pp: PrunePass, info, calib, model_path: str, threads: int | No
         return collect_norms(model, tensors, feeds, threads=threads, means=means)
 
 
+def _lora_config(cfg: PruneConfig, threads: int | None):
+    from .lora import LoraConfig
+
+    return LoraConfig(rank=cfg.lora_rank, lr=cfg.lora_lr, window=cfg.lora_window, steps=cfg.recover_steps,
+                      minutes=cfg.recover_minutes, threads=threads)
+
+
+def _lora_prune(model, pp: PrunePass, info, groups, threads, model_path):
+    """LoRAPrune: scores and masks from a LoRA fine-tune, then the ONNX surgery on merged weights."""
+    from .lora import finetune, group_targets, with_weights
+
+    cfg = pp.config
+    counts = pp.counts(info, groups)
+    targets = group_targets(counts)
+    with step(f"LoRAPrune fine-tune (rank {cfg.lora_rank}, {_budget(cfg)})"):
+        merged, scores, removed, log = finetune(model, _lora_config(cfg, threads), targets, source=cfg.source,
+                                                model_path=model_path)
+    tuned = with_weights(model, merged)
+    del merged
+    info2, groups2 = pp.analyze(tuned)
+    with step(f"pruning {cfg.ratio:.0%} (lorapr, {cfg.budget})"):
+        result = pp(tuned, info=info2, groups=groups2, scores=scores)
+    chosen = {g["root"]: g.get("removed_units", []) for g in result.report["groups"]}
+    for kind, prefix, _ in targets:
+        root = f"{prefix}.{'mlp.gate_proj' if kind == 'mlp' else 'self_attn.q_proj'}.weight.T"
+        if sorted(chosen.get(root, [])) != sorted(int(u) for u in removed[(kind, prefix)]):
+            raise RuntimeError(f"LoRAPrune: the ONNX pass chose other units of '{root}' than the fine-tune masked")
+    result.report["lora"] = log
+    return result.model, result.report
+
+
+def _budget(cfg: PruneConfig) -> str:
+    parts = ([f"{cfg.recover_steps} steps"] if cfg.recover_steps else []) + \
+        ([f"{cfg.recover_minutes:g} min"] if cfg.recover_minutes else [])
+    return " / ".join(parts) or "no budget"
+
+
+def _recover(model_path, pp: PrunePass, report: dict, threads, original):
+    """Recovery: LoRA fine-tune with the chosen units masked, merge, the same plan on merged weights."""
+    import re
+
+    from .lora import finetune, with_weights
+
+    cfg = pp.config
+    fixed, targets = {}, []
+    for g in report["groups"]:
+        m = re.match(r"^(model\.layers\.\d+)\.(mlp\.gate_proj|self_attn\.q_proj)\.weight\.T$", g["root"])
+        if g["status"] == "pruned" and m:
+            kind = "mlp" if m.group(2).startswith("mlp") else "heads"
+            fixed[(kind, m.group(1))] = g["removed_units"]
+            targets.append((kind, m.group(1), len(g["removed_units"])))
+    flag = "--recover-steps/--recover-minutes"
+    with step(f"LoRA recovery fine-tune (rank {cfg.lora_rank}, {_budget(cfg)})"):
+        merged, _, _, log = finetune(original, _lora_config(cfg, threads), targets, fixed=fixed, source=cfg.source,
+                                     flag=flag, model_path=model_path)
+    tuned = with_weights(original, merged)
+    del merged
+    removed = {g["root"]: g["removed_units"] for g in report["groups"] if g["status"] == "pruned"}
+    with step(f"pruning {cfg.ratio:.0%} ({cfg.criterion} plan on the fine-tuned weights)"):
+        result = pp(tuned, removed=removed)
+    result.report["lora"] = log
+    return result.model, result.report
+
+
 def prune_model(model: onnx.ModelProto, cfg: PruneConfig, calib=None, *, model_path: str = "the model",
                 threads: int | None = None, scores: dict | None = None) -> tuple[onnx.ModelProto, dict]:
     """Prune ``model`` (structured, then N:M if ``cfg.nm``); returns (new model, report)."""
@@ -35,10 +104,17 @@ def prune_model(model: onnx.ModelProto, cfg: PruneConfig, calib=None, *, model_p
         with step("dependency analysis"):
             info, groups = pp.analyze(model)
         means: dict = {}
-        norms = _norms(model, pp, info, calib, model_path, threads, means) if cfg.criterion == "activation" else None
-        with step(f"pruning {cfg.ratio:.0%} ({cfg.criterion}, {cfg.budget})"):
-            result = pp(model, info=info, groups=groups, norms=norms, scores=scores, means=means or None)
-        model, report = result.model, result.report
+        original = model
+        recover = cfg.recover_steps is not None or cfg.recover_minutes is not None
+        if cfg.criterion == "lorapr" and scores is None:
+            model, report = _lora_prune(model, pp, info, groups, threads, model_path)
+        else:
+            norms = _norms(model, pp, info, calib, model_path, threads, means) if cfg.criterion == "activation" else None
+            with step(f"pruning {cfg.ratio:.0%} ({cfg.criterion}, {cfg.budget})"):
+                result = pp(model, info=info, groups=groups, norms=norms, scores=scores, means=means or None)
+            model, report = result.model, result.report
+            if recover:
+                model, report = _recover(model_path, pp, report, threads, original)
     if cfg.nm:
         from .groups import GraphInfo
 
