@@ -227,27 +227,59 @@ void expand_scalar(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t kc,
     }
 }
 
+// C[R rows of Y, 16 columns, first ncols written] (+)= X[R, kc] . panel[kc, 16] (row stride ldw).
+// Written with GCC/Clang vector types (4 floats: SSE2 on x86-64, NEON on aarch64) so that the tile
+// stays in registers; plain loops get vectorised across rows with shuffles instead.
+typedef float v4f __attribute__((vector_size(16)));
+typedef float v4f_u __attribute__((vector_size(16), aligned(4)));  // unaligned loads of the panel
+
+template <int R>
+void mk_scalar(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t kc, float* y, int64_t ldy,
+               bool accumulate, int64_t ncols) {
+    v4f acc[R][4];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < 4; ++j) acc[r][j] = v4f{0.f, 0.f, 0.f, 0.f};
+    for (int64_t k = 0; k < kc; ++k) {
+        v4f b[4];
+        for (int j = 0; j < 4; ++j) b[j] = *reinterpret_cast<const v4f_u*>(w + k * ldw + 4 * j);
+        for (int r = 0; r < R; ++r) {
+            const float xv = x[r * ldx + k];
+            const v4f a = {xv, xv, xv, xv};
+            for (int j = 0; j < 4; ++j) acc[r][j] += a * b[j];
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        for (int64_t n = 0; n < ncols && n < 16; ++n) {
+            const float v = acc[r][n / 4][n % 4];
+            y[r * ldy + n] = accumulate ? y[r * ldy + n] + v : v;
+        }
+    }
+}
+
+using MkScalar = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool, int64_t);
+constexpr int kMrScalar = SHIFTC_LUT_X86 ? 2 : 4;  // 16 vector registers on x86-64 (SSE2), 32 on aarch64
+constexpr MkScalar kMkScalarAll[4] = {mk_scalar<1>, mk_scalar<2>, mk_scalar<3>, mk_scalar<4>};
+const MkScalar* const kMkScalar = kMkScalarAll;
+
 void gemm_task_scalar(const Problem& p, int64_t t) {
     const int64_t b0 = 2 * t;
     const int nv = b0 + 1 < p.NB ? 2 : 1;
     const int64_t n0 = t * kTaskRows;
-    const int64_t ncols = p.N - n0 < 16 * nv ? p.N - n0 : 16 * nv;
     const int64_t width = 16 * nv;
     float panel[kKc * kTaskRows];
     const int64_t ks = k_slice(p.M);
+    const RowSplit rs(p.M, kMrScalar);
     for (int64_t k0 = 0; k0 < p.K; k0 += ks) {
         const int64_t kc = p.K - k0 < ks ? p.K - k0 : ks;
         expand_scalar(p, b0, nv, k0, kc, panel);
-        for (int64_t m = 0; m < p.M; ++m) {
-            const float* xr = p.x + m * p.K + k0;
-            float acc[kTaskRows] = {};
-            for (int64_t k = 0; k < kc; ++k) {
-                const float xv = xr[k];
-                const float* w = panel + k * width;
-                for (int64_t n = 0; n < width; ++n) acc[n] += xv * w[n];
+        for (int half = 0; half < nv; ++half) {
+            const int64_t ncols = p.N - n0 - 16 * half;
+            if (ncols <= 0) break;
+            for (int64_t i = 0; i < rs.nblk; ++i) {
+                const int64_t m0 = rs.start(i);
+                kMkScalar[rs.size(i) - 1](p.x + m0 * p.K + k0, p.K, panel + 16 * half, width, kc,
+                                          p.y + m0 * p.N + n0 + 16 * half, p.N, k0 > 0, ncols);
             }
-            float* yr = p.y + m * p.N + n0;
-            for (int64_t n = 0; n < ncols; ++n) yr[n] = k0 ? yr[n] + acc[n] : acc[n];
         }
     }
 }
@@ -447,41 +479,54 @@ SHIFTC_TARGET_AVX2 void expand_avx2(const Problem& p, int64_t b0, int nv, int64_
     }
 }
 
-// C[MR rows of Y, 16 columns] (+)= X[MR, kc] . panel[kc, 16] (panel row stride `ldw`).
+// C[MR rows of Y, 16 columns] (+)= X[MR, kc] . panel[kc, 16] (panel row stride `ldw`). With few
+// rows, KU sets of accumulators hide the FMA latency. (Partial column tiles go through a scratch
+// tile in the caller: masked stores here make GCC keep the accumulators in memory.)
 template <int MR>
 SHIFTC_TARGET_AVX2 void mk_avx2(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t kc,
-                                float* y, int64_t ldy, bool accumulate, int64_t ncols) {
-    __m256 c0[MR], c1[MR];
-    for (int r = 0; r < MR; ++r) c0[r] = c1[r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < kc; ++k) {
-        const __m256 b0 = _mm256_loadu_ps(w + k * ldw), b1 = _mm256_loadu_ps(w + k * ldw + 8);
-        for (int r = 0; r < MR; ++r) {
-            const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
-            c0[r] = _mm256_fmadd_ps(a, b0, c0[r]);
-            c1[r] = _mm256_fmadd_ps(a, b1, c1[r]);
+                                float* y, int64_t ldy, bool accumulate) {
+    constexpr int KU = MR >= 4 ? 1 : MR >= 2 ? 2 : 4;
+    __m256 c[KU][MR][2];
+    for (int u = 0; u < KU; ++u)
+        for (int r = 0; r < MR; ++r) c[u][r][0] = c[u][r][1] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + KU <= kc; k += KU) {
+        for (int u = 0; u < KU; ++u) {
+            const __m256 b0 = _mm256_loadu_ps(w + (k + u) * ldw), b1 = _mm256_loadu_ps(w + (k + u) * ldw + 8);
+            for (int r = 0; r < MR; ++r) {
+                const __m256 a = _mm256_broadcast_ss(x + r * ldx + k + u);
+                c[u][r][0] = _mm256_fmadd_ps(a, b0, c[u][r][0]);
+                c[u][r][1] = _mm256_fmadd_ps(a, b1, c[u][r][1]);
+            }
         }
     }
+    if constexpr (KU > 1) {
+        for (; k < kc; ++k) {
+            const __m256 b0 = _mm256_loadu_ps(w + k * ldw), b1 = _mm256_loadu_ps(w + k * ldw + 8);
+            for (int r = 0; r < MR; ++r) {
+                const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);
+                c[0][r][0] = _mm256_fmadd_ps(a, b0, c[0][r][0]);
+                c[0][r][1] = _mm256_fmadd_ps(a, b1, c[0][r][1]);
+            }
+        }
+    }
+    for (int u = 1; u < KU; ++u)
+        for (int r = 0; r < MR; ++r)
+            for (int v = 0; v < 2; ++v) c[0][r][v] = _mm256_add_ps(c[0][r][v], c[u][r][v]);
     for (int r = 0; r < MR; ++r) {
         float* yr = y + r * ldy;
-        if (ncols >= 16) {
-            if (accumulate) {
-                c0[r] = _mm256_add_ps(c0[r], _mm256_loadu_ps(yr));
-                c1[r] = _mm256_add_ps(c1[r], _mm256_loadu_ps(yr + 8));
-            }
-            _mm256_storeu_ps(yr, c0[r]);
-            _mm256_storeu_ps(yr + 8, c1[r]);
-        } else {
-            alignas(32) float l[16];
-            _mm256_store_ps(l, c0[r]);
-            _mm256_store_ps(l + 8, c1[r]);
-            for (int64_t n = 0; n < ncols; ++n) yr[n] = accumulate ? yr[n] + l[n] : l[n];
+        __m256 v0 = c[0][r][0], v1 = c[0][r][1];
+        if (accumulate) {
+            v0 = _mm256_add_ps(v0, _mm256_loadu_ps(yr));
+            v1 = _mm256_add_ps(v1, _mm256_loadu_ps(yr + 8));
         }
+        _mm256_storeu_ps(yr, v0);
+        _mm256_storeu_ps(yr + 8, v1);
     }
 }
 
 constexpr int kMrAvx2 = 6;
-using MkAvx2 = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool,
-                        int64_t);
+using MkAvx2 = void (*)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool);
 constexpr MkAvx2 kMkAvx2[kMrAvx2] = {mk_avx2<1>, mk_avx2<2>, mk_avx2<3>, mk_avx2<4>, mk_avx2<5>, mk_avx2<6>};
 
 template <int Q>
@@ -499,9 +544,16 @@ SHIFTC_TARGET_AVX2 void gemm_task_avx2_q(const Problem& p, int64_t t) {
             const int64_t ncols = p.N - n0 - 16 * half;
             if (ncols <= 0) break;
             for (int64_t i = 0; i < rs.nblk; ++i) {
-                const int64_t m0 = rs.start(i);
-                kMkAvx2[rs.size(i) - 1](p.x + m0 * p.K + k0, p.K, panel + 16 * half, width, kc,
-                                        p.y + m0 * p.N + n0 + 16 * half, p.N, k0 > 0, ncols);
+                const int64_t m0 = rs.start(i), mr = rs.size(i);
+                float* yt = p.y + m0 * p.N + n0 + 16 * half;
+                if (ncols >= 16) {
+                    kMkAvx2[mr - 1](p.x + m0 * p.K + k0, p.K, panel + 16 * half, width, kc, yt, p.N, k0 > 0);
+                    continue;
+                }
+                float tile[kMrAvx2 * 16];  // last columns of Y: through a scratch tile
+                kMkAvx2[mr - 1](p.x + m0 * p.K + k0, p.K, panel + 16 * half, width, kc, tile, 16, false);
+                for (int64_t r = 0; r < mr; ++r)
+                    for (int64_t n = 0; n < ncols; ++n) yt[r * p.N + n] = (k0 ? yt[r * p.N + n] : 0.f) + tile[r * 16 + n];
             }
         }
     }
