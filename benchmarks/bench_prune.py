@@ -139,7 +139,7 @@ def bench_smollm2(args, out: dict) -> None:
     del models, sessions
     # perplexity (ONNX Runtime, held-out split)
     ppl = {}
-    for name, p in [("fp32", src)] + [(c, paths[c]) for c in args.criteria]:
+    for name, p in [(c, paths[c]) for c in args.criteria] + [("fp32", src)]:
         ppl[name] = round(shiftc.evaluate(p, tokens=args.tokens, window=512, threads=args.threads)["perplexity"], 3)
         print("perplexity", name, ppl[name], flush=True)
     res["perplexity"] = ppl | {"tokens": args.tokens, "window": 512, "split": "wikipedia eval",

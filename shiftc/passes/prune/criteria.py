@@ -67,7 +67,8 @@ def unit_scores(group, info, criterion: str, *, norms: dict | None = None, score
         if d.tensor not in layers:
             continue
         node, in_axis, x, _ = layers[d.tensor]
-        w = info.const(d.tensor)
+        # lorapr scores come per weight: the weight itself is not read (no copy of a large model)
+        w = info.const(d.tensor) if criterion != "lorapr" else None
         imp = importance(w, criterion, node=node, in_axis=in_axis, xnorm=(norms or {}).get(x),
                          score=(scores or {}).get(d.tensor))
         per_elem = np.moveaxis(imp, d.axis, 0).reshape(imp.shape[d.axis], -1).sum(axis=1)

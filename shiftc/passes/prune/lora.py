@@ -171,7 +171,7 @@ def _unit_scores(kind: str, p: str, u: dict, imp: dict) -> np.ndarray:
     """Score per unit, the rule of criteria.unit_scores (per-layer sums normalised by their mean)."""
     total = None
     for name, axis, per in _slices(kind, p, u):
-        x = imp[name].sum(dim=1 - axis).double().numpy()
+        x = imp[name].float().sum(dim=1 - axis).double().numpy()
         s = x.reshape(-1, per).sum(axis=1)
         m = s.mean()
         s = s / m if m > 0 else s
@@ -226,6 +226,7 @@ def finetune(onnx_model: onnx.ModelProto, cfg: LoraConfig, targets: list, *, fix
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     tm = load_torch_decoder(onnx_model, source, flag)
+    _trim()
     u = _units(tm)
     gen = torch.Generator().manual_seed(cfg.seed)
     mods = dict(tm.named_modules())
@@ -257,8 +258,8 @@ def finetune(onnx_model: onnx.ModelProto, cfg: LoraConfig, targets: list, *, fix
         if not fixed:  # LoRAPrune: importance from this step's LoRA gradients, moving average
             for a in adapters.values():
                 i_t = a.importance()
-                if i_t is not None:
-                    a.imp = i_t if a.imp is None else cfg.beta * a.imp + (1 - cfg.beta) * i_t
+                if i_t is not None:  # kept in bfloat16: float32 range at half the memory
+                    a.imp = (i_t if a.imp is None else cfg.beta * a.imp.float() + (1 - cfg.beta) * i_t).bfloat16()
         opt.step()
         step += 1
         progress = max(step / cfg.steps if cfg.steps else 0.0,
@@ -286,8 +287,8 @@ def finetune(onnx_model: onnx.ModelProto, cfg: LoraConfig, targets: list, *, fix
     scores = {}
     for name, a in adapters.items():
         if not fixed and a.imp is not None:
-            s = a.imp.clone()
-            scores[f"{name}.weight.T"] = s
+            scores[f"{name}.weight.T"] = a.imp
+            a.imp = None
         a.merge()
     if not fixed:
         for (k, p), r in removed.items():
@@ -298,23 +299,40 @@ def finetune(onnx_model: onnx.ModelProto, cfg: LoraConfig, targets: list, *, fix
                     s[sl] = 0
                 else:
                     s[:, sl] = 0
-        scores = {n: s.t().contiguous().numpy().astype(np.float32) for n, s in scores.items()}
-    merged = {f"{n}.weight.T": a.linear.weight.detach().t().contiguous().numpy() for n, a in adapters.items()}
+        for n in list(scores):  # one weight at a time (memory)
+            scores[n] = scores[n].t().float().contiguous().numpy()
+    merged = {}
+    for n, a in adapters.items():  # the torch weight is released as soon as it is copied out
+        merged[f"{n}.weight.T"] = a.linear.weight.detach().t().contiguous().numpy()
+        a.linear.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
     info = {"steps": step, "seconds": round(time.perf_counter() - t0, 1), "rank": cfg.rank, "lr": cfg.lr,
             "window": cfg.window, "batch": cfg.batch, "seed": cfg.seed,
             "loss_first10": round(float(np.mean(history[:10])), 4) if history else None,
             "loss_last10": round(float(np.mean(history[-10:])), 4) if history else None}
     del tm, adapters, opt
+    _trim()
     return merged, scores, removed, info
 
 
+def _trim() -> None:
+    """Return freed heap to the system (loading a GGUF file leaves large freed blocks behind)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def with_weights(model: onnx.ModelProto, weights: dict) -> onnx.ModelProto:
-    """Copy of ``model`` with the initializers named in ``weights`` replaced (same shapes)."""
+    """Copy of ``model`` with the initializers named in ``weights`` replaced (same shapes).
+
+    ``weights`` is emptied on the way (each array freed once written: one model copy at a time)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for t in out.graph.initializer:
         if t.name in weights:
-            w = weights[t.name]
+            w = weights.pop(t.name)
             if tuple(t.dims) != tuple(w.shape):
                 raise RuntimeError(f"fine-tuned weight '{t.name}' has shape {w.shape}, the model {tuple(t.dims)}")
             t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w, np.float32), t.name))

@@ -159,6 +159,32 @@ class PrunePass:
         n = self._plan(info, groups, cand)
         return {groups[i].root: (groups[i].kind, groups[i].units, n[i]) for i in cand}
 
+    def _select(self, info, groups, norms, scores, removed):
+        """(status, candidate indices, units to remove per candidate, unit order per candidate)."""
+        cfg = self.config
+        status = self._status(groups)
+        cand = [i for i, (s, _) in status.items() if s == "candidate"]
+        n_remove = self._plan(info, groups, cand)
+        if removed is not None:
+            order = {}
+            for i in cand:
+                r = np.asarray(sorted(removed.get(groups[i].root, [])), np.int64)
+                if len(r) != n_remove[i]:
+                    raise RuntimeError(f"plan for '{groups[i].root}' removes {len(r)} units, the budget {n_remove[i]}")
+                order[i] = np.concatenate([r, np.setdiff1d(np.arange(groups[i].units), r)])
+        else:
+            order = {i: np.argsort(unit_scores(groups[i], info, cfg.criterion, norms=norms, scores=scores),
+                                   kind="stable") for i in cand}
+        return status, cand, n_remove, order
+
+    def choose(self, model: onnx.ModelProto, info: GraphInfo, groups: list[Group], *, norms: dict | None = None,
+               scores: dict | None = None) -> dict[str, list[int]]:
+        """{group root: units to remove} by the criterion and budget, without the surgery."""
+        if self.config.criterion == "activation" and norms is None:
+            raise UsageError("--prune-criterion activation needs calibration data (activation norms)")
+        _, cand, n_remove, order = self._select(info, groups, norms, scores, None)
+        return {groups[i].root: sorted(int(u) for u in order[i][:n_remove[i]]) for i in cand if n_remove[i]}
+
     def __call__(self, model: onnx.ModelProto, *, info: GraphInfo | None = None, groups: list[Group] | None = None,
                  norms: dict | None = None, scores: dict | None = None, means: dict | None = None,
                  removed: dict | None = None) -> PruneResult:
@@ -173,19 +199,7 @@ class PrunePass:
             raise UsageError("--prune-criterion lorapr needs LoRAPrune scores per weight (a LoRA fine-tune of the "
                              "PyTorch model the ONNX was exported from: shiftc.passes.prune.lora, or shiftc "
                              "compress --prune-criterion lorapr --recover-steps S)")
-        status = self._status(groups)
-        cand = [i for i, (s, _) in status.items() if s == "candidate"]
-        n_remove = self._plan(info, groups, cand)
-        if removed is not None:
-            order = {}
-            for i in cand:
-                r = np.asarray(sorted(removed.get(groups[i].root, [])), np.int64)
-                if len(r) != n_remove[i]:
-                    raise RuntimeError(f"plan for '{groups[i].root}' removes {len(r)} units, the budget {n_remove[i]}")
-                order[i] = np.concatenate([r, np.setdiff1d(np.arange(groups[i].units), r)])
-        else:
-            order = {i: np.argsort(unit_scores(groups[i], info, cfg.criterion, norms=norms, scores=scores),
-                                   kind="stable") for i in cand}
+        status, cand, n_remove, order = self._select(info, groups, norms, scores, removed)
         plan = [(groups[i], np.sort(order[i][:n_remove[i]])) for i in cand]
         if means and cfg.compensate:
             model = compensate_bias(model, info, plan, means)

@@ -43,16 +43,13 @@ def _lora_prune(model, pp: PrunePass, info, groups, threads, model_path):
     from .lora import finetune, group_targets, with_weights
 
     cfg = pp.config
-    counts = pp.counts(info, groups)
-    targets = group_targets(counts)
+    targets = group_targets(pp.counts(info, groups))
     with step(f"LoRAPrune fine-tune (rank {cfg.lora_rank}, {_budget(cfg)})"):
         merged, scores, removed, log = finetune(model, _lora_config(cfg, threads), targets, source=cfg.source,
                                                 model_path=model_path)
-    tuned = with_weights(model, merged)
-    del merged
-    info2, groups2 = pp.analyze(tuned)
+    tuned = with_weights(model, merged)  # same graph: the analysis of the original model holds
     with step(f"pruning {cfg.ratio:.0%} (lorapr, {cfg.budget})"):
-        result = pp(tuned, info=info2, groups=groups2, scores=scores)
+        result = pp(tuned, info=info, groups=groups, scores=scores)
     chosen = {g["root"]: g.get("removed_units", []) for g in result.report["groups"]}
     for kind, prefix, _ in targets:
         root = f"{prefix}.{'mlp.gate_proj' if kind == 'mlp' else 'self_attn.q_proj'}.weight.T"
@@ -68,7 +65,7 @@ def _budget(cfg: PruneConfig) -> str:
     return " / ".join(parts) or "no budget"
 
 
-def _recover(model_path, pp: PrunePass, report: dict, threads, original):
+def _recover(model, pp: PrunePass, info, groups, removed: dict, threads, model_path):
     """Recovery: LoRA fine-tune with the chosen units masked, merge, the same plan on merged weights."""
     import re
 
@@ -76,21 +73,19 @@ def _recover(model_path, pp: PrunePass, report: dict, threads, original):
 
     cfg = pp.config
     fixed, targets = {}, []
-    for g in report["groups"]:
-        m = re.match(r"^(model\.layers\.\d+)\.(mlp\.gate_proj|self_attn\.q_proj)\.weight\.T$", g["root"])
-        if g["status"] == "pruned" and m:
+    for root, units in removed.items():
+        m = re.match(r"^(model\.layers\.\d+)\.(mlp\.gate_proj|self_attn\.q_proj)\.weight\.T$", root)
+        if m:
             kind = "mlp" if m.group(2).startswith("mlp") else "heads"
-            fixed[(kind, m.group(1))] = g["removed_units"]
-            targets.append((kind, m.group(1), len(g["removed_units"])))
+            fixed[(kind, m.group(1))] = units
+            targets.append((kind, m.group(1), len(units)))
     flag = "--recover-steps/--recover-minutes"
     with step(f"LoRA recovery fine-tune (rank {cfg.lora_rank}, {_budget(cfg)})"):
-        merged, _, _, log = finetune(original, _lora_config(cfg, threads), targets, fixed=fixed, source=cfg.source,
+        merged, _, _, log = finetune(model, _lora_config(cfg, threads), targets, fixed=fixed, source=cfg.source,
                                      flag=flag, model_path=model_path)
-    tuned = with_weights(original, merged)
-    del merged
-    removed = {g["root"]: g["removed_units"] for g in report["groups"] if g["status"] == "pruned"}
+    tuned = with_weights(model, merged)
     with step(f"pruning {cfg.ratio:.0%} ({cfg.criterion} plan on the fine-tuned weights)"):
-        result = pp(tuned, removed=removed)
+        result = pp(tuned, info=info, groups=groups, removed=removed)
     result.report["lora"] = log
     return result.model, result.report
 
@@ -104,17 +99,20 @@ def prune_model(model: onnx.ModelProto, cfg: PruneConfig, calib=None, *, model_p
         with step("dependency analysis"):
             info, groups = pp.analyze(model)
         means: dict = {}
-        original = model
         recover = cfg.recover_steps is not None or cfg.recover_minutes is not None
         if cfg.criterion == "lorapr" and scores is None:
             model, report = _lora_prune(model, pp, info, groups, threads, model_path)
+        elif recover:  # choose first (no surgery, weights uncached), fine-tune, then cut
+            norms = _norms(model, pp, info, calib, model_path, threads) if cfg.criterion == "activation" else None
+            removed = pp.choose(model, info, groups, norms=norms, scores=scores)
+            del norms
+            info._const_cache.clear()
+            model, report = _recover(model, pp, info, groups, removed, threads, model_path)
         else:
             norms = _norms(model, pp, info, calib, model_path, threads, means) if cfg.criterion == "activation" else None
             with step(f"pruning {cfg.ratio:.0%} ({cfg.criterion}, {cfg.budget})"):
                 result = pp(model, info=info, groups=groups, norms=norms, scores=scores, means=means or None)
             model, report = result.model, result.report
-            if recover:
-                model, report = _recover(model_path, pp, report, threads, original)
     if cfg.nm:
         from .groups import GraphInfo
 
