@@ -52,6 +52,11 @@ constexpr int64_t kTaskRows = 32;  // rows of W (= columns of Y) per task
 constexpr int64_t kKc = 512;
 int64_t k_slice(int64_t M) { return M >= 96 ? kKc : kKc / 2; }
 
+// Start column of the sl-th of nsl K-slices of width ks in task t: odd tasks walk K backwards, so
+// that a task starts on the columns of X that the previous task (same thread) read last and that
+// are still in L2 (measured 1.5% on M = 128, K = 4096).
+int64_t slice_start(int64_t t, int64_t sl, int64_t nsl, int64_t ks) { return ((t & 1) ? nsl - 1 - sl : sl) * ks; }
+
 enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 
 // The table path runs for M < SHIFTC_BCQ_LUT_MAX_M (the workspace then holds tables) AND M below
@@ -269,7 +274,9 @@ void gemm_task_scalar(const Problem& p, int64_t t) {
     float panel[kKc * kTaskRows];
     const int64_t ks = k_slice(p.M);
     const RowSplit rs(p.M, kMrScalar);
-    for (int64_t k0 = 0; k0 < p.K; k0 += ks) {
+    const int64_t nsl = ceil_div(p.K, ks);
+    for (int64_t sl = 0; sl < nsl; ++sl) {
+        const int64_t k0 = slice_start(t, sl, nsl, ks);
         const int64_t kc = p.K - k0 < ks ? p.K - k0 : ks;
         expand_scalar(p, b0, nv, k0, kc, panel);
         for (int half = 0; half < nv; ++half) {
@@ -278,7 +285,7 @@ void gemm_task_scalar(const Problem& p, int64_t t) {
             for (int64_t i = 0; i < rs.nblk; ++i) {
                 const int64_t m0 = rs.start(i);
                 kMkScalar[rs.size(i) - 1](p.x + m0 * p.K + k0, p.K, panel + 16 * half, width, kc,
-                                          p.y + m0 * p.N + n0 + 16 * half, p.N, k0 > 0, ncols);
+                                          p.y + m0 * p.N + n0 + 16 * half, p.N, sl > 0, ncols);
             }
         }
     }
@@ -537,7 +544,9 @@ SHIFTC_TARGET_AVX2 void gemm_task_avx2_q(const Problem& p, int64_t t) {
     alignas(64) float panel[kKc * kTaskRows];
     const RowSplit rs(p.M, kMrAvx2);
     const int64_t ks = k_slice(p.M);
-    for (int64_t k0 = 0; k0 < p.K; k0 += ks) {
+    const int64_t nsl = ceil_div(p.K, ks);
+    for (int64_t sl = 0; sl < nsl; ++sl) {
+        const int64_t k0 = slice_start(t, sl, nsl, ks);
         const int64_t kc = p.K - k0 < ks ? p.K - k0 : ks;
         expand_avx2<Q>(p, b0, nv, k0, kc, panel);
         for (int half = 0; half < nv; ++half) {
@@ -547,13 +556,13 @@ SHIFTC_TARGET_AVX2 void gemm_task_avx2_q(const Problem& p, int64_t t) {
                 const int64_t m0 = rs.start(i), mr = rs.size(i);
                 float* yt = p.y + m0 * p.N + n0 + 16 * half;
                 if (ncols >= 16) {
-                    kMkAvx2[mr - 1](p.x + m0 * p.K + k0, p.K, panel + 16 * half, width, kc, yt, p.N, k0 > 0);
+                    kMkAvx2[mr - 1](p.x + m0 * p.K + k0, p.K, panel + 16 * half, width, kc, yt, p.N, sl > 0);
                     continue;
                 }
                 float tile[kMrAvx2 * 16];  // last columns of Y: through a scratch tile
                 kMkAvx2[mr - 1](p.x + m0 * p.K + k0, p.K, panel + 16 * half, width, kc, tile, 16, false);
                 for (int64_t r = 0; r < mr; ++r)
-                    for (int64_t n = 0; n < ncols; ++n) yt[r * p.N + n] = (k0 ? yt[r * p.N + n] : 0.f) + tile[r * 16 + n];
+                    for (int64_t n = 0; n < ncols; ++n) yt[r * p.N + n] = (sl ? yt[r * p.N + n] : 0.f) + tile[r * 16 + n];
             }
         }
     }
@@ -822,12 +831,14 @@ SHIFTC_TARGET_AVX512 void gemm_task_avx512_q(const Problem& p, int64_t t) {
     const RowSplit rs(p.M, kMrAvx512);
     const MkAvx512* mk = kMkAvx512[nv - 1];
     const int64_t ks = k_slice(p.M);
-    for (int64_t k0 = 0; k0 < p.K; k0 += ks) {
+    const int64_t nsl = ceil_div(p.K, ks);
+    for (int64_t sl = 0; sl < nsl; ++sl) {
+        const int64_t k0 = slice_start(t, sl, nsl, ks);
         const int64_t kc = p.K - k0 < ks ? p.K - k0 : ks;
         expand_avx512<Q>(p, b0, nv, k0, kc, panel);
         for (int64_t i = 0; i < rs.nblk; ++i) {
             const int64_t mr0 = rs.start(i);
-            mk[rs.size(i) - 1](p.x + mr0 * p.K + k0, p.K, panel, kc, p.y + mr0 * p.N + n0, p.N, k0 > 0, m0, m1);
+            mk[rs.size(i) - 1](p.x + mr0 * p.K + k0, p.K, panel, kc, p.y + mr0 * p.N + n0, p.N, sl > 0, m0, m1);
         }
     }
 }
