@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reuse", action="store_true", help="reuse compressed models found in --work")
     p.add_argument("--gemv-repeats", type=int, default=200)
+    p.add_argument("--fp32-ppl", type=float, help="fp32 perplexity from an earlier run (not measured again)")
+    p.add_argument("--append", action="store_true", help="keep the rows (and GEMV) already in --out; add these")
+    p.add_argument("--skip-gemv", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
     p.add_argument("--out", default="benchmarks/results/fdb.json")
     a = p.parse_args(argv)
@@ -84,14 +87,23 @@ def main(argv=None) -> int:
               "corpus": "wikipedia/eval", "group": a.group, "threads": a.threads,
               "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb.py " + " ".join(argv or sys.argv[1:])}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    old = {}
+    if a.append and os.path.exists(a.out):  # several invocations (memory: one method at a time) -> one file
+        with open(a.out) as f:
+            old = json.load(f)
+        result["commands"] = old.get("commands", [old.get("command")]) + [result["command"]]
+        if "gemv" in old:
+            result["gemv"] = old["gemv"]
 
     def save():
         with open(a.out, "w") as f:
             json.dump(result, f, indent=2)
 
-    result["gemv"] = gemv_speed(a.gemv_repeats, a.group)
-    g = result["gemv"]
-    print(f"GEMV 1x4096x4096 G{a.group}, 1 thread, {g['isa']}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in g["median_ms"].items())
+    if not a.skip_gemv:
+        result["gemv"] = gemv_speed(a.gemv_repeats, a.group)
+    g = result.get("gemv")
+    if g:
+        print(f"GEMV 1x4096x4096 G{a.group}, 1 thread, {g['isa']}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in g["median_ms"].items())
           + f"  -> fdb / shiftadd = {g['fdb_over_shiftadd']:.3f}", flush=True)
     save()
     if a.skip_accuracy:
@@ -113,7 +125,7 @@ def main(argv=None) -> int:
     if not os.path.exists(src):
         shiftc.export(str(smollm2_gguf()), src, max_positions=1024)
     model = load_model(src)
-    rows, timings = [], {}
+    rows, timings = list(old.get("rows", [])), dict(old.get("timings_s", {}))
     result.update(rows=rows, timings_s=timings)
 
     def add(name, path, bpw, note=""):
@@ -124,22 +136,28 @@ def main(argv=None) -> int:
         save()
         print(f"  {name}: ppl {v:.3f} ({bpw:.3f} bits/weight)", file=sys.stderr, flush=True)
 
-    add("fp32", src, 32.0)
+    if a.fp32_ppl is not None:
+        rows.append({"method": "fp32", "perplexity": a.fp32_ppl, "bits_per_weight": 32.0, "note": "from an earlier run"})
+    elif not any(r["method"] == "fp32" for r in rows):
+        add("fp32", src, 32.0)
     methods = [m for m in a.methods.split(",") if m]
     targets, _ = BinarizePass().match(model)
-    hs = None
-    if any(m in ("fdb", "1bit", "shiftadd") for m in methods):
-        t0 = time.perf_counter()
-        ids = calibration_windows(model, windows=a.calib_windows, window=a.calib_window, model_path=src)
-        hs = collect_hessians(model, [t.x for t in targets], ids, threads=a.threads)
-        timings["calibration"] = round(time.perf_counter() - t0, 1)
+    cache = {}
+
+    def hessians():  # computed on first need (a reused model needs none)
+        if "hs" not in cache:
+            t0 = time.perf_counter()
+            ids = calibration_windows(model, windows=a.calib_windows, window=a.calib_window, model_path=src)
+            cache["hs"] = collect_hessians(model, [t.x for t in targets], ids, threads=a.threads)
+            timings["calibration"] = round(time.perf_counter() - t0, 1)
+        return cache["hs"]
     calib = f"GPTQ, calib {a.calib_windows}x{a.calib_window}"
     for m in methods:
         if m in ("fdb", "1bit"):
             path = os.path.join(work, f"smol_{m}_g{a.group}.onnx")
             if not (a.reuse and os.path.exists(path)):
                 t0 = time.perf_counter()
-                res = BinarizePass(BinarizeConfig(mode=m, group=a.group))(model, hs)
+                res = BinarizePass(BinarizeConfig(mode=m, group=a.group))(model, hessians())
                 timings[f"binarize {m}"] = round(time.perf_counter() - t0, 1)
                 save_model(res.model, path)
                 del res
@@ -154,7 +172,7 @@ def main(argv=None) -> int:
             path = os.path.join(work, f"smol_sa2_g{a.group}.onnx")
             if not (a.reuse and os.path.exists(path)):
                 t0 = time.perf_counter()
-                res = ShiftAddPass(ShiftAddConfig(bits=2, group=a.group))(model, hs)
+                res = ShiftAddPass(ShiftAddConfig(bits=2, group=a.group))(model, hessians())
                 timings["shiftadd 2-bit"] = round(time.perf_counter() - t0, 1)
                 save_model(res.model, path)
                 del res
@@ -171,7 +189,7 @@ def main(argv=None) -> int:
         else:
             raise SystemExit(f"--methods: unknown method {m!r}")
     save()
-    fp = rows[0]["perplexity"]
+    fp = next(r["perplexity"] for r in rows if r["method"] == "fp32")
     print(f"SmolLM2-135M perplexity, wikipedia/eval, {a.tokens} tokens, window {a.window}, ONNX Runtime")
     print(f"{'method':32} {'ppl':>12} {'x fp32':>10} {'bits/w':>7}")
     for r in rows:
