@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     from shiftc.passes.mixed_precision import hawq
     from shiftc.passes.mixed_precision.assemble import with_weights
     from shiftc.passes.mixed_precision.cache import LayerCache, digest, result_key
-    from shiftc.passes.mixed_precision.sensitivity import SensitivityTable, measure, quantize_layer, rank_agreement, _weights
+    from shiftc.passes.mixed_precision.sensitivity import SensitivityTable, measure, quantize_layer, rank_agreement
     from shiftc.passes.shiftadd import ShiftAddConfig, ShiftAddPass
 
     os.makedirs(a.work, exist_ok=True)
@@ -114,7 +114,34 @@ def main(argv=None) -> int:
         hs = collect_hessians(model, [t.x for t in targets], ids, threads=a.threads)
         np.savez(hpath, **{k.replace("/", "|"): v for k, v in hs.items()})
         timings["calibration"] = round(time.perf_counter() - t0, 1)
-    weights = _weights(model, targets)
+    inits = {t.name: t for t in model.graph.initializer}
+    by_name = {t.name: t for t in targets}
+    k_of = {t.name: int(inits[t.weight].dims[0 if t.transposed else 1]) for t in targets}  # K of W [N, K]
+
+    def weight(name):  # W [N, K] on demand (a dict of all of them would double the model's memory)
+        t = by_name[name]
+        w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
+        return w.T if t.transposed else w
+
+    w_digest = {}
+
+    def wd(name):
+        if name not in w_digest:
+            w_digest[name] = digest(weight(name))
+        return w_digest[name]
+
+    h_digest = {}
+
+    def hd(x):
+        if x not in h_digest:
+            h_digest[x] = digest(hs[x])
+        return h_digest[x]
+
+    def result(name, b):  # from the cache (without touching the graph), else quantized now
+        t = by_name[name]
+        r = cache.get(name, int(b), result_key(name, wd(name), hd(t.x), int(b), cfg), k_of[name], cfg.group,
+                      cfg.scale_mode)
+        return r if r is not None else quantize_layer(name, weight(name), hs[t.x], int(b), cfg, cache, wd(name), hd(t.x))
 
     # optional: seed the cache from compressed models made with the same settings
     for item in filter(None, a.seed_from.split(",")):
@@ -123,7 +150,7 @@ def main(argv=None) -> int:
         inits = {t.name: t for t in load_model(path).graph.initializer}
         for t in targets:
             prefix = t.name[: -len(".weight.T")] if t.name.endswith(".weight.T") else t.name
-            key = result_key(t.name, digest(weights[t.name]), digest(hs[t.x]), b, cfg)
+            key = result_key(t.name, wd(t.name), hd(t.x), b, cfg)
             if not os.path.exists(cache.path(t.name, b, key)):
                 cache.put(t.name, b, key, numpy_helper.to_array(inits[prefix + ".bcq_planes"]),
                           numpy_helper.to_array(inits[prefix + ".bcq_exps"]))
@@ -176,8 +203,7 @@ def main(argv=None) -> int:
             ids = calibration_windows(model, windows=a.kl_windows, window=a.kl_window, model_path=a.model)
 
             def w_hat(name, b):
-                t = next(t for t in targets if t.name == name)
-                return quantize_layer(name, weights[name], hs[t.x], b, cfg, cache).dequantize()
+                return result(name, b).dequantize()
 
             part = klp + ".partial"
             done = {k: {int(b): v for b, v in d.items()} for k, d in json.load(open(part)).items()} \
@@ -188,7 +214,12 @@ def main(argv=None) -> int:
                     json.dump(res, f)
                 os.replace(part + ".tmp", part)
 
-            kl, info = output_kl(model, targets, w_hat, ids, widths, threads=a.threads, done=done, on_layer=save_part)
+            for t in targets:  # digests and weights read before the graph is rewritten in place
+                wd(t.name)
+            kl, info = output_kl(model, targets, w_hat, ids, widths, threads=a.threads, done=done, on_layer=save_part,
+                                 in_place=True)
+            model = load_model(a.model)  # the rewritten graph is no longer the source model
+            inits = {t.name: t for t in model.graph.initializer}
             json.dump({"kl": kl, "info": info}, open(klp, "w"))
             timings["output KL"] = round(time.perf_counter() - t0, 1)
         for ly in table.layers:
@@ -259,13 +290,15 @@ def main(argv=None) -> int:
         else:
             bits = plans[name]
             t0 = time.perf_counter()
-            w_hat = {}
-            for t, b in zip(targets, bits):
-                rr = quantize_layer(t.name, weights[t.name], hs[t.x], int(b), cfg, cache)
-                w_hat[t.name] = rr.dequantize()
+            plan_bits = dict(zip(names, bits))
+            fresh = load_model(a.model)
+            with_weights(fresh, targets, lambda n: result(n, plan_bits[n]).dequantize(), in_place=True)
             path = os.path.join(a.work, f"plan_eval_{os.getpid()}.onnx")
-            save_model(with_weights(model, targets, w_hat), path)
-            del w_hat
+            save_model(fresh, path)
+            del fresh
+            import gc
+
+            gc.collect()
             timings[f"assemble {name}"] = round(time.perf_counter() - t0, 1)
             r = evaluate(name, path)
             os.remove(path)

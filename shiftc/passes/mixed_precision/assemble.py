@@ -16,18 +16,25 @@ from onnx import helper, numpy_helper
 from .. import bcq
 
 
-def with_weights(model: onnx.ModelProto, targets, w_hat: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` whose target layers compute with ``w_hat[name]`` [N, K] (fp32)."""
+def with_weights(model: onnx.ModelProto, targets, w_hat, in_place: bool = False) -> onnx.ModelProto:
+    """A copy of ``model`` (``in_place``: the model itself) whose target layers compute with
+    ``w_hat[name]`` [N, K] (fp32); ``w_hat`` is a dict or a function name -> array (called once per
+    layer, so only one layer's Ŵ is in memory at a time)."""
     from ..shiftadd import _remove_dead
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    if in_place:
+        out = model
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    get = w_hat.get if isinstance(w_hat, dict) else w_hat
     inits = {t.name: t for t in out.graph.initializer}
     nodes = {(n.name or n.output[0]): n for n in out.graph.node}
     for t in targets:
-        if t.name not in w_hat:
+        w = get(t.name)
+        if w is None:
             continue
-        w = np.asarray(w_hat[t.name], np.float32)
+        w = np.asarray(w, np.float32)
         if t.transposed:
             inits[t.weight].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.T), t.weight))
         else:  # Gemm with transB, or the tied head: a new initializer for this node only

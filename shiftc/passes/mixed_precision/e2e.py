@@ -24,10 +24,13 @@ from onnx import helper, numpy_helper
 from ...progress import Counter
 
 
-def _exposed(model: onnx.ModelProto, targets) -> tuple[onnx.ModelProto, dict[str, tuple[str, bool]]]:
-    """(model copy, {layer: (input name, feed transposed [K, N])})."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def _exposed(model: onnx.ModelProto, targets, in_place: bool = False) -> tuple[onnx.ModelProto, dict[str, tuple[str, bool]]]:
+    """(model copy — or the model itself with ``in_place`` — , {layer: (input name, feed transposed [K, N])})."""
+    if in_place:
+        out = model
+    else:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
     g = out.graph
     inits = {t.name: t for t in g.initializer}
     nodes = {(n.name or n.output[0]): n for n in g.node}
@@ -62,20 +65,24 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 
 
 def output_kl(model: onnx.ModelProto, targets, w_hat, windows: np.ndarray, widths: list[int], *,
-              threads: int = 1, done: dict | None = None, on_layer=None) -> tuple[dict[str, dict[int, float]], dict]:
+              threads: int = 1, done: dict | None = None, on_layer=None,
+              in_place: bool = False) -> tuple[dict[str, dict[int, float]], dict]:
     """{layer: {bits: mean KL}} with ``w_hat(name, bits) -> Ŵ [N, K]``; and run info. Layers in ``done``
-    (an earlier, interrupted run) are kept; ``on_layer(result so far)`` is called after each layer."""
+    (an earlier, interrupted run) are kept; ``on_layer(result so far)`` is called after each layer.
+    ``in_place`` rewrites ``model`` itself instead of a copy (saves one model's memory)."""
     import onnxruntime as ort
 
     from ..calibration import _decoder_feeds
 
-    probe, feeds = _exposed(model, targets)
+    base_feeds = [_decoder_feeds(model, w[None]) for w in windows]
+    probe, feeds = _exposed(model, targets, in_place)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    data = probe.SerializeToString()
     del probe
-    base_feeds = [_decoder_feeds(model, w[None]) for w in windows]
+    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    del data
     ref = [_log_softmax(sess.run(["logits"], f)[0][0, :-1]) for f in base_feeds]
     out: dict[str, dict[int, float]] = {k: dict(v) for k, v in (done or {}).items()}
     t0 = time.perf_counter()

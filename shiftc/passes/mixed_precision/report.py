@@ -109,6 +109,9 @@ def plot_pareto(plan: dict) -> str:
         ax.semilogy([s["avg_bits"]], [s["objective"]], "^", mfc="none", mec="black", mew=1.5, ms=12,
                     label="ShiftAddLLM sort-and-threshold")
     ax.axvline(plan["bits_budget"], color="gray", ls="--", lw=1)
+    ys = [p["objective"] for p in front] + [float(sens[:, j].sum()) for j in range(len(table.bits))]
+    if ys and min(ys) > 0 and max(ys) / min(ys) < 20:  # a narrow range reads better on a linear axis
+        ax.set_yscale("linear")
     ax.set_xlabel("average bits per weight (scales included)", fontsize=11)
     ax.set_ylabel(f"total predicted sensitivity ({plan['kind']})", fontsize=11)
     ax.set_title("Pareto frontier of the budget sweep", fontsize=12)
