@@ -115,7 +115,10 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
              candidates: list | None = None, sensitivity: str | None = None, tie: bool | None = None,
              latency_budget_ms: float | None = None, target: str | None = None, mp_cache: str | None = None,
              report: bool | None = None, report_eval_tokens: int | None = None,
-             hawq_source: str | None = None) -> dict:
+             hawq_source: str | None = None, binarize: str | None = None, distill_steps: int | None = None,
+             distill_minutes: float | None = None, distill_loss: str | None = None,
+             distill_source: str | None = None, recover_steps: int | None = None,
+             recover_minutes: float | None = None) -> dict:
     """Compress an ONNX model with the shift-add pass; arguments given override the recipe file.
 
     ``calib``: "wikipedia" (default), "lee", or "none" (data-free: plain BCQ, no GPTQ).
@@ -123,6 +126,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
     structured pruning (``prune_criterion`` activation | magnitude | lorapr, ``prune_scope`` of
     mlp, heads, channels); ``nm``: N:M sparsity such as "2:4". Pruning alone (no shift-add
     argument, no recipe) writes a pruned fp32 model. The report's ``prune`` lists kept units per group.
+    ``recover_steps`` / ``recover_minutes``: LoRA fine-tune of the export source's torch model with
+    the pruned units masked (recovery; the budget of ``prune_criterion="lorapr"``).
     ``bits_budget``: choose each layer's bits (``candidates``, default [2, 3, 4]) to minimise the
     total ``sensitivity`` ("calib": output error on the calibration data; "hawq": HAWQ-V2 Hessian
     traces through PyTorch, from ``hawq_source`` or the recorded export source) with an average of
@@ -130,6 +135,12 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
     input one width; ``latency_budget_ms`` adds a budget on the measured kernel times (``target``
     "host"); ``mp_cache`` keeps per-layer results between runs. Writes OUT.report.json/.html
     (``report=False``: not), with perplexity before/after when ``report_eval_tokens`` > 0.
+    ``binarize``: "fdb" (2-bit flexible dual binarization) or "1bit": the binarize pass
+    (``ai.shiftc::FdbMatMul``) instead of shift-add; ``group``, ``act_order``, ``lm_head``, ``skip``
+    and the calibration arguments apply to it (shiftc/passes/binarize.py). ``distill_steps`` /
+    ``distill_minutes`` then fine-tune its scales/offsets against the fp32 PyTorch model
+    (``distill_source``: HF folder or .gguf, default the export source) with ``distill_loss``
+    "dad" (entropy-re-weighted KL) or "kl" (shiftc/passes/distill.py).
     Returns the report (per-layer bits, bits per weight, weight/output errors; sizes).
     """
     from .passes.compress import compress as _compress
@@ -137,12 +148,14 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
 
     cfg = load_recipe(recipe) if recipe is not None else CompressConfig()
     sa_args = (bits, group, scale_mode, act_order, lm_head, layer_bits, skip, bits_budget)
-    if any(v is not None for v in (prune, prune_criterion, prune_scope, prune_budget, nm)):
+    if any(v is not None for v in (prune, prune_criterion, prune_scope, prune_budget, nm, recover_steps,
+                                   recover_minutes)):
         from .passes.prune import PruneConfig
 
         cfg.prune = cfg.prune or PruneConfig(ratio=0.0)
         for key, value in (("ratio", prune), ("criterion", prune_criterion), ("scope", prune_scope),
-                           ("budget", prune_budget), ("nm", nm)):
+                           ("budget", prune_budget), ("nm", nm), ("recover_steps", recover_steps),
+                           ("recover_minutes", recover_minutes)):
             if value is not None:
                 setattr(cfg.prune, key, value)
         if recipe is None and all(v is None for v in sa_args):
@@ -158,6 +171,18 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
                             (c, "window", calib_window), (c, "tokenizer", tokenizer), (cfg, "threads", threads)):
         if value is not None:
             setattr(obj, key, value)
+    if binarize is None and cfg.binarize is None and any(v is not None for v in (distill_steps, distill_minutes)):
+        from .errors import UsageError
+
+        raise UsageError("--distill-steps/--distill-minutes fine-tune a binarized model: add --binarize fdb|1bit")
+    if binarize is not None or cfg.binarize is not None:  # the binarize pass instead of shift-add
+        from .passes.binarize import apply_args
+
+        apply_args(cfg, binarize, group=group, act_order=act_order, lm_head=lm_head, skip=skip,
+                   shiftadd_only={"--shiftadd-bits": bits, "--scale-mode": scale_mode, "layer_bits": layer_bits,
+                                  "--bits-budget": bits_budget},
+                   distill={"steps": distill_steps, "minutes": distill_minutes, "loss": distill_loss,
+                            "source": distill_source})
     mp = cfg.mixed_precision
     for key, value in (("bits_budget", bits_budget), ("candidates", candidates), ("sensitivity", sensitivity),
                        ("tie", tie), ("latency_budget_ms", latency_budget_ms), ("target", target),

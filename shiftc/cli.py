@@ -209,18 +209,26 @@ def cmd_compress(args):
     from . import api
 
     r = api.compress(args.model, args.output, bits=args.shiftadd_bits, group=args.group, scale_mode=args.scale_mode,
-                     act_order=args.act_order or None, lm_head=args.shiftadd_lm_head, calib=args.calib,
+                     act_order=args.act_order, lm_head=args.shiftadd_lm_head, calib=args.calib,
                      calib_windows=args.calib_windows, calib_window=args.calib_window, tokenizer=args.tokenizer,
                      recipe=args.recipe, threads=args.threads, prune=args.prune, prune_criterion=args.prune_criterion,
                      prune_scope=args.prune_scope, prune_budget=args.prune_budget, nm=args.nm,
                      bits_budget=args.bits_budget, candidates=args.mp_candidates, sensitivity=args.sensitivity,
                      tie=args.mp_tie or None, latency_budget_ms=args.latency_budget_ms, target=args.target,
                      mp_cache=args.mp_cache, report=args.report, report_eval_tokens=args.report_eval_tokens,
-                     hawq_source=args.hawq_source)
+                     hawq_source=args.hawq_source, binarize=args.binarize, distill_steps=args.distill_steps,
+                     distill_minutes=args.distill_minutes, distill_loss=args.distill_loss,
+                     distill_source=args.distill_source, recover_steps=args.recover_steps,
+                     recover_minutes=args.recover_minutes)
     if "layers" not in r:  # pruning only
         from .passes.prune.prune import summary
 
         _emit(args, r, summary(r["prune"]) + f"\nwrote {r['path']} ({r['size_bytes'] / 1e6:.1f} MB from "
+                       f"{r['source_size_bytes'] / 1e6:.1f} MB, {r['seconds']:.1f}s)")
+        return
+    if r.get("pass") == "binarize":
+        _emit(args, r, f"wrote {r['path']} ({len(r['layers'])} layers binarized ({r['mode']}), "
+                       f"{r['bits_per_weight']:.3f} bits/weight, {r['size_bytes'] / 1e6:.1f} MB from "
                        f"{r['source_size_bytes'] / 1e6:.1f} MB, {r['seconds']:.1f}s)")
         return
     mp = r.get("mixed_precision")
@@ -307,10 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--recipe", type=_existing, help="YAML recipe (schema: shiftc/passes/recipe.py); flags override it")
     sp.add_argument("--shiftadd-bits", type=_bits, help="bit planes per weight, 1..4 (default 3)")
     sp.add_argument("--group", type=_group, help="input columns per scale, a multiple of 32 (default 128)")
-    sp.add_argument("--scale-mode", choices=["pow2", "pow2x2"], help="scale = 2^e or 2^e1 + 2^e2 (default pow2)")
-    sp.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing activation energy")
+    sp.add_argument("--scale-mode", choices=["pow2", "pow2x2"], help="scale = 2^e or 2^e1 + 2^e2 (default pow2x2)")
+    sp.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                    help="GPTQ: quantize columns by decreasing activation energy (shift-add default: on)")
     sp.add_argument("--shiftadd-lm-head", action=argparse.BooleanOptionalAction, default=None,
                     help="quantize the LM head too (default on)")
+    sp.add_argument("--binarize", choices=["fdb", "1bit"],
+                    help="binarize instead of shift-add: fdb = 2 {0,1} planes with float16 scales + offset "
+                         "(flexible dual binarization), 1bit = one sign plane with scale + mean")
+    sp.add_argument("--distill-steps", type=_positive, metavar="N",
+                    help="with --binarize: fine-tune scales/offsets against the fp32 PyTorch model for N steps")
+    sp.add_argument("--distill-minutes", type=float, metavar="MIN", help="with --binarize: distillation time bound")
+    sp.add_argument("--distill-loss", choices=["dad", "kl"],
+                    help="dad: KL re-weighted per token by teacher/student entropy (default); kl: plain KL")
+    sp.add_argument("--distill-source", help="HF folder or .gguf of the fp32 model (default: the export source)")
     sp.add_argument("--prune", type=_fraction, metavar="RATIO",
                     help="structured pruning: fraction of the prunable parameters removed (channels, KV groups)")
     sp.add_argument("--prune-criterion", choices=["activation", "magnitude", "lorapr"],
@@ -318,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prune-scope", metavar="mlp,heads,channels", help="what may be pruned (default all three)")
     sp.add_argument("--prune-budget", choices=["params", "flops"], help="what RATIO counts (default params)")
     sp.add_argument("--nm", metavar="N:M", help="N:M semi-structured sparsity after pruning (2:4, 4:8)")
+    sp.add_argument("--recover-steps", type=int, metavar="S",
+                    help="with --prune: LoRA fine-tune of the export source's torch model, S steps, pruned units "
+                         "masked (recovery; the budget of --prune-criterion lorapr)")
+    sp.add_argument("--recover-minutes", type=float, metavar="M", help="with --prune: LoRA fine-tune time bound")
     sp.add_argument("--bits-budget", type=_bits_budget, metavar="BITS",
                     help="mixed precision: per-layer bits minimising sensitivity with this average of stored bits "
                          "per weight (scales included), e.g. 2.5; writes OUT.report.json/.html")

@@ -38,12 +38,16 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
         from .prune.run import prune_model
 
         model, prune_report = prune_model(model, config.prune, config.calib, model_path=src, threads=config.threads)
-        if config.shiftadd is None:
+        if config.shiftadd is None and getattr(config, "binarize", None) is None:
             save_model(model, output)
             log(f"wrote {output}")
             return {"path": output, "source": src, "size_bytes": os.path.getsize(output),
                     "source_size_bytes": os.path.getsize(src), "seconds": round(time.perf_counter() - t0, 1),
                     "prune": prune_report}
+    if getattr(config, "binarize", None) is not None:  # binarize pass instead (shiftc/passes/binarize.py)
+        from .binarize import run as run_binarize
+
+        return run_binarize(model, src, output, config, t0, prune_report)
     sa = ShiftAddPass(config.shiftadd)
     targets, skipped = sa.match(model)
     if not targets:
@@ -75,6 +79,7 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
         plan = make_plan(model, targets, hessians, config.shiftadd, config.mixed_precision, src=src,
                          tokenizer=config.calib.tokenizer)
         sa = ShiftAddPass(replace(config.shiftadd, layer_bits=plan["layer_bits"]))
+        results = plan.pop("results", None) or results  # from --mp-cache: not quantized again
     with step(f"shift-add on {len(targets)} layers"):
         result = sa(model, hessians, results=results)
     del model, hessians

@@ -5,8 +5,8 @@ Schema (every key optional; the values shown are the defaults)::
     shiftadd:
       bits: 3              # 1..4, planes per weight            (--shiftadd-bits)
       group: 128           # columns per scale, multiple of 32  (--group)
-      scale_mode: pow2     # pow2 | pow2x2                      (--scale-mode)
-      act_order: false     # GPTQ activation ordering           (--act-order)
+      scale_mode: pow2x2   # pow2 | pow2x2                      (--scale-mode)
+      act_order: true      # GPTQ activation ordering           (--act-order / --no-act-order)
       damp: 0.01           # GPTQ damping λ (H += λ·mean(diag H)·I)
       iters: 6             # alternating-refinement rounds per group
       lm_head: true        # quantize the LM head too           (--shiftadd-lm-head / --no-...)
@@ -25,8 +25,26 @@ Schema (every key optional; the values shown are the defaults)::
       criterion: activation  # activation | magnitude | lorapr            (--prune-criterion)
       scope: [mlp, heads, channels]                                       (--prune-scope)
       budget: params       # params | flops                                (--prune-budget)
+      recover_steps: null  # LoRA fine-tune steps (recovery; lorapr budget) (--recover-steps)
       nm: null             # N:M sparsity after pruning, e.g. "2:4"        (--nm)
     A recipe with a prune section and no shiftadd section only prunes.
+    binarize:              # the binarize pass instead of shift-add (shiftc/passes/binarize.py)
+      mode: fdb            # fdb (2 {0,1} planes, float16 scales + offset) | 1bit  (--binarize)
+      group: 128           # columns per scale, multiple of 32            (--group)
+      act_order: false     # GPTQ activation ordering                      (--act-order)
+      damp: 0.01
+      iters: 8             # alternating rounds (codes / least-squares scales) per group
+      lm_head: true        # (--shiftadd-lm-head / --no-...)
+      skip: []             # globs of layer names left in fp32
+      distill_steps: 0     # fine-tune scales/offsets vs the fp32 model (0: off)  (--distill-steps)
+      distill_minutes: null  # time bound                                (--distill-minutes)
+      distill_loss: dad    # dad (entropy-re-weighted KL) | kl           (--distill-loss)
+      distill_source: null # HF folder / .gguf (default: the export source)  (--distill-source)
+      distill_lr: 0.0001
+      distill_windows: 64  # calibration windows of distill_window tokens, cycled
+      distill_window: 128
+      distill_seed: 0
+    A binarize section excludes a shiftadd section.
     mixed_precision:       # per-layer shift-add bits under a budget (shiftc/passes/mixed_precision)
       bits_budget: null    # average stored bits per weight, scales included; null: off  (--bits-budget)
       candidates: [2, 3, 4]  # widths to choose from                   (--mp-candidates)
@@ -53,6 +71,8 @@ from .prune.prune import PruneConfig
 from .prune.prune import validate as validate_prune
 from .mixed_precision.config import MixedPrecisionConfig, validate_mixed_precision
 from .shiftadd import ShiftAddConfig
+from .binarize import BinarizeConfig
+from .binarize import validate as validate_binarize
 
 SCALE_MODES = ("pow2", "pow2x2")
 CALIB_CORPORA = ("wikipedia", "lee", "none")
@@ -75,6 +95,7 @@ class CompressConfig:
     threads: int | None = None
     prune: PruneConfig | None = None  # None: no pruning; shiftadd None: no shift-add
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)  # bits_budget None: off
+    binarize: BinarizeConfig | None = None  # None: off; set: the binarize pass instead of shift-add
 
 
 def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
@@ -90,6 +111,12 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
     validate_mixed_precision(cfg.mixed_precision, bad)
     if s is None and cfg.mixed_precision.bits_budget is not None:
         bad("--bits-budget", "allocates shift-add bits: it needs the shift-add pass (a shiftadd section or flag)")
+    if cfg.binarize is not None:
+        if s is not None:
+            bad("--binarize", "replaces the shift-add pass: drop --shiftadd-bits/--scale-mode (or the shiftadd section)")
+        validate_binarize(cfg.binarize, bad)
+        if c.corpus not in CALIB_CORPORA:
+            bad("--calib", f"must be one of {', '.join(CALIB_CORPORA)}, got {c.corpus!r}")
     if s is None:
         return cfg
 
@@ -146,13 +173,19 @@ def load_recipe(path: str | os.PathLike) -> CompressConfig:
             cfg.threads = v
         elif k == "mixed_precision":
             _section(cfg.mixed_precision, v, path, k)
+        elif k == "binarize":
+            cfg.binarize = BinarizeConfig()
+            _section(cfg.binarize, v, path, k)
+            cfg.binarize.skip = list(cfg.binarize.skip or [])
+            if "shiftadd" not in data:
+                cfg.shiftadd = None
         elif k == "prune":
             cfg.prune = PruneConfig()
             _section(cfg.prune, v, path, k)
             if "shiftadd" not in data:
                 cfg.shiftadd = None
         else:
-            raise UsageError(f"{path}: unknown key '{k}' (known: shiftadd, calib, threads, prune, mixed_precision)")
+            raise UsageError(f"{path}: unknown key '{k}' (known: shiftadd, binarize, calib, threads, prune, mixed_precision)")
     if cfg.shiftadd is not None:
         cfg.shiftadd.layer_bits = dict(cfg.shiftadd.layer_bits or {})
         cfg.shiftadd.skip = list(cfg.shiftadd.skip or [])
