@@ -99,14 +99,15 @@ def _linear_model(rng, shapes):
 def test_calib_sensitivity_is_output_error(tmp_path):
     rng = np.random.default_rng(0)
     model, ws = _linear_model(rng, [(64, 96), (32, 64)])
-    cfg = ShiftAddConfig(group=32, lm_head=True)
+    cfg = ShiftAddConfig(group=32, scale_mode="pow2", lm_head=True)
     targets, _ = ShiftAddPass(cfg).match(model)
     xs = {"x": rng.standard_normal((200, 96)), "y0": rng.standard_normal((200, 64))}
     hs = {k: v.T @ v for k, v in xs.items()}
     cache = LayerCache(tmp_path / "cache")
     table = sensitivity.measure(model, targets, hs, cfg, [1, 2, 3], cache)
     for ly, w, x in zip(table.layers, ws, xs.values()):
-        r = bcq.quantize_gptq(w, hs[ly.x], 2, 32)
+        r = bcq.quantize_gptq(w, hs[ly.x], 2, 32, scale_mode=cfg.scale_mode, damp=cfg.damp, act_order=cfg.act_order,
+                              iters=cfg.iters)
         d = w.astype(np.float64) - r.dequantize()
         assert ly.out_err[2] == pytest.approx(np.sum((x @ d.T) ** 2), rel=1e-6)
         assert ly.w_err[2] == pytest.approx(np.sum(d ** 2), rel=1e-6)
@@ -201,7 +202,7 @@ def test_cli_bits_budget_plan_and_report(tiny_decoder, tmp_path, capsys):
     out = str(tmp_path / "mp.onnx")
     # in-process and data-free (--calib none) to keep this test fast; the H-based measures are checked above
     code = main(["compress", tiny_decoder, "-o", out, "--bits-budget", "2.6", "--mp-candidates", "2,3", "--group", "32",
-                 "--calib", "none", "--threads", "1", "--mp-cache", str(tmp_path / "cache"), "--no-shiftadd-lm-head",
+                 "--scale-mode", "pow2", "--calib", "none", "--threads", "1", "--mp-cache", str(tmp_path / "cache"), "--no-shiftadd-lm-head",
                  "--json"])
     assert code == 0
     rep = json.loads(capsys.readouterr().out)
@@ -240,7 +241,7 @@ def test_latency_budget_with_lut_kernels(tiny_decoder, tmp_path):
         pytest.skip("shiftc._native.bcq_matmul_lut16 not built")
     import shiftc.api
 
-    common = dict(group=32, calib="none", candidates=[1, 2], mp_cache=str(tmp_path / "cache"), report=False, threads=1,
+    common = dict(group=32, scale_mode="pow2", calib="none", candidates=[1, 2], mp_cache=str(tmp_path / "cache"), report=False, threads=1,
                   lm_head=False)
     free = shiftc.api.compress(tiny_decoder, str(tmp_path / "a.onnx"), bits_budget=2.2, **common)
     per = free["mixed_precision"]
@@ -248,3 +249,22 @@ def test_latency_budget_with_lut_kernels(tiny_decoder, tmp_path):
     r = shiftc.api.compress(tiny_decoder, str(tmp_path / "b.onnx"), bits_budget=2.2, latency_budget_ms=1e3, **common)
     lt = r["mixed_precision"]["latency"]
     assert lt["predicted_ms"] <= 1e3 and set(lt["per_shape_ms"]) == {"128x64", "64x64", "32x64", "64x128"}
+
+
+def test_output_kl_is_zero_for_exact_weights(tiny_decoder):
+    from shiftc.frontend.onnx_io import load_model
+    from shiftc.passes.mixed_precision.e2e import output_kl
+    from shiftc.passes.mixed_precision.sensitivity import _weights
+
+    model = load_model(tiny_decoder)
+    targets, _ = ShiftAddPass(ShiftAddConfig(group=32)).match(model)
+    ws = _weights(model, targets)
+    ids = np.random.default_rng(0).integers(0, 49152, (1, 16))
+    seen = []
+    kl, info = output_kl(model, targets, lambda n, b: ws[n] if b == 4 else 0.5 * ws[n], ids, [1, 4],
+                         on_layer=lambda r: seen.append(len(r)))
+    assert seen == list(range(1, len(targets) + 1)) and set(kl) == {t.name for t in targets}
+    for name, d in kl.items():
+        assert abs(d[4]) < 1e-9 and d[1] > 0, name  # exact weights: no change; halved weights: some
+    again, _ = output_kl(model, targets, None, ids, [1, 4], done=kl)  # nothing left to run
+    assert again == kl

@@ -79,6 +79,7 @@ def output_kl(model: onnx.ModelProto, targets, w_hat, windows: np.ndarray, width
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # the overridable initializers are intended: no warning per weight
     data = probe.SerializeToString()
     del probe
     sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
