@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -338,7 +339,12 @@ carray<float> py_bcq_matmul_lut16(py::handle x_obj, py::handle codes_obj, py::ha
             std::vector<int> rcs(static_cast<size_t>(nthreads), 0);
             std::vector<std::thread> pool;
             for (int64_t i = 1; i < nthreads; ++i) {
-                pool.emplace_back(run, ntasks * i / nthreads, ntasks * (i + 1) / nthreads, &rcs[i]);
+                const int64_t t0 = ntasks * i / nthreads, t1 = ntasks * (i + 1) / nthreads;
+                try {
+                    pool.emplace_back(run, t0, t1, &rcs[i]);
+                } catch (const std::system_error&) {
+                    run(t0, t1, &rcs[i]);  // no thread to be had: this one does the range
+                }
             }
             run(0, ntasks / nthreads, &rcs[0]);
             for (auto& th : pool) th.join();
@@ -414,7 +420,8 @@ PYBIND11_MODULE(_native, m) {
           py::arg("threads") = 1,
           "bcq_matmul_lut16(x: float32 [M, K], codes, scales, offsets, N, K, bits, group, threads=1)\n"
           "    -> float32 [M, N]\n\n"
-          "Y = X W^T on the lut16 arrays of bcq_pack_lut16: table lookups for M < BCQ_LUT_MAX_M,\n"
+          "Y = X W^T on the lut16 arrays of bcq_pack_lut16 (N, K, bits, group as given to it: the\n"
+          "array sizes do not pin K within a group): table lookups for small M (< BCQ_LUT_MAX_M),\n"
           "expanded panels and FMA otherwise. threads > 1 splits the 32-column tasks over threads.");
     m.def("bcq_set_isa", &py_bcq_set_isa, py::arg("name"),
           "bcq_set_isa(name: 'auto'|'scalar'|'avx2'|'avx512') -> str: the ISA now used by the lut16\n"
