@@ -133,8 +133,8 @@ def test_pass_on_tiny_llama_with_calibration(tiny_onnx, smollm2_gguf_path, tmp_p
     assert {(o.domain, o.version) for o in m.opset_import} >= {(ops.DOMAIN, 1)}
     meta = json.loads({p.key: p.value for p in m.metadata_props}[METADATA_KEY])
     assert meta["layers"]["model.layers.0.mlp.down_proj.weight.T"]["bits"] == 2
-    assert meta["layers"]["lm_head"]["bits"] == 3 and meta["scale_mode"] == "pow2"
-    assert rep["layers"]["lm_head"]["bits_per_weight"] == bcq.bits_per_weight(3, 32)
+    assert meta["layers"]["lm_head"]["bits"] == 3 and meta["scale_mode"] == "pow2x2"  # the default
+    assert rep["layers"]["lm_head"]["bits_per_weight"] == bcq.bits_per_weight(3, 32, "pow2x2")
     assert all(0 < e["rel_output_error"] < 1 for e in rep["layers"].values())
     ids = np.random.default_rng(0).integers(0, 49152, size=(1, 12)).astype(np.int64)
     ref_path = str(tmp_path / "ref.onnx")
