@@ -281,6 +281,22 @@ def main(argv=None) -> int:
         return r
 
     names = table.names()
+    # free the source model before evaluating (each plan reloads it; ONNX Runtime needs the memory)
+    for t in targets:
+        wd(t.name)
+    for x in {t.x for t in targets}:
+        hd(x)
+    del model
+    inits = None
+    import gc
+
+    gc.collect()
+
+    def weight(name):  # only a cache miss needs W again: read it from the source file
+        t = by_name[name]
+        src = {i.name: i for i in load_model(a.model).graph.initializer}
+        w = numpy_helper.to_array(src[t.weight]).astype(np.float32)
+        return w.T if t.transposed else w
     for name in (["fp32"] if "fp32" in plans_wanted else []) + list(plans):
         if name in prev:
             rows.append(prev[name])

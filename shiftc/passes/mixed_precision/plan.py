@@ -40,10 +40,10 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
         from .latency import require_kernel
 
         require_kernel(mp.target)
-    # the output-KL runs need every quantized layer again: keep them (a temporary folder, removed
-    # when this function returns, if no --mp-cache is given)
-    tmp = tempfile.TemporaryDirectory(prefix="shiftc_mp_") if mp.cache is None and mp.sensitivity == "kl" else None
-    cache = LayerCache(mp.cache or (tmp.name if tmp else None))
+    # every layer's result at every width is kept on disk (in a temporary folder, removed when this
+    # function returns, if no --mp-cache is given): the output-KL runs and the pass reuse them
+    tmp = tempfile.TemporaryDirectory(prefix="shiftc_mp_") if mp.cache is None else None
+    cache = LayerCache(mp.cache or tmp.name)
     with step(f"mixed precision: sensitivity of {len(targets)} layers at {widths} bits"):
         table = measure(model, targets, hessians, sa_cfg, widths, cache)
     kinds = ["calib"]
@@ -91,7 +91,7 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
             times, time_table = latency.layer_times([ly.shape for ly in table.layers], widths, sa_cfg.group,
                                                     m=mp.latency_rows, threads=mp.latency_threads, target=mp.target)
     plan = plan_from_table(table, mp, kinds, times=times, time_table=time_table)
-    if cache.folder:  # the chosen widths' results, so the pass need not quantize again
+    if cache.folder:  # the chosen widths' results, so the pass does not quantize again
         from .sensitivity import _weights, quantize_layer
 
         weights = _weights(model, targets)
