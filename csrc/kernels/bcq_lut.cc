@@ -26,7 +26,6 @@
 #include "shiftc/bcq_lut.h"
 
 #include <atomic>
-#include <string.h>
 
 #if defined(__x86_64__)
 // GCC 12's AVX-512 headers initialise "undefined" vectors from themselves (`__Y = __Y`), which

@@ -54,7 +54,7 @@
 //   Valid arguments: q (planes) in 1..4, G a positive multiple of 32, K >= 1, N >= 1, M >= 0.
 //   All functions return 0 on success and -1 on invalid arguments (the size functions: -1).
 //
-// ISA: x86-64 builds carry scalar, AVX2+FMA and AVX-512 (F, BW) versions and pick one at run
+// ISA: x86-64 builds carry scalar, AVX2+FMA and AVX-512 (F, BW, VL, DQ) versions and pick one at run
 // time from the CPU (or from shiftc_bcq_set_isa, for tests); other targets use the scalar code.
 #pragma once
 
