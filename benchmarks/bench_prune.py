@@ -147,6 +147,19 @@ def bench_smollm2(args, out: dict) -> None:
     out["smollm2"] = res
 
 
+def bench_smollm2_baselines(args, out: dict) -> None:
+    """Perplexity of magnitude / activation pruning without recovery (what the LoRA fine-tune starts from)."""
+    src = args.smollm2 or os.path.join(args.work, "smollm2.onnx")
+    res = {}
+    for crit in ("magnitude", "activation"):
+        dst = os.path.join(args.work, f"smollm2_prune25_{crit}_norecovery.onnx")
+        if not (args.reuse and os.path.exists(dst)):
+            _prune(src, dst, PruneConfig(ratio=0.25, criterion=crit, scope=["mlp", "heads"]), args.threads)
+        res[crit] = round(shiftc.evaluate(dst, tokens=args.tokens, window=512, threads=args.threads)["perplexity"], 3)
+        print("perplexity (no recovery)", crit, res[crit], flush=True)
+    out.setdefault("smollm2", {})["perplexity_no_recovery"] = res | {"tokens": args.tokens, "window": 512}
+
+
 def bench_effnet(args, out: dict) -> None:
     import onnxruntime as ort
 
@@ -203,6 +216,8 @@ def main() -> None:
     ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--fp32-lib", help="an already compiled unpruned SmolLM2 library")
     ap.add_argument("--reuse", action="store_true", help="reuse pruned models / libraries found in --work")
+    ap.add_argument("--baselines", action="store_true",
+                    help="also: SmolLM2 perplexity after magnitude / activation pruning without recovery")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "prune.json"))
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -222,6 +237,8 @@ def main() -> None:
     if "smollm2" not in args.skip:
         bench_smollm2(args, out)
         print(json.dumps(out["smollm2"], indent=1), flush=True)
+    if args.baselines:
+        bench_smollm2_baselines(args, out)
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)

@@ -63,9 +63,6 @@ class LoraConfig:
     prune_fraction: float = 0.75  # share of the fine-tune over which the pruning ratio rises (lorapr)
     threads: int | None = None
 
-    def total_steps(self) -> int | None:
-        return self.steps
-
 
 def export_source(model: onnx.ModelProto, source: str | None = None, flag: str = "--prune-criterion lorapr") -> str:
     """The GGUF file / HF folder ``model`` was exported from (the tokenizer source shiftc records)."""
