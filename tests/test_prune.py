@@ -477,6 +477,8 @@ def test_lorapr_errors_name_the_flags(tiny_source, tiny_windows, tmp_path):
         prune_model(m, PruneConfig(ratio=0.3, criterion="lorapr", recover_steps=2), model_path=tiny_source)
     with pytest.raises(UsageError, match="--recover-steps"):
         PrunePass(PruneConfig(recover_steps=0))
+    with pytest.raises(UsageError, match="--prune RATIO"):
+        PrunePass(PruneConfig(ratio=0.0, recover_steps=4))
 
 
 def test_matmul_widths_aligned_for_the_compiled_gemv():
