@@ -91,6 +91,7 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
             times, time_table = latency.layer_times([ly.shape for ly in table.layers], widths, sa_cfg.group,
                                                     m=mp.latency_rows, threads=mp.latency_threads, target=mp.target)
     plan = plan_from_table(table, mp, kinds, times=times, time_table=time_table)
+    plan["tokenizer"] = tokenizer  # for the report's perplexity (None: the one recorded at export)
     if cache.folder:  # the chosen widths' results, so the pass does not quantize again
         from .sensitivity import _weights, quantize_layer
 
@@ -141,12 +142,13 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
 
 
 def to_json(plan: dict) -> dict:
-    out = {k: v for k, v in plan.items() if k not in ("table", "results")}
+    out = {k: v for k, v in plan.items() if k not in ("table", "results", "tokenizer")}
     out["sensitivity_table"] = plan["table"].to_json()
     return out
 
 
-def measure_perplexity(source: str, output: str, tokens: int, window: int, threads: int | None = None) -> dict:
+def measure_perplexity(source: str, output: str, tokens: int, window: int, threads: int | None = None,
+                       tokenizer: str | None = None) -> dict:
     """Perplexity of the source and of the compressed model on the held-out split (ONNX Runtime).
 
     The compressed model is evaluated through a copy with Ŵ written back as fp32 MatMul weights
@@ -155,11 +157,11 @@ def measure_perplexity(source: str, output: str, tokens: int, window: int, threa
     from ...frontend.onnx_io import load_model, save_model
     from .assemble import dequantized_copy
 
-    before = api.evaluate(source, tokens=tokens, window=window, threads=threads)
+    before = api.evaluate(source, tokens=tokens, window=window, threads=threads, tokenizer=tokenizer)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output))) as d:
         deq = os.path.join(d, "dequantized.onnx")
         save_model(dequantized_copy(load_model(output)), deq)
-        after = api.evaluate(deq, tokens=tokens, window=window, threads=threads)
+        after = api.evaluate(deq, tokens=tokens, window=window, threads=threads, tokenizer=tokenizer)
     return {"before": before["perplexity"], "after": after["perplexity"], "tokens": before["tokens_scored"],
             "window": window, "corpus": f"{before['corpus']}/{before['split']}"}
 
@@ -168,8 +170,8 @@ def finish(result: dict, plan: dict, mp: MixedPrecisionConfig, *, threads: int |
     """After the pass: perplexity before/after (``eval_tokens`` > 0), the report files, a summary."""
     from . import report
 
-    ppl = measure_perplexity(result["source"], result["path"], mp.eval_tokens, mp.eval_window, threads) \
-        if mp.eval_tokens else None
+    ppl = measure_perplexity(result["source"], result["path"], mp.eval_tokens, mp.eval_window, threads,
+                             plan.get("tokenizer")) if mp.eval_tokens else None
     files = report.write(result["path"], result, plan, ppl) if mp.report else None
     keep = ("kind", "candidates", "bits_budget", "tie", "avg_bits", "objective", "latency", "shiftaddllm_plan",
             "rank_agreement", "pareto")

@@ -149,7 +149,9 @@ def plot_rank(plan: dict) -> str | None:
 
 
 def _fmt_mb(b) -> str:
-    return "—" if b is None else f"{b / 1e6:.1f} MB"
+    if b is None:
+        return "—"
+    return f"{b / 1e6:.1f} MB" if b >= 1e6 else f"{b / 1e3:.1f} kB"
 
 
 def build(result: dict, plan: dict | None, perplexity: dict | None = None) -> dict:
