@@ -262,6 +262,8 @@ def main(argv=None) -> int:
         elif pl == "random":
             for s in range(a.random):
                 plans[f"random-{s}"] = A.random_allocation(sizes, widths, bpw_of, a.budget, seed=s)
+        elif pl.startswith("random-"):  # one random plan by its seed (the same plan "random" makes)
+            plans[pl] = A.random_allocation(sizes, widths, bpw_of, a.budget, seed=int(pl.split("-")[1]))
         elif pl.startswith("uniform-"):
             plans[pl] = np.full(len(sizes), int(pl.split("-")[1]))
         elif pl != "fp32":
