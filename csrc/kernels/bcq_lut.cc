@@ -3,13 +3,15 @@
 // The contract (layout, math, calling convention) is in shiftc/bcq_lut.h. This file is
 // self-contained on purpose: `shiftc compile` compiles it standalone into every model library
 // that holds a BcqMatMul, for x86-64 and for aarch64, with no ISA flags. x86-64 kernels therefore
-// carry their ISA in a function attribute and are chosen at run time from the CPU:
+// carry their ISA in a function attribute and are chosen at run time from the CPU; on aarch64
+// NEON is baseline and is the default (scalar stays selectable):
 //
 //   kernel           scalar (all targets)     AVX2 + FMA               AVX-512 F/BW/VL/DQ
 //   table build      prepare_scalar           prepare_avx2             prepare_avx512
 //   GEMV (small M)   lut_task_scalar          lut_task_avx2 (8 rows)   lut_task_avx512 (2 x 16 rows)
 //   GEMM (larger M)  gemm_task_scalar (4x16)  gemm_task_avx2 (6x16)    gemm_task_avx512 (14x32)
 //                    (2x16 on x86-64)
+//   aarch64 NEON     prepare_neon, lut_task_neon (16 rows, vqtbl4q_u8), gemm_task_neon (5x16)
 // (the GEMV path runs for M < SHIFTC_BCQ_LUT_MAX_M and M < kLutRowsBelow[q - 1]).
 //
 // GEMV ("LUT") path. For 4 consecutive columns c of a row of X, prepare() stores the table
@@ -41,6 +43,13 @@
 #define SHIFTC_LUT_X86 0
 #endif
 
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#define SHIFTC_LUT_NEON 1
+#else
+#define SHIFTC_LUT_NEON 0
+#endif
+
 namespace {
 
 constexpr int kMaxQ = 4;           // planes supported (ai.shiftc::BcqMatMul's bits: 1..4)
@@ -64,7 +73,7 @@ int64_t slice_start(int64_t t, int64_t sl, int64_t nsl, int64_t ks) { return ((t
 // a cold 4096 x 4096 GEMV 20-23% faster on a Xeon (Emerald Rapids), and costs <3% when warm.
 constexpr int64_t kPrefetchBytes = 4096;
 
-enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
+enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kNeon = 4 };
 
 // The table path runs for M < SHIFTC_BCQ_LUT_MAX_M (the workspace then holds tables) AND M below
 // this cutoff for the bit width; otherwise the GEMM path runs (it reads no tables). A table pass
@@ -297,6 +306,292 @@ void gemm_task_scalar(const Problem& p, int64_t t) {
         }
     }
 }
+
+#if SHIFTC_LUT_NEON
+// ===========================================================================================
+// NEON (AArch64: Advanced SIMD is baseline, so no run-time check; kScalar stays selectable)
+// ===========================================================================================
+//
+// Instructions per 16 rows x 8 columns x 1 plane x 1 row of X, counted in the GCC 12 -O3 output
+// (aarch64-linux-gnu-g++, the flags of `shiftc compile`). No aarch64 hardware was available, so
+// none of this is timed (qemu timings mean nothing); the counts are the only cost figure:
+//   GEMV   1 code load, 4 for 4*nibble (shl/ushr, and 0x3c), 8 tbl (1 register: each row's
+//          4*nibble into the 4 bytes of its float), 8 orr (+ byte 0..3), 8 tbl (4 registers:
+//          the 64-byte table), 8 fadd                                                  = 37
+//          + per octet and row of X, shared by the planes: 2 ld1 {4 registers} (the two tables)
+//          and ~5 loop instructions: 44 per octet for q = 1, no spills. q = 2, 3, 4: 109, 170, 175
+//          per octet (ideal 81, 118, 155); the excess is reloads of the selector constants and
+//          spills of partials - load/store-port work, the vector-op count stays 36 per plane.
+//          The scalar loop needs about 8 instructions per weight (~128 here).
+//   table  per 4 columns: 1 load, 1 fmul + 7 fmla by element with +-1 vectors (exact, like the
+//          x86 builds' sign vectors), 2 stp, 3 register moves (fmla is destructive), 2 loop
+//          = 16 - bit-identical to table4_scalar (checked).
+//   GEMM   expansion 3 per 4 weights and plane (cmtst, and, fadd) + 1 store per 4 weights;
+//          micro-kernel 5 x 16 tile: 20 fmla by element per 4 loads of the panel row.
+
+alignas(16) const float kSignLo[4] = {-1, 1, -1, 1};   // bit 0 of the entry index 4k + l
+alignas(16) const float kSignHi[4] = {-1, -1, 1, 1};   // bit 1
+// Quad k of a 16-row index vector: the nibble of row 4k + l repeated in bytes 4l..4l+3.
+alignas(16) const uint8_t kQuadSel[4][16] = {
+    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+    {4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7},
+    {8, 8, 8, 8, 9, 9, 9, 9, 10, 10, 10, 10, 11, 11, 11, 11},
+    {12, 12, 12, 12, 13, 13, 13, 13, 14, 14, 14, 14, 15, 15, 15, 15},
+};
+alignas(16) const uint8_t kByteOfFloat[16] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3};
+
+float group_sum_neon(const float* x, int64_t n) {
+    float32x4_t s = vdupq_n_f32(0.f);
+    int64_t k = 0;
+    for (; k + 4 <= n; k += 4) s = vaddq_f32(s, vld1q_f32(x + k));
+    float r = vaddvq_f32(s);
+    for (; k < n; ++k) r += x[k];
+    return r;
+}
+
+// Tables: entries 4k..4k+3 form vector k. Entries differ in bits 0, 1 within a vector (lanes) and
+// in bits 2, 3 across vectors, so ((+-x0 +- x1) +- x2) +- x3 takes 7 vector ops, each an exact
+// product by +-1 and one rounding: the same floats as table4_scalar, in the same order.
+void prepare_neon(const float* x, int64_t M, int64_t K, int64_t G, bool tables, float* ws) {
+    const int64_t NG = ceil_div(K, G), Kp = NG * G;
+    float* const sums = ws + (tables ? M * Kp * 4 : 0);
+    const float32x4_t s0 = vld1q_f32(kSignLo), s1 = vld1q_f32(kSignHi);
+    const float32x4_t neg = vdupq_n_f32(-1.f), pos = vdupq_n_f32(1.f);
+    for (int64_t m = 0; m < M; ++m) {
+        const float* xr = x + m * K;
+        if (tables) {
+            float* w = ws + m * Kp * 4;
+            const int64_t full = K / 4;  // quads entirely inside K
+            for (int64_t c = 0; c < full; ++c) {
+                const float32x4_t xv = vld1q_f32(xr + 4 * c);
+                const float32x4_t a = vfmaq_laneq_f32(vmulq_laneq_f32(s0, xv, 0), s1, xv, 1);
+                const float32x4_t b0 = vfmaq_laneq_f32(a, neg, xv, 2), b1 = vfmaq_laneq_f32(a, pos, xv, 2);
+                float* t = w + 16 * c;
+                vst1q_f32(t, vfmaq_laneq_f32(b0, neg, xv, 3));
+                vst1q_f32(t + 4, vfmaq_laneq_f32(b1, neg, xv, 3));
+                vst1q_f32(t + 8, vfmaq_laneq_f32(b0, pos, xv, 3));
+                vst1q_f32(t + 12, vfmaq_laneq_f32(b1, pos, xv, 3));
+            }
+            for (int64_t c = full; c < Kp / 4; ++c) {
+                float xs[4];
+                for (int j = 0; j < 4; ++j) xs[j] = 4 * c + j < K ? xr[4 * c + j] : 0.f;
+                table4_scalar(xs, w + 16 * c);
+            }
+        }
+        float* gs = sums + m * NG;
+        for (int64_t g = 0; g < NG; ++g) {
+            const int64_t end = (g + 1) * G < K ? (g + 1) * G : K;
+            gs[g] = group_sum_neon(xr + g * G, end - g * G);
+        }
+    }
+}
+
+// GEMV, block b (16 rows) x row m of X. The 16-float table of 4 columns is 64 bytes: four
+// q registers, one vqtbl4q_u8 table. Byte 4l + j of the index vector for rows 4k..4k+3 is
+// 4 * nibble(row 4k + l) + j, so one lookup yields the 4 rows' floats. Per group and plane the
+// partials are summed as part += (T_lo + T_hi) per octet (the scalar order), then scaled.
+template <int Q>
+void lut_block_neon(const Problem& p, int64_t b, int64_t m) {
+    const uint8_t* cb = p.codes + b * p.octs * Q * 16;
+    const float* sb = p.scales + b * p.NG * Q * 16;
+    const float* ob = p.offsets ? p.offsets + b * p.NG * 16 : nullptr;
+    const uint8_t* T = reinterpret_cast<const uint8_t*>(p.tables + m * p.Kp * 4);
+    const float* gs = p.gsums + m * p.NG;
+    const uint8x16_t off = vld1q_u8(kByteOfFloat), m3c = vdupq_n_u8(0x3c);
+    uint8x16_t sel[4];
+    for (int k = 0; k < 4; ++k) sel[k] = vld1q_u8(kQuadSel[k]);
+    float32x4_t tot[4];
+    for (int k = 0; k < 4; ++k) tot[k] = vdupq_n_f32(0.f);
+    for (int64_t g = 0; g < p.NG; ++g) {
+        int64_t o0, o1;
+        group_octets(p, g, &o0, &o1);
+        float32x4_t part[Q][4];
+        for (int i = 0; i < Q; ++i)
+            for (int k = 0; k < 4; ++k) part[i][k] = vdupq_n_f32(0.f);
+        for (int64_t o = o0; o < o1; ++o) {
+            const uint8_t* t = T + 128 * o;  // 32 floats: low-nibble table, then high-nibble table
+            const uint8x16x4_t tlo = vld1q_u8_x4(t), thi = vld1q_u8_x4(t + 64);
+#pragma GCC unroll 4
+            for (int i = 0; i < Q; ++i) {
+                const uint8x16_t c = vld1q_u8(cb + (o * Q + i) * 16);
+                // 4 * nibble: (c << 2) & 0x3c and (c >> 2) & 0x3c
+                const uint8x16_t nlo = vandq_u8(vshlq_n_u8(c, 2), m3c), nhi = vandq_u8(vshrq_n_u8(c, 2), m3c);
+#pragma GCC unroll 4
+                for (int k = 0; k < 4; ++k) {
+                    const uint8x16_t ilo = vorrq_u8(vqtbl1q_u8(nlo, sel[k]), off);
+                    const uint8x16_t ihi = vorrq_u8(vqtbl1q_u8(nhi, sel[k]), off);
+                    const float32x4_t v = vaddq_f32(vreinterpretq_f32_u8(vqtbl4q_u8(tlo, ilo)),
+                                                    vreinterpretq_f32_u8(vqtbl4q_u8(thi, ihi)));
+                    part[i][k] = vaddq_f32(part[i][k], v);
+                }
+            }
+        }
+        for (int i = 0; i < Q; ++i) {
+            const float* s = sb + (g * Q + i) * 16;
+            for (int k = 0; k < 4; ++k) tot[k] = vfmaq_f32(tot[k], part[i][k], vld1q_f32(s + 4 * k));
+        }
+        if (ob) {
+            for (int k = 0; k < 4; ++k) tot[k] = vfmaq_n_f32(tot[k], vld1q_f32(ob + g * 16 + 4 * k), gs[g]);
+        }
+    }
+    const int64_t n0 = b * kBlock, valid = p.N - n0;
+    float* yr = p.y + m * p.N + n0;
+    if (valid >= 16) {
+        for (int k = 0; k < 4; ++k) vst1q_f32(yr + 4 * k, tot[k]);
+    } else {
+        alignas(16) float l[16];
+        for (int k = 0; k < 4; ++k) vst1q_f32(l + 4 * k, tot[k]);
+        for (int64_t r = 0; r < valid; ++r) yr[r] = l[r];
+    }
+}
+
+template <int Q>
+void lut_task_neon_q(const Problem& p, int64_t t) {
+    for (int64_t b = 2 * t; b < 2 * t + 2 && b < p.NB; ++b)
+        for (int64_t m = 0; m < p.M; ++m) lut_block_neon<Q>(p, b, m);
+}
+
+void lut_task_neon(const Problem& p, int64_t t) {
+    switch (p.q) {
+        case 1: lut_task_neon_q<1>(p, t); break;
+        case 2: lut_task_neon_q<2>(p, t); break;
+        case 3: lut_task_neon_q<3>(p, t); break;
+        default: lut_task_neon_q<4>(p, t); break;
+    }
+}
+
+// GEMM expansion, 4 rows (one q register) at a time: the rows' code bytes of each plane are
+// widened to 32-bit lanes once per octet; per column, cmtst with bit j gives the lane mask that
+// keeps 2 alpha (or +0) to add, in plane order as expand_scalar.
+template <int Q>
+void expand_neon(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t kc, float* panel) {
+    const int64_t o0 = k0 / 8, o1 = ceil_div(k0 + kc, 8);
+    const int64_t width = 16 * nv;
+    for (int bb = 0; bb < nv; ++bb) {
+        const uint8_t* cb = p.codes + (b0 + bb) * p.octs * Q * 16;
+        for (int k = 0; k < 4; ++k) {
+            int64_t gnext = o0;
+            float32x4_t base = vdupq_n_f32(0.f);
+            uint32x4_t a2[Q];
+            for (int i = 0; i < Q; ++i) a2[i] = vdupq_n_u32(0);
+            for (int64_t o = o0; o < o1; ++o) {
+                if (o == gnext) {  // first octet of a group
+                    const int64_t g = o * 8 / p.G;
+                    gnext = (g + 1) * p.G / 8;
+                    const float* s = p.scales + ((b0 + bb) * p.NG + g) * Q * 16 + 4 * k;
+                    base = p.offsets ? vld1q_f32(p.offsets + ((b0 + bb) * p.NG + g) * 16 + 4 * k)
+                                     : vdupq_n_f32(0.f);
+                    for (int i = 0; i < Q; ++i) {
+                        const float32x4_t a = vld1q_f32(s + i * 16);
+                        base = vsubq_f32(base, a);
+                        a2[i] = vreinterpretq_u32_f32(vaddq_f32(a, a));
+                    }
+                }
+                uint32x4_t c[Q];
+#pragma GCC unroll 4
+                for (int i = 0; i < Q; ++i) {
+                    uint32_t word;
+                    __builtin_memcpy(&word, cb + (o * Q + i) * 16 + 4 * k, 4);
+                    const uint8x8_t c8 = vreinterpret_u8_u32(vdup_n_u32(word));
+                    c[i] = vmovl_u16(vget_low_u16(vmovl_u8(c8)));
+                }
+                float* dst = panel + (o - o0) * 8 * width + bb * 16 + 4 * k;
+#pragma GCC unroll 8
+                for (int j = 0; j < 8; ++j) {
+                    const uint32x4_t bit = vdupq_n_u32(1u << j);
+                    float32x4_t w = base;
+#pragma GCC unroll 4
+                    for (int i = 0; i < Q; ++i)
+                        w = vaddq_f32(w, vreinterpretq_f32_u32(vandq_u32(vtstq_u32(c[i], bit), a2[i])));
+                    vst1q_f32(dst + j * width, w);
+                }
+            }
+        }
+    }
+}
+
+// C[R rows of Y, 16 columns, first ncols written] (+)= X[R, kc] . panel[kc, 16] (row stride ldw):
+// 4 R accumulators + R x registers + 4 panel registers <= 32 for R <= 5.
+#define SHIFTC_NEON_MK_STEP(U)                                                      \
+    {                                                                               \
+        float32x4_t bv[4];                                                          \
+        for (int j = 0; j < 4; ++j) bv[j] = vld1q_f32(w + (k + U) * ldw + 4 * j);   \
+        for (int r = 0; r < R; ++r)                                                 \
+            for (int j = 0; j < 4; ++j) acc[r][j] = vfmaq_laneq_f32(acc[r][j], bv[j], a[r], U); \
+    }
+template <int R>
+void mk_neon(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t kc, float* y, int64_t ldy,
+             bool accumulate, int64_t ncols) {
+    float32x4_t acc[R][4];
+    for (int r = 0; r < R; ++r)
+        for (int j = 0; j < 4; ++j) acc[r][j] = vdupq_n_f32(0.f);
+    int64_t k = 0;
+    for (; k + 4 <= kc; k += 4) {
+        float32x4_t a[R];
+        for (int r = 0; r < R; ++r) a[r] = vld1q_f32(x + r * ldx + k);
+        SHIFTC_NEON_MK_STEP(0)
+        SHIFTC_NEON_MK_STEP(1)
+        SHIFTC_NEON_MK_STEP(2)
+        SHIFTC_NEON_MK_STEP(3)
+    }
+    for (; k < kc; ++k) {
+        float32x4_t bv[4];
+        for (int j = 0; j < 4; ++j) bv[j] = vld1q_f32(w + k * ldw + 4 * j);
+        for (int r = 0; r < R; ++r)
+            for (int j = 0; j < 4; ++j) acc[r][j] = vfmaq_n_f32(acc[r][j], bv[j], x[r * ldx + k]);
+    }
+    for (int r = 0; r < R; ++r) {
+        float* yr = y + r * ldy;
+        if (ncols >= 16) {
+            for (int j = 0; j < 4; ++j)
+                vst1q_f32(yr + 4 * j, accumulate ? vaddq_f32(vld1q_f32(yr + 4 * j), acc[r][j]) : acc[r][j]);
+        } else {
+            alignas(16) float l[16];
+            for (int j = 0; j < 4; ++j) vst1q_f32(l + 4 * j, acc[r][j]);
+            for (int64_t n = 0; n < ncols; ++n) yr[n] = accumulate ? yr[n] + l[n] : l[n];
+        }
+    }
+}
+#undef SHIFTC_NEON_MK_STEP
+
+constexpr int kMrNeon = 5;
+constexpr MkScalar kMkNeon[kMrNeon] = {mk_neon<1>, mk_neon<2>, mk_neon<3>, mk_neon<4>, mk_neon<5>};
+
+template <int Q>
+void gemm_task_neon_q(const Problem& p, int64_t t) {
+    const int64_t b0 = 2 * t;
+    const int nv = b0 + 1 < p.NB ? 2 : 1;
+    const int64_t n0 = t * kTaskRows;
+    const int64_t width = 16 * nv;
+    alignas(64) float panel[kKc * kTaskRows];
+    const int64_t ks = k_slice(p.M);
+    const RowSplit rs(p.M, kMrNeon);
+    const int64_t nsl = ceil_div(p.K, ks);
+    for (int64_t sl = 0; sl < nsl; ++sl) {
+        const int64_t k0 = slice_start(t, sl, nsl, ks);
+        const int64_t kc = p.K - k0 < ks ? p.K - k0 : ks;
+        expand_neon<Q>(p, b0, nv, k0, kc, panel);
+        for (int half = 0; half < nv; ++half) {
+            const int64_t ncols = p.N - n0 - 16 * half;
+            if (ncols <= 0) break;
+            for (int64_t i = 0; i < rs.nblk; ++i) {
+                const int64_t m0 = rs.start(i);
+                kMkNeon[rs.size(i) - 1](p.x + m0 * p.K + k0, p.K, panel + 16 * half, width, kc,
+                                        p.y + m0 * p.N + n0 + 16 * half, p.N, sl > 0, ncols);
+            }
+        }
+    }
+}
+
+void gemm_task_neon(const Problem& p, int64_t t) {
+    switch (p.q) {
+        case 1: gemm_task_neon_q<1>(p, t); break;
+        case 2: gemm_task_neon_q<2>(p, t); break;
+        case 3: gemm_task_neon_q<3>(p, t); break;
+        default: gemm_task_neon_q<4>(p, t); break;
+    }
+}
+#endif  // SHIFTC_LUT_NEON
 
 #if SHIFTC_LUT_X86
 // ===========================================================================================
@@ -872,6 +1167,9 @@ void gemm_task_avx512(const Problem& p, int64_t t) {
 
 bool isa_available(int isa) {
     if (isa == kScalar) return true;
+#if SHIFTC_LUT_NEON
+    if (isa == kNeon) return true;
+#endif
 #if SHIFTC_LUT_X86
     __builtin_cpu_init();
     if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -885,6 +1183,7 @@ bool isa_available(int isa) {
 }
 
 int best_isa() {
+    if (isa_available(kNeon)) return kNeon;
     if (isa_available(kAvx512)) return kAvx512;
     if (isa_available(kAvx2)) return kAvx2;
     return kScalar;
@@ -974,6 +1273,9 @@ int shiftc_bcq_prepare(const float* x, int64_t M, int64_t K, int64_t G, float* w
         case kAvx512: prepare_avx512(x, M, K, G, tables, ws); break;
         case kAvx2: prepare_avx2(x, M, K, G, tables, ws); break;
 #endif
+#if SHIFTC_LUT_NEON
+        case kNeon: prepare_neon(x, M, K, G, tables, ws); break;
+#endif
         default: prepare_scalar(x, M, K, G, tables, ws); break;
     }
     return 0;
@@ -992,6 +1294,9 @@ int shiftc_bcq_compute(const float* x, const float* ws, int64_t M, int64_t K, in
         case kAvx512: lut ? lut_task_avx512(p, task) : gemm_task_avx512(p, task); break;
         case kAvx2: lut ? lut_task_avx2(p, task) : gemm_task_avx2(p, task); break;
 #endif
+#if SHIFTC_LUT_NEON
+        case kNeon: lut ? lut_task_neon(p, task) : gemm_task_neon(p, task); break;
+#endif
         default: lut ? lut_task_scalar(p, task) : gemm_task_scalar(p, task); break;
     }
     return 0;
@@ -1003,7 +1308,7 @@ int shiftc_bcq_set_isa(int isa) {
         g_isa.store(best, std::memory_order_relaxed);
         return best;
     }
-    if (isa < kScalar || isa > kAvx512 || !isa_available(isa)) return -1;
+    if (isa < kScalar || isa > kNeon || !isa_available(isa)) return -1;
     g_isa.store(isa, std::memory_order_relaxed);
     return isa;
 }

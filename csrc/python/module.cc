@@ -360,6 +360,7 @@ const char* isa_name(int isa) {
         case 1: return "scalar";
         case 2: return "avx2";
         case 3: return "avx512";
+        case 4: return "neon";
         default: return "unknown";
     }
 }
@@ -371,7 +372,8 @@ std::string py_bcq_set_isa(const std::string& name) {
     else if (name == "scalar") isa = 1;
     else if (name == "avx2") isa = 2;
     else if (name == "avx512") isa = 3;
-    else fail(fn, "name must be \"auto\", \"scalar\", \"avx2\" or \"avx512\", got \"" + name + "\"");
+    else if (name == "neon") isa = 4;
+    else fail(fn, "name must be \"auto\", \"scalar\", \"avx2\", \"avx512\" or \"neon\", got \"" + name + "\"");
     const int got = shiftc_bcq_set_isa(isa);
     if (got < 0) fail(fn, "ISA \"" + name + "\" is not available on this CPU / build");
     return isa_name(got);

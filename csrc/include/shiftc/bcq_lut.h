@@ -55,7 +55,9 @@
 //   All functions return 0 on success and -1 on invalid arguments (the size functions: -1).
 //
 // ISA: x86-64 builds carry scalar, AVX2+FMA and AVX-512 (F, BW, VL, DQ) versions and pick one at run
-// time from the CPU (or from shiftc_bcq_set_isa, for tests); other targets use the scalar code.
+// time from the CPU (or from shiftc_bcq_set_isa, for tests); aarch64 builds carry scalar and NEON
+// (baseline there, so NEON is the default: vqtbl4q_u8 table lookups for the GEMV, vector
+// expansion and a 5x16 FMA tile for the GEMM); other targets use the scalar code.
 #pragma once
 
 #include <stddef.h>
@@ -96,7 +98,7 @@ int shiftc_bcq_compute(const float* x, const float* ws, int64_t M, int64_t K, in
                        int64_t G, const uint8_t* codes, const float* scales, const float* offsets,
                        float* y, int64_t task);
 
-// ISA selection: 0 = auto (default), 1 = scalar, 2 = AVX2, 3 = AVX-512. Returns the ISA now in
+// ISA selection: 0 = auto (default), 1 = scalar, 2 = AVX2, 3 = AVX-512, 4 = NEON. Returns the ISA now in
 // use, or -1 when the requested one is not available on this CPU / build.
 int shiftc_bcq_set_isa(int isa);
 int shiftc_bcq_isa(void);
