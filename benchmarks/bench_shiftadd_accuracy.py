@@ -3,19 +3,30 @@
 Perplexity with ONNX Runtime (shiftc.evaluate: non-overlapping windows of the held-out Wikipedia
 split, each from an empty cache) of:
   fp32                       the exported model
-  shiftadd q-bit             shiftc's pass (BcqMatMul run through its ONNX function body)
-  rtn q-bit (dequantized)    round-to-nearest, uniform asymmetric per group, on the same layers as
-                             shift-add; written back as fp32 weights for evaluation only
-  ort-matmulnbits 4-bit      ONNX Runtime's own MatMulNBitsQuantizer (block 32 and 128); it only
-                             quantizes MatMuls whose weight is an initializer, so the tied LM head
+  shiftadd q-bit             shiftc's pass with the recipe's settings (shiftc/passes/recipes/
+                             shiftadd-3bit.yaml: scale mode, act order, calibration) at q bits on all 211 linear layers incl. the tied
+                             LM head; evaluated on Ŵ written back as fp32 (the same logits as the
+                             BcqMatMul function bodies, tests/test_shiftadd.py; ONNX Runtime would
+                             need far more memory to constant-fold 211 function bodies)
+  shiftadd q-bit, head fp32  the same model with the LM head left in fp32 (what ONNX Runtime's
+                             quantizer does: it only quantizes MatMuls whose weight is an initializer)
+  rtn q-bit (dequantized)    round-to-nearest, uniform asymmetric per group of the same size, on the
+                             same layers; written back as fp32 weights for evaluation only
+  ort-matmulnbits b-bit      ONNX Runtime's MatMulNBitsQuantizer (asymmetric, DEFAULT algorithm);
+                             ONNX Runtime 1.32 supports 2, 4 and 8 bits (not 3); the tied LM head
                              stays fp32 there
-Bits per weight count the scales (and zero points), averaged over the quantized weights.
+Bits per weight count the scales (and zero points) and are averaged over ALL linear weights of the
+model (211 layers, 134.5M weights; a layer kept in fp32 counts 32 bits), and over the quantized
+layers only ("bpw_quantized").
 
-Note: the model's weights sit on a 4-bit grid of 32-blocks (GGUF Q4_1), so 4-bit results say
-little; the comparison that matters is at 3 bits and below.
+Note: the model's weights sit on a 4-bit grid of 32-blocks with a per-block offset (GGUF Q4_1), so
+4-bit results say little; the comparison that matters is at 3 bits and below.
 
-    .venv/bin/python benchmarks/bench_shiftadd_accuracy.py --tokens 32768 --window 512 \
-        --out benchmarks/results/shiftadd_accuracy.json
+Each row is cached in WORK/rows/<name>.json; with --reuse, rows and compressed models already in
+WORK are reused, so parts can run as separate processes (--methods) and be merged by a last run:
+
+    .venv/bin/python benchmarks/bench_shiftadd_accuracy.py --work /tmp/acc/bench --reuse \
+        --tokens 32768 --window 512 --threads 1 --out benchmarks/results/shiftadd_accuracy.json
 """
 
 from __future__ import annotations
@@ -24,18 +35,51 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
+
+METHODS = ("fp32", "shiftadd", "rtn", "ort")
 
 
-def ppl(path: str, tokens: int, window: int, threads: int) -> float:
-    import shiftc.api
+def _shard_nll(args) -> list[tuple[int, float, int]]:
+    """(window index, NLL, predicted tokens) for windows[i::n], scored as shiftc.evaluation.perplexity does."""
+    path, tokens, window, threads, i, n = args
+    import torch
 
-    return shiftc.api.evaluate(path, tokens=tokens, window=window, threads=threads)["perplexity"]
+    torch.set_num_threads(1)
+    from shiftc.backend.runtime import load
+    from shiftc.evaluation import window_nll
+    from shiftc.frontend.data import load_corpus, token_windows
+    from shiftc.tokenizer import tokenizer_for
+
+    model = load(path, threads)
+    windows = token_windows(tokenizer_for(model.meta, None, model.path), load_corpus("wikipedia", "eval"),
+                            window=window, n_tokens=tokens)
+    session = model.lm_session(batch=1)
+    out = []
+    for j in range(i, len(windows), n):
+        session.reset()
+        out.append((j, *window_nll(session.step(windows[j][None])[0], windows[j])))
+    return out
+
+
+def ppl(path: str, tokens: int, window: int, threads: int, procs: int = 1) -> tuple[float, list[float]]:
+    """Perplexity as shiftc.evaluate computes it (same windows, same per-window scores), and the mean
+    NLL of each window; the windows are split over ``procs`` processes."""
+    import math
+
+    if procs <= 1:
+        rows = _shard_nll((path, tokens, window, threads, 0, 1))
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(procs) as pool:
+            rows = sorted(r for part in pool.map(_shard_nll, [(path, tokens, window, threads, i, procs)
+                                                               for i in range(procs)]) for r in part)
+    return math.exp(sum(r[1] for r in rows) / sum(r[2] for r in rows)), [r[1] / r[2] for r in rows]
 
 
 def rtn_model(model: onnx.ModelProto, targets, bits: int, group: int) -> onnx.ModelProto:
@@ -61,32 +105,38 @@ def rtn_model(model: onnx.ModelProto, targets, bits: int, group: int) -> onnx.Mo
     return out
 
 
-def dequantized_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def dequantized_copy(model: onnx.ModelProto, fp32_head: str | None = None) -> onnx.ModelProto:
     """Every BcqMatMul replaced by MatMul with Ŵᵀ reconstructed in numpy (fp32). ONNX Runtime gives
     the same logits as on the function bodies (tests/test_shiftadd.py checks it) but does not
     constant-fold 211 function bodies at session start, which needs far more memory than this
-    shared machine has free."""
+    shared machine has free. ``fp32_head``: the embedding initializer; the LM head's BcqMatMul then
+    becomes MatMul(x, Transpose(embedding)) again (the head left in fp32)."""
     from shiftc.passes import bcq
+    from shiftc.passes.shiftadd import _remove_dead
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
+    graph_outs = {o.name for o in out.graph.output}
     nodes = []
     for n in out.graph.node:
         if n.op_type != "BcqMatMul":
             nodes.append(n)
             continue
-        a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+        if fp32_head and n.output[0] in graph_outs:
+            nodes.append(helper.make_node("Transpose", [fp32_head], [fp32_head + ".fp32.T"], perm=[1, 0],
+                                          name=n.name + "_fp32_t"))
+            nodes.append(helper.make_node("MatMul", [n.input[0], fp32_head + ".fp32.T"], list(n.output), name=n.name))
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
         planes, exps = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
         w = bcq.reconstruct(bcq.unpack_planes(planes, a["in_features"]), bcq.exps_to_alpha(exps), a["group_size"])
         name = n.input[1] + ".dequant.T"
         out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
-        nodes.append(onnx.helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
+        nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     del out.functions[:]
-    from shiftc.passes.shiftadd import _remove_dead
-
     _remove_dead(out.graph)
     return out
 
@@ -94,17 +144,21 @@ def dequantized_copy(model: onnx.ModelProto) -> onnx.ModelProto:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="exported SmolLM2 .onnx (default: export it into the work folder)")
-    p.add_argument("--work", default=None, help="folder for the models (default: a temporary one)")
+    p.add_argument("--work", required=True, help="folder for the models and cached rows")
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--window", type=int, default=512)
-    p.add_argument("--group", type=int, default=128)
     p.add_argument("--bits", default="3,2", help="shift-add / RTN bit widths")
-    p.add_argument("--scale-mode", default="pow2")
-    p.add_argument("--calib-windows", type=int, default=16)
-    p.add_argument("--calib-window", type=int, default=256)
-    p.add_argument("--ort-blocks", default="32,128", help="MatMulNBits 4-bit block sizes ('' to skip)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--reuse", action="store_true", help="reuse smol_sa{q}.onnx found in --work")
+    p.add_argument("--recipe", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shiftc", "passes",
+                                                    "recipes", "shiftadd-3bit.yaml"),
+                   help="shift-add recipe (its bits are overridden by --bits; group also used for RTN)")
+    p.add_argument("--ort", default="4:128,4:32,2:32,2:128", help="MatMulNBits bits:block pairs ('' to skip)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--assemble-only", action="store_true", help="write the result from the cached rows only")
+    p.add_argument("--earlier", help="JSON of an earlier run whose rows are added under 'earlier' (e.g. fewer tokens)")
+    p.add_argument("--eval-procs", type=int, default=1, help="processes sharing each perplexity's windows")
+    p.add_argument("--sa-rows", default="all,headfp32", help="shift-add rows: all (every layer), headfp32")
+    p.add_argument("--reuse", action="store_true", help="reuse rows and smol_sa{q}.onnx found in --work")
     p.add_argument("--out", default="benchmarks/results/shiftadd_accuracy.json")
     a = p.parse_args(argv)
 
@@ -115,88 +169,152 @@ def main(argv=None) -> int:
     from shiftc.frontend.data import smollm2_gguf
     from shiftc.frontend.onnx_io import load_model, save_model
     from shiftc.passes import bcq
-    from shiftc.passes.calibration import calibration_windows, collect_hessians
-    from shiftc.passes.shiftadd import ShiftAddConfig, ShiftAddPass
+    from shiftc.passes.recipe import load_recipe
+    from shiftc.passes.shiftadd import ShiftAddPass
 
-    work = a.work or tempfile.mkdtemp(prefix="shiftadd_acc_")
-    os.makedirs(work, exist_ok=True)
+    methods = set(a.methods.split(","))
+    work = a.work
+    os.makedirs(os.path.join(work, "rows"), exist_ok=True)
     src = a.model or os.path.join(work, "smol.onnx")
     if not os.path.exists(src):
         shiftc.export(str(smollm2_gguf()), src, max_positions=1024)
     model = load_model(src)
-    rows, timings = [], {}
+    defaults = load_recipe(a.recipe)
+    cfg_sa, cfg_cal = defaults.shiftadd, defaults.calib
+    targets, _ = ShiftAddPass(cfg_sa).match(model)
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    sizes = {t.name: int(np.prod(dims[t.weight])) for t in targets}
+    n_all = sum(sizes.values())
+    head_n = sizes.get("lm_head", 0)
 
-    def add(name, path, bpw, layers, note=""):
+    def avg_bpw(bpw_quant: float, fp32_weights: int = 0) -> float:
+        return (bpw_quant * (n_all - fp32_weights) + 32.0 * fp32_weights) / n_all
+
+    def row(name, path_fn, **fields):
+        cache = os.path.join(work, "rows", name.replace(" ", "_").replace("/", "-") + ".json")
+        if a.reuse and os.path.exists(cache):
+            with open(cache) as f:
+                r = json.load(f)
+            if r.get("tokens") == a.tokens and r.get("window") == a.window:
+                print(f"  {name}: ppl {r['perplexity']:.3f} (cached)", file=sys.stderr, flush=True)
+                return r
+        if a.assemble_only:
+            print(f"  {name}: not measured", file=sys.stderr, flush=True)
+            return None
+        path = path_fn()
         t0 = time.perf_counter()
-        v = ppl(path, a.tokens, a.window, a.threads)
-        rows.append({"method": name, "perplexity": v, "bits_per_weight": bpw, "layers": layers, "note": note,
-                     "size_mb": round(os.path.getsize(path) / 1e6, 1)})
-        timings[f"ppl {name}"] = round(time.perf_counter() - t0, 1)
-        with open(a.out + ".partial", "w") as f:  # partial results survive an interrupted run
-            json.dump({"rows": rows, "timings_s": timings}, f, indent=2)
+        v, nll = ppl(path, a.tokens, a.window, a.threads, a.eval_procs)
+        first = 8192 // a.window  # the first 8,192 tokens: the windows of the earlier 8k-token results
+        r = {"method": name, "perplexity": v, "tokens": a.tokens, "window": a.window, **fields,
+             "perplexity_first_8192_tokens": float(np.exp(np.mean(nll[:first]))) if len(nll) >= first else None,
+             "window_mean_nll": nll,
+             "eval_seconds": round(time.perf_counter() - t0, 1)}
+        with open(cache, "w") as f:
+            json.dump(r, f, indent=2)
         print(f"  {name}: ppl {v:.3f}", file=sys.stderr, flush=True)
+        return r
 
-    add("fp32", src, 32.0, "all", "")
+    rows = []
+    if "fp32" in methods:
+        rows.append(row("fp32", lambda: src, bits_per_weight=32.0, bpw_quantized=32.0, layers="none quantized"))
     bits_list = [int(b) for b in a.bits.split(",") if b]
-    base = ShiftAddPass(ShiftAddConfig(group=a.group, scale_mode=a.scale_mode))
-    targets, _ = base.match(model)
-    t0 = time.perf_counter()
-    ids = calibration_windows(model, windows=a.calib_windows, window=a.calib_window, model_path=src)
-    need = [q for q in bits_list if not (a.reuse and os.path.exists(os.path.join(work, f"smol_sa{q}.onnx")))]
-    hs = collect_hessians(model, [t.x for t in targets], ids, threads=a.threads) if need else None
-    timings["calibration"] = round(time.perf_counter() - t0, 1)
-    for q in bits_list:
-        path = os.path.join(work, f"smol_sa{q}.onnx")
-        if a.reuse and os.path.exists(path):  # a compressed model from an earlier run with the same settings
+    mode = cfg_sa.scale_mode
+    sa_desc = (f"{mode} G{cfg_sa.group}{' act-order' if cfg_sa.act_order else ''}, damp {cfg_sa.damp}, calib "
+               f"{cfg_cal.windows}x{cfg_cal.window} wikipedia/calib"
+               + (f", sequential {cfg_cal.sequential} stages" if getattr(cfg_cal, "sequential", 1) > 1 else ""))
+    if "shiftadd" in methods:
+        for q in bits_list:
+            path = os.path.join(work, f"smol_sa{q}.onnx")
+            if not (a.reuse and os.path.exists(path)):
+                shiftc.api.compress(src, path, recipe=a.recipe, bits=q, threads=a.threads)
+
+            def deq(fp32_head=None, q=q, path=path):
+                out = os.path.join(work, f"smol_sa{q}_deq{'_headfp32' if fp32_head else ''}.onnx")
+                if not (a.reuse and os.path.exists(out)):
+                    sa_model = load_model(path)
+                    save_model(dequantized_copy(sa_model, fp32_head), out)
+                return out
+
             sa_model = load_model(path)
-            meta = json.loads({p.key: p.value for p in sa_model.metadata_props}["shiftc.compression"])
-            bpw, note = meta["bits_per_weight"], "reused " + path
-        else:
-            t0 = time.perf_counter()
-            res = ShiftAddPass(ShiftAddConfig(bits=q, group=a.group, scale_mode=a.scale_mode))(model, hs)
-            timings[f"shiftadd {q}-bit"] = round(time.perf_counter() - t0, 1)
-            save_model(res.model, path)
-            errs = [e["rel_output_error"] for e in res.report["layers"].values()]
-            bpw, note = res.report["bits_per_weight"], f"mean rel. output error {np.mean(errs):.4f}"
-            sa_model = res.model
-            del res
-        deq = os.path.join(work, f"smol_sa{q}_deq.onnx")
-        save_model(dequantized_copy(sa_model), deq)
-        del sa_model
-        add(f"shiftadd {q}-bit G{a.group} {a.scale_mode}", deq, bpw, f"{len(targets)} (incl. LM head)",
-            f"GPTQ, calib {a.calib_windows}x{a.calib_window}; {note}; evaluated on Ŵ written back as fp32")
-    for q in bits_list:
-        path = os.path.join(work, f"smol_rtn{q}.onnx")
-        save_model(rtn_model(model, targets, q, a.group), path)
-        add(f"rtn {q}-bit G{a.group} (dequantized fp32)", path, bcq.bits_per_weight(q, a.group, method="rtn"),
-            f"{len(targets)} (incl. LM head)", "uniform asymmetric, fp32 scale + q-bit zero point")
-    for blk in [int(b) for b in a.ort_blocks.split(",") if b]:
-        try:
-            from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+            meta = json.loads({p_.key: p_.value for p_ in sa_model.metadata_props}["shiftc.compression"])
+            del sa_model
+            note = sa_desc
+            if os.path.exists(path[:-5] + ".note.txt"):  # a model reused from another configuration says which
+                with open(path[:-5] + ".note.txt") as f:
+                    note = f.read().strip()
+            elif meta["scale_mode"] != mode or meta["group"] != cfg_sa.group:
+                raise SystemExit(f"{path}: {meta['scale_mode']} G{meta['group']} is not the recipe's; add {path[:-5]}.note.txt")
+            bq = bcq.bits_per_weight(q, meta["group"], meta["scale_mode"])
+            assert abs(meta["bits_per_weight"] - bq) < 1e-9 and meta["quantized_weights"] == n_all, meta["bits_per_weight"]
+            tag = f"{meta['scale_mode']} G{meta['group']}"
+            if "all" in a.sa_rows.split(","):
+                rows.append(row(f"shiftadd {q}-bit {tag}", deq, bits_per_weight=avg_bpw(bq), bpw_quantized=bq,
+                                layers=f"all {len(targets)} incl. LM head", note=note))
+            emb = next(t.weight for t in targets if t.name == "lm_head")
+            if "headfp32" in a.sa_rows.split(","):
+                rows.append(row(f"shiftadd {q}-bit {tag}, head fp32", lambda: deq(emb), bits_per_weight=avg_bpw(bq, head_n),
+                                bpw_quantized=bq, layers=f"{len(targets) - 1} (LM head fp32)", note=note))
+    if "rtn" in methods:
+        for q in bits_list:
+            def rtn_path(q=q):
+                path = os.path.join(work, f"smol_rtn{q}.onnx")
+                if not (a.reuse and os.path.exists(path)):
+                    save_model(rtn_model(model, targets, q, cfg_sa.group), path)
+                return path
 
-            qz = MatMulNBitsQuantizer(load_model(src), bits=4, block_size=blk, is_symmetric=False)
-            qz.process()
-            path = os.path.join(work, f"smol_nbits4_b{blk}.onnx")
-            save_model(qz.model.model, path)
-            n_q = sum(1 for n in qz.model.model.graph.node if n.op_type == "MatMulNBits")
-            add(f"ort-matmulnbits 4-bit block {blk}", path, 4 + (32 + 4) / blk, f"{n_q} (LM head fp32)",
-                "ONNX Runtime MatMulNBitsQuantizer, asymmetric")
-        except Exception as e:  # report, do not hide
-            rows.append({"method": f"ort-matmulnbits 4-bit block {blk}", "error": f"{type(e).__name__}: {e}"})
+            bq = bcq.bits_per_weight(q, cfg_sa.group, method="rtn")
+            rows.append(row(f"rtn {q}-bit G{cfg_sa.group}", rtn_path, bits_per_weight=avg_bpw(bq), bpw_quantized=bq,
+                            layers=f"all {len(targets)} incl. LM head",
+                            note="uniform asymmetric, fp32 scale + q-bit zero point; dequantized fp32"))
+    if "ort" in methods:
+        for spec in [x for x in a.ort.split(",") if x]:
+            for ob, blk in [tuple(int(v) for v in spec.split(":"))]:
+                name = f"ort-matmulnbits {ob}-bit block {blk}"
 
+                def ort_path(ob=ob, blk=blk):
+                    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+                    path = os.path.join(work, f"smol_nbits{ob}_b{blk}.onnx")
+                    if not (a.reuse and os.path.exists(path)):
+                        qz = MatMulNBitsQuantizer(load_model(src), bits=ob, block_size=blk, is_symmetric=False)
+                        qz.process()
+                        n_q = sum(1 for n in qz.model.model.graph.node if n.op_type == "MatMulNBits")
+                        assert n_q == len(targets) - 1, n_q  # every linear layer but the tied head
+                        save_model(qz.model.model, path)
+                    return path
+
+                bq = ob + (32 + ob) / blk
+                try:
+                    rows.append(row(name, ort_path, bits_per_weight=avg_bpw(bq, head_n), bpw_quantized=bq,
+                                    layers=f"{len(targets) - 1} (LM head fp32)",
+                                    note="ONNX Runtime MatMulNBitsQuantizer, asymmetric, fp32 scale + zero point"))
+                except Exception as e:  # report, do not hide
+                    rows.append({"method": name, "error": f"{type(e).__name__}: {e}"})
+                    print(f"  {name}: {rows[-1]['error']}", file=sys.stderr, flush=True)
+
+    if set(METHODS) - methods:  # a part: the rows are cached, a full run writes the result
+        return 0
+    rows = [r for r in rows if r is not None]
     fp = rows[0]["perplexity"]
     result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", "tokens": a.tokens, "window": a.window,
-              "corpus": "wikipedia/eval", "threads": a.threads, "rows": rows, "timings_s": timings}
+              "windows": a.tokens // a.window, "corpus": "wikipedia/eval", "threads": a.threads,
+              "linear_weights": n_all, "lm_head_weights": head_n,
+              "bits_per_weight_note": "averaged over all linear weights, fp32 layers at 32; scales and zero points counted",
+              "rows": rows}
+    if a.earlier:
+        with open(a.earlier) as f:
+            result["earlier"] = json.load(f)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"SmolLM2-135M perplexity, wikipedia/eval, {a.tokens} tokens, window {a.window}, ONNX Runtime")
-    print(f"{'method':44} {'ppl':>9} {'x fp32':>7} {'bits/w':>7}  layers")
+    print(f"{'method':40} {'ppl':>11} {'x fp32':>8} {'bpw all':>8} {'bpw q':>7}  layers")
     for r in rows:
         if "error" in r:
-            print(f"{r['method']:44} error: {r['error']}")
+            print(f"{r['method']:40} error: {r['error']}")
         else:
-            print(f"{r['method']:44} {r['perplexity']:9.3f} {r['perplexity'] / fp:7.3f} {r['bits_per_weight']:7.3f}  {r['layers']}")
+            print(f"{r['method']:40} {r['perplexity']:11.3f} {r['perplexity'] / fp:8.3f} {r['bits_per_weight']:8.3f} "
+                  f"{r['bpw_quantized']:7.3f}  {r['layers']}")
     return 0
 
 
