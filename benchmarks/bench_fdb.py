@@ -6,7 +6,7 @@ of the calib split) shared by the GPTQ-compensated methods, same group G for all
   fp32                 the exported model
   fdb 2-bit            shiftc's binarize pass (FdbMatMul: 2 {0,1} planes, float16 α1, α2, μ / group)
   fdb 1bit             the same pass in 1-bit mode (one sign plane, float16 scale and mean / group)
-  shiftadd 2-bit       shiftc's shift-add pass (BcqMatMul: 2 ±1 planes, power-of-two scales)
+  shiftadd 2-bit       shiftc's shift-add pass (BcqMatMul: 2 ±1 planes, scales 2^e or 2^e1 + 2^e2: its default)
   rtn 2-bit            round-to-nearest, uniform asymmetric per group (fp32 scale, 2-bit zero)
 All on the same 211 layers (incl. the tied LM head). Compressed models are evaluated on a copy with
 Ŵ reconstructed as fp32 weights (the same numbers as the ops' function bodies; ONNX Runtime
@@ -181,7 +181,7 @@ def main(argv=None) -> int:
             deq = os.path.join(work, f"smol_sa2_g{a.group}_deq.onnx")
             save_model(sa_dequantized(comp), deq)
             del comp
-            add(f"shiftadd 2-bit G{a.group} pow2", deq, meta["bits_per_weight"], f"{calib}; int8 exponents")
+            add(f"shiftadd 2-bit G{a.group} {meta['scale_mode']}", deq, meta["bits_per_weight"], f"{calib}; int8 exponents")
         elif m == "rtn":
             path = os.path.join(work, f"smol_rtn2_g{a.group}.onnx")
             save_model(rtn_model(model, targets, 2, a.group), path)
