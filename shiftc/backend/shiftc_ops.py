@@ -161,7 +161,7 @@ def _bcq_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales: in
 
 @register_converter(SHIFTC_DOMAIN, "BcqMatMul")
 def _bcq_matmul(bb, inputs, attrs, node):
-    from tvm import relax, tirx
+    from tvm import relax
 
     from ..passes.bcq import exps_to_alpha, reconstruct, unpack_planes
 
@@ -182,15 +182,23 @@ def _bcq_matmul(bb, inputs, attrs, node):
         return relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T), "float32"))
 
     codes, scales, offsets = _pack(planes, alpha, k, group, coding)
+    name = f"shiftc_bcq_{n}x{k}_q{bits}g{group}{'_off' if offsets is not None else ''}"
+    return _emit_lut16_call(bb, x, node, name, k, n, bits, group, codes, scales, offsets)
+
+
+def _emit_lut16_call(bb, x, node, name: str, k: int, n: int, bits: int, group: int, codes, scales, offsets):
+    """Emit ``reshape(x, [rows, K]) -> call_tir(kernel PrimFunc) -> reshape back`` for lut16 arrays."""
+    from tvm import relax, tirx
+
     x = bb.normalize(x)
     x_shape = list(x.ty.shape)
     if not x_shape or int(x_shape[-1]) != k:
-        raise UnsupportedError(f"node '{node.name}': input X has shape {x_shape}, expected [..., {k}]")
+        raise UnsupportedError(f"node '{node.name}' ({node.op_type}): input X has shape {x_shape}, expected [..., {k}]")
     rows = 1
     for d in x_shape[:-1]:
         rows = rows * (int(d) if isinstance(d, tirx.IntImm) else d)
     fn = _bcq_primfunc(k, n, bits, group, codes.size, scales.size, 0 if offsets is None else offsets.size)
-    gv = bb.add_func(fn, f"shiftc_bcq_{n}x{k}_q{bits}g{group}{'_off' if offsets is not None else ''}")
+    gv = bb.add_func(fn, name)
     x2 = bb.emit(relax.op.reshape(x, [rows, k]))
     off = offsets if offsets is not None else np.zeros(1, np.float32)
     out = bb.emit(relax.call_tir(
@@ -218,7 +226,7 @@ def fdb_lut16(planes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, k: in
 def _fdb_matmul(bb, inputs, attrs, node):
     """FdbMatMul (shiftc/passes/ops.py): W = Σ α_i·B_i + μ with {0,1} planes. CPU: the BcqMatMul
     kernels with coding "01" and μ folded into their per-group offsets; CUDA: W reconstructed."""
-    from tvm import relax, tirx
+    from tvm import relax
 
     from ..passes.bcq import unpack_planes
     from ..passes.fdb import reconstruct
@@ -237,19 +245,5 @@ def _fdb_matmul(bb, inputs, attrs, node):
         return relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T), "float32"))
 
     codes, lut_scales, lut_off = fdb_lut16(planes, scales, offsets, k, group)
-    x = bb.normalize(x)
-    x_shape = list(x.ty.shape)
-    if not x_shape or int(x_shape[-1]) != k:
-        raise UnsupportedError(f"node '{node.name}' (FdbMatMul): input X has shape {x_shape}, expected [..., {k}]")
-    rows = 1
-    for d in x_shape[:-1]:
-        rows = rows * (int(d) if isinstance(d, tirx.IntImm) else d)
-    fn = _bcq_primfunc(k, n, bits, group, codes.size, lut_scales.size, lut_off.size)
-    gv = bb.add_func(fn, f"shiftc_fdb_{n}x{k}_q{bits}g{group}")
-    x2 = bb.emit(relax.op.reshape(x, [rows, k]))
-    out = bb.emit(relax.call_tir(
-        gv, [x2, relax.const(codes, "uint8"), relax.const(lut_scales, "float32"), relax.const(lut_off, "float32")],
-        [relax.TensorType([rows, n], "float32"),
-         relax.TensorType([workspace_floats(rows, k, group, lut_max_m())], "float32")]))
-    y = bb.emit(relax.TupleGetItem(out, 0))
-    return relax.op.reshape(y, x_shape[:-1] + [n])
+    return _emit_lut16_call(bb, x, node, f"shiftc_fdb_{n}x{k}_q{bits}g{group}", k, n, bits, group,
+                            codes, lut_scales, lut_off)
