@@ -39,8 +39,8 @@ def _op_model(x_shape, planes, exps, q, g, k, opset=17):
 
 
 def test_op_name_is_not_a_standard_onnx_op():
-    assert not onnx.defs.has("BcqMatMul")
-    assert set(ops.OPS) == {"BcqMatMul"} and ops.OPS["BcqMatMul"].reference is ops.bcq_matmul_ref
+    assert not onnx.defs.has("BcqMatMul") and not onnx.defs.has("FdbMatMul")
+    assert set(ops.OPS) == {"BcqMatMul", "FdbMatMul"} and ops.OPS["BcqMatMul"].reference is ops.bcq_matmul_ref
 
 
 @pytest.mark.parametrize("q", [1, 2, 3, 4])
