@@ -199,7 +199,11 @@ def nearest_codes(w: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, t
     values = alpha.T @ _code_signs(q, alpha.dtype).T  # [N, 2^q]
     sv, order = torch.sort(values, dim=1, stable=True)  # equal values keep increasing code order
     mids = (sv[:, 1:] + sv[:, :-1]) * 0.5
-    pos = torch.searchsorted(mids.contiguous(), w.contiguous())  # [N, C] index into the sorted values
+    # index into the sorted values = the number of midpoints below w (a compare per midpoint: q ≤ 4
+    # gives ≤ 15 of them, and this is ~2x faster than torch.searchsorted on [N, C])
+    pos = torch.zeros(w.shape, dtype=torch.int64)
+    for i in range(mids.shape[1]):
+        pos += mids[:, i : i + 1] < w
     if q > 1:  # runs of equal values -> the first (lowest code) of the run
         start = torch.arange(2**q).expand_as(sv).clone()
         start[:, 1:] = torch.where(sv[:, 1:] == sv[:, :-1], 0, start[:, 1:])
