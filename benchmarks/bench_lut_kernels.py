@@ -5,8 +5,12 @@ intra_op_num_threads = threads), in ONE process with the calls alternating round
 (shiftc.benchmarking.alternate) so that load from elsewhere on the machine hits all alike.
 
     shiftc-qB     shiftc._native.bcq_matmul_lut16 at B = 2, 3, 4 bits, G = 128, pm1 planes,
-                  power-of-two scales (tables for M < BCQ_LUT_MAX_M, expanded panels otherwise);
-                  the time includes prepare (tables) and the workspace allocation
+                  power-of-two scales (tables for M < BCQ_LUT_MAX_M, expanded panels otherwise),
+                  with the kernels' automatic ISA choice (on a CPU with AMX-BF16 the GEMM shapes
+                  run the AMX "bf16x3" path); the time includes prepare (tables) and the
+                  workspace allocation
+    shiftc-fma-qB GEMM shapes on a CPU with AMX only: the same call with the ISA forced to
+                  "avx512" (the AVX-512 FMA GEMM), in the same alternating rounds
     ort-fp32      MatMul with a constant fp32 weight (MLAS; prepacked at session creation)
     ort-nbitsB    com.microsoft MatMulNBits, B bits, block 128, symmetric, from onnxruntime's
                   MatMulNBitsQuantizer, accuracy_level 0 (fp32 math: the default) and, as
@@ -58,6 +62,7 @@ NBITS = (4, 3, 2)
 SHAPES = [
     ("gemv", 1, 4096, 4096, 1.0),
     ("gemm", 128, 4096, 4096, 0.75),
+    ("gemm", 512, 4096, 4096, 0.3),
     ("smollm2", 1, 576, 1536, 1.0),
     ("smollm2", 1, 1536, 576, 1.0),
     ("smollm2", 1, 576, 49152, 0.5),
@@ -125,12 +130,28 @@ def _nbits_model(w_kn: np.ndarray, bits: int, accuracy_level: int):
     return model
 
 
-def _shiftc_fn(x, w_bits, q: int, K: int, N: int, threads: int):
+def _shiftc_fn(x, w_bits, q: int, K: int, N: int, threads: int, isa: str | None = None):
+    """The lut16 matmul; with ``isa``, forced to that ISA for the call (the automatic one after)."""
     rng = np.random.default_rng(q)
     planes = pack_planes(w_bits[:q])
     alpha = np.exp2(rng.integers(-9, -3, (q, N, -(-K // GROUP)))).astype(np.float32)
     codes, scales, offsets = nat.bcq_pack_lut16(planes, alpha, K, GROUP, "pm1")
-    return lambda: nat.bcq_matmul_lut16(x, codes, scales, offsets, N, K, q, GROUP, threads=threads)
+    if isa is None:
+        return lambda: nat.bcq_matmul_lut16(x, codes, scales, offsets, N, K, q, GROUP, threads=threads)
+
+    def forced():
+        nat.bcq_set_isa(isa)
+        try:
+            return nat.bcq_matmul_lut16(x, codes, scales, offsets, N, K, q, GROUP, threads=threads)
+        finally:
+            nat.bcq_set_isa("auto")
+
+    return forced
+
+
+def _amx_gemm(M: int) -> bool:
+    """Whether the automatic ISA runs this M on the AMX GEMM."""
+    return nat.bcq_isa() == "amx" and M >= nat.BCQ_AMX_MIN_M
 
 
 def bench_shape(M: int, K: int, N: int, threads: int, rounds: int) -> dict:
@@ -141,6 +162,9 @@ def bench_shape(M: int, K: int, N: int, threads: int, rounds: int) -> dict:
     fns, refused, slow = {}, {}, {}
     for q in SHIFTC_BITS:
         fns[f"shiftc-q{q}"] = _shiftc_fn(x, w_bits, q, K, N, threads)
+    if _amx_gemm(M):
+        for q in SHIFTC_BITS:
+            fns[f"shiftc-fma-q{q}"] = _shiftc_fn(x, w_bits, q, K, N, threads, isa="avx512")
     sess = _session(_fp32_model(w), threads)
     fns["ort-fp32"] = lambda s=sess: s.run(None, {"x": x})
     for bits in NBITS:
@@ -191,6 +215,12 @@ def bench_shape(M: int, K: int, N: int, threads: int, rounds: int) -> dict:
 
     ratios = {f"{o}/shiftc-q{q}": ratio(times, o, q) for q in SHIFTC_BITS for o in med if not o.startswith("shiftc")}
     cpu_ratios = {f"{o}/shiftc-q{q}": ratio(cpu, o, q) for q in SHIFTC_BITS for o in med if not o.startswith("shiftc")}
+    for q in SHIFTC_BITS:  # the FMA GEMM against ONNX Runtime fp32, and the AMX GEMM against it
+        fma = f"shiftc-fma-q{q}"
+        if fma in med:
+            for t, out in ((times, ratios), (cpu, cpu_ratios)):
+                out[f"ort-fp32/{fma}"] = statistics.median(a / b for a, b in zip(t["ort-fp32"], t[fma]))
+                out[f"{fma}/shiftc-q{q}"] = ratio(t, fma, q)
     for name, ms in slow.items():
         ratios.update({f"{name}/shiftc-q{q}": ms / med[f"shiftc-q{q}"] for q in SHIFTC_BITS})
     return {"M": M, "K": K, "N": N, "median_ms": med, "min_ms": best, "cpu_median_ms": cpu_med,
@@ -205,7 +235,12 @@ def print_shape(r: dict) -> None:
           "".join(f"{'/q' + str(q):>14}" for q in SHIFTC_BITS))
     for name, ms in r["median_ms"].items():
         cols = ""
-        if not name.startswith("shiftc"):
+        if name.startswith("shiftc-fma-q"):  # its own q column: ort-fp32 / this, and this / shiftc-qB
+            q = int(name[len("shiftc-fma-q"):])
+            cols = "".join(" " * 14 for _ in SHIFTC_BITS[:SHIFTC_BITS.index(q)])
+            cols += (f"{r['ratios'][f'ort-fp32/{name}']:>7.2f} [{r['cpu_ratios'][f'ort-fp32/{name}']:>4.2f}]"
+                     f"  (ort-fp32/this; this/shiftc-q{q}: {r['ratios'][f'{name}/shiftc-q{q}']:.2f})")
+        elif not name.startswith("shiftc"):
             cols = "".join(f"{r['ratios'][f'{name}/shiftc-q{q}']:>7.2f} [{r['cpu_ratios'][f'{name}/shiftc-q{q}']:>4.2f}]"
                            for q in SHIFTC_BITS)
         print(f"  {name:<18}{ms:>10.3f}{r['min_ms'][name]:>9.3f}{r['cpu_median_ms'][name]:>9.3f}{cols}")

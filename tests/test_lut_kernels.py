@@ -8,6 +8,9 @@ S[m, n] = sum_k |x[m, k]| A[n, k],  A[n, k] = sum_i alpha_i[n, g(k)]  (>= |w[n, 
 and a float32 kernel's error on output (m, n) is a few float32 epsilons times S whatever the
 summation order: every output must satisfy |y - ref| <= RTOL * S. (S, not sum_k |x||w|: a weight
 that cancels to 0, e.g. "01" bit 0, still goes through +-alpha/2 terms.)
+
+The AMX GEMM (ISA "amx", M >= BCQ_AMX_MIN_M) multiplies bf16 halves ("bf16x3") and has its own,
+looser bound RTOL_BF16X3 (derived where it is defined); every other path keeps RTOL.
 """
 
 from __future__ import annotations
@@ -23,10 +26,37 @@ from shiftc.passes.bcq import NO_TERM, exps_to_alpha, pack_planes, reconstruct, 
 from shiftc.passes.ops import bcq_matmul_ref
 
 RTOL = 1e-5  # relative to sum_k |x_k| |w_nk|, per output
+# AMX "bf16x3": x = x_hi + x_lo + e_x with x_hi = bf16(x), x_lo = bf16(x - x_hi); bf16 rounds to
+# 8 significant bits, unit roundoff u = 2^-8, so |x_lo| <= u |x| and |e_x| <= u |x_lo| <= u^2 |x|;
+# the same for w. x w - (x_hi w_hi + x_hi w_lo + x_lo w_hi) = x_lo w_lo + e_x (w - e_w) + x e_w,
+# each term at most u^2 (1 + u) |x| |w|: 3 * 2^-16 * (1 + 2^-8) per product, against |w| <= A of
+# the module docstring. The bf16 products are exact in float and the tiles accumulate in float,
+# which RTOL already covers, so the two add up.
+RTOL_BF16X3 = 3 * 2.0**-16 * (1 + 2.0**-8) + RTOL
 MAX_M = nat.BCQ_LUT_MAX_M  # rows of X below which prepare builds tables (the GEMV path)
-# both sides of MAX_M and of the kernels' per-bit-width cutoffs below it (6, 8, 12)
-M_VALUES = sorted({1, 2, 3, 5, 6, 7, 8, MAX_M - 1, MAX_M, 17, 130} - {0})
-ISAS = ["scalar", "avx2", "avx512"]
+AMX_MIN_M = nat.BCQ_AMX_MIN_M  # rows of X from which ISA "amx" runs the GEMM on AMX tiles
+# both sides of MAX_M and of the kernels' per-bit-width cutoffs below it (6, 8, 12), and of AMX_MIN_M
+M_VALUES = sorted({1, 2, 3, 5, 6, 7, 8, MAX_M - 1, MAX_M, AMX_MIN_M - 1, AMX_MIN_M, 17, 130} - {0})
+ISAS = ["scalar", "avx2", "avx512", "amx"]
+
+
+def amx_available() -> bool:
+    try:
+        nat.bcq_set_isa("amx")
+    except ValueError:
+        return False
+    finally:
+        nat.bcq_set_isa("auto")
+    return True
+
+
+# AMX is a plain skip even under SHIFTC_REQUIRE_ALL=1: CI machines need not have it (it is not an
+# optional tool that CI installs, it is the CPU)
+NO_AMX = "this CPU lacks AMX-BF16 (or the OS does not permit AMX tile data)"
+
+
+def rtol_for(isa: str, m: int) -> float:
+    return RTOL_BF16X3 if isa == "amx" and m >= AMX_MIN_M else RTOL
 
 
 @pytest.fixture(params=ISAS)
@@ -35,6 +65,8 @@ def isa(request):
     try:
         nat.bcq_set_isa(request.param)
     except ValueError as e:
+        if request.param == "amx":
+            pytest.skip(NO_AMX)
         require(False, f"this CPU/build lacks ISA {request.param}: {e}")
     yield request.param
     nat.bcq_set_isa("auto")
@@ -58,12 +90,12 @@ def error_scale(x: np.ndarray, exps: np.ndarray, k: int, group: int) -> np.ndarr
 
 
 def check(y: np.ndarray, x: np.ndarray, planes: np.ndarray, exps: np.ndarray, *, q: int, k: int, group: int,
-          coding: str, what: str) -> None:
+          coding: str, what: str, rtol: float = RTOL) -> None:
     ref = bcq_matmul_ref(x, planes, exps, bits=q, group_size=group, in_features=k, coding=coding)
     bound = error_scale(x, exps, k, group)
     assert y.shape == ref.shape and y.dtype == np.float32, what
     err = np.abs(y.astype(np.float64) - ref.astype(np.float64))
-    bad = err > RTOL * bound + 1e-30
+    bad = err > rtol * bound + 1e-30
     assert not bad.any(), f"{what}: {bad.sum()} outputs off, worst err/bound {np.max(err / np.maximum(bound, 1e-30)):.3g}"
 
 
@@ -87,7 +119,8 @@ def test_every_bits_group_coding_and_m(isa, q, group, coding):
     for m in M_VALUES:
         x = rng.standard_normal((m, k)).astype(np.float32)
         y = run(x, planes, exps, q=q, k=k, group=group, coding=coding)
-        check(y, x, planes, exps, q=q, k=k, group=group, coding=coding, what=f"{isa} q={q} G={group} {coding} M={m}")
+        check(y, x, planes, exps, q=q, k=k, group=group, coding=coding, what=f"{isa} q={q} G={group} {coding} M={m}",
+              rtol=rtol_for(isa, m))
 
 
 # (N, K) grid; bits, group and coding rotate over it so that each shape meets several of them.
@@ -105,7 +138,8 @@ def test_shapes(isa, n, k):
     for m in sorted(set(ms) - {0}):
         x = rng.standard_normal((m, k)).astype(np.float32)
         y = run(x, planes, exps, q=q, k=k, group=group, coding=coding)
-        check(y, x, planes, exps, q=q, k=k, group=group, coding=coding, what=f"{isa} N={n} K={k} q={q} G={group} M={m}")
+        check(y, x, planes, exps, q=q, k=k, group=group, coding=coding, what=f"{isa} N={n} K={k} q={q} G={group} M={m}",
+              rtol=rtol_for(isa, m))
 
 
 @pytest.mark.parametrize("k", [1, 7, 31, 33, 61, 100, 200])
@@ -118,7 +152,8 @@ def test_k_not_a_multiple_of_8_or_32(isa, k):
         for m in (1, MAX_M, 20):
             x = rng.standard_normal((m, k)).astype(np.float32)
             y = run(x, planes, exps, q=q, k=k, group=group, coding=coding)
-            check(y, x, planes, exps, q=q, k=k, group=group, coding=coding, what=f"{isa} K={k} {coding} M={m}")
+            check(y, x, planes, exps, q=q, k=k, group=group, coding=coding, what=f"{isa} K={k} {coding} M={m}",
+                  rtol=rtol_for(isa, m))
 
 
 @pytest.mark.parametrize("m", [1, MAX_M, 130])
@@ -131,7 +166,7 @@ def test_threads_match_one_thread(isa, m):
     y1 = run(x, planes, exps, q=q, k=k, group=group, coding="01", threads=1)
     y2 = run(x, planes, exps, q=q, k=k, group=group, coding="01", threads=2)
     np.testing.assert_array_equal(y1, y2)
-    check(y2, x, planes, exps, q=q, k=k, group=group, coding="01", what=f"{isa} threads=2 M={m}")
+    check(y2, x, planes, exps, q=q, k=k, group=group, coding="01", what=f"{isa} threads=2 M={m}", rtol=rtol_for(isa, m))
 
 
 def test_isas_agree():
@@ -153,7 +188,57 @@ def test_isas_agree():
     for isa, ys in outs.items():
         for x, a, b in zip(xs, ys, base):
             bound = error_scale(x, exps, k, group)
-            assert np.all(np.abs(a - b) <= 2 * RTOL * bound), isa
+            assert np.all(np.abs(a - b) <= (RTOL + rtol_for(isa, len(x))) * bound), isa
+
+
+# -- AMX ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def amx():
+    if not amx_available():
+        pytest.skip(NO_AMX)
+    nat.bcq_set_isa("amx")
+    yield
+    nat.bcq_set_isa("auto")
+
+
+@pytest.mark.parametrize("m", [AMX_MIN_M, 17, 31, 32, 33, 48, 100])
+@pytest.mark.parametrize("n,k", [(33, 100), (64, 576), (17, 1100)])
+def test_amx_row_blocks_and_edges(amx, m, n, k):
+    """The AMX GEMM pads rows to 16-row blocks (pairs of them, and a lone last one), columns to 32
+    (K not a multiple of 32, the task's second half past N) and K-slices (K = 1100 > 512)."""
+    i = m + n + k
+    q, group, coding = 1 + i % 4, (32, 64, 128)[i % 3], ("pm1", "01")[i % 2]
+    rng = np.random.default_rng(i)
+    planes, exps = make_weights(rng, q, n, k, group)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y = run(x, planes, exps, q=q, k=k, group=group, coding=coding)
+    check(y, x, planes, exps, q=q, k=k, group=group, coding=coding, what=f"amx M={m} N={n} K={k} q={q} G={group}",
+          rtol=RTOL_BF16X3)
+
+
+def test_amx_reconverts_x_after_prepare(amx):
+    """Each thread keeps X's bf16 tiles from one call to the next while nothing prepared since:
+    new contents in the same buffer (prepared again by the next call) must be used."""
+    rng = np.random.default_rng(5)
+    m, n, k, q, group = 40, 96, 640, 3, 128
+    planes, exps = make_weights(rng, q, n, k, group)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    for _ in range(3):
+        y = run(x, planes, exps, q=q, k=k, group=group, coding="pm1")
+        check(y, x, planes, exps, q=q, k=k, group=group, coding="pm1", what="amx in-place x", rtol=RTOL_BF16X3)
+        x[...] = rng.standard_normal((m, k)).astype(np.float32)  # same buffer, new contents
+
+
+def test_amx_large_x_converted_per_slice(amx):
+    """An X whose tiles exceed the per-thread cache (32 MiB) is converted slice by slice."""
+    rng = np.random.default_rng(6)
+    m, n, k, q, group = 1040, 40, 8192, 2, 128  # 1040 x 8192 x 4 bytes = 32.5 MiB
+    planes, exps = make_weights(rng, q, n, k, group)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y = run(x, planes, exps, q=q, k=k, group=group, coding="01")
+    check(y, x, planes, exps, q=q, k=k, group=group, coding="01", what="amx large X", rtol=RTOL_BF16X3)
 
 
 # -- layout ---------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@
 //   GEMM (larger M)  gemm_task_scalar (4x16)  gemm_task_avx2 (6x16)    gemm_task_avx512 (14x32)
 //                    (2x16 on x86-64)
 //   aarch64 NEON     prepare_neon, lut_task_neon (16 rows, vqtbl4q_u8), gemm_task_neon (5x16)
+//   x86-64 AMX       the AVX-512 kernels, and gemm_task_amx (bf16x3 tiles, 2 x 16 rows x 32)
+//                    for M >= SHIFTC_BCQ_AMX_MIN_M
 // (the GEMV path runs for M < SHIFTC_BCQ_LUT_MAX_M and M < kLutRowsBelow[q - 1]).
 //
 // GEMV ("LUT") path. For 4 consecutive columns c of a row of X, prepare() stores the table
@@ -36,6 +38,12 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
+#include <cpuid.h>
+#include <stdlib.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #define SHIFTC_LUT_X86 1
 #define SHIFTC_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define SHIFTC_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
@@ -73,7 +81,8 @@ int64_t slice_start(int64_t t, int64_t sl, int64_t nsl, int64_t ks) { return ((t
 // a cold 4096 x 4096 GEMV 20-23% faster on a Xeon (Emerald Rapids), and costs <3% when warm.
 constexpr int64_t kPrefetchBytes = 4096;
 
-enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kNeon = 4 };
+// kAmx: the AVX-512 kernels, and the AMX-BF16 GEMM for M >= kAmxMinRows.
+enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kNeon = 4, kAmx = 5 };
 
 // The table path runs for M < SHIFTC_BCQ_LUT_MAX_M (the workspace then holds tables) AND M below
 // this cutoff for the bit width; otherwise the GEMM path runs (it reads no tables). A table pass
@@ -1159,6 +1168,376 @@ void gemm_task_avx512(const Problem& p, int64_t t) {
         default: gemm_task_avx512_q<4>(p, t); break;
     }
 }
+
+// ===========================================================================================
+// AMX-BF16 GEMM (x86-64, Sapphire Rapids and later): "bf16x3" error-compensated products
+// ===========================================================================================
+//
+// For M >= kAmxMinRows the GEMM path runs on the AMX tile unit. Every float v (expanded weight,
+// activation) is split into v_hi = bf16(v) and v_lo = bf16(v - v_hi) (round to nearest even), and
+// x . w is computed as x_hi w_hi + x_hi w_lo + x_lo w_hi with TDPBF16PS (bf16 products are exact
+// in float; the tiles accumulate in float). The dropped parts are x_lo w_lo and the rounding of
+// the lo halves, each at most 2^-16 |x| |w| (bf16 unit roundoff 2^-8, squared): about 3 * 2^-16
+// relative per product in the worst case instead of float's 2^-24 (typical errors are far below;
+// tests/test_lut_kernels.py derives its RTOL_BF16X3 from this).
+//
+// Per task (32 output columns = two 16-column halves h) and K-slice (as the FMA path):
+//   W: the slice of the panel is expanded as in expand_avx512 and written straight to B tiles in
+//      the VNNI pairing TDPBF16PS wants: tile (s, h, hi|lo) = 16 rows (column pairs 2r, 2r+1 of
+//      k-step s) x 16 output columns x 2 bf16, 1 KiB contiguous.
+//   X: rows in blocks of 16 (zero rows past M, zero columns past K) -> A tiles (mb, s, hi|lo), 16
+//      rows x 32 bf16, 1 KiB contiguous.
+//   C: per pair of 16-row blocks, 4 float tiles (2 row blocks x 2 halves): 4 independent TDP
+//      chains per k-step, 12 TDPs per 10 tile loads; kept across slices in a float buffer.
+// Tile registers: tmm0..3 C, tmm4, tmm5 A (the two row blocks), tmm6, tmm7 B (the two halves).
+// The tile configuration is loaded at the start of every task and released at its end: it is
+// per thread, other code on the same thread (oneDNN, ...) may load another, and a task is
+// millions of cycles against tens for LDTILECFG.
+//
+// The tile instructions are written as inline asm here (not GCC's amxtileintrin.h macros, which
+// lack a "memory" operand, so the compiler could move the stores of the buffers past the loads).
+
+#define SHIFTC_TARGET_AMX \
+    __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16")))
+#define SHIFTC_TILE_LOAD(t, base) \
+    __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"((const void*)(base)), "r"((long)64) : "memory")
+#define SHIFTC_TILE_STORE(t, base) \
+    __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"((void*)(base)), "r"((long)64) : "memory")
+#define SHIFTC_TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
+// C(tmm c) += A(tmm a) . B(tmm b)
+#define SHIFTC_TDP(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+
+constexpr int64_t kAmxMinRows = SHIFTC_BCQ_AMX_MIN_M;  // M from which the AMX path runs (measured)
+constexpr int64_t kTileElems = 512;  // bf16 per 1 KiB tile
+
+struct alignas(64) TileConfig {
+    uint8_t palette_id;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+};
+
+SHIFTC_TARGET_AMX void amx_load_config() {
+    TileConfig cfg{};
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    __asm__ volatile("ldtilecfg %0" ::"m"(cfg) : "memory");
+}
+
+SHIFTC_TARGET_AMX void amx_release() { __asm__ volatile("tilerelease" ::: "memory"); }
+
+// Per-thread buffers, grown as needed (64-byte aligned).
+struct AmxBuffers {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+    ~AmxBuffers() { free(ptr); }
+    void* get(size_t need) {
+        if (need > bytes) {
+            free(ptr);
+            ptr = aligned_alloc(64, (need + 63) / 64 * 64);
+            bytes = ptr ? need : 0;
+        }
+        return ptr;
+    }
+};
+thread_local AmxBuffers t_amx;
+
+// X converted to A tiles is the same for every task of a call, and converting it in every task
+// cost more than the tile products (M = 128, K = 4096: ~2/3 of the task). So each thread keeps
+// the tiles of the whole X (all Kp columns) from its first task of a call and reuses them while
+// the call is the same: same x, M, K, Kp, and no shiftc_bcq_prepare since (every prepare bumps
+// g_prepare_epoch; by the calling convention a new X, or new contents of the same buffer, is
+// prepared before it is computed on). Above kXCacheBytes a task converts X slice by slice.
+std::atomic<uint64_t> g_prepare_epoch{0};
+constexpr size_t kXCacheBytes = size_t{32} << 20;
+struct XCache {
+    const float* x = nullptr;
+    int64_t M = -1, K = -1, Kp = -1;
+    uint64_t epoch = 0;
+    bool valid = false;
+    AmxBuffers buf;
+};
+thread_local XCache t_xcache;
+
+// 16 floats (one per output column) of two consecutive K columns -> the hi and lo halves of a
+// VNNI tile row: 32-bit lane n holds (bf16 of the even column, bf16 of the odd column).
+SHIFTC_TARGET_AMX inline void split_pair(__m512 we, __m512 wo, uint16_t* hi, uint16_t* lo, __m512i perm) {
+    // cvtne2ps_pbh(a, b): words 0..15 = b, 16..31 = a; perm interleaves them (even, odd)
+    const __m512i h = _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(wo, we));
+    const __m512 he = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+    const __m512 ho = _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32((int)0xFFFF0000u)));
+    const __m512i l = _mm512_permutexvar_epi16(
+        perm, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(wo, ho), _mm512_sub_ps(we, he)));
+    _mm512_store_si512((void*)hi, h);
+    _mm512_store_si512((void*)lo, l);
+}
+
+// Expand columns [k0, k0 + 32 nks) of the task's two row blocks into B tiles wt[(s*2 + h)*2 + hl].
+template <int Q>
+SHIFTC_TARGET_AMX void expand_amx(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t nks, uint16_t* wt) {
+    alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i perm = _mm512_load_si512((const void*)kInterleave);
+    const int64_t o0 = k0 / 8, o1 = o0 + nks * 4;
+    for (int h = 0; h < 2; ++h) {
+        if (h >= nv) {  // a lone last row block: the second half multiplies zeros
+            for (int64_t s = 0; s < nks; ++s)
+                for (int hl = 0; hl < 2; ++hl)
+                    for (int64_t e = 0; e < kTileElems; e += 32)
+                        _mm512_store_si512((void*)(wt + ((s * 2 + h) * 2 + hl) * kTileElems + e), _mm512_setzero_si512());
+            continue;
+        }
+        const uint8_t* cb = p.codes + (b0 + h) * p.octs * Q * 16;
+        int64_t gnext = o0;
+        __m512 base = _mm512_setzero_ps(), a2[Q];
+        for (int i = 0; i < Q; ++i) a2[i] = _mm512_setzero_ps();
+        for (int64_t o = o0; o < o1; ++o) {
+            if (o == gnext) {
+                const int64_t g = o * 8 / p.G;
+                gnext = (g + 1) * p.G / 8;
+                const float* s = p.scales + ((b0 + h) * p.NG + g) * Q * 16;
+                base = p.offsets ? _mm512_loadu_ps(p.offsets + ((b0 + h) * p.NG + g) * 16) : _mm512_setzero_ps();
+                for (int i = 0; i < Q; ++i) {
+                    const __m512 a = _mm512_loadu_ps(s + i * 16);
+                    base = _mm512_sub_ps(base, a);
+                    a2[i] = _mm512_add_ps(a, a);
+                }
+            }
+            __m128i c[Q];
+            for (int i = 0; i < Q; ++i) c[i] = _mm_loadu_si128((const __m128i*)(cb + (o * Q + i) * 16));
+            const int64_t kk = (o - o0) * 8;  // column of the slice
+            const int64_t s = kk / 32;
+            uint16_t* hi = wt + ((s * 2 + h) * 2 + 0) * kTileElems + (kk % 32) / 2 * 32;
+            uint16_t* lo = hi + kTileElems;
+            for (int j = 0; j < 8; j += 2) {
+                const __m128i be = _mm_set1_epi8((char)(1 << j)), bo = _mm_set1_epi8((char)(2 << j));
+                __m512 we = base, wo = base;
+                for (int i = 0; i < Q; ++i) {
+                    we = _mm512_mask_add_ps(we, _mm_test_epi8_mask(c[i], be), we, a2[i]);
+                    wo = _mm512_mask_add_ps(wo, _mm_test_epi8_mask(c[i], bo), wo, a2[i]);
+                }
+                split_pair(we, wo, hi + j / 2 * 32, lo + j / 2 * 32, perm);
+            }
+        }
+    }
+}
+
+// Rows of X (all M, in 16-row blocks) x columns [k0, k0 + 32 nks) -> A tiles xt[(mb*nks + s)*2 + hl].
+SHIFTC_TARGET_AMX void convert_x_amx(const Problem& p, int64_t k0, int64_t nks, uint16_t* xt) {
+    const int64_t nmb = ceil_div(p.M, 16);
+    for (int64_t mb = 0; mb < nmb; ++mb) {
+        for (int r = 0; r < 16; ++r) {
+            const int64_t m = mb * 16 + r;
+            const float* xr = p.x + m * p.K + k0;
+            for (int64_t s = 0; s < nks; ++s) {
+                uint16_t* hi = xt + ((mb * nks + s) * 2) * kTileElems + r * 32;
+                uint16_t* lo = hi + kTileElems;
+                for (int half = 0; half < 2; ++half) {
+                    const int64_t kk = s * 32 + 16 * half;
+                    const int64_t valid = m < p.M ? p.K - k0 - kk : 0;
+                    __m512 v;
+                    if (valid >= 16) {
+                        v = _mm512_loadu_ps(xr + kk);
+                    } else {
+                        const __mmask16 mk = valid <= 0 ? (__mmask16)0 : (__mmask16)((1u << valid) - 1);
+                        v = _mm512_maskz_loadu_ps(mk, valid <= 0 ? p.x : xr + kk);
+                    }
+                    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+                    const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                    const __m256i l = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
+                    _mm256_store_si256((__m256i*)(hi + 16 * half), h);
+                    _mm256_store_si256((__m256i*)(lo + 16 * half), l);
+                }
+            }
+        }
+    }
+}
+
+// C tiles of row blocks mb (and mb + 1 when TWO) += X . W over nks k-steps; acc [nmb][2][16][16].
+template <bool TWO>
+SHIFTC_TARGET_AMX void amx_rows(const uint16_t* xa, const uint16_t* xb, const uint16_t* wt, int64_t nks,
+                                float* acc_a, float* acc_b, bool first) {
+    if (first) {
+        SHIFTC_TILE_ZERO(0);
+        SHIFTC_TILE_ZERO(1);
+        if (TWO) {
+            SHIFTC_TILE_ZERO(2);
+            SHIFTC_TILE_ZERO(3);
+        }
+    } else {
+        SHIFTC_TILE_LOAD(0, acc_a);
+        SHIFTC_TILE_LOAD(1, acc_a + 256);
+        if (TWO) {
+            SHIFTC_TILE_LOAD(2, acc_b);
+            SHIFTC_TILE_LOAD(3, acc_b + 256);
+        }
+    }
+    for (int64_t s = 0; s < nks; ++s) {
+        const uint16_t* a0 = xa + s * 2 * kTileElems;  // hi; lo at + kTileElems
+        const uint16_t* a1 = xb + s * 2 * kTileElems;
+        const uint16_t* w0 = wt + (s * 2 + 0) * 2 * kTileElems;
+        const uint16_t* w1 = wt + (s * 2 + 1) * 2 * kTileElems;
+        // x_hi . w_hi
+        SHIFTC_TILE_LOAD(4, a0);
+        if (TWO) SHIFTC_TILE_LOAD(5, a1);
+        SHIFTC_TILE_LOAD(6, w0);
+        SHIFTC_TILE_LOAD(7, w1);
+        SHIFTC_TDP(0, 4, 6);
+        SHIFTC_TDP(1, 4, 7);
+        if (TWO) {
+            SHIFTC_TDP(2, 5, 6);
+            SHIFTC_TDP(3, 5, 7);
+        }
+        // x_hi . w_lo
+        SHIFTC_TILE_LOAD(6, w0 + kTileElems);
+        SHIFTC_TILE_LOAD(7, w1 + kTileElems);
+        SHIFTC_TDP(0, 4, 6);
+        SHIFTC_TDP(1, 4, 7);
+        if (TWO) {
+            SHIFTC_TDP(2, 5, 6);
+            SHIFTC_TDP(3, 5, 7);
+        }
+        // x_lo . w_hi
+        SHIFTC_TILE_LOAD(4, a0 + kTileElems);
+        if (TWO) SHIFTC_TILE_LOAD(5, a1 + kTileElems);
+        SHIFTC_TILE_LOAD(6, w0);
+        SHIFTC_TILE_LOAD(7, w1);
+        SHIFTC_TDP(0, 4, 6);
+        SHIFTC_TDP(1, 4, 7);
+        if (TWO) {
+            SHIFTC_TDP(2, 5, 6);
+            SHIFTC_TDP(3, 5, 7);
+        }
+    }
+    SHIFTC_TILE_STORE(0, acc_a);
+    SHIFTC_TILE_STORE(1, acc_a + 256);
+    if (TWO) {
+        SHIFTC_TILE_STORE(2, acc_b);
+        SHIFTC_TILE_STORE(3, acc_b + 256);
+    }
+}
+
+template <int Q>
+SHIFTC_TARGET_AMX void gemm_task_amx_q(const Problem& p, int64_t t) {
+    const int64_t b0 = 2 * t;
+    const int nv = b0 + 1 < p.NB ? 2 : 1;
+    const int64_t n0 = t * kTaskRows;
+    const int64_t ncols = p.N - n0 < 16 * nv ? p.N - n0 : 16 * nv;
+    const __mmask16 m0 = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
+    const __mmask16 m1 = ncols >= 32 ? (__mmask16)0xFFFF : ncols <= 16 ? (__mmask16)0 : (__mmask16)((1u << (ncols - 16)) - 1);
+    const int64_t ks = k_slice(p.M);  // a multiple of 32
+    const int64_t nsl = ceil_div(p.K, ks);
+    const int64_t nmb = ceil_div(p.M, 16);
+    const int64_t max_nks = ks / 32;
+    // buffers: W tiles [max_nks][2][2][512] bf16, X tiles [nmb][max_nks][2][512] bf16, acc [nmb][2][256] float
+    // X tiles of the whole call (cached per thread, see XCache) or of one slice
+    const int64_t nks_all = p.Kp / 32;
+    const size_t all_bytes = (size_t)nmb * nks_all * 2 * kTileElems * 2;
+    const bool whole = all_bytes <= kXCacheBytes;
+    const uint16_t* xall = nullptr;
+    if (whole) {
+        XCache& c = t_xcache;
+        const uint64_t epoch = g_prepare_epoch.load(std::memory_order_acquire);
+        if (!(c.valid && c.x == p.x && c.M == p.M && c.K == p.K && c.Kp == p.Kp && c.epoch == epoch)) {
+            c.valid = false;
+            uint16_t* dst = static_cast<uint16_t*>(c.buf.get(all_bytes));
+            if (!dst) {  // out of memory: the FMA path needs no buffers
+                gemm_task_avx512_q<Q>(p, t);
+                return;
+            }
+            convert_x_amx(p, 0, nks_all, dst);
+            c.x = p.x;
+            c.M = p.M;
+            c.K = p.K;
+            c.Kp = p.Kp;
+            c.epoch = epoch;
+            c.valid = true;
+        }
+        xall = static_cast<const uint16_t*>(c.buf.ptr);
+    }
+    // per-task buffers: W tiles [max_nks][2][2][512] bf16, slice X tiles [nmb][max_nks][2][512] bf16
+    // (only without the whole-X tiles), acc [nmb][2][256] float
+    const size_t wt_elems = (size_t)max_nks * 4 * kTileElems, xt_elems = whole ? 0 : (size_t)nmb * max_nks * 2 * kTileElems;
+    char* buf = static_cast<char*>(t_amx.get((wt_elems + xt_elems) * 2 + (size_t)nmb * 512 * 4));
+    if (!buf) {
+        gemm_task_avx512_q<Q>(p, t);
+        return;
+    }
+    uint16_t* wt = reinterpret_cast<uint16_t*>(buf);
+    uint16_t* xt = wt + wt_elems;
+    float* acc = reinterpret_cast<float*>(xt + xt_elems);
+    amx_load_config();
+    for (int64_t sl = 0; sl < nsl; ++sl) {
+        const int64_t k0 = slice_start(t, sl, nsl, ks);
+        const int64_t kc = p.K - k0 < ks ? p.K - k0 : ks;
+        const int64_t nks = ceil_div(kc, 32);  // columns past K (up to Kp, a multiple of 32) are zero in X
+        expand_amx<Q>(p, b0, nv, k0, nks, wt);
+        // A tiles of row block mb, k-step s of this slice: xs + (mb * xstride + s) * 2 * kTileElems
+        const uint16_t* xs;
+        int64_t xstride;
+        if (whole) {
+            xs = xall + k0 / 32 * 2 * kTileElems;
+            xstride = nks_all;
+        } else {
+            convert_x_amx(p, k0, nks, xt);
+            xs = xt;
+            xstride = nks;
+        }
+        int64_t mb = 0;
+        for (; mb + 2 <= nmb; mb += 2) {
+            amx_rows<true>(xs + mb * xstride * 2 * kTileElems, xs + (mb + 1) * xstride * 2 * kTileElems, wt, nks,
+                           acc + mb * 512, acc + (mb + 1) * 512, sl == 0);
+        }
+        if (mb < nmb) amx_rows<false>(xs + mb * xstride * 2 * kTileElems, nullptr, wt, nks, acc + mb * 512, nullptr, sl == 0);
+    }
+    amx_release();
+    for (int64_t m = 0; m < p.M; ++m) {
+        const float* a = acc + (m / 16) * 512 + (m % 16) * 16;
+        float* yr = p.y + m * p.N + n0;
+        _mm512_mask_storeu_ps(yr, m0, _mm512_load_ps(a));
+        if (m1) _mm512_mask_storeu_ps(yr + 16, m1, _mm512_load_ps(a + 256));
+    }
+}
+
+void gemm_task_amx(const Problem& p, int64_t t) {
+    switch (p.q) {
+        case 1: gemm_task_amx_q<1>(p, t); break;
+        case 2: gemm_task_amx_q<2>(p, t); break;
+        case 3: gemm_task_amx_q<3>(p, t); break;
+        default: gemm_task_amx_q<4>(p, t); break;
+    }
+}
+
+// AMX-TILE, AMX-BF16 and AVX512-BF16 in CPUID, tile state enabled by the OS (XCR0 bits 17, 18),
+// and, on Linux, the permission to use it (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA),
+// requested once per process.
+bool amx_usable() {
+    static const bool ok = [] {
+        unsigned a, b, c, d;
+        if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+        const bool tile = (d >> 24) & 1, bf16 = (d >> 22) & 1;
+        if (!tile || !bf16 || a < 1) return false;  // a: highest subleaf of leaf 7
+        if (!__get_cpuid_count(7, 1, &a, &b, &c, &d) || !((a >> 5) & 1)) return false;  // AVX512-BF16
+        if (!__get_cpuid_count(1, 0, &a, &b, &c, &d) || !((c >> 27) & 1)) return false;  // OSXSAVE
+        unsigned lo, hi;
+        __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+        if (((lo >> 17) & 3) != 3) return false;
+#if defined(__linux__)
+        constexpr long kArchGetXcompPerm = 0x1022, kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+        if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return false;
+        unsigned long perm = 0;
+        if (syscall(SYS_arch_prctl, kArchGetXcompPerm, &perm) != 0) return false;
+        return ((perm >> kXfeatureXtiledata) & 1) != 0;
+#else
+        return false;
+#endif
+    }();
+    return ok;
+}
 #endif  // SHIFTC_LUT_X86
 
 // ===========================================================================================
@@ -1178,12 +1557,14 @@ bool isa_available(int isa) {
                __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
     }
+    if (isa == kAmx) return isa_available(kAvx512) && amx_usable();
 #endif
     return false;
 }
 
 int best_isa() {
     if (isa_available(kNeon)) return kNeon;
+    if (isa_available(kAmx)) return kAmx;
     if (isa_available(kAvx512)) return kAvx512;
     if (isa_available(kAvx2)) return kAvx2;
     return kScalar;
@@ -1267,9 +1648,13 @@ int64_t shiftc_bcq_workspace_floats(int64_t M, int64_t K, int64_t G) {
 
 int shiftc_bcq_prepare(const float* x, int64_t M, int64_t K, int64_t G, float* ws) {
     if (M < 0 || !valid_shape(1, K, 1, G) || (M > 0 && (!x || !ws))) return -1;
+#if SHIFTC_LUT_X86
+    g_prepare_epoch.fetch_add(1, std::memory_order_acq_rel);  // invalidates every thread's XCache
+#endif
     const bool tables = M < SHIFTC_BCQ_LUT_MAX_M;
     switch (current_isa()) {
 #if SHIFTC_LUT_X86
+        case kAmx:
         case kAvx512: prepare_avx512(x, M, K, G, tables, ws); break;
         case kAvx2: prepare_avx2(x, M, K, G, tables, ws); break;
 #endif
@@ -1291,6 +1676,11 @@ int shiftc_bcq_compute(const float* x, const float* ws, int64_t M, int64_t K, in
     const bool lut = M < SHIFTC_BCQ_LUT_MAX_M && M < kLutRowsBelow[q - 1];
     switch (current_isa()) {
 #if SHIFTC_LUT_X86
+        case kAmx:
+            if (lut) lut_task_avx512(p, task);
+            else if (M >= kAmxMinRows) gemm_task_amx(p, task);
+            else gemm_task_avx512(p, task);
+            break;
         case kAvx512: lut ? lut_task_avx512(p, task) : gemm_task_avx512(p, task); break;
         case kAvx2: lut ? lut_task_avx2(p, task) : gemm_task_avx2(p, task); break;
 #endif
@@ -1308,7 +1698,7 @@ int shiftc_bcq_set_isa(int isa) {
         g_isa.store(best, std::memory_order_relaxed);
         return best;
     }
-    if (isa < kScalar || isa > kNeon || !isa_available(isa)) return -1;
+    if (isa < kScalar || isa > kAmx || !isa_available(isa)) return -1;
     g_isa.store(isa, std::memory_order_relaxed);
     return isa;
 }

@@ -361,6 +361,7 @@ const char* isa_name(int isa) {
         case 2: return "avx2";
         case 3: return "avx512";
         case 4: return "neon";
+        case 5: return "amx";
         default: return "unknown";
     }
 }
@@ -373,7 +374,8 @@ std::string py_bcq_set_isa(const std::string& name) {
     else if (name == "avx2") isa = 2;
     else if (name == "avx512") isa = 3;
     else if (name == "neon") isa = 4;
-    else fail(fn, "name must be \"auto\", \"scalar\", \"avx2\", \"avx512\" or \"neon\", got \"" + name + "\"");
+    else if (name == "amx") isa = 5;
+    else fail(fn, "name must be \"auto\", \"scalar\", \"avx2\", \"avx512\", \"amx\" or \"neon\", got \"" + name + "\"");
     const int got = shiftc_bcq_set_isa(isa);
     if (got < 0) fail(fn, "ISA \"" + name + "\" is not available on this CPU / build");
     return isa_name(got);
@@ -410,6 +412,7 @@ PYBIND11_MODULE(_native, m) {
           "Row m of the result is bcq_gemv_ref(X[m], ...).");
 
     m.attr("BCQ_LUT_MAX_M") = SHIFTC_BCQ_LUT_MAX_M;
+    m.attr("BCQ_AMX_MIN_M") = SHIFTC_BCQ_AMX_MIN_M;
     m.def("bcq_pack_lut16", &py_bcq_pack_lut16, py::arg("planes"), py::arg("alpha"), py::arg("K"),
           py::arg("group"), py::arg("coding") = "pm1",
           "bcq_pack_lut16(planes: uint32 [q, N, ceil(K/32)], alpha: float32 [q, N, ceil(K/group)],\n"
@@ -426,7 +429,8 @@ PYBIND11_MODULE(_native, m) {
           "array sizes do not pin K within a group): table lookups for small M (< BCQ_LUT_MAX_M),\n"
           "expanded panels and FMA otherwise. threads > 1 splits the 32-column tasks over threads.");
     m.def("bcq_set_isa", &py_bcq_set_isa, py::arg("name"),
-          "bcq_set_isa(name: 'auto'|'scalar'|'avx2'|'avx512') -> str: the ISA now used by the lut16\n"
-          "kernels (process-wide). Raises ValueError if the CPU or build lacks it.");
+          "bcq_set_isa(name: 'auto'|'scalar'|'avx2'|'avx512'|'amx'|'neon') -> str: the ISA now used by\n"
+          "the lut16 kernels (process-wide; 'amx' = the AVX-512 kernels plus the AMX-BF16 GEMM for\n"
+          "M >= BCQ_AMX_MIN_M). Raises ValueError if the CPU or build lacks it.");
     m.def("bcq_isa", &py_bcq_isa, "bcq_isa() -> str: the ISA the lut16 kernels use now.");
 }

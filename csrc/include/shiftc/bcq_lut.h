@@ -54,8 +54,8 @@
 //   Valid arguments: q (planes) in 1..4, G a positive multiple of 32, K >= 1, N >= 1, M >= 0.
 //   All functions return 0 on success and -1 on invalid arguments (the size functions: -1).
 //
-// ISA: x86-64 builds carry scalar, AVX2+FMA and AVX-512 (F, BW, VL, DQ) versions and pick one at run
-// time from the CPU (or from shiftc_bcq_set_isa, for tests); aarch64 builds carry scalar and NEON
+// ISA: x86-64 builds carry scalar, AVX2+FMA, AVX-512 (F, BW, VL, DQ) and AMX-BF16 (GEMM only)
+// versions and pick one at run time from the CPU (or from shiftc_bcq_set_isa, for tests); aarch64 builds carry scalar and NEON
 // (baseline there, so NEON is the default: vqtbl4q_u8 table lookups for the GEMV, vector
 // expansion and a 5x16 FMA tile for the GEMM); other targets use the scalar code.
 #pragma once
@@ -71,6 +71,12 @@ extern "C" {
 // tables for M below this AND below a cutoff per bit width (q <= 2: 12, q = 3: 8, q = 4: 6, set by
 // measurement in bcq_lut.cc); otherwise it runs the GEMM path, which reads no tables.
 #define SHIFTC_BCQ_LUT_MAX_M 12
+
+// Rows of X from which the GEMM path runs on AMX-BF16 tiles when the ISA is "AMX" (5): each float
+// of X and of the expanded W is split into bf16 hi + lo and x.w is summed as
+// x_hi w_hi + x_hi w_lo + x_lo w_hi in float ("bf16x3"): at most about 3 * 2^-16 relative error
+// per product term (bf16 unit roundoff squared, three times) instead of float's 2^-24.
+#define SHIFTC_BCQ_AMX_MIN_M 16
 
 // Sizes of the lut16 arrays, in elements.
 int64_t shiftc_bcq_codes_bytes(int64_t N, int64_t K, int32_t q, int64_t G);
@@ -98,8 +104,10 @@ int shiftc_bcq_compute(const float* x, const float* ws, int64_t M, int64_t K, in
                        int64_t G, const uint8_t* codes, const float* scales, const float* offsets,
                        float* y, int64_t task);
 
-// ISA selection: 0 = auto (default), 1 = scalar, 2 = AVX2, 3 = AVX-512, 4 = NEON. Returns the ISA now in
-// use, or -1 when the requested one is not available on this CPU / build.
+// ISA selection: 0 = auto (default), 1 = scalar, 2 = AVX2, 3 = AVX-512, 4 = NEON, 5 = AMX (the AVX-512
+// kernels plus the AMX-BF16 GEMM for M >= SHIFTC_BCQ_AMX_MIN_M; needs AMX-TILE, AMX-BF16 and
+// AVX512-BF16, and on Linux the XTILEDATA permission, requested once per process). Returns the ISA
+// now in use, or -1 when the requested one is not available on this CPU / build.
 int shiftc_bcq_set_isa(int isa);
 int shiftc_bcq_isa(void);
 
