@@ -7,7 +7,7 @@ intra_op_num_threads = threads), in ONE process with the calls alternating round
     shiftc-qB     shiftc._native.bcq_matmul_lut16 at B = 2, 3, 4 bits, G = 128, pm1 planes,
                   power-of-two scales (tables for M < BCQ_LUT_MAX_M, expanded panels otherwise),
                   with the kernels' automatic ISA choice (on a CPU with AMX-BF16 the GEMM shapes
-                  run the AMX "bf16x3" path); the time includes prepare (tables) and the
+                  run the AMX path, bf16 parts in tiles); the time includes prepare (tables) and the
                   workspace allocation
     shiftc-fma-qB GEMM shapes on a CPU with AMX only: the same call with the ISA forced to
                   "avx512" (the AVX-512 FMA GEMM), in the same alternating rounds

@@ -9,7 +9,7 @@ and a float32 kernel's error on output (m, n) is a few float32 epsilons times S 
 summation order: every output must satisfy |y - ref| <= RTOL * S. (S, not sum_k |x||w|: a weight
 that cancels to 0, e.g. "01" bit 0, still goes through +-alpha/2 terms.)
 
-The AMX GEMM (ISA "amx", M >= BCQ_AMX_MIN_M) multiplies bf16 halves ("bf16x3") and has its own,
+The AMX GEMM (ISA "amx", M >= BCQ_AMX_MIN_M) multiplies bf16 parts of x and w and has its own,
 looser bound RTOL_BF16X3 (derived where it is defined); every other path keeps RTOL.
 """
 
@@ -26,13 +26,15 @@ from shiftc.passes.bcq import NO_TERM, exps_to_alpha, pack_planes, reconstruct, 
 from shiftc.passes.ops import bcq_matmul_ref
 
 RTOL = 1e-5  # relative to sum_k |x_k| |w_nk|, per output
-# AMX "bf16x3": x = x_hi + x_lo + e_x with x_hi = bf16(x), x_lo = bf16(x - x_hi); bf16 rounds to
-# 8 significant bits, unit roundoff u = 2^-8, so |x_lo| <= u |x| and |e_x| <= u |x_lo| <= u^2 |x|;
-# the same for w. x w - (x_hi w_hi + x_hi w_lo + x_lo w_hi) = x_lo w_lo + e_x (w - e_w) + x e_w,
-# each term at most u^2 (1 + u) |x| |w|: 3 * 2^-16 * (1 + 2^-8) per product, against |w| <= A of
-# the module docstring. The bf16 products are exact in float and the tiles accumulate in float,
-# which RTOL already covers, so the two add up.
-RTOL_BF16X3 = 3 * 2.0**-16 * (1 + 2.0**-8) + RTOL
+# AMX (bcq_lut.cc): x = x_hi + x_mid + x_lo exactly (three bf16 parts hold float's 24 bits), and
+# w = w_hi + w_lo + e_w with w_hi = bf16(w), w_lo = bf16(w - w_hi); bf16 rounds to 8 significant
+# bits, unit roundoff u = 2^-8, so |w_lo| <= u |w|, |e_w| <= u |w - w_hi| <= u^2 |w|, |x_lo| <= u^2 |x|.
+# The kernel sums x_lo w_hi + x_mid w_hi + x_hi w_hi (+ x_hi w_lo + x_mid w_lo where a w_lo is
+# non-zero), so it misses x e_w + x_lo w_lo: at most (u^2 + u^3) |x| |w| = 2^-16 (1 + 2^-8) |x| |w|
+# per product (0 where w is exact in bf16), against |w| <= A of the module docstring. The bf16
+# products are exact in float and the tiles accumulate in float, which RTOL already covers, so the
+# two add up.
+RTOL_BF16X3 = 2.0**-16 * (1 + 2.0**-8) + RTOL
 MAX_M = nat.BCQ_LUT_MAX_M  # rows of X below which prepare builds tables (the GEMV path)
 AMX_MIN_M = nat.BCQ_AMX_MIN_M  # rows of X from which ISA "amx" runs the GEMM on AMX tiles
 # both sides of MAX_M and of the kernels' per-bit-width cutoffs below it (6, 8, 12), and of AMX_MIN_M
@@ -203,11 +205,12 @@ def amx():
     nat.bcq_set_isa("auto")
 
 
-@pytest.mark.parametrize("m", [AMX_MIN_M, 17, 31, 32, 33, 48, 100])
+@pytest.mark.parametrize("m", [AMX_MIN_M, AMX_MIN_M + 1, 31, 32, 33, 48, 100])
 @pytest.mark.parametrize("n,k", [(33, 100), (64, 576), (17, 1100)])
 def test_amx_row_blocks_and_edges(amx, m, n, k):
     """The AMX GEMM pads rows to 16-row blocks (pairs of them, and a lone last one), columns to 32
-    (K not a multiple of 32, the task's second half past N) and K-slices (K = 1100 > 512)."""
+    (K not a multiple of 32, the task's second half past N) and K-slices (K = 1100 > 512);
+    make_weights' sums of two powers of two give k-steps with and without bf16-exact weights."""
     i = m + n + k
     q, group, coding = 1 + i % 4, (32, 64, 128)[i % 3], ("pm1", "01")[i % 2]
     rng = np.random.default_rng(i)

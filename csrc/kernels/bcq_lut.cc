@@ -12,7 +12,7 @@
 //   GEMM (larger M)  gemm_task_scalar (4x16)  gemm_task_avx2 (6x16)    gemm_task_avx512 (14x32)
 //                    (2x16 on x86-64)
 //   aarch64 NEON     prepare_neon, lut_task_neon (16 rows, vqtbl4q_u8), gemm_task_neon (5x16)
-//   x86-64 AMX       the AVX-512 kernels, and gemm_task_amx (bf16x3 tiles, 2 x 16 rows x 32)
+//   x86-64 AMX       the AVX-512 kernels, and gemm_task_amx (bf16 parts in tiles, 2 x 16 rows x 32)
 //                    for M >= SHIFTC_BCQ_AMX_MIN_M
 // (the GEMV path runs for M < SHIFTC_BCQ_LUT_MAX_M and M < kLutRowsBelow[q - 1]).
 //
@@ -1170,25 +1170,32 @@ void gemm_task_avx512(const Problem& p, int64_t t) {
 }
 
 // ===========================================================================================
-// AMX-BF16 GEMM (x86-64, Sapphire Rapids and later): "bf16x3" error-compensated products
+// AMX-BF16 GEMM (x86-64, Sapphire Rapids and later): error-compensated bf16 products
 // ===========================================================================================
 //
-// For M >= kAmxMinRows the GEMM path runs on the AMX tile unit. Every float v (expanded weight,
-// activation) is split into v_hi = bf16(v) and v_lo = bf16(v - v_hi) (round to nearest even), and
-// x . w is computed as x_hi w_hi + x_hi w_lo + x_lo w_hi with TDPBF16PS (bf16 products are exact
-// in float; the tiles accumulate in float). The dropped parts are x_lo w_lo and the rounding of
-// the lo halves, each at most 2^-16 |x| |w| (bf16 unit roundoff 2^-8, squared): about 3 * 2^-16
-// relative per product in the worst case instead of float's 2^-24 (typical errors are far below;
-// tests/test_lut_kernels.py derives its RTOL_BF16X3 from this).
+// For M >= kAmxMinRows the GEMM path runs on the AMX tile unit (TDPBF16PS: bf16 products, exact
+// in float, accumulated in float tiles). Both operands are split into bf16 parts, rounding to
+// nearest even (bf16 keeps 8 significant bits, unit roundoff u = 2^-8):
+//   x = x_hi + x_mid + x_lo  exactly (3 x 8 bits hold float's 24; x_mid, x_lo are the rounded
+//                            remainders), converted once per thread and call (XCache below);
+//   w = w_hi + w_lo + e_w,   |e_w| <= u^2 |w|  (expanded weights).
+// x . w is summed per k-step of 32 columns as x_lo w_hi + x_mid w_hi + x_hi w_hi, plus
+// x_hi w_lo + x_mid w_lo only where some w_lo of the k-step is non-zero. With power-of-two
+// scales an expanded weight usually spans few bits and is exact in bf16 (w_lo = 0): then the
+// products are exact and the error is float accumulation alone, as on the FMA path; otherwise it
+// adds at most |x| |e_w| + |x_lo| |w_lo| <= 2^-16 (1 + 2^-8) |x| |w| per product
+// (tests/test_lut_kernels.py: RTOL_BF16X3).
 //
 // Per task (32 output columns = two 16-column halves h) and K-slice (as the FMA path):
 //   W: the slice of the panel is expanded as in expand_avx512 and written straight to B tiles in
 //      the VNNI pairing TDPBF16PS wants: tile (s, h, hi|lo) = 16 rows (column pairs 2r, 2r+1 of
-//      k-step s) x 16 output columns x 2 bf16, 1 KiB contiguous.
-//   X: rows in blocks of 16 (zero rows past M, zero columns past K) -> A tiles (mb, s, hi|lo), 16
-//      rows x 32 bf16, 1 KiB contiguous.
+//      k-step s) x 16 output columns x 2 bf16, 1 KiB contiguous; one flag per k-step says whether
+//      a w_lo is non-zero.
+//   X: rows in blocks of 16 (zero rows past M, zero columns past K) -> A tiles (mb, s, hi|mid|lo),
+//      16 rows x 32 bf16, 1 KiB contiguous.
 //   C: per pair of 16-row blocks, 4 float tiles (2 row blocks x 2 halves): 4 independent TDP
-//      chains per k-step, 12 TDPs per 10 tile loads; kept across slices in a float buffer.
+//      chains per k-step, 12 TDPs per 8 tile loads (20 per 12 where w_lo is non-zero); kept
+//      across slices in a float buffer.
 // Tile registers: tmm0..3 C, tmm4, tmm5 A (the two row blocks), tmm6, tmm7 B (the two halves).
 // The tile configuration is loaded at the start of every task and released at its end: it is
 // per thread, other code on the same thread (oneDNN, ...) may load another, and a task is
@@ -1209,6 +1216,7 @@ void gemm_task_avx512(const Problem& p, int64_t t) {
 
 constexpr int64_t kAmxMinRows = SHIFTC_BCQ_AMX_MIN_M;  // M from which the AMX path runs (measured)
 constexpr int64_t kTileElems = 512;  // bf16 per 1 KiB tile
+constexpr int64_t kXParts = 3;       // A tiles per row block and k-step: x_hi, x_mid, x_lo
 
 struct alignas(64) TileConfig {
     uint8_t palette_id;
@@ -1265,7 +1273,7 @@ thread_local XCache t_xcache;
 
 // 16 floats (one per output column) of two consecutive K columns -> the hi and lo halves of a
 // VNNI tile row: 32-bit lane n holds (bf16 of the even column, bf16 of the odd column).
-SHIFTC_TARGET_AMX inline void split_pair(__m512 we, __m512 wo, uint16_t* hi, uint16_t* lo, __m512i perm) {
+SHIFTC_TARGET_AMX inline __m512i split_pair(__m512 we, __m512 wo, uint16_t* hi, uint16_t* lo, __m512i perm) {
     // cvtne2ps_pbh(a, b): words 0..15 = b, 16..31 = a; perm interleaves them (even, odd)
     const __m512i h = _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(wo, we));
     const __m512 he = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
@@ -1274,15 +1282,19 @@ SHIFTC_TARGET_AMX inline void split_pair(__m512 we, __m512 wo, uint16_t* hi, uin
         perm, (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(wo, ho), _mm512_sub_ps(we, he)));
     _mm512_store_si512((void*)hi, h);
     _mm512_store_si512((void*)lo, l);
+    return l;
 }
 
-// Expand columns [k0, k0 + 32 nks) of the task's two row blocks into B tiles wt[(s*2 + h)*2 + hl].
+// Expand columns [k0, k0 + 32 nks) of the task's two row blocks into B tiles wt[(s*2 + h)*2 + hl];
+// lo_any[s] = whether any w_lo of k-step s is non-zero.
 template <int Q>
-SHIFTC_TARGET_AMX void expand_amx(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t nks, uint16_t* wt) {
+SHIFTC_TARGET_AMX void expand_amx(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t nks, uint16_t* wt,
+                                  uint8_t* lo_any) {
     alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
     const __m512i perm = _mm512_load_si512((const void*)kInterleave);
     const int64_t o0 = k0 / 8, o1 = o0 + nks * 4;
+    for (int64_t s = 0; s < nks; ++s) lo_any[s] = 0;
     for (int h = 0; h < 2; ++h) {
         if (h >= nv) {  // a lone last row block: the second half multiplies zeros
             for (int64_t s = 0; s < nks; ++s)
@@ -1295,6 +1307,7 @@ SHIFTC_TARGET_AMX void expand_amx(const Problem& p, int64_t b0, int nv, int64_t 
         int64_t gnext = o0;
         __m512 base = _mm512_setzero_ps(), a2[Q];
         for (int i = 0; i < Q; ++i) a2[i] = _mm512_setzero_ps();
+        __m512i lo_or = _mm512_setzero_si512();
         for (int64_t o = o0; o < o1; ++o) {
             if (o == gnext) {
                 const int64_t g = o * 8 / p.G;
@@ -1320,13 +1333,18 @@ SHIFTC_TARGET_AMX void expand_amx(const Problem& p, int64_t b0, int nv, int64_t 
                     we = _mm512_mask_add_ps(we, _mm_test_epi8_mask(c[i], be), we, a2[i]);
                     wo = _mm512_mask_add_ps(wo, _mm_test_epi8_mask(c[i], bo), wo, a2[i]);
                 }
-                split_pair(we, wo, hi + j / 2 * 32, lo + j / 2 * 32, perm);
+                lo_or = _mm512_or_si512(lo_or, split_pair(we, wo, hi + j / 2 * 32, lo + j / 2 * 32, perm));
+            }
+            if ((o - o0) % 4 == 3) {  // last octet of k-step s
+                lo_any[s] |= _mm512_test_epi32_mask(lo_or, lo_or) != 0;
+                lo_or = _mm512_setzero_si512();
             }
         }
     }
 }
 
-// Rows of X (all M, in 16-row blocks) x columns [k0, k0 + 32 nks) -> A tiles xt[(mb*nks + s)*2 + hl].
+// Rows of X (all M, in 16-row blocks) x columns [k0, k0 + 32 nks) -> A tiles
+// xt[(mb*nks + s)*3 + part], part 0, 1, 2 = x_hi, x_mid, x_lo.
 SHIFTC_TARGET_AMX void convert_x_amx(const Problem& p, int64_t k0, int64_t nks, uint16_t* xt) {
     const int64_t nmb = ceil_div(p.M, 16);
     for (int64_t mb = 0; mb < nmb; ++mb) {
@@ -1334,8 +1352,7 @@ SHIFTC_TARGET_AMX void convert_x_amx(const Problem& p, int64_t k0, int64_t nks, 
             const int64_t m = mb * 16 + r;
             const float* xr = p.x + m * p.K + k0;
             for (int64_t s = 0; s < nks; ++s) {
-                uint16_t* hi = xt + ((mb * nks + s) * 2) * kTileElems + r * 32;
-                uint16_t* lo = hi + kTileElems;
+                uint16_t* dst = xt + (mb * nks + s) * kXParts * kTileElems + r * 32;
                 for (int half = 0; half < 2; ++half) {
                     const int64_t kk = s * 32 + 16 * half;
                     const int64_t valid = m < p.M ? p.K - k0 - kk : 0;
@@ -1346,11 +1363,13 @@ SHIFTC_TARGET_AMX void convert_x_amx(const Problem& p, int64_t k0, int64_t nks, 
                         const __mmask16 mk = valid <= 0 ? (__mmask16)0 : (__mmask16)((1u << valid) - 1);
                         v = _mm512_maskz_loadu_ps(mk, valid <= 0 ? p.x : xr + kk);
                     }
-                    const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
-                    const __m512 hf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-                    const __m256i l = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(v, hf));
-                    _mm256_store_si256((__m256i*)(hi + 16 * half), h);
-                    _mm256_store_si256((__m256i*)(lo + 16 * half), l);
+                    for (int part = 0; part < kXParts; ++part) {  // v: the remainder, exact in float
+                        const __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+                        _mm256_store_si256((__m256i*)(dst + part * kTileElems + 16 * half), h);
+                        if (part + 1 < kXParts) {
+                            v = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+                        }
+                    }
                 }
             }
         }
@@ -1359,8 +1378,8 @@ SHIFTC_TARGET_AMX void convert_x_amx(const Problem& p, int64_t k0, int64_t nks, 
 
 // C tiles of row blocks mb (and mb + 1 when TWO) += X . W over nks k-steps; acc [nmb][2][16][16].
 template <bool TWO>
-SHIFTC_TARGET_AMX void amx_rows(const uint16_t* xa, const uint16_t* xb, const uint16_t* wt, int64_t nks,
-                                float* acc_a, float* acc_b, bool first) {
+SHIFTC_TARGET_AMX void amx_rows(const uint16_t* xa, const uint16_t* xb, const uint16_t* wt, const uint8_t* lo_any,
+                                int64_t nks, float* acc_a, float* acc_b, bool first) {
     if (first) {
         SHIFTC_TILE_ZERO(0);
         SHIFTC_TILE_ZERO(1);
@@ -1376,43 +1395,40 @@ SHIFTC_TARGET_AMX void amx_rows(const uint16_t* xa, const uint16_t* xb, const ui
             SHIFTC_TILE_LOAD(3, acc_b + 256);
         }
     }
+#define SHIFTC_TDP4()           \
+    SHIFTC_TDP(0, 4, 6);        \
+    SHIFTC_TDP(1, 4, 7);        \
+    if (TWO) {                  \
+        SHIFTC_TDP(2, 5, 6);    \
+        SHIFTC_TDP(3, 5, 7);    \
+    }
     for (int64_t s = 0; s < nks; ++s) {
-        const uint16_t* a0 = xa + s * 2 * kTileElems;  // hi; lo at + kTileElems
-        const uint16_t* a1 = xb + s * 2 * kTileElems;
-        const uint16_t* w0 = wt + (s * 2 + 0) * 2 * kTileElems;
+        const uint16_t* a0 = xa + s * kXParts * kTileElems;  // x_hi; x_mid, x_lo follow
+        const uint16_t* a1 = xb + s * kXParts * kTileElems;
+        const uint16_t* w0 = wt + (s * 2 + 0) * 2 * kTileElems;  // w_hi; w_lo follows
         const uint16_t* w1 = wt + (s * 2 + 1) * 2 * kTileElems;
-        // x_hi . w_hi
-        SHIFTC_TILE_LOAD(4, a0);
-        if (TWO) SHIFTC_TILE_LOAD(5, a1);
+        // x_lo . w_hi, x_mid . w_hi, x_hi . w_hi (small terms first)
         SHIFTC_TILE_LOAD(6, w0);
         SHIFTC_TILE_LOAD(7, w1);
-        SHIFTC_TDP(0, 4, 6);
-        SHIFTC_TDP(1, 4, 7);
-        if (TWO) {
-            SHIFTC_TDP(2, 5, 6);
-            SHIFTC_TDP(3, 5, 7);
-        }
-        // x_hi . w_lo
-        SHIFTC_TILE_LOAD(6, w0 + kTileElems);
-        SHIFTC_TILE_LOAD(7, w1 + kTileElems);
-        SHIFTC_TDP(0, 4, 6);
-        SHIFTC_TDP(1, 4, 7);
-        if (TWO) {
-            SHIFTC_TDP(2, 5, 6);
-            SHIFTC_TDP(3, 5, 7);
-        }
-        // x_lo . w_hi
+        SHIFTC_TILE_LOAD(4, a0 + 2 * kTileElems);
+        if (TWO) SHIFTC_TILE_LOAD(5, a1 + 2 * kTileElems);
+        SHIFTC_TDP4();
         SHIFTC_TILE_LOAD(4, a0 + kTileElems);
         if (TWO) SHIFTC_TILE_LOAD(5, a1 + kTileElems);
-        SHIFTC_TILE_LOAD(6, w0);
-        SHIFTC_TILE_LOAD(7, w1);
-        SHIFTC_TDP(0, 4, 6);
-        SHIFTC_TDP(1, 4, 7);
-        if (TWO) {
-            SHIFTC_TDP(2, 5, 6);
-            SHIFTC_TDP(3, 5, 7);
+        SHIFTC_TDP4();
+        SHIFTC_TILE_LOAD(4, a0);
+        if (TWO) SHIFTC_TILE_LOAD(5, a1);
+        SHIFTC_TDP4();
+        if (lo_any[s]) {  // x_hi . w_lo, x_mid . w_lo
+            SHIFTC_TILE_LOAD(6, w0 + kTileElems);
+            SHIFTC_TILE_LOAD(7, w1 + kTileElems);
+            SHIFTC_TDP4();
+            SHIFTC_TILE_LOAD(4, a0 + kTileElems);
+            if (TWO) SHIFTC_TILE_LOAD(5, a1 + kTileElems);
+            SHIFTC_TDP4();
         }
     }
+#undef SHIFTC_TDP4
     SHIFTC_TILE_STORE(0, acc_a);
     SHIFTC_TILE_STORE(1, acc_a + 256);
     if (TWO) {
@@ -1436,7 +1452,7 @@ SHIFTC_TARGET_AMX void gemm_task_amx_q(const Problem& p, int64_t t) {
     // buffers: W tiles [max_nks][2][2][512] bf16, X tiles [nmb][max_nks][2][512] bf16, acc [nmb][2][256] float
     // X tiles of the whole call (cached per thread, see XCache) or of one slice
     const int64_t nks_all = p.Kp / 32;
-    const size_t all_bytes = (size_t)nmb * nks_all * 2 * kTileElems * 2;
+    const size_t all_bytes = (size_t)nmb * nks_all * kXParts * kTileElems * 2;
     const bool whole = all_bytes <= kXCacheBytes;
     const uint16_t* xall = nullptr;
     if (whole) {
@@ -1459,10 +1475,11 @@ SHIFTC_TARGET_AMX void gemm_task_amx_q(const Problem& p, int64_t t) {
         }
         xall = static_cast<const uint16_t*>(c.buf.ptr);
     }
-    // per-task buffers: W tiles [max_nks][2][2][512] bf16, slice X tiles [nmb][max_nks][2][512] bf16
-    // (only without the whole-X tiles), acc [nmb][2][256] float
-    const size_t wt_elems = (size_t)max_nks * 4 * kTileElems, xt_elems = whole ? 0 : (size_t)nmb * max_nks * 2 * kTileElems;
-    char* buf = static_cast<char*>(t_amx.get((wt_elems + xt_elems) * 2 + (size_t)nmb * 512 * 4));
+    // per-task buffers: W tiles [max_nks][2][2][512] bf16, slice X tiles [nmb][max_nks][3][512] bf16
+    // (only without the whole-X tiles), acc [nmb][2][256] float, lo_any [max_nks]
+    const size_t wt_elems = (size_t)max_nks * 4 * kTileElems;
+    const size_t xt_elems = whole ? 0 : (size_t)nmb * max_nks * kXParts * kTileElems;
+    char* buf = static_cast<char*>(t_amx.get((wt_elems + xt_elems) * 2 + (size_t)nmb * 512 * 4 + max_nks));
     if (!buf) {
         gemm_task_avx512_q<Q>(p, t);
         return;
@@ -1470,29 +1487,30 @@ SHIFTC_TARGET_AMX void gemm_task_amx_q(const Problem& p, int64_t t) {
     uint16_t* wt = reinterpret_cast<uint16_t*>(buf);
     uint16_t* xt = wt + wt_elems;
     float* acc = reinterpret_cast<float*>(xt + xt_elems);
+    uint8_t* lo_any = reinterpret_cast<uint8_t*>(acc + nmb * 512);
     amx_load_config();
     for (int64_t sl = 0; sl < nsl; ++sl) {
         const int64_t k0 = slice_start(t, sl, nsl, ks);
         const int64_t kc = p.K - k0 < ks ? p.K - k0 : ks;
         const int64_t nks = ceil_div(kc, 32);  // columns past K (up to Kp, a multiple of 32) are zero in X
-        expand_amx<Q>(p, b0, nv, k0, nks, wt);
-        // A tiles of row block mb, k-step s of this slice: xs + (mb * xstride + s) * 2 * kTileElems
+        expand_amx<Q>(p, b0, nv, k0, nks, wt, lo_any);
+        // A tiles of row block mb, k-step s of this slice: xs + (mb * xstride + s) * 3 * kTileElems
         const uint16_t* xs;
         int64_t xstride;
         if (whole) {
-            xs = xall + k0 / 32 * 2 * kTileElems;
+            xs = xall + k0 / 32 * kXParts * kTileElems;
             xstride = nks_all;
         } else {
             convert_x_amx(p, k0, nks, xt);
             xs = xt;
             xstride = nks;
         }
+        const int64_t mbs = xstride * kXParts * kTileElems;
         int64_t mb = 0;
         for (; mb + 2 <= nmb; mb += 2) {
-            amx_rows<true>(xs + mb * xstride * 2 * kTileElems, xs + (mb + 1) * xstride * 2 * kTileElems, wt, nks,
-                           acc + mb * 512, acc + (mb + 1) * 512, sl == 0);
+            amx_rows<true>(xs + mb * mbs, xs + (mb + 1) * mbs, wt, lo_any, nks, acc + mb * 512, acc + (mb + 1) * 512, sl == 0);
         }
-        if (mb < nmb) amx_rows<false>(xs + mb * xstride * 2 * kTileElems, nullptr, wt, nks, acc + mb * 512, nullptr, sl == 0);
+        if (mb < nmb) amx_rows<false>(xs + mb * mbs, nullptr, wt, lo_any, nks, acc + mb * 512, nullptr, sl == 0);
     }
     amx_release();
     for (int64_t m = 0; m < p.M; ++m) {

@@ -72,11 +72,13 @@ extern "C" {
 // measurement in bcq_lut.cc); otherwise it runs the GEMM path, which reads no tables.
 #define SHIFTC_BCQ_LUT_MAX_M 12
 
-// Rows of X from which the GEMM path runs on AMX-BF16 tiles when the ISA is "AMX" (5): each float
-// of X and of the expanded W is split into bf16 hi + lo and x.w is summed as
-// x_hi w_hi + x_hi w_lo + x_lo w_hi in float ("bf16x3"): at most about 3 * 2^-16 relative error
-// per product term (bf16 unit roundoff squared, three times) instead of float's 2^-24.
-#define SHIFTC_BCQ_AMX_MIN_M 16
+// Rows of X from which the GEMM path runs on AMX-BF16 tiles when the ISA is "AMX" (5): X is split
+// exactly into three bf16 parts and each expanded weight into bf16 hi + lo, and the bf16 products
+// are accumulated in float (see bcq_lut.cc). Where the expanded weights are exact in bf16 (the
+// usual case with power-of-two scales) this is as accurate as float; otherwise at most
+// 2^-16 |x| |w| more per product. Below this M the weight expansion, which AMX does not speed up,
+// dominates and the FMA GEMM is as fast (measured on a Xeon, 4096 x 4096, 2..4 bits).
+#define SHIFTC_BCQ_AMX_MIN_M 24
 
 // Sizes of the lut16 arrays, in elements.
 int64_t shiftc_bcq_codes_bytes(int64_t N, int64_t K, int32_t q, int64_t G);
