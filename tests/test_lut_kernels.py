@@ -221,6 +221,33 @@ def test_amx_row_blocks_and_edges(amx, m, n, k):
           rtol=RTOL_BF16X3)
 
 
+def _run_alpha(x, planes01, alpha, *, q, k, group, coding):
+    """The kernel and a float64 reference for arbitrary float scales (not exponents)."""
+    codes, scales, offsets = nat.bcq_pack_lut16(pack_planes(planes01), alpha, k, group, coding)
+    y = nat.bcq_matmul_lut16(x, codes, scales, offsets, planes01.shape[1], k, q, group)
+    w = reconstruct(planes01, alpha, group, coding).astype(np.float64)
+    a = np.repeat(np.abs(alpha).astype(np.float64).sum(axis=0), group, axis=-1)[:, :k]
+    x64 = x.astype(np.float64)
+    return y, x64 @ w.T, np.abs(x64) @ a.T
+
+
+@pytest.mark.parametrize("coding", ["pm1", "01"])
+def test_amx_weights_exact_or_not_in_bf16(amx, coding):
+    """Scales that are single powers of two over a narrow range expand to weights exact in bf16:
+    the AMX GEMM then multiplies exactly and meets the float bound RTOL. Arbitrary float scales
+    need the w_lo products and meet RTOL_BF16X3."""
+    rng = np.random.default_rng(11)
+    m, n, k, q, group = 64, 48, 320, 3, 64
+    planes01 = rng.integers(0, 2, (q, n, k), dtype=np.uint8)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    pow2 = np.exp2(rng.integers(-6, -1, (q, n, k // group))).astype(np.float32)
+    y, ref, bound = _run_alpha(x, planes01, pow2, q=q, k=k, group=group, coding=coding)
+    assert np.all(np.abs(y - ref) <= RTOL * bound), "bf16-exact weights"
+    floats = (rng.random((q, n, k // group)) * 0.1 + 0.01).astype(np.float32)
+    y, ref, bound = _run_alpha(x, planes01, floats, q=q, k=k, group=group, coding=coding)
+    assert np.all(np.abs(y - ref) <= RTOL_BF16X3 * bound), "weights not exact in bf16"
+
+
 def test_amx_reconverts_x_after_prepare(amx):
     """Each thread keeps X's bf16 tiles from one call to the next while nothing prepared since:
     new contents in the same buffer (prepared again by the next call) must be used."""

@@ -1285,8 +1285,23 @@ SHIFTC_TARGET_AMX inline __m512i split_pair(__m512 we, __m512 wo, uint16_t* hi, 
     return l;
 }
 
+// Whether every weight a group of 16 rows can expand to (base + the 2 alpha of any subset of the
+// planes, added in plane order as the expansion does) is exact in bf16 (low 16 bits zero).
+template <int Q>
+SHIFTC_TARGET_AMX inline bool group_exact_bf16(__m512 base, const __m512* a2) {
+    __m512i bits = _mm512_setzero_si512();
+    for (int c = 0; c < (1 << Q); ++c) {
+        __m512 w = base;
+        for (int i = 0; i < Q; ++i)
+            if ((c >> i) & 1) w = _mm512_add_ps(w, a2[i]);
+        bits = _mm512_or_si512(bits, _mm512_castps_si512(w));
+    }
+    return _mm512_test_epi32_mask(bits, _mm512_set1_epi32(0xFFFF)) == 0;
+}
+
 // Expand columns [k0, k0 + 32 nks) of the task's two row blocks into B tiles wt[(s*2 + h)*2 + hl];
-// lo_any[s] = whether any w_lo of k-step s is non-zero.
+// lo_any[s] = whether any w_lo of k-step s is non-zero. A group whose weights are all exact in bf16
+// (group_exact_bf16) skips the split: w_hi = w, w_lo = 0.
 template <int Q>
 SHIFTC_TARGET_AMX void expand_amx(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t nks, uint16_t* wt,
                                   uint8_t* lo_any) {
@@ -1308,6 +1323,7 @@ SHIFTC_TARGET_AMX void expand_amx(const Problem& p, int64_t b0, int nv, int64_t 
         __m512 base = _mm512_setzero_ps(), a2[Q];
         for (int i = 0; i < Q; ++i) a2[i] = _mm512_setzero_ps();
         __m512i lo_or = _mm512_setzero_si512();
+        bool exact = false;
         for (int64_t o = o0; o < o1; ++o) {
             if (o == gnext) {
                 const int64_t g = o * 8 / p.G;
@@ -1319,6 +1335,7 @@ SHIFTC_TARGET_AMX void expand_amx(const Problem& p, int64_t b0, int nv, int64_t 
                     base = _mm512_sub_ps(base, a);
                     a2[i] = _mm512_add_ps(a, a);
                 }
+                exact = group_exact_bf16<Q>(base, a2);
             }
             __m128i c[Q];
             for (int i = 0; i < Q; ++i) c[i] = _mm_loadu_si128((const __m128i*)(cb + (o * Q + i) * 16));
@@ -1333,7 +1350,13 @@ SHIFTC_TARGET_AMX void expand_amx(const Problem& p, int64_t b0, int nv, int64_t 
                     we = _mm512_mask_add_ps(we, _mm_test_epi8_mask(c[i], be), we, a2[i]);
                     wo = _mm512_mask_add_ps(wo, _mm_test_epi8_mask(c[i], bo), wo, a2[i]);
                 }
-                lo_or = _mm512_or_si512(lo_or, split_pair(we, wo, hi + j / 2 * 32, lo + j / 2 * 32, perm));
+                if (exact) {
+                    _mm512_store_si512((void*)(hi + j / 2 * 32),
+                                       _mm512_permutexvar_epi16(perm, (__m512i)_mm512_cvtne2ps_pbh(wo, we)));
+                    _mm512_store_si512((void*)(lo + j / 2 * 32), _mm512_setzero_si512());
+                } else {
+                    lo_or = _mm512_or_si512(lo_or, split_pair(we, wo, hi + j / 2 * 32, lo + j / 2 * 32, perm));
+                }
             }
             if ((o - o0) % 4 == 3) {  // last octet of k-step s
                 lo_any[s] |= _mm512_test_epi32_mask(lo_or, lo_or) != 0;
