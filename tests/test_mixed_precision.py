@@ -67,6 +67,68 @@ def test_allocation_latency_budget_and_errors():
         A.allocate(sens, sizes, widths, bpw, 1.5)
 
 
+def _synthetic_table(shapes, sens):
+    from shiftc.passes.mixed_precision.sensitivity import LayerStats, SensitivityTable
+
+    layers = []
+    for i, (shape, s) in enumerate(zip(shapes, sens)):
+        st = LayerStats(f"l{i}", f"x{i}", shape)
+        st.out_err = {2: float(s[0]), 3: float(s[1])}
+        st.w_err = dict(st.out_err)
+        layers.append(st)
+    return SensitivityTable(layers, [2, 3], 128, "pow2")
+
+
+def test_latency_budget_includes_fixed_cost():
+    """plan_from_table: predicted = fixed cost + Σ kernel times <= budget; the fixed cost changes the
+    plan (the same budget without it would allow more 3-bit layers); a budget under the fastest
+    plan's prediction is refused naming the flag."""
+    from shiftc.passes.mixed_precision import MixedPrecisionConfig
+    from shiftc.passes.mixed_precision.plan import plan_from_table
+
+    shapes = [(256, 256)] * 4 + [(1024, 256)]
+    sens = np.array([[8.0, 1.0], [4.0, 1.0], [2.0, 1.0], [1.5, 1.0], [30.0, 2.0]])
+    times = np.array([[0.1, 0.15]] * 4 + [[1.0, 1.5]])  # ms; the big layer dominates
+    table = _synthetic_table(shapes, sens)
+    mp = MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=11.95, other_ms=10.0)
+    plan = plan_from_table(table, mp, times=times, time_table={})
+    lt = plan["latency"]
+    bits = np.array([plan["layer_bits"][f"l{i}"] for i in range(5)])
+    kernel = float(times[np.arange(5), bits - 2].sum())
+    assert lt["other_ms"] == 10.0 and lt["other_from"] == "given"
+    assert lt["predicted_ms"] == pytest.approx(10.0 + kernel) and lt["predicted_ms"] <= 11.95 + 1e-9
+    assert list(bits) == [3, 2, 2, 2, 3]  # 1.95 ms of kernels: the big layer and the most sensitive small one at 3 bits
+    # without the fixed cost the same budget bounds nothing: every layer at 3 bits
+    free = plan_from_table(table, MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=11.95,
+                                                       other_ms=0.0), times=times, time_table={})
+    assert set(free["layer_bits"].values()) == {3}
+    # measured fixed cost (latency.measure_fixed_cost's result) when other_ms is not given
+    auto = plan_from_table(table, MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=11.95),
+                           times=times, time_table={}, fixed={"other_ms": 10.0, "measured_ms": 11.4, "kernel_ms": 1.4})
+    assert auto["layer_bits"] == plan["layer_bits"] and auto["latency"]["other_from"] == "measured"
+    with pytest.raises(UsageError, match="--latency-budget-ms 11.3: the fastest plan"):
+        plan_from_table(table, MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=11.3,
+                                                    other_ms=10.0), times=times, time_table={})
+    with pytest.raises(UsageError, match="--latency-budget-ms 9: not more than"):
+        plan_from_table(table, MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=9.0,
+                                                    other_ms=10.0), times=times, time_table={})
+
+
+def test_fit_fixed_cost_and_times_from_table():
+    from shiftc.passes.mixed_precision import latency
+
+    f = latency.fit_fixed_cost([4.0, 6.0], [44.0, 46.2])
+    assert f["scale"] == 1.0 and f["other_ms"] == pytest.approx(40.1) and f["residual_ms"] == pytest.approx([-0.1, 0.1])
+    g = latency.fit_fixed_cost([4.0, 6.0], [44.0, 46.2], fit_scale=True)
+    assert g["scale"] == pytest.approx(1.1) and g["other_ms"] == pytest.approx(39.6)
+    with pytest.raises(UsageError):
+        latency.fit_fixed_cost([4.0], [44.0], fit_scale=True)
+    t = latency.times_from_table([(8, 4), (4, 8), (8, 4)], [2, 3], {"8x4": {"2": 1.0, "3": 2.0}, "4x8": {"2": 0.5, "3": 0.7}})
+    assert t.tolist() == [[1.0, 2.0], [0.5, 0.7], [1.0, 2.0]]
+    with pytest.raises(UsageError, match="9x9"):
+        latency.times_from_table([(9, 9)], [2], {})
+
+
 def test_sort_and_threshold_and_random():
     sizes = np.array([4, 1, 1, 1, 1, 4, 4, 4]) * 100
     scores = np.arange(8.0)[::-1]  # layer 0 has the highest score
@@ -246,9 +308,17 @@ def test_latency_budget_with_lut_kernels(tiny_decoder, tmp_path):
     free = shiftc.api.compress(tiny_decoder, str(tmp_path / "a.onnx"), bits_budget=2.2, **common)
     per = free["mixed_precision"]
     assert per["latency"] is None
-    r = shiftc.api.compress(tiny_decoder, str(tmp_path / "b.onnx"), bits_budget=2.2, latency_budget_ms=1e3, **common)
+    # the fixed cost measured from the compiled uniform 1-bit model, and the output's decode time measured
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("mixed_precision:\n  measure_latency: true\n  latency_measure_rounds: 3\n")
+    r = shiftc.api.compress(tiny_decoder, str(tmp_path / "b.onnx"), bits_budget=2.2, latency_budget_ms=1e3,
+                            recipe=str(recipe), **common)
     lt = r["mixed_precision"]["latency"]
     assert lt["predicted_ms"] <= 1e3 and set(lt["per_shape_ms"]) == {"128x64", "64x64", "32x64", "64x128"}
+    assert lt["other_from"] == "measured" and min(lt["fixed_cost"]["measured_ms"].values()) > 0
+    assert set(lt["fixed_cost"]["measured_ms"]) == {"uniform-1", "uniform-2"} and lt["kernel_scale"] > 0
+    assert lt["predicted_ms"] == pytest.approx(lt["other_ms"] + lt["kernel_ms"])
+    assert lt["measured_ms"] > 0 and lt["meets_budget"] is True
 
 
 def test_output_kl_is_zero_for_exact_weights(tiny_decoder):
@@ -268,3 +338,31 @@ def test_output_kl_is_zero_for_exact_weights(tiny_decoder):
         assert abs(d[4]) < 1e-9 and d[1] > 0, name  # exact weights: no change; halved weights: some
     again, _ = output_kl(model, targets, None, ids, [1, 4], done=kl)  # nothing left to run
     assert again == kl
+
+
+def test_output_kl_values_are_cached(tiny_decoder, tmp_path):
+    """The KL values the plan step stores under kl_cache_keys are found again by a second run (and
+    output_kl then opens no session); other windows or quantizer settings give other keys."""
+    from shiftc.frontend.onnx_io import load_model
+    from shiftc.passes.mixed_precision.e2e import kl_cache_keys, output_kl
+    from shiftc.passes.mixed_precision.sensitivity import _weights
+
+    model = load_model(tiny_decoder)
+    cfg = ShiftAddConfig(group=32, scale_mode="pow2")
+    targets, _ = ShiftAddPass(cfg).match(model)
+    ws = _weights(model, targets)
+    ids = np.random.default_rng(0).integers(0, 49152, (1, 16))
+    keys = kl_cache_keys(model, targets, ws, None, cfg, [2, 3], ids)
+    assert len(set(keys.values())) == 2 * len(targets)
+    cache = LayerCache(str(tmp_path / "c"))
+    cache.put_values("kl", {k: 0.5 for k in list(keys.values())[:3]})
+    cache.put_values("kl", {k: 0.25 for k in list(keys.values())[3:]})  # merged with the first
+    stored = LayerCache(str(tmp_path / "c")).get_values("kl")
+    assert stored == {k: (0.5 if i < 3 else 0.25) for i, k in enumerate(keys.values())}
+    assert kl_cache_keys(model, targets, ws, None, cfg, [2, 3], ids) == keys
+    assert not set(kl_cache_keys(model, targets, ws, None, cfg, [2, 3], ids + 1).values()) & set(keys.values())
+    other = ShiftAddConfig(group=64, scale_mode="pow2")
+    assert not set(kl_cache_keys(model, targets, ws, None, other, [2, 3], ids).values()) & set(keys.values())
+    done = {n: {b: stored[keys[(n, b)]] for b in (2, 3)} for n in ws}
+    kl, info = output_kl(model, targets, None, ids, [2, 3], done=done)
+    assert kl == done and info["cached"]

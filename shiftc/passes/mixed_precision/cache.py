@@ -71,3 +71,48 @@ class LayerCache:
         tmp = p + ".tmp.npz"
         np.savez(tmp, planes=planes, exps=exps)
         os.replace(tmp, p)
+
+    # -- scalar results (the output-KL sensitivity: one forward pass per layer and width) ---------
+    def _values_path(self, kind: str) -> str | None:
+        return None if not self.folder else os.path.join(self.folder, f"{_safe(kind)}.values.json")
+
+    def get_values(self, kind: str) -> dict[str, float]:
+        """{key: value} stored under ``kind`` (empty without a folder or file)."""
+        import json
+
+        p = self._values_path(kind)
+        if not p or not os.path.exists(p):
+            return {}
+        try:
+            with open(p) as f:
+                return {str(k): float(v) for k, v in json.load(f).items()}
+        except (OSError, ValueError):
+            return {}
+
+    def put_values(self, kind: str, values: dict[str, float]) -> None:
+        """Merge ``values`` into the stored ones (written atomically)."""
+        import json
+
+        p = self._values_path(kind)
+        if not p:
+            return
+        merged = {**self.get_values(kind), **{str(k): float(v) for k, v in values.items()}}
+        with open(p + ".tmp", "w") as f:
+            json.dump(merged, f)
+        os.replace(p + ".tmp", p)
+
+
+def model_digest(model) -> str:
+    """Hash of every initializer of an ONNX model (what a whole-model measurement depends on,
+    besides the graph)."""
+    h = hashlib.sha1()
+    for t in sorted(model.graph.initializer, key=lambda t: t.name):
+        h.update(t.name.encode())
+        h.update(repr(list(t.dims)).encode())
+        h.update(t.raw_data if t.raw_data else t.SerializeToString())
+    return h.hexdigest()[:16]
+
+
+def kl_key(layer_key: str, windows_digest: str, model_dig: str) -> str:
+    """Key of one output-KL value: the layer's result key, the calibration windows, the model."""
+    return hashlib.sha1(f"kl|{layer_key}|{windows_digest}|{model_dig}".encode()).hexdigest()[:16]

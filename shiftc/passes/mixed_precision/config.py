@@ -16,7 +16,12 @@ class MixedPrecisionConfig:
     tie: bool = False  # layers reading the same input (q/k/v; gate/up) share one width (--mp-tie)
     latency_budget_ms: float | None = None  # modelled time of the quantized layers + other_ms (--latency-budget-ms)
     target: str = "host"  # where kernel times are measured (--target); only the host for now
-    other_ms: float = 0.0  # time outside the quantized layers, added to the latency model
+    other_ms: float | None = None  # decode time outside the quantized layers' kernels (attention, norms, embedding,
+    #                                runtime), added to the latency model; None: measured once on this machine from
+    #                                the compiled uniform smallest-width plan (latency.measure_fixed_cost); 0: the
+    #                                budget bounds the kernels alone
+    measure_latency: bool = False  # compile the output for the host and put its measured decode time in the report
+    latency_measure_rounds: int = 10  # decode steps timed for other_ms / measure_latency (median)
     latency_rows: int = 1  # rows of x the kernels are timed at (1: decode)
     latency_threads: int = 1
     cache: str | None = None  # folder keeping per-layer results between runs (--mp-cache)
@@ -56,7 +61,11 @@ def validate_mixed_precision(m: MixedPrecisionConfig, bad) -> None:
 
             raise UnsupportedError(f"--latency-budget-ms with --target {m.target}: kernel times can only be "
                                    f"measured on this machine (--target host) for now")
-    for flag, v, lo in (("hawq_probes", m.hawq_probes, 2), ("hawq_window", m.hawq_window, 2), ("kl_windows", m.kl_windows, 1), ("kl_window", m.kl_window, 2),
+    if m.other_ms is not None and (not isinstance(m.other_ms, (int, float)) or m.other_ms < 0):
+        bad("other_ms", f"must be a number of ms >= 0 (or unset: measured), got {m.other_ms!r}")
+    if not isinstance(m.measure_latency, bool):
+        bad("measure_latency", f"must be true or false, got {m.measure_latency!r}")
+    for flag, v, lo in (("latency_measure_rounds", m.latency_measure_rounds, 1), ("hawq_probes", m.hawq_probes, 2), ("hawq_window", m.hawq_window, 2), ("kl_windows", m.kl_windows, 1), ("kl_window", m.kl_window, 2),
                         ("latency_rows", m.latency_rows, 1), ("latency_threads", m.latency_threads, 1),
                         ("--report-eval-tokens", m.eval_tokens, 0), ("eval_window", m.eval_window, 2)):
         if not isinstance(v, int) or v < lo:

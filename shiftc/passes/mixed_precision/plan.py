@@ -77,20 +77,56 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
             h = None if hessians is None else hessians.get(xs[name])
             return quantize_layer(name, weights[name], h, b, sa_cfg, cache).dequantize()
 
+        # output-KL values are cached beside the layer results (keyed by the layer's result key, the
+        # windows and the whole model): a second plan costs no forward pass
+        from .e2e import kl_cache_keys
+
+        kl_keys = kl_cache_keys(model, targets, weights, hessians, sa_cfg, widths, ids) if cache.folder else {}
+        stored = cache.get_values("kl")
+        done = {}
+        for (name, b), k in kl_keys.items():
+            if k in stored:
+                done.setdefault(name, {})[b] = stored[k]
+
+        def keep(res):
+            cache.put_values("kl", {kl_keys[(n, b)]: v for n, d in res.items() for b, v in d.items()
+                                    if (n, b) in kl_keys})
+
         with step(f"mixed precision: output KL, each layer alone ({len(ids)} x {ids.shape[1]} tokens)"):
-            kl, info = output_kl(model, targets, w_hat, ids, widths, threads=mp.latency_threads)
+            kl, info = output_kl(model, targets, w_hat, ids, widths, threads=mp.latency_threads, done=done,
+                                 on_layer=keep if kl_keys else None)
         for ly in table.layers:
             ly.kl = dict(kl[ly.name])
         table.info["kl"] = info
         kinds.append("kl")
-    times, time_table = None, None
+    times, time_table, fixed = None, None, None
     if mp.latency_budget_ms is not None:
         from . import latency
 
         with step("mixed precision: kernel times per layer shape"):
             times, time_table = latency.layer_times([ly.shape for ly in table.layers], widths, sa_cfg.group,
                                                     m=mp.latency_rows, threads=mp.latency_threads, target=mp.target)
-    plan = plan_from_table(table, mp, kinds, times=times, time_table=time_table)
+        if mp.other_ms is None:  # fixed cost and kernel scale from the compiled uniform smallest/largest plans
+            from .sensitivity import _weights, quantize_layer
+
+            weights = _weights(model, targets)
+            plans = {}
+            for j in sorted({0, len(widths) - 1}):
+                b = widths[j]
+                plans[f"uniform-{b}"] = ({t.name: quantize_layer(t.name, weights[t.name],
+                                                                 None if hessians is None else hessians.get(t.x), b,
+                                                                 sa_cfg, cache) for t in targets},
+                                         float(times[:, j].sum()))
+            del weights
+            with step(f"mixed precision: latency model from the compiled {' and '.join(plans)} plans"):
+                fixed = latency.measure_fixed_cost(model, plans, sa_cfg, threads=mp.latency_threads,
+                                                   rounds=mp.latency_measure_rounds)
+            del plans
+            log("mixed precision: decode " + ", ".join(f"{k} {v:.2f} ms/token (kernels alone {fixed['kernel_ms'][k]:.2f})"
+                                                        for k, v in fixed["measured_ms"].items())
+                + f": fixed cost {fixed['other_ms']:.2f} ms, kernel scale {fixed['scale']:.2f}")
+    plan = plan_from_table(table, mp, kinds, times=times, time_table=time_table,
+                           fixed=fixed)
     plan["tokenizer"] = tokenizer  # for the report's perplexity (None: the one recorded at export)
     if cache.folder:  # the chosen widths' results, so the pass does not quantize again
         from .sensitivity import _weights, quantize_layer
@@ -101,8 +137,13 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
     return plan
 
 
-def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=None, time_table=None) -> dict:
-    """Allocation, Pareto sweep, ShiftAddLLM reference plan and rank agreement from a measured table."""
+def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=None, time_table=None,
+                    fixed: dict | None = None) -> dict:
+    """Allocation, Pareto sweep, ShiftAddLLM reference plan and rank agreement from a measured table.
+
+    Latency model (with ``times`` and a latency budget): decode ms = other + s·Σ_i times[i, b_i], with
+    other = ``mp.other_ms`` and s = 1, else other and s from ``fixed`` (latency.measure_fixed_cost),
+    else 0 and 1."""
     widths = list(table.bits)
     kind = mp.sensitivity
     sens = table.matrix(kind)
@@ -111,11 +152,20 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
     bpw_of = dict(zip(widths, map(float, bpw)))
     groups = A.groups_by_input([ly.x for ly in table.layers], mp.tie)
     latency_budget = None
+    other = float(mp.other_ms) if mp.other_ms is not None else float(fixed["other_ms"]) if fixed else 0.0
+    scale = 1.0 if mp.other_ms is not None or not fixed else float(fixed.get("scale", 1.0))
+    if times is not None:
+        times = scale * np.asarray(times, np.float64)
     if times is not None and mp.latency_budget_ms is not None:
-        latency_budget = float(mp.latency_budget_ms) - float(mp.other_ms)
+        latency_budget = float(mp.latency_budget_ms) - other
         if latency_budget <= 0:
-            raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms}: not more than the {mp.other_ms} ms "
-                             f"outside the quantized layers")
+            raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms:g}: not more than the {other:.2f} ms "
+                             f"decode time outside the quantized layers")
+        floor = other + float(np.asarray(times).min(1).sum())
+        if floor > float(mp.latency_budget_ms):
+            raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms:g}: the fastest plan (every layer at the "
+                             f"smallest width) is predicted at {floor:.2f} ms/token ({other:.2f} ms outside the "
+                             f"quantized layers)")
     res = A.allocate(sens, sizes, widths, bpw, float(mp.bits_budget), groups=groups, times=times,
                      latency_budget=latency_budget)
     layer_bits = {ly.name: int(b) for ly, b in zip(table.layers, res["bits"])}
@@ -124,8 +174,10 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
             "layer_bits": layer_bits, "avg_bits": res["avg_bits"], "objective": res["objective"],
             "pareto": front, "table": table, "latency": None}
     if times is not None:
-        plan["latency"] = {"budget_ms": mp.latency_budget_ms, "other_ms": float(mp.other_ms),
-                           "predicted_ms": res["latency"] + float(mp.other_ms), "per_shape_ms": time_table,
+        plan["latency"] = {"budget_ms": mp.latency_budget_ms, "other_ms": other,
+                           "other_from": "given" if mp.other_ms is not None else "measured" if fixed else "none",
+                           "fixed_cost": fixed, "kernel_scale": scale, "kernel_ms": res["latency"],
+                           "predicted_ms": res["latency"] + other, "measured_ms": None, "per_shape_ms": time_table,
                            "rows": mp.latency_rows, "threads": mp.latency_threads, "target": mp.target}
     # ShiftAddLLM's sort-and-threshold at the same size, scored by the same sensitivity, for reference
     if 2 in widths and 3 in widths and all(ly.shiftaddllm is not None for ly in table.layers):
@@ -170,6 +222,26 @@ def finish(result: dict, plan: dict, mp: MixedPrecisionConfig, *, threads: int |
     """After the pass: perplexity before/after (``eval_tokens`` > 0), the report files, a summary."""
     from . import report
 
+    if mp.measure_latency and plan.get("latency") is None:  # size-only plan: its decode time alone
+        plan["latency"] = {"budget_ms": None, "predicted_ms": None, "threads": mp.latency_threads, "target": mp.target}
+    lt = plan.get("latency")
+    if mp.measure_latency:  # the compiled output's decode time (against the budget, when there is one)
+        from ...backend.compile import compile_model
+        from .latency import decode_ms
+
+        with tempfile.TemporaryDirectory(prefix="shiftc_latency_") as d:
+            so = os.path.join(d, "out.so")
+            with step("mixed precision: compiling the output to measure its decode time"):
+                compile_model(result["path"], so)
+                ms = decode_ms({"out": so}, threads=mp.latency_threads, rounds=mp.latency_measure_rounds)["out"]
+        lt["measured_ms"] = float(np.median(ms))
+        lt["measured_rounds"] = mp.latency_measure_rounds
+        if lt["budget_ms"] is not None:
+            lt["meets_budget"] = bool(lt["measured_ms"] <= float(lt["budget_ms"]))
+            log(f"mixed precision: decode {lt['measured_ms']:.2f} ms/token measured, {lt['predicted_ms']:.2f} "
+                f"predicted, budget {lt['budget_ms']:g}")
+        else:
+            log(f"mixed precision: decode {lt['measured_ms']:.2f} ms/token measured")
     ppl = measure_perplexity(result["source"], result["path"], mp.eval_tokens, mp.eval_window, threads,
                              plan.get("tokenizer")) if mp.eval_tokens else None
     files = report.write(result["path"], result, plan, ppl) if mp.report else None

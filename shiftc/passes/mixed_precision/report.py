@@ -203,9 +203,20 @@ def _html(rep: dict, plan: dict | None, figs) -> str:
         rows += [("budget", f"{plan['bits_budget']:g} bits/weight"), ("sensitivity", e(plan["kind"])),
                  ("layers per width", ", ".join(f"{b}-bit: {c}" for b, c in counts.items())),
                  ("tied layers sharing an input", "yes" if plan["tie"] else "no")]
-        if plan.get("latency"):
-            lt = plan["latency"]
-            rows.append(("latency (model)", f"{lt['predicted_ms']:.3f} ms predicted, budget {lt['budget_ms']:g} ms"))
+        lt = plan.get("latency")
+        if lt and lt.get("budget_ms") is not None:
+            rows.append(("decode latency budget", f"{lt['budget_ms']:g} ms/token"))
+            rows.append(("decode latency predicted", f"{lt['predicted_ms']:.3f} ms/token = {lt.get('other_ms', 0):.3f} ms "
+                                                     f"fixed ({e(str(lt.get('other_from', '')))}) + "
+                                                     f"{lt.get('kernel_ms', lt['predicted_ms']):.3f} ms in the quantized "
+                                                     f"layers' kernels (kernel times alone x {lt.get('kernel_scale', 1.0):.2f})"))
+        if lt:
+            m = lt.get("measured_ms")
+            verdict = "" if m is None or lt.get("budget_ms") is None else \
+                f": {'meets' if m <= float(lt['budget_ms']) else 'misses'} the budget"
+            rows.append(("decode latency measured", "not measured (recipe: measure_latency: true)" if m is None else
+                         f"{m:.3f} ms/token (compiled for the host, {lt.get('threads', 1)} thread(s), median of "
+                         f"{lt.get('measured_rounds', '?')} steps){verdict}"))
         for pair, ag in (plan.get("rank_agreement") or {}).items():
             rows.append((f"Kendall τ {e(pair)}", ", ".join(f"{k}: {v['tau']:.3f}" for k, v in ag.items())))
     ppl = rep.get("perplexity")

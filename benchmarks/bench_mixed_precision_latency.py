@@ -1,0 +1,366 @@
+"""Latency-budgeted mixed precision on SmolLM2-135M: does the compiled model meet the budget, and
+what does it cost in perplexity against the size-only plan at the same size?
+
+Protocol (every model from the same per-layer quantizations, cached once per layer and width by
+bench_mixed_precision.py: group 128, power-of-two scales, GPTQ without act-order, widths {2, 3};
+sensitivity: output KL of each layer alone quantized):
+
+  1. kernel times t_i(b): the LUT kernel per layer shape and width (decode, one row of x, one
+     thread; latency.layer_times), saved once to WORK/kernel_times.json;
+  2. the fixed cost (everything that is not a quantized layer's kernel: attention, norms,
+     embedding, runtime): two *calibration* plans — uniform 2-bit and uniform 3-bit — are compiled
+     and their decode time measured; latency.fit_fixed_cost gives t_other (and the in-model scale
+     of the kernel times, reported but not used unless --fit-scale);
+  3. (a) the size-only plan: MILP at --budget bits per weight; (b) latency budgets below it,
+     L = f x (the size-only plan's measured decode ms/token), f from --fractions; the latency plan
+     is the MILP at the same size budget with Σ t_i(b_i) <= L − t_other; its perplexity at
+     --tokens (8k while developing) picks the tightest f whose plan stays within 10%;
+  4. (c) all compiled plans' decode time measured in one run, alternating (benchmarking.alternate;
+     one token on a 128-token KV cache, restored before every step, same thread count), and the
+     prediction error of the latency model on the plans it was not fitted on;
+  5. (d) perplexity of the size-only and the chosen latency plan (ONNX Runtime, window 512,
+     held-out split) at --tokens-final.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_mixed_precision_latency.py \\
+        --fractions 0.99,0.98,0.97,0.96,0.95 --tokens 8192 --tokens-final 32768 \\
+        --out benchmarks/results/mixed_precision_latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+
+class Setup:
+    """The source model, pinned quantizer settings, the per-layer cache and the sensitivity table."""
+
+    def __init__(self, a):
+        from onnx import numpy_helper
+
+        from bench_mixed_precision import _LazyH
+        from shiftc.frontend.onnx_io import load_model
+        from shiftc.passes.mixed_precision.cache import LayerCache, digest, result_key
+        from shiftc.passes.mixed_precision.sensitivity import SensitivityTable, quantize_layer
+        from shiftc.passes.shiftadd import ShiftAddConfig, ShiftAddPass
+
+        self.a = a
+        self.widths = [int(b) for b in a.candidates.split(",")]
+        self.cfg = ShiftAddConfig(group=a.group, scale_mode="pow2", act_order=False, damp=0.01, iters=6)
+        self.model = load_model(a.model)
+        self.targets, _ = ShiftAddPass(self.cfg).match(self.model)
+        self.by_name = {t.name: t for t in self.targets}
+        inits = {t.name: t for t in self.model.graph.initializer}
+        self.inits = inits
+        hpath = os.path.join(a.work, "hessians.npz")
+        if not os.path.exists(hpath):
+            raise SystemExit(f"{hpath} missing: run benchmarks/bench_mixed_precision.py first (it writes H, "
+                             f"the tables and the output KL)")
+        self.hs = _LazyH(np.load(hpath))
+        self.cache = LayerCache(a.cache or os.path.join(a.work, "cache"))
+        self._wd, self._hd = {}, {}
+        self._digest, self._result_key, self._quantize_layer = digest, result_key, quantize_layer
+        self._np = numpy_helper
+        table = None
+        for b in self.widths:
+            tb = SensitivityTable.load(os.path.join(a.work, f"table_b{b}.json"))
+            if table is None:
+                table = tb
+            else:
+                for ly, lb in zip(table.layers, tb.layers):
+                    ly.out_err.update(lb.out_err)
+                    ly.w_err.update(lb.w_err)
+        table.bits = self.widths
+        kl = json.load(open(os.path.join(a.work, "kl.json")))["kl"]
+        for ly in table.layers:
+            ly.kl = {int(b): v for b, v in kl[ly.name].items()}
+        self.table = table
+        self.names = table.names()
+
+    def seed_kl_cache(self, windows: int = 2, window: int = 128) -> int:
+        """Store the table's output-KL values in the cache under the keys ``shiftc compress
+        --sensitivity kl --mp-cache`` looks them up by (e2e.kl_cache_keys), so that the CLI run of
+        the protocol needs no forward pass per layer. Returns the number of values stored."""
+        from shiftc.passes.calibration import calibration_windows
+        from shiftc.passes.mixed_precision.e2e import kl_cache_keys
+
+        ids = calibration_windows(self.model, windows=windows, window=window, model_path=self.a.model)
+        weights = {n: self.weight(n) for n in self.names}
+        keys = kl_cache_keys(self.model, self.targets, weights, self.hs, self.cfg, self.widths, ids)
+        by = {ly.name: ly for ly in self.table.layers}
+        self.cache.put_values("kl", {k: by[n].kl[b] for (n, b), k in keys.items()})
+        return len(keys)
+
+    def weight(self, name):
+        t = self.by_name[name]
+        w = self._np.to_array(self.inits[t.weight]).astype(np.float32)
+        return w.T if t.transposed else w
+
+    def result(self, name, b):
+        t = self.by_name[name]
+        if name not in self._wd:
+            self._wd[name] = self._digest(self.weight(name))
+        if t.x not in self._hd:
+            self._hd[t.x] = self._digest(self.hs[t.x])
+        k = self.inits[t.weight].dims[0 if t.transposed else 1]
+        key = self._result_key(name, self._wd[name], self._hd[t.x], int(b), self.cfg)
+        r = self.cache.get(name, int(b), key, int(k), self.cfg.group, self.cfg.scale_mode)
+        if r is None:
+            r = self._quantize_layer(name, self.weight(name), self.hs[t.x], int(b), self.cfg, self.cache,
+                                     self._wd[name], self._hd[t.x])
+        return r
+
+    def compressed(self, layer_bits: dict, path: str) -> str:
+        """The BcqMatMul model of a plan (what ``shiftc compress`` writes), from the cache."""
+        from shiftc.frontend.onnx_io import save_model
+        from shiftc.passes.shiftadd import ShiftAddPass
+
+        if os.path.exists(path):
+            return path
+        results = {n: self.result(n, layer_bits[n]) for n in self.names}
+        out = ShiftAddPass(self.cfg)(self.model, results=results).model
+        save_model(out, path + ".tmp.onnx")
+        os.replace(path + ".tmp.onnx", path)
+        return path
+
+    def dequantized(self, layer_bits: dict, path: str) -> str:
+        """fp32 model with Ŵ written back (same logits as the BcqMatMul model, fast to load in ORT)."""
+        from shiftc.frontend.onnx_io import load_model, save_model
+        from shiftc.passes.mixed_precision.assemble import with_weights
+
+        fresh = load_model(self.a.model)
+        with_weights(fresh, self.targets, lambda n: self.result(n, layer_bits[n]).dequantize(), in_place=True)
+        save_model(fresh, path)
+        return path
+
+
+def compile_plan(onnx_path: str, so: str) -> float:
+    from shiftc.backend.compile import compile_model
+
+    if os.path.exists(so) and os.path.getmtime(so) >= os.path.getmtime(onnx_path):
+        return 0.0
+    t0 = time.perf_counter()
+    compile_model(onnx_path, so)
+    return round(time.perf_counter() - t0, 1)
+
+
+def time_decode(libs: dict[str, str], threads: int, rounds: int) -> dict[str, list[float]]:
+    """ms per decode step of each compiled library, alternating (latency.decode_ms: one token on a
+    128-token KV cache, restored before every step)."""
+    from shiftc.passes.mixed_precision.latency import decode_ms
+
+    return decode_ms(libs, threads=threads, rounds=rounds)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="/tmp/sa/smol.onnx")
+    p.add_argument("--work", default="/tmp/mp", help="bench_mixed_precision.py's folder (H, tables, kl.json, cache)")
+    p.add_argument("--cache", default=None)
+    p.add_argument("--out-dir", default="/tmp/mpl", help="compressed models and libraries")
+    p.add_argument("--budget", type=float, default=2.5)
+    p.add_argument("--candidates", default="2,3")
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--kind", default="kl", help="sensitivity the plans minimise")
+    p.add_argument("--fractions", default="0.99", help="latency budgets as fractions of the size-only plan's measured ms")
+    p.add_argument("--max-loss", type=float, default=0.10, help="perplexity loss allowed vs the size-only plan")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens for choosing the fraction")
+    p.add_argument("--tokens-final", type=int, default=0, help="final perplexity of the two plans (0: skip)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=100)
+    p.add_argument("--kernel-repeats", type=int, default=12, help="rounds over all (shape, width) kernel timings")
+    p.add_argument("--unit-scale", action="store_true", help="fit t = t_other + Σt_i (default: t_other + s·Σt_i)")
+    p.add_argument("--stage", default="all", choices=["calibrate", "choose", "all"],
+                   help="calibrate: fixed cost only; choose: + perplexity sweep; all: + final timing/perplexity")
+    p.add_argument("--seed-kl-cache", action="store_true",
+                   help="store the output-KL table in the cache for `shiftc compress --sensitivity kl --mp-cache`, and exit")
+    p.add_argument("--out", default="benchmarks/results/mixed_precision_latency.json")
+    a = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
+    os.makedirs(a.out_dir, exist_ok=True)
+
+    import shiftc.api
+    from shiftc.passes.mixed_precision import allocate as A
+    from shiftc.passes.mixed_precision import latency as LT
+
+    S = Setup(a)
+    if a.seed_kl_cache:
+        print(f"stored {S.seed_kl_cache()} output-KL values in {S.cache.folder}")
+        return 0
+    table, widths = S.table, S.widths
+    sizes, bpw = table.sizes(), table.bits_per_weight()
+    bpw_of = dict(zip(widths, map(float, bpw)))
+    sens = table.matrix(a.kind)
+    shapes = [ly.shape for ly in table.layers]
+    state_path = os.path.join(a.out_dir, "state.json")
+    state = json.load(open(state_path)) if os.path.exists(state_path) else {}
+
+    def save_state():
+        with open(state_path + ".tmp", "w") as f:
+            json.dump(state, f, indent=1)
+        os.replace(state_path + ".tmp", state_path)
+
+    # 1. kernel times (measured once: every plan is predicted from the same table)
+    if "kernel_times" not in state:
+        t, per_shape = LT.layer_times(shapes, widths, a.group, threads=a.threads, repeats=a.kernel_repeats)
+        state["kernel_times"] = {"per_shape_ms": per_shape, "threads": a.threads, "rows": 1}
+        save_state()
+    times = LT.times_from_table(shapes, widths, state["kernel_times"]["per_shape_ms"])
+
+    def kernel_ms(bits):
+        return float(sum(times[i, widths.index(int(b))] for i, b in enumerate(bits)))
+
+    plans: dict[str, np.ndarray] = {f"uniform-{b}": np.full(len(sizes), b) for b in widths}
+    # validation plans for the latency model: the LM head (a fifth of the weights) at the other width
+    head = np.array(["model.layers." not in n for n in S.names])
+    plans["head3"] = np.where(head, widths[-1], widths[0])
+    plans["head2"] = np.where(head, widths[0], widths[-1])
+    size_only = A.allocate(sens, sizes, widths, bpw, a.budget, times=times)
+    plans["size-only"] = size_only["bits"]
+    timings = state.setdefault("timings_s", {})
+
+    def lib(name):
+        bits = plans[name]
+        onnx_path = S.compressed(dict(zip(S.names, map(int, bits))), os.path.join(a.out_dir, f"{name}.onnx"))
+        so = os.path.join(a.out_dir, f"{name}.so")
+        c = compile_plan(onnx_path, so)
+        if c:
+            timings[f"compile {name}"] = c
+            save_state()
+        return so
+
+    # 2. fixed cost from the two uniform plans (+ the size-only plan's measured time, for the budget)
+    if "calibration_run" not in state:
+        libs = {n: lib(n) for n in ("uniform-2", "uniform-3", "size-only")}
+        ms = time_decode(libs, a.threads, a.rounds)
+        state["calibration_run"] = {"median_ms": {k: float(np.median(v)) for k, v in ms.items()},
+                                    "kernel_ms": {k: kernel_ms(plans[k]) for k in libs}, "rounds": a.rounds}
+        save_state()
+    cal = state["calibration_run"]
+    FIT = ("uniform-2", "uniform-3", "size-only")  # least squares over the three calibration plans
+    fit = LT.fit_fixed_cost([cal["kernel_ms"][k] for k in FIT], [cal["median_ms"][k] for k in FIT],
+                            fit_scale=not a.unit_scale)
+    state["fit"] = fit
+    other, scale = fit["other_ms"], fit["scale"]
+    pred_size_only = other + scale * kernel_ms(plans["size-only"])
+    measured_size_only = cal["median_ms"]["size-only"]
+    print(f"fixed cost {other:.2f} ms (scale {scale:.3f}); size-only plan: predicted {pred_size_only:.2f} ms, "
+          f"measured {measured_size_only:.2f} ms ({100 * (pred_size_only / measured_size_only - 1):+.1f}%)", flush=True)
+    save_state()
+    if a.stage == "calibrate":
+        return 0
+
+    # 3. latency plans at the fractions; perplexity at --tokens picks the tightest within max_loss
+    sweep = state.setdefault("sweep", {})
+
+    def ppl(name, tokens):
+        key = f"{name}@{tokens}"
+        if key not in state.setdefault("perplexity", {}):
+            t0 = time.perf_counter()
+            path = S.dequantized(dict(zip(S.names, map(int, plans[name]))), os.path.join(a.out_dir, "eval.onnx"))
+            r = shiftc.api.evaluate(path, tokens=tokens, window=a.window, threads=a.threads)
+            os.remove(path)
+            state["perplexity"][key] = {"perplexity": r["perplexity"], "tokens_scored": r["tokens_scored"]}
+            timings[f"ppl {key}"] = round(time.perf_counter() - t0, 1)
+            save_state()
+            print(f"  {key}: ppl {r['perplexity']:.2f}", flush=True)
+        return state["perplexity"][key]["perplexity"]
+
+    base = ppl("size-only", a.tokens)
+    chosen = None
+    for f in sorted(map(float, a.fractions.split(",")), reverse=True):
+        budget_ms = f * measured_size_only
+        name = f"latency-{f:g}"
+        try:
+            r = A.allocate(sens, sizes, widths, bpw, a.budget, times=scale * times, latency_budget=budget_ms - other)
+        except Exception as e:  # infeasible
+            sweep[name] = {"fraction": f, "budget_ms": budget_ms, "feasible": False, "why": str(e)}
+            break
+        plans[name] = r["bits"]
+        loss = ppl(name, a.tokens) / base - 1
+        sweep[name] = {"fraction": f, "budget_ms": budget_ms, "feasible": True, "predicted_ms": other + r["latency"],
+                       "avg_bits": r["avg_bits"], "objective": r["objective"], "ppl_loss": loss,
+                       "widths": {str(b): int(np.sum(r["bits"] == b)) for b in widths},
+                       "layer_bits": dict(zip(S.names, map(int, r["bits"])))}
+        save_state()
+        if loss <= a.max_loss:
+            chosen = name
+        else:
+            break
+    state["chosen"] = chosen
+    save_state()
+    if chosen is None:
+        print("no latency budget in --fractions keeps the perplexity within the limit")
+    if a.stage == "choose" or chosen is None:
+        return 0
+
+    # 4. all compiled plans timed together; prediction error on the plans not used for the fit
+    if state.get("final_run", {}).get("chosen") != chosen:
+        libs = {n: lib(n) for n in ("uniform-2", "uniform-3", "head3", "head2", "size-only", chosen)}
+        ms = time_decode(libs, a.threads, a.rounds)
+        ratio = {k: [x / y for x, y in zip(v, ms["size-only"])] for k, v in ms.items()}  # per round, paired
+        state["final_run"] = {"chosen": chosen, "rounds": a.rounds, "median_ms": {k: float(np.median(v)) for k, v in ms.items()},
+                              "median_ratio_to_size_only": {k: float(np.median(v)) for k, v in ratio.items()},
+                              "ratio_q25": {k: float(np.percentile(v, 25)) for k, v in ratio.items()},
+                              "ratio_q75": {k: float(np.percentile(v, 75)) for k, v in ratio.items()},
+                              "q25_ms": {k: float(np.percentile(v, 25)) for k, v in ms.items()},
+                              "q75_ms": {k: float(np.percentile(v, 75)) for k, v in ms.items()},
+                              "kernel_ms": {k: kernel_ms(plans[k]) for k in libs}}
+        save_state()
+    fr = state["final_run"]
+    fit2 = LT.fit_fixed_cost([fr["kernel_ms"][k] for k in FIT], [fr["median_ms"][k] for k in FIT],
+                             fit_scale=not a.unit_scale)
+    rows = {}
+    for k in fr["median_ms"]:
+        pred = fit2["other_ms"] + fit2["scale"] * fr["kernel_ms"][k]
+        rows[k] = {"measured_ms": fr["median_ms"][k], "predicted_ms": pred, "fitted_on": k in FIT,
+                   "error": pred / fr["median_ms"][k] - 1, "kernel_ms": fr["kernel_ms"][k],
+                   "avg_bits": A.average_bits(plans[k], sizes, bpw_of)}
+    f = sweep[chosen]["fraction"]
+    budget_measured = f * fr["median_ms"]["size-only"]  # the budget, against this run's size-only time
+    verdict = {"budget_ms (from the calibration run)": sweep[chosen]["budget_ms"], "fraction": f,
+               "budget_ms (this run)": budget_measured, "latency_plan_ms": fr["median_ms"][chosen],
+               "meets_budget": fr["median_ms"][chosen] <= budget_measured,
+               "median_paired_ratio": fr["median_ratio_to_size_only"][chosen],
+               "meets_budget_paired": fr["median_ratio_to_size_only"][chosen] <= f,
+               "speedup_vs_size_only": fr["median_ms"]["size-only"] / fr["median_ms"][chosen]}
+
+    # 5. final perplexity
+    final = {}
+    if a.tokens_final:
+        for k in ("size-only", chosen):
+            final[k] = ppl(k, a.tokens_final)
+        final["loss"] = final[chosen] / final["size-only"] - 1
+    result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", "budget_bits_per_weight": a.budget,
+              "candidates": widths, "group": a.group, "scale_mode": "pow2", "sensitivity": a.kind,
+              "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": a.threads,
+              "decode": "1 token on a 128-token KV cache, median of alternating rounds",
+              "kernel_times": state["kernel_times"], "fit_calibration_run": state["fit"], "fit_final_run": fit2,
+              "calibration_run": cal, "sweep": sweep, "chosen": chosen, "final_run": fr, "models": rows,
+              "verdict": verdict, "perplexity": state.get("perplexity"), "final_perplexity": final,
+              "window": a.window, "timings_s": timings}
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    for k, r in rows.items():
+        print(f"{k:16s} measured {r['measured_ms']:7.2f} ms  predicted {r['predicted_ms']:7.2f} ms "
+              f"({100 * r['error']:+.1f}%)  {r['avg_bits']:.3f} b/w")
+    print(json.dumps(verdict, indent=1))
+    if final:
+        print(f"perplexity at {a.tokens_final}: {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
