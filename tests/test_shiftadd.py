@@ -164,6 +164,26 @@ def test_sequential_calibration(tiny_onnx, smollm2_gguf_path):
     np.testing.assert_array_equal(planes["lm_head.bcq_planes"], results["lm_head"].packed_planes())
 
 
+def test_process_pool_gives_the_same_results(tiny_onnx, smollm2_gguf_path, monkeypatch):
+    """Layers quantized by a pool of spawned processes equal the in-process results bit for bit."""
+    from shiftc.passes import shiftadd
+    from shiftc.passes.calibration import calibration_windows, collect_hessians
+
+    model = onnx.load(tiny_onnx)
+    inits = {t.name: t for t in model.graph.initializer}
+    ids = calibration_windows(model, windows=2, window=16, tokenizer=smollm2_gguf_path)
+    base = ShiftAddPass(ShiftAddConfig(bits=3, group=32, iters=2, workers=1))
+    targets = base.match(model)[0]
+    hs = collect_hessians(model, [t.x for t in targets], ids, threads=1)
+    one = base.quantize_all(targets, inits, hs)
+    monkeypatch.setattr(shiftadd, "POOL_MIN_WEIGHTS", 0)
+    two = ShiftAddPass(ShiftAddConfig(bits=3, group=32, iters=2, workers=2)).quantize_all(targets, inits, hs)
+    assert set(one) == set(two) == {t.name for t in targets}
+    for name in one:
+        np.testing.assert_array_equal(one[name].codes, two[name].codes, err_msg=name)
+        np.testing.assert_array_equal(one[name].exps, two[name].exps, err_msg=name)
+
+
 def test_pass_skip_and_lm_head_off(tiny_onnx):
     model = onnx.load(tiny_onnx)
     cfg = ShiftAddConfig(bits=2, group=64, lm_head=False, skip=["*.k_proj.*"], iters=1)

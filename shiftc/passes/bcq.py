@@ -190,25 +190,36 @@ def _code_signs(q: int, dtype=torch.float32) -> torch.Tensor:
     return (((c[:, None] >> torch.arange(q)[None, :]) & 1) * 2 - 1).to(dtype)
 
 
-def nearest_codes(w: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, C], α [q, N] -> (codes int64 [N, C], values [N, C]): per weight the best of 2^q codes.
-
-    A binary search of w among the midpoints of the row's sorted code values (O(log 2^q) per
-    weight, not 2^q distances); of codes with equal values the lowest code is returned."""
+def codebook(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """α [q, N] -> the rows' sorted code values ``sv`` [N, 2^q], the midpoints between neighbours
+    [N, 2^q − 1] and ``code`` [N, 2^q]: the code of each sorted position, the lowest code of a run
+    of equal values standing for the whole run. Built once per group, used for every column."""
     q = alpha.shape[0]
     values = alpha.T @ _code_signs(q, alpha.dtype).T  # [N, 2^q]
     sv, order = torch.sort(values, dim=1, stable=True)  # equal values keep increasing code order
     mids = (sv[:, 1:] + sv[:, :-1]) * 0.5
-    # index into the sorted values = the number of midpoints below w (a compare per midpoint: q ≤ 4
-    # gives ≤ 15 of them, and this is ~2x faster than torch.searchsorted on [N, C])
-    pos = torch.zeros(w.shape, dtype=torch.int64)
-    for i in range(mids.shape[1]):
-        pos += mids[:, i : i + 1] < w
     if q > 1:  # runs of equal values -> the first (lowest code) of the run
         start = torch.arange(2**q).expand_as(sv).clone()
         start[:, 1:] = torch.where(sv[:, 1:] == sv[:, :-1], 0, start[:, 1:])
-        pos = start.cummax(1).values.gather(1, pos)
-    return order.gather(1, pos), sv.gather(1, pos)
+        order = order.gather(1, start.cummax(1).values)
+    return sv, mids, order
+
+
+def lookup(book, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int64 [N, C], values [N, C]) of w [N, C] in a :func:`codebook`: the position of w
+    among the sorted values is the number of midpoints below it (one compare per midpoint: q ≤ 4
+    gives ≤ 15, much faster than torch.searchsorted on these shapes)."""
+    sv, mids, code = book
+    pos = torch.zeros(w.shape, dtype=torch.int64)
+    for i in range(mids.shape[1]):
+        pos += mids[:, i : i + 1] < w
+    return code.gather(1, pos), sv.gather(1, pos)
+
+
+def nearest_codes(w: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, C], α [q, N] -> (codes int64 [N, C], values [N, C]): per weight the best of 2^q codes
+    (of codes with equal values, the lowest)."""
+    return lookup(codebook(alpha), w)
 
 
 def scale_neighbours(alpha: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,6 +339,7 @@ def quantize_gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *,
     hdiag = torch.diag(H).float()  # activation energy per (permuted) column: weights the group fits
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     grp = perm // group  # stored group of each processed column
+    books: dict[int, tuple] = {}
     block = block or group
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -345,8 +357,9 @@ def quantize_gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *,
                 if out.any() and j > 0:  # pending (lazy) updates of this block for later columns
                     cur[:, out] -= Err1[:, :j] @ U[i1:col][:, pos[out]]
                 alpha[:, :, g] = fit_group(cur, bits, scale_mode, iters, col_weight=hdiag[pos])
+                books[g] = codebook(alpha[:, :, g])
                 fitted[g] = True
-            idx, val = nearest_codes(W1[:, j : j + 1], alpha[:, :, g])
+            idx, val = lookup(books[g], W1[:, j : j + 1])
             codes[:, perm[col]] = idx[:, 0].to(torch.uint8)
             err = (W1[:, j] - val[:, 0]) / U[col, col]
             W1[:, j:] -= err[:, None] * U[col, col:i2][None, :]

@@ -48,6 +48,10 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
         from .binarize import run as run_binarize
 
         return run_binarize(model, src, output, config, t0, prune_report)
+    if config.threads and not config.shiftadd.workers:  # --threads bounds the quantizer's processes too
+        from dataclasses import replace
+
+        config = replace(config, shiftadd=replace(config.shiftadd, workers=int(config.threads)))
     sa = ShiftAddPass(config.shiftadd)
     targets, skipped = sa.match(model)
     if not targets:

@@ -12,6 +12,7 @@ Schema (every key optional; the values shown are the defaults)::
       lm_head: true        # quantize the LM head too           (--shiftadd-lm-head / --no-...)
       layer_bits: {}       # {initializer name or glob: bits}, first match wins
       skip: []             # globs of layer names left in fp32
+      workers: 0           # processes quantizing layers side by side (0: --threads, else one per core)
     calib:
       corpus: wikipedia    # wikipedia | lee | none (none: data-free, plain BCQ)   (--calib)
       split: calib
@@ -131,6 +132,8 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
         bad("damp", f"must be in [0, 10), got {s.damp!r}")
     if not isinstance(s.iters, int) or s.iters < 0:
         bad("iters", f"must be an integer >= 0, got {s.iters!r}")
+    if not isinstance(s.workers, int) or s.workers < 0:
+        bad("workers", f"must be an integer >= 0, got {s.workers!r}")
     if c.corpus not in CALIB_CORPORA:
         bad("--calib", f"must be one of {', '.join(CALIB_CORPORA)}, got {c.corpus!r}")
     for flag, v in (("--calib-windows", c.windows), ("--calib-window", c.window), ("calib.sequential", c.sequential)):

@@ -37,6 +37,7 @@ from ..progress import Counter
 from . import bcq, ops
 
 OP = "BcqMatMul"
+POOL_MIN_WEIGHTS = 1 << 22  # quantize in a process pool from this many weights on
 METADATA_KEY = "shiftc.compression"
 
 
@@ -51,6 +52,7 @@ class ShiftAddConfig:
     lm_head: bool = True
     layer_bits: dict[str, int] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
+    workers: int = 0  # processes quantizing layers side by side (0: one per core, 1: in this process)
 
     def bits_for(self, name: str) -> int:
         for pattern, b in self.layer_bits.items():
@@ -156,6 +158,59 @@ class ShiftAddPass:
         return bcq.quantize_gptq(w, h, cfg.bits_for(t.name), cfg.group, scale_mode=cfg.scale_mode, damp=cfg.damp,
                                  act_order=cfg.act_order, iters=cfg.iters)
 
+    def quantize_all(self, targets: list[Target], inits: dict[str, onnx.TensorProto],
+                     hessians: dict[str, np.ndarray] | None, results: dict | None = None) -> dict[str, bcq.BcqResult]:
+        """{layer name: BcqResult} for every target (those in ``results`` are kept as given).
+
+        Layers are independent, so with ``workers`` > 1 they are quantized by a pool of processes
+        (spawned: torch's thread pools do not survive fork), largest first, with at most two jobs
+        per worker in flight so only those layers' W and H are copied at a time. The results are
+        the same as in one process: each layer's fit is deterministic."""
+        import os
+
+        out = dict(results or {})
+        todo = [t for t in targets if t.name not in out]
+        progress = Counter("shift-add", len(targets))
+        for _ in range(len(targets) - len(todo)):
+            progress.update()
+        workers = min(self.config.workers or os.cpu_count() or 1, len(todo))
+        if sum(int(np.prod(inits[t.weight].dims)) for t in todo) < POOL_MIN_WEIGHTS:
+            workers = 1  # starting processes (each imports torch) costs more than it saves
+
+        def job(t):
+            return self.weight(inits, t), None if hessians is None else hessians.get(t.x)
+
+        if workers <= 1:
+            for t in todo:
+                out[t.name] = self.quantize(t, *job(t))
+                progress.update(extra=t.name)
+            return out
+        import concurrent.futures as cf
+        import multiprocessing
+
+        cfg = self.config
+        todo.sort(key=lambda t: -int(np.prod(inits[t.weight].dims)))
+        with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_worker_init) as ex:
+            pending, it = {}, iter(todo)
+            while True:
+                while len(pending) < 2 * workers:
+                    t = next(it, None)
+                    if t is None:
+                        break
+                    w, h = job(t)
+                    pending[ex.submit(bcq.quantize_gptq, w, h, cfg.bits_for(t.name), cfg.group,
+                                      scale_mode=cfg.scale_mode, damp=cfg.damp, act_order=cfg.act_order,
+                                      iters=cfg.iters)] = t.name
+                if not pending:
+                    break
+                done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                for f in done:
+                    name = pending.pop(f)
+                    out[name] = f.result()
+                    progress.update(extra=name)
+        return out
+
     # -- rewriting ------------------------------------------------------------------------------
     def __call__(self, model: onnx.ModelProto, hessians: dict[str, np.ndarray] | None = None,
                  results: dict[str, bcq.BcqResult] | None = None) -> PassResult:
@@ -172,12 +227,12 @@ class ShiftAddPass:
         inits = {t.name: t for t in g.initializer}
         by_id = {_node_id(n): i for i, n in enumerate(g.node)}
         layers, new_inits = {}, []
-        progress = Counter("shift-add", len(targets))
+        results = self.quantize_all(targets, inits, hessians, results)
         replacements: dict[int, list[onnx.NodeProto]] = {}
         for t in targets:
             w = self.weight(inits, t)  # [N, K]
             h = None if hessians is None else hessians.get(t.x)
-            r = results[t.name] if t.name in results else self.quantize(t, w, h)
+            r = results[t.name]
             bits = r.bits
             prefix = t.name[: -len(".weight.T")] if t.name.endswith(".weight.T") else t.name
             planes, exps = f"{prefix}.bcq_planes", f"{prefix}.bcq_exps"
@@ -197,7 +252,6 @@ class ShiftAddPass:
             if h is not None:
                 entry["rel_output_error"] = bcq.relative_output_error(w, w_hat, h)
             layers[t.name] = entry
-            progress.update(extra=t.name)
         new_nodes = []
         for i, n in enumerate(g.node):
             new_nodes.extend(replacements.get(i, [n]))
@@ -213,6 +267,12 @@ class ShiftAddPass:
         for k, v in props.items():
             out.metadata_props.add(key=k, value=v)
         return PassResult(out, True, {**summary, "layers": layers, "skipped": skipped})
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one process per core
 
 
 def _summary(cfg: ShiftAddConfig, layers: dict) -> dict:
