@@ -51,6 +51,8 @@
 //       shiftc_bcq_compute(x, ws, M, K, N, q, G, codes, scales, offsets, y, t);
 //   Task t writes rows [32t, min(32t + 32, N)) of every output row of Y (Y is [M, N], row-major,
 //   and need not be initialised). Tasks are independent.
+//   prepare must run again whenever X's contents change (even in the same buffer): the AMX GEMM
+//   keeps a per-thread bf16 copy of X from one task to the next and drops it at every prepare.
 //   Valid arguments: q (planes) in 1..4, G a positive multiple of 32, K >= 1, N >= 1, M >= 0.
 //   All functions return 0 on success and -1 on invalid arguments (the size functions: -1).
 //
