@@ -39,7 +39,7 @@ import time
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 METHODS = ("fp32", "shiftadd", "rtn", "ort")
 
@@ -105,42 +105,6 @@ def rtn_model(model: onnx.ModelProto, targets, bits: int, group: int) -> onnx.Mo
     return out
 
 
-def dequantized_copy(model: onnx.ModelProto, fp32_head: str | None = None) -> onnx.ModelProto:
-    """Every BcqMatMul replaced by MatMul with Ŵᵀ reconstructed in numpy (fp32). ONNX Runtime gives
-    the same logits as on the function bodies (tests/test_shiftadd.py checks it) but does not
-    constant-fold 211 function bodies at session start, which needs far more memory than this
-    shared machine has free. ``fp32_head``: the embedding initializer; the LM head's BcqMatMul then
-    becomes MatMul(x, Transpose(embedding)) again (the head left in fp32)."""
-    from shiftc.passes import bcq
-    from shiftc.passes.shiftadd import _remove_dead
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
-    graph_outs = {o.name for o in out.graph.output}
-    nodes = []
-    for n in out.graph.node:
-        if n.op_type != "BcqMatMul":
-            nodes.append(n)
-            continue
-        if fp32_head and n.output[0] in graph_outs:
-            nodes.append(helper.make_node("Transpose", [fp32_head], [fp32_head + ".fp32.T"], perm=[1, 0],
-                                          name=n.name + "_fp32_t"))
-            nodes.append(helper.make_node("MatMul", [n.input[0], fp32_head + ".fp32.T"], list(n.output), name=n.name))
-            continue
-        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-        planes, exps = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
-        w = bcq.reconstruct(bcq.unpack_planes(planes, a["in_features"]), bcq.exps_to_alpha(exps), a["group_size"])
-        name = n.input[1] + ".dequant.T"
-        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
-        nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    del out.functions[:]
-    _remove_dead(out.graph)
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="exported SmolLM2 .onnx (default: export it into the work folder)")
@@ -168,7 +132,7 @@ def main(argv=None) -> int:
     import shiftc.api
     from shiftc.frontend.data import smollm2_gguf
     from shiftc.frontend.onnx_io import load_model, save_model
-    from shiftc.passes import bcq
+    from shiftc.passes import bcq, ops
     from shiftc.passes.recipe import load_recipe
     from shiftc.passes.shiftadd import ShiftAddPass
 
@@ -232,7 +196,7 @@ def main(argv=None) -> int:
                 out = os.path.join(work, f"smol_sa{q}_deq{'_headfp32' if fp32_head else ''}.onnx")
                 if not (a.reuse and os.path.exists(out)):
                     sa_model = load_model(path)
-                    save_model(dequantized_copy(sa_model, fp32_head), out)
+                    save_model(ops.dequantized_copy(sa_model, fp32_head), out)
                 return out
 
             sa_model = load_model(path)

@@ -76,27 +76,6 @@ def test_no_term_exponent_means_zero():
 # -- the pass on graphs -------------------------------------------------------------------------
 
 
-def _dequantized_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace every BcqMatMul by MatMul with Ŵᵀ reconstructed in numpy (the reference graph)."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
-    nodes = []
-    for n in out.graph.node:
-        if n.op_type != "BcqMatMul":
-            nodes.append(n)
-            continue
-        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-        w = bcq.reconstruct(bcq.unpack_planes(inits[n.input[1]], a["in_features"]), bcq.exps_to_alpha(inits[n.input[2]]), a["group_size"])
-        name = n.input[1] + ".dequant.T"
-        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
-        nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    del out.functions[:]
-    return out
-
-
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_llama_dir, tmp_path_factory):
     import shiftc
@@ -138,7 +117,7 @@ def test_pass_on_tiny_llama_with_calibration(tiny_onnx, smollm2_gguf_path, tmp_p
     assert all(0 < e["rel_output_error"] < 1 for e in rep["layers"].values())
     ids = np.random.default_rng(0).integers(0, 49152, size=(1, 12)).astype(np.int64)
     ref_path = str(tmp_path / "ref.onnx")
-    onnx.save(_dequantized_copy(m), ref_path)
+    onnx.save(ops.dequantized_copy(m), ref_path)
     got, ref = ort_run(out, _feeds(m, ids))["logits"], ort_run(ref_path, _feeds(m, ids))["logits"]
     np.testing.assert_allclose(got, ref, rtol=RTOL_MODEL, atol=RTOL_MODEL * np.abs(ref).max())
 

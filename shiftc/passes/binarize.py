@@ -18,7 +18,6 @@ shiftc/passes/compress.py): match -> calibrate -> pass -> checker -> atomic save
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import time
@@ -155,31 +154,7 @@ def _summary(cfg: BinarizeConfig, layers: dict) -> dict:
             "layers": {k: {key: e[key] for key in ("shape", "bits", "group", "bits_per_weight")} for k, e in layers.items()}}
 
 
-def dequantized_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Every FdbMatMul replaced by a MatMul with Ŵᵀ reconstructed in numpy (float32): the same
-    numbers as the function bodies, without ONNX Runtime inlining and folding one body per layer
-    (which takes far more memory at session start). For evaluation and benchmarks."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
-    nodes = []
-    for n in out.graph.node:
-        if n.op_type != OP or n.domain != ops.DOMAIN:
-            nodes.append(n)
-            continue
-        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-        p, s, o = (numpy_helper.to_array(inits[i]) for i in n.input[1:4])
-        w = fdb.reconstruct(bcq.unpack_planes(p, a["in_features"]), s, o, a["group_size"])
-        name = n.input[1] + ".dequant.T"
-        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
-        nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    keep = [f for f in out.functions if not (f.domain == ops.DOMAIN and f.name == OP)]
-    del out.functions[:]
-    out.functions.extend(keep)
-    _remove_dead(out.graph)
-    return out
+dequantized_copy = ops.dequantized_copy  # FdbMatMul -> MatMul(x, Ŵᵀ) (shiftc/passes/ops.py)
 
 
 def run(model: onnx.ModelProto, src: str, output: str, config, t0: float, prune_report: dict | None = None) -> dict:

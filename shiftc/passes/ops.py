@@ -64,9 +64,16 @@ class OpSpec:
     attributes: tuple[tuple[str, str], ...]  # (name, "type: meaning")
     function: Callable[[int], onnx.FunctionProto]  # opset -> function body
     reference: Callable[..., np.ndarray]  # numpy reference
+    weight: Callable[..., np.ndarray]  # (constant inputs after X, **attributes) -> Ŵ [N, K] float32
 
 
 # -- BcqMatMul ------------------------------------------------------------------------------------
+
+
+def bcq_matmul_weight(planes: np.ndarray, exps: np.ndarray, *, group_size: int, in_features: int,
+                      coding: str = "pm1", **_) -> np.ndarray:
+    """Ŵ [N, K] float32 of a BcqMatMul."""
+    return reconstruct(unpack_planes(planes, in_features), exps_to_alpha(exps), group_size, coding)
 
 
 def bcq_matmul_ref(x: np.ndarray, planes: np.ndarray, exps: np.ndarray, *, bits: int, group_size: int,
@@ -74,7 +81,7 @@ def bcq_matmul_ref(x: np.ndarray, planes: np.ndarray, exps: np.ndarray, *, bits:
     """numpy reference of BcqMatMul: ``X Ŵᵀ (+ bias)``, accumulated in float64, returned as float32."""
     if planes.shape[0] != bits or exps.shape[0] != bits:
         raise ValueError(f"bits={bits} but planes {planes.shape} / exps {exps.shape}")
-    w = reconstruct(unpack_planes(planes, in_features), exps_to_alpha(exps), group_size, coding)
+    w = bcq_matmul_weight(planes, exps, group_size=group_size, in_features=in_features, coding=coding)
     y = np.asarray(x, np.float64) @ w.astype(np.float64).T
     if bias is not None:
         y = y + bias
@@ -158,6 +165,7 @@ BCQ_MATMUL = OpSpec(
                 ("in_features", "int: K"), ("coding", "string: 'pm1' ('01' reserved)")),
     function=bcq_matmul_function,
     reference=bcq_matmul_ref,
+    weight=bcq_matmul_weight,
 )
 
 #: op name -> spec; the one table of shiftc's ops (domain :data:`DOMAIN`).
@@ -195,14 +203,20 @@ def add_functions(model: onnx.ModelProto, names: list[str]) -> None:
 # As with BcqMatMul there is no bias input: a Gemm's C stays a standard Add after the op.
 
 
+def fdb_matmul_weight(planes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, *, group_size: int,
+                      in_features: int, **_) -> np.ndarray:
+    """Ŵ [N, K] float32 of an FdbMatMul."""
+    from .fdb import reconstruct as fdb_reconstruct
+
+    return fdb_reconstruct(unpack_planes(planes, in_features), scales, offsets, group_size)
+
+
 def fdb_matmul_ref(x: np.ndarray, planes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, *, bits: int,
                    group_size: int, in_features: int, bias: np.ndarray | None = None) -> np.ndarray:
     """numpy reference of FdbMatMul: ``X Ŵᵀ (+ bias)``, accumulated in float64, returned as float32."""
-    from .fdb import reconstruct as fdb_reconstruct
-
     if planes.shape[0] != bits or scales.shape[0] != bits:
         raise ValueError(f"bits={bits} but planes {planes.shape} / scales {scales.shape}")
-    w = fdb_reconstruct(unpack_planes(planes, in_features), scales, offsets, group_size)
+    w = fdb_matmul_weight(planes, scales, offsets, group_size=group_size, in_features=in_features)
     y = np.asarray(x, np.float64) @ w.astype(np.float64).T
     if bias is not None:
         y = y + bias
@@ -280,5 +294,51 @@ FDB_MATMUL = OpSpec(
     attributes=(("bits", "int: q, 1..4"), ("group_size", "int: G, multiple of 32"), ("in_features", "int: K")),
     function=fdb_matmul_function,
     reference=fdb_matmul_ref,
+    weight=fdb_matmul_weight,
 )
 OPS[FDB_MATMUL.name] = FDB_MATMUL
+
+
+# -- reference graphs -----------------------------------------------------------------------------
+
+
+def dequantized_copy(model: onnx.ModelProto, fp32_head: str | None = None) -> onnx.ModelProto:
+    """A copy of ``model`` with every ``ai.shiftc`` matmul replaced by a standard MatMul whose
+    weight Ŵᵀ is reconstructed in numpy (float32, the op table's ``weight``).
+
+    The same numbers as the ops' function bodies (tests/test_shiftadd.py checks it), but ONNX
+    Runtime does not have to inline and constant-fold one body per layer at session start, which
+    for a 211-layer model takes far more memory. Used for evaluation and as the tests' reference.
+    ``fp32_head``: the embedding initializer of a tied LM head; the head's op then becomes
+    ``MatMul(x, Transpose(embedding))`` again (the head left in fp32)."""
+    from onnx import numpy_helper
+
+    from .shiftadd import _remove_dead
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name: t for t in out.graph.initializer}
+    graph_outs = {o.name for o in out.graph.output}
+    nodes = []
+    for n in out.graph.node:
+        spec = OPS.get(n.op_type) if n.domain == DOMAIN else None
+        if spec is None:
+            nodes.append(n)
+        elif fp32_head and n.output[0] in graph_outs:
+            t = fp32_head + ".fp32.T"
+            nodes.append(helper.make_node("Transpose", [fp32_head], [t], perm=[1, 0], name=n.name + "_fp32_t"))
+            nodes.append(helper.make_node("MatMul", [n.input[0], t], list(n.output), name=n.name))
+        else:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+            w = spec.weight(*(numpy_helper.to_array(inits[i]) for i in n.input[1:]), **attrs)
+            name = n.input[1] + ".dequant.T"
+            out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T.astype(np.float32)), name))
+            nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    keep = [f for f in out.functions if not (f.domain == DOMAIN and f.name in OPS)]
+    del out.functions[:]
+    out.functions.extend(keep)
+    _remove_dead(out.graph)
+    return out

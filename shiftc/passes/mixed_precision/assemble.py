@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from .. import bcq
+from .. import ops
 
 
 def with_weights(model: onnx.ModelProto, targets, w_hat, in_place: bool = False) -> onnx.ModelProto:
@@ -49,26 +49,4 @@ def with_weights(model: onnx.ModelProto, targets, w_hat, in_place: bool = False)
     return out
 
 
-def dequantized_copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Every ``ai.shiftc::BcqMatMul`` replaced by a MatMul with its Ŵᵀ reconstructed in numpy."""
-    from ..shiftadd import _remove_dead
-
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
-    nodes = []
-    for n in out.graph.node:
-        if n.op_type != "BcqMatMul":
-            nodes.append(n)
-            continue
-        a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
-        planes, exps = numpy_helper.to_array(inits[n.input[1]]), numpy_helper.to_array(inits[n.input[2]])
-        w = bcq.reconstruct(bcq.unpack_planes(planes, a["in_features"]), bcq.exps_to_alpha(exps), a["group_size"])
-        name = n.input[1] + ".dequant.T"
-        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
-        nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    del out.functions[:]
-    _remove_dead(out.graph)
-    return out
+dequantized_copy = ops.dequantized_copy  # BcqMatMul -> MatMul(x, Ŵᵀ) (shiftc/passes/ops.py)
