@@ -30,13 +30,22 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=128, help="training tokens per window")
     p.add_argument("--windows", type=int, default=64, help="calibration windows cycled through")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1, help="windows per step")
+    p.add_argument("--dev-windows", type=int, default=0,
+                   help="extra calib-split windows (after the training ones) on which the mean KL is measured: tuning metric")
+    p.add_argument("--cache-gb", type=float, default=4.0, help="teacher logits cache bound (0: recompute each step)")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity (tuning runs: dev KL only)")
     p.add_argument("--tokens", type=int, default=8192, help="evaluation tokens")
     p.add_argument("--eval-window", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ptq-ppl", type=float, help="perplexity of the model before distillation (skip measuring it)")
     p.add_argument("--fp32-ppl", type=float, help="fp32 perplexity for the ratio (from bench_fdb.py)")
     p.add_argument("--out", default="benchmarks/results/fdb_distill.json")
+    p.add_argument("--merge", nargs="+", metavar="JSON",
+                   help="only merge the rows of these results (e.g. the dad and kl runs made side by side) into --out")
     a = p.parse_args(argv)
+    if a.merge:
+        return merge(a.merge, a.out)
 
     import torch
 
@@ -53,7 +62,8 @@ def main(argv=None) -> int:
     model = load_model(a.model)
     result = {"model": a.model, "tokens": a.tokens, "window": a.eval_window, "corpus": "wikipedia/eval",
               "threads": a.threads, "train": {"steps": a.steps, "minutes": a.minutes, "lr": a.lr, "window": a.window,
-                                               "windows": a.windows, "seed": a.seed, "split": "wikipedia/calib"},
+                                               "windows": a.windows, "seed": a.seed, "batch": a.batch,
+                                               "dev_windows": a.dev_windows, "split": "wikipedia/calib"},
               "fp32_perplexity": a.fp32_ppl, "rows": [],
               "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py " + " ".join(argv or sys.argv[1:])}
 
@@ -67,18 +77,22 @@ def main(argv=None) -> int:
         save_model(dequantized_copy(m), path)
         return shiftc.api.evaluate(path, tokens=a.tokens, window=a.eval_window, threads=a.threads)["perplexity"]
 
-    if a.ptq_ppl is None:
+    if a.ptq_ppl is None and not a.no_eval:
         a.ptq_ppl = ppl(model, "ptq")
     result["rows"].append({"method": "fdb 2-bit PTQ", "perplexity": a.ptq_ppl})
     save()
     teacher = load_teacher(model, a.source or str(smollm2_gguf()))
-    ids = calibration_windows(model, windows=a.windows, window=a.window, model_path=a.model)
+    all_ids = calibration_windows(model, windows=a.windows + a.dev_windows, window=a.window, model_path=a.model)
+    ids, dev = all_ids[:a.windows], (all_ids[a.windows:] if a.dev_windows else None)
     for loss in [x for x in a.losses.split(",") if x]:
         t0 = time.perf_counter()
         out, rep = distill(model, teacher, ids, DistillConfig(steps=a.steps, minutes=a.minutes, loss=loss, lr=a.lr,
-                                                              seed=a.seed))
-        save_model(out, os.path.join(work, f"smol_fdb_distill_{loss}.onnx"))
-        v = ppl(out, f"distill_{loss}")
+                                                              seed=a.seed, batch=a.batch, cache_gb=a.cache_gb), dev_ids=dev)
+        tag = f"{loss}_s{a.seed}"
+        v = None
+        if not a.no_eval:
+            save_model(out, os.path.join(work, f"smol_fdb_distill_{tag}.onnx"))
+            v = ppl(out, f"distill_{tag}")
         h = rep.pop("history")
         first = sum(e["kl"] for e in h[:5]) / max(len(h[:5]), 1)
         last = sum(e["kl"] for e in h[-5:]) / max(len(h[-5:]), 1)
@@ -86,12 +100,28 @@ def main(argv=None) -> int:
                                "kl_first5": first, "kl_last5": last, "seconds_total": round(time.perf_counter() - t0, 1),
                                "history": h})
         save()
-        print(f"  {loss}: ppl {v:.3f} after {rep['steps']} steps ({rep['seconds']:.0f}s); KL {first:.4f} -> {last:.4f}",
+        print(f"  {loss}: ppl {v} dev KL {rep.get('dev_kl_before')} -> {rep.get('dev_kl_after')} after {rep['steps']} steps ({rep['seconds']:.0f}s); KL {first:.4f} -> {last:.4f}",
               file=sys.stderr, flush=True)
     print(f"{'method':34} {'ppl':>10} {'x PTQ':>7}" + (f" {'x fp32':>7}" if a.fp32_ppl else ""))
     for r in result["rows"]:
+        if r["perplexity"] is None or a.ptq_ppl is None:
+            continue
         print(f"{r['method']:34} {r['perplexity']:10.3f} {r['perplexity'] / a.ptq_ppl:7.3f}"
               + (f" {r['perplexity'] / a.fp32_ppl:7.3f}" if a.fp32_ppl else ""))
+    return 0
+
+
+def merge(paths: list[str], out: str) -> int:
+    """One results file from runs made in separate processes (same settings, e.g. one per loss)."""
+    runs = [json.load(open(p)) for p in paths]
+    result = dict(runs[0])
+    result["rows"] = [runs[0]["rows"][0]] + [r for run in runs for r in run["rows"][1:]]
+    result["commands"] = [run["command"] for run in runs]
+    result.pop("command", None)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    for r in result["rows"]:
+        print(r["method"], r.get("seed", ""), r["perplexity"])
     return 0
 
 
