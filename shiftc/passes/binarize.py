@@ -18,18 +18,17 @@ shiftc/passes/compress.py): match -> calibrate -> pass -> checker -> atomic save
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from ..progress import Counter
 from . import bcq, fdb, ops
-from .shiftadd import METADATA_KEY, PassResult, ShiftAddConfig, ShiftAddPass, Target, _node_id, _remove_dead
+from .shiftadd import PassResult, ShiftAddConfig, ShiftAddPass, Target, _node_id, finish_rewrite, replacement_nodes, summarize
 
 OP = "FdbMatMul"
 MODES = tuple(fdb.MODES)
@@ -113,14 +112,8 @@ class BinarizePass:
             names = [f"{prefix}.fdb_planes", f"{prefix}.fdb_scales", f"{prefix}.fdb_offsets"]
             new_inits += [numpy_helper.from_array(r.packed_planes(), names[0]),
                           numpy_helper.from_array(r.scales, names[1]), numpy_helper.from_array(r.offsets, names[2])]
-            old = g.node[by_id[t.node]]
-            y = old.output[0]
-            mm_out = f"{y}_nobias" if t.bias else y
-            nodes = [helper.make_node(OP, [t.x, *names], [mm_out], name=f"{_node_id(old)}_fdb", domain=ops.DOMAIN,
-                                      bits=r.bits, group_size=r.group, in_features=w.shape[1])]
-            if t.bias:
-                nodes.append(helper.make_node("Add", [mm_out, t.bias], [y], name=f"{_node_id(old)}_bias"))
-            replacements[by_id[t.node]] = nodes
+            replacements[by_id[t.node]] = replacement_nodes(g.node[by_id[t.node]], t, OP, "fdb", names, bits=r.bits,
+                                                            group_size=r.group, in_features=w.shape[1])
             w_hat = r.dequantize()
             entry = {"shape": list(w.shape), "bits": r.bits, "group": r.group, "mode": r.mode,
                      "bits_per_weight": fdb.bits_per_weight(r.bits, r.group),
@@ -129,29 +122,9 @@ class BinarizePass:
                 entry["rel_output_error"] = bcq.relative_output_error(w, w_hat, h)
             layers[t.name] = entry
             progress.update(extra=t.name)
-        new_nodes = []
-        for i, n in enumerate(g.node):
-            new_nodes.extend(replacements.get(i, [n]))
-        del g.node[:]
-        g.node.extend(new_nodes)
-        g.initializer.extend(new_inits)
-        _remove_dead(g)
-        ops.add_functions(out, [OP])
-        summary = _summary(cfg, layers)
-        props = {p.key: p.value for p in out.metadata_props}
-        props[METADATA_KEY] = json.dumps(summary)
-        del out.metadata_props[:]
-        for k, v in props.items():
-            out.metadata_props.add(key=k, value=v)
+        summary = summarize("binarize", OP, layers, mode=cfg.mode, group=cfg.group)
+        finish_rewrite(out, replacements, new_inits, OP, summary)
         return PassResult(out, True, {**summary, "layers": layers, "skipped": skipped})
-
-
-def _summary(cfg: BinarizeConfig, layers: dict) -> dict:
-    n = sum(int(np.prod(e["shape"])) for e in layers.values())
-    bpw = sum(e["bits_per_weight"] * int(np.prod(e["shape"])) for e in layers.values()) / max(n, 1)
-    return {"pass": "binarize", "op": f"{ops.DOMAIN}::{OP}", "mode": cfg.mode, "group": cfg.group,
-            "bits_per_weight": bpw, "quantized_weights": n,
-            "layers": {k: {key: e[key] for key in ("shape", "bits", "group", "bits_per_weight")} for k, e in layers.items()}}
 
 
 dequantized_copy = ops.dequantized_copy  # FdbMatMul -> MatMul(x, Ŵᵀ) (shiftc/passes/ops.py)

@@ -237,14 +237,9 @@ class ShiftAddPass:
             prefix = t.name[: -len(".weight.T")] if t.name.endswith(".weight.T") else t.name
             planes, exps = f"{prefix}.bcq_planes", f"{prefix}.bcq_exps"
             new_inits += [numpy_helper.from_array(r.packed_planes(), planes), numpy_helper.from_array(r.exps, exps)]
-            old = g.node[by_id[t.node]]
-            y = old.output[0]
-            mm_out = f"{y}_nobias" if t.bias else y
-            nodes = [helper.make_node(OP, [t.x, planes, exps], [mm_out], name=f"{_node_id(old)}_bcq", domain=ops.DOMAIN,
-                                      bits=bits, group_size=r.group, in_features=w.shape[1], coding="pm1")]
-            if t.bias:
-                nodes.append(helper.make_node("Add", [mm_out, t.bias], [y], name=f"{_node_id(old)}_bias"))
-            replacements[by_id[t.node]] = nodes
+            replacements[by_id[t.node]] = replacement_nodes(g.node[by_id[t.node]], t, OP, "bcq", [planes, exps],
+                                                            bits=bits, group_size=r.group, in_features=w.shape[1],
+                                                            coding="pm1")
             w_hat = r.dequantize()
             entry = {"shape": list(w.shape), "bits": bits, "group": r.group, "scale_mode": r.scale_mode,
                      "bits_per_weight": bcq.bits_per_weight(bits, r.group, r.scale_mode),
@@ -252,20 +247,8 @@ class ShiftAddPass:
             if h is not None:
                 entry["rel_output_error"] = bcq.relative_output_error(w, w_hat, h)
             layers[t.name] = entry
-        new_nodes = []
-        for i, n in enumerate(g.node):
-            new_nodes.extend(replacements.get(i, [n]))
-        del g.node[:]
-        g.node.extend(new_nodes)
-        g.initializer.extend(new_inits)
-        _remove_dead(g)
-        ops.add_functions(out, [OP])
-        summary = _summary(cfg, layers)
-        props = {p.key: p.value for p in out.metadata_props}
-        props[METADATA_KEY] = json.dumps(summary)
-        del out.metadata_props[:]
-        for k, v in props.items():
-            out.metadata_props.add(key=k, value=v)
+        summary = summarize("shiftadd", OP, layers, scale_mode=cfg.scale_mode, group=cfg.group)
+        finish_rewrite(out, replacements, new_inits, OP, summary)
         return PassResult(out, True, {**summary, "layers": layers, "skipped": skipped})
 
 
@@ -275,11 +258,45 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one process per core
 
 
-def _summary(cfg: ShiftAddConfig, layers: dict) -> dict:
+# -- rewriting helpers shared with the binarize pass ------------------------------------------------
+
+
+def replacement_nodes(old: onnx.NodeProto, t: Target, op: str, tag: str, weights: list[str], **attrs) -> list[onnx.NodeProto]:
+    """The ``ai.shiftc`` ``op`` node computing ``old``'s output from ``t.x`` and the ``weights``
+    initializers, plus the standard Add of a Gemm's bias."""
+    y = old.output[0]
+    mm_out = f"{y}_nobias" if t.bias else y
+    nodes = [helper.make_node(op, [t.x, *weights], [mm_out], name=f"{_node_id(old)}_{tag}", domain=ops.DOMAIN, **attrs)]
+    if t.bias:
+        nodes.append(helper.make_node("Add", [mm_out, t.bias], [y], name=f"{_node_id(old)}_bias"))
+    return nodes
+
+
+def finish_rewrite(out: onnx.ModelProto, replacements: dict[int, list[onnx.NodeProto]], new_inits: list,
+                   op: str, summary: dict) -> None:
+    """Splice ``replacements`` ({node index: new nodes}) into ``out``, add ``new_inits``, drop what
+    nothing reads any more, add ``op``'s function body and record ``summary`` as metadata."""
+    g = out.graph
+    new_nodes = []
+    for i, n in enumerate(g.node):
+        new_nodes.extend(replacements.get(i, [n]))
+    del g.node[:]
+    g.node.extend(new_nodes)
+    g.initializer.extend(new_inits)
+    _remove_dead(g)
+    ops.add_functions(out, [op])
+    props = {p.key: p.value for p in out.metadata_props}
+    props[METADATA_KEY] = json.dumps(summary)
+    del out.metadata_props[:]
+    for k, v in props.items():
+        out.metadata_props.add(key=k, value=v)
+
+
+def summarize(pass_name: str, op: str, layers: dict, **extra) -> dict:
+    """The ``shiftc.compression`` metadata: pass, op, ``extra`` settings, the weighted bits per weight."""
     n = sum(int(np.prod(e["shape"])) for e in layers.values())
     bpw = sum(e["bits_per_weight"] * int(np.prod(e["shape"])) for e in layers.values()) / max(n, 1)
-    return {"pass": "shiftadd", "op": f"{ops.DOMAIN}::{OP}", "scale_mode": cfg.scale_mode, "group": cfg.group,
-            "bits_per_weight": bpw, "quantized_weights": n,
+    return {"pass": pass_name, "op": f"{ops.DOMAIN}::{op}", **extra, "bits_per_weight": bpw, "quantized_weights": n,
             "layers": {k: {key: e[key] for key in ("shape", "bits", "group", "bits_per_weight")} for k, e in layers.items()}}
 
 
