@@ -12,6 +12,10 @@ split, each from an empty cache) of:
                              quantizer does: it only quantizes MatMuls whose weight is an initializer)
   rtn q-bit (dequantized)    round-to-nearest, uniform asymmetric per group of the same size, on the
                              same layers; written back as fp32 weights for evaluation only
+  gptq-uniform q-bit         GPTQ with a uniform asymmetric grid per group (shrink-searched range),
+                             same calibration H, act order and damping as shift-add: the usual
+                             integer weight-only quantizer, the reference for what BCQ gives up
+                             (or gains) by its binary-coded, power-of-two-scaled grid
   ort-matmulnbits b-bit      ONNX Runtime's MatMulNBitsQuantizer (asymmetric, DEFAULT algorithm);
                              ONNX Runtime 1.32 supports 2, 4 and 8 bits (not 3); the tied LM head
                              stays fp32 there
@@ -39,9 +43,8 @@ import time
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-METHODS = ("fp32", "shiftadd", "rtn", "ort")
+METHODS = ("fp32", "shiftadd", "rtn", "gptq", "ort")
 
 
 def _shard_nll(args) -> list[tuple[int, float, int]]:
@@ -82,28 +85,15 @@ def ppl(path: str, tokens: int, window: int, threads: int, procs: int = 1) -> tu
     return math.exp(sum(r[1] for r in rows) / sum(r[2] for r in rows)), [r[1] / r[2] for r in rows]
 
 
-def rtn_model(model: onnx.ModelProto, targets, bits: int, group: int) -> onnx.ModelProto:
-    """A copy whose target weights are replaced by their RTN-dequantized values (fp32)."""
-    from shiftc.passes import bcq
-    from shiftc.passes.shiftadd import _remove_dead
+def dequantized_model(model: onnx.ModelProto, targets, quantize) -> onnx.ModelProto:
+    """A copy whose target weights are replaced by ``quantize(target, W [N, K])`` (dequantized fp32);
+    the tied head gets its own [K, N] initializer, the Gather keeps the fp32 embedding."""
+    from shiftc.passes.mixed_precision.assemble import with_weights
+    from shiftc.passes.shiftadd import ShiftAddPass
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = {t.name: t for t in out.graph.initializer}
-    nodes = {(n.name or n.output[0]): n for n in out.graph.node}
-    for t in targets:
-        w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
-        w = w.T if t.transposed else w
-        w_hat_t = np.ascontiguousarray(bcq.quantize_rtn(w, bits, group).T)  # [K, N]
-        if t.transposed and t.bias is None:
-            inits[t.weight].CopyFrom(numpy_helper.from_array(w_hat_t, t.weight))
-        else:  # tied head: a new [K, N] initializer for the MatMul only (the Gather keeps fp32)
-            name = f"{t.name}.rtn.T"
-            out.graph.initializer.append(numpy_helper.from_array(w_hat_t, name))
-            nodes[t.node].input[1] = name
-    _remove_dead(out.graph)
-    return out
-
+    inits = {t.name: t for t in model.graph.initializer}
+    by_name = {t.name: t for t in targets}
+    return with_weights(model, targets, lambda name: quantize(by_name[name], ShiftAddPass.weight(inits, by_name[name])))
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,6 +168,21 @@ def main(argv=None) -> int:
         print(f"  {name}: ppl {v:.3f}", file=sys.stderr, flush=True)
         return r
 
+    def hessians():
+        """H = XᵀX per layer input, with the recipe's calibration (cached in WORK as .npz)."""
+        from shiftc.passes.calibration import calibration_windows, collect_hessians
+
+        path = os.path.join(work, f"H_{cfg_cal.windows}x{cfg_cal.window}.npz")
+        if os.path.exists(path):
+            with np.load(path) as d:
+                return {k: d[k] for k in d.files}
+        ids = calibration_windows(model, corpus=cfg_cal.corpus, split=cfg_cal.split, windows=cfg_cal.windows,
+                                  window=cfg_cal.window, model_path=src)
+        hs = collect_hessians(model, [t.x for t in targets], ids, threads=a.threads)
+        np.savez(path + ".tmp.npz", **hs)
+        os.replace(path + ".tmp.npz", path)
+        return hs
+
     rows = []
     if "fp32" in methods:
         rows.append(row("fp32", lambda: src, bits_per_weight=32.0, bpw_quantized=32.0, layers="none quantized"))
@@ -223,13 +228,31 @@ def main(argv=None) -> int:
             def rtn_path(q=q):
                 path = os.path.join(work, f"smol_rtn{q}.onnx")
                 if not (a.reuse and os.path.exists(path)):
-                    save_model(rtn_model(model, targets, q, cfg_sa.group), path)
+                    save_model(dequantized_model(model, targets, lambda t, w: bcq.quantize_rtn(w, q, cfg_sa.group)), path)
                 return path
 
             bq = bcq.bits_per_weight(q, cfg_sa.group, method="rtn")
             rows.append(row(f"rtn {q}-bit G{cfg_sa.group}", rtn_path, bits_per_weight=avg_bpw(bq), bpw_quantized=bq,
                             layers=f"all {len(targets)} incl. LM head",
                             note="uniform asymmetric, fp32 scale + q-bit zero point; dequantized fp32"))
+    if "gptq" in methods:  # the uniform-grid GPTQ reference at the same bits, group and calibration H
+        for q in bits_list:
+            def gptq_path(q=q):
+                path = os.path.join(work, f"smol_gptq{q}.onnx")
+                if not (a.reuse and os.path.exists(path)):
+                    hs = hessians()
+
+                    def quant(t, w):
+                        return bcq.quantize_gptq_uniform(w, hs[t.x], q, cfg_sa.group, damp=cfg_sa.damp,
+                                                         act_order=cfg_sa.act_order)
+                    save_model(dequantized_model(model, targets, quant), path)
+                return path
+
+            bq = bcq.bits_per_weight(q, cfg_sa.group, method="rtn")
+            rows.append(row(f"gptq-uniform {q}-bit G{cfg_sa.group}", gptq_path, bits_per_weight=avg_bpw(bq),
+                            bpw_quantized=bq, layers=f"all {len(targets)} incl. LM head",
+                            note=f"GPTQ with a uniform asymmetric grid (bcq.quantize_gptq_uniform), {sa_desc}; "
+                                 "dequantized fp32"))
     if "ort" in methods:
         for spec in [x for x in a.ort.split(",") if x]:
             for ob, blk in [tuple(int(v) for v in spec.split(":"))]:

@@ -93,6 +93,26 @@ def test_packing_matches_native():
     np.testing.assert_array_equal(bcq.unpack_planes(packed, 100), bits)
 
 
+def test_gptq_uniform_reference():
+    """The uniform-grid GPTQ baseline: each group of each row holds at most 2^q distinct values on an
+    evenly spaced grid that includes 0, and compensation beats RTN's output error."""
+    rng = np.random.default_rng(3)
+    k, g, q = 256, 64, 3
+    x = (rng.standard_normal((2048, 32)) @ rng.standard_normal((32, k)) + 0.1 * rng.standard_normal((2048, k))).astype(np.float32)
+    h = x.T.astype(np.float64) @ x
+    w = _gauss(48, k, 4)
+    wq = bcq.quantize_gptq_uniform(w, h, q, g)
+    for row in wq[:8]:
+        for c in range(0, k, g):
+            vals = np.unique(row[c : c + g])
+            assert len(vals) <= 2**q
+            steps = np.diff(vals)
+            step = steps.min()
+            np.testing.assert_allclose(steps / step, np.round(steps / step), atol=1e-3)  # one grid
+    e_rtn = bcq.relative_output_error(w, bcq.quantize_rtn(w, q, g), h)
+    assert bcq.relative_output_error(w, wq, h) < GPTQ_GAIN * e_rtn
+
+
 def test_rtn_and_bits_per_weight():
     w = _gauss(64, 300, 5)
     errs = [bcq.relative_weight_error(w, bcq.quantize_rtn(w, q, 128)) for q in (2, 3, 4, 8)]

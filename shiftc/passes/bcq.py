@@ -394,6 +394,57 @@ def quantize_rtn(w: np.ndarray, bits: int, group: int) -> np.ndarray:
     return (s * (qv - z)).reshape(n, ng * group)[:, :k].astype(np.float32)
 
 
+def quantize_gptq_uniform(w: np.ndarray, h: np.ndarray, bits: int, group: int, *, damp: float = 0.01,
+                          act_order: bool = True, clip_grid: int = 9, clip_min: float = 0.6) -> np.ndarray:
+    """GPTQ with a *uniform* asymmetric grid per group (the usual integer weight-only quantizer), as
+    the reference point for BCQ at the same bits: returns the dequantized W [N, K].
+
+    The same compensation as :func:`quantize_gptq` (damping, act-order, U = chol(H⁻¹)ᵀ), a group's
+    grid fixed when its first column is reached: scale s = f·(max − min)/(2^q − 1) and zero point
+    z = round(−f·min/s) over the group's current weights (min ≤ 0 ≤ max), f the best of ``clip_grid``
+    shrink factors in [clip_min, 1] for the diag(H)-weighted squared error."""
+    W = torch.as_tensor(np.asarray(w, np.float64)).clone()
+    H = torch.as_tensor(np.asarray(h, np.float64)).clone()
+    n, k = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    hd = torch.diag(H)
+    grp = perm // group
+    maxq = 2**bits - 1
+    grids: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    Q = torch.zeros_like(W)
+    for j in range(k):
+        g = int(grp[j])
+        if g not in grids:
+            pos = torch.nonzero(grp == g)[:, 0]
+            cur = W[:, pos]
+            mn, mx = cur.min(1).values.clamp(max=0), cur.max(1).values.clamp(min=0)
+            best = None
+            for f in np.linspace(1.0, clip_min, clip_grid):
+                sc = ((mx - mn) * f / maxq).clamp_min(1e-12)
+                z = torch.round(-mn * f / sc)
+                qv = sc[:, None] * (torch.clamp(torch.round(cur / sc[:, None]) + z[:, None], 0, maxq) - z[:, None])
+                e = ((qv - cur) ** 2 * hd[pos]).sum(1)
+                if best is None:
+                    best = (e, sc, z)
+                else:
+                    m = e < best[0]
+                    best = (torch.where(m, e, best[0]), torch.where(m, sc, best[1]), torch.where(m, z, best[2]))
+            grids[g] = best[1:]
+        sc, z = grids[g]
+        Q[:, j] = sc * (torch.clamp(torch.round(W[:, j] / sc) + z, 0, maxq) - z)
+        err = (W[:, j] - Q[:, j]) / U[j, j]
+        W[:, j:] -= err[:, None] * U[j, j:][None, :]
+    out = torch.zeros_like(Q)
+    out[:, perm] = Q
+    return out.float().numpy()
+
+
 # -- error metrics --------------------------------------------------------------------------------
 
 
