@@ -1180,11 +1180,11 @@ void gemm_task_avx512(const Problem& p, int64_t t) {
 //                            remainders), converted once per thread and call (XCache below);
 //   w = w_hi + w_lo + e_w,   |e_w| <= u^2 |w|  (expanded weights).
 // x . w is summed per k-step of 32 columns as x_lo w_hi + x_mid w_hi + x_hi w_hi, plus
-// x_hi w_lo + x_mid w_lo only where some w_lo of the k-step is non-zero. With power-of-two
-// scales an expanded weight usually spans few bits and is exact in bf16 (w_lo = 0): then the
+// (x_hi + x_mid + x_lo) w_lo only where some w_lo of the k-step is non-zero. With power-of-two
+// scales an expanded weight usually spans few bits and is exact in bf16 (w_lo = 0); other
+// weights of up to 16 significant bits (e.g. float16 scales) are exact as w_hi + w_lo. Then the
 // products are exact and the error is float accumulation alone, as on the FMA path; otherwise it
-// adds at most |x| |e_w| + |x_lo| |w_lo| <= 2^-16 (1 + 2^-8) |x| |w| per product
-// (tests/test_lut_kernels.py: RTOL_BF16X3).
+// adds at most |x| |e_w| <= 2^-16 |x| |w| per product (tests/test_lut_kernels.py: RTOL_BF16X3).
 //
 // Per task (32 output columns = two 16-column halves h) and K-slice (as the FMA path):
 //   W: the slice of the panel is expanded as in expand_avx512 and written straight to B tiles in
@@ -1194,7 +1194,7 @@ void gemm_task_avx512(const Problem& p, int64_t t) {
 //   X: rows in blocks of 16 (zero rows past M, zero columns past K) -> A tiles (mb, s, hi|mid|lo),
 //      16 rows x 32 bf16, 1 KiB contiguous.
 //   C: per pair of 16-row blocks, 4 float tiles (2 row blocks x 2 halves): 4 independent TDP
-//      chains per k-step, 12 TDPs per 8 tile loads (20 per 12 where w_lo is non-zero); kept
+//      chains per k-step, 12 TDPs per 8 tile loads (24 per 14 where w_lo is non-zero); kept
 //      across slices in a float buffer.
 // Tile registers: tmm0..3 C, tmm4, tmm5 A (the two row blocks), tmm6, tmm7 B (the two halves).
 // The tile configuration is loaded at the start of every task and released at its end: it is
@@ -1442,12 +1442,15 @@ SHIFTC_TARGET_AMX void amx_rows(const uint16_t* xa, const uint16_t* xb, const ui
         SHIFTC_TILE_LOAD(4, a0);
         if (TWO) SHIFTC_TILE_LOAD(5, a1);
         SHIFTC_TDP4();
-        if (lo_any[s]) {  // x_hi . w_lo, x_mid . w_lo
+        if (lo_any[s]) {  // x_hi . w_lo, x_mid . w_lo, x_lo . w_lo
             SHIFTC_TILE_LOAD(6, w0 + kTileElems);
             SHIFTC_TILE_LOAD(7, w1 + kTileElems);
             SHIFTC_TDP4();
             SHIFTC_TILE_LOAD(4, a0 + kTileElems);
             if (TWO) SHIFTC_TILE_LOAD(5, a1 + kTileElems);
+            SHIFTC_TDP4();
+            SHIFTC_TILE_LOAD(4, a0 + 2 * kTileElems);
+            if (TWO) SHIFTC_TILE_LOAD(5, a1 + 2 * kTileElems);
             SHIFTC_TDP4();
         }
     }

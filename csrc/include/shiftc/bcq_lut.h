@@ -76,9 +76,9 @@ extern "C" {
 
 // Rows of X from which the GEMM path runs on AMX-BF16 tiles when the ISA is "AMX" (5): X is split
 // exactly into three bf16 parts and each expanded weight into bf16 hi + lo, and the bf16 products
-// are accumulated in float (see bcq_lut.cc). Where the expanded weights are exact in bf16 (the
-// usual case with power-of-two scales) this is as accurate as float; otherwise at most
-// 2^-16 |x| |w| more per product. Below this M the weight expansion, which AMX does not speed up,
+// are accumulated in float (see bcq_lut.cc). Where the expanded weights have at most 16
+// significant bits (with power-of-two scales: usually 8, exact in bf16) this is as accurate as
+// float; otherwise at most 2^-16 |x| |w| more per product. Below this M the weight expansion, which AMX does not speed up,
 // dominates and the FMA GEMM is as fast (measured on a Xeon, 4096 x 4096, 2..4 bits).
 #define SHIFTC_BCQ_AMX_MIN_M 24
 
