@@ -1178,6 +1178,8 @@ void gemm_task_avx512(const Problem& p, int64_t t) {
 // nearest even (bf16 keeps 8 significant bits, unit roundoff u = 2^-8):
 //   x = x_hi + x_mid + x_lo  exactly (3 x 8 bits hold float's 24; x_mid, x_lo are the rounded
 //                            remainders), converted once per thread and call (XCache below);
+//                            (bf16 conversion and TDPBF16PS flush denormals, so parts below
+//                            2^-126, i.e. |x| below about 2^-110, are dropped)
 //   w = w_hi + w_lo + e_w,   |e_w| <= u^2 |w|  (expanded weights).
 // x . w is summed per k-step of 32 columns as x_lo w_hi + x_mid w_hi + x_hi w_hi, plus
 // (x_hi + x_mid + x_lo) w_lo only where some w_lo of the k-step is non-zero. With power-of-two
