@@ -173,6 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--kind", default="kl", help="sensitivity the plans minimise")
     p.add_argument("--fractions", default="0.99", help="latency budgets as fractions of the size-only plan's measured ms")
+    p.add_argument("--extra-fractions", default="", help="more latency plans compiled and timed in the final run")
     p.add_argument("--max-loss", type=float, default=0.10, help="perplexity loss allowed vs the size-only plan")
     p.add_argument("--tokens", type=int, default=8192, help="tokens for choosing the fraction")
     p.add_argument("--tokens-final", type=int, default=0, help="final perplexity of the two plans (0: skip)")
@@ -183,6 +184,9 @@ def main(argv=None) -> int:
     p.add_argument("--unit-scale", action="store_true", help="fit t = t_other + Σt_i (default: t_other + s·Σt_i)")
     p.add_argument("--stage", default="all", choices=["calibrate", "choose", "all"],
                    help="calibrate: fixed cost only; choose: + perplexity sweep; all: + final timing/perplexity")
+    p.add_argument("--retime", action="store_true", help="measure the final run again (the earlier one is kept)")
+    p.add_argument("--recompile", action="store_true",
+                   help="with --retime: compile every library of the final run again (same kernel code for all)")
     p.add_argument("--seed-kl-cache", action="store_true",
                    help="store the output-KL table in the cache for `shiftc compress --sensitivity kl --mp-cache`, and exit")
     p.add_argument("--out", default="benchmarks/results/mixed_precision_latency.json")
@@ -306,8 +310,22 @@ def main(argv=None) -> int:
         return 0
 
     # 4. all compiled plans timed together; prediction error on the plans not used for the fit
-    if state.get("final_run", {}).get("chosen") != chosen:
-        libs = {n: lib(n) for n in ("uniform-2", "uniform-3", "head3", "head2", "size-only", chosen)}
+    extra = []
+    for f in filter(None, a.extra_fractions.split(",")):
+        name = f"latency-{float(f):g}"
+        plans[name] = A.allocate(sens, sizes, widths, bpw, a.budget, times=scale * times,
+                                 latency_budget=float(f) * measured_size_only - other)["bits"]
+        extra.append(name)
+    if state.get("final_run", {}).get("chosen") != chosen or a.retime:
+        if "final_run" in state:
+            state.setdefault("final_runs_previous", []).append(state.pop("final_run"))
+        final_plans = ("uniform-2", "uniform-3", "head3", "head2", "size-only", chosen, *extra)
+        if a.recompile:
+            for n in final_plans:
+                so = os.path.join(a.out_dir, f"{n}.so")
+                if os.path.exists(so):
+                    os.remove(so)
+        libs = {n: lib(n) for n in final_plans}
         ms = time_decode(libs, a.threads, a.rounds)
         ratio = {k: [x / y for x, y in zip(v, ms["size-only"])] for k, v in ms.items()}  # per round, paired
         state["final_run"] = {"chosen": chosen, "rounds": a.rounds, "median_ms": {k: float(np.median(v)) for k, v in ms.items()},
@@ -316,6 +334,10 @@ def main(argv=None) -> int:
                               "ratio_q75": {k: float(np.percentile(v, 75)) for k, v in ratio.items()},
                               "q25_ms": {k: float(np.percentile(v, 25)) for k, v in ms.items()},
                               "q75_ms": {k: float(np.percentile(v, 75)) for k, v in ms.items()},
+                              "p10_ms": {k: float(np.percentile(v, 10)) for k, v in ms.items()},
+                              "ratio_p10_to_size_only": {k: float(np.percentile(v, 10) / np.percentile(ms["size-only"], 10))
+                                                         for k, v in ms.items()},
+                              "ms": {k: [round(x, 3) for x in v] for k, v in ms.items()},
                               "kernel_ms": {k: kernel_ms(plans[k]) for k in libs}}
         save_state()
     fr = state["final_run"]
@@ -334,7 +356,15 @@ def main(argv=None) -> int:
                "meets_budget": fr["median_ms"][chosen] <= budget_measured,
                "median_paired_ratio": fr["median_ratio_to_size_only"][chosen],
                "meets_budget_paired": fr["median_ratio_to_size_only"][chosen] <= f,
+               **({"ratio_p10": fr["ratio_p10_to_size_only"][chosen],
+                   "meets_budget_p10": fr["ratio_p10_to_size_only"][chosen] <= f} if "ratio_p10_to_size_only" in fr else {}),
                "speedup_vs_size_only": fr["median_ms"]["size-only"] / fr["median_ms"][chosen]}
+
+    if "ms" in fr:  # bootstrap 95% interval of the median paired ratio (rounds resampled)
+        r = np.array(fr["ms"][chosen]) / np.array(fr["ms"]["size-only"])
+        rng = np.random.default_rng(0)
+        boot = np.median(r[rng.integers(0, len(r), (2000, len(r)))], axis=1)
+        verdict["paired_ratio_ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
 
     # 5. final perplexity
     final = {}
@@ -342,12 +372,18 @@ def main(argv=None) -> int:
         for k in ("size-only", chosen):
             final[k] = ppl(k, a.tokens_final)
         final["loss"] = final[chosen] / final["size-only"] - 1
+        for k in fr["median_ms"]:  # other latency plans evaluated earlier at the same token count
+            key = f"{k}@{a.tokens_final}"
+            if k.startswith("latency-") and k != chosen and key in state.get("perplexity", {}):
+                final[k] = state["perplexity"][key]["perplexity"]
+                final[f"loss {k}"] = final[k] / final["size-only"] - 1
     result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", "budget_bits_per_weight": a.budget,
               "candidates": widths, "group": a.group, "scale_mode": "pow2", "sensitivity": a.kind,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": a.threads,
               "decode": "1 token on a 128-token KV cache, median of alternating rounds",
               "kernel_times": state["kernel_times"], "fit_calibration_run": state["fit"], "fit_final_run": fit2,
               "calibration_run": cal, "sweep": sweep, "chosen": chosen, "final_run": fr, "models": rows,
+              "final_runs_previous": state.get("final_runs_previous", []),
               "verdict": verdict, "perplexity": state.get("perplexity"), "final_perplexity": final,
               "window": a.window, "timings_s": timings}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
