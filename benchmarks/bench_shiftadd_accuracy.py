@@ -102,6 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=32768)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--bits", default="3,2", help="shift-add / RTN bit widths")
+    p.add_argument("--gptq-bits", default=None, help="bits of the gptq-uniform rows (default: --bits)")
     p.add_argument("--recipe", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shiftc", "passes",
                                                     "recipes", "shiftadd-3bit.yaml"),
                    help="shift-add recipe (its bits are overridden by --bits; group also used for RTN)")
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
                             layers=f"all {len(targets)} incl. LM head",
                             note="uniform asymmetric, fp32 scale + q-bit zero point; dequantized fp32"))
     if "gptq" in methods:  # the uniform-grid GPTQ reference at the same bits, group and calibration H
-        for q in bits_list:
+        for q in [int(b) for b in (a.gptq_bits or a.bits).split(",") if b]:
             def gptq_path(q=q):
                 path = os.path.join(work, f"smol_gptq{q}.onnx")
                 if not (a.reuse and os.path.exists(path)):
