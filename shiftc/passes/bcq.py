@@ -309,27 +309,29 @@ def quantize_bcq(w: np.ndarray, bits: int, group: int, scale_mode: str = "pow2",
     return quantize_gptq(w, None, bits, group, scale_mode=scale_mode, iters=iters)
 
 
-def quantize_gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *, scale_mode: str = "pow2",
-                  damp: float = 0.01, act_order: bool = False, iters: int = 6, block: int | None = None) -> BcqResult:
-    """BCQ of W [N, K] inside GPTQ error compensation with H [K, K] = XᵀX (module docstring).
+def gptq(w: np.ndarray, h: np.ndarray | None, group: int, fit, nearest, *, damp: float = 0.01,
+         act_order: bool = False, block: int | None = None) -> torch.Tensor:
+    """The GPTQ column loop shared by the grids (BCQ here, FDB in fdb.py): returns codes uint8 [N, K].
 
-    ``h=None`` means no calibration data: plain BCQ, group by group (no error propagation).
+    ``fit(g, W_g [N, C], col_weight [C] | None)`` fits group g's parameters on the group's current
+    (compensated) weights when its first column is reached; ``nearest(g, w [N, 1])`` returns
+    (codes [N, 1], values [N, 1]) of a column in group g's fitted grid. ``h=None``: no calibration
+    data, each group fitted on its weights as they are (no error propagation). Damping, dead
+    columns, activation order and the lazy block updates as in the module docstring.
     """
-    _check(bits, group, scale_mode)
     W = torch.as_tensor(np.asarray(w, np.float32)).clone()
     n, k = W.shape
     ng = -(-k // group)
-    alpha = torch.zeros(bits, n, ng)
     codes = torch.zeros(n, k, dtype=torch.uint8)
-    fitted = torch.zeros(ng, dtype=torch.bool)
     if h is None:
         for g in range(ng):
             c0, c1 = g * group, min(k, (g + 1) * group)
-            alpha[:, :, g] = fit_group(W[:, c0:c1], bits, scale_mode, iters)
-            codes[:, c0:c1] = nearest_codes(W[:, c0:c1], alpha[:, :, g])[0].to(torch.uint8)
-        return _result(codes, alpha, bits, group, scale_mode)
-
+            fit(g, W[:, c0:c1], None)
+            codes[:, c0:c1] = nearest(g, W[:, c0:c1])[0].to(torch.uint8)
+        return codes
     H = torch.as_tensor(np.asarray(h, np.float64)).clone()
+    if H.shape != (k, k):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({k}, {k})")
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
@@ -339,7 +341,7 @@ def quantize_gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *,
     hdiag = torch.diag(H).float()  # activation energy per (permuted) column: weights the group fits
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     grp = perm // group  # stored group of each processed column
-    books: dict[int, tuple] = {}
+    fitted = torch.zeros(ng, dtype=torch.bool)
     block = block or group
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
@@ -356,15 +358,33 @@ def quantize_gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *,
                 out = ~inb
                 if out.any() and j > 0:  # pending (lazy) updates of this block for later columns
                     cur[:, out] -= Err1[:, :j] @ U[i1:col][:, pos[out]]
-                alpha[:, :, g] = fit_group(cur, bits, scale_mode, iters, col_weight=hdiag[pos])
-                books[g] = codebook(alpha[:, :, g])
+                fit(g, cur, hdiag[pos])
                 fitted[g] = True
-            idx, val = lookup(books[g], W1[:, j : j + 1])
+            idx, val = nearest(g, W1[:, j : j + 1])
             codes[:, perm[col]] = idx[:, 0].to(torch.uint8)
             err = (W1[:, j] - val[:, 0]) / U[col, col]
             W1[:, j:] -= err[:, None] * U[col, col:i2][None, :]
             Err1[:, j] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return codes
+
+
+def quantize_gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *, scale_mode: str = "pow2",
+                  damp: float = 0.01, act_order: bool = False, iters: int = 6, block: int | None = None) -> BcqResult:
+    """BCQ of W [N, K] inside GPTQ error compensation with H [K, K] = XᵀX (module docstring).
+
+    ``h=None`` means no calibration data: plain BCQ, group by group (no error propagation).
+    """
+    _check(bits, group, scale_mode)
+    n, k = np.shape(w)
+    alpha = torch.zeros(bits, n, -(-k // group))
+    books: dict[int, tuple] = {}
+
+    def fit(g, cur, col_weight):
+        alpha[:, :, g] = fit_group(cur, bits, scale_mode, iters, col_weight=col_weight)
+        books[g] = codebook(alpha[:, :, g])
+
+    codes = gptq(w, h, group, fit, lambda g, col: lookup(books[g], col), damp=damp, act_order=act_order, block=block)
     return _result(codes, alpha, bits, group, scale_mode)
 
 
