@@ -123,6 +123,8 @@ def test_fit_fixed_cost_and_times_from_table():
     assert g["scale"] == pytest.approx(1.1) and g["other_ms"] == pytest.approx(39.6)
     with pytest.raises(UsageError):
         latency.fit_fixed_cost([4.0], [44.0], fit_scale=True)
+    noisy = latency.fit_fixed_cost([4.0, 4.1], [44.0, 43.0], fit_scale=True)  # more bits, faster: noise
+    assert noisy["scale"] == 1.0 and noisy["scale_fallback"] and noisy["other_ms"] == pytest.approx(39.45)
     t = latency.times_from_table([(8, 4), (4, 8), (8, 4)], [2, 3], {"8x4": {"2": 1.0, "3": 2.0}, "4x8": {"2": 0.5, "3": 0.7}})
     assert t.tolist() == [[1.0, 2.0], [0.5, 0.7], [1.0, 2.0]]
     with pytest.raises(UsageError, match="9x9"):

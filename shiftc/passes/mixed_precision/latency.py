@@ -144,14 +144,20 @@ def fit_fixed_cost(kernel_ms: list[float], measured_ms: list[float], *, fit_scal
     m = np.asarray(measured_ms, np.float64)
     if k.shape != m.shape or k.size == 0:
         raise UsageError("fit_fixed_cost: one kernel sum per measured plan, at least one plan")
+    fallback = False
     if fit_scale:
         if k.size < 2 or np.ptp(k) <= 0:
             raise UsageError("fit_fixed_cost with fit_scale: needs two plans with different kernel times")
         s, other = np.polyfit(k, m, 1)
-    else:
-        s, other = 1.0, float(np.mean(m - k))
+        # a small model's kernel differences can drown in timing noise: a fit without physical
+        # meaning (kernels getting faster with more bits, or a negative fixed cost) falls back to s = 1
+        if s <= 0 or other < 0:
+            fit_scale, fallback = False, True
+    if not fit_scale:
+        s, other = 1.0, max(0.0, float(np.mean(m - k)))
     resid = m - (other + s * k)
-    return {"other_ms": float(other), "scale": float(s), "residual_ms": [float(r) for r in resid]}
+    return {"other_ms": float(other), "scale": float(s), "residual_ms": [float(r) for r in resid],
+            "scale_fallback": fallback}
 
 
 def decode_ms(libs: dict[str, str], *, threads: int = 1, rounds: int = 20, past: int = 128,
