@@ -51,7 +51,9 @@ Schema (every key optional; the values shown are the defaults)::
       candidates: [2, 3, 4]  # widths to choose from                   (--mp-candidates)
       sensitivity: calib   # calib (output error via H = XᵀX) | hawq (Hessian traces, PyTorch)  (--sensitivity)
       tie: false           # layers sharing an input (q/k/v; gate/up) get one width  (--mp-tie)
-      latency_budget_ms: null  # modelled kernel time budget, host only  (--latency-budget-ms, --target)
+      latency_budget_ms: null  # decode ms per token the plan may take: fixed cost + scale · Σ kernel times,
+      #                          fitted on compiled uniform plans; host only  (--latency-budget-ms, --target)
+      measure_latency: false   # compile the output and record its measured decode time in the report
       cache: null          # folder keeping per-layer quantized results between runs  (--mp-cache)
       report: true         # OUT.report.json + OUT.report.html beside the output
       eval_tokens: 0       # perplexity before/after in the report        (--report-eval-tokens)
