@@ -477,6 +477,6 @@ def relative_output_error(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray) -> fl
     """‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F computed from H = XᵀX: sqrt(tr(ΔHΔᵀ) / tr(WHWᵀ))."""
     w64, d = np.asarray(w, np.float64), np.asarray(w, np.float64) - np.asarray(w_hat, np.float64)
     h = np.asarray(h, np.float64)
-    num = np.einsum("nk,kl,nl->", d, h, d)
-    den = np.einsum("nk,kl,nl->", w64, h, w64)
+    num = np.sum((d @ h) * d)  # tr(Δ H Δᵀ) through BLAS (a 3-operand einsum loops in C: 30x slower)
+    den = np.sum((w64 @ h) * w64)
     return float(np.sqrt(max(num, 0.0) / max(den, 1e-30)))
