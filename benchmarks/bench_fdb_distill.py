@@ -6,8 +6,17 @@ the same budget (steps, learning rate, windows, seed), writes them back and meas
 with ONNX Runtime on the held-out Wikipedia split (shiftc.evaluate, Ŵ written back as fp32: the
 same numbers as the FdbMatMul function bodies). Training windows come from the calib split.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py --model /tmp/fdb/smol_fdb_g128.onnx \
-        --steps 48 --window 128 --tokens 8192 --out benchmarks/results/fdb_distill.json
+The two losses run as two processes side by side (1 thread each, same settings and seed), then
+their rows are merged:
+
+    for loss in dad kl; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py \
+        --model /tmp/fdb/smol_fdb_g128.onnx --losses $loss --steps 240 --lr 6e-4 --window 256 --windows 64 \
+        --seed 0 --tokens 32768 --eval-window 512 --ptq-ppl 600.38 --fp32-ppl 26.32 --out /tmp/fdb/$loss.json & done; wait
+    .venv/bin/python benchmarks/bench_fdb_distill.py --merge /tmp/fdb/dad.json /tmp/fdb/kl.json \
+        --out benchmarks/results/fdb_distill.json
+
+Tuning (learning rate, ...) uses ``--dev-windows N --no-eval``: the mean KL on N further windows
+of the calib split, never the eval split.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import time
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="FDB-binarized SmolLM2 .onnx (bench_fdb.py's smol_fdb_g128.onnx)")
+    p.add_argument("--model", help="FDB-binarized SmolLM2 .onnx (bench_fdb.py's smol_fdb_g128.onnx)")
     p.add_argument("--source", help="fp32 PyTorch model, HF folder or .gguf (default: SmolLM2's GGUF)")
     p.add_argument("--losses", default="dad,kl")
     p.add_argument("--steps", type=int, default=48)
@@ -46,6 +55,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.merge:
         return merge(a.merge, a.out)
+    if not a.model:
+        p.error("--model is required (unless --merge)")
 
     import torch
 
