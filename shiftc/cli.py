@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --binarize: fine-tune scales/offsets against the fp32 PyTorch model for N steps")
     sp.add_argument("--distill-minutes", type=float, metavar="MIN", help="with --binarize: distillation time bound")
     sp.add_argument("--distill-loss", choices=["dad", "kl"],
-                    help="dad: KL re-weighted per token by teacher/student entropy (default); kl: plain KL")
+                    help="dad: KL re-weighted per token by the teacher-student cross-entropy H(p, q) (default); kl: plain KL")
     sp.add_argument("--distill-source", help="HF folder or .gguf of the fp32 model (default: the export source)")
     sp.add_argument("--prune", type=_fraction, metavar="RATIO",
                     help="structured pruning: fraction of the prunable parameters removed (channels, KV groups)")

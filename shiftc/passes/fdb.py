@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import bcq
 from .bcq import WORD_BITS, pack_planes
 
 MODES = {"fdb": 2, "1bit": 1}  # mode -> planes (q)
@@ -168,60 +169,21 @@ def fit_group(w: torch.Tensor, bits: int, iters: int = 8,
 
 def quantize_gptq(w: np.ndarray, h: np.ndarray | None, mode: str = "fdb", group: int = 128, *, damp: float = 0.01,
                   act_order: bool = False, iters: int = 8, block: int | None = None) -> FdbResult:
-    """FDB of W [N, K] inside GPTQ error compensation with H [K, K] = XᵀX (see the module doc).
+    """FDB of W [N, K] inside GPTQ error compensation with H [K, K] = XᵀX (see the module doc): the
+    column loop is shift-add's (:func:`shiftc.passes.bcq.gptq`) with FDB's group fit and grid.
 
     ``h=None``: no calibration data, a plain group-by-group fit (no error propagation)."""
     q = _check(mode, group)
-    W = torch.as_tensor(np.asarray(w, np.float32)).clone()
-    n, k = W.shape
+    n, k = np.shape(w)
     ng = -(-k // group)
     alpha = torch.zeros(q, n, ng)
     mu = torch.zeros(n, ng)
-    codes = torch.zeros(n, k, dtype=torch.uint8)
-    if h is None:
-        for g in range(ng):
-            c0, c1 = g * group, min(k, (g + 1) * group)
-            alpha[:, :, g], mu[:, g] = fit_group(W[:, c0:c1], q, iters)
-            codes[:, c0:c1] = nearest(W[:, c0:c1], alpha[:, :, g], mu[:, g])[0].to(torch.uint8)
-        return _result(codes, alpha, mu, q, group, mode)
 
-    H = torch.as_tensor(np.asarray(h, np.float64)).clone()
-    if H.shape != (k, k):
-        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({k}, {k})")
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
-    W, H = W[:, perm], H[perm][:, perm]
-    hdiag = torch.diag(H).float()
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
-    grp = perm // group  # stored group of each processed column
-    fitted = torch.zeros(ng, dtype=torch.bool)
-    blk = block or group
-    for i1 in range(0, k, blk):
-        i2 = min(i1 + blk, k)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros(n, i2 - i1)
-        for j in range(i2 - i1):
-            col = i1 + j
-            g = int(grp[col])
-            if not fitted[g]:
-                pos = torch.nonzero(grp == g)[:, 0]  # processed positions of the group (all >= col)
-                cur = W[:, pos].clone()
-                inb = pos < i2
-                cur[:, inb] = W1[:, pos[inb] - i1]
-                out = ~inb
-                if out.any() and j > 0:  # this block's pending (lazy) updates of later columns
-                    cur[:, out] -= Err1[:, :j] @ U[i1:col][:, pos[out]]
-                alpha[:, :, g], mu[:, g] = fit_group(cur, q, iters, col_weight=hdiag[pos])
-                fitted[g] = True
-            idx, val = nearest(W1[:, j:j + 1], alpha[:, :, g], mu[:, g])
-            codes[:, perm[col]] = idx[:, 0].to(torch.uint8)
-            err = (W1[:, j] - val[:, 0]) / U[col, col]
-            W1[:, j:] -= err[:, None] * U[col, col:i2][None, :]
-            Err1[:, j] = err
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    def fit(g, cur, col_weight):
+        alpha[:, :, g], mu[:, g] = fit_group(cur, q, iters, col_weight=col_weight)
+
+    codes = bcq.gptq(w, h, group, fit, lambda g, col: nearest(col, alpha[:, :, g], mu[:, g]), damp=damp,
+                     act_order=act_order, block=block)
     return _result(codes, alpha, mu, q, group, mode)
 
 
