@@ -309,6 +309,24 @@ def quantize_bcq(w: np.ndarray, bits: int, group: int, scale_mode: str = "pow2",
     return quantize_gptq(w, None, bits, group, scale_mode=scale_mode, iters=iters)
 
 
+def _gptq_setup(W: torch.Tensor, h: np.ndarray, damp: float, act_order: bool):
+    """(W, H, perm, U) for the GPTQ loop: dead columns zeroed (H_jj = 1), columns permuted by
+    decreasing H_jj with ``act_order``, H damped, U = upper Cholesky factor of H⁻¹ (float64).
+    W [N, K] is changed in place before the permutation."""
+    k = W.shape[1]
+    H = torch.as_tensor(np.asarray(h, np.float64)).clone()
+    if H.shape != (k, k):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({k}, {k})")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    return W, H, perm, U
+
+
 def gptq(w: np.ndarray, h: np.ndarray | None, group: int, fit, nearest, *, damp: float = 0.01,
          act_order: bool = False, block: int | None = None) -> torch.Tensor:
     """The GPTQ column loop shared by the grids (BCQ here, FDB in fdb.py): returns codes uint8 [N, K].
@@ -329,17 +347,9 @@ def gptq(w: np.ndarray, h: np.ndarray | None, group: int, fit, nearest, *, damp:
             fit(g, W[:, c0:c1], None)
             codes[:, c0:c1] = nearest(g, W[:, c0:c1])[0].to(torch.uint8)
         return codes
-    H = torch.as_tensor(np.asarray(h, np.float64)).clone()
-    if H.shape != (k, k):
-        raise ValueError(f"H has shape {tuple(H.shape)}, expected ({k}, {k})")
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
+    W, H, perm, U = _gptq_setup(W, h, damp, act_order)
     hdiag = torch.diag(H).float()  # activation energy per (permuted) column: weights the group fits
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    U = U.float()
     grp = perm // group  # stored group of each processed column
     fitted = torch.zeros(ng, dtype=torch.bool)
     block = block or group
@@ -423,16 +433,8 @@ def quantize_gptq_uniform(w: np.ndarray, h: np.ndarray, bits: int, group: int, *
     grid fixed when its first column is reached: scale s = f·(max − min)/(2^q − 1) and zero point
     z = round(−f·min/s) over the group's current weights (min ≤ 0 ≤ max), f the best of ``clip_grid``
     shrink factors in [clip_min, 1] for the diag(H)-weighted squared error."""
-    W = torch.as_tensor(np.asarray(w, np.float64)).clone()
-    H = torch.as_tensor(np.asarray(h, np.float64)).clone()
-    n, k = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(k)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(k, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    W, H, perm, U = _gptq_setup(torch.as_tensor(np.asarray(w, np.float64)).clone(), h, damp, act_order)
+    k = W.shape[1]
     hd = torch.diag(H)
     grp = perm // group
     maxq = 2**bits - 1
