@@ -158,7 +158,7 @@ def main(argv=None) -> int:
                           numpy_helper.to_array(inits[prefix + ".bcq_exps"]))
 
     # sensitivity tables, one per width (so a new width only adds its own pass)
-    table = None
+    tables = []
     for b in widths:
         tp = os.path.join(a.work, f"table_b{b}.json")
         if os.path.exists(tp):
@@ -168,13 +168,8 @@ def main(argv=None) -> int:
             tb = measure(model, targets, hs, cfg, [b], cache)
             tb.save(tp)
             timings[f"sensitivity {b}-bit"] = round(time.perf_counter() - t0, 1)
-        if table is None:
-            table = tb
-        else:
-            for ly, lb in zip(table.layers, tb.layers):
-                ly.out_err.update(lb.out_err)
-                ly.w_err.update(lb.w_err)
-    table.bits = widths
+        tables.append(tb)
+    table = SensitivityTable.merged(tables, widths)
     kinds = ["calib"]
     plans_wanted = a.plans.split(",")
 

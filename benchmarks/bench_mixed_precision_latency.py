@@ -71,16 +71,8 @@ class Setup:
         self._wd, self._hd = {}, {}
         self._digest, self._result_key, self._quantize_layer = digest, result_key, quantize_layer
         self._np = numpy_helper
-        table = None
-        for b in self.widths:
-            tb = SensitivityTable.load(os.path.join(a.work, f"table_b{b}.json"))
-            if table is None:
-                table = tb
-            else:
-                for ly, lb in zip(table.layers, tb.layers):
-                    ly.out_err.update(lb.out_err)
-                    ly.w_err.update(lb.w_err)
-        table.bits = self.widths
+        table = SensitivityTable.merged([SensitivityTable.load(os.path.join(a.work, f"table_b{b}.json"))
+                                         for b in self.widths], self.widths)
         kl = json.load(open(os.path.join(a.work, "kl.json")))["kl"]
         for ly in table.layers:
             ly.kl = {int(b): v for b, v in kl[ly.name].items()}

@@ -92,6 +92,18 @@ class SensitivityTable:
     def names(self) -> list[str]:
         return [ly.name for ly in self.layers]
 
+    @classmethod
+    def merged(cls, tables: list[SensitivityTable], bits: list[int]) -> SensitivityTable:
+        """One table from tables of the same layers measured at different widths (``bits``):
+        the first table, with every other table's per-width errors added to its layers."""
+        table = tables[0]
+        for tb in tables[1:]:
+            for ly, lb in zip(table.layers, tb.layers):
+                ly.out_err.update(lb.out_err)
+                ly.w_err.update(lb.w_err)
+        table.bits = list(bits)
+        return table
+
     def to_json(self) -> dict:
         return {"bits": self.bits, "group": self.group, "scale_mode": self.scale_mode, "info": self.info,
                 "layers": [{"name": ly.name, "x": ly.x, "shape": list(ly.shape), "out_ref": ly.out_ref,
