@@ -214,7 +214,8 @@ def cmd_compress(args):
                      recipe=args.recipe, threads=args.threads, prune=args.prune, prune_criterion=args.prune_criterion,
                      prune_scope=args.prune_scope, prune_budget=args.prune_budget, nm=args.nm,
                      bits_budget=args.bits_budget, candidates=args.mp_candidates, sensitivity=args.sensitivity,
-                     tie=args.mp_tie or None, latency_budget_ms=args.latency_budget_ms, target=args.target,
+                     tie=args.mp_tie or None, latency_budget_ms=args.latency_budget_ms,
+                     latency_margin=args.latency_margin, target=args.target,
                      mp_cache=args.mp_cache, report=args.report, report_eval_tokens=args.report_eval_tokens,
                      hawq_source=args.hawq_source, binarize=args.binarize, distill_steps=args.distill_steps,
                      distill_minutes=args.distill_minutes, distill_loss=args.distill_loss,
@@ -350,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mp-tie", action="store_true", help="layers sharing an input (q/k/v; gate/up) get one width")
     sp.add_argument("--latency-budget-ms", type=float, metavar="MS",
                     help="also bound the quantized layers' kernel time, measured per shape with the LUT kernels")
+    sp.add_argument("--latency-margin", type=float, metavar="FRACTION",
+                    help="plan against --latency-budget-ms x (1 - FRACTION), room for the latency model's error "
+                         "(default 0.01)")
     sp.add_argument("--target", help="where --latency-budget-ms is measured (host only for now)")
     sp.add_argument("--mp-cache", metavar="DIR", help="keep per-layer quantized results here between runs")
     sp.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,

@@ -90,7 +90,8 @@ def test_latency_budget_includes_fixed_cost():
     sens = np.array([[8.0, 1.0], [4.0, 1.0], [2.0, 1.0], [1.5, 1.0], [30.0, 2.0]])
     times = np.array([[0.1, 0.15]] * 4 + [[1.0, 1.5]])  # ms; the big layer dominates
     table = _synthetic_table(shapes, sens)
-    mp = MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=11.95, other_ms=10.0)
+    mp = MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=11.95, other_ms=10.0,
+                              latency_margin=0.0)
     plan = plan_from_table(table, mp, times=times, time_table={})
     lt = plan["latency"]
     bits = np.array([plan["layer_bits"][f"l{i}"] for i in range(5)])
@@ -103,15 +104,56 @@ def test_latency_budget_includes_fixed_cost():
                                                        other_ms=0.0), times=times, time_table={})
     assert set(free["layer_bits"].values()) == {3}
     # measured fixed cost (latency.measure_fixed_cost's result) when other_ms is not given
-    auto = plan_from_table(table, MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=11.95),
+    auto = plan_from_table(table, MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=11.95,
+                                                       latency_margin=0.0),
                            times=times, time_table={}, fixed={"other_ms": 10.0, "measured_ms": 11.4, "kernel_ms": 1.4})
     assert auto["layer_bits"] == plan["layer_bits"] and auto["latency"]["other_from"] == "measured"
-    with pytest.raises(UsageError, match="--latency-budget-ms 11.3: the fastest plan"):
+    with pytest.raises(UsageError, match=r"--latency-budget-ms 11.3 less the 1% --latency-margin \(11.19 ms\): the fastest plan"):
         plan_from_table(table, MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=11.3,
                                                     other_ms=10.0), times=times, time_table={})
-    with pytest.raises(UsageError, match="--latency-budget-ms 9: not more than"):
+    with pytest.raises(UsageError, match=r"--latency-budget-ms 9 less the 1% --latency-margin \(8.91 ms\): not more than"):
         plan_from_table(table, MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=9.0,
                                                     other_ms=10.0), times=times, time_table={})
+
+
+def test_latency_margin_shrinks_the_planned_budget():
+    """latency_margin m: the MILP gets budget·(1 − m) − other; the plan's prediction stays under it;
+    a margin that pushes the budget under the fastest plan is refused naming both flags."""
+    from shiftc.errors import UsageError as UE
+    from shiftc.passes.mixed_precision import MixedPrecisionConfig
+    from shiftc.passes.mixed_precision import allocate as A
+    from shiftc.passes.mixed_precision.config import validate_mixed_precision
+    from shiftc.passes.mixed_precision.plan import plan_from_table
+
+    shapes = [(256, 256)] * 4 + [(1024, 256)]
+    sens = np.array([[8.0, 1.0], [4.0, 1.0], [2.0, 1.0], [1.5, 1.0], [30.0, 2.0]])
+    times = np.array([[0.1, 0.15]] * 4 + [[1.0, 1.5]])
+    table = _synthetic_table(shapes, sens)
+
+    def plan(margin, budget=11.95):
+        mp = MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=budget, other_ms=10.0,
+                                  latency_margin=margin)
+        return plan_from_table(table, mp, times=times, time_table={})
+
+    assert MixedPrecisionConfig().latency_margin == 0.01
+    p0, p1 = plan(0.0), plan(0.03)
+    assert p1["latency"]["margin"] == 0.03 and p1["latency"]["planned_ms"] == pytest.approx(11.95 * 0.97)
+    assert p0["latency"]["planned_ms"] == pytest.approx(11.95)
+    assert p1["latency"]["predicted_ms"] <= 11.95 * 0.97 + 1e-9 < p0["latency"]["predicted_ms"]
+    # the MILP saw exactly budget·(1 − m) − other
+    bits = A.allocate(table.matrix("calib"), table.sizes(), [2, 3], table.bits_per_weight(), 3.5, times=times,
+                      latency_budget=11.95 * 0.97 - 10.0)["bits"]
+    assert [p1["layer_bits"][f"l{i}"] for i in range(5)] == list(bits)
+    with pytest.raises(UE, match="--latency-budget-ms 11.5 less the 2% --latency-margin"):
+        plan(0.02, budget=11.5)  # 11.27 ms planned < 11.4 ms fastest plan
+    assert plan(0.0, budget=11.5)["latency"]["predicted_ms"] <= 11.5
+
+    def bad(flag, msg):
+        raise UE(f"{flag}: {msg}")
+
+    for v in (-0.1, 0.5, "x", True):
+        with pytest.raises(UE, match="--latency-margin"):
+            validate_mixed_precision(MixedPrecisionConfig(latency_margin=v), bad)
 
 
 def test_fit_fixed_cost_and_times_from_table():

@@ -143,7 +143,7 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
 
     Latency model (with ``times`` and a latency budget): decode ms = other + s·Σ_i times[i, b_i], with
     other = ``mp.other_ms`` and s = 1, else other and s from ``fixed`` (latency.measure_fixed_cost),
-    else 0 and 1."""
+    else 0 and 1. The plan's predicted ms is held to ``latency_budget_ms · (1 − latency_margin)``."""
     widths = list(table.bits)
     kind = mp.sensitivity
     sens = table.matrix(kind)
@@ -156,16 +156,21 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
     scale = 1.0 if mp.other_ms is not None or not fixed else float(fixed.get("scale", 1.0))
     if times is not None:
         times = scale * np.asarray(times, np.float64)
+    margin = float(mp.latency_margin)
+    planned_ms = None
     if times is not None and mp.latency_budget_ms is not None:
-        latency_budget = float(mp.latency_budget_ms) - other
+        # the MILP plans against the budget less the margin (room for the latency model's error)
+        planned_ms = float(mp.latency_budget_ms) * (1.0 - margin)
+        with_margin = f" less the {100 * margin:g}% --latency-margin ({planned_ms:.2f} ms)" if margin else ""
+        latency_budget = planned_ms - other
         if latency_budget <= 0:
-            raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms:g}: not more than the {other:.2f} ms "
-                             f"decode time outside the quantized layers")
+            raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms:g}{with_margin}: not more than the "
+                             f"{other:.2f} ms decode time outside the quantized layers")
         floor = other + float(np.asarray(times).min(1).sum())
-        if floor > float(mp.latency_budget_ms):
-            raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms:g}: the fastest plan (every layer at the "
-                             f"smallest width) is predicted at {floor:.2f} ms/token ({other:.2f} ms outside the "
-                             f"quantized layers)")
+        if floor > planned_ms:
+            raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms:g}{with_margin}: the fastest plan (every "
+                             f"layer at the smallest width) is predicted at {floor:.2f} ms/token ({other:.2f} ms "
+                             f"outside the quantized layers)")
     res = A.allocate(sens, sizes, widths, bpw, float(mp.bits_budget), groups=groups, times=times,
                      latency_budget=latency_budget)
     layer_bits = {ly.name: int(b) for ly, b in zip(table.layers, res["bits"])}
@@ -174,7 +179,8 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
             "layer_bits": layer_bits, "avg_bits": res["avg_bits"], "objective": res["objective"],
             "pareto": front, "table": table, "latency": None}
     if times is not None:
-        plan["latency"] = {"budget_ms": mp.latency_budget_ms, "other_ms": other,
+        plan["latency"] = {"budget_ms": mp.latency_budget_ms, "margin": margin, "planned_ms": planned_ms,
+                           "other_ms": other,
                            "other_from": "given" if mp.other_ms is not None else "measured" if fixed else "none",
                            "fixed_cost": fixed, "kernel_scale": scale, "kernel_ms": res["latency"],
                            "predicted_ms": res["latency"] + other, "measured_ms": None, "per_shape_ms": time_table,
