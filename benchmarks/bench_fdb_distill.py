@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ptq-ppl", type=float, help="perplexity of the model before distillation (skip measuring it)")
     p.add_argument("--fp32-ppl", type=float, help="fp32 perplexity for the ratio (from bench_fdb.py)")
+    p.add_argument("--label", help="row label of the model (default from its compression metadata, e.g. 'shiftadd 3-bit')")
     p.add_argument("--out", default="benchmarks/results/fdb_distill.json")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="only merge the rows of these results (e.g. the dad and kl runs made side by side) into --out")
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
 
     work = os.path.dirname(os.path.abspath(a.model))
     model = load_model(a.model)
+    label = a.label or _label(model)
     result = {"model": a.model, "tokens": a.tokens, "window": a.eval_window, "corpus": "wikipedia/eval",
               "threads": a.threads, "train": {"steps": a.steps, "minutes": a.minutes, "lr": a.lr, "window": a.window,
                                                "windows": a.windows, "seed": a.seed, "batch": a.batch,
@@ -90,7 +92,7 @@ def main(argv=None) -> int:
 
     if a.ptq_ppl is None and not a.no_eval:
         a.ptq_ppl = ppl(model, "ptq")
-    result["rows"].append({"method": "fdb 2-bit PTQ", "perplexity": a.ptq_ppl})
+    result["rows"].append({"method": f"{label} PTQ", "perplexity": a.ptq_ppl})
     save()
     teacher = load_teacher(model, a.source or str(smollm2_gguf()))
     all_ids = calibration_windows(model, windows=a.windows + a.dev_windows, window=a.window, model_path=a.model)
@@ -102,12 +104,12 @@ def main(argv=None) -> int:
         tag = f"{loss}_s{a.seed}"
         v = None
         if not a.no_eval:
-            save_model(out, os.path.join(work, f"smol_fdb_distill_{tag}.onnx"))
+            save_model(out, os.path.join(work, f"{os.path.splitext(os.path.basename(a.model))[0]}_distill_{tag}.onnx"))
             v = ppl(out, f"distill_{tag}")
         h = rep.pop("history")
         first = sum(e["kl"] for e in h[:5]) / max(len(h[:5]), 1)
         last = sum(e["kl"] for e in h[-5:]) / max(len(h[-5:]), 1)
-        result["rows"].append({"method": f"fdb 2-bit + distill ({loss})", "perplexity": v, **rep,
+        result["rows"].append({"method": f"{label} + distill ({loss})", "perplexity": v, **rep,
                                "kl_first5": first, "kl_last5": last, "seconds_total": round(time.perf_counter() - t0, 1),
                                "history": h})
         save()
@@ -120,6 +122,17 @@ def main(argv=None) -> int:
         print(f"{r['method']:34} {r['perplexity']:10.3f} {r['perplexity'] / a.ptq_ppl:7.3f}"
               + (f" {r['perplexity'] / a.fp32_ppl:7.3f}" if a.fp32_ppl else ""))
     return 0
+
+
+def _label(model) -> str:
+    """'fdb 2-bit' / 'shiftadd 3-bit pow2x2 G128' from the model's shiftc.compression metadata."""
+    from shiftc.passes.shiftadd import METADATA_KEY
+
+    meta = json.loads({p.key: p.value for p in model.metadata_props}.get(METADATA_KEY, "{}"))
+    bits = sorted({int(v["bits"]) for v in meta.get("layers", {}).values() if "bits" in v})
+    mode = meta.get("mode") or meta.get("scale_mode", "")
+    return " ".join(x for x in (meta.get("pass", "model"), "/".join(map(str, bits)) + "-bit" if bits else "",
+                                mode, f"G{meta['group']}" if "group" in meta else "") if x)
 
 
 def merge(paths: list[str], out: str) -> int:

@@ -140,9 +140,10 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
     ``binarize``: "fdb" (2-bit flexible dual binarization) or "1bit": the binarize pass
     (``ai.shiftc::FdbMatMul``) instead of shift-add; ``group``, ``act_order``, ``lm_head``, ``skip``
     and the calibration arguments apply to it (shiftc/passes/binarize.py). ``distill_steps`` /
-    ``distill_minutes`` then fine-tune its scales/offsets against the fp32 PyTorch model
-    (``distill_source``: HF folder or .gguf, default the export source) with ``distill_loss``
-    "dad" (entropy-re-weighted KL) or "kl" (shiftc/passes/distill.py).
+    ``distill_minutes`` then fine-tune the scales (binarize: and offsets) of either pass against
+    the fp32 PyTorch model (``distill_source``: HF folder or .gguf, default the export source)
+    with ``distill_loss`` "kl" (default) or "dad" (entropy-re-weighted KL); shift-add scales stay
+    powers of two throughout (straight-through rounding; shiftc/passes/distill.py).
     Returns the report (per-layer bits, bits per weight, weight/output errors; sizes).
     """
     from .passes.compress import compress as _compress
@@ -173,18 +174,23 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
                             (c, "window", calib_window), (c, "tokenizer", tokenizer), (cfg, "threads", threads)):
         if value is not None:
             setattr(obj, key, value)
-    if binarize is None and cfg.binarize is None and any(v is not None for v in (distill_steps, distill_minutes)):
-        from .errors import UsageError
+    distill_args = {"steps": distill_steps, "minutes": distill_minutes, "loss": distill_loss, "source": distill_source}
+    if binarize is None and cfg.binarize is None and any(v is not None for v in distill_args.values()):
+        if cfg.shiftadd is None:
+            from .errors import UsageError
 
-        raise UsageError("--distill-steps/--distill-minutes fine-tune a binarized model: add --binarize fdb|1bit")
+            raise UsageError("--distill-steps/--distill-minutes fine-tune the scales of a compressed model: "
+                             "add --shiftadd-bits N or --binarize fdb|1bit")
+        for key, value in distill_args.items():
+            if value is not None:
+                setattr(cfg.shiftadd, f"distill_{key}", value)
     if binarize is not None or cfg.binarize is not None:  # the binarize pass instead of shift-add
         from .passes.binarize import apply_args
 
         apply_args(cfg, binarize, group=group, act_order=act_order, lm_head=lm_head, skip=skip,
                    shiftadd_only={"--shiftadd-bits": bits, "--scale-mode": scale_mode, "layer_bits": layer_bits,
                                   "--bits-budget": bits_budget},
-                   distill={"steps": distill_steps, "minutes": distill_minutes, "loss": distill_loss,
-                            "source": distill_source})
+                   distill=distill_args)
     mp = cfg.mixed_precision
     for key, value in (("bits_budget", bits_budget), ("candidates", candidates), ("sensitivity", sensitivity),
                        ("tie", tie), ("latency_budget_ms", latency_budget_ms),

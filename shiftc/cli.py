@@ -325,10 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="binarize instead of shift-add: fdb = 2 {0,1} planes with float16 scales + offset "
                          "(flexible dual binarization), 1bit = one sign plane with scale + mean")
     sp.add_argument("--distill-steps", type=_positive, metavar="N",
-                    help="with --binarize: fine-tune scales/offsets against the fp32 PyTorch model for N steps")
-    sp.add_argument("--distill-minutes", type=float, metavar="MIN", help="with --binarize: distillation time bound")
-    sp.add_argument("--distill-loss", choices=["dad", "kl"],
-                    help="dad: KL re-weighted per token by the teacher-student cross-entropy H(p, q) (default); kl: plain KL")
+                    help="after shift-add or --binarize: fine-tune the scales (binarize: and offsets) against the "
+                         "fp32 PyTorch model for N steps (shift-add scales stay powers of two)")
+    sp.add_argument("--distill-minutes", type=float, metavar="MIN", help="distillation time bound")
+    sp.add_argument("--distill-loss", choices=["kl", "dad"],
+                    help="kl: plain KL to the fp32 model (default); dad: KL re-weighted per token by the "
+                         "teacher-student cross-entropy H(p, q)")
     sp.add_argument("--distill-source", help="HF folder or .gguf of the fp32 model (default: the export source)")
     sp.add_argument("--prune", type=_fraction, metavar="RATIO",
                     help="structured pruning: fraction of the prunable parameters removed (channels, KV groups)")

@@ -25,6 +25,25 @@ def tiny_fdb(tiny_llama_dir, tmp_path_factory):
     return BinarizePass(BinarizeConfig(group=32, iters=2))(onnx.load(path)).model
 
 
+@pytest.fixture(scope="module")
+def tiny_sa(tiny_llama_dir, tmp_path_factory):
+    import shiftc
+    from shiftc.passes.shiftadd import ShiftAddConfig, ShiftAddPass
+
+    path = str(tmp_path_factory.mktemp("tiny_distill_sa") / "tiny.onnx")
+    shiftc.export(tiny_llama_dir, path)
+    return ShiftAddPass(ShiftAddConfig(bits=2, group=32, iters=2, workers=1))(onnx.load(path)).model
+
+
+def _onnx_logits(model, tmp_path, x):
+    import shiftc
+    from shiftc.passes.ops import dequantized_copy
+
+    path = str(tmp_path / "deq.onnx")
+    onnx.save(dequantized_copy(model), path)
+    return shiftc.load(path).lm_session().step(x)
+
+
 def test_student_matches_onnx_and_loss_falls(tiny_fdb, tmp_path):
     import shiftc
     from shiftc.passes.binarize import dequantized_copy
@@ -50,6 +69,42 @@ def test_student_matches_onnx_and_loss_falls(tiny_fdb, tmp_path):
     assert all(t.data_type == onnx.TensorProto.FLOAT16 for t in out.graph.initializer if t.name in changed)
 
 
+def test_shiftadd_student_trains_power_of_two_scales(tiny_sa, tmp_path):
+    """BcqMatMul layers: the student equals the ONNX model, training lowers the KL, only the
+    exponents change, and the written-back model is exactly the student (scales rounded to powers of
+    two in the forward, straight-through to the latent float scales)."""
+    from shiftc.passes import ops
+
+    teacher = D.load_teacher(tiny_sa, None)
+    student, modules = D.build_student(teacher, tiny_sa)
+    assert len(modules) == 15 and all(m.coding == "pm1" and m.scale_mode == "pow2x2" for m in modules.values())
+    x = np.array([[5, 9, 100, 3000, 17]])
+    with torch.no_grad():
+        got = student(input_ids=torch.as_tensor(x)).logits.numpy()
+    want = _onnx_logits(tiny_sa, tmp_path, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+    ids = np.random.default_rng(0).integers(0, 49152, size=(4, 24))
+    out, rep = D.distill(tiny_sa, teacher, ids, D.DistillConfig(steps=12, lr=3e-3, loss="kl", seed=0))
+    h = rep["history"]
+    assert np.mean([e["kl"] for e in h[-4:]]) < np.mean([e["kl"] for e in h[:4]])
+    before = {t.name: numpy_helper.to_array(t) for t in tiny_sa.graph.initializer}
+    changed = {t.name for t in out.graph.initializer if not np.array_equal(numpy_helper.to_array(t), before[t.name])}
+    assert changed and all(n.endswith(".bcq_exps") for n in changed)
+    with torch.no_grad():  # latent scales off the grid: written back as the rounded ones the forward uses
+        for m in modules.values():
+            m.scales.mul_(torch.empty_like(m.scales).uniform_(0.8, 1.25))
+    back = D.write_back(tiny_sa, modules)
+    inits = {t.name: numpy_helper.to_array(t) for t in back.graph.initializer}
+    layers = D._plane_layers(back)
+    for path, m in modules.items():
+        node = layers[path]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs["coding"] = attrs["coding"].decode()
+        w = ops.bcq_matmul_weight(inits[node.input[1]], inits[node.input[2]], **attrs)
+        np.testing.assert_array_equal(w, m.weight_hat().detach().numpy())
+
+
 def test_dad_weights_favour_uncertain_teacher_confident_student():
     v = 50
     t = torch.zeros(2, v)  # token 0: teacher uniform (ambiguous); token 1: teacher peaked
@@ -69,8 +124,10 @@ def test_flags(tiny_fdb, tmp_path):
 
     with pytest.raises(UsageError, match="--distill-loss"):
         D.distill(tiny_fdb, None, np.zeros((1, 4), np.int64), D.DistillConfig(loss="ce"))
-    with pytest.raises(UsageError, match="--binarize"):
-        shiftc.compress("unused.onnx", str(tmp_path / "x.onnx"), distill_steps=3)
+    with pytest.raises(UsageError, match="--shiftadd-bits N or --binarize"):  # pruning only: nothing to distill
+        shiftc.compress("unused.onnx", str(tmp_path / "x.onnx"), prune=0.2, distill_steps=3)
+    with pytest.raises(UsageError, match="--distill-minutes"):
+        shiftc.compress("unused.onnx", str(tmp_path / "x.onnx"), bits=3, distill_minutes=-1.0)
     with pytest.raises(UsageError, match="--distill-source"):
         D.load_teacher(tiny_fdb, str(tmp_path / "missing"))
 
@@ -108,7 +165,7 @@ def test_dad_loss_matches_numpy_reference():
 
 @pytest.mark.parametrize("k,group", [(64, 32), (80, 32), (576, 128)])
 def test_fdb_linear_matches_reconstruct_and_autograd(k, group):
-    """FdbLinear's cached-plane forward equals fdb.reconstruct, and its hand-written backward equals
+    """PlaneLinear's cached-plane forward equals fdb.reconstruct, and its hand-written backward equals
     autograd through the plain formula Σ α_i B_i + μ (padded last group included)."""
     from shiftc.passes.fdb import reconstruct
 
@@ -117,7 +174,7 @@ def test_fdb_linear_matches_reconstruct_and_autograd(k, group):
     planes = rng.integers(0, 2, size=(q, n, k)).astype(np.uint8)
     scales = rng.normal(size=(q, n, ng)).astype(np.float32)
     offsets = rng.normal(size=(n, ng)).astype(np.float32)
-    m = D.FdbLinear(planes, scales, offsets, group)
+    m = D.PlaneLinear(planes, scales, offsets, group)
     np.testing.assert_allclose(m.weight_hat().detach().numpy(), reconstruct(planes, scales, offsets, group), rtol=1e-6, atol=1e-6)
     x = torch.as_tensor(rng.normal(size=(3, 5, k)).astype(np.float32))
     gy = torch.as_tensor(rng.normal(size=(3, 5, n)).astype(np.float32))
@@ -128,3 +185,23 @@ def test_fdb_linear_matches_reconstruct_and_autograd(k, group):
     (torch.nn.functional.linear(x, w) * gy).sum().backward()
     np.testing.assert_allclose(m.scales.grad.numpy(), a.grad.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(m.offsets.grad.numpy(), mu.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_compress_shiftadd_with_distillation(tiny_llama_dir, smollm2_gguf_path, tmp_path):
+    """``shiftc.compress(..., bits=2, distill_steps=N)``: shift-add, then the scales fine-tuned; the
+    report carries the distillation's history and the written model runs (function bodies) with
+    its exponents changed from the undistilled model's."""
+    import shiftc
+
+    src = str(tmp_path / "tiny.onnx")
+    shiftc.export(tiny_llama_dir, src)
+    kw = dict(bits=2, group=32, calib="wikipedia", calib_windows=2, calib_window=32, tokenizer=smollm2_gguf_path, threads=1)
+    plain = shiftc.compress(src, str(tmp_path / "sa.onnx"), **kw)
+    r = shiftc.compress(src, str(tmp_path / "sa_d.onnx"), distill_steps=4, **kw)
+    assert "distill" not in plain and r["distill"]["steps"] == 4 and r["distill"]["loss"] == "kl"
+    a = {t.name: numpy_helper.to_array(t) for t in onnx.load(plain["path"]).graph.initializer}
+    b = {t.name: numpy_helper.to_array(t) for t in onnx.load(r["path"]).graph.initializer}
+    changed = [n for n in a if not np.array_equal(a[n], b[n])]
+    assert changed and all(n.endswith(".bcq_exps") for n in changed)
+    out = shiftc.load(r["path"]).lm_session().step(np.array([[5, 9, 100]]))
+    assert np.isfinite(out).all()

@@ -28,6 +28,7 @@ from onnx import numpy_helper
 
 from ..progress import Counter
 from . import bcq, fdb, ops
+from .distill import DistillFields, run_configured, validate_fields
 from .shiftadd import PassResult, ShiftAddConfig, ShiftAddPass, Target, _node_id, finish_rewrite, replacement_nodes, summarize
 
 OP = "FdbMatMul"
@@ -35,7 +36,7 @@ MODES = tuple(fdb.MODES)
 
 
 @dataclass
-class BinarizeConfig:
+class BinarizeConfig(DistillFields):  # + distill_* keys: distillation of the scales/offsets afterwards
     mode: str = "fdb"  # fdb (2 planes) | 1bit
     group: int = 128
     act_order: bool = False
@@ -43,15 +44,6 @@ class BinarizeConfig:
     iters: int = 8
     lm_head: bool = True
     skip: list[str] = field(default_factory=list)
-    # deviation-aware distillation of the scales/offsets afterwards (shiftc/passes/distill.py)
-    distill_steps: int = 0  # 0: off                                     (--distill-steps)
-    distill_minutes: float | None = None  # wall-clock bound              (--distill-minutes)
-    distill_loss: str = "dad"  # dad | kl                                 (--distill-loss)
-    distill_source: str | None = None  # HF folder / .gguf (default: recorded at export)  (--distill-source)
-    distill_lr: float = 1e-4
-    distill_windows: int = 64
-    distill_window: int = 128
-    distill_seed: int = 0
 
 
 def validate(cfg: BinarizeConfig, bad) -> None:
@@ -64,12 +56,7 @@ def validate(cfg: BinarizeConfig, bad) -> None:
         bad("binarize.damp", f"must be in [0, 10), got {cfg.damp!r}")
     if not isinstance(cfg.iters, int) or cfg.iters < 0:
         bad("binarize.iters", f"must be an integer >= 0, got {cfg.iters!r}")
-    if not isinstance(cfg.distill_steps, int) or cfg.distill_steps < 0:
-        bad("--distill-steps", f"must be an integer >= 0, got {cfg.distill_steps!r}")
-    if cfg.distill_minutes is not None and not float(cfg.distill_minutes) > 0:
-        bad("--distill-minutes", f"must be > 0, got {cfg.distill_minutes!r}")
-    if cfg.distill_loss not in ("dad", "kl"):
-        bad("--distill-loss", f"must be dad or kl, got {cfg.distill_loss!r}")
+    validate_fields(cfg, bad)
 
 
 class BinarizePass:
@@ -157,19 +144,10 @@ def run(model: onnx.ModelProto, src: str, output: str, config, t0: float, prune_
     del hessians
     b = config.binarize
     distill_report = None
-    if b.distill_steps or b.distill_minutes:  # fine-tune scales/offsets against the fp32 model
-        from .calibration import calibration_windows
-        from .distill import DistillConfig, distill, load_teacher
-
-        teacher = load_teacher(model, b.distill_source, src)
-        ids = calibration_windows(model, corpus=config.calib.corpus if config.calib.corpus != "none" else "wikipedia",
-                                  windows=b.distill_windows, window=b.distill_window, tokenizer=config.calib.tokenizer,
-                                  model_path=src)
-        dcfg = DistillConfig(steps=b.distill_steps or 10**9, minutes=b.distill_minutes, loss=b.distill_loss,
-                             lr=b.distill_lr, seed=b.distill_seed)
-        new_model, distill_report = distill(result.model, teacher, ids, dcfg)
+    if b.distill_enabled():  # fine-tune scales/offsets against the fp32 model (shiftc/passes/distill.py)
+        new_model, distill_report = run_configured(model, result.model, b, config.calib, src)
         result.model.CopyFrom(new_model)
-        del teacher, new_model
+        del new_model
     del model
     try:
         onnx.checker.check_model(result.model, full_check=result.model.ByteSize() < 2**31 - 1)

@@ -1,8 +1,8 @@
 """The compress pipeline shared by ``shiftc.compress`` and ``shiftc compress``.
 
     load (safe) -> [prune: structured / N:M, shiftc/passes/prune] -> match layers -> calibrate (H = XᵀX per layer input, ONNX Runtime on the
-    calibration split) -> shift-add pass (BCQ + power-of-two scales inside GPTQ) -> onnx.checker
-    -> atomic save
+    calibration split) -> shift-add pass (BCQ + power-of-two scales inside GPTQ) -> [distillation of
+    the scales against the fp32 PyTorch model, shiftc/passes/distill.py] -> onnx.checker -> atomic save
     With --bits-budget, the per-layer bits come from shiftc/passes/mixed_precision (sensitivity ->
     integer program) before the shift-add pass, and a report is written beside the output.
 
@@ -86,7 +86,15 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
         results = plan.pop("results", None) or results  # from --mp-cache: not quantized again
     with step(f"shift-add on {len(targets)} layers"):
         result = sa(model, hessians, results=results)
-    del model, hessians
+    del hessians
+    distill_report = None
+    if config.shiftadd.distill_enabled():  # fine-tune the scales against the fp32 model (passes/distill.py)
+        from .distill import run_configured
+
+        new_model, distill_report = run_configured(model, result.model, config.shiftadd, config.calib, src)
+        result.model.CopyFrom(new_model)
+        del new_model
+    del model
     try:
         onnx.checker.check_model(result.model, full_check=result.model.ByteSize() < 2**31 - 1)
     except onnx.checker.ValidationError as e:  # a bug in the pass, not the user's input
@@ -97,7 +105,8 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
     out = {"path": output, "source": src, "size_bytes": os.path.getsize(output), "source_size_bytes": os.path.getsize(src),
            "calibration": {"corpus": config.calib.corpus, "windows": calib_windows, "window": config.calib.window},
            "seconds": round(time.perf_counter() - t0, 1), **rep,
-           **({"prune": prune_report} if prune_report is not None else {})}
+           **({"prune": prune_report} if prune_report is not None else {}),
+           **({"distill": distill_report} if distill_report is not None else {})}
     if plan is not None:  # plan summary, perplexity before/after if asked, OUT.report.json/.html
         from .mixed_precision.plan import finish
 

@@ -1,17 +1,22 @@
-"""Deviation-aware distillation (DAD) of a binarized model's scales and offsets.
+"""Distillation of a compressed model's scales against the fp32 model (shift-add and binarize).
 
-After the binarize pass (shiftc/passes/binarize.py) every FdbMatMul holds fixed {0,1} planes and
-float16 scales α [q, N, ng] and offsets μ [N, ng]. When the PyTorch model the ONNX file came from
-is available (HF folder or GGUF), this step fine-tunes α and μ — the planes stay as they are —
-so that the binarized model's next-token distributions match the fp32 model's on calibration
-text, then writes them back into the ONNX file (float16 again).
+After the shift-add pass (shiftc/passes/shiftadd.py) every BcqMatMul holds fixed ±1 planes and
+power-of-two scales α [q, N, ng]; after the binarize pass (shiftc/passes/binarize.py) every
+FdbMatMul holds fixed {0,1} planes, float16 scales α [q, N, ng] and offsets μ [N, ng]. When the
+PyTorch model the ONNX file came from is available (HF folder or GGUF), this step fine-tunes α
+(and μ) — the planes stay as they are — so that the compressed model's next-token distributions
+match the fp32 model's on calibration text, then writes them back into the ONNX file.
 
-Student: the fp32 model with each binarized Linear replaced by :class:`FdbLinear`
-(Ŵ = Σ_i α_i·B_i + μ rebuilt from its parameters at every forward, from planes unpacked to float
-once, with a hand-written backward for α and μ). The tied LM head becomes its own FdbLinear (the
+Student: the fp32 model with each compressed Linear replaced by :class:`PlaneLinear`
+(Ŵ = Σ_i α_i·s(B_i) + μ rebuilt from its parameters at every forward, from planes unpacked to float
+once, with a hand-written backward for α and μ). The tied LM head becomes its own PlaneLinear (the
 embedding lookup keeps the fp32 table, as in the ONNX graph). Teacher: the fp32 model; its logits
 for every training window are computed once and kept (float16) when they fit ``cache_gb``.
-Only α and μ receive gradients (AdamW, cosine-decayed learning rate).
+Only α and μ receive gradients (AdamW, cosine-decayed learning rate). Shift-add scales must stay
+sums of powers of two (the kernels shift, they do not multiply): the forward uses α rounded to the
+op's scale grid (bcq.round_scales) and the gradient goes straight through the rounding to a float
+latent α (straight-through estimator); the rounded α is what is written back, so the ONNX model
+is exactly the trained student. FdbMatMul's α and μ are trained as floats and stored as float16.
 
 Loss per token t with teacher distribution p_t and student q_t over the vocabulary:
     KL_t      = Σ_v p_t(v) (log p_t(v) − log q_t(v))
@@ -31,6 +36,9 @@ exact functional form (e.g. an exponent on the weight) is our reading of that de
 verified transcription. The normalisation by the batch mean is ours: it keeps the loss on the
 scale of plain KL so that both use the same learning rate. An earlier version of this module used
 w_t ∝ H(p_t)/H(q_t) (our own guess, not the paper's).
+
+The default is plain ``kl``: on SmolLM2-135M FDB 2-bit at the same budget and seed it reached
+perplexity 152.5 against dad's 159.6 (benchmarks/results/fdb_distill.json).
 
 Bounded by ``steps`` and ``minutes`` (whichever comes first); progress and loss are printed.
 """
@@ -54,10 +62,61 @@ LOSSES = ("dad", "kl")
 
 
 @dataclass
+class DistillFields:
+    """The distillation keys of the shift-add and binarize recipe sections (and their flags).
+    Defaults: the settings measured on SmolLM2-135M (benchmarks/results/fdb_distill.json,
+    shiftadd_distill.json): plain KL at lr 6e-4 over 64 windows of 256 tokens."""
+
+    distill_steps: int = 0  # 0: off                                     (--distill-steps)
+    distill_minutes: float | None = None  # wall-clock bound              (--distill-minutes)
+    distill_loss: str = "kl"  # kl | dad                                  (--distill-loss)
+    distill_source: str | None = None  # HF folder / .gguf (default: recorded at export)  (--distill-source)
+    distill_lr: float = 6e-4
+    distill_windows: int = 64
+    distill_window: int = 256
+    distill_seed: int = 0
+
+    def distill_enabled(self) -> bool:
+        return bool(self.distill_steps or self.distill_minutes)
+
+
+def validate_fields(cfg: DistillFields, bad) -> None:
+    """Check the distill_* values; ``bad(flag, message)`` raises the caller's usage error."""
+    if not isinstance(cfg.distill_steps, int) or cfg.distill_steps < 0:
+        bad("--distill-steps", f"must be an integer >= 0, got {cfg.distill_steps!r}")
+    if cfg.distill_minutes is not None and not float(cfg.distill_minutes) > 0:
+        bad("--distill-minutes", f"must be > 0, got {cfg.distill_minutes!r}")
+    if cfg.distill_loss not in LOSSES:
+        bad("--distill-loss", f"must be one of {', '.join(LOSSES)}, got {cfg.distill_loss!r}")
+    if not float(cfg.distill_lr) > 0:
+        bad("distill_lr", f"must be > 0, got {cfg.distill_lr!r}")
+    for key in ("distill_windows", "distill_window"):
+        v = getattr(cfg, key)
+        if not isinstance(v, int) or v < 1:
+            bad(key, f"must be an integer >= 1, got {v!r}")
+
+
+def run_configured(source: onnx.ModelProto, compressed: onnx.ModelProto, cfg: DistillFields, calib,
+                   src: str) -> tuple[onnx.ModelProto, dict]:
+    """The pipeline's distillation step (shiftc compress --distill-steps): teacher from
+    ``cfg.distill_source`` or the export source recorded in ``source``; training windows from the
+    calibration corpus (``calib``: recipe.CalibConfig; Wikipedia when calibration is off)."""
+    from .calibration import calibration_windows
+
+    teacher = load_teacher(source, cfg.distill_source, src)
+    ids = calibration_windows(source, corpus=calib.corpus if calib.corpus != "none" else "wikipedia",
+                              windows=cfg.distill_windows, window=cfg.distill_window, tokenizer=calib.tokenizer,
+                              model_path=src)
+    dcfg = DistillConfig(steps=cfg.distill_steps or 10**9, minutes=cfg.distill_minutes, loss=cfg.distill_loss,
+                         lr=cfg.distill_lr, seed=cfg.distill_seed)
+    return distill(compressed, teacher, ids, dcfg)
+
+
+@dataclass
 class DistillConfig:
     steps: int = 200
     minutes: float | None = None
-    loss: str = "dad"  # dad | kl
+    loss: str = "kl"  # kl | dad
     lr: float = 1e-4
     windows: int = 64  # calibration windows cycled through
     window: int = 256  # tokens per window
@@ -105,37 +164,58 @@ class _Reconstruct(_TORCH.autograd.Function):
         return d_sc, d_off, None
 
 
-class FdbLinear(_TORCH.nn.Module):
-    """A Linear whose weight is Σ_i α_i·B_i + μ: fixed {0,1} planes, trainable scales/offsets.
+class PlaneLinear(_TORCH.nn.Module):
+    """A Linear whose weight is Σ_i α_i·s(B_i) + μ: fixed planes, trainable scales (and offsets).
+
+    ``coding`` "01" (FdbMatMul: s(b) = b, float16 α and μ, both trained) or "pm1" (BcqMatMul:
+    s(b) = 2b − 1, no offset). ``scale_mode`` "pow2" / "pow2x2" (BcqMatMul): the forward uses α
+    rounded to the op's representable scales (bcq.round_scales) and the gradient passes straight
+    through the rounding to the latent float α (straight-through estimator), so the trained model
+    is exactly the one written back. None: α is used as it is (FdbMatMul).
 
     The planes are unpacked once into float32 [N, ceil(K/G), q, G], zero-padded to whole groups;
     each forward rebuilds Ŵ [N, ceil(K/G)·G] with q fused multiply-adds and multiplies it with the
     input zero-padded to the same width (cheaper than slicing Ŵ and its gradient every step)."""
 
-    def __init__(self, planes01: np.ndarray, scales: np.ndarray, offsets: np.ndarray, group: int, bias=None):
+    def __init__(self, planes01: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None, group: int, bias=None,
+                 coding: str = "01", scale_mode: str | None = None):
         torch = _torch()
         super().__init__()
         q, n, k = planes01.shape
         ng = -(-k // group)
         self.group, self.in_features, self.out_features = group, k, n
+        self.coding, self.scale_mode = coding, scale_mode
         padded = np.zeros((n, ng, q, group), np.float32)
         for i in range(q):
             row = np.zeros((n, ng * group), np.float32)
-            row[:, :k] = planes01[i]
+            row[:, :k] = planes01[i] if coding == "01" else 2.0 * planes01[i] - 1.0
             padded[:, :, i, :] = row.reshape(n, ng, group)
         self.register_buffer("planes", torch.from_numpy(padded), persistent=False)
         self.pad = ng * group - k
         self.scales = torch.nn.Parameter(torch.as_tensor(scales.astype(np.float32)))
-        self.offsets = torch.nn.Parameter(torch.as_tensor(offsets.astype(np.float32)))
+        if offsets is None:
+            self.register_buffer("offsets", torch.zeros(n, ng), persistent=False)
+        else:
+            self.offsets = torch.nn.Parameter(torch.as_tensor(offsets.astype(np.float32)))
         self.bias = bias
+
+    def trainable(self) -> list:
+        return [p for p in (self.scales, self.offsets) if isinstance(p, _TORCH.nn.Parameter)]
+
+    def effective_scales(self):
+        """α as the op stores it: rounded to powers of two (STE) for BcqMatMul, else α."""
+        a = self.scales
+        if self.scale_mode is None:
+            return a
+        return a + (bcq.round_scales(a.detach(), self.scale_mode)[0] - a).detach()
 
     def weight_hat(self):
         """Ŵ [N, K]."""
-        return _Reconstruct.apply(self.scales, self.offsets, self.planes)[:, :self.in_features]
+        return _Reconstruct.apply(self.effective_scales(), self.offsets, self.planes)[:, :self.in_features]
 
     def forward(self, x):
         F = _torch().nn.functional
-        w = _Reconstruct.apply(self.scales, self.offsets, self.planes)
+        w = _Reconstruct.apply(self.effective_scales(), self.offsets, self.planes)
         return F.linear(F.pad(x, (0, self.pad)) if self.pad else x, w, self.bias)
 
 
@@ -154,63 +234,83 @@ def token_losses(t_logits, s_logits, kind: str):
     return (w * kl).mean(), kl.mean()
 
 
-def _fdb_layers(model: onnx.ModelProto) -> dict[str, tuple]:
-    """{torch module path: (node, planes name, scales name, offsets name)} of the FdbMatMul nodes."""
+#: ops whose scales can be distilled -> (suffix of the planes initializer, coding)
+_OPS = {"FdbMatMul": (".fdb_planes", "01"), "BcqMatMul": (".bcq_planes", "pm1")}
+
+
+def _plane_layers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """{torch module path: node} of the FdbMatMul / BcqMatMul nodes (the path is the planes
+    initializer's name without its suffix, e.g. ``model.layers.0.mlp.up_proj`` or ``lm_head``)."""
     out = {}
     for n in model.graph.node:
-        if n.op_type == "FdbMatMul":
-            prefix = n.input[1][: -len(".fdb_planes")] if n.input[1].endswith(".fdb_planes") else n.input[1]
-            out[prefix] = (n, *n.input[1:4])
+        if n.op_type in _OPS:
+            suffix = _OPS[n.op_type][0]
+            out[n.input[1][: -len(suffix)] if n.input[1].endswith(suffix) else n.input[1]] = n
     return out
 
 
+def _plane_linear(node: onnx.NodeProto, inits: dict, bias) -> PlaneLinear:
+    """The student module of one FdbMatMul (planes, scales, offsets) or BcqMatMul (planes, exps)."""
+    from onnx import helper
+
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    coding = _OPS[node.op_type][1]
+    planes = bcq.unpack_planes(numpy_helper.to_array(inits[node.input[1]]), a["in_features"])
+    if node.op_type == "FdbMatMul":
+        scales, offsets = numpy_helper.to_array(inits[node.input[2]]), numpy_helper.to_array(inits[node.input[3]])
+        return PlaneLinear(planes, scales, offsets, int(a["group_size"]), bias, coding="01")
+    exps = numpy_helper.to_array(inits[node.input[2]])
+    mode = {t: m for m, t in bcq.SCALE_MODES.items()}[exps.shape[-1]]
+    return PlaneLinear(planes, bcq.exps_to_alpha(exps), None, int(a["group_size"]), bias, coding="pm1", scale_mode=mode)
+
+
 def build_student(teacher, model: onnx.ModelProto):
-    """A copy of ``teacher`` with every layer binarized in ``model`` replaced by FdbLinear."""
+    """A copy of ``teacher`` with every FdbMatMul / BcqMatMul layer of ``model`` replaced by PlaneLinear."""
     import copy
 
     torch = _torch()
-    from onnx import helper
-
     student = copy.deepcopy(teacher)
     inits = {t.name: t for t in model.graph.initializer}
     modules = {}
-    for path, (node, pn, sn, on) in _fdb_layers(model).items():
-        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    for path, node in _plane_layers(model).items():
         try:
             lin = student.get_submodule(path)
         except AttributeError:
             raise BadInputError(f"layer '{path}' (node '{node.name}') has no module of that name in the PyTorch model") from None
         if not isinstance(lin, torch.nn.Linear):
             raise BadInputError(f"layer '{path}' (node '{node.name}') is a {type(lin).__name__}, not a Linear")
-        planes = bcq.unpack_planes(numpy_helper.to_array(inits[pn]), a["in_features"])
-        scales, offsets = numpy_helper.to_array(inits[sn]), numpy_helper.to_array(inits[on])
-        if tuple(lin.weight.shape) != (planes.shape[1], planes.shape[2]):
-            raise BadInputError(f"layer '{path}': ONNX weight {planes.shape[1:]} vs PyTorch {tuple(lin.weight.shape)}")
         bias = None if lin.bias is None else torch.nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
-        fl = FdbLinear(planes, scales, offsets, int(a["group_size"]), bias)
+        pl = _plane_linear(node, inits, bias)
+        if tuple(lin.weight.shape) != (pl.out_features, pl.in_features):
+            raise BadInputError(f"layer '{path}': ONNX weight {(pl.out_features, pl.in_features)} vs PyTorch {tuple(lin.weight.shape)}")
         parent, _, name = path.rpartition(".")
-        setattr(student.get_submodule(parent) if parent else student, name, fl)
-        modules[path] = fl
+        setattr(student.get_submodule(parent) if parent else student, name, pl)
+        modules[path] = pl
     if not modules:
-        raise BadInputError("the model has no FdbMatMul layer to distill (run --binarize first)")
+        raise BadInputError("the model has no FdbMatMul / BcqMatMul layer to distill (run --binarize or --shiftadd-bits first)")
     for p in student.parameters():
         p.requires_grad_(False)
     for m in modules.values():
-        m.scales.requires_grad_(True)
-        m.offsets.requires_grad_(True)
+        for p in m.trainable():
+            p.requires_grad_(True)
     return student, modules
 
 
 def write_back(model: onnx.ModelProto, modules: dict) -> onnx.ModelProto:
-    """A copy of ``model`` with each distilled layer's scales/offsets (float16) replaced."""
+    """A copy of ``model`` with each distilled layer's scales written back: FdbMatMul's scales and
+    offsets as float16, BcqMatMul's as the int8 exponents of the rounded scales (what the student
+    used in its forward)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    layers = _fdb_layers(out)
+    layers = _plane_layers(out)
     new = {}
     for path, m in modules.items():
-        _, _, sn, on = layers[path]
-        new[sn] = m.scales.detach().numpy().astype(np.float16)
-        new[on] = m.offsets.detach().numpy().astype(np.float16)
+        node = layers[path]
+        if node.op_type == "FdbMatMul":
+            new[node.input[2]] = m.scales.detach().numpy().astype(np.float16)
+            new[node.input[3]] = m.offsets.detach().numpy().astype(np.float16)
+        else:
+            new[node.input[2]] = bcq.round_scales(m.scales.detach(), m.scale_mode)[1].numpy().astype(np.int8)
     for t in out.graph.initializer:
         if t.name in new:
             t.CopyFrom(numpy_helper.from_array(new[t.name], t.name))
@@ -255,7 +355,7 @@ def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig
     student.eval()  # no dropout; gradients still flow
     t_cache = _teacher_logits(teacher, ids, cfg.cache_gb * 2**30) if cfg.cache_gb else None
     dev_before = mean_kl(student, teacher, dev_ids) if dev_ids is not None and len(dev_ids) else None
-    params = [p for m in modules.values() for p in (m.scales, m.offsets)]
+    params = [p for m in modules.values() for p in m.trainable()]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     order = np.random.default_rng(cfg.seed).permutation(len(ids))
     steps = max(cfg.steps, 1)

@@ -13,6 +13,14 @@ Schema (every key optional; the values shown are the defaults)::
       layer_bits: {}       # {initializer name or glob: bits}, first match wins
       skip: []             # globs of layer names left in fp32
       workers: 0           # processes quantizing layers side by side (0: --threads, else one per core)
+      distill_steps: 0     # fine-tune the scales vs the fp32 model, kept powers of two (0: off)  (--distill-steps)
+      distill_minutes: null  # time bound                                (--distill-minutes)
+      distill_loss: kl     # kl | dad (entropy-re-weighted KL)           (--distill-loss)
+      distill_source: null # HF folder / .gguf (default: the export source)  (--distill-source)
+      distill_lr: 0.0006
+      distill_windows: 64  # calibration windows of distill_window tokens, cycled
+      distill_window: 256
+      distill_seed: 0
     calib:
       corpus: wikipedia    # wikipedia | lee | none (none: data-free, plain BCQ)   (--calib)
       split: calib
@@ -37,14 +45,7 @@ Schema (every key optional; the values shown are the defaults)::
       iters: 8             # alternating rounds (codes / least-squares scales) per group
       lm_head: true        # (--shiftadd-lm-head / --no-...)
       skip: []             # globs of layer names left in fp32
-      distill_steps: 0     # fine-tune scales/offsets vs the fp32 model (0: off)  (--distill-steps)
-      distill_minutes: null  # time bound                                (--distill-minutes)
-      distill_loss: dad    # dad (entropy-re-weighted KL) | kl           (--distill-loss)
-      distill_source: null # HF folder / .gguf (default: the export source)  (--distill-source)
-      distill_lr: 0.0001
-      distill_windows: 64  # calibration windows of distill_window tokens, cycled
-      distill_window: 128
-      distill_seed: 0
+      distill_*: ...       # as in shiftadd; here scales and offsets are fine-tuned (float16)
     A binarize section excludes a shiftadd section.
     mixed_precision:       # per-layer shift-add bits under a budget (shiftc/passes/mixed_precision)
       bits_budget: null    # average stored bits per weight, scales included; null: off  (--bits-budget)
@@ -78,6 +79,7 @@ from .mixed_precision.config import MixedPrecisionConfig, validate_mixed_precisi
 from .shiftadd import ShiftAddConfig
 from .binarize import BinarizeConfig
 from .binarize import validate as validate_binarize
+from .distill import validate_fields as validate_distill
 
 SCALE_MODES = ("pow2", "pow2x2")
 CALIB_CORPORA = ("wikipedia", "lee", "none")
@@ -138,6 +140,7 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
         bad("iters", f"must be an integer >= 0, got {s.iters!r}")
     if not isinstance(s.workers, int) or s.workers < 0:
         bad("workers", f"must be an integer >= 0, got {s.workers!r}")
+    validate_distill(s, bad)
     if c.corpus not in CALIB_CORPORA:
         bad("--calib", f"must be one of {', '.join(CALIB_CORPORA)}, got {c.corpus!r}")
     for flag, v in (("--calib-windows", c.windows), ("--calib-window", c.window), ("calib.sequential", c.sequential)):

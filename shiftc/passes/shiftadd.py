@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from ..progress import Counter
 from . import bcq, ops
+from .distill import DistillFields
 
 OP = "BcqMatMul"
 POOL_MIN_WEIGHTS = 1 << 22  # quantize in a process pool from this many weights on
@@ -42,7 +43,7 @@ METADATA_KEY = "shiftc.compression"
 
 
 @dataclass
-class ShiftAddConfig:
+class ShiftAddConfig(DistillFields):  # + distill_* keys: distillation of the scales afterwards
     bits: int = 3
     group: int = 128
     scale_mode: str = "pow2x2"  # measured: benchmarks/results/shiftadd_accuracy.json
