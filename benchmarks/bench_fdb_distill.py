@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="windows per step")
     p.add_argument("--dev-windows", type=int, default=0,
                    help="extra calib-split windows (after the training ones) on which the mean KL is measured: tuning metric")
+    p.add_argument("--norms", action="store_true", help="also tune the RMSNorm gains (DistillConfig.norms)")
     p.add_argument("--cache-gb", type=float, default=4.0, help="teacher logits cache bound (0: recompute each step)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity (tuning runs: dev KL only)")
     p.add_argument("--tokens", type=int, default=8192, help="evaluation tokens")
@@ -100,8 +101,9 @@ def main(argv=None) -> int:
     for loss in [x for x in a.losses.split(",") if x]:
         t0 = time.perf_counter()
         out, rep = distill(model, teacher, ids, DistillConfig(steps=a.steps, minutes=a.minutes, loss=loss, lr=a.lr,
-                                                              seed=a.seed, batch=a.batch, cache_gb=a.cache_gb), dev_ids=dev)
-        tag = f"{loss}_s{a.seed}"
+                                                              seed=a.seed, batch=a.batch, cache_gb=a.cache_gb,
+                                                              norms=a.norms), dev_ids=dev)
+        tag = f"{loss}{'_norms' if a.norms else ''}_s{a.seed}"
         v = None
         if not a.no_eval:
             save_model(out, os.path.join(work, f"{os.path.splitext(os.path.basename(a.model))[0]}_distill_{tag}.onnx"))
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
         h = rep.pop("history")
         first = sum(e["kl"] for e in h[:5]) / max(len(h[:5]), 1)
         last = sum(e["kl"] for e in h[-5:]) / max(len(h[-5:]), 1)
-        result["rows"].append({"method": f"{label} + distill ({loss})", "perplexity": v, **rep,
+        result["rows"].append({"method": f"{label} + distill ({loss}{', norms' if a.norms else ''})", "perplexity": v, **rep,
                                "kl_first5": first, "kl_last5": last, "seconds_total": round(time.perf_counter() - t0, 1),
                                "history": h})
         save()

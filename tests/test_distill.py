@@ -105,6 +105,20 @@ def test_shiftadd_student_trains_power_of_two_scales(tiny_sa, tmp_path):
         np.testing.assert_array_equal(w, m.weight_hat().detach().numpy())
 
 
+def test_norm_gains_tuned_and_written_back(tiny_sa):
+    """norms=True: the RMSNorm gains train too and land in their fp32 initializers (same names)."""
+    teacher = D.load_teacher(tiny_sa, None)
+    ids = np.random.default_rng(0).integers(0, 49152, size=(2, 16))
+    out, rep = D.distill(tiny_sa, teacher, ids, D.DistillConfig(steps=3, lr=3e-3, loss="kl", norms=True))
+    assert rep["norms"] == 5  # 2 per block + the final norm
+    before = {t.name: numpy_helper.to_array(t) for t in tiny_sa.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    changed = {n for n in after if not np.array_equal(after[n], before[n])}
+    norms = {n for n in changed if n.endswith("norm.weight")}
+    assert len(norms) == 5 and changed - norms and all(n.endswith(".bcq_exps") for n in changed - norms)
+    assert all(after[n].dtype == np.float32 and after[n].shape == before[n].shape for n in norms)
+
+
 def test_dad_weights_favour_uncertain_teacher_confident_student():
     v = 50
     t = torch.zeros(2, v)  # token 0: teacher uniform (ambiguous); token 1: teacher peaked

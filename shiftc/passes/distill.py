@@ -75,6 +75,7 @@ class DistillFields:
     distill_windows: int = 64
     distill_window: int = 256
     distill_seed: int = 0
+    distill_norms: bool = False  # also tune the RMSNorm/LayerNorm gains (fp32 in the graph)
 
     def distill_enabled(self) -> bool:
         return bool(self.distill_steps or self.distill_minutes)
@@ -108,7 +109,7 @@ def run_configured(source: onnx.ModelProto, compressed: onnx.ModelProto, cfg: Di
                               windows=cfg.distill_windows, window=cfg.distill_window, tokenizer=calib.tokenizer,
                               model_path=src)
     dcfg = DistillConfig(steps=cfg.distill_steps or 10**9, minutes=cfg.distill_minutes, loss=cfg.distill_loss,
-                         lr=cfg.distill_lr, seed=cfg.distill_seed)
+                         lr=cfg.distill_lr, seed=cfg.distill_seed, norms=bool(cfg.distill_norms))
     return distill(compressed, teacher, ids, dcfg)
 
 
@@ -117,6 +118,7 @@ class DistillConfig:
     steps: int = 200
     minutes: float | None = None
     loss: str = "kl"  # kl | dad
+    norms: bool = False  # also tune the normalisation gains (written back to their fp32 initializers)
     lr: float = 1e-4
     windows: int = 64  # calibration windows cycled through
     window: int = 256  # tokens per window
@@ -296,10 +298,24 @@ def build_student(teacher, model: onnx.ModelProto):
     return student, modules
 
 
-def write_back(model: onnx.ModelProto, modules: dict) -> onnx.ModelProto:
+def trainable_norms(student, model: onnx.ModelProto) -> dict:
+    """{name: parameter} of the student's normalisation weights (``*norm.weight``: RMSNorm /
+    LayerNorm gains) that the ONNX graph holds as initializers of the same name and shape; marked
+    trainable. Tuning them re-scales each compressed layer's input channels (their gains multiply
+    the inputs of q/k/v and gate/up) at no cost at run time."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    out = {}
+    for name, p in student.named_parameters():
+        if name.endswith("norm.weight") and shapes.get(name) == tuple(p.shape):
+            p.requires_grad_(True)
+            out[name] = p
+    return out
+
+
+def write_back(model: onnx.ModelProto, modules: dict, norms: dict | None = None) -> onnx.ModelProto:
     """A copy of ``model`` with each distilled layer's scales written back: FdbMatMul's scales and
     offsets as float16, BcqMatMul's as the int8 exponents of the rounded scales (what the student
-    used in its forward)."""
+    used in its forward); ``norms`` ({initializer name: parameter}) as float32."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     layers = _plane_layers(out)
@@ -311,6 +327,8 @@ def write_back(model: onnx.ModelProto, modules: dict) -> onnx.ModelProto:
             new[node.input[3]] = m.offsets.detach().numpy().astype(np.float16)
         else:
             new[node.input[2]] = bcq.round_scales(m.scales.detach(), m.scale_mode)[1].numpy().astype(np.int8)
+    for name, p in (norms or {}).items():
+        new[name] = p.detach().numpy().astype(np.float32)
     for t in out.graph.initializer:
         if t.name in new:
             t.CopyFrom(numpy_helper.from_array(new[t.name], t.name))
@@ -355,7 +373,8 @@ def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig
     student.eval()  # no dropout; gradients still flow
     t_cache = _teacher_logits(teacher, ids, cfg.cache_gb * 2**30) if cfg.cache_gb else None
     dev_before = mean_kl(student, teacher, dev_ids) if dev_ids is not None and len(dev_ids) else None
-    params = [p for m in modules.values() for p in m.trainable()]
+    norms = trainable_norms(student, model) if cfg.norms else {}
+    params = [p for m in modules.values() for p in m.trainable()] + list(norms.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     order = np.random.default_rng(cfg.seed).permutation(len(ids))
     steps = max(cfg.steps, 1)
@@ -384,12 +403,12 @@ def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig
                 f"{time.perf_counter() - t0:.0f}s")
     report = {"loss": cfg.loss, "steps": step, "seconds": round(time.perf_counter() - t0, 1), "lr": cfg.lr,
               "seed": cfg.seed, "window": int(ids.shape[1]), "windows": int(len(ids)), "batch": cfg.batch,
-              "layers": len(modules), "teacher_cached": t_cache is not None, "history": history}
+              "layers": len(modules), "norms": len(norms), "teacher_cached": t_cache is not None, "history": history}
     if dev_before is not None:
         report["dev_kl_before"] = dev_before
         report["dev_kl_after"] = mean_kl(student, teacher, dev_ids)
         report["dev_windows"] = int(len(dev_ids))
-    return write_back(model, modules), report
+    return write_back(model, modules, norms), report
 
 
 def load_teacher(model: onnx.ModelProto, source: str | None, model_path: str = "the model"):
