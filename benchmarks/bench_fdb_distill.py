@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                                "kl_first5": first, "kl_last5": last, "seconds_total": round(time.perf_counter() - t0, 1),
                                "history": h})
         save()
-        print(f"  {loss}: ppl {v} dev KL {rep.get('dev_kl_before')} -> {rep.get('dev_kl_after')} after {rep['steps']} steps ({rep['seconds']:.0f}s); KL {first:.4f} -> {last:.4f}",
+        print(f"  {loss}: ppl {v} dev KL {rep.get('dev_kl_before')} -> {rep.get('dev_kl_after')}, dev NLL {rep.get('dev_nll_before')} -> {rep.get('dev_nll_after')} after {rep['steps']} steps ({rep['seconds']:.0f}s); KL {first:.4f} -> {last:.4f}",
               file=sys.stderr, flush=True)
     print(f"{'method':34} {'ppl':>10} {'x PTQ':>7}" + (f" {'x fp32':>7}" if a.fp32_ppl else ""))
     for r in result["rows"]:

@@ -219,3 +219,15 @@ def test_compress_shiftadd_with_distillation(tiny_llama_dir, smollm2_gguf_path, 
     assert changed and all(n.endswith(".bcq_exps") for n in changed)
     out = shiftc.load(r["path"]).lm_session().step(np.array([[5, 9, 100]]))
     assert np.isfinite(out).all()
+
+
+def test_dev_metrics_against_a_direct_computation(tiny_sa):
+    """dev_metrics: KL of a model to itself is 0; NLL is the mean next-token cross-entropy."""
+    teacher = D.load_teacher(tiny_sa, None)
+    ids = np.random.default_rng(3).integers(0, 49152, size=(2, 9))
+    m = D.dev_metrics(teacher, teacher, ids)
+    with torch.no_grad():
+        logits = teacher(input_ids=torch.as_tensor(ids)).logits[:, :-1]
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.as_tensor(ids[:, 1:]).reshape(-1))
+    assert abs(m["kl"]) < 1e-6
+    np.testing.assert_allclose(m["nll"], float(want), rtol=1e-5)

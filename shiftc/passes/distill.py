@@ -345,23 +345,29 @@ def _teacher_logits(teacher, ids: np.ndarray, budget_bytes: float):
         return [teacher(input_ids=torch.as_tensor(ids[i:i + 1], dtype=torch.long)).logits[0].half() for i in range(len(ids))]
 
 
-def mean_kl(student, teacher, ids: np.ndarray) -> float:
-    """Mean per-token KL(teacher || student) over windows ``ids`` (no gradient): a development metric."""
+def dev_metrics(student, teacher, ids: np.ndarray) -> dict:
+    """Development metrics over windows ``ids`` (no gradient): the mean per-token KL(teacher ||
+    student) and the student's mean next-token NLL on the windows' own text (log perplexity)."""
     torch = _torch()
-    tot = 0.0
+    kl = nll = 0.0
+    n = 0
     with torch.no_grad():
         for i in range(len(ids)):
             x = torch.as_tensor(ids[i:i + 1], dtype=torch.long)
-            tot += float(token_losses(teacher(input_ids=x).logits, student(input_ids=x).logits, "kl")[1])
-    return tot / max(len(ids), 1)
+            s_logits = student(input_ids=x).logits
+            kl += float(token_losses(teacher(input_ids=x).logits, s_logits, "kl")[1])
+            lp = torch.log_softmax(s_logits[0, :-1].float(), -1)
+            nll += float(-lp.gather(-1, x[0, 1:, None]).sum())
+            n += x.shape[1] - 1
+    return {"kl": kl / max(len(ids), 1), "nll": nll / max(n, 1)}
 
 
 def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig,
             dev_ids: np.ndarray | None = None) -> tuple[onnx.ModelProto, dict]:
     """Fine-tune the FdbMatMul scales/offsets of ``model`` against ``teacher`` (a torch causal LM)
     on token windows ``ids`` [W, T]; returns (updated model, report with the loss history).
-    ``dev_ids``: held-out windows (of the calibration split) on which the mean KL is measured before
-    and after, for tuning without touching the evaluation split."""
+    ``dev_ids``: held-out windows (of the calibration split) on which the mean KL and NLL are
+    measured before and after (:func:`dev_metrics`), for tuning without touching the evaluation split."""
     torch = _torch()
     if cfg.loss not in LOSSES:
         raise UsageError(f"--distill-loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
@@ -372,7 +378,7 @@ def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig
     student, modules = build_student(teacher, model)
     student.eval()  # no dropout; gradients still flow
     t_cache = _teacher_logits(teacher, ids, cfg.cache_gb * 2**30) if cfg.cache_gb else None
-    dev_before = mean_kl(student, teacher, dev_ids) if dev_ids is not None and len(dev_ids) else None
+    dev_before = dev_metrics(student, teacher, dev_ids) if dev_ids is not None and len(dev_ids) else None
     norms = trainable_norms(student, model) if cfg.norms else {}
     params = [p for m in modules.values() for p in m.trainable()] + list(norms.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -405,8 +411,8 @@ def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig
               "seed": cfg.seed, "window": int(ids.shape[1]), "windows": int(len(ids)), "batch": cfg.batch,
               "layers": len(modules), "norms": len(norms), "teacher_cached": t_cache is not None, "history": history}
     if dev_before is not None:
-        report["dev_kl_before"] = dev_before
-        report["dev_kl_after"] = mean_kl(student, teacher, dev_ids)
+        dev_after = dev_metrics(student, teacher, dev_ids)
+        report.update({f"dev_{k}_{when}": v[k] for when, v in (("before", dev_before), ("after", dev_after)) for k in v})
         report["dev_windows"] = int(len(dev_ids))
     return write_back(model, modules, norms), report
 
