@@ -13,17 +13,35 @@ sensitivity: output KL of each layer alone quantized):
      of the kernel times, reported but not used unless --fit-scale);
   3. (a) the size-only plan: MILP at --budget bits per weight; (b) latency budgets below it,
      L = f x (the size-only plan's measured decode ms/token), f from --fractions; the latency plan
-     is the MILP at the same size budget with Σ t_i(b_i) <= L − t_other; its perplexity at
-     --tokens (8k while developing) picks the tightest f whose plan stays within 10%;
+     is the MILP at the same size budget with Σ t_i(b_i) <= L·(1 − --latency-margin) − t_other
+     (the margin: room for the latency model's error, as ``shiftc compress --latency-margin``);
+     with --tokens > 0 its perplexity at --tokens picks the tightest f whose plan stays within
+     --max-loss, with --tokens 0 the tightest feasible f is taken;
+     (b') the size-only plan at the latency plan's own size: MILP at the latency plan's average
+     bits per weight, no latency budget (``size-only@<bpw>``) — the other reading of "the
+     size-only plan at the same size";
   4. (c) all compiled plans' decode time measured in one run, alternating (benchmarking.alternate;
      one token on a 128-token KV cache, restored before every step, same thread count), and the
-     prediction error of the latency model on the plans it was not fitted on;
-  5. (d) perplexity of the size-only and the chosen latency plan (ONNX Runtime, window 512,
-     held-out split) at --tokens-final.
+     prediction error of the latency model on the plans it was not fitted on; the budget is met
+     when the 95% bootstrap interval of the median paired ratio (latency plan / size-only plan,
+     per round) lies below f;
+  5. (d) perplexity of the size-only, size-only@<bpw> and the chosen latency plan (ONNX Runtime,
+     window 512, held-out split) at --tokens-final.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_mixed_precision_latency.py \\
-        --fractions 0.99,0.98,0.97,0.96,0.95 --tokens 8192 --tokens-final 32768 \\
-        --out benchmarks/results/mixed_precision_latency.json
+The run of benchmarks/results/mixed_precision_latency.json (1 thread; the compressed models of
+uniform-2/uniform-3/head3/head2/size-only and size-only's 32k perplexity are the earlier run's, from
+/tmp/mpl, linked into the new --out-dir; calibration on a quiet machine, the timing runs beside a
+1-thread PyTorch job):
+
+    B="OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_mixed_precision_latency.py --out-dir /tmp/mpl8"
+    $B --stage calibrate --rounds 300
+    A="--fractions 0.96 --latency-margin 0.01 --tokens 0 --tokens-final 32768"
+    $B $A --rounds 600     # compiles, first timing (600 rounds), the perplexities
+    $B $A --rounds 1500 --retime              # timing again, 1500 rounds
+    $B $A --rounds 1500 --retime --recompile  # every library compiled again: the run in the JSON
+
+(earlier timing runs of this state under ``final_runs_previous``; the earlier result files —
+--fractions 0.995,0.99,... --tokens 8192, no margin — under ``previous_runs``.)
 """
 
 from __future__ import annotations
@@ -166,8 +184,11 @@ def main(argv=None) -> int:
     p.add_argument("--kind", default="kl", help="sensitivity the plans minimise")
     p.add_argument("--fractions", default="0.99", help="latency budgets as fractions of the size-only plan's measured ms")
     p.add_argument("--extra-fractions", default="", help="more latency plans compiled and timed in the final run")
+    p.add_argument("--latency-margin", type=float, default=None,
+                   help="plan against the budget x (1 - margin) (default: MixedPrecisionConfig's, 0.01)")
     p.add_argument("--max-loss", type=float, default=0.10, help="perplexity loss allowed vs the size-only plan")
-    p.add_argument("--tokens", type=int, default=8192, help="tokens for choosing the fraction")
+    p.add_argument("--tokens", type=int, default=8192,
+                   help="tokens for choosing the fraction (0: no perplexity sweep, the tightest feasible fraction)")
     p.add_argument("--tokens-final", type=int, default=0, help="final perplexity of the two plans (0: skip)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
@@ -190,6 +211,11 @@ def main(argv=None) -> int:
     from shiftc.passes.mixed_precision import allocate as A
     from shiftc.passes.mixed_precision import latency as LT
 
+    if a.latency_margin is None:
+        from shiftc.passes.mixed_precision.config import MixedPrecisionConfig
+
+        a.latency_margin = MixedPrecisionConfig().latency_margin
+    margin = float(a.latency_margin)
     S = Setup(a)
     if a.seed_kl_cache:
         print(f"stored {S.seed_kl_cache()} output-KL values in {S.cache.folder}")
@@ -201,6 +227,7 @@ def main(argv=None) -> int:
     shapes = [ly.shape for ly in table.layers]
     state_path = os.path.join(a.out_dir, "state.json")
     state = json.load(open(state_path)) if os.path.exists(state_path) else {}
+    state.setdefault("run", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
     def save_state():
         with open(state_path + ".tmp", "w") as f:
@@ -263,6 +290,13 @@ def main(argv=None) -> int:
     def ppl(name, tokens):
         key = f"{name}@{tokens}"
         if key not in state.setdefault("perplexity", {}):
+            for other, bits in plans.items():  # the same plan under another name: same numbers (deterministic)
+                done = state["perplexity"].get(f"{other}@{tokens}")
+                if other != name and done and np.array_equal(bits, plans[name]):
+                    state["perplexity"][key] = {**done, "same_plan_as": other}
+                    save_state()
+                    print(f"  {key}: the same plan as {other} (ppl {done['perplexity']:.2f})", flush=True)
+                    return done["perplexity"]
             t0 = time.perf_counter()
             path = S.dequantized(dict(zip(S.names, map(int, plans[name]))), os.path.join(a.out_dir, "eval.onnx"))
             r = shiftc.api.evaluate(path, tokens=tokens, window=a.window, threads=a.threads)
@@ -273,28 +307,42 @@ def main(argv=None) -> int:
             print(f"  {key}: ppl {r['perplexity']:.2f}", flush=True)
         return state["perplexity"][key]["perplexity"]
 
-    base = ppl("size-only", a.tokens)
+    base = ppl("size-only", a.tokens) if a.tokens else None
     chosen = None
     for f in sorted(map(float, a.fractions.split(",")), reverse=True):
         budget_ms = f * measured_size_only
         name = f"latency-{f:g}"
         try:
-            r = A.allocate(sens, sizes, widths, bpw, a.budget, times=scale * times, latency_budget=budget_ms - other)
+            r = A.allocate(sens, sizes, widths, bpw, a.budget, times=scale * times,
+                           latency_budget=budget_ms * (1 - margin) - other)
         except Exception as e:  # infeasible
-            sweep[name] = {"fraction": f, "budget_ms": budget_ms, "feasible": False, "why": str(e)}
+            sweep[name] = {"fraction": f, "budget_ms": budget_ms, "margin": margin, "feasible": False, "why": str(e)}
             break
         plans[name] = r["bits"]
-        loss = ppl(name, a.tokens) / base - 1
-        sweep[name] = {"fraction": f, "budget_ms": budget_ms, "feasible": True, "predicted_ms": other + r["latency"],
-                       "avg_bits": r["avg_bits"], "objective": r["objective"], "ppl_loss": loss,
-                       "widths": {str(b): int(np.sum(r["bits"] == b)) for b in widths},
+        loss = ppl(name, a.tokens) / base - 1 if a.tokens else None
+        sweep[name] = {"fraction": f, "budget_ms": budget_ms, "margin": margin,
+                       "planned_ms": budget_ms * (1 - margin), "feasible": True,
+                       "predicted_ms": other + r["latency"], "avg_bits": r["avg_bits"], "objective": r["objective"],
+                       "ppl_loss": loss, "widths": {str(b): int(np.sum(r["bits"] == b)) for b in widths},
                        "layer_bits": dict(zip(S.names, map(int, r["bits"])))}
         save_state()
-        if loss <= a.max_loss:
+        if loss is None or loss <= a.max_loss:
             chosen = name
         else:
             break
     state["chosen"] = chosen
+    same_size = None
+    if chosen is not None:  # the size-only plan at the latency plan's own size
+        plans[chosen] = np.array([sweep[chosen]["layer_bits"][n] for n in S.names])
+        lat_bits = A.average_bits(plans[chosen], sizes, bpw_of)
+        same_size = f"size-only@{lat_bits:.3f}"
+        r = A.allocate(sens, sizes, widths, bpw, lat_bits, times=times)
+        plans[same_size] = r["bits"]
+        state["same_size_plan"] = {"name": same_size, "budget_bits": lat_bits, "avg_bits": r["avg_bits"],
+                                   "objective": r["objective"],
+                                   "predicted_ms": other + scale * kernel_ms(r["bits"]),
+                                   "widths": {str(b): int(np.sum(r["bits"] == b)) for b in widths},
+                                   "layer_bits": dict(zip(S.names, map(int, r["bits"])))}
     save_state()
     if chosen is None:
         print("no latency budget in --fractions keeps the perplexity within the limit")
@@ -306,12 +354,12 @@ def main(argv=None) -> int:
     for f in filter(None, a.extra_fractions.split(",")):
         name = f"latency-{float(f):g}"
         plans[name] = A.allocate(sens, sizes, widths, bpw, a.budget, times=scale * times,
-                                 latency_budget=float(f) * measured_size_only - other)["bits"]
+                                 latency_budget=float(f) * measured_size_only * (1 - margin) - other)["bits"]
         extra.append(name)
     if state.get("final_run", {}).get("chosen") != chosen or a.retime:
         if "final_run" in state:
             state.setdefault("final_runs_previous", []).append(state.pop("final_run"))
-        final_plans = ("uniform-2", "uniform-3", "head3", "head2", "size-only", chosen, *extra)
+        final_plans = ("uniform-2", "uniform-3", "head3", "head2", "size-only", same_size, chosen, *extra)
         if a.recompile:
             for n in final_plans:
                 so = os.path.join(a.out_dir, f"{n}.so")
@@ -343,33 +391,85 @@ def main(argv=None) -> int:
                    "avg_bits": A.average_bits(plans[k], sizes, bpw_of)}
     f = sweep[chosen]["fraction"]
     budget_measured = f * fr["median_ms"]["size-only"]  # the budget, against this run's size-only time
-    verdict = {"budget_ms (from the calibration run)": sweep[chosen]["budget_ms"], "fraction": f,
-               "budget_ms (this run)": budget_measured, "latency_plan_ms": fr["median_ms"][chosen],
-               "meets_budget": fr["median_ms"][chosen] <= budget_measured,
-               "median_paired_ratio": fr["median_ratio_to_size_only"][chosen],
-               "meets_budget_paired": fr["median_ratio_to_size_only"][chosen] <= f,
-               **({"ratio_p10": fr["ratio_p10_to_size_only"][chosen],
-                   "meets_budget_p10": fr["ratio_p10_to_size_only"][chosen] <= f} if "ratio_p10_to_size_only" in fr else {}),
-               "speedup_vs_size_only": fr["median_ms"]["size-only"] / fr["median_ms"][chosen]}
 
-    if "ms" in fr:  # bootstrap 95% interval of the median paired ratio (rounds resampled)
-        r = np.array(fr["ms"][chosen]) / np.array(fr["ms"]["size-only"])
+    def ci95(k):  # bootstrap 95% interval of the median paired ratio k / size-only (rounds resampled)
+        r = np.array(fr["ms"][k]) / np.array(fr["ms"]["size-only"])
         rng = np.random.default_rng(0)
         boot = np.median(r[rng.integers(0, len(r), (2000, len(r)))], axis=1)
-        verdict["paired_ratio_ci95"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+
+    ci = ci95(chosen)
+    same = state.get("same_size_plan", {}).get("name")
+    identical = bool(same and same in fr["ms"] and np.array_equal(plans[same], plans[chosen]))
+    verdict = {"fraction": f, "budget_ms": sweep[chosen]["budget_ms"],
+               "budget_from": "fraction x the size-only plan's median decode ms in the calibration run",
+               "latency_margin": sweep[chosen].get("margin", 0.0), "planned_ms": sweep[chosen].get("planned_ms"),
+               "predicted_ms": sweep[chosen]["predicted_ms"],
+               "measured_ms": fr["median_ms"][chosen], "size_only_measured_ms": fr["median_ms"]["size-only"],
+               "budget_ms (this run)": budget_measured,
+               "median_paired_ratio": fr["median_ratio_to_size_only"][chosen], "paired_ratio_ci95": ci,
+               "meets_budget": ci[1] < f,
+               "meets_budget_rule": "the 95% interval of the median paired ratio (latency plan / size-only, per "
+                                    "round) lies below the fraction",
+               "speedup_vs_size_only": fr["median_ms"]["size-only"] / fr["median_ms"][chosen],
+               "paired_ratio_ci95_all": {k: ci95(k) for k in fr["ms"]}}
+    # every timing run of this state (earlier ones: --retime), for the run-to-run spread
+    runs = [*state.get("final_runs_previous", []), fr]
+    verdict["all_timing_runs"] = []
+    for run in runs:
+        if run.get("chosen") != chosen or "ms" not in run:
+            continue
+        row = {"rounds": run["rounds"]}
+        for k in dict.fromkeys((chosen, same)):
+            if k and k in run["ms"]:
+                r = np.array(run["ms"][k]) / np.array(run["ms"]["size-only"])
+                rng = np.random.default_rng(0)
+                boot = np.median(r[rng.integers(0, len(r), (2000, len(r)))], axis=1)
+                c = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+                row[k] = {"median_paired_ratio": float(np.median(r)), "ci95": c, "meets_budget": c[1] < f}
+        verdict["all_timing_runs"].append(row)
+    if identical:  # the same plan compiled and timed twice: what a difference of nothing measures
+        r = np.array(fr["ms"][chosen]) / np.array(fr["ms"][same])
+        rng = np.random.default_rng(0)
+        boot = np.median(r[rng.integers(0, len(r), (2000, len(r)))], axis=1)
+        verdict["a_a_check"] = {
+            "plans": [chosen, same], "note": "the latency plan and the size-only plan at its size are the same "
+                                             "plan (identical layer widths), compiled into two libraries",
+            "median_paired_ratio": float(np.median(r)),
+            "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            "meets_budget_if_timed_as_the_other": ci95(same)[1] < f}
 
     # 5. final perplexity
     final = {}
     if a.tokens_final:
-        for k in ("size-only", chosen):
-            final[k] = ppl(k, a.tokens_final)
+        same_size = state.get("same_size_plan", {}).get("name")
+        for k in ("size-only", same_size, chosen):
+            if k:
+                final[k] = ppl(k, a.tokens_final)
         final["loss"] = final[chosen] / final["size-only"] - 1
+        avg = {k: A.average_bits(plans[k], sizes, bpw_of) for k in ("size-only", same_size, chosen) if k}
+        verdict["perplexity"] = {
+            "tokens": a.tokens_final,
+            "latency_plan": {"name": chosen, "bits_per_weight": avg[chosen], "perplexity": final[chosen]},
+            "(a) size-only at the size budget": {
+                "name": "size-only", "bits_per_weight": avg["size-only"], "perplexity": final["size-only"],
+                "loss": final[chosen] / final["size-only"] - 1,
+                "within_max_loss": final[chosen] / final["size-only"] - 1 <= a.max_loss}}
+        if same_size:
+            final[f"loss vs {same_size}"] = final[chosen] / final[same_size] - 1
+            verdict["perplexity"]["(b) size-only at the latency plan's size"] = {
+                "name": same_size, "bits_per_weight": avg[same_size], "perplexity": final[same_size],
+                "loss": final[chosen] / final[same_size] - 1,
+                "within_max_loss": final[chosen] / final[same_size] - 1 <= a.max_loss,
+                "identical_plan": bool(np.array_equal(plans[same_size], plans[chosen]))}
         for k in fr["median_ms"]:  # other latency plans evaluated earlier at the same token count
             key = f"{k}@{a.tokens_final}"
             if k.startswith("latency-") and k != chosen and key in state.get("perplexity", {}):
                 final[k] = state["perplexity"][key]["perplexity"]
                 final[f"loss {k}"] = final[k] / final["size-only"] - 1
-    result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", "budget_bits_per_weight": a.budget,
+    result = {"run": state["run"], "model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)",
+              "budget_bits_per_weight": a.budget, "latency_margin": margin,
+              "same_size_plan": state.get("same_size_plan"),
               "candidates": widths, "group": a.group, "scale_mode": "pow2", "sensitivity": a.kind,
               "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "threads": a.threads,
               "decode": "1 token on a 128-token KV cache, median of alternating rounds",
@@ -379,6 +479,13 @@ def main(argv=None) -> int:
               "verdict": verdict, "perplexity": state.get("perplexity"), "final_perplexity": final,
               "window": a.window, "timings_s": timings}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    previous = []
+    if os.path.exists(a.out):  # earlier runs' results are kept, not overwritten
+        old = json.load(open(a.out))
+        previous = old.pop("previous_runs", [])
+        if old.get("run") != state["run"]:
+            previous = [*previous, old]
+    result["previous_runs"] = previous
     with open(a.out, "w") as fh:
         json.dump(result, fh, indent=1)
     for k, r in rows.items():

@@ -55,7 +55,7 @@ Schema (every key optional; the values shown are the defaults)::
       latency_budget_ms: null  # decode ms per token the plan may take: fixed cost + scale · Σ kernel times,
       #                          fitted on compiled uniform plans; host only  (--latency-budget-ms, --target)
       latency_margin: 0.01     # the plan is predicted at <= budget x (1 - margin): room for the latency
-      #                          model's error (-0.2%..+1.6% on SmolLM2-135M)  (--latency-margin)
+      #                          model's error (-1.4%..+2.9% on SmolLM2-135M)  (--latency-margin)
       measure_latency: false   # compile the output and record its measured decode time in the report
       cache: null          # folder keeping per-layer quantized results between runs  (--mp-cache)
       report: true         # OUT.report.json + OUT.report.html beside the output

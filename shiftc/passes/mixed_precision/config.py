@@ -18,7 +18,8 @@ class MixedPrecisionConfig:
     latency_margin: float = 0.01  # plan against latency_budget_ms x (1 - margin) (--latency-margin): room for the
     #                               latency model's error, so that the compiled model measures under the budget.
     #                               0.01: on SmolLM2-135M (1 thread) the model's error on plans it was not fitted
-    #                               on was -0.2%..+1.6% (benchmarks/results/mixed_precision_latency.json)
+    #                               on was -1.4%..+2.9%, mostly over-predicting, and one plan compiled twice timed
+    #                               up to 1.5% apart (benchmarks/results/mixed_precision_latency.json)
     target: str = "host"  # where kernel times are measured (--target); only the host for now
     other_ms: float | None = None  # decode time outside the quantized layers' kernels (attention, norms, embedding,
     #                                runtime), added to the latency model; None: measured once on this machine from
