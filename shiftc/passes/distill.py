@@ -221,6 +221,15 @@ class PlaneLinear(_TORCH.nn.Module):
         return F.linear(F.pad(x, (0, self.pad)) if self.pad else x, w, self.bias)
 
 
+def _w_cross_entropy(pt, lpt, lps, kl):
+    return -(pt * lps).sum(-1)  # teacher-student (cross-)entropy H(p_t, q_t) = H(p_t) + KL_t
+
+
+#: re-weighted losses: name -> per-token weight (pt, log pt, log qt, KL_t) -> w_t, used without
+#: gradient and normalised to mean 1 per batch. benchmarks/bench_dad_weights.py adds variants here.
+TOKEN_WEIGHTS = {"dad": _w_cross_entropy}
+
+
 def token_losses(t_logits, s_logits, kind: str):
     """(loss, mean KL) for logits [..., V] of teacher and student (see the module doc)."""
     torch = _torch()
@@ -231,7 +240,7 @@ def token_losses(t_logits, s_logits, kind: str):
     if kind == "kl":
         return kl.mean(), kl.mean()
     with torch.no_grad():
-        w = -(pt * lps).sum(-1)  # teacher-student (cross-)entropy H(p_t, q_t) = H(p_t) + KL_t
+        w = TOKEN_WEIGHTS[kind](pt, lpt, lps, kl)
         w = w / w.mean().clamp_min(1e-12)
     return (w * kl).mean(), kl.mean()
 
@@ -369,7 +378,7 @@ def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig
     ``dev_ids``: held-out windows (of the calibration split) on which the mean KL and NLL are
     measured before and after (:func:`dev_metrics`), for tuning without touching the evaluation split."""
     torch = _torch()
-    if cfg.loss not in LOSSES:
+    if cfg.loss != "kl" and cfg.loss not in TOKEN_WEIGHTS:
         raise UsageError(f"--distill-loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
     if cfg.steps < 1 and not cfg.minutes:
         raise UsageError("--distill-steps must be >= 1")
