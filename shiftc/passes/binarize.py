@@ -145,9 +145,7 @@ def run(model: onnx.ModelProto, src: str, output: str, config, t0: float, prune_
     b = config.binarize
     distill_report = None
     if b.distill_enabled():  # fine-tune scales/offsets against the fp32 model (shiftc/passes/distill.py)
-        new_model, distill_report = run_configured(model, result.model, b, config.calib, src)
-        result.model.CopyFrom(new_model)
-        del new_model
+        distill_report = run_configured(model, result.model, b, config.calib, src)
     del model
     try:
         onnx.checker.check_model(result.model, full_check=result.model.ByteSize() < 2**31 - 1)

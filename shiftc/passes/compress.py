@@ -91,9 +91,7 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
     if config.shiftadd.distill_enabled():  # fine-tune the scales against the fp32 model (passes/distill.py)
         from .distill import run_configured
 
-        new_model, distill_report = run_configured(model, result.model, config.shiftadd, config.calib, src)
-        result.model.CopyFrom(new_model)
-        del new_model
+        distill_report = run_configured(model, result.model, config.shiftadd, config.calib, src)
     del model
     try:
         onnx.checker.check_model(result.model, full_check=result.model.ByteSize() < 2**31 - 1)

@@ -98,10 +98,11 @@ def validate_fields(cfg: DistillFields, bad) -> None:
 
 
 def run_configured(source: onnx.ModelProto, compressed: onnx.ModelProto, cfg: DistillFields, calib,
-                   src: str) -> tuple[onnx.ModelProto, dict]:
-    """The pipeline's distillation step (shiftc compress --distill-steps): teacher from
-    ``cfg.distill_source`` or the export source recorded in ``source``; training windows from the
-    calibration corpus (``calib``: recipe.CalibConfig; Wikipedia when calibration is off)."""
+                   src: str) -> dict:
+    """The pipeline's distillation step (shiftc compress --distill-steps): ``compressed`` is updated
+    in place with the distilled scales; returns the report. Teacher from ``cfg.distill_source`` or
+    the export source recorded in ``source``; training windows from the calibration corpus
+    (``calib``: recipe.CalibConfig; Wikipedia when calibration is off)."""
     from .calibration import calibration_windows
 
     teacher = load_teacher(source, cfg.distill_source, src)
@@ -110,7 +111,9 @@ def run_configured(source: onnx.ModelProto, compressed: onnx.ModelProto, cfg: Di
                               model_path=src)
     dcfg = DistillConfig(steps=cfg.distill_steps or 10**9, minutes=cfg.distill_minutes, loss=cfg.distill_loss,
                          lr=cfg.distill_lr, seed=cfg.distill_seed, norms=bool(cfg.distill_norms))
-    return distill(compressed, teacher, ids, dcfg)
+    distilled, report = distill(compressed, teacher, ids, dcfg)
+    compressed.CopyFrom(distilled)
+    return report
 
 
 @dataclass
@@ -373,13 +376,14 @@ def dev_metrics(student, teacher, ids: np.ndarray) -> dict:
 
 def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig,
             dev_ids: np.ndarray | None = None) -> tuple[onnx.ModelProto, dict]:
-    """Fine-tune the FdbMatMul scales/offsets of ``model`` against ``teacher`` (a torch causal LM)
-    on token windows ``ids`` [W, T]; returns (updated model, report with the loss history).
+    """Fine-tune the BcqMatMul scales / FdbMatMul scales and offsets of ``model`` (and, with
+    ``cfg.norms``, its normalisation gains) against ``teacher`` (a torch causal LM) on token windows
+    ``ids`` [W, T]; returns (updated model, report with the loss history).
     ``dev_ids``: held-out windows (of the calibration split) on which the mean KL and NLL are
     measured before and after (:func:`dev_metrics`), for tuning without touching the evaluation split."""
     torch = _torch()
     if cfg.loss != "kl" and cfg.loss not in TOKEN_WEIGHTS:
-        raise UsageError(f"--distill-loss must be one of {', '.join(LOSSES)}, got {cfg.loss!r}")
+        raise UsageError(f"--distill-loss must be one of {', '.join(('kl', *TOKEN_WEIGHTS))}, got {cfg.loss!r}")
     if cfg.steps < 1 and not cfg.minutes:
         raise UsageError("--distill-steps must be >= 1")
     torch.manual_seed(cfg.seed)
