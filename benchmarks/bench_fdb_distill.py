@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--dev-windows", type=int, default=0,
                    help="extra calib-split windows (after the training ones) on which the mean KL is measured: tuning metric")
     p.add_argument("--norms", action="store_true", help="also tune the RMSNorm gains (DistillConfig.norms)")
+    p.add_argument("--planes", action="store_true", help="also train the planes (latent weights: DistillConfig.planes)")
+    p.add_argument("--plane-lr", type=float, default=2e-5, help="learning rate of the latent weights (with --planes)")
     p.add_argument("--cache-gb", type=float, default=4.0, help="teacher logits cache bound (0: recompute each step)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity (tuning runs: dev KL only)")
     p.add_argument("--tokens", type=int, default=8192, help="evaluation tokens")
@@ -77,6 +79,7 @@ def main(argv=None) -> int:
     result = {"model": a.model, "tokens": a.tokens, "window": a.eval_window, "corpus": "wikipedia/eval",
               "threads": a.threads, "train": {"steps": a.steps, "minutes": a.minutes, "lr": a.lr, "window": a.window,
                                                "windows": a.windows, "seed": a.seed, "batch": a.batch,
+                                               "norms": a.norms, "planes": a.planes, "plane_lr": a.plane_lr if a.planes else None,
                                                "dev_windows": a.dev_windows, "split": "wikipedia/calib"},
               "fp32_perplexity": a.fp32_ppl, "rows": [],
               "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py " + " ".join(argv or sys.argv[1:])}
@@ -102,8 +105,10 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         out, rep = distill(model, teacher, ids, DistillConfig(steps=a.steps, minutes=a.minutes, loss=loss, lr=a.lr,
                                                               seed=a.seed, batch=a.batch, cache_gb=a.cache_gb,
-                                                              norms=a.norms), dev_ids=dev)
-        tag = f"{loss}{'_norms' if a.norms else ''}_s{a.seed}"
+                                                              norms=a.norms, planes=a.planes, plane_lr=a.plane_lr),
+                           dev_ids=dev)
+        extra = [x for x, on in (("norms", a.norms), (f"planes {a.plane_lr:g}", a.planes)) if on]
+        tag = f"{loss}{'_norms' if a.norms else ''}{f'_planes{a.plane_lr:g}' if a.planes else ''}_s{a.seed}"
         v = None
         if not a.no_eval:
             save_model(out, os.path.join(work, f"{os.path.splitext(os.path.basename(a.model))[0]}_distill_{tag}.onnx"))
@@ -111,7 +116,7 @@ def main(argv=None) -> int:
         h = rep.pop("history")
         first = sum(e["kl"] for e in h[:5]) / max(len(h[:5]), 1)
         last = sum(e["kl"] for e in h[-5:]) / max(len(h[-5:]), 1)
-        result["rows"].append({"method": f"{label} + distill ({loss}{', norms' if a.norms else ''})", "perplexity": v, **rep,
+        result["rows"].append({"method": f"{label} + distill ({', '.join([loss, *extra])})", "perplexity": v, **rep,
                                "kl_first5": first, "kl_last5": last, "seconds_total": round(time.perf_counter() - t0, 1),
                                "history": h})
         save()

@@ -118,7 +118,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
              report: bool | None = None, report_eval_tokens: int | None = None,
              hawq_source: str | None = None, binarize: str | None = None, distill_steps: int | None = None,
              distill_minutes: float | None = None, distill_loss: str | None = None,
-             distill_source: str | None = None, distill_norms: bool | None = None, recover_steps: int | None = None,
+             distill_source: str | None = None, distill_norms: bool | None = None,
+             distill_planes: bool | None = None, distill_plane_lr: float | None = None, recover_steps: int | None = None,
              recover_minutes: float | None = None) -> dict:
     """Compress an ONNX model with the shift-add pass; arguments given override the recipe file.
 
@@ -144,7 +145,9 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
     the fp32 PyTorch model (``distill_source``: HF folder or .gguf, default the export source)
     with ``distill_loss`` "kl" (default) or "dad" (entropy-re-weighted KL); shift-add scales stay
     powers of two throughout (straight-through rounding; shiftc/passes/distill.py);
-    ``distill_norms`` tunes the RMSNorm gains too.
+    ``distill_norms`` tunes the RMSNorm gains too; ``distill_planes`` trains the bit planes too
+    (quantization-aware: a latent float weight per weight, the nearest code in every forward,
+    straight-through gradient, learning rate ``distill_plane_lr``).
     Returns the report (per-layer bits, bits per weight, weight/output errors; sizes).
     """
     from .passes.compress import compress as _compress
@@ -176,7 +179,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
         if value is not None:
             setattr(obj, key, value)
     distill_args = {"steps": distill_steps, "minutes": distill_minutes, "loss": distill_loss, "source": distill_source,
-                    "norms": distill_norms}
+                    "norms": distill_norms, "planes": distill_planes, "plane_lr": distill_plane_lr}
     if binarize is None and cfg.binarize is None and any(v is not None for v in distill_args.values()):
         if cfg.shiftadd is None:
             from .errors import UsageError

@@ -219,7 +219,8 @@ def cmd_compress(args):
                      mp_cache=args.mp_cache, report=args.report, report_eval_tokens=args.report_eval_tokens,
                      hawq_source=args.hawq_source, binarize=args.binarize, distill_steps=args.distill_steps,
                      distill_minutes=args.distill_minutes, distill_loss=args.distill_loss,
-                     distill_source=args.distill_source, distill_norms=args.distill_norms, recover_steps=args.recover_steps,
+                     distill_source=args.distill_source, distill_norms=args.distill_norms,
+                     distill_planes=args.distill_planes, distill_plane_lr=args.distill_plane_lr, recover_steps=args.recover_steps,
                      recover_minutes=args.recover_minutes)
     if "layers" not in r:  # pruning only
         from .passes.prune.prune import summary
@@ -334,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--distill-source", help="HF folder or .gguf of the fp32 model (default: the export source)")
     sp.add_argument("--distill-norms", action=argparse.BooleanOptionalAction, default=None,
                     help="also tune the RMSNorm gains during distillation (default off)")
+    sp.add_argument("--distill-planes", action=argparse.BooleanOptionalAction, default=None,
+                    help="also train the bit planes during distillation (quantization-aware training: a latent "
+                         "float weight per weight, nearest code in each forward; default off)")
+    sp.add_argument("--distill-plane-lr", type=float, metavar="LR",
+                    help="learning rate of the latent weights with --distill-planes (default 2e-5)")
     sp.add_argument("--prune", type=_fraction, metavar="RATIO",
                     help="structured pruning: fraction of the prunable parameters removed (channels, KV groups)")
     sp.add_argument("--prune-criterion", choices=["activation", "magnitude", "lorapr"],

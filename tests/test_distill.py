@@ -142,6 +142,8 @@ def test_flags(tiny_fdb, tmp_path):
         shiftc.compress("unused.onnx", str(tmp_path / "x.onnx"), prune=0.2, distill_steps=3)
     with pytest.raises(UsageError, match="--distill-minutes"):
         shiftc.compress("unused.onnx", str(tmp_path / "x.onnx"), bits=3, distill_minutes=-1.0)
+    with pytest.raises(UsageError, match="--distill-plane-lr"):
+        shiftc.compress("unused.onnx", str(tmp_path / "x.onnx"), bits=3, distill_steps=1, distill_plane_lr=-1.0)
     with pytest.raises(UsageError, match="--distill-source"):
         D.load_teacher(tiny_fdb, str(tmp_path / "missing"))
 
@@ -219,6 +221,15 @@ def test_compress_shiftadd_with_distillation(tiny_llama_dir, smollm2_gguf_path, 
     assert changed and all(n.endswith(".bcq_exps") for n in changed)
     out = shiftc.load(r["path"]).lm_session().step(np.array([[5, 9, 100]]))
     assert np.isfinite(out).all()
+    # the CLI with --distill-planes: the planes are trained too
+    from shiftc.cli import main
+
+    qat = str(tmp_path / "sa_qat.onnx")
+    assert main(["compress", src, "-o", qat, "--shiftadd-bits", "2", "--group", "32", "--calib-windows", "2",
+                 "--calib-window", "32", "--tokenizer", smollm2_gguf_path, "--threads", "1", "--distill-steps", "4",
+                 "--distill-planes", "--distill-plane-lr", "1e-3"]) in (0, None)
+    c = {t.name: numpy_helper.to_array(t) for t in onnx.load(qat).graph.initializer}
+    assert any(n.endswith(".bcq_planes") and not np.array_equal(a[n], c[n]) for n in a)
 
 
 def test_dev_metrics_against_a_direct_computation(tiny_sa):
@@ -231,3 +242,66 @@ def test_dev_metrics_against_a_direct_computation(tiny_sa):
     want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.as_tensor(ids[:, 1:]).reshape(-1))
     assert abs(m["kl"]) < 1e-6
     np.testing.assert_allclose(m["nll"], float(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("coding", ["01", "pm1"])
+def test_trained_planes_start_at_the_model_and_follow_the_latent_weights(coding):
+    """train_planes(): the latent weights start at Ŵ, so the forward and the planes are unchanged;
+    the forward then uses, per weight, the nearest of its group's code values (checked against an
+    exhaustive numpy search); the latent gradient is dŴ (straight through) and the scale gradient
+    is exact for the chosen codes."""
+    rng = np.random.default_rng(1)
+    n, q, k, group = 12, (2 if coding == "01" else 3), 80, 32
+    ng = -(-k // group)
+    planes = rng.integers(0, 2, size=(q, n, k)).astype(np.uint8)
+    scales = np.abs(rng.normal(size=(q, n, ng))).astype(np.float32) + 0.1
+    offsets = rng.normal(size=(n, ng)).astype(np.float32) if coding == "01" else None
+    m = D.PlaneLinear(planes, scales, offsets, group, coding=coding)
+    w0 = m.weight_hat().detach().clone()
+    m.train_planes()
+    # the same sums added in another order: equal up to float32 rounding
+    np.testing.assert_allclose(m.weight_hat().detach().numpy(), w0.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(m.planes01(), planes)
+    with torch.no_grad():
+        m.latent.add_(torch.as_tensor(rng.normal(scale=0.5, size=m.latent.shape).astype(np.float32)))
+    # exhaustive reference: every code's value per group, nearest to each latent weight
+    pat = m.code_values.numpy()  # [2^q, q]
+    mu = np.zeros((n, ng), np.float32) if offsets is None else offsets
+    values = np.einsum("qng,cq->ngc", scales, pat) + mu[..., None]
+    lat = m.latent.detach().numpy()
+    best = np.abs(lat[..., None] - values[:, :, None, :]).argmin(-1)
+    want = np.take_along_axis(values[:, :, None, :], best[..., None], -1)[..., 0].reshape(n, -1)[:, :k]
+    np.testing.assert_allclose(m.weight_hat().detach().numpy(), want, rtol=0, atol=1e-6)
+    x = torch.as_tensor(rng.normal(size=(2, 4, k)).astype(np.float32))
+    gy = torch.as_tensor(rng.normal(size=(2, 4, n)).astype(np.float32))
+    (m(x) * gy).sum().backward()
+    gw = (gy.reshape(-1, n).T @ x.reshape(-1, k)).numpy()  # dL/dŴ [N, K]
+    np.testing.assert_allclose(m.latent.grad.reshape(n, -1)[:, :k].numpy(), gw, rtol=1e-4, atol=1e-4)
+    p01 = m.planes01()
+    s = p01.astype(np.float32) if coding == "01" else 2.0 * p01 - 1
+    d_sc = np.stack([np.pad(gw * s[i], ((0, 0), (0, ng * group - k))).reshape(n, ng, group).sum(-1) for i in range(q)])
+    np.testing.assert_allclose(m.scales.grad.numpy(), d_sc, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["tiny_sa", "tiny_fdb"])
+def test_plane_training_writes_back_the_student(which, request, tmp_path):
+    """planes=True: the planes change, and the written-back ONNX model is the trained student
+    (BcqMatMul exactly; FdbMatMul up to its float16 scales)."""
+    model = request.getfixturevalue(which)
+    teacher = D.load_teacher(model, None)
+    ids = np.random.default_rng(0).integers(0, 49152, size=(4, 24))
+    cfg = D.DistillConfig(steps=12, lr=3e-3, loss="kl", seed=0, planes=True, plane_lr=3e-4)
+    out, rep = D.distill(model, teacher, ids, cfg)
+    assert rep["planes"] and 0 < rep["plane_bits_changed"] < 0.5
+    h = rep["history"]
+    assert np.mean([e["kl"] for e in h[-4:]]) < np.mean([e["kl"] for e in h[:4]])
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    changed = {t.name for t in out.graph.initializer if not np.array_equal(numpy_helper.to_array(t), before[t.name])}
+    assert any(n.endswith(("_planes")) for n in changed)
+    # the student rebuilt from the written-back model computes what the ONNX model does
+    student, _ = D.build_student(teacher, out)
+    x = np.array([[5, 9, 100, 3000, 17]])
+    with torch.no_grad():
+        got = student(input_ids=torch.as_tensor(x)).logits.numpy()
+    want = _onnx_logits(out, tmp_path, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -4,8 +4,10 @@ After the shift-add pass (shiftc/passes/shiftadd.py) every BcqMatMul holds fixed
 power-of-two scales α [q, N, ng]; after the binarize pass (shiftc/passes/binarize.py) every
 FdbMatMul holds fixed {0,1} planes, float16 scales α [q, N, ng] and offsets μ [N, ng]. When the
 PyTorch model the ONNX file came from is available (HF folder or GGUF), this step fine-tunes α
-(and μ) — the planes stay as they are — so that the compressed model's next-token distributions
-match the fp32 model's on calibration text, then writes them back into the ONNX file.
+(and μ) so that the compressed model's next-token distributions match the fp32 model's on
+calibration text, then writes them back into the ONNX file. By default the planes stay as they
+are; with ``planes`` (``--distill-planes``) they are trained too (quantization-aware training,
+below).
 
 Student: the fp32 model with each compressed Linear replaced by :class:`PlaneLinear`
 (Ŵ = Σ_i α_i·s(B_i) + μ rebuilt from its parameters at every forward, from planes unpacked to float
@@ -17,6 +19,14 @@ sums of powers of two (the kernels shift, they do not multiply): the forward use
 op's scale grid (bcq.round_scales) and the gradient goes straight through the rounding to a float
 latent α (straight-through estimator); the rounded α is what is written back, so the ONNX model
 is exactly the trained student. FdbMatMul's α and μ are trained as floats and stored as float16.
+
+Plane training: each PlaneLinear gets a float latent weight per weight, initialised to Ŵ (so the
+nearest codes are the planes the pass chose). Every forward replaces each latent weight by the
+nearest of its group's 2^q code values Σ_i α_i·s(c_i) + μ (α rounded as above), i.e. re-chooses the
+planes; the gradient reaches the latent weight straight through (dW_latent = dŴ), with its own,
+much smaller learning rate ``plane_lr``, and α, μ exactly for the chosen codes. The codes of the
+final latent weights are packed back into the planes initializer, so the ONNX model is again
+exactly the student.
 
 Loss per token t with teacher distribution p_t and student q_t over the vocabulary:
     KL_t      = Σ_v p_t(v) (log p_t(v) − log q_t(v))
@@ -76,6 +86,8 @@ class DistillFields:
     distill_window: int = 256
     distill_seed: int = 0
     distill_norms: bool = False  # also tune the RMSNorm/LayerNorm gains (fp32 in the graph)
+    distill_planes: bool = False  # also train the bit planes (latent weights, STE)  (--distill-planes)
+    distill_plane_lr: float = 2e-5  # learning rate of the latent weights            (--distill-plane-lr)
 
     def distill_enabled(self) -> bool:
         return bool(self.distill_steps or self.distill_minutes)
@@ -91,6 +103,8 @@ def validate_fields(cfg: DistillFields, bad) -> None:
         bad("--distill-loss", f"must be one of {', '.join(LOSSES)}, got {cfg.distill_loss!r}")
     if not float(cfg.distill_lr) > 0:
         bad("distill_lr", f"must be > 0, got {cfg.distill_lr!r}")
+    if not float(cfg.distill_plane_lr) > 0:
+        bad("--distill-plane-lr", f"must be > 0, got {cfg.distill_plane_lr!r}")
     for key in ("distill_windows", "distill_window"):
         v = getattr(cfg, key)
         if not isinstance(v, int) or v < 1:
@@ -110,7 +124,8 @@ def run_configured(source: onnx.ModelProto, compressed: onnx.ModelProto, cfg: Di
                               windows=cfg.distill_windows, window=cfg.distill_window, tokenizer=calib.tokenizer,
                               model_path=src)
     dcfg = DistillConfig(steps=cfg.distill_steps or 10**9, minutes=cfg.distill_minutes, loss=cfg.distill_loss,
-                         lr=cfg.distill_lr, seed=cfg.distill_seed, norms=bool(cfg.distill_norms))
+                         lr=cfg.distill_lr, seed=cfg.distill_seed, norms=bool(cfg.distill_norms),
+                         planes=bool(cfg.distill_planes), plane_lr=float(cfg.distill_plane_lr))
     distilled, report = distill(compressed, teacher, ids, dcfg)
     compressed.CopyFrom(distilled)
     return report
@@ -123,6 +138,8 @@ class DistillConfig:
     loss: str = "kl"  # kl | dad
     norms: bool = False  # also tune the normalisation gains (written back to their fp32 initializers)
     lr: float = 1e-4
+    planes: bool = False  # also train the planes (latent weights, nearest code per forward: QAT)
+    plane_lr: float = 2e-5  # learning rate of the latent weights
     windows: int = 64  # calibration windows cycled through
     window: int = 256  # tokens per window
     batch: int = 1
@@ -169,6 +186,49 @@ class _Reconstruct(_TORCH.autograd.Function):
         return d_sc, d_off, None
 
 
+class _NearestCode(_TORCH.autograd.Function):
+    """Ŵ [N, ng·G]: each latent weight replaced by the nearest of its group's 2^q code values
+    v_c = Σ_i α_i·P[c, i] + μ (P [2^q, q]: the ±1 signs or 0/1 bits of code c), i.e. the planes
+    are re-chosen from the latent weights at every forward.
+
+    Backward: straight-through to the latent weights (dW_latent = dŴ) and exact for the scales and
+    offsets given the chosen codes: dα_i[n, g] = Σ_k dŴ[n, g, k]·P[c(n, g, k), i], dμ[n, g] = Σ_k dŴ."""
+
+    @staticmethod
+    def forward(ctx, latent, scales, offsets, patterns):
+        code, w = nearest_code(latent.detach(), scales.detach(), offsets.detach(), patterns)
+        ctx.save_for_backward(code.to(_TORCH.uint8), patterns)
+        n, ng, g = latent.shape
+        return w.view(n, ng * g)
+
+    @staticmethod
+    def backward(ctx, gw):
+        code, patterns = ctx.saved_tensors
+        n, ng, g = code.shape
+        g3 = gw.contiguous().view(n, ng, g)
+        d_sc = d_off = None
+        if ctx.needs_input_grad[1]:
+            code = code.long()
+            d_sc = _TORCH.stack([(g3 * patterns[:, i][code]).sum(-1) for i in range(patterns.shape[1])])
+        if ctx.needs_input_grad[2]:
+            d_off = g3.sum(-1)
+        return g3, d_sc, d_off, None
+
+
+def nearest_code(latent, scales, offsets, patterns):
+    """(code int64 [N, ng, G], value [N, ng, G]): per latent weight the nearest of its group's
+    code values Σ_i α_i·P[c, i] + μ (α [q, N, ng], μ [N, ng], P [2^q, q]); one compare per midpoint
+    between the sorted values."""
+    torch = _torch()
+    values = torch.einsum("qng,cq->ngc", scales, patterns) + offsets.unsqueeze(-1)  # [N, ng, C]
+    sv, order = torch.sort(values, dim=-1, stable=True)
+    mids = (sv[..., 1:] + sv[..., :-1]) * 0.5
+    pos = torch.zeros(latent.shape, dtype=torch.int64)
+    for j in range(mids.shape[-1]):
+        pos += latent > mids[..., j:j + 1]
+    return order.gather(-1, pos), sv.gather(-1, pos)
+
+
 class PlaneLinear(_TORCH.nn.Module):
     """A Linear whose weight is Σ_i α_i·s(B_i) + μ: fixed planes, trainable scales (and offsets).
 
@@ -204,8 +264,43 @@ class PlaneLinear(_TORCH.nn.Module):
             self.offsets = torch.nn.Parameter(torch.as_tensor(offsets.astype(np.float32)))
         self.bias = bias
 
+        self.latent = None
+
     def trainable(self) -> list:
         return [p for p in (self.scales, self.offsets) if isinstance(p, _TORCH.nn.Parameter)]
+
+    def patterns(self):
+        """[2^q, q]: the plane values of each code (±1 signs or 0/1 bits)."""
+        torch = _torch()
+        q = self.planes.shape[2]
+        c = torch.arange(2**q)
+        bits = ((c[:, None] >> torch.arange(q)[None, :]) & 1).float()
+        return bits if self.coding == "01" else 2 * bits - 1
+
+    def train_planes(self):
+        """Make the planes trainable (quantization-aware training): a float latent weight per
+        weight, initialised to Ŵ (so the nearest codes are the current planes), from which every
+        forward re-chooses the nearest code (:class:`_NearestCode`). Returns the latent parameter."""
+        torch = _torch()
+        with torch.no_grad():
+            w = _Reconstruct.apply(self.effective_scales(), self.offsets, self.planes)
+        self.latent = torch.nn.Parameter(w.view(self.out_features, -1, self.group).clone())
+        self.register_buffer("code_values", self.patterns(), persistent=False)
+        self.planes = None  # rebuilt from the latent weights (planes01)
+        return self.latent
+
+    def planes01(self) -> np.ndarray:
+        """uint8 0/1 [q, N, K]: the planes the module uses now."""
+        torch = _torch()
+        if self.latent is None:
+            p = self.planes[:, :, :, :].permute(2, 0, 1, 3).reshape(self.planes.shape[2], self.out_features, -1)
+            p = p if self.coding == "01" else (p + 1) * 0.5
+        else:
+            with torch.no_grad():
+                code, _ = nearest_code(self.latent, self.effective_scales(), self.offsets, self.code_values)
+            q = self.code_values.shape[1]
+            p = torch.stack([(code >> i) & 1 for i in range(q)]).view(q, self.out_features, -1)
+        return p[..., :self.in_features].numpy().astype(np.uint8)
 
     def effective_scales(self):
         """α as the op stores it: rounded to powers of two (STE) for BcqMatMul, else α."""
@@ -214,14 +309,18 @@ class PlaneLinear(_TORCH.nn.Module):
             return a
         return a + (bcq.round_scales(a.detach(), self.scale_mode)[0] - a).detach()
 
+    def _weight_padded(self):
+        if self.latent is not None:
+            return _NearestCode.apply(self.latent, self.effective_scales(), self.offsets, self.code_values)
+        return _Reconstruct.apply(self.effective_scales(), self.offsets, self.planes)
+
     def weight_hat(self):
         """Ŵ [N, K]."""
-        return _Reconstruct.apply(self.effective_scales(), self.offsets, self.planes)[:, :self.in_features]
+        return self._weight_padded()[:, :self.in_features]
 
     def forward(self, x):
         F = _torch().nn.functional
-        w = _Reconstruct.apply(self.effective_scales(), self.offsets, self.planes)
-        return F.linear(F.pad(x, (0, self.pad)) if self.pad else x, w, self.bias)
+        return F.linear(F.pad(x, (0, self.pad)) if self.pad else x, self._weight_padded(), self.bias)
 
 
 def _w_cross_entropy(pt, lpt, lps, kl):
@@ -339,6 +438,8 @@ def write_back(model: onnx.ModelProto, modules: dict, norms: dict | None = None)
             new[node.input[3]] = m.offsets.detach().numpy().astype(np.float16)
         else:
             new[node.input[2]] = bcq.round_scales(m.scales.detach(), m.scale_mode)[1].numpy().astype(np.int8)
+        if m.latent is not None:
+            new[node.input[1]] = bcq.pack_planes(m.planes01())
     for name, p in (norms or {}).items():
         new[name] = p.detach().numpy().astype(np.float32)
     for t in out.graph.initializer:
@@ -393,8 +494,11 @@ def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig
     t_cache = _teacher_logits(teacher, ids, cfg.cache_gb * 2**30) if cfg.cache_gb else None
     dev_before = dev_metrics(student, teacher, dev_ids) if dev_ids is not None and len(dev_ids) else None
     norms = trainable_norms(student, model) if cfg.norms else {}
-    params = [p for m in modules.values() for p in m.trainable()] + list(norms.values())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    groups = [{"params": [p for m in modules.values() for p in m.trainable()] + list(norms.values()), "base_lr": cfg.lr}]
+    planes_before = {k: m.planes01() for k, m in modules.items()} if cfg.planes else {}
+    if cfg.planes:
+        groups.append({"params": [m.train_planes() for m in modules.values()], "base_lr": cfg.plane_lr})
+    opt = torch.optim.AdamW([dict(g, lr=g["base_lr"]) for g in groups], weight_decay=0.0)
     order = np.random.default_rng(cfg.seed).permutation(len(ids))
     steps = max(cfg.steps, 1)
     deadline = time.perf_counter() + 60 * cfg.minutes if cfg.minutes else math.inf
@@ -413,7 +517,7 @@ def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g in opt.param_groups:  # cosine decay over the step budget
-            g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
         opt.step()
         step += 1
         history.append({"step": step, "loss": float(loss.detach()), "kl": float(kl.detach()), "s": round(time.perf_counter() - t0, 1)})
@@ -422,7 +526,11 @@ def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig
                 f"{time.perf_counter() - t0:.0f}s")
     report = {"loss": cfg.loss, "steps": step, "seconds": round(time.perf_counter() - t0, 1), "lr": cfg.lr,
               "seed": cfg.seed, "window": int(ids.shape[1]), "windows": int(len(ids)), "batch": cfg.batch,
-              "layers": len(modules), "norms": len(norms), "teacher_cached": t_cache is not None, "history": history}
+              "layers": len(modules), "norms": len(norms),
+              "planes": bool(cfg.planes), "plane_lr": cfg.plane_lr if cfg.planes else None, "teacher_cached": t_cache is not None, "history": history}
+    if planes_before:
+        changed = sum(int((m.planes01() != planes_before[k]).sum()) for k, m in modules.items())
+        report["plane_bits_changed"] = changed / sum(v.size for v in planes_before.values())
     if dev_before is not None:
         dev_after = dev_metrics(student, teacher, dev_ids)
         report.update({f"dev_{k}_{when}": v[k] for when, v in (("before", dev_before), ("after", dev_after)) for k in v})
