@@ -268,7 +268,8 @@ def main(argv=None) -> int:
         libs = {n: lib(n) for n in ("uniform-2", "uniform-3", "size-only")}
         ms = time_decode(libs, a.threads, a.rounds)
         state["calibration_run"] = {"median_ms": {k: float(np.median(v)) for k, v in ms.items()},
-                                    "kernel_ms": {k: kernel_ms(plans[k]) for k in libs}, "rounds": a.rounds}
+                                    "kernel_ms": {k: kernel_ms(plans[k]) for k in libs}, "rounds": a.rounds,
+                                    "at": time.time()}
         save_state()
     cal = state["calibration_run"]
     FIT = ("uniform-2", "uniform-3", "size-only")  # least squares over the three calibration plans
@@ -378,7 +379,7 @@ def main(argv=None) -> int:
                               "ratio_p10_to_size_only": {k: float(np.percentile(v, 10) / np.percentile(ms["size-only"], 10))
                                                          for k, v in ms.items()},
                               "ms": {k: [round(x, 3) for x in v] for k, v in ms.items()},
-                              "kernel_ms": {k: kernel_ms(plans[k]) for k in libs}}
+                              "kernel_ms": {k: kernel_ms(plans[k]) for k in libs}, "at": time.time()}
         save_state()
     fr = state["final_run"]
     fit2 = LT.fit_fixed_cost([fr["kernel_ms"][k] for k in FIT], [fr["median_ms"][k] for k in FIT],
@@ -399,13 +400,23 @@ def main(argv=None) -> int:
         return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
 
     ci = ci95(chosen)
+    mine = np.array(fr["ms"][chosen])
+    boot_ms = np.median(mine[np.random.default_rng(0).integers(0, len(mine), (2000, len(mine)))], axis=1)
+    ci_ms = [float(np.percentile(boot_ms, 2.5)), float(np.percentile(boot_ms, 97.5))]
     same = state.get("same_size_plan", {}).get("name")
     identical = bool(same and same in fr["ms"] and np.array_equal(plans[same], plans[chosen]))
     verdict = {"fraction": f, "budget_ms": sweep[chosen]["budget_ms"],
                "budget_from": "fraction x the size-only plan's median decode ms in the calibration run",
                "latency_margin": sweep[chosen].get("margin", 0.0), "planned_ms": sweep[chosen].get("planned_ms"),
                "predicted_ms": sweep[chosen]["predicted_ms"],
-               "measured_ms": fr["median_ms"][chosen], "size_only_measured_ms": fr["median_ms"]["size-only"],
+               "measured_ms": fr["median_ms"][chosen], "measured_ms_ci95": ci_ms,
+               "meets_absolute_budget": ci_ms[1] <= sweep[chosen]["budget_ms"],
+               "meets_absolute_budget_rule": "the 95% bootstrap interval of the latency plan's median decode ms "
+                                             "lies at or below budget_ms (the budget it was planned against)",
+               "minutes_from_calibration_to_timing": (round((fr["at"] - cal["at"]) / 60, 1)
+                                                      if "at" in fr and "at" in cal else None),
+               "size_only_measured_ms": fr["median_ms"]["size-only"],
+               "size_only_drift": fr["median_ms"]["size-only"] / cal["median_ms"]["size-only"] - 1,
                "budget_ms (this run)": budget_measured,
                "median_paired_ratio": fr["median_ratio_to_size_only"][chosen], "paired_ratio_ci95": ci,
                "meets_budget": ci[1] < f,
