@@ -135,12 +135,16 @@ class Setup:
         from shiftc.frontend.onnx_io import save_model
         from shiftc.passes.shiftadd import ShiftAddPass
 
-        if os.path.exists(path):
+        sidecar = path + ".bits.json"  # the plan a file holds: a plan of the same name but other bits is rebuilt
+        want = {n: int(layer_bits[n]) for n in self.names}
+        if os.path.exists(path) and (not os.path.exists(sidecar) or json.load(open(sidecar)) == want):
             return path
         results = {n: self.result(n, layer_bits[n]) for n in self.names}
         out = ShiftAddPass(self.cfg)(self.model, results=results).model
         save_model(out, path + ".tmp.onnx")
         os.replace(path + ".tmp.onnx", path)
+        with open(sidecar, "w") as f:
+            json.dump(want, f)
         return path
 
     def dequantized(self, layer_bits: dict, path: str) -> str:
@@ -288,13 +292,19 @@ def main(argv=None) -> int:
     # 3. latency plans at the fractions; perplexity at --tokens picks the tightest within max_loss
     sweep = state.setdefault("sweep", {})
 
+    def plan_id(name):
+        return "".join(map(str, map(int, plans[name])))
+
     def ppl(name, tokens):
         key = f"{name}@{tokens}"
-        if key not in state.setdefault("perplexity", {}):
+        known = state.setdefault("perplexity", {}).get(key)
+        if known is not None and known.get("plan", plan_id(name)) != plan_id(name):
+            del state["perplexity"][key]  # a plan of the same name, other bits (e.g. after a new calibration)
+        if key not in state["perplexity"]:
             for other, bits in plans.items():  # the same plan under another name: same numbers (deterministic)
                 done = state["perplexity"].get(f"{other}@{tokens}")
-                if other != name and done and np.array_equal(bits, plans[name]):
-                    state["perplexity"][key] = {**done, "same_plan_as": other}
+                if other != name and done and np.array_equal(bits, plans[name]) and done.get("plan", plan_id(other)) == plan_id(other):
+                    state["perplexity"][key] = {**done, "same_plan_as": other, "plan": plan_id(name)}
                     save_state()
                     print(f"  {key}: the same plan as {other} (ppl {done['perplexity']:.2f})", flush=True)
                     return done["perplexity"]
@@ -302,7 +312,8 @@ def main(argv=None) -> int:
             path = S.dequantized(dict(zip(S.names, map(int, plans[name]))), os.path.join(a.out_dir, "eval.onnx"))
             r = shiftc.api.evaluate(path, tokens=tokens, window=a.window, threads=a.threads)
             os.remove(path)
-            state["perplexity"][key] = {"perplexity": r["perplexity"], "tokens_scored": r["tokens_scored"]}
+            state["perplexity"][key] = {"perplexity": r["perplexity"], "tokens_scored": r["tokens_scored"],
+                                        "plan": plan_id(name)}
             timings[f"ppl {key}"] = round(time.perf_counter() - t0, 1)
             save_state()
             print(f"  {key}: ppl {r['perplexity']:.2f}", flush=True)
