@@ -16,7 +16,18 @@ their rows are merged:
         --out benchmarks/results/fdb_distill.json
 
 Tuning (learning rate, ...) uses ``--dev-windows N --no-eval``: the mean KL on N further windows
-of the calib split, never the eval split.
+of the calib split, never the eval split. The plane-training tuning of
+benchmarks/results/shiftadd_planes_tuning.json (shift-add 3-bit, 60 steps, scales + norm gains, then
+with the planes trained at two latent learning rates; 128 windows, 8 dev windows):
+
+    T="OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py --model S --losses kl --norms --steps 60
+       --lr 6e-4 --window 256 --windows 128 --dev-windows 8 --seed 0 --no-eval --ptq-ppl 59.68 --fp32-ppl 26.32"
+    $T --out base.json; $T --planes --plane-lr 3e-4 --out p3e-4.json; $T --planes --plane-lr 1e-3 --out p1e-3.json
+    .venv/bin/python benchmarks/bench_fdb_distill.py --merge base.json p3e-4.json p1e-3.json \
+        --out benchmarks/results/shiftadd_planes_tuning.json
+
+``--cache-gb 0 --windows 400`` trains on 400 distinct windows (one pass, the teacher's logits
+recomputed each step) instead of cycling through a cached few.
 """
 
 from __future__ import annotations
@@ -44,7 +55,7 @@ def main(argv=None) -> int:
                    help="extra calib-split windows (after the training ones) on which the mean KL is measured: tuning metric")
     p.add_argument("--norms", action="store_true", help="also tune the RMSNorm gains (DistillConfig.norms)")
     p.add_argument("--planes", action="store_true", help="also train the planes (latent weights: DistillConfig.planes)")
-    p.add_argument("--plane-lr", type=float, default=2e-5, help="learning rate of the latent weights (with --planes)")
+    p.add_argument("--plane-lr", type=float, default=3e-4, help="learning rate of the latent weights (with --planes)")
     p.add_argument("--cache-gb", type=float, default=4.0, help="teacher logits cache bound (0: recompute each step)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity (tuning runs: dev KL only)")
     p.add_argument("--tokens", type=int, default=8192, help="evaluation tokens")

@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also train the bit planes during distillation (quantization-aware training: a latent "
                          "float weight per weight, nearest code in each forward; default off)")
     sp.add_argument("--distill-plane-lr", type=float, metavar="LR",
-                    help="learning rate of the latent weights with --distill-planes (default 2e-5)")
+                    help="learning rate of the latent weights with --distill-planes (default 3e-4)")
     sp.add_argument("--prune", type=_fraction, metavar="RATIO",
                     help="structured pruning: fraction of the prunable parameters removed (channels, KV groups)")
     sp.add_argument("--prune-criterion", choices=["activation", "magnitude", "lorapr"],

@@ -87,7 +87,7 @@ class DistillFields:
     distill_seed: int = 0
     distill_norms: bool = False  # also tune the RMSNorm/LayerNorm gains (fp32 in the graph)
     distill_planes: bool = False  # also train the bit planes (latent weights, STE)  (--distill-planes)
-    distill_plane_lr: float = 2e-5  # learning rate of the latent weights            (--distill-plane-lr)
+    distill_plane_lr: float = 3e-4  # learning rate of the latent weights            (--distill-plane-lr)
 
     def distill_enabled(self) -> bool:
         return bool(self.distill_steps or self.distill_minutes)
@@ -139,7 +139,7 @@ class DistillConfig:
     norms: bool = False  # also tune the normalisation gains (written back to their fp32 initializers)
     lr: float = 1e-4
     planes: bool = False  # also train the planes (latent weights, nearest code per forward: QAT)
-    plane_lr: float = 2e-5  # learning rate of the latent weights
+    plane_lr: float = 3e-4  # learning rate of the latent weights (benchmarks/results/shiftadd_planes_tuning.json)
     windows: int = 64  # calibration windows cycled through
     window: int = 256  # tokens per window
     batch: int = 1

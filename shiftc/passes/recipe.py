@@ -23,7 +23,7 @@ Schema (every key optional; the values shown are the defaults)::
       distill_seed: 0
       distill_norms: false # also tune the RMSNorm gains                  (--distill-norms)
       distill_planes: false  # also train the bit planes (latent weights, nearest code: QAT)  (--distill-planes)
-      distill_plane_lr: 0.00002  # learning rate of the latent weights    (--distill-plane-lr)
+      distill_plane_lr: 0.0003  # learning rate of the latent weights     (--distill-plane-lr)
     calib:
       corpus: wikipedia    # wikipedia | lee | none (none: data-free, plain BCQ)   (--calib)
       split: calib
