@@ -30,6 +30,7 @@
 #include "shiftc/bcq_lut.h"
 
 #include <atomic>
+#include <type_traits>
 
 #if defined(__x86_64__)
 // GCC 12's AVX-512 headers initialise "undefined" vectors from themselves (`__Y = __Y`), which
@@ -111,6 +112,19 @@ struct Problem {
     const float* gsums;        // [M][NG] per-group sums of X's rows (after the tables)
     int q;
 };
+
+// Runs f(std::integral_constant<int, Q>{}) with Q = q as a compile-time constant (1..kMaxQ; the
+// kernels are instantiated per plane count).
+template <class F>
+inline void with_q(int q, F&& f) {
+    static_assert(kMaxQ == 4, "with_q dispatches q = 1..4");
+    switch (q) {
+        case 1: f(std::integral_constant<int, 1>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        default: f(std::integral_constant<int, 4>{}); break;
+    }
+}
 
 Problem make_problem(const float* x, const float* ws, int64_t M, int64_t K, int64_t N, int32_t q,
                      int64_t G, const uint8_t* codes, const float* scales, const float* offsets,
@@ -461,12 +475,7 @@ void lut_task_neon_q(const Problem& p, int64_t t) {
 }
 
 void lut_task_neon(const Problem& p, int64_t t) {
-    switch (p.q) {
-        case 1: lut_task_neon_q<1>(p, t); break;
-        case 2: lut_task_neon_q<2>(p, t); break;
-        case 3: lut_task_neon_q<3>(p, t); break;
-        default: lut_task_neon_q<4>(p, t); break;
-    }
+    with_q(p.q, [&](auto Q) { lut_task_neon_q<decltype(Q)::value>(p, t); });
 }
 
 // GEMM expansion, 4 rows (one q register) at a time: the rows' code bytes of each plane are
@@ -593,12 +602,7 @@ void gemm_task_neon_q(const Problem& p, int64_t t) {
 }
 
 void gemm_task_neon(const Problem& p, int64_t t) {
-    switch (p.q) {
-        case 1: gemm_task_neon_q<1>(p, t); break;
-        case 2: gemm_task_neon_q<2>(p, t); break;
-        case 3: gemm_task_neon_q<3>(p, t); break;
-        default: gemm_task_neon_q<4>(p, t); break;
-    }
+    with_q(p.q, [&](auto Q) { gemm_task_neon_q<decltype(Q)::value>(p, t); });
 }
 #endif  // SHIFTC_LUT_NEON
 
@@ -744,12 +748,7 @@ void lut_task_avx2_q(const Problem& p, int64_t t) {
 }
 
 void lut_task_avx2(const Problem& p, int64_t t) {
-    switch (p.q) {
-        case 1: lut_task_avx2_q<1>(p, t); break;
-        case 2: lut_task_avx2_q<2>(p, t); break;
-        case 3: lut_task_avx2_q<3>(p, t); break;
-        default: lut_task_avx2_q<4>(p, t); break;
-    }
+    with_q(p.q, [&](auto Q) { lut_task_avx2_q<decltype(Q)::value>(p, t); });
 }
 
 // GEMM expansion, 8 rows at a time: bit j of the code bytes (zero-extended to 32-bit lanes) is
@@ -881,12 +880,7 @@ SHIFTC_TARGET_AVX2 void gemm_task_avx2_q(const Problem& p, int64_t t) {
 }
 
 void gemm_task_avx2(const Problem& p, int64_t t) {
-    switch (p.q) {
-        case 1: gemm_task_avx2_q<1>(p, t); break;
-        case 2: gemm_task_avx2_q<2>(p, t); break;
-        case 3: gemm_task_avx2_q<3>(p, t); break;
-        default: gemm_task_avx2_q<4>(p, t); break;
-    }
+    with_q(p.q, [&](auto Q) { gemm_task_avx2_q<decltype(Q)::value>(p, t); });
 }
 
 // ===========================================================================================
@@ -1037,12 +1031,7 @@ void lut_task_avx512_q(const Problem& p, int64_t t) {
 }
 
 void lut_task_avx512(const Problem& p, int64_t t) {
-    switch (p.q) {
-        case 1: lut_task_avx512_q<1>(p, t); break;
-        case 2: lut_task_avx512_q<2>(p, t); break;
-        case 3: lut_task_avx512_q<3>(p, t); break;
-        default: lut_task_avx512_q<4>(p, t); break;
-    }
+    with_q(p.q, [&](auto Q) { lut_task_avx512_q<decltype(Q)::value>(p, t); });
 }
 
 // GEMM expansion, 16 rows per register: bit j of the 16 code bytes of a plane is a 16-bit lane
@@ -1161,12 +1150,7 @@ SHIFTC_TARGET_AVX512 void gemm_task_avx512_q(const Problem& p, int64_t t) {
 }
 
 void gemm_task_avx512(const Problem& p, int64_t t) {
-    switch (p.q) {
-        case 1: gemm_task_avx512_q<1>(p, t); break;
-        case 2: gemm_task_avx512_q<2>(p, t); break;
-        case 3: gemm_task_avx512_q<3>(p, t); break;
-        default: gemm_task_avx512_q<4>(p, t); break;
-    }
+    with_q(p.q, [&](auto Q) { gemm_task_avx512_q<decltype(Q)::value>(p, t); });
 }
 
 // ===========================================================================================
@@ -1550,12 +1534,7 @@ SHIFTC_TARGET_AMX void gemm_task_amx_q(const Problem& p, int64_t t) {
 }
 
 void gemm_task_amx(const Problem& p, int64_t t) {
-    switch (p.q) {
-        case 1: gemm_task_amx_q<1>(p, t); break;
-        case 2: gemm_task_amx_q<2>(p, t); break;
-        case 3: gemm_task_amx_q<3>(p, t); break;
-        default: gemm_task_amx_q<4>(p, t); break;
-    }
+    with_q(p.q, [&](auto Q) { gemm_task_amx_q<decltype(Q)::value>(p, t); });
 }
 
 // AMX-TILE, AMX-BF16 and AVX512-BF16 in CPUID, tile state enabled by the OS (XCR0 bits 17, 18),
