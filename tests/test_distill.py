@@ -305,3 +305,14 @@ def test_plane_training_writes_back_the_student(which, request, tmp_path):
         got = student(input_ids=torch.as_tensor(x)).logits.numpy()
     want = _onnx_logits(out, tmp_path, x)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_training_windows_default_to_one_distinct_window_per_step():
+    F = D.DistillFields
+    assert D.distill_windows(F(distill_steps=240)) == 240
+    assert D.distill_windows(F(distill_steps=5000)) == D.MAX_AUTO_WINDOWS
+    assert D.distill_windows(F(distill_minutes=10.0)) == D.AUTO_WINDOWS
+    assert D.distill_windows(F(distill_steps=240, distill_windows=64)) == 64
+    errors = []
+    D.validate_fields(F(distill_windows=-1), lambda flag, msg: errors.append((flag, msg)))
+    assert errors and errors[0][0] == "distill_windows"

@@ -18,7 +18,7 @@ Schema (every key optional; the values shown are the defaults)::
       distill_loss: kl     # kl | dad (entropy-re-weighted KL)           (--distill-loss)
       distill_source: null # HF folder / .gguf (default: the export source)  (--distill-source)
       distill_lr: 0.0006
-      distill_windows: 64  # calibration windows of distill_window tokens, cycled
+      distill_windows: 0   # calibration windows of distill_window tokens (0: one per step, <= 1024), cycled
       distill_window: 256
       distill_seed: 0
       distill_norms: false # also tune the RMSNorm gains                  (--distill-norms)
