@@ -1034,6 +1034,20 @@ void lut_task_avx512(const Problem& p, int64_t t) {
     with_q(p.q, [&](auto Q) { lut_task_avx512_q<decltype(Q)::value>(p, t); });
 }
 
+// The header of group g of row block b, 16 rows per register: base = μ − Σ_i α_i (the value of
+// the all-zero code; μ = 0 without offsets) and a2[i] = 2 α_i (what a set bit i adds).
+template <int Q>
+SHIFTC_TARGET_AVX512 inline void group_header_avx512(const Problem& p, int64_t b, int64_t g, __m512& base,
+                                                     __m512* a2) {
+    const float* s = p.scales + (b * p.NG + g) * Q * 16;
+    base = p.offsets ? _mm512_loadu_ps(p.offsets + (b * p.NG + g) * 16) : _mm512_setzero_ps();
+    for (int i = 0; i < Q; ++i) {
+        const __m512 a = _mm512_loadu_ps(s + i * 16);
+        base = _mm512_sub_ps(base, a);
+        a2[i] = _mm512_add_ps(a, a);
+    }
+}
+
 // GEMM expansion, 16 rows per register: bit j of the 16 code bytes of a plane is a 16-bit lane
 // mask (vptestmb), which adds 2 alpha to the lanes that have it.
 template <int Q>
@@ -1050,13 +1064,7 @@ SHIFTC_TARGET_AVX512 void expand_avx512(const Problem& p, int64_t b0, int nv, in
             if (o == gnext) {  // first octet of a group (one division per group, not per octet)
                 const int64_t g = o * 8 / p.G;
                 gnext = (g + 1) * p.G / 8;
-                const float* s = p.scales + ((b0 + bb) * p.NG + g) * Q * 16;
-                base = p.offsets ? _mm512_loadu_ps(p.offsets + ((b0 + bb) * p.NG + g) * 16) : _mm512_setzero_ps();
-                for (int i = 0; i < Q; ++i) {
-                    const __m512 a = _mm512_loadu_ps(s + i * 16);
-                    base = _mm512_sub_ps(base, a);
-                    a2[i] = _mm512_add_ps(a, a);
-                }
+                group_header_avx512<Q>(p, b0 + bb, g, base, a2);
             }
             __m128i c[Q];
             for (int i = 0; i < Q; ++i) c[i] = _mm_loadu_si128((const __m128i*)(cb + (o * Q + i) * 16));
@@ -1314,13 +1322,7 @@ SHIFTC_TARGET_AMX void expand_amx(const Problem& p, int64_t b0, int nv, int64_t 
             if (o == gnext) {
                 const int64_t g = o * 8 / p.G;
                 gnext = (g + 1) * p.G / 8;
-                const float* s = p.scales + ((b0 + h) * p.NG + g) * Q * 16;
-                base = p.offsets ? _mm512_loadu_ps(p.offsets + ((b0 + h) * p.NG + g) * 16) : _mm512_setzero_ps();
-                for (int i = 0; i < Q; ++i) {
-                    const __m512 a = _mm512_loadu_ps(s + i * 16);
-                    base = _mm512_sub_ps(base, a);
-                    a2[i] = _mm512_add_ps(a, a);
-                }
+                group_header_avx512<Q>(p, b0 + h, g, base, a2);
                 exact = group_exact_bf16<Q>(base, a2);
             }
             __m128i c[Q];
