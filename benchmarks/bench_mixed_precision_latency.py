@@ -42,6 +42,17 @@ uniform-2/uniform-3/head3/head2/size-only and size-only's 32k perplexity are the
 
 (earlier timing runs of this state under ``final_runs_previous``; the earlier result files —
 --fractions 0.995,0.99,... --tokens 8192, no margin — under ``previous_runs``.)
+
+Run 4 (the current ``run`` of the JSON): calibration and final timing in one invocation, so that
+the budget in milliseconds is checked against a calibration minutes old, not hours; a fresh
+--out-dir holding only state.json's ``kernel_times`` and the fixed plans' files (uniform-2/3,
+head3/head2, size-only) and perplexities:
+
+    $B --fractions 0.96 --latency-margin 0.01 --tokens 0 --tokens-final 32768 --rounds 800
+
+The verdict states both readings: ``meets_budget`` (the paired ratio's interval below f) and
+``meets_absolute_budget`` (the bootstrap interval of the latency plan's median ms at or below the
+budget in ms), with the minutes between calibration and timing and the size-only plan's drift.
 """
 
 from __future__ import annotations
