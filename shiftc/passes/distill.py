@@ -23,8 +23,8 @@ is exactly the trained student. FdbMatMul's α and μ are trained as floats and 
 Plane training: each PlaneLinear gets a float latent weight per weight, initialised to Ŵ (so the
 nearest codes are the planes the pass chose). Every forward replaces each latent weight by the
 nearest of its group's 2^q code values Σ_i α_i·s(c_i) + μ (α rounded as above), i.e. re-chooses the
-planes; the gradient reaches the latent weight straight through (dW_latent = dŴ), with its own,
-much smaller learning rate ``plane_lr``, and α, μ exactly for the chosen codes. The codes of the
+planes; the gradient reaches the latent weight straight through (dW_latent = dŴ), with its own
+learning rate ``plane_lr``, and α, μ exactly for the chosen codes. The codes of the
 final latent weights are packed back into the planes initializer, so the ONNX model is again
 exactly the student.
 
@@ -245,7 +245,8 @@ def nearest_code(latent, scales, offsets, patterns):
 
 
 class PlaneLinear(_TORCH.nn.Module):
-    """A Linear whose weight is Σ_i α_i·s(B_i) + μ: fixed planes, trainable scales (and offsets).
+    """A Linear whose weight is Σ_i α_i·s(B_i) + μ: trainable scales (and offsets); planes fixed,
+    or re-chosen from latent weights after :meth:`train_planes`.
 
     ``coding`` "01" (FdbMatMul: s(b) = b, float16 α and μ, both trained) or "pm1" (BcqMatMul:
     s(b) = 2b − 1, no offset). ``scale_mode`` "pow2" / "pow2x2" (BcqMatMul): the forward uses α
@@ -278,8 +279,7 @@ class PlaneLinear(_TORCH.nn.Module):
         else:
             self.offsets = torch.nn.Parameter(torch.as_tensor(offsets.astype(np.float32)))
         self.bias = bias
-
-        self.latent = None
+        self.latent = None  # float [N, ng, G] once train_planes() is called
 
     def trainable(self) -> list:
         return [p for p in (self.scales, self.offsets) if isinstance(p, _TORCH.nn.Parameter)]
@@ -287,7 +287,7 @@ class PlaneLinear(_TORCH.nn.Module):
     def patterns(self):
         """[2^q, q]: the plane values of each code (±1 signs or 0/1 bits)."""
         torch = _torch()
-        q = self.planes.shape[2]
+        q = self.scales.shape[0]
         c = torch.arange(2**q)
         bits = ((c[:, None] >> torch.arange(q)[None, :]) & 1).float()
         return bits if self.coding == "01" else 2 * bits - 1
@@ -308,7 +308,7 @@ class PlaneLinear(_TORCH.nn.Module):
         """uint8 0/1 [q, N, K]: the planes the module uses now."""
         torch = _torch()
         if self.latent is None:
-            p = self.planes[:, :, :, :].permute(2, 0, 1, 3).reshape(self.planes.shape[2], self.out_features, -1)
+            p = self.planes.permute(2, 0, 1, 3).reshape(self.planes.shape[2], self.out_features, -1)
             p = p if self.coding == "01" else (p + 1) * 0.5
         else:
             with torch.no_grad():
