@@ -66,7 +66,7 @@ from onnx import numpy_helper
 
 from ..errors import BadInputError, UsageError
 from ..progress import log
-from . import bcq
+from . import bcq, fdb
 
 LOSSES = ("dad", "kl")
 
@@ -210,8 +210,8 @@ class _NearestCode(_TORCH.autograd.Function):
     offsets given the chosen codes: dα_i[n, g] = Σ_k dŴ[n, g, k]·P[c(n, g, k), i], dμ[n, g] = Σ_k dŴ."""
 
     @staticmethod
-    def forward(ctx, latent, scales, offsets, patterns):
-        code, w = nearest_code(latent.detach(), scales.detach(), offsets.detach(), patterns)
+    def forward(ctx, latent, scales, offsets, patterns, coding):
+        code, w = nearest_code(latent.detach(), scales.detach(), offsets.detach(), coding)
         ctx.save_for_backward(code.to(_TORCH.uint8), patterns)
         n, ng, g = latent.shape
         return w.view(n, ng * g)
@@ -227,21 +227,17 @@ class _NearestCode(_TORCH.autograd.Function):
             d_sc = _TORCH.stack([(g3 * patterns[:, i][code]).sum(-1) for i in range(patterns.shape[1])])
         if ctx.needs_input_grad[2]:
             d_off = g3.sum(-1)
-        return g3, d_sc, d_off, None
+        return g3, d_sc, d_off, None, None
 
 
-def nearest_code(latent, scales, offsets, patterns):
+def nearest_code(latent, scales, offsets, coding: str):
     """(code int64 [N, ng, G], value [N, ng, G]): per latent weight the nearest of its group's
-    code values Σ_i α_i·P[c, i] + μ (α [q, N, ng], μ [N, ng], P [2^q, q]); one compare per midpoint
-    between the sorted values."""
-    torch = _torch()
-    values = torch.einsum("qng,cq->ngc", scales, patterns) + offsets.unsqueeze(-1)  # [N, ng, C]
-    sv, order = torch.sort(values, dim=-1, stable=True)
-    mids = (sv[..., 1:] + sv[..., :-1]) * 0.5
-    pos = torch.zeros(latent.shape, dtype=torch.int64)
-    for j in range(mids.shape[-1]):
-        pos += latent > mids[..., j:j + 1]
-    return order.gather(-1, pos), sv.gather(-1, pos)
+    code values (α [q, N, ng], μ [N, ng]), by the quantizers' own search with one group per row:
+    bcq.nearest_codes for ±1 planes (no offset), fdb.nearest for 0/1 planes."""
+    n, ng, g = latent.shape
+    w, a = latent.reshape(n * ng, g), scales.reshape(scales.shape[0], n * ng)
+    code, value = bcq.nearest_codes(w, a) if coding == "pm1" else fdb.nearest(w, a, offsets.reshape(n * ng))
+    return code.view(n, ng, g), value.view(n, ng, g)
 
 
 class PlaneLinear(_TORCH.nn.Module):
@@ -312,7 +308,7 @@ class PlaneLinear(_TORCH.nn.Module):
             p = p if self.coding == "01" else (p + 1) * 0.5
         else:
             with torch.no_grad():
-                code, _ = nearest_code(self.latent, self.effective_scales(), self.offsets, self.code_values)
+                code, _ = nearest_code(self.latent, self.effective_scales(), self.offsets, self.coding)
             q = self.code_values.shape[1]
             p = torch.stack([(code >> i) & 1 for i in range(q)]).view(q, self.out_features, -1)
         return p[..., :self.in_features].numpy().astype(np.uint8)
@@ -326,7 +322,7 @@ class PlaneLinear(_TORCH.nn.Module):
 
     def _weight_padded(self):
         if self.latent is not None:
-            return _NearestCode.apply(self.latent, self.effective_scales(), self.offsets, self.code_values)
+            return _NearestCode.apply(self.latent, self.effective_scales(), self.offsets, self.code_values, self.coding)
         return _Reconstruct.apply(self.effective_scales(), self.offsets, self.planes)
 
     def weight_hat(self):
