@@ -179,6 +179,13 @@ def compile_plan(onnx_path: str, so: str) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
+def median_ci95(x) -> list[float]:
+    """Bootstrap 95% interval of the median of ``x`` (2,000 resamples, seed 0)."""
+    x = np.asarray(x, dtype=float)
+    boot = np.median(x[np.random.default_rng(0).integers(0, len(x), (2000, len(x)))], axis=1)
+    return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+
+
 def time_decode(libs: dict[str, str], threads: int, rounds: int) -> dict[str, list[float]]:
     """ms per decode step of each compiled library, alternating (latency.decode_ms: one token on a
     128-token KV cache, restored before every step)."""
@@ -416,15 +423,10 @@ def main(argv=None) -> int:
     budget_measured = f * fr["median_ms"]["size-only"]  # the budget, against this run's size-only time
 
     def ci95(k):  # bootstrap 95% interval of the median paired ratio k / size-only (rounds resampled)
-        r = np.array(fr["ms"][k]) / np.array(fr["ms"]["size-only"])
-        rng = np.random.default_rng(0)
-        boot = np.median(r[rng.integers(0, len(r), (2000, len(r)))], axis=1)
-        return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+        return median_ci95(np.array(fr["ms"][k]) / np.array(fr["ms"]["size-only"]))
 
     ci = ci95(chosen)
-    mine = np.array(fr["ms"][chosen])
-    boot_ms = np.median(mine[np.random.default_rng(0).integers(0, len(mine), (2000, len(mine)))], axis=1)
-    ci_ms = [float(np.percentile(boot_ms, 2.5)), float(np.percentile(boot_ms, 97.5))]
+    ci_ms = median_ci95(fr["ms"][chosen])
     same = state.get("same_size_plan", {}).get("name")
     identical = bool(same and same in fr["ms"] and np.array_equal(plans[same], plans[chosen]))
     verdict = {"fraction": f, "budget_ms": sweep[chosen]["budget_ms"],
@@ -456,20 +458,16 @@ def main(argv=None) -> int:
         for k in dict.fromkeys((chosen, same)):
             if k and k in run["ms"]:
                 r = np.array(run["ms"][k]) / np.array(run["ms"]["size-only"])
-                rng = np.random.default_rng(0)
-                boot = np.median(r[rng.integers(0, len(r), (2000, len(r)))], axis=1)
-                c = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+                c = median_ci95(r)
                 row[k] = {"median_paired_ratio": float(np.median(r)), "ci95": c, "meets_budget": c[1] < f}
         verdict["all_timing_runs"].append(row)
     if identical:  # the same plan compiled and timed twice: what a difference of nothing measures
         r = np.array(fr["ms"][chosen]) / np.array(fr["ms"][same])
-        rng = np.random.default_rng(0)
-        boot = np.median(r[rng.integers(0, len(r), (2000, len(r)))], axis=1)
         verdict["a_a_check"] = {
             "plans": [chosen, same], "note": "the latency plan and the size-only plan at its size are the same "
                                              "plan (identical layer widths), compiled into two libraries",
             "median_paired_ratio": float(np.median(r)),
-            "ci95": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+            "ci95": median_ci95(r),
             "meets_budget_if_timed_as_the_other": ci95(same)[1] < f}
 
     # 5. final perplexity
