@@ -11,6 +11,8 @@ windows of the *calib* split (never the evaluation split):
     dad           H(p_t, q_t) = H(p_t) + KL_t           (shiftc's dad)
     dad-teacher   H(p_t)                                 (teacher entropy: ambiguity of the sample)
     dad-product   H(p_t) · H(q_t)                        (teacher and student uncertainty)
+    dad-sqrt      H(p_t, q_t)^½                          (shiftc's dad, tempered)
+    dad-curriculum (H(p_t)/mean H)^(2·progress − 1)       (confident tokens first, ambiguous ones last)
 
 Each weight is used without gradient and normalised to mean 1 per batch. One process per variant,
 run one after the other (1 thread), then the rows are merged into one JSON:
@@ -34,15 +36,25 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 
-def _teacher_entropy(pt, lpt, lps, kl):
+def _teacher_entropy(pt, lpt, lps, kl, progress):
     return -(pt * lpt).sum(-1)
 
 
-def _product(pt, lpt, lps, kl):
+def _product(pt, lpt, lps, kl, progress):
     return -(pt * lpt).sum(-1) * -(lps.exp() * lps).sum(-1)
 
 
-VARIANTS = {"dad-teacher": _teacher_entropy, "dad-product": _product}
+def _sqrt_cross_entropy(pt, lpt, lps, kl, progress):
+    return (-(pt * lps).sum(-1)).sqrt()
+
+
+def _curriculum(pt, lpt, lps, kl, progress):
+    h = -(pt * lpt).sum(-1)
+    return (h / h.mean().clamp_min(1e-12)).clamp_min(1e-3) ** (2.0 * progress - 1.0)
+
+
+VARIANTS = {"dad-teacher": _teacher_entropy, "dad-product": _product, "dad-sqrt": _sqrt_cross_entropy,
+            "dad-curriculum": _curriculum}
 
 
 def main(argv=None) -> int:

@@ -316,3 +316,13 @@ def test_training_windows_default_to_one_distinct_window_per_step():
     errors = []
     D.validate_fields(F(distill_windows=-1), lambda flag, msg: errors.append((flag, msg)))
     assert errors and errors[0][0] == "distill_windows"
+
+
+def test_learning_rate_schedule_follows_the_budget_that_runs_out_first():
+    sp = D.schedule_progress
+    assert sp(0, 100, 0.0, None) == 0.0
+    assert sp(50, 100, 1e6, None) == pytest.approx(0.5)  # no time budget: steps alone
+    assert sp(50, 100, 30.0, 1.0) == pytest.approx(0.5)  # half the steps, half the minute
+    assert sp(10, 100, 45.0, 1.0) == pytest.approx(0.75)  # time runs out first
+    assert sp(10, 10**9, 120.0, 1.0) == 1.0  # --distill-minutes alone: decays to 0 by the deadline
+    assert sp(90, 100, 6.0, 1.0) == pytest.approx(0.9)

@@ -50,7 +50,8 @@ w_t ∝ H(p_t)/H(q_t) (our own guess, not the paper's).
 The default is plain ``kl``: on SmolLM2-135M FDB 2-bit at the same budget and seed it reached
 perplexity 152.5 against dad's 159.6 (benchmarks/results/fdb_distill.json).
 
-Bounded by ``steps`` and ``minutes`` (whichever comes first); progress and loss are printed.
+Bounded by ``steps`` and ``minutes`` (whichever comes first); the learning rate follows a cosine
+over whichever budget runs out first (:func:`schedule_progress`); progress and loss are printed.
 """
 
 from __future__ import annotations
@@ -334,16 +335,17 @@ class PlaneLinear(_TORCH.nn.Module):
         return F.linear(F.pad(x, (0, self.pad)) if self.pad else x, self._weight_padded(), self.bias)
 
 
-def _w_cross_entropy(pt, lpt, lps, kl):
+def _w_cross_entropy(pt, lpt, lps, kl, progress):
     return -(pt * lps).sum(-1)  # teacher-student (cross-)entropy H(p_t, q_t) = H(p_t) + KL_t
 
 
-#: re-weighted losses: name -> per-token weight (pt, log pt, log qt, KL_t) -> w_t, used without
-#: gradient and normalised to mean 1 per batch. benchmarks/bench_dad_weights.py adds variants here.
+#: re-weighted losses: name -> per-token weight (pt, log pt, log qt, KL_t, progress) -> w_t, used
+#: without gradient and normalised to mean 1 per batch; progress is the fraction of the training
+#: budget used (:func:`schedule_progress`), for weightings that change over training. benchmarks/bench_dad_weights.py adds variants here.
 TOKEN_WEIGHTS = {"dad": _w_cross_entropy}
 
 
-def token_losses(t_logits, s_logits, kind: str):
+def token_losses(t_logits, s_logits, kind: str, progress: float = 0.0):
     """(loss, mean KL) for logits [..., V] of teacher and student (see the module doc)."""
     torch = _torch()
     lpt = torch.log_softmax(t_logits.float(), -1)
@@ -353,7 +355,7 @@ def token_losses(t_logits, s_logits, kind: str):
     if kind == "kl":
         return kl.mean(), kl.mean()
     with torch.no_grad():
-        w = TOKEN_WEIGHTS[kind](pt, lpt, lps, kl)
+        w = TOKEN_WEIGHTS[kind](pt, lpt, lps, kl, progress)
         w = w / w.mean().clamp_min(1e-12)
     return (w * kl).mean(), kl.mean()
 
@@ -486,6 +488,16 @@ def dev_metrics(student, teacher, ids: np.ndarray) -> dict:
     return {"kl": kl / max(len(ids), 1), "nll": nll / max(n, 1)}
 
 
+def schedule_progress(step: int, steps: int, elapsed_s: float, minutes: float | None) -> float:
+    """Fraction of the training budget used before update ``step`` (0-based), in [0, 1]: the larger of
+    the step fraction and, with a time budget, the time fraction. So ``--distill-minutes`` alone (or a
+    step count the time budget cuts short) still decays the learning rate to ~0 by the deadline."""
+    done = step / max(steps, 1)
+    if minutes:
+        done = max(done, elapsed_s / (60.0 * minutes))
+    return min(done, 1.0)
+
+
 def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig,
             dev_ids: np.ndarray | None = None) -> tuple[onnx.ModelProto, dict]:
     """Fine-tune the BcqMatMul scales / FdbMatMul scales and offsets of ``model`` (and, with
@@ -523,12 +535,13 @@ def distill(model: onnx.ModelProto, teacher, ids: np.ndarray, cfg: DistillConfig
         else:
             with torch.no_grad():  # rounded like the cache, so both paths give the same numbers
                 t_logits = teacher(input_ids=x).logits.half()
+        done = schedule_progress(step, steps, time.perf_counter() - t0, cfg.minutes)
         s_logits = student(input_ids=x).logits
-        loss, kl = token_losses(t_logits, s_logits, cfg.loss)
+        loss, kl = token_losses(t_logits, s_logits, cfg.loss, done)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for g in opt.param_groups:  # cosine decay over the step budget
-            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for g in opt.param_groups:  # cosine decay over the step or time budget, whichever runs out first
+            g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * done))
         opt.step()
         step += 1
         history.append({"step": step, "loss": float(loss.detach()), "kl": float(kl.detach()), "s": round(time.perf_counter() - t0, 1)})
