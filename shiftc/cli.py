@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--distill-steps", type=_positive, metavar="N",
                     help="after shift-add or --binarize: fine-tune the scales (binarize: and offsets) against the "
                          "fp32 PyTorch model for N steps (shift-add scales stay powers of two)")
-    sp.add_argument("--distill-minutes", type=float, metavar="MIN", help="distillation time bound")
+    sp.add_argument("--distill-minutes", type=float, metavar="MIN",
+                    help="distillation time bound; the learning rate decays over it (or over --distill-steps if they run out first)")
     sp.add_argument("--distill-loss", choices=["kl", "dad"],
                     help="kl: plain KL to the fp32 model (default); dad: KL re-weighted per token by the "
                          "teacher-student cross-entropy H(p, q)")
