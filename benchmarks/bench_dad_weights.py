@@ -17,11 +17,17 @@ windows of the *calib* split (never the evaluation split):
 Each weight is used without gradient and normalised to mean 1 per batch. One process per variant,
 run one after the other (1 thread), then the rows are merged into one JSON:
 
-    for v in kl dad dad-teacher dad-product; do OMP_NUM_THREADS=1 .venv/bin/python \\
+    for v in kl dad dad-teacher dad-product dad-sqrt dad-curriculum; do OMP_NUM_THREADS=1 .venv/bin/python \\
         benchmarks/bench_dad_weights.py --variant $v --model /tmp/fdb/smol_fdb_g128.onnx --steps 60 \\
         --lr 6e-4 --window 256 --windows 64 --dev-windows 8 --seed 0 --out /tmp/dadtune/$v.json; done
-    .venv/bin/python benchmarks/bench_dad_weights.py --merge /tmp/dadtune/{kl,dad,dad-teacher,dad-product}.json \\
+    .venv/bin/python benchmarks/bench_dad_weights.py --merge /tmp/dadtune/{kl,dad,dad-teacher,dad-product,dad-sqrt,dad-curriculum}.json \\
         --out benchmarks/results/dad_weights.json
+
+Result (dad_weights.json, 60 steps, seed 0): plain KL has the lowest dev NLL (4.682); the tempered
+dad-sqrt comes closest (4.685), dad 4.694, and the curriculum is far behind (5.023). A reason to
+expect this: if the teacher's distribution stood for the data's, the student's expected NLL per
+token would be H(p_t) + KL_t, so the *unweighted* mean KL is exactly the part of the perplexity
+the student controls; a re-weighting can only win through the optimisation path, not the target.
 """
 
 from __future__ import annotations
