@@ -50,6 +50,12 @@ head3/head2, size-only) and perplexities:
 
     $B --fractions 0.96 --latency-margin 0.01 --tokens 0 --tokens-final 32768 --rounds 800
 
+Run 5: the same, on a quiet machine (nothing else running): the size-only library was again
+slower in the final run than in the calibration run (+5.3% in 8 minutes; +6.5% in run 3). The
+calibration timed three libraries in rotation, the final run seven; since then the calibration
+times all five fixed plans (CALIBRATION_PLANS), so that the budget in milliseconds is measured
+under the conditions it is checked in (run 6: a fresh --out-dir as for run 4).
+
 The verdict states both readings: ``meets_budget`` (the paired ratio's interval below f) and
 ``meets_absolute_budget`` (the bootstrap interval of the latency plan's median ms at or below the
 budget in ms), with the minutes between calibration and timing and the size-only plan's drift.
@@ -179,6 +185,10 @@ def compile_plan(onnx_path: str, so: str) -> float:
     return round(time.perf_counter() - t0, 1)
 
 
+#: the fixed plans, timed together in the calibration run and again in the final run
+CALIBRATION_PLANS = ("uniform-2", "uniform-3", "head3", "head2", "size-only")
+
+
 def median_ci95(x) -> list[float]:
     """Bootstrap 95% interval of the median of ``x`` (2,000 resamples, seed 0)."""
     x = np.asarray(x, dtype=float)
@@ -285,16 +295,19 @@ def main(argv=None) -> int:
             save_state()
         return so
 
-    # 2. fixed cost from the two uniform plans (+ the size-only plan's measured time, for the budget)
+    # 2. fixed cost from the two uniform plans (+ the size-only plan's measured time, for the budget).
+    # All five fixed plans are timed, in rotation, so that the calibration runs under the same
+    # conditions as the final timing (which adds only the one or two new plans): with three libraries
+    # in rotation instead of seven, each decode finds more of its weights still in the shared cache.
     if "calibration_run" not in state:
-        libs = {n: lib(n) for n in ("uniform-2", "uniform-3", "size-only")}
+        libs = {n: lib(n) for n in CALIBRATION_PLANS}
         ms = time_decode(libs, a.threads, a.rounds)
         state["calibration_run"] = {"median_ms": {k: float(np.median(v)) for k, v in ms.items()},
                                     "kernel_ms": {k: kernel_ms(plans[k]) for k in libs}, "rounds": a.rounds,
                                     "at": time.time()}
         save_state()
     cal = state["calibration_run"]
-    FIT = ("uniform-2", "uniform-3", "size-only")  # least squares over the three calibration plans
+    FIT = ("uniform-2", "uniform-3", "size-only")  # least squares over three calibration plans
     fit = LT.fit_fixed_cost([cal["kernel_ms"][k] for k in FIT], [cal["median_ms"][k] for k in FIT],
                             fit_scale=not a.unit_scale)
     state["fit"] = fit
@@ -389,7 +402,7 @@ def main(argv=None) -> int:
     if state.get("final_run", {}).get("chosen") != chosen or a.retime:
         if "final_run" in state:
             state.setdefault("final_runs_previous", []).append(state.pop("final_run"))
-        final_plans = ("uniform-2", "uniform-3", "head3", "head2", "size-only", same_size, chosen, *extra)
+        final_plans = (*CALIBRATION_PLANS, same_size, chosen, *extra)
         if a.recompile:
             for n in final_plans:
                 so = os.path.join(a.out_dir, f"{n}.so")
