@@ -26,6 +26,13 @@ with the planes trained at two latent learning rates; 128 windows, 8 dev windows
     .venv/bin/python benchmarks/bench_fdb_distill.py --merge base.json p3e-4.json p1e-3.json \
         --out benchmarks/results/shiftadd_planes_tuning.json
 
+The same for FDB 2-bit (benchmarks/results/fdb_planes_tuning.json; scales only, no norm gains,
+64 cached windows, as bench_dad_weights.py's rows, whose plain-KL run is the first row):
+
+    P="OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py --losses kl --model /tmp/fdb/smol_fdb_g128.onnx
+       --steps 60 --lr 6e-4 --window 256 --windows 64 --dev-windows 8 --seed 0 --no-eval --ptq-ppl 600.38 --planes"
+    $P --plane-lr 3e-4 --out planes_3e-4.json; $P --plane-lr 1e-3 --out planes_1e-3.json
+
 ``--cache-gb 0 --windows 400`` trains on 400 distinct windows (one pass, the teacher's logits
 recomputed each step) instead of cycling through a cached few.
 """
