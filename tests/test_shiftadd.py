@@ -143,6 +143,22 @@ def test_sequential_calibration(tiny_onnx, smollm2_gguf_path):
     np.testing.assert_array_equal(planes["lm_head.bcq_planes"], results["lm_head"].packed_planes())
 
 
+def test_calibration_windows_at_most_takes_what_the_text_holds(tiny_onnx, smollm2_gguf_path):
+    """Asking for more windows than the corpus holds is an error naming the count, unless
+    ``at_most`` (distillation's default window count), which returns every whole window there is."""
+    from shiftc.errors import UsageError
+    from shiftc.passes.calibration import calibration_windows
+
+    model = onnx.load(tiny_onnx)
+    with pytest.raises(UsageError, match=r"--calib-windows 1000000: the lee/all text holds only \d+ windows of 64"):
+        calibration_windows(model, corpus="lee", split="all", windows=10**6, window=64, tokenizer=smollm2_gguf_path)
+    ids = calibration_windows(model, corpus="lee", split="all", windows=10**6, window=64, tokenizer=smollm2_gguf_path,
+                              at_most=True)
+    assert ids.shape[1] == 64 and 1 <= len(ids) < 10**6
+    head = calibration_windows(model, corpus="lee", split="all", windows=3, window=64, tokenizer=smollm2_gguf_path)
+    np.testing.assert_array_equal(head, ids[:3])
+
+
 def test_process_pool_gives_the_same_results(tiny_onnx, smollm2_gguf_path, monkeypatch):
     """Layers quantized by a pool of spawned processes equal the in-process results bit for bit."""
     from shiftc.passes import shiftadd

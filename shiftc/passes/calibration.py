@@ -31,8 +31,9 @@ from ..progress import Counter
 
 def calibration_windows(model: onnx.ModelProto, *, corpus: str = "wikipedia", split: str = "calib",
                         windows: int = 16, window: int = 256, tokenizer: str | None = None,
-                        model_path: str = "the model") -> np.ndarray:
-    """int64 [windows, window] token ids for calibrating a causal LM."""
+                        model_path: str = "the model", at_most: bool = False) -> np.ndarray:
+    """int64 [windows, window] token ids for calibrating a causal LM. ``at_most``: fewer windows
+    than asked are fine (all the text holds, at least one), instead of an error."""
     from ..tokenizer import tokenizer_for
 
     info = md.get_info(model)
@@ -43,7 +44,7 @@ def calibration_windows(model: onnx.ModelProto, *, corpus: str = "wikipedia", sp
         raise UsageError(f"--calib-windows must be >= 1 and --calib-window >= 2 (got {windows}, {window})")
     tok = tokenizer_for(info, tokenizer, model_path)
     ids = token_windows(tok, load_corpus(corpus, split), window=window, n_tokens=windows * window)
-    if len(ids) < windows:
+    if len(ids) < windows and not (at_most and len(ids)):
         raise UsageError(f"--calib-windows {windows}: the {corpus}/{split} text holds only {len(ids)} windows of {window}")
     return ids
 

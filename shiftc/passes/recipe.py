@@ -18,8 +18,8 @@ Schema (every key optional; the values shown are the defaults)::
       distill_loss: kl     # kl | dad (entropy-re-weighted KL)           (--distill-loss)
       distill_source: null # HF folder / .gguf (default: the export source)  (--distill-source)
       distill_lr: 0.0006
-      distill_windows: 0   # calibration windows of distill_window tokens (0: one per step, <= 1024), cycled
-      distill_window: 256
+      distill_windows: 0   # calibration windows of distill_window tokens (0: one per step, <= 1024 and what the text holds), cycled
+      distill_window: 512  # tokens per training window
       distill_seed: 0
       distill_norms: false # also tune the RMSNorm gains                  (--distill-norms)
       distill_planes: false  # also train the bit planes (latent weights, nearest code: QAT)  (--distill-planes)
