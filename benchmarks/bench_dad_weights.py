@@ -55,7 +55,7 @@ def _sqrt_cross_entropy(pt, lpt, lps, kl, progress):
 
 
 def _curriculum(pt, lpt, lps, kl, progress):
-    h = -(pt * lpt).sum(-1)
+    h = _teacher_entropy(pt, lpt, lps, kl, progress)
     return (h / h.mean().clamp_min(1e-12)).clamp_min(1e-3) ** (2.0 * progress - 1.0)
 
 

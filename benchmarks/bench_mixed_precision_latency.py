@@ -301,8 +301,8 @@ def main(argv=None) -> int:
 
     # 2. fixed cost from the two uniform plans (+ the size-only plan's measured time, for the budget).
     # All five fixed plans are timed, in rotation, so that the calibration runs under the same
-    # conditions as the final timing (which adds only the one or two new plans): with three libraries
-    # in rotation instead of seven, each decode finds more of its weights still in the shared cache.
+    # conditions as the final timing (which adds only the one or two new plans). This did not remove
+    # the calibration-to-timing slowdown (run 6 in the module doc): its cause is not the rotation.
     if "calibration_run" not in state:
         libs = {n: lib(n) for n in CALIBRATION_PLANS}
         ms = time_decode(libs, a.threads, a.rounds)

@@ -87,7 +87,7 @@ class DistillFields:
     distill_loss: str = "kl"  # kl | dad                                  (--distill-loss)
     distill_source: str | None = None  # HF folder / .gguf (default: recorded at export)  (--distill-source)
     distill_lr: float = 6e-4
-    distill_windows: int = 0  # calibration windows; 0: one distinct window per step (at most 1024)
+    distill_windows: int = 0  # calibration windows; 0: one distinct window per step (<= 1024 and what the text holds)
     distill_window: int = 512  # tokens per training window
     distill_seed: int = 0
     distill_norms: bool = False  # also tune the RMSNorm/LayerNorm gains (fp32 in the graph)
@@ -345,7 +345,8 @@ def _w_cross_entropy(pt, lpt, lps, kl, progress):
 
 #: re-weighted losses: name -> per-token weight (pt, log pt, log qt, KL_t, progress) -> w_t, used
 #: without gradient and normalised to mean 1 per batch; progress is the fraction of the training
-#: budget used (:func:`schedule_progress`), for weightings that change over training. benchmarks/bench_dad_weights.py adds variants here.
+#: budget used (:func:`schedule_progress`), for weightings that change over training.
+#: benchmarks/bench_dad_weights.py adds variants here.
 TOKEN_WEIGHTS = {"dad": _w_cross_entropy}
 
 
