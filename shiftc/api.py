@@ -114,6 +114,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
              prune_budget: str | None = None, nm: str | None = None, bits_budget: float | None = None,
              candidates: list | None = None, sensitivity: str | None = None, tie: bool | None = None,
              latency_budget_ms: float | None = None, latency_margin: float | None = None,
+             latency_verify: int | None = None,
              target: str | None = None, mp_cache: str | None = None,
              report: bool | None = None, report_eval_tokens: int | None = None,
              hawq_source: str | None = None, binarize: str | None = None, distill_steps: int | None = None,
@@ -135,7 +136,9 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
     traces through PyTorch, from ``hawq_source`` or the recorded export source) with an average of
     at most ``bits_budget`` stored bits per weight (scales included); ``tie`` gives layers sharing an
     input one width; ``latency_budget_ms`` adds a budget on the measured kernel times (``target``
-    "host"; the plan is held to the budget less ``latency_margin``, a fraction, default 0.01);
+    "host"; the plan is held to the budget less ``latency_margin``, a fraction, default 0.01, and
+    then compiled and measured: over it, the latency model is refitted on that measurement and the
+    plan made again, ``latency_verify`` compiled plans at most, default 2);
     ``mp_cache`` keeps per-layer results between runs. Writes OUT.report.json/.html
     (``report=False``: not), with perplexity before/after when ``report_eval_tokens`` > 0.
     ``binarize``: "fdb" (2-bit flexible dual binarization) or "1bit": the binarize pass
@@ -199,7 +202,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
     mp = cfg.mixed_precision
     for key, value in (("bits_budget", bits_budget), ("candidates", candidates), ("sensitivity", sensitivity),
                        ("tie", tie), ("latency_budget_ms", latency_budget_ms),
-                       ("latency_margin", latency_margin), ("target", target),
+                       ("latency_margin", latency_margin), ("latency_verify", latency_verify), ("target", target),
                        ("cache", mp_cache), ("report", report), ("eval_tokens", report_eval_tokens),
                        ("hawq_source", hawq_source)):
         if value is not None:

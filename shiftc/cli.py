@@ -37,6 +37,16 @@ def _positive(value: str) -> int:
     return n
 
 
+def _nonnegative(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {n})")
+    return n
+
+
 def _bits(value: str) -> int:
     n = _positive(value) if value.lstrip("-").isdigit() else None
     if n is None or not 1 <= n <= 4:
@@ -215,7 +225,8 @@ def cmd_compress(args):
                      prune_scope=args.prune_scope, prune_budget=args.prune_budget, nm=args.nm,
                      bits_budget=args.bits_budget, candidates=args.mp_candidates, sensitivity=args.sensitivity,
                      tie=args.mp_tie or None, latency_budget_ms=args.latency_budget_ms,
-                     latency_margin=args.latency_margin, target=args.target,
+                     latency_margin=args.latency_margin, latency_verify=args.latency_verify,
+                     target=args.target,
                      mp_cache=args.mp_cache, report=args.report, report_eval_tokens=args.report_eval_tokens,
                      hawq_source=args.hawq_source, binarize=args.binarize, distill_steps=args.distill_steps,
                      distill_minutes=args.distill_minutes, distill_loss=args.distill_loss,
@@ -365,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--latency-margin", type=float, metavar="FRACTION",
                     help="plan against --latency-budget-ms x (1 - FRACTION), room for the latency model's error "
                          "(default 0.01)")
+    sp.add_argument("--latency-verify", type=_nonnegative, metavar="N",
+                    help="with --latency-budget-ms: compile the plan and measure it beside the calibration plans; "
+                         "while it measures over budget, refit the latency model on those timings and plan again, "
+                         "N compiled plans at most (default 2; 0: trust the prediction)")
     sp.add_argument("--target", help="where --latency-budget-ms is measured (host only for now)")
     sp.add_argument("--mp-cache", metavar="DIR", help="keep per-layer quantized results here between runs")
     sp.add_argument("--report", action=argparse.BooleanOptionalAction, default=None,

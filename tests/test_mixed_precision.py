@@ -116,6 +116,68 @@ def test_latency_budget_includes_fixed_cost():
                                                     other_ms=10.0), times=times, time_table={})
 
 
+def test_closed_loop_replans_when_the_compiled_plan_measures_over_budget():
+    """latency.close_loop: the plan made from the calibration is compiled and measured beside the
+    calibration plans; a machine that has become slower (fixed cost 10.0 -> 10.3 ms) puts it over
+    the budget, the latency model refitted on those measurements gives a faster plan, which
+    measures within the budget and is accepted. One iteration only: the first plan, not accepted.
+    Much slower: even the fastest plan is now predicted over, an error naming the flag."""
+    from shiftc.passes.mixed_precision import MixedPrecisionConfig
+    from shiftc.passes.mixed_precision.latency import close_loop
+    from shiftc.passes.mixed_precision.plan import plan_from_table
+
+    shapes = [(256, 256)] * 4 + [(1024, 256)]
+    sens = np.array([[8.0, 1.0], [4.0, 1.0], [2.0, 1.0], [1.5, 1.0], [30.0, 2.0]])
+    times = np.array([[0.1, 0.15]] * 4 + [[1.0, 1.5]])
+    table = _synthetic_table(shapes, sens)
+    mp = MixedPrecisionConfig(bits_budget=3.5, candidates=[2, 3], latency_budget_ms=11.95, latency_margin=0.0)
+    calib = {"uniform-2": ("u2.so", 1.4), "uniform-3": ("u3.so", 2.1)}
+    fixed = {"other_ms": 10.0, "scale": 1.0}  # what the calibration measured: 11.4 and 12.1 ms
+
+    def replan(f):
+        return plan_from_table(table, mp, times=times, time_table={}, fixed=f)
+
+    def kernel_sum(layer_bits):
+        return float(sum(times[i, b - 2] for i, b in enumerate(layer_bits.values())))
+
+    def machine(other):  # decode ms now = other + Σ kernel ms; a library's kernel sum from its name
+        kern = {"u2.so": 1.4, "u3.so": 2.1}
+
+        def time_libs(libs):
+            return {n: other + (kern[p] if p in kern else kernel_sum(built[p])) for n, p in libs.items()}
+        return time_libs
+
+    built = {}
+
+    def build(layer_bits):
+        path = f"plan{len(built)}.so"
+        built[path] = dict(layer_bits)
+        return path
+
+    first = replan(fixed)
+    assert list(first["layer_bits"].values()) == [3, 2, 2, 2, 3] and first["latency"]["predicted_ms"] == pytest.approx(11.95)
+    out = close_loop(first, replan, build, machine(10.3), kernel_sum, calib, iterations=3)
+    v = out["latency"]["verify"]
+    assert v["accepted"] and len(v["iterations"]) == 2 and len(built) == 2
+    assert v["iterations"][0]["measured_ms"] == pytest.approx(12.25) and not v["iterations"][0]["accepted"]
+    assert v["iterations"][0]["calibration_ms"] == pytest.approx({"uniform-2": 11.7, "uniform-3": 12.4})
+    assert list(out["layer_bits"].values()) == [3, 3, 3, 3, 2]  # the big layer back to 2 bits: 1.6 ms of kernels
+    assert out["latency"]["fixed_cost"]["other_ms"] == pytest.approx(10.3) and out["latency"]["kernel_scale"] == pytest.approx(1.0)
+    assert v["iterations"][1]["measured_ms"] == pytest.approx(11.9) and v["iterations"][1]["accepted"]
+    built.clear()
+    once = close_loop(replan(fixed), replan, build, machine(10.3), kernel_sum, calib, iterations=1)
+    assert not once["latency"]["verify"]["accepted"] and list(once["layer_bits"].values()) == [3, 2, 2, 2, 3]
+    built.clear()  # a machine 1 ms slower: the fastest plan (11.0 + 1.4) is now over 11.95
+    with pytest.raises(UsageError, match=r"--latency-budget-ms 11.95.*fastest plan.*refitted on the compiled plans"):
+        close_loop(replan(fixed), replan, build, machine(11.0), kernel_sum, calib, iterations=2)
+    built.clear()  # the refitted model gives the plan already measured: stop there, not accepted
+    same = close_loop(replan(fixed), lambda f: replan(fixed), build, machine(10.3), kernel_sum, calib, iterations=3)
+    assert not same["latency"]["verify"]["accepted"] and len(built) == 1
+    assert "already measured" in same["latency"]["verify"]["iterations"][-1]["stop"]
+    with pytest.raises(UsageError, match="--latency-verify"):
+        close_loop(first, replan, build, machine(10.0), kernel_sum, calib, iterations=0)
+
+
 def test_latency_margin_shrinks_the_planned_budget():
     """latency_margin m: the MILP gets budget·(1 − m) − other; the plan's prediction stays under it;
     a margin that pushes the budget under the fastest plan is refused naming both flags."""
@@ -363,6 +425,11 @@ def test_latency_budget_with_lut_kernels(tiny_decoder, tmp_path):
     assert set(lt["fixed_cost"]["measured_ms"]) == {"uniform-1", "uniform-2"} and lt["kernel_scale"] > 0
     assert lt["predicted_ms"] == pytest.approx(lt["other_ms"] + lt["kernel_ms"])
     assert lt["measured_ms"] > 0 and lt["meets_budget"] is True
+    # the closed loop (latency_verify, default 2): the plan compiled and measured beside the uniform plans
+    v = lt["verify"]
+    assert v["accepted"] is True and len(v["iterations"]) == 1
+    it = v["iterations"][0]
+    assert set(it["calibration_ms"]) == {"uniform-1", "uniform-2"} and 0 < it["measured_ms"] <= it["planned_ms"]
 
 
 def test_output_kl_is_zero_for_exact_weights(tiny_decoder):

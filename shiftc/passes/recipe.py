@@ -59,6 +59,9 @@ Schema (every key optional; the values shown are the defaults)::
       #                          fitted on compiled uniform plans; host only  (--latency-budget-ms, --target)
       latency_margin: 0.01     # the plan is predicted at <= budget x (1 - margin): room for the latency
       #                          model's error (-1.4%..+2.9% on SmolLM2-135M)  (--latency-margin)
+      latency_verify: 2        # closed loop: the plan compiled and measured beside the calibration plans;
+      #                          over budget x (1 - margin): model refitted, plan made again; at most this
+      #                          many compiled plans (0: trust the prediction)  (--latency-verify)
       measure_latency: false   # compile the output and record its measured decode time in the report
       cache: null          # folder keeping per-layer quantized results between runs  (--mp-cache)
       report: true         # OUT.report.json + OUT.report.html beside the output

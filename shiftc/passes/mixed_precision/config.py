@@ -20,6 +20,11 @@ class MixedPrecisionConfig:
     #                               0.01: on SmolLM2-135M (1 thread) the model's error on plans it was not fitted
     #                               on was -1.4%..+2.9%, mostly over-predicting, and one plan compiled twice timed
     #                               up to 1.5% apart (benchmarks/results/mixed_precision_latency.json)
+    latency_verify: int = 2  # with a latency budget: compiled plans measured (decode ms, alternating with the
+    #                         calibration plans) before one is accepted (--latency-verify); while the compiled
+    #                         plan measures over budget x (1 - margin), the latency model is refitted on what was
+    #                         just measured and the plan made again. 0: the prediction alone (no compile)
+    latency_verify_rounds: int = 200  # decode steps per library in each verification timing (median)
     target: str = "host"  # where kernel times are measured (--target); only the host for now
     other_ms: float | None = None  # decode time outside the quantized layers' kernels (attention, norms, embedding,
     #                                runtime), added to the latency model; None: measured once on this machine from
@@ -73,7 +78,9 @@ def validate_mixed_precision(m: MixedPrecisionConfig, bad) -> None:
         bad("other_ms", f"must be a number of ms >= 0 (or unset: measured), got {m.other_ms!r}")
     if not isinstance(m.measure_latency, bool):
         bad("measure_latency", f"must be true or false, got {m.measure_latency!r}")
-    for flag, v, lo in (("latency_measure_rounds", m.latency_measure_rounds, 1), ("hawq_probes", m.hawq_probes, 2), ("hawq_window", m.hawq_window, 2), ("kl_windows", m.kl_windows, 1), ("kl_window", m.kl_window, 2),
+    for flag, v, lo in (("latency_measure_rounds", m.latency_measure_rounds, 1), ("--latency-verify", m.latency_verify, 0),
+                        ("latency_verify_rounds", m.latency_verify_rounds, 1), ("hawq_probes", m.hawq_probes, 2),
+                        ("hawq_window", m.hawq_window, 2), ("kl_windows", m.kl_windows, 1), ("kl_window", m.kl_window, 2),
                         ("latency_rows", m.latency_rows, 1), ("latency_threads", m.latency_threads, 1),
                         ("--report-eval-tokens", m.eval_tokens, 0), ("eval_window", m.eval_window, 2)):
         if not isinstance(v, int) or v < lo:

@@ -185,31 +185,96 @@ def decode_ms(libs: dict[str, str], *, threads: int = 1, rounds: int = 20, past:
     return {k: [1e3 * t for t in v] for k, v in times.items()}
 
 
-def measure_fixed_cost(model, plans: dict[str, tuple[dict, float]], sa_cfg, *, threads: int = 1, rounds: int = 10,
-                       workdir: str | None = None) -> dict:
-    """Calibrate the latency model on compiled plans: ``plans`` {name: (results {layer: BcqResult},
-    Σ kernel ms of that plan)} — e.g. every layer at the smallest and at the largest width, results
-    the sensitivity step has computed anyway — are compressed, compiled for the host and their
-    decode times measured, alternating; then :func:`fit_fixed_cost` (with the scale when two plans).
-    Returns the fit plus {"measured_ms", "kernel_ms"} per plan."""
+def compile_plan(model, results: dict, sa_cfg, so: str) -> str:
+    """The shift-add pass with per-layer ``results`` {layer: BcqResult}, compiled for the host into ``so``."""
     import os
-    import tempfile
 
     from ...backend.compile import compile_model
     from ...frontend.onnx_io import save_model
     from ..shiftadd import ShiftAddPass
 
+    path = os.path.splitext(so)[0] + ".onnx"
+    save_model(ShiftAddPass(sa_cfg)(model, results=results).model, path)
+    try:
+        compile_model(path, so)
+    finally:
+        os.remove(path)
+    return so
+
+
+def measure_fixed_cost(model, plans: dict[str, tuple[dict, float]], sa_cfg, *, threads: int = 1, rounds: int = 10,
+                       workdir: str | None = None, keep: str | None = None) -> dict:
+    """Calibrate the latency model on compiled plans: ``plans`` {name: (results {layer: BcqResult},
+    Σ kernel ms of that plan)} — e.g. every layer at the smallest and at the largest width, results
+    the sensitivity step has computed anyway — are compressed, compiled for the host and their
+    decode times measured, alternating; then :func:`fit_fixed_cost` (with the scale when two plans).
+    Returns the fit plus {"measured_ms", "kernel_ms"} per plan; with ``keep`` (a folder) the
+    libraries stay there, {"libs": {name: path}} (the closed loop times them again)."""
+    import os
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="shiftc_latency_", dir=workdir) as d:
-        libs = {}
-        for name, (results, _) in plans.items():
-            path, so = os.path.join(d, f"{name}.onnx"), os.path.join(d, f"{name}.so")
-            save_model(ShiftAddPass(sa_cfg)(model, results=results).model, path)
-            compile_model(path, so)
-            os.remove(path)
-            libs[name] = so
+        libs = {name: compile_plan(model, results, sa_cfg, os.path.join(keep or d, f"{name}.so"))
+                for name, (results, _) in plans.items()}
         ms = decode_ms(libs, threads=threads, rounds=rounds)
     names = list(plans)
     med = {k: float(np.median(ms[k])) for k in names}
     kern = {k: float(plans[k][1]) for k in names}
     fit = fit_fixed_cost([kern[k] for k in names], [med[k] for k in names], fit_scale=len(names) > 1)
-    return {**fit, "measured_ms": med, "kernel_ms": kern, "rounds": rounds, "threads": threads}
+    return {**fit, "measured_ms": med, "kernel_ms": kern, "rounds": rounds, "threads": threads,
+            **({"libs": libs} if keep else {})}
+
+
+def close_loop(plan: dict, replan, build, time_libs, kernel_sum, calib: dict[str, tuple[str, float]], *,
+               iterations: int) -> dict:
+    """The closed loop of ``--latency-budget-ms``: a plan counts as meeting its budget once its
+    *compiled* model measures within it, not when the latency model predicts so.
+
+    Each iteration compiles the plan (``build(layer_bits)`` -> library path), times it alternating
+    with the calibration libraries ``calib`` {name: (library, Σ kernel ms)} (``time_libs({name:
+    path})`` -> {name: median ms}: the same process, the same minutes, so a machine that has become
+    slower since the calibration slows all of them alike). Accepted when the plan measures at or
+    under ``plan["latency"]["planned_ms"]`` (the budget less the margin). Otherwise the latency
+    model is fitted again on what was just measured — the calibration plans and this plan,
+    :func:`fit_fixed_cost` with the scale when the kernel sums differ — and ``replan(fixed)`` makes
+    the plan again (raising UsageError when even the fastest plan is now predicted over the
+    budget). Stops after ``iterations`` measured plans, or when the refitted model gives a plan
+    already measured. ``kernel_sum(layer_bits)``: Σ kernel ms of a plan, unscaled.
+
+    Returns the last measured plan with ``plan["latency"]["verify"]`` {"accepted", "iterations":
+    [{"predicted_ms", "measured_ms", "calibration_ms", "avg_bits", ...}]}."""
+    if iterations < 1:
+        raise UsageError(f"--latency-verify: at least one iteration, got {iterations}")
+    history, built = [], {}
+    accepted = False
+    while True:
+        lt = plan["latency"]
+        key = tuple(plan["layer_bits"].values())
+        if key not in built:
+            built[key] = build(plan["layer_bits"])
+        ms = time_libs({**{n: lib for n, (lib, _) in calib.items()}, "plan": built[key]})
+        k_plan = float(kernel_sum(plan["layer_bits"]))
+        accepted = ms["plan"] <= lt["planned_ms"]
+        history.append({"predicted_ms": lt["predicted_ms"], "planned_ms": lt["planned_ms"], "measured_ms": ms["plan"],
+                        "kernel_ms": k_plan, "avg_bits": plan["avg_bits"],
+                        "calibration_ms": {n: ms[n] for n in calib}, "accepted": accepted})
+        if accepted or len(history) >= iterations:
+            break
+        names = list(calib)
+        kern = [float(calib[n][1]) for n in names] + [k_plan]
+        meas = [ms[n] for n in names] + [ms["plan"]]
+        fixed = {**fit_fixed_cost(kern, meas, fit_scale=np.ptp(kern) > 0),
+                 "measured_ms": dict(zip(names + ["plan"], meas)), "kernel_ms": dict(zip(names + ["plan"], kern)),
+                 "refit": len(history)}
+        try:
+            new = replan(fixed)
+        except UsageError as e:
+            raise UsageError(f"{e}, by the latency model refitted on the compiled plans measured just now (the plan "
+                             f"made before measured {ms['plan']:.2f} ms/token against {lt['planned_ms']:.2f} "
+                             f"planned)") from None
+        if tuple(new["layer_bits"].values()) in built:
+            history[-1]["stop"] = "the refitted latency model gives a plan already measured"
+            break
+        plan = new
+    plan["latency"]["verify"] = {"accepted": accepted, "iterations": history}
+    return plan

@@ -2,8 +2,10 @@
 
     measure (each layer alone at each candidate width; calib errors, ShiftAddLLM score)
     [hawq: Hutchinson traces through the PyTorch model]
-    [latency: kernel time per layer shape and width]
+    [latency: kernel time per layer shape and width; fixed cost from compiled uniform plans]
     allocate (scipy.optimize.milp) -> {layer: bits}, fed to ShiftAddConfig.layer_bits
+    [latency: closed loop — the plan compiled and measured beside the uniform plans; over the
+     planned ms: latency model refitted on those measurements, allocate again (--latency-verify)]
     Pareto sweep of the budget; ShiftAddLLM's sort-and-threshold plan at the same size, for reference
 
 The returned dict is JSON-able once :func:`to_json` has turned arrays into lists; the report
@@ -100,6 +102,8 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
         table.info["kl"] = info
         kinds.append("kl")
     times, time_table, fixed = None, None, None
+    verify = mp.latency_budget_ms is not None and mp.latency_verify > 0 and mp.other_ms is None
+    lat_dir = tempfile.TemporaryDirectory(prefix="shiftc_latency_") if verify else None
     if mp.latency_budget_ms is not None:
         from . import latency
 
@@ -107,34 +111,77 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
             times, time_table = latency.layer_times([ly.shape for ly in table.layers], widths, sa_cfg.group,
                                                     m=mp.latency_rows, threads=mp.latency_threads, target=mp.target)
         if mp.other_ms is None:  # fixed cost and kernel scale from the compiled uniform smallest/largest plans
-            from .sensitivity import _weights, quantize_layer
-
-            weights = _weights(model, targets)
-            plans = {}
-            for j in sorted({0, len(widths) - 1}):
-                b = widths[j]
-                plans[f"uniform-{b}"] = ({t.name: quantize_layer(t.name, weights[t.name],
-                                                                 None if hessians is None else hessians.get(t.x), b,
-                                                                 sa_cfg, cache) for t in targets},
-                                         float(times[:, j].sum()))
-            del weights
+            plans = {f"uniform-{widths[j]}": (_results_at(model, targets, hessians, sa_cfg, cache,
+                                                          {t.name: widths[j] for t in targets}),
+                                              float(times[:, j].sum()))
+                     for j in sorted({0, len(widths) - 1})}
             with step(f"mixed precision: latency model from the compiled {' and '.join(plans)} plans"):
                 fixed = latency.measure_fixed_cost(model, plans, sa_cfg, threads=mp.latency_threads,
-                                                   rounds=mp.latency_measure_rounds)
+                                                   rounds=mp.latency_measure_rounds,
+                                                   keep=lat_dir.name if lat_dir else None)
+            libs = fixed.pop("libs", {})
+            calib = {n: (libs.get(n), k) for n, (_, k) in plans.items()}
             del plans
             log("mixed precision: decode " + ", ".join(f"{k} {v:.2f} ms/token (kernels alone {fixed['kernel_ms'][k]:.2f})"
                                                         for k, v in fixed["measured_ms"].items())
                 + f": fixed cost {fixed['other_ms']:.2f} ms, kernel scale {fixed['scale']:.2f}")
     plan = plan_from_table(table, mp, kinds, times=times, time_table=time_table,
                            fixed=fixed)
+    if verify:  # the closed loop: compile the plan, measure it beside the calibration plans, plan again if over
+        from dataclasses import replace
+
+        from . import latency
+
+        col = {b: j for j, b in enumerate(widths)}
+        count = iter(range(1, 10**6))
+
+        def build(layer_bits):
+            so = os.path.join(lat_dir.name, f"plan-{next(count)}.so")
+            with step(f"mixed precision: compiling the plan ({_avg(layer_bits, table)}) to measure it"):
+                return latency.compile_plan(model, _results_at(model, targets, hessians, sa_cfg, cache, layer_bits),
+                                            replace(sa_cfg, layer_bits=dict(layer_bits)), so)
+
+        def time_libs(libs):
+            ms = latency.decode_ms(libs, threads=mp.latency_threads, rounds=mp.latency_verify_rounds)
+            out = {k: float(np.median(v)) for k, v in ms.items()}
+            log("mixed precision: decode " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()) + " ms/token")
+            return out
+
+        try:
+            plan = latency.close_loop(
+                plan, lambda f: plan_from_table(table, mp, kinds, times=times, time_table=time_table, fixed=f),
+                build, time_libs, lambda lb: sum(times[i, col[b]] for i, b in enumerate(lb.values())), calib,
+                iterations=mp.latency_verify)
+        finally:
+            lat_dir.cleanup()
+        v = plan["latency"]["verify"]
+        last = v["iterations"][-1]
+        if v["accepted"]:
+            log(f"mixed precision: the compiled plan measures {last['measured_ms']:.2f} ms/token, within the planned "
+                f"{last['planned_ms']:.2f} (budget {mp.latency_budget_ms:g})")
+        else:
+            log(f"mixed precision: WARNING the compiled plan measures {last['measured_ms']:.2f} ms/token, over the "
+                f"planned {last['planned_ms']:.2f} (budget {mp.latency_budget_ms:g}) after {len(v['iterations'])} "
+                f"measured plan(s) (--latency-verify)")
     plan["tokenizer"] = tokenizer  # for the report's perplexity (None: the one recorded at export)
     if cache.folder:  # the chosen widths' results, so the pass does not quantize again
-        from .sensitivity import _weights, quantize_layer
-
-        weights = _weights(model, targets)
-        plan["results"] = {t.name: quantize_layer(t.name, weights[t.name], None if hessians is None else hessians.get(t.x),
-                                                  plan["layer_bits"][t.name], sa_cfg, cache) for t in targets}
+        plan["results"] = _results_at(model, targets, hessians, sa_cfg, cache, plan["layer_bits"])
     return plan
+
+
+def _results_at(model, targets, hessians, sa_cfg, cache, layer_bits: dict) -> dict:
+    """{layer: BcqResult} at the given widths, from the per-layer cache (quantized on a miss)."""
+    from .sensitivity import _weights, quantize_layer
+
+    weights = _weights(model, targets)
+    return {t.name: quantize_layer(t.name, weights[t.name], None if hessians is None else hessians.get(t.x),
+                                   int(layer_bits[t.name]), sa_cfg, cache) for t in targets}
+
+
+def _avg(layer_bits: dict, table) -> str:
+    bpw = dict(zip(table.bits, map(float, table.bits_per_weight())))
+    sizes = table.sizes()
+    return f"{sum(bpw[int(b)] * n for b, n in zip(layer_bits.values(), sizes)) / sum(sizes):.3f} bits/weight"
 
 
 def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=None, time_table=None,
