@@ -233,6 +233,9 @@ def main(argv=None) -> int:
     p.add_argument("--unit-scale", action="store_true", help="fit t = t_other + Σt_i (default: t_other + s·Σt_i)")
     p.add_argument("--stage", default="all", choices=["calibrate", "choose", "all"],
                    help="calibrate: fixed cost only; choose: + perplexity sweep; all: + final timing/perplexity")
+    p.add_argument("--verify", type=int, default=2,
+                   help="closed loop (shiftc compress --latency-verify): compiled plans measured before one is accepted")
+    p.add_argument("--verify-rounds", type=int, default=300, help="decode steps per library in each verification timing")
     p.add_argument("--retime", action="store_true", help="measure the final run again (the earlier one is kept)")
     p.add_argument("--recompile", action="store_true",
                    help="with --retime: compile every library of the final run again (same kernel code for all)")
@@ -377,6 +380,52 @@ def main(argv=None) -> int:
             chosen = name
         else:
             break
+    # 3'. the closed loop of `shiftc compress --latency-verify` (latency.close_loop): the chosen plan
+    # compiled and timed beside the calibration plans FIT; over its planned ms, the latency model
+    # refitted on those timings and the plan made again. The plan it accepts (or its last) goes on.
+    if chosen is not None and a.verify:
+        if a.retime or state.get("verify", {}).get("from") != chosen or state["verify"].get("plan") is None:
+            base_name, planned = chosen, sweep[chosen]["planned_ms"]
+            names_by_bits = {plan_id(chosen): chosen}
+
+            def as_plan(bits, fx_other, fx_scale):
+                bits = np.asarray(bits)
+                return {"layer_bits": dict(zip(S.names, map(int, bits))), "avg_bits": A.average_bits(bits, sizes, bpw_of),
+                        "latency": {"planned_ms": planned, "predicted_ms": fx_other + fx_scale * kernel_ms(bits)}}
+
+            def replan(fx):
+                r = A.allocate(sens, sizes, widths, bpw, a.budget, times=fx["scale"] * times,
+                               latency_budget=planned - fx["other_ms"])
+                return as_plan(r["bits"], fx["other_ms"], fx["scale"])
+
+            def build(layer_bits):
+                bits = np.array([layer_bits[n] for n in S.names])
+                key = "".join(map(str, bits))
+                if key not in names_by_bits:
+                    names_by_bits[key] = f"{base_name}-v{len(names_by_bits) + 1}"
+                plans[names_by_bits[key]] = bits
+                return lib(names_by_bits[key])
+
+            def time_libs(libs):
+                ms = time_decode(libs, a.threads, a.verify_rounds)
+                out = {k: float(np.median(v)) for k, v in ms.items()}
+                print("  verify: " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()) + " ms", flush=True)
+                return out
+
+            calib = {k: (lib(k), cal["kernel_ms"][k]) for k in FIT}
+            out = LT.close_loop(as_plan(plans[chosen], other, scale), replan, build, time_libs,
+                                lambda lb: kernel_ms([lb[n] for n in S.names]), calib, iterations=a.verify)
+            bits = np.array([out["layer_bits"][n] for n in S.names])
+            name = names_by_bits["".join(map(str, bits))]
+            if name != chosen:
+                sweep[name] = {**sweep[chosen], "predicted_ms": out["latency"]["predicted_ms"],
+                               "avg_bits": out["avg_bits"], "widths": {str(b): int(np.sum(bits == b)) for b in widths},
+                               "layer_bits": out["layer_bits"], "verified_from": chosen}
+            state["verify"] = {"from": chosen, "plan": name, "rounds": a.verify_rounds, "calibration_plans": list(FIT),
+                               **out["latency"]["verify"], "at": time.time()}
+            save_state()
+        chosen = state["verify"]["plan"]
+        plans[chosen] = np.array([sweep[chosen]["layer_bits"][n] for n in S.names])
     state["chosen"] = chosen
     same_size = None
     if chosen is not None:  # the size-only plan at the latency plan's own size
@@ -524,7 +573,7 @@ def main(argv=None) -> int:
               "kernel_times": state["kernel_times"], "fit_calibration_run": state["fit"], "fit_final_run": fit2,
               "calibration_run": cal, "sweep": sweep, "chosen": chosen, "final_run": fr, "models": rows,
               "final_runs_previous": state.get("final_runs_previous", []),
-              "verdict": verdict, "perplexity": state.get("perplexity"), "final_perplexity": final,
+              "verdict": verdict, "verify": state.get("verify"), "perplexity": state.get("perplexity"), "final_perplexity": final,
               "window": a.window, "timings_s": timings}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     previous = []
