@@ -389,7 +389,8 @@ def test_cli_bits_budget_plan_and_report(tiny_decoder, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,flag,code", [
     (["--bits-budget", "0.5"], "--bits-budget", 2), (["--mp-candidates", "2,5"], "--mp-candidates", 2),
-    (["--bits-budget", "2.5", "--latency-budget-ms", "1", "--target", "aarch64"], "--target aarch64", 4)])
+    (["--bits-budget", "2.5", "--latency-budget-ms", "1", "--target", "aarch64"], "--target aarch64", 4),
+    (["--bits-budget", "2.5", "--latency-budget-ms", "1", "--latency-verify", "-1"], "--latency-verify", 2)])
 def test_cli_bad_mixed_precision_flags(tiny_decoder, tmp_path, capsys, flags, flag, code):
     from shiftc.cli import main
 
@@ -418,7 +419,7 @@ def test_latency_budget_with_lut_kernels(tiny_decoder, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("mixed_precision:\n  measure_latency: true\n  latency_measure_rounds: 3\n")
     r = shiftc.api.compress(tiny_decoder, str(tmp_path / "b.onnx"), bits_budget=2.2, latency_budget_ms=1e3,
-                            recipe=str(recipe), **common)
+                            recipe=str(recipe), **{**common, "report": True})
     lt = r["mixed_precision"]["latency"]
     assert lt["predicted_ms"] <= 1e3 and set(lt["per_shape_ms"]) == {"128x64", "64x64", "32x64", "64x128"}
     assert lt["other_from"] == "measured" and min(lt["fixed_cost"]["measured_ms"].values()) > 0
@@ -430,6 +431,8 @@ def test_latency_budget_with_lut_kernels(tiny_decoder, tmp_path):
     assert v["accepted"] is True and len(v["iterations"]) == 1
     it = v["iterations"][0]
     assert set(it["calibration_ms"]) == {"uniform-1", "uniform-2"} and 0 < it["measured_ms"] <= it["planned_ms"]
+    page = open(r["mixed_precision"]["report"]["html"]).read()
+    assert "closed loop, plan 1" in page and "accepted" in page
 
 
 def test_output_kl_is_zero_for_exact_weights(tiny_decoder):

@@ -210,6 +210,12 @@ def _html(rep: dict, plan: dict | None, figs) -> str:
                                                      f"fixed ({e(str(lt.get('other_from', '')))}) + "
                                                      f"{lt.get('kernel_ms', lt['predicted_ms']):.3f} ms in the quantized "
                                                      f"layers' kernels (kernel times alone x {lt.get('kernel_scale', 1.0):.2f})"))
+        for i, it in enumerate((lt or {}).get("verify", {}).get("iterations", []), 1):
+            cal = ", ".join(f"{e(k)} {v:.3f}" for k, v in it["calibration_ms"].items())
+            rows.append((f"closed loop, plan {i}", f"{it['avg_bits']:.3f} bits/weight: measured {it['measured_ms']:.3f} "
+                         f"ms/token against {it['planned_ms']:.3f} planned (predicted {it['predicted_ms']:.3f}; "
+                         f"beside {cal}): {'accepted' if it['accepted'] else 'over'}"
+                         + (f"; {e(it['stop'])}" if it.get("stop") else "")))
         if lt:
             m = lt.get("measured_ms")
             verdict = "" if m is None or lt.get("budget_ms") is None else \
