@@ -27,24 +27,20 @@ def _model_file(path: str) -> str:
     return path
 
 
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 (got {n})")
-    return n
+def _int_at_least(lo: int):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo} (got {n})")
+        return n
+    return parse
 
 
-def _nonnegative(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not an integer") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (got {n})")
-    return n
+_positive = _int_at_least(1)
+_nonnegative = _int_at_least(0)
 
 
 def _bits(value: str) -> int:
