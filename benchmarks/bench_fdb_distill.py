@@ -100,7 +100,7 @@ def main(argv=None) -> int:
                                                "norms": a.norms, "planes": a.planes, "plane_lr": a.plane_lr if a.planes else None,
                                                "dev_windows": a.dev_windows, "split": "wikipedia/calib"},
               "fp32_perplexity": a.fp32_ppl, "rows": [],
-              "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py " + " ".join(argv or sys.argv[1:])}
+              "command": f"OMP_NUM_THREADS={a.threads} .venv/bin/python benchmarks/bench_fdb_distill.py " + " ".join(argv or sys.argv[1:])}
 
     def save():
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
