@@ -200,12 +200,15 @@ def median_ci95(x) -> list[float]:
     return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
 
 
+WARMUP_S = 0.0  # --warmup-s
+
+
 def time_decode(libs: dict[str, str], threads: int, rounds: int) -> dict[str, list[float]]:
     """ms per decode step of each compiled library, alternating (latency.decode_ms: one token on a
-    128-token KV cache, restored before every step)."""
+    128-token KV cache, restored before every step), after --warmup-s seconds of untimed steps."""
     from shiftc.passes.mixed_precision.latency import decode_ms
 
-    return decode_ms(libs, threads=threads, rounds=rounds)
+    return decode_ms(libs, threads=threads, rounds=rounds, warmup_s=WARMUP_S)
 
 
 def main(argv=None) -> int:
@@ -236,6 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--verify", type=int, default=2,
                    help="closed loop (shiftc compress --latency-verify): compiled plans measured before one is accepted")
     p.add_argument("--verify-rounds", type=int, default=300, help="decode steps per library in each verification timing")
+    p.add_argument("--warmup-s", type=float, default=0.0,
+                   help="untimed decode steps (seconds) before every timing run: all of them in the sustained state")
     p.add_argument("--retime", action="store_true", help="measure the final run again (the earlier one is kept)")
     p.add_argument("--recompile", action="store_true",
                    help="with --retime: compile every library of the final run again (same kernel code for all)")
@@ -243,6 +248,8 @@ def main(argv=None) -> int:
                    help="store the output-KL table in the cache for `shiftc compress --sensitivity kl --mp-cache`, and exit")
     p.add_argument("--out", default="benchmarks/results/mixed_precision_latency.json")
     a = p.parse_args(argv)
+    global WARMUP_S
+    WARMUP_S = a.warmup_s
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     os.makedirs(a.out_dir, exist_ok=True)
 
@@ -573,7 +580,7 @@ def main(argv=None) -> int:
               "kernel_times": state["kernel_times"], "fit_calibration_run": state["fit"], "fit_final_run": fit2,
               "calibration_run": cal, "sweep": sweep, "chosen": chosen, "final_run": fr, "models": rows,
               "final_runs_previous": state.get("final_runs_previous", []),
-              "verdict": verdict, "verify": state.get("verify"), "perplexity": state.get("perplexity"), "final_perplexity": final,
+              "verdict": verdict, "verify": state.get("verify"), "warmup_s": a.warmup_s, "perplexity": state.get("perplexity"), "final_perplexity": final,
               "window": a.window, "timings_s": timings}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     previous = []

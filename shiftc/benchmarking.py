@@ -59,12 +59,20 @@ def random_inputs(model: Model, dims: dict[str, int], seed: int = 0) -> list[np.
 GAP_S = 0.05  # idle time before each timed call (see alternate)
 
 
-def alternate(fns: dict[str, callable], repeats: int, warmup: int = 1, gap_s: float = GAP_S) -> dict[str, list[float]]:
+def alternate(fns: dict[str, callable], repeats: int, warmup: int = 1, gap_s: float = GAP_S,
+              warmup_s: float = 0.0) -> dict[str, list[float]]:
     """Time the functions in turn, ``repeats`` rounds. Each timed call is preceded by a short
     pause: ONNX Runtime's worker threads busy-spin for tens of milliseconds after a run and would
-    otherwise take a core away from whatever runs next."""
+    otherwise take a core away from whatever runs next. ``warmup_s``: before timing, keep calling
+    them in turn for that many seconds, so that the timing starts in the machine's sustained state
+    (a CPU that boosts its clock for a burst after idling runs slower under sustained load: on the
+    2-core development VM a loop ran 1.6x slower after 40 s of load than after a pause)."""
     for fn in fns.values():
         for _ in range(warmup):
+            fn()
+    end = time.perf_counter() + warmup_s
+    while time.perf_counter() < end:
+        for fn in fns.values():
             fn()
     times = {k: [] for k in fns}
     for _ in range(repeats):

@@ -417,7 +417,7 @@ def test_latency_budget_with_lut_kernels(tiny_decoder, tmp_path):
     assert per["latency"] is None
     # the fixed cost measured from the compiled uniform 1-bit model, and the output's decode time measured
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("mixed_precision:\n  measure_latency: true\n  latency_measure_rounds: 3\n")
+    recipe.write_text("mixed_precision:\n  measure_latency: true\n  latency_measure_rounds: 3\n  latency_warmup_s: 0.5\n")
     r = shiftc.api.compress(tiny_decoder, str(tmp_path / "b.onnx"), bits_budget=2.2, latency_budget_ms=1e3,
                             recipe=str(recipe), **{**common, "report": True})
     lt = r["mixed_precision"]["latency"]

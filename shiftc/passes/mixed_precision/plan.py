@@ -118,7 +118,8 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
             with step(f"mixed precision: latency model from the compiled {' and '.join(plans)} plans"):
                 fixed = latency.measure_fixed_cost(model, plans, sa_cfg, threads=mp.latency_threads,
                                                    rounds=mp.latency_measure_rounds,
-                                                   keep=lat_dir.name if lat_dir else None)
+                                                   keep=lat_dir.name if lat_dir else None,
+                                                   warmup_s=mp.latency_warmup_s)
             libs = fixed.pop("libs", {})
             calib = {n: (libs.get(n), k) for n, (_, k) in plans.items()}
             del plans
@@ -142,7 +143,8 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
                                             replace(sa_cfg, layer_bits=dict(layer_bits)), so)
 
         def time_libs(libs):
-            ms = latency.decode_ms(libs, threads=mp.latency_threads, rounds=mp.latency_verify_rounds)
+            ms = latency.decode_ms(libs, threads=mp.latency_threads, rounds=mp.latency_verify_rounds,
+                                   warmup_s=mp.latency_warmup_s)
             out = {k: float(np.median(v)) for k, v in ms.items()}
             log("mixed precision: decode " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()) + " ms/token")
             return out
