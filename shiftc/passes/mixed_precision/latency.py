@@ -161,11 +161,10 @@ def fit_fixed_cost(kernel_ms: list[float], measured_ms: list[float], *, fit_scal
 
 
 def decode_ms(libs: dict[str, str], *, threads: int = 1, rounds: int = 20, past: int = 128,
-              warmup: int = 2, warmup_s: float = 0.0) -> dict[str, list[float]]:
+              warmup: int = 2) -> dict[str, list[float]]:
     """Decode time (ms per token) of compiled causal-LM libraries, alternating between them
     (shiftc.benchmarking.alternate): one token on a ``past``-token KV cache, the cache restored
-    before every step, ``threads`` threads each; ``warmup_s`` seconds of untimed decode steps
-    first (the machine's sustained state, see alternate)."""
+    before every step, ``threads`` threads each."""
     from ...backend.runtime import load
     from ...benchmarking import alternate
 
@@ -182,7 +181,7 @@ def decode_ms(libs: dict[str, str], *, threads: int = 1, rounds: int = 20, past:
         s.past, s.length = list(saved[name][0]), saved[name][1]
         s.step(np.array([[42]]), last_only=True)
 
-    times = alternate({k: (lambda k=k: decode(k)) for k in sessions}, rounds, warmup=warmup, warmup_s=warmup_s)
+    times = alternate({k: (lambda k=k: decode(k)) for k in sessions}, rounds, warmup=warmup)
     return {k: [1e3 * t for t in v] for k, v in times.items()}
 
 
@@ -204,7 +203,7 @@ def compile_plan(model, results: dict, sa_cfg, so: str) -> str:
 
 
 def measure_fixed_cost(model, plans: dict[str, tuple[dict, float]], sa_cfg, *, threads: int = 1, rounds: int = 10,
-                       workdir: str | None = None, keep: str | None = None, warmup_s: float = 0.0) -> dict:
+                       workdir: str | None = None, keep: str | None = None) -> dict:
     """Calibrate the latency model on compiled plans: ``plans`` {name: (results {layer: BcqResult},
     Σ kernel ms of that plan)} — e.g. every layer at the smallest and at the largest width, results
     the sensitivity step has computed anyway — are compressed, compiled for the host and their
@@ -217,7 +216,7 @@ def measure_fixed_cost(model, plans: dict[str, tuple[dict, float]], sa_cfg, *, t
     with tempfile.TemporaryDirectory(prefix="shiftc_latency_", dir=workdir) as d:
         libs = {name: compile_plan(model, results, sa_cfg, os.path.join(keep or d, f"{name}.so"))
                 for name, (results, _) in plans.items()}
-        ms = decode_ms(libs, threads=threads, rounds=rounds, warmup_s=warmup_s)
+        ms = decode_ms(libs, threads=threads, rounds=rounds)
     names = list(plans)
     med = {k: float(np.median(ms[k])) for k in names}
     kern = {k: float(plans[k][1]) for k in names}
