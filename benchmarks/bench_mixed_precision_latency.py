@@ -200,20 +200,11 @@ def median_ci95(x) -> list[float]:
     return [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
 
 
-SETTLE = {"baseline": None, "max_s": 0.0, "runs": []}  # --settle-s; baseline: cpu_probe at the calibration timing
-
-
 def time_decode(libs: dict[str, str], threads: int, rounds: int) -> dict[str, list[float]]:
     """ms per decode step of each compiled library, alternating (latency.decode_ms: one token on a
-    128-token KV cache, restored before every step). With --settle-s, first wait (idle) for the CPU
-    to be back at its calibration-time speed (benchmarking.settle)."""
-    from shiftc.benchmarking import settle
+    128-token KV cache, restored before every step)."""
     from shiftc.passes.mixed_precision.latency import decode_ms
 
-    if SETTLE["baseline"] and SETTLE["max_s"]:
-        r = settle(SETTLE["baseline"], max_s=SETTLE["max_s"])
-        SETTLE["runs"].append({**r, "libs": len(libs), "at": time.time()})
-        print(f"  settled {r['waited_s']:g} s: CPU at {r['probe_ratio']:.3f}x its calibration-time speed", flush=True)
     return decode_ms(libs, threads=threads, rounds=rounds)
 
 
@@ -245,9 +236,6 @@ def main(argv=None) -> int:
     p.add_argument("--verify", type=int, default=2,
                    help="closed loop (shiftc compress --latency-verify): compiled plans measured before one is accepted")
     p.add_argument("--verify-rounds", type=int, default=300, help="decode steps per library in each verification timing")
-    p.add_argument("--settle-s", type=float, default=0.0,
-                   help="before each timing after the calibration, wait (idle) up to this long for the CPU to be back "
-                        "at its calibration-time speed (a pure-Python probe within 5%%)")
     p.add_argument("--retime", action="store_true", help="measure the final run again (the earlier one is kept)")
     p.add_argument("--recompile", action="store_true",
                    help="with --retime: compile every library of the final run again (same kernel code for all)")
@@ -255,7 +243,6 @@ def main(argv=None) -> int:
                    help="store the output-KL table in the cache for `shiftc compress --sensitivity kl --mp-cache`, and exit")
     p.add_argument("--out", default="benchmarks/results/mixed_precision_latency.json")
     a = p.parse_args(argv)
-    SETTLE["max_s"] = a.settle_s
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     os.makedirs(a.out_dir, exist_ok=True)
 
@@ -321,16 +308,12 @@ def main(argv=None) -> int:
     # the calibration-to-timing slowdown (run 6 in the module doc): its cause is not the rotation.
     if "calibration_run" not in state:
         libs = {n: lib(n) for n in CALIBRATION_PLANS}
-        from shiftc.benchmarking import cpu_probe
-
-        probe = cpu_probe()
         ms = time_decode(libs, a.threads, a.rounds)
         state["calibration_run"] = {"median_ms": {k: float(np.median(v)) for k, v in ms.items()},
                                     "kernel_ms": {k: kernel_ms(plans[k]) for k in libs}, "rounds": a.rounds,
-                                    "cpu_probe_s": probe, "at": time.time()}
+                                    "at": time.time()}
         save_state()
     cal = state["calibration_run"]
-    SETTLE["baseline"] = cal.get("cpu_probe_s")
     FIT = ("uniform-2", "uniform-3", "size-only")  # least squares over three calibration plans
     fit = LT.fit_fixed_cost([cal["kernel_ms"][k] for k in FIT], [cal["median_ms"][k] for k in FIT],
                             fit_scale=not a.unit_scale)
@@ -590,7 +573,7 @@ def main(argv=None) -> int:
               "kernel_times": state["kernel_times"], "fit_calibration_run": state["fit"], "fit_final_run": fit2,
               "calibration_run": cal, "sweep": sweep, "chosen": chosen, "final_run": fr, "models": rows,
               "final_runs_previous": state.get("final_runs_previous", []),
-              "verdict": verdict, "verify": state.get("verify"), "settle": {"max_s": a.settle_s, "baseline_probe_s": SETTLE["baseline"], "runs": SETTLE["runs"]}, "perplexity": state.get("perplexity"), "final_perplexity": final,
+              "verdict": verdict, "verify": state.get("verify"), "perplexity": state.get("perplexity"), "final_perplexity": final,
               "window": a.window, "timings_s": timings}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     previous = []

@@ -59,31 +59,6 @@ def random_inputs(model: Model, dims: dict[str, int], seed: int = 0) -> list[np.
 GAP_S = 0.05  # idle time before each timed call (see alternate)
 
 
-def cpu_probe(loops: int = 1_000_000, repeats: int = 3) -> float:
-    """Seconds of a fixed pure-Python loop (fastest of ``repeats``): the CPU's current speed, with
-    no memory traffic to speak of. On a VM that boosts its clock after idling and slows under
-    sustained load, this tells which state the machine is in."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0, s = time.perf_counter(), 0
-        for i in range(loops):
-            s += i
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def settle(baseline: float, *, tol: float = 0.05, max_s: float = 180.0, step_s: float = 10.0) -> dict:
-    """Wait, idle, until :func:`cpu_probe` is back within ``tol`` of ``baseline`` (taken when an
-    earlier timing ran), at most ``max_s`` seconds: timings taken before and after a compilation
-    or a training step then run at the same clock. Returns {"waited_s", "probe_ratio"}."""
-    t0 = time.perf_counter()
-    p = cpu_probe()
-    while p > (1 + tol) * baseline and time.perf_counter() - t0 < max_s:
-        time.sleep(step_s)
-        p = cpu_probe()
-    return {"waited_s": round(time.perf_counter() - t0, 1), "probe_ratio": round(p / baseline, 4)}
-
-
 def alternate(fns: dict[str, callable], repeats: int, warmup: int = 1, gap_s: float = GAP_S) -> dict[str, list[float]]:
     """Time the functions in turn, ``repeats`` rounds. Each timed call is preceded by a short
     pause: ONNX Runtime's worker threads busy-spin for tens of milliseconds after a run and would

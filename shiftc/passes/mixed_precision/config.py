@@ -25,10 +25,6 @@ class MixedPrecisionConfig:
     #                         plan measures over budget x (1 - margin), the latency model is refitted on what was
     #                         just measured and the plan made again. 0: the prediction alone (no compile)
     latency_verify_rounds: int = 200  # decode steps per library in each verification timing (median)
-    latency_settle_s: float = 120.0  # before each closed-loop timing, wait (idle) at most this long for the CPU to
-    #                                  be back at its speed during the calibration timing (benchmarking.settle:
-    #                                  a pure-Python probe within 5%); this VM ran 14% slower for minutes after a
-    #                                  compilation. 0: no wait
     target: str = "host"  # where kernel times are measured (--target); only the host for now
     other_ms: float | None = None  # decode time outside the quantized layers' kernels (attention, norms, embedding,
     #                                runtime), added to the latency model; None: measured once on this machine from
@@ -80,9 +76,6 @@ def validate_mixed_precision(m: MixedPrecisionConfig, bad) -> None:
         bad("--latency-margin", f"must be a fraction in [0, 0.5), got {m.latency_margin!r}")
     if m.other_ms is not None and (not isinstance(m.other_ms, (int, float)) or m.other_ms < 0):
         bad("other_ms", f"must be a number of ms >= 0 (or unset: measured), got {m.other_ms!r}")
-    if isinstance(m.latency_settle_s, bool) or not isinstance(m.latency_settle_s, (int, float)) \
-            or not 0 <= m.latency_settle_s <= 3600:
-        bad("latency_settle_s", f"must be seconds in [0, 3600], got {m.latency_settle_s!r}")
     if not isinstance(m.measure_latency, bool):
         bad("measure_latency", f"must be true or false, got {m.measure_latency!r}")
     for flag, v, lo in (("latency_measure_rounds", m.latency_measure_rounds, 1), ("--latency-verify", m.latency_verify, 0),

@@ -115,10 +115,7 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
                                                           {t.name: widths[j] for t in targets}),
                                               float(times[:, j].sum()))
                      for j in sorted({0, len(widths) - 1})}
-            from ...benchmarking import cpu_probe
-
             with step(f"mixed precision: latency model from the compiled {' and '.join(plans)} plans"):
-                probe = cpu_probe()  # the CPU's speed when the calibration plans are timed
                 fixed = latency.measure_fixed_cost(model, plans, sa_cfg, threads=mp.latency_threads,
                                                    rounds=mp.latency_measure_rounds,
                                                    keep=lat_dir.name if lat_dir else None)
@@ -145,14 +142,9 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
                                             replace(sa_cfg, layer_bits=dict(layer_bits)), so)
 
         def time_libs(libs):
-            from ...benchmarking import settle
-
-            s = settle(probe, max_s=mp.latency_settle_s) if mp.latency_settle_s else None
             ms = latency.decode_ms(libs, threads=mp.latency_threads, rounds=mp.latency_verify_rounds)
             out = {k: float(np.median(v)) for k, v in ms.items()}
-            log("mixed precision: decode " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()) + " ms/token"
-                + (f" (after {s['waited_s']:g} s for the CPU to settle, at {s['probe_ratio']:.3f}x its calibration "
-                   f"speed)" if s else ""))
+            log("mixed precision: decode " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()) + " ms/token")
             return out
 
         try:
