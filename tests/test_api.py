@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import shiftc
+
+REL_PPL = 1e-5  # float32 summation order differs between the function bodies and the de-quantized MatMuls
 
 
 def test_api_names_stay_functions(tiny_llama, smollm2_gguf_path):
@@ -22,3 +25,29 @@ def test_api_names_stay_functions(tiny_llama, smollm2_gguf_path):
     info = shiftc.inspect(lib)
     assert info["task"] == "causal-lm" and info["inputs"][0]["name"] == "input_ids"
     assert isinstance(shiftc.load(onnx_path).lm_session().step(np.array([[1, 2]])), np.ndarray)
+
+
+def test_evaluate_runs_a_compressed_onnx_through_its_dequantized_copy(tiny_llama, smollm2_gguf_path, tmp_path,
+                                                                     monkeypatch):
+    """api.evaluate on an .onnx with ai.shiftc ops scores the de-quantized copy (ONNX Runtime would
+    otherwise constant-fold one function body per layer: 20 GB for SmolLM2-135M): the same
+    perplexity as ONNX Runtime running the function bodies, to float rounding."""
+    from shiftc.backend.runtime import OnnxModel
+    from shiftc.evaluation import perplexity
+
+    onnx_path, _ = tiny_llama
+    out = str(tmp_path / "sa2.onnx")
+    shiftc.compress(onnx_path, out, bits=2, group=32, calib="none", threads=1)
+    from shiftc.passes import ops
+
+    copies = []
+    real = ops.dequantized_copy
+    monkeypatch.setattr(ops, "dequantized_copy", lambda m, *a, **k: copies.append(1) or real(m, *a, **k))
+    got = shiftc.evaluate(out, tokens=256, window=128, tokenizer=smollm2_gguf_path, threads=1)
+    assert copies == [1]
+    shiftc.evaluate(onnx_path, tokens=256, window=128, tokenizer=smollm2_gguf_path, threads=1)
+    assert copies == [1]  # an fp32 model is run as it is
+    bodies = perplexity(OnnxModel(out, 1), tokens=256, window=128, tokenizer=smollm2_gguf_path)
+    assert got["tokens_scored"] == bodies["tokens_scored"] == 2 * 127
+    assert got["perplexity"] == pytest.approx(bodies["perplexity"], rel=REL_PPL)
+
