@@ -60,6 +60,13 @@ every library was again 3.5–7.4% slower in the final run than in the calibrati
 earlier, the same five libraries in both, so the rotation is not the cause; the paired ratio is
 unaffected by it, the absolute reading is not.
 
+Since session 7 the chosen plan goes through the closed loop of ``shiftc compress
+--latency-verify`` before the final timing (``--verify N``, ``--verify-rounds``): compiled, timed
+beside uniform-2, uniform-3 and size-only, and planned again on a refitted model while it measures
+over budget x (1 - margin). Three such runs at ``--budget 2.9 --fractions 0.94`` (the JSON's
+``closed_loop_attempts``) found every library 14-17% slower at the closed-loop timing than at the
+calibration minutes earlier and stopped with the budget unattainable.
+
 The verdict states both readings: ``meets_budget`` (the paired ratio's interval below f) and
 ``meets_absolute_budget`` (the bootstrap interval of the latency plan's median ms at or below the
 budget in ms), with the minutes between calibration and timing and the size-only plan's drift.
