@@ -45,9 +45,15 @@ def test_evaluate_runs_a_compressed_onnx_through_its_dequantized_copy(tiny_llama
     monkeypatch.setattr(ops, "dequantized_copy", lambda m, *a, **k: copies.append(1) or real(m, *a, **k))
     got = shiftc.evaluate(out, tokens=256, window=128, tokenizer=smollm2_gguf_path, threads=1)
     assert copies == [1]
-    shiftc.evaluate(onnx_path, tokens=256, window=128, tokenizer=smollm2_gguf_path, threads=1)
+    fp32 = shiftc.evaluate(onnx_path, tokens=256, window=128, tokenizer=smollm2_gguf_path, threads=1)
     assert copies == [1]  # an fp32 model is run as it is
     bodies = perplexity(OnnxModel(out, 1), tokens=256, window=128, tokenizer=smollm2_gguf_path)
     assert got["tokens_scored"] == bodies["tokens_scored"] == 2 * 127
     assert got["perplexity"] == pytest.approx(bodies["perplexity"], rel=REL_PPL)
+    # the mixed-precision report's before/after perplexity goes through the same path
+    from shiftc.passes.mixed_precision.plan import measure_perplexity
+
+    rep = measure_perplexity(onnx_path, out, 256, 128, threads=1, tokenizer=smollm2_gguf_path)
+    assert copies == [1, 1] and rep["tokens"] == 2 * 127
+    assert rep["before"] == fp32["perplexity"] and rep["after"] == pytest.approx(bodies["perplexity"], rel=REL_PPL)
 

@@ -14,6 +14,7 @@ The returned dict is JSON-able once :func:`to_json` has turned arrays into lists
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 
@@ -133,11 +134,13 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
         from . import latency
 
         col = {b: j for j, b in enumerate(widths)}
-        count = iter(range(1, 10**6))
+        count = itertools.count(1)
 
         def build(layer_bits):
             so = os.path.join(lat_dir.name, f"plan-{next(count)}.so")
-            with step(f"mixed precision: compiling the plan ({_avg(layer_bits, table)}) to measure it"):
+            avg = A.average_bits(np.array(list(layer_bits.values())), table.sizes(),
+                                 dict(zip(table.bits, map(float, table.bits_per_weight()))))
+            with step(f"mixed precision: compiling the plan ({avg:.3f} bits/weight) to measure it"):
                 return latency.compile_plan(model, _results_at(model, targets, hessians, sa_cfg, cache, layer_bits),
                                             replace(sa_cfg, layer_bits=dict(layer_bits)), so)
 
@@ -176,12 +179,6 @@ def _results_at(model, targets, hessians, sa_cfg, cache, layer_bits: dict) -> di
     weights = _weights(model, targets)
     return {t.name: quantize_layer(t.name, weights[t.name], None if hessians is None else hessians.get(t.x),
                                    int(layer_bits[t.name]), sa_cfg, cache) for t in targets}
-
-
-def _avg(layer_bits: dict, table) -> str:
-    bpw = dict(zip(table.bits, map(float, table.bits_per_weight())))
-    sizes = table.sizes()
-    return f"{sum(bpw[int(b)] * n for b, n in zip(layer_bits.values(), sizes)) / sum(sizes):.3f} bits/weight"
 
 
 def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=None, time_table=None,
@@ -256,17 +253,12 @@ def measure_perplexity(source: str, output: str, tokens: int, window: int, threa
                        tokenizer: str | None = None) -> dict:
     """Perplexity of the source and of the compressed model on the held-out split (ONNX Runtime).
 
-    The compressed model is evaluated through a copy with Ŵ written back as fp32 MatMul weights
-    (assemble.dequantized_copy: the same numbers as its BcqMatMul function bodies)."""
+    api.evaluate scores the compressed model through its de-quantized copy (Ŵ written back as fp32
+    MatMul weights: the same numbers as its BcqMatMul function bodies)."""
     from ... import api
-    from ...frontend.onnx_io import load_model, save_model
-    from .assemble import dequantized_copy
 
     before = api.evaluate(source, tokens=tokens, window=window, threads=threads, tokenizer=tokenizer)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output))) as d:
-        deq = os.path.join(d, "dequantized.onnx")
-        save_model(dequantized_copy(load_model(output)), deq)
-        after = api.evaluate(deq, tokens=tokens, window=window, threads=threads, tokenizer=tokenizer)
+    after = api.evaluate(output, tokens=tokens, window=window, threads=threads, tokenizer=tokenizer)
     return {"before": before["perplexity"], "after": after["perplexity"], "tokens": before["tokens_scored"],
             "window": window, "corpus": f"{before['corpus']}/{before['split']}"}
 
