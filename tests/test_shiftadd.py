@@ -40,7 +40,9 @@ def _op_model(x_shape, planes, exps, q, g, k, opset=17):
 
 def test_op_name_is_not_a_standard_onnx_op():
     assert not onnx.defs.has("BcqMatMul") and not onnx.defs.has("FdbMatMul")
-    assert set(ops.OPS) == {"BcqMatMul", "FdbMatMul"} and ops.OPS["BcqMatMul"].reference is ops.bcq_matmul_ref
+    assert not onnx.defs.has("BcqGather")
+    assert set(ops.OPS) == {"BcqMatMul", "BcqGather", "FdbMatMul"}
+    assert ops.OPS["BcqMatMul"].reference is ops.bcq_matmul_ref and ops.OPS["BcqGather"].kind == "gather"
 
 
 @pytest.mark.parametrize("q", [1, 2, 3, 4])
@@ -64,6 +66,37 @@ def test_function_body_matches_references(q, g, mode, tmp_path):
     np.testing.assert_allclose(y_gemm, y_ref, rtol=RTOL_OP, atol=ATOL_OP)
     np.testing.assert_allclose(y_gemv, y_ref[0, 0], rtol=RTOL_OP, atol=ATOL_OP)
     np.testing.assert_allclose(y_ref, x @ r.dequantize().T, rtol=RTOL_OP, atol=ATOL_OP)
+
+
+def _gather_model(idx_shape, planes, exps, q, g, k, opset=17):
+    node = helper.make_node("BcqGather", ["ids", "planes", "exps"], ["y"], domain=ops.DOMAIN, bits=q,
+                            group_size=g, in_features=k, coding="pm1")
+    graph = helper.make_graph([node], "bcq_gather", [helper.make_tensor_value_info("ids", TensorProto.INT64, idx_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*idx_shape, k])],
+                              [numpy_helper.from_array(planes, "planes"), numpy_helper.from_array(exps, "exps")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    ops.add_functions(m, ["BcqGather"])
+    return m
+
+
+@pytest.mark.parametrize("q,g,mode", [(1, 32, "pow2"), (3, 64, "pow2x2"), (4, 128, "pow2x2")])
+def test_gather_function_body_matches_reference(q, g, mode, tmp_path):
+    """BcqGather's function body (ORT) = rows of the numpy Ŵ = the BcqMatMul weight's rows, exactly
+    (the same float32 sums of powers of two), negative indices counting from the end."""
+    rng = np.random.default_rng(q + g)
+    n, k = 40, 150
+    r = bcq.quantize_bcq(rng.standard_normal((n, k)).astype(np.float32) * 0.05, q, g, mode, iters=2)
+    ids = np.array([[0, 39, 7], [-1, 12, 12]], np.int64)
+    m = _gather_model([2, 3], r.packed_planes(), r.exps, q, g, k)
+    onnx.checker.check_model(m, full_check=True)
+    path = str(tmp_path / "gather.onnx")
+    onnx.save(m, path)
+    y_ort = ort_run(path, {"ids": ids})["y"]
+    y_ref = ops.bcq_gather_ref(ids, r.packed_planes(), r.exps, bits=q, group_size=g, in_features=k)
+    assert y_ort.shape == (2, 3, k)
+    np.testing.assert_array_equal(y_ort, y_ref)
+    np.testing.assert_array_equal(y_ref, r.dequantize()[ids])
 
 
 def test_no_term_exponent_means_zero():
@@ -107,7 +140,11 @@ def test_pass_on_tiny_llama_with_calibration(tiny_onnx, smollm2_gguf_path, tmp_p
     assert kinds.count("BcqMatMul") == 2 * 7 + 1  # 7 linear layers per block, plus the tied LM head
     assert kinds.count("MatMul") == 2 * 2  # attention scores and values stay
     names = {t.name for t in m.graph.initializer}
-    assert "model.embed_tokens.weight" in names  # still read by the Gather
+    # the tied embedding lookup reads the head's planes: one packed copy, no fp32 table
+    assert "model.embed_tokens.weight" not in names and kinds.count("BcqGather") == 1
+    gather = next(n for n in m.graph.node if n.op_type == "BcqGather")
+    assert list(gather.input[1:]) == ["lm_head.bcq_planes", "lm_head.bcq_exps"]
+    assert meta_tied(m) == {"embed": "lm_head"}
     assert not any(nm.endswith(".weight.T") for nm in names)  # dead fp32 weights removed
     assert {(o.domain, o.version) for o in m.opset_import} >= {(ops.DOMAIN, 1)}
     meta = json.loads({p.key: p.value for p in m.metadata_props}[METADATA_KEY])
@@ -120,6 +157,17 @@ def test_pass_on_tiny_llama_with_calibration(tiny_onnx, smollm2_gguf_path, tmp_p
     onnx.save(ops.dequantized_copy(m), ref_path)
     got, ref = ort_run(out, _feeds(m, ids))["logits"], ort_run(ref_path, _feeds(m, ids))["logits"]
     np.testing.assert_allclose(got, ref, rtol=RTOL_MODEL, atol=RTOL_MODEL * np.abs(ref).max())
+
+
+def meta_tied(m):
+    return json.loads({p.key: p.value for p in m.metadata_props}[METADATA_KEY]).get("tied_embedding")
+
+
+def test_tied_embedding_off_keeps_the_fp32_table(tiny_onnx):
+    m = onnx.load(tiny_onnx)
+    out = ShiftAddPass(ShiftAddConfig(bits=2, group=64, iters=1, tied_embedding=False))(m).model
+    assert "model.embed_tokens.weight" in {t.name for t in out.graph.initializer}
+    assert not any(n.op_type == "BcqGather" for n in out.graph.node) and meta_tied(out) is None
 
 
 def test_sequential_calibration(tiny_onnx, smollm2_gguf_path):

@@ -143,9 +143,11 @@ def to_relax(model: onnx.ModelProto, source: str = "model"):
     check_lowerable(model, source)
     if model.ir_version < 3:
         raise BadInputError(f"{source}: ONNX IR version {model.ir_version} is too old")
+    from .shiftc_ops import sharing_packed_weights
+
     importer = _importer_class()(None, "float32", keep_params_in_input=False, sanitize=True)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sharing_packed_weights():
             warnings.simplefilter("ignore")  # TVM warns for every renamed (sanitized) input
             return importer.from_onnx(model.graph, model_opset(model))
     except (UnsupportedError, BadInputError):

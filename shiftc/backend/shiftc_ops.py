@@ -38,6 +38,7 @@ ROW_BLOCK = 16  # rows per lut16 block
 TASK_ROWS = 32  # output columns per kernel task
 
 _device = contextvars.ContextVar("shiftc_lowering_device", default="cpu")
+_packed = contextvars.ContextVar("shiftc_packed_weights", default=None)  # see sharing_packed_weights
 
 
 @contextlib.contextmanager
@@ -181,15 +182,17 @@ def _bcq_matmul(bb, inputs, attrs, node):
         w = reconstruct(unpack_planes(planes, k), alpha, group, coding).astype(np.float32)  # [N, K]
         return relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T), "float32"))
 
-    codes, scales, offsets = _pack(planes, alpha, k, group, coding)
-    name = f"shiftc_bcq_{n}x{k}_q{bits}g{group}{'_off' if offsets is not None else ''}"
-    return _emit_lut16_call(bb, x, node, name, k, n, bits, group, codes, scales, offsets)
+    packed = _shared_lut16(node, lambda: _pack(planes, alpha, k, group, coding))
+    name = f"shiftc_bcq_{n}x{k}_q{bits}g{group}{'_off' if packed[5] else ''}"
+    return _emit_lut16_call(bb, x, node, name, k, n, bits, group, packed)
 
 
-def _emit_lut16_call(bb, x, node, name: str, k: int, n: int, bits: int, group: int, codes, scales, offsets):
-    """Emit ``reshape(x, [rows, K]) -> call_tir(kernel PrimFunc) -> reshape back`` for lut16 arrays."""
+def _emit_lut16_call(bb, x, node, name: str, k: int, n: int, bits: int, group: int, packed):
+    """Emit ``reshape(x, [rows, K]) -> call_tir(kernel PrimFunc) -> reshape back`` for lut16
+    constants ``packed`` (:func:`_shared_lut16`)."""
     from tvm import relax, tirx
 
+    codes, scales, off, n_codes, n_scales, n_off = packed
     x = bb.normalize(x)
     x_shape = list(x.ty.shape)
     if not x_shape or int(x_shape[-1]) != k:
@@ -197,16 +200,119 @@ def _emit_lut16_call(bb, x, node, name: str, k: int, n: int, bits: int, group: i
     rows = 1
     for d in x_shape[:-1]:
         rows = rows * (int(d) if isinstance(d, tirx.IntImm) else d)
-    fn = _bcq_primfunc(k, n, bits, group, codes.size, scales.size, 0 if offsets is None else offsets.size)
+    fn = _bcq_primfunc(k, n, bits, group, n_codes, n_scales, n_off)
     gv = bb.add_func(fn, name)
     x2 = bb.emit(relax.op.reshape(x, [rows, k]))
-    off = offsets if offsets is not None else np.zeros(1, np.float32)
     out = bb.emit(relax.call_tir(
-        gv, [x2, relax.const(codes, "uint8"), relax.const(scales, "float32"), relax.const(off, "float32")],
+        gv, [x2, codes, scales, off],
         [relax.TensorType([rows, n], "float32"),
          relax.TensorType([workspace_floats(rows, k, group, lut_max_m())], "float32")]))
     y = bb.emit(relax.TupleGetItem(out, 0))
     return relax.op.reshape(y, x_shape[:-1] + [n])
+
+
+def _gather_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales: int, n_offsets: int):
+    """PrimFunc (ids [R], codes, scales, offsets, y [R, K]): rows of a lut16 weight, reconstructed
+    as W[r, c] = Σ_i scales[i] · s(bit_i) + offset (bcq_lut.h's layout read row by row). Indices
+    wrap once from the end (ONNX Gather) and are clamped to [0, N) so a bad id cannot read past
+    the table. Serial: a row is K·q adds, far below a thread-pool dispatch at decode."""
+    from tvm.script import tirx as T
+
+    ng = -(-k // group)
+    kp8 = ng * group // 8
+    has_off = n_offsets > 0
+    rb = ROW_BLOCK
+
+    @T.prim_func(private=True)
+    def lut16_gather(i_h: T.handle, c_h: T.handle, s_h: T.handle, o_h: T.handle, y_h: T.handle):
+        T.func_attr({"tir.is_scheduled": True, "tir.noalias": True})
+        r = T.int64()
+        ids = T.match_buffer(i_h, (r,), "int64")
+        codes = T.match_buffer(c_h, (n_codes,), "uint8")
+        scales = T.match_buffer(s_h, (n_scales,), "float32")
+        offsets = T.match_buffer(o_h, (max(n_offsets, 1),), "float32")
+        y = T.match_buffer(y_h, (r, k), "float32")
+        for t in T.serial(r):
+            idx = T.max(T.min(T.if_then_else(ids[t] < T.int64(0), ids[t] + T.int64(n), ids[t]), T.int64(n - 1)),
+                        T.int64(0))
+            blk = idx // T.int64(rb)
+            row = idx % T.int64(rb)
+            for c in T.serial(T.int64(k)):
+                grp = blk * T.int64(ng) + c // T.int64(group)
+                if has_off:
+                    y[t, c] = offsets[grp * T.int64(rb) + row]
+                else:
+                    y[t, c] = T.float32(0)
+                for i in T.unroll(q):
+                    byte = codes[((blk * T.int64(kp8) + c // T.int64(8)) * T.int64(q) + T.int64(i)) * T.int64(rb) + row]
+                    bit = T.Cast("int32", T.shift_right(byte, T.Cast("uint8", c % T.int64(8))) & T.uint8(1))
+                    y[t, c] = y[t, c] + scales[(grp * T.int64(q) + T.int64(i)) * T.int64(rb) + row] * \
+                        T.Cast("float32", bit * 2 - 1)
+
+    return lut16_gather
+
+
+def _shared_lut16(node, make):
+    """The lut16 arrays of ``node``'s weight initializers (inputs 1..), packed once per import and
+    returned as the same Relax constants to every op that reads them: a tied LM head and its
+    embedding lookup then hold one copy in the library."""
+    from tvm import relax
+
+    cache = _packed.get()
+    key = tuple(node.input[1:])
+    if cache is not None and key in cache:
+        return cache[key]
+    codes, scales, offsets = make()
+    off = offsets if offsets is not None else np.zeros(1, np.float32)
+    entry = (relax.const(np.asarray(codes), "uint8"), relax.const(np.asarray(scales, np.float32), "float32"),
+             relax.const(np.asarray(off, np.float32), "float32"), int(np.size(codes)), int(np.size(scales)),
+             0 if offsets is None else int(np.size(offsets)))
+    if cache is not None:
+        cache[key] = entry
+    return entry
+
+
+@contextlib.contextmanager
+def sharing_packed_weights():
+    """Within this block, ops reading the same weight initializers share their packed constants."""
+    token = _packed.set({})
+    try:
+        yield
+    finally:
+        _packed.reset(token)
+
+
+@register_converter(SHIFTC_DOMAIN, "BcqGather")
+def _bcq_gather(bb, inputs, attrs, node):
+    """BcqGather (shiftc/passes/ops.py): rows of a BcqMatMul weight. CPU: read from the same lut16
+    constants as the tied head's BcqMatMul; CUDA: a Gather on the reconstructed table."""
+    from tvm import relax, tirx
+
+    from ..passes.bcq import exps_to_alpha, reconstruct, unpack_planes
+
+    ids = bb.normalize(inputs[0])
+    planes = _constant(inputs[1], node, "planes")
+    exps = _constant(inputs[2], node, "exps")
+    coding = attrs.get("coding", "pm1")
+    coding = coding.decode() if isinstance(coding, bytes) else coding
+    bits, group, k = int(attrs["bits"]), int(attrs["group_size"]), int(attrs["in_features"])
+    if planes.shape[0] != bits or coding not in ("pm1", "01"):
+        raise UnsupportedError(f"node '{node.name}' (BcqGather): bits={bits}, coding {coding!r}, planes {planes.shape}")
+    n = int(planes.shape[1])
+    alpha = exps_to_alpha(exps)
+    if _device.get() != "cpu":
+        w = reconstruct(unpack_planes(planes, k), alpha, group, coding).astype(np.float32)  # [N, K]
+        return relax.op.take(relax.const(w, "float32"), ids, axis=0)
+    codes, scales, off, n_codes, n_scales, n_off = _shared_lut16(node, lambda: _pack(planes, alpha, k, group, coding))
+    shape = list(ids.ty.shape)
+    rows = 1
+    for d in shape:
+        rows = rows * (int(d) if isinstance(d, tirx.IntImm) else d)
+    gv = bb.add_func(_gather_primfunc(k, n, bits, group, n_codes, n_scales, n_off),
+                     f"shiftc_bcq_gather_{n}x{k}_q{bits}g{group}")
+    flat = bb.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [rows]))
+    y = bb.emit(relax.call_tir(gv, [flat, codes, scales, off], relax.TensorType([rows, k], "float32")))
+    return relax.op.reshape(y, shape + [k])
 
 
 def fdb_lut16(planes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, k: int, group: int):
@@ -244,6 +350,5 @@ def _fdb_matmul(bb, inputs, attrs, node):
         w = reconstruct(unpack_planes(planes, k), scales, offsets, group).astype(np.float32)  # [N, K]
         return relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T), "float32"))
 
-    codes, lut_scales, lut_off = fdb_lut16(planes, scales, offsets, k, group)
-    return _emit_lut16_call(bb, x, node, f"shiftc_fdb_{n}x{k}_q{bits}g{group}", k, n, bits, group,
-                            codes, lut_scales, lut_off)
+    packed = _shared_lut16(node, lambda: fdb_lut16(planes, scales, offsets, k, group))
+    return _emit_lut16_call(bb, x, node, f"shiftc_fdb_{n}x{k}_q{bits}g{group}", k, n, bits, group, packed)

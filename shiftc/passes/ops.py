@@ -65,6 +65,7 @@ class OpSpec:
     function: Callable[[int], onnx.FunctionProto]  # opset -> function body
     reference: Callable[..., np.ndarray]  # numpy reference
     weight: Callable[..., np.ndarray]  # (constant inputs after X, **attributes) -> Ŵ [N, K] float32
+    kind: str = "matmul"  # "matmul": Y = X Ŵᵀ; "gather": Y = Ŵ[indices] (X holds the indices)
 
 
 # -- BcqMatMul ------------------------------------------------------------------------------------
@@ -88,24 +89,22 @@ def bcq_matmul_ref(x: np.ndarray, planes: np.ndarray, exps: np.ndarray, *, bits:
     return y.astype(np.float32)
 
 
-def bcq_matmul_function(opset: int, coding: str = "pm1") -> onnx.FunctionProto:
-    """The ONNX function body of ``ai.shiftc::BcqMatMul`` for a model of default-domain ``opset``."""
-    if opset < MIN_OPSET:
-        raise ValueError(f"BcqMatMul's function body needs opset >= {MIN_OPSET}, got {opset}")
-    if coding != "pm1":
-        raise ValueError(f"coding {coding!r} has no function body yet (reserved); use 'pm1'")
+def _const(name, value, dtype):
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, np.shape(value), np.ravel(value).tolist()))
 
-    def const(name, value, dtype):
-        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, np.shape(value), np.ravel(value).tolist()))
 
-    def attr_const(name, attr):
-        n = helper.make_node("Constant", [], [name])
-        a = onnx.AttributeProto(name="value_int", ref_attr_name=attr, type=onnx.AttributeProto.INT)
-        n.attribute.append(a)
-        return n
+def _attr_const(name, attr):
+    n = helper.make_node("Constant", [], [name])
+    n.attribute.append(onnx.AttributeProto(name="value_int", ref_attr_name=attr, type=onnx.AttributeProto.INT))
+    return n
 
+
+def _bcq_weight_nodes() -> list[onnx.NodeProto]:
+    """Function-body nodes reading ``planes`` [q,N,W] and ``exps`` [q,N,ng,T] (pm1 coding) and
+    writing ``w`` = Ŵ [N, K] float32; the attributes ``in_features`` and ``group_size`` are read."""
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    nodes = [
+    const, attr_const = _const, _attr_const
+    return [
         # bits: planes [q,N,W] -> [q,N,W,32] of 0/1 by two shifts, -> [q,N,W*32] -> first K columns
         const("left", np.arange(31, -1, -1, dtype=np.uint32), TensorProto.UINT32),  # 31 - j
         const("right", np.array([31], np.uint32), TensorProto.UINT32),
@@ -142,9 +141,23 @@ def bcq_matmul_function(opset: int, coding: str = "pm1") -> onnx.FunctionProto:
         helper.make_node("Expand", ["alpha4", "g_shape"], ["alpha_g"]),
         helper.make_node("Reshape", ["alpha_g", "shape_qn_"], ["alpha_flat"]),
         helper.make_node("Slice", ["alpha_flat", "zero_i", "k_1", "ax_last"], ["alpha_k"]),
-        # W [N,K] = sum_i alpha_i * s_i ;  Y = X W^T
+        # W [N,K] = sum_i alpha_i * s_i
         helper.make_node("Mul", ["alpha_k", "signs"], ["planes_w"]),
         helper.make_node("ReduceSum", ["planes_w", "ax_0"], ["w"], keepdims=0),
+    ]
+
+
+def _check_bcq_body(op: str, opset: int, coding: str) -> None:
+    if opset < MIN_OPSET:
+        raise ValueError(f"{op}'s function body needs opset >= {MIN_OPSET}, got {opset}")
+    if coding != "pm1":
+        raise ValueError(f"coding {coding!r} has no function body yet (reserved); use 'pm1'")
+
+
+def bcq_matmul_function(opset: int, coding: str = "pm1") -> onnx.FunctionProto:
+    """The ONNX function body of ``ai.shiftc::BcqMatMul`` for a model of default-domain ``opset``."""
+    _check_bcq_body("BcqMatMul", opset, coding)
+    nodes = _bcq_weight_nodes() + [  # Y = X W^T
         helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
         helper.make_node("MatMul", ["X", "w_t"], ["Y"]),
     ]
@@ -168,8 +181,68 @@ BCQ_MATMUL = OpSpec(
     weight=bcq_matmul_weight,
 )
 
+
+# -- BcqGather ------------------------------------------------------------------------------------
+#
+# ``Y = Ŵ[indices]``: rows of a BcqMatMul weight, i.e. an embedding lookup on a quantized table. A
+# decoder whose LM head is tied to its embedding stores one copy: the head's BcqMatMul and the
+# embedding's BcqGather read the same ``planes`` and ``exps`` initializers (the shift-add pass).
+#
+# inputs
+#     indices  int64   [...]                 row numbers in [-N, N) (negative: from the end, as Gather)
+#     planes   uint32  [q, N, ceil(K/32)]    as BcqMatMul
+#     exps     int8    [q, N, ceil(K/G), T]  as BcqMatMul
+# attributes: bits, group_size, in_features, coding — as BcqMatMul
+# output
+#     Y        float32 [..., K]
+
+
+def bcq_gather_ref(indices: np.ndarray, planes: np.ndarray, exps: np.ndarray, *, bits: int, group_size: int,
+                   in_features: int, coding: str = "pm1") -> np.ndarray:
+    """numpy reference of BcqGather: rows ``indices`` of Ŵ [N, K] (float32)."""
+    if planes.shape[0] != bits or exps.shape[0] != bits:
+        raise ValueError(f"bits={bits} but planes {planes.shape} / exps {exps.shape}")
+    w = bcq_matmul_weight(planes, exps, group_size=group_size, in_features=in_features, coding=coding)
+    return w[np.asarray(indices, np.int64)]
+
+
+def bcq_gather_function(opset: int, coding: str = "pm1") -> onnx.FunctionProto:
+    """The ONNX function body of ``ai.shiftc::BcqGather``: the rows are gathered from the packed
+    planes and exponents first, so only those rows are reconstructed."""
+    _check_bcq_body("BcqGather", opset, coding)
+    i64 = TensorProto.INT64
+    nodes = [
+        _const("flat", np.array([-1], np.int64), i64),
+        helper.make_node("Reshape", ["indices", "flat"], ["rows"]),
+        helper.make_node("Gather", ["table_planes", "rows"], ["planes"], axis=1),  # [q, R, W]
+        helper.make_node("Gather", ["table_exps", "rows"], ["exps"], axis=1),  # [q, R, ng, T]
+        *_bcq_weight_nodes(),  # w [R, K]
+        helper.make_node("Shape", ["indices"], ["idx_shape"]),
+        helper.make_node("Concat", ["idx_shape", "k_1"], ["y_shape"], axis=0),
+        helper.make_node("Reshape", ["w", "y_shape"], ["Y"]),
+    ]
+    return helper.make_function(
+        DOMAIN, "BcqGather", ["indices", "table_planes", "table_exps"], ["Y"], nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["bits", "group_size", "in_features", "coding"],
+        doc_string="Y = W[indices], W = sum_i alpha_i * (2 B_i - 1); see shiftc/passes/ops.py",
+    )
+
+
+BCQ_GATHER = OpSpec(
+    name="BcqGather",
+    inputs=(("indices", "int64 [...]"), ("planes", "uint32 [q, N, ceil(K/32)]"),
+            ("exps", "int8 [q, N, ceil(K/G), T]")),
+    outputs=(("Y", "float32 [..., K]"),),
+    attributes=BCQ_MATMUL.attributes,
+    function=bcq_gather_function,
+    reference=bcq_gather_ref,
+    weight=bcq_matmul_weight,
+    kind="gather",
+)
+
 #: op name -> spec; the one table of shiftc's ops (domain :data:`DOMAIN`).
-OPS: dict[str, OpSpec] = {BCQ_MATMUL.name: BCQ_MATMUL}
+OPS: dict[str, OpSpec] = {BCQ_MATMUL.name: BCQ_MATMUL, BCQ_GATHER.name: BCQ_GATHER}
 
 
 def add_functions(model: onnx.ModelProto, names: list[str]) -> None:
@@ -228,14 +301,7 @@ def fdb_matmul_function(opset: int) -> onnx.FunctionProto:
     if opset < MIN_OPSET:
         raise ValueError(f"FdbMatMul's function body needs opset >= {MIN_OPSET}, got {opset}")
 
-    def const(name, value, dtype):
-        return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, np.shape(value), np.ravel(value).tolist()))
-
-    def attr_const(name, attr):
-        n = helper.make_node("Constant", [], [name])
-        n.attribute.append(onnx.AttributeProto(name="value_int", ref_attr_name=attr, type=onnx.AttributeProto.INT))
-        return n
-
+    const, attr_const = _const, _attr_const
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     nodes = [
         # bits: planes [q,N,W] -> [q,N,W,32] of 0/1 by two shifts -> [q,N,W*32] -> first K columns
@@ -319,7 +385,7 @@ def dequantized_copy(model: onnx.ModelProto, fp32_head: str | None = None) -> on
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
     graph_outs = {o.name for o in out.graph.output}
-    nodes = []
+    nodes, made = [], set()
     for n in out.graph.node:
         spec = OPS.get(n.op_type) if n.domain == DOMAIN else None
         if spec is None:
@@ -331,10 +397,16 @@ def dequantized_copy(model: onnx.ModelProto, fp32_head: str | None = None) -> on
         else:
             attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
             attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
-            w = spec.weight(*(numpy_helper.to_array(inits[i]) for i in n.input[1:]), **attrs)
-            name = n.input[1] + ".dequant.T"
-            out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T.astype(np.float32)), name))
-            nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
+            gather = spec.kind == "gather"
+            name = n.input[1] + (".dequant" if gather else ".dequant.T")
+            if name not in made:  # a tied table: one reconstruction for all its gathers
+                w = spec.weight(*(numpy_helper.to_array(inits[i]) for i in n.input[1:]), **attrs).astype(np.float32)
+                out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w if gather else w.T), name))
+                made.add(name)
+            if gather:
+                nodes.append(helper.make_node("Gather", [name, n.input[0]], list(n.output), name=n.name, axis=0))
+            else:
+                nodes.append(helper.make_node("MatMul", [n.input[0], name], list(n.output), name=n.name))
     del out.graph.node[:]
     out.graph.node.extend(nodes)
     keep = [f for f in out.functions if not (f.domain == DOMAIN and f.name in OPS)]

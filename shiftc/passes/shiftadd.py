@@ -38,6 +38,7 @@ from . import bcq, ops
 from .distill import DistillFields
 
 OP = "BcqMatMul"
+GATHER_OP = "BcqGather"
 POOL_MIN_WEIGHTS = 1 << 22  # quantize in a process pool from this many weights on
 METADATA_KEY = "shiftc.compression"
 
@@ -51,6 +52,7 @@ class ShiftAddConfig(DistillFields):  # + distill_* keys: distillation of the sc
     damp: float = 0.01
     iters: int = 6
     lm_head: bool = True
+    tied_embedding: bool = True  # a Gather of a tied head's table reads the head's planes (BcqGather)
     layer_bits: dict[str, int] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
     workers: int = 0  # processes quantizing layers side by side (0: one per core, 1: in this process)
@@ -248,9 +250,35 @@ class ShiftAddPass:
             if h is not None:
                 entry["rel_output_error"] = bcq.relative_output_error(w, w_hat, h)
             layers[t.name] = entry
+        tied = self._tied_gathers(g, targets, by_id, replacements) if cfg.tied_embedding else {}
         summary = summarize("shiftadd", OP, layers, scale_mode=cfg.scale_mode, group=cfg.group)
+        if tied:
+            summary["tied_embedding"] = tied
         finish_rewrite(out, replacements, new_inits, OP, summary)
+        if tied:
+            ops.add_functions(out, [GATHER_OP])
         return PassResult(out, True, {**summary, "layers": layers, "skipped": skipped})
+
+    @staticmethod
+    def _tied_gathers(g: onnx.GraphProto, targets: list[Target], by_id: dict[str, int],
+                      replacements: dict[int, list[onnx.NodeProto]]) -> dict[str, str]:
+        """Replace each ``Gather(E, ids, axis=0)`` of a table E that a quantized head reads as
+        ``Transpose(E)`` by ``BcqGather(ids, <head planes>, <head exps>)`` — the table's rows are the
+        head's rows, so the model keeps one (packed) copy. Returns {gather node: layer name}."""
+        heads = {t.weight: t for t in targets if not t.transposed}
+        done = {}
+        for i, n in enumerate(g.node):
+            if n.domain not in ("", "ai.onnx") or n.op_type != "Gather" or n.input[0] not in heads:
+                continue
+            if int(_attrs(n).get("axis", 0)) != 0:
+                continue
+            head = replacements[by_id[heads[n.input[0]].node]][0]  # the head's BcqMatMul
+            a = _attrs(head)
+            replacements[i] = [helper.make_node(GATHER_OP, [n.input[1], head.input[1], head.input[2]], list(n.output),
+                                                name=f"{_node_id(n)}_bcq", domain=ops.DOMAIN,
+                                                **{k: v.decode() if isinstance(v, bytes) else v for k, v in a.items()})]
+            done[_node_id(n)] = heads[n.input[0]].name
+        return done
 
 
 def _worker_init() -> None:
