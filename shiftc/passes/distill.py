@@ -419,12 +419,34 @@ def build_student(teacher, model: onnx.ModelProto):
         modules[path] = pl
     if not modules:
         raise BadInputError("the model has no FdbMatMul / BcqMatMul layer to distill (run --binarize or --shiftadd-bits first)")
+    _tie_embedding(student, model, modules)
     for p in student.parameters():
         p.requires_grad_(False)
     for m in modules.values():
         for p in m.trainable():
             p.requires_grad_(True)
     return student, modules
+
+
+class TiedEmbedding(_TORCH.nn.Module):
+    """An input embedding whose table is a PlaneLinear's Ŵ (a head tied to its embedding)."""
+
+    def __init__(self, linear: PlaneLinear):
+        super().__init__()
+        self._linear = [linear]  # a plain list: the head's parameters are not registered twice
+
+    def forward(self, ids):
+        return _TORCH.nn.functional.embedding(ids, self._linear[0].weight_hat())
+
+
+def _tie_embedding(student, model: onnx.ModelProto, modules: dict) -> None:
+    """Where the ONNX model looks its embedding up in a head's planes (``BcqGather``, the tied
+    embedding of the shift-add pass), the student's input embedding becomes that head's Ŵ, so the
+    student trains the model that is deployed (the head's scales get both uses' gradients)."""
+    by_planes = {n.input[1]: path for path, n in _plane_layers(model).items()}
+    for n in model.graph.node:
+        if n.op_type == "BcqGather" and n.input[1] in by_planes:
+            student.set_input_embeddings(TiedEmbedding(modules[by_planes[n.input[1]]]))
 
 
 def trainable_norms(student, model: onnx.ModelProto) -> dict:
