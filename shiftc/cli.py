@@ -107,7 +107,7 @@ def cmd_export(args):
 def cmd_compile(args):
     from . import api
 
-    r = api.compile(args.model, args.output, target=args.target, arch=args.arch, cpu=args.cpu)
+    r = api.compile(args.model, args.output, target=args.target, arch=args.arch, cpu=args.cpu, kv_cache=args.kv_cache)
     _emit(args, r.to_json(), f"wrote {r.path} (target {r.target}, {r.isa}, {r.size_bytes / 1e6:.1f} MB, {r.seconds:.1f}s)")
 
 
@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target", default="host", choices=target_names(), help="target machine (default: this one)")
     sp.add_argument("--arch", help="GPU architecture for --target cuda (sm_80, sm_90, ...; default sm_80)")
     sp.add_argument("--cpu", help="Arm core for --target aarch64 (cortex-a53, cortex-a72, cortex-a76, ...)")
+    sp.add_argument("--kv-cache", default="inplace", choices=["inplace", "concat"],
+                    help="causal LMs on CPU targets: attention on caches each step writes into (inplace, default) "
+                         "or the graph's past/present tensors as exported (concat)")
 
     sp = command("package", cmd_package, "package a model for a board: model library, TVM and C++ runtime, example app, README")
     sp.add_argument("model", type=_model_file, help=".onnx (compiled for the target) or a library already compiled for it")

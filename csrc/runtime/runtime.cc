@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <optional>
@@ -146,6 +147,9 @@ struct Model::Impl {
   std::vector<ffi::Optional<ffi::Tensor>> feeds;  // per input, set by SetInput
   std::vector<ffi::Tensor> results;               // outputs of the last Run
   ffi::Map<ffi::Any, ffi::Any> meta;
+  // main takes in-place caches [B, KVH, max_len, D] after the first three inputs and returns the
+  // logits only (shiftc/backend/kv_cache.py); the metadata's signature stays the ONNX graph's
+  bool kv_inplace = false;
 
   size_t InputIndex(const std::string& name) const {
     for (size_t i = 0; i < inputs.size(); ++i)
@@ -164,12 +168,33 @@ struct Model::Impl {
       if (auto single = ret.as<ffi::Tensor>()) return outs.push_back(*single);
       for (const ffi::Any& v : ret.cast<ffi::Array<ffi::Any>>()) outs.push_back(v.cast<ffi::Tensor>());
     });
-    if (outs.size() != outputs.size())
-      throw Error(path + ": main returned " + std::to_string(outs.size()) + " outputs, the metadata lists " +
-                  std::to_string(outputs.size()));
+    size_t want = kv_inplace ? 1 : outputs.size();
+    if (outs.size() != want)
+      throw Error(path + ": main returned " + std::to_string(outs.size()) + " outputs, expected " +
+                  std::to_string(want));
     return outs;
   }
 };
+
+namespace {
+
+float* Floats(const ffi::Tensor& t) {
+  return reinterpret_cast<float*>(static_cast<char*>(t.data_ptr()) + t.byte_offset());
+}
+
+// A zeroed cache [B, H, rows, D] holding the first `keep` rows of `from` ([B, H, >= keep, D]).
+ffi::Tensor CacheWithRows(const ffi::Tensor& from, int64_t rows, int64_t keep, DLDevice dev) {
+  const int64_t b = from.size(0), h = from.size(1), have = from.size(2), d = from.size(3);
+  ffi::Tensor c = Alloc({b, h, rows, d}, DLDataType{kDLFloat, 32, 1}, dev);
+  float* dst = Floats(c);
+  const float* src = Floats(from);
+  std::memset(dst, 0, static_cast<size_t>(b * h * rows * d) * sizeof(float));
+  for (int64_t i = 0; i < b * h; ++i)
+    std::memcpy(dst + i * rows * d, src + i * have * d, static_cast<size_t>(keep * d) * sizeof(float));
+  return c;
+}
+
+}  // namespace
 
 Model::Model(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
@@ -220,6 +245,10 @@ Model Model::Load(const std::string& path, Device device) {
     impl->task = task == impl->meta.end() ? "custom" : Str((*task).second);
     impl->inputs = ParseSignature(Field(impl->meta, "inputs"));
     impl->outputs = ParseSignature(Field(impl->meta, "outputs"));
+    auto kv = impl->meta.find(ffi::String("kv_cache"));
+    if (kv != impl->meta.end())
+      if (auto kvm = (*kv).second.as<ffi::Map<ffi::Any, ffi::Any>>())
+        impl->kv_inplace = Str(Field(*kvm, "mode")) == "inplace";
   });
   impl->feeds.resize(impl->inputs.size());
   auto main = impl->vm->GetFunction("main", false);
@@ -283,7 +312,20 @@ void Model::Run() {
                     m.inputs[i].symbols[a] + " = " + std::to_string(*v) + ", got " + std::to_string(args[i].size(a)));
     }
   m.results.clear();
+  if (!m.kv_inplace) {
+    m.results = m.Call(args);
+    return;
+  }
+  // The graph's signature on in-place caches: each past [B, H, P, D] goes into a cache of P + S
+  // rows, which after the step holds the present.
+  const int64_t seq = args[0].size(1);
+  std::vector<ffi::Tensor> caches;
+  for (size_t i = 3; i < args.size(); ++i) {
+    caches.push_back(CacheWithRows(args[i], args[i].size(2) + seq, args[i].size(2), m.device));
+    args[i] = caches.back();
+  }
   m.results = m.Call(args);
+  m.results.insert(m.results.end(), caches.begin(), caches.end());
 }
 
 size_t Model::num_outputs() const { return impl_->outputs.size(); }
@@ -328,7 +370,8 @@ struct LMSession::Impl {
   std::shared_ptr<Model::Impl> model;
   int64_t layers = 0, kv_heads = 0, head_dim = 0, vocab = 0, length = 0;
   std::vector<int64_t> eos;
-  std::vector<ffi::Tensor> past;  // key/value per layer: [1, kv_heads, length, head_dim]
+  std::vector<ffi::Tensor> past;  // key/value per layer: [1, kv_heads, length or capacity, head_dim]
+  int64_t capacity = 0;           // in-place caches: rows allocated (grown by doubling)
 };
 
 LMSession::LMSession(const Model& model) : impl_(std::make_unique<Impl>()) {
@@ -363,6 +406,7 @@ void LMSession::Reset() {
   s.past.assign(static_cast<size_t>(2 * s.layers),
                 Alloc({1, s.kv_heads, 0, s.head_dim}, DLDataType{kDLFloat, 32, 1}, s.model->device));
   s.length = 0;
+  s.capacity = 0;
 }
 
 std::vector<float> LMSession::Step(const std::vector<int64_t>& token_ids) {
@@ -379,6 +423,12 @@ std::vector<float> LMSession::Step(const std::vector<int64_t>& token_ids) {
   std::vector<ffi::Tensor> args = {FromHost(token_ids.data(), {1, seq}, i64, m.device),
                                    FromHost(mask.data(), {1, total}, i64, m.device),
                                    FromHost(pos.data(), {1, seq}, i64, m.device)};
+  if (m.kv_inplace && total > s.capacity) {
+    int64_t rows = std::max<int64_t>(256, s.capacity);
+    while (rows < total) rows *= 2;
+    for (ffi::Tensor& c : s.past) c = CacheWithRows(c, rows, s.length, m.device);
+    s.capacity = rows;
+  }
   args.insert(args.end(), s.past.begin(), s.past.end());
   std::vector<ffi::Tensor> outs = m.Call(args);
   const ffi::Tensor& logits = outs[0];  // [1, seq, vocab]
@@ -386,7 +436,7 @@ std::vector<float> LMSession::Step(const std::vector<int64_t>& token_ids) {
     throw Error(m.path + ": unexpected logits shape from the decoder");
   const float* last = reinterpret_cast<const float*>(static_cast<const char*>(logits.data_ptr()) + logits.byte_offset()) +
                       (seq - 1) * s.vocab;
-  s.past.assign(outs.begin() + 1, outs.end());
+  if (!m.kv_inplace) s.past.assign(outs.begin() + 1, outs.end());
   s.length = total;
   return std::vector<float>(last, last + s.vocab);
 }

@@ -133,7 +133,7 @@ def _importer_class():
 
 
 def _load_builtin_converters() -> None:
-    from . import shiftc_ops  # noqa: F401  (registers the ai.shiftc lowerings)
+    from . import kv_cache, shiftc_ops  # noqa: F401  (register the ai.shiftc lowerings)
 
 
 def to_relax(model: onnx.ModelProto, source: str = "model"):

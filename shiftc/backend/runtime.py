@@ -127,13 +127,42 @@ class CompiledModel(Model):
         self._vm = VirtualMachine(lib, self._device)
         self._main = self._vm["main"]
         self._tensor = tvm.runtime.tensor
+        kv = self.meta.get("kv_cache") or {}
+        #: the library's main takes in-place caches (backend/kv_cache.py) instead of the ONNX
+        #: graph's past/present tensors; run() adapts, LMSession keeps the caches
+        self.kv_inplace = kv.get("mode") == "inplace"
+
+    def _args(self, arrays):
+        return [a if not isinstance(a, np.ndarray) else self._tensor(np.ascontiguousarray(a), self._device) for a in arrays]
 
     def _run_raw(self, arrays):
-        args = [a if not isinstance(a, np.ndarray) else self._tensor(np.ascontiguousarray(a), self._device) for a in arrays]
-        out = self._main(*args)
+        if self.kv_inplace:
+            return self._run_onnx_signature(arrays)
+        out = self._main(*self._args(arrays))
         if len(self.outputs) == 1:
             return [out]
         return [out[i] for i in range(len(self.outputs))]
+
+    def run_kv(self, ids, mask, pos, caches: list) -> np.ndarray:
+        """One step on in-place caches [B, KVH, max_len, D] (rows [T − S, T) are written, T =
+        mask's length); returns the logits."""
+        return self._main(*self._args([ids, mask, pos]), *caches)
+
+    def cache_tensor(self, array: np.ndarray):
+        return self._tensor(array, self._device)
+
+    def _run_onnx_signature(self, arrays):
+        """The ONNX graph's signature on a library with in-place caches: each past [B, KVH, P, D]
+        is copied into a cache of P + S rows, which after the step holds the present."""
+        ids, mask, pos, past = arrays[0], arrays[1], arrays[2], arrays[3:]
+        s = np.asarray(ids).shape[1]
+        caches = []
+        for p in past:
+            p = p.numpy() if hasattr(p, "numpy") else np.asarray(p)
+            c = np.zeros(p.shape[:2] + (p.shape[2] + s, p.shape[3]), np.float32)
+            c[:, :, :p.shape[2]] = p
+            caches.append(self.cache_tensor(c))
+        return [self.run_kv(ids, mask, pos, caches), *caches]
 
     def _to_numpy(self, value):
         return value.numpy()
@@ -339,8 +368,27 @@ class LMSession:
 
     def reset(self) -> None:
         shape = (self.batch, self.kv_heads, 0, self.head_dim)
-        self.past = [self.model._empty_past(shape) for _ in range(2 * self.num_layers)]
+        self.inplace = getattr(self.model, "kv_inplace", False)
+        self.past = [] if self.inplace else [self.model._empty_past(shape) for _ in range(2 * self.num_layers)]
         self.length = 0
+
+    def _caches_for(self, total: int) -> list:
+        """The in-place caches, grown (doubling, from 256 rows) to hold ``total`` tokens."""
+        have = self.past[0].shape[2] if self.past else 0
+        if total <= have:
+            return self.past
+        rows = max(256, have)
+        while rows < total:
+            rows *= 2
+        shape = (self.batch, self.kv_heads, rows, self.head_dim)
+        grown = []
+        for old in self.past or [None] * (2 * self.num_layers):
+            c = np.zeros(shape, np.float32)
+            if old is not None and self.length:
+                c[:, :, :self.length] = old.numpy()[:, :, :self.length]
+            grown.append(self.model.cache_tensor(c))
+        self.past = grown
+        return grown
 
     def step(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
@@ -360,8 +408,11 @@ class LMSession:
         if self.length == 0:
             # the first call validates the full signature once
             check_inputs(self.model.path, self.model.inputs[:3], [ids, mask, pos])
-        outs = self.model._run_raw([ids, mask, pos, *self.past])
-        self.past = self.model._past_from_outputs(outs)
+        if self.inplace:
+            logits = self.model._to_numpy(self.model.run_kv(ids, mask, pos, self._caches_for(total)))
+        else:
+            outs = self.model._run_raw([ids, mask, pos, *self.past])
+            self.past = self.model._past_from_outputs(outs)
+            logits = self.model._to_numpy(outs[0])
         self.length = total
-        logits = self.model._to_numpy(outs[0])
         return logits[:, -1] if last_only else logits
