@@ -58,7 +58,8 @@ def test_rewrite_refuses_a_graph_it_does_not_recognise(tiny):
 def test_compile_records_the_kv_cache_mode(tiny):
     import shiftc
 
-    assert shiftc.load(tiny[1]).meta["kv_cache"]["mode"] == "inplace"
+    meta = shiftc.load(tiny[1]).meta
+    assert meta["kv_cache"]["mode"] == "inplace" and meta["pipeline"] == "optimized"  # operator fusion kept
     assert shiftc.load(tiny[2]).meta["kv_cache"] == {"mode": "concat", "reason": "asked for"}
 
 

@@ -179,7 +179,7 @@ def _write_primfunc(d: int):
                 for j in T.vectorized(T.int64(d)):
                     cache[bh // h, bh % h, t - s + r, j] = new[bh // h, bh % h, r, j]
 
-    return kv_write
+    return kv_write.with_attr("op_pattern", 8)  # opaque: fusion must not merge producers into an in-place write
 
 
 def _attention_primfunc(kvh: int, g: int, d: int, scale: float):
