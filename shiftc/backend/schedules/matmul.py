@@ -22,7 +22,10 @@ Two micro-kernels (BLIS-style, expressed with TIR primitives)::
 
 With a symbolic m both are generated and the function body is ``if m == 1: gemv else: gemm``
 (one branch per call), so decode does not pay the MR-row padding (MR x the FMAs, an A copy) and
-streams the weight with several panels in flight. ``pad_einsum`` pads m (and, if needed, n) so
+streams the weight with several panels in flight. Static shapes use the same kernels: a static
+unit m (``[1, K]``, ``[1, 1, K]``) is removed by block normalisation, the output is then indexed
+``C[0, n]`` and the gemv kernel runs; a small static m gets ``ceil(m / MR)`` equal row tiles
+(m = 3: one 3-row tile, m = 8: two 4-row tiles), so it is not padded to MR. ``pad_einsum`` pads m (and, if needed, n) so
 the register tile never carries a predicate inside the k loop.
 
 The accumulator is a "global"-scope buffer of under 1024 bytes on purpose: TVM lowers such a
@@ -163,9 +166,12 @@ class Matmul(ScheduleRule):
             return None
         if not (isinstance(load_b.indices[-1], tirx.Var) and load_b.indices[-1].same_as(n_var)):
             return None
-        # Output must be indexed by the spatial axes in order (C[..., m, n]).
-        if len(store.indices) != len(spatial) or not all(
-            isinstance(i, tirx.Var) and i.same_as(v) for i, v in zip(store.indices, spatial)
+        # Output must be indexed by the spatial axes in order (C[..., m, n]). Static unit axes
+        # (m == 1, a leading batch of 1) are gone from the normalised block and index C with a
+        # constant 0: C[0, n] is a one-row product, scheduled by the gemv kernel below.
+        var_indices = [i for i in store.indices if not (isinstance(i, tirx.IntImm) and i.value == 0)]
+        if len(var_indices) != len(spatial) or not all(
+            isinstance(i, tirx.Var) and i.same_as(v) for i, v in zip(var_indices, spatial)
         ):
             return None
         m_pos = None
@@ -223,6 +229,11 @@ class Matmul(ScheduleRule):
             # the accumulator tile must stay below TVM's stack-allocation limit
             while mr > 1 and mr * nr > _max_acc_floats():
                 mr -= 1
+            if isinstance(info["m_ext"], int):
+                # static m: as many row tiles as MR needs, rows spread evenly over them, so a
+                # small m (2..MR) runs unpadded and m = 8 pads to 2 x 4 rows, not 2 x 6
+                tiles = -(-info["m_ext"] // mr)
+                mr = -(-info["m_ext"] // tiles)
         else:
             mr = 1
             nr = _pick_gemv_tile(n_ext, lanes, self.gemv_nvec, pack_nr if pack else None)
