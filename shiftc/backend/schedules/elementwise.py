@@ -1,7 +1,8 @@
 """Injective PrimFuncs (elementwise, broadcast, transpose, reshape, concat, gather).
 
 All blocks but the last are inlined; the last block's innermost loop is vectorised when its extent
-is static, and the remaining loops are fused into one parallel loop.
+is static, and the remaining loops are fused into one parallel loop. A function with several
+outputs (``split``) keeps one such loop nest per output block.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ class Injective(ScheduleRule):
         infos = normalize_prim_func(sch)
         if not infos or any(not bi.is_injective() for bi in infos):
             return None
+        outputs = list(sch.mod["main"].params)  # buffers (TVM 0.27: no separate buffer_map)
+        nests = []
         for bi in infos[:-1]:
-            sch.compute_inline(bi.block_rv)
-        parallel_outer(sch, infos[-1].block_rv, self.lanes, self.parallel)
+            writes = sch.get(bi.block_rv).writes
+            if any(w.source.same_as(o) for w in writes for o in outputs):
+                nests.append(bi.block_rv)  # writes a function output: cannot be inlined
+            else:
+                sch.compute_inline(bi.block_rv)
+        for block in nests + [infos[-1].block_rv]:
+            parallel_outer(sch, block, self.lanes, self.parallel)
         return sch
