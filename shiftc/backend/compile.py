@@ -8,10 +8,12 @@ inputs in order, the result a tuple of the graph outputs in order), the library 
 
     {"format": 1, "shiftc_version": ..., "target": {...TVM target...}, "target_name": "host",
      "isa": "avx512", "task": "causal-lm", "decoder": {...}, "tokenizer": "...",
-     "inputs": [{"name", "dtype", "shape"}], "outputs": [...], "source": "model.onnx"}
+     "inputs": [{"name", "dtype", "shape"}], "outputs": [...], "source": "model.onnx",
+     "pipeline": "optimized", "unscheduled_functions": 0}
 
-so the Python and C++ runtimes can validate inputs and drive KV-cache decoding without any
-sidecar file.
+``unscheduled_functions`` counts the fused TIR functions that no shiftc schedule rule claimed (they
+keep TVM's serial default lowering; ``CompileResult.to_json()`` names them). The Python and C++
+runtimes can validate inputs and drive KV-cache decoding without any sidecar file.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class CompileResult:
     seconds: float
     metadata: dict
     cuda_ptx_bytes: int | None = None  # CUDA targets: size of the PTX nvcc produced in the build check
+    # CPU targets: PrimFuncs no schedule rule matched (TVM's default, serial lowering); None: not counted
+    unscheduled: list[str] | None = None
 
     def to_json(self) -> dict:
         return {
@@ -57,6 +61,8 @@ class CompileResult:
             "seconds": round(self.seconds, 2),
             "task": self.metadata.get("task"),
             **({"cuda_ptx_bytes": self.cuda_ptx_bytes} if self.cuda_ptx_bytes is not None else {}),
+            **({"unscheduled_functions": {"count": len(self.unscheduled), "names": list(self.unscheduled)}}
+               if self.unscheduled is not None else {}),
         }
 
 
@@ -87,9 +93,30 @@ def _add_metadata_function(mod, meta: dict):
     return mod
 
 
+def _kv_cache_graph(proto: onnx.ModelProto, spec: TargetSpec, mode: str) -> tuple[onnx.ModelProto, dict | None]:
+    """The graph to import and the library's ``kv_cache`` metadata: for a causal LM on a CPU target
+    with ``mode`` "inplace", attention on in-place caches (backend/kv_cache.py); else as it is."""
+    from . import kv_cache
+
+    if mode not in ("inplace", "concat"):
+        raise BadInputError(f"--kv-cache must be 'inplace' or 'concat', got {mode!r}")
+    info = md.get_info(proto)
+    if info.get("task") != "causal-lm" or "decoder" not in info:
+        return proto, None
+    if mode == "concat" or spec.device_type != "cpu":
+        return proto, {"mode": "concat", "reason": "asked for" if mode == "concat" else f"{spec.device_type} target"}
+    graph, reason = kv_cache.rewrite(proto, int(info["decoder"]["num_layers"]))
+    if graph is None:
+        return proto, {"mode": "concat", "reason": reason}
+    return graph, {"mode": "inplace", "main": md.signature(graph)}
+
+
 def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, *, target: str = "host",
-                  arch: str | None = None, cpu: str | None = None) -> CompileResult:
-    """ONNX (a path or a ModelProto) -> model library at ``output`` (written atomically)."""
+                  arch: str | None = None, cpu: str | None = None, kv_cache: str = "inplace") -> CompileResult:
+    """ONNX (a path or a ModelProto) -> model library at ``output`` (written atomically).
+
+    ``kv_cache``: "inplace" (default) lowers a causal LM's attention onto caches that each step
+    writes into (CPU targets; backend/kv_cache.py), "concat" keeps the graph's functional cache."""
     import time
 
     import tvm
@@ -106,32 +133,56 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
     if not output.endswith(".so"):
         raise BadInputError(f"output '{output}': a model library must be named *.so")
 
+    graph, kv_meta = _kv_cache_graph(proto, spec, kv_cache)
     with step("importing ONNX into Relax"), lowering_for(spec.device_type):
-        mod = to_relax(proto, source)
+        mod = to_relax(graph, source)
     addons = []
     if uses_kernels(mod):
         with step("compiling shiftc's kernels"):
             addons.append(kernel_object(spec.cross_cc))
     meta = library_metadata(proto, spec, source)
-    meta["pipeline"] = "optimized"
-    base_mod, mod = mod, _add_metadata_function(mod, meta)
+    meta["kv_cache"] = kv_meta
+    unscheduled: list[str] | None = None
+
+    def count_unscheduled(mod):
+        # after the schedule rules: record what fell back to TVM's default lowering, in the
+        # result and in the library's metadata (the metadata function is rebuilt with the count)
+        nonlocal unscheduled
+        from .schedules import unscheduled_functions
+
+        unscheduled = unscheduled_functions(mod)
+        meta["unscheduled_functions"] = len(unscheduled)
+        return _add_metadata_function(mod, meta)
+
     with step(f"compiling for {spec.name} ({spec.description})"):
-        try:
-            ex = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline=relax_pipeline(spec))
-        except Exception as first:
-            if spec.device_type != "cpu":
-                raise UnsupportedError(f"{source}: compilation for target '{spec.name}' failed: {_last_line(first)}") from first
-            # Some graphs (data-dependent shapes from Range/NonZero inside fused kernels) defeat
-            # operator fusion; TVM's unfused build pipeline still compiles them, slower.
-            log(f"optimizing pipeline failed ({_last_line(first)}); retrying with the unfused pipeline")
+        if spec.device_type != "cpu":
+            meta["pipeline"] = "optimized"
             try:
-                meta["pipeline"] = "unfused"
-                mod = _add_metadata_function(base_mod, meta)
-                ex = tvm.compile(mod, target=spec.tvm_target(), relax_pipeline="default")
+                ex = tvm.compile(_add_metadata_function(mod, meta), target=spec.tvm_target(),
+                                 relax_pipeline=relax_pipeline(spec))
             except Exception as exc:
-                raise UnsupportedError(
-                    f"{source}: compilation for target '{spec.name}' failed: {_last_line(exc)}"
-                ) from exc
+                raise UnsupportedError(f"{source}: compilation for target '{spec.name}' failed: {_last_line(exc)}") from exc
+        else:
+            # Some graphs (data-dependent shapes from Range/NonZero) defeat operator fusion: TVM's
+            # FuseOps can place a fused group that uses a symbolic extent before the match_cast
+            # defining it. The same pipeline without fusion (every op its own scheduled function)
+            # still compiles them, slower; TVM's plain default pipeline is the last resort.
+            attempts = [("optimized", relax_pipeline(spec, after_schedule=count_unscheduled)),
+                        ("unfused", relax_pipeline(spec, after_schedule=count_unscheduled, fuse=False)),
+                        ("unfused-unscheduled", "default")]
+            for i, (name, pipeline) in enumerate(attempts):
+                meta["pipeline"] = name
+                meta.pop("unscheduled_functions", None)
+                unscheduled = None
+                try:
+                    ex = tvm.compile(_add_metadata_function(mod, meta), target=spec.tvm_target(), relax_pipeline=pipeline)
+                    break
+                except Exception as exc:
+                    if i + 1 == len(attempts):
+                        raise UnsupportedError(
+                            f"{source}: compilation for target '{spec.name}' failed: {_last_line(exc)}"
+                        ) from exc
+                    log(f"{name} pipeline failed ({_last_line(exc)}); retrying with the {attempts[i + 1][0]} pipeline")
     if spec.device_type == "cuda":
         meta_ptx = _check_cuda_kernels(ex, spec)
     else:
@@ -148,6 +199,10 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
                     os.remove(tmp_so)
     result = CompileResult(output, spec.name, spec.isa, os.path.getsize(output), time.perf_counter() - t0, meta)
     result.cuda_ptx_bytes = meta_ptx
+    result.unscheduled = unscheduled
+    if unscheduled:
+        log(f"{len(unscheduled)} function(s) no schedule rule matched (TVM's default lowering): "
+            + ", ".join(unscheduled[:8]) + (" ..." if len(unscheduled) > 8 else ""))
     return result
 
 
