@@ -3,7 +3,9 @@ axes compiled through the real pipeline (compile_model) and compared with ONNX R
 
 Each graph is checked at several values of its symbolic axes (M=1 is the decode case, odd sizes
 exercise the padded tails) and the library must come from the optimizing pipeline — a schedule
-that breaks compilation would otherwise be hidden by the unfused fallback. No timing asserts.
+that breaks compilation would otherwise be hidden by the unfused fallback — with no function left
+to TVM's default (unscheduled) lowering. Static-shape variants (a [1, K] GEMV, batch-prefixed
+[1, 1, K], small M) go through the same kernels. No timing asserts.
 """
 
 from __future__ import annotations
@@ -46,7 +48,15 @@ def _compile(tmp_path, model, name="m"):
     onnx.save(model, onnx_path)
     res = compile_model(str(onnx_path), str(so_path))
     assert res.metadata.get("pipeline", "optimized") == "optimized", "schedules broke the optimizing pipeline"
+    _assert_all_scheduled(res)
     return load(str(so_path), threads=2), load(str(onnx_path), threads=1)
+
+
+def _assert_all_scheduled(res):
+    """No fused PrimFunc kept TVM's default lowering (CompileResult and library metadata agree)."""
+    unscheduled = res.to_json()["unscheduled_functions"]
+    assert unscheduled == {"count": 0, "names": []}, f"functions no schedule rule matched: {unscheduled}"
+    assert res.metadata["unscheduled_functions"] == 0
 
 
 def _check(compiled, reference, feeds, atol, rtol=RTOL):
@@ -56,7 +66,10 @@ def _check(compiled, reference, feeds, atol, rtol=RTOL):
         np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=atol, err_msg=name)
 
 
-def _matmul_model(K, N, bias=False, epilogue=None):
+def _matmul_model(K, N, bias=False, epilogue=None, x_shape=None):
+    """x @ W (+ b) (+ epilogue); x is [batch, seq, K] unless ``x_shape`` (ending in K) is given."""
+    x_shape = list(x_shape) if x_shape is not None else ["batch", "seq", K]
+    y_shape = x_shape[:-1] + [N]
     w = (RNG.standard_normal((K, N)) / np.sqrt(K)).astype(np.float32)
     inits = [numpy_helper.from_array(w, "W")]
     nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"])]
@@ -75,10 +88,10 @@ def _matmul_model(K, N, bias=False, epilogue=None):
         nodes.append(helper.make_node("Add", [out, "r"], ["y"]))
     else:
         nodes.append(helper.make_node("Identity", [out], ["y"]))
-    inputs = [_vi("x", ["batch", "seq", K])]
+    inputs = [_vi("x", x_shape)]
     if epilogue in ("silu_gate", "residual"):
-        inputs.append(_vi("r", ["batch", "seq", N]))
-    return _model(nodes, inputs, [_vi("y", ["batch", "seq", N])], inits)
+        inputs.append(_vi("r", y_shape))
+    return _model(nodes, inputs, [_vi("y", y_shape)], inits)
 
 
 MATMUL_CASES = [
@@ -252,7 +265,7 @@ def test_rules_schedule_matmul_and_reductions():
         mod = tvm.transform.Sequential(
             cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
         )(mod)
-    matmul, reduction, _injective = cpu_rules(spec.isa)
+    matmul, reduction = cpu_rules(spec.isa)[:2]
     claimed = {}
     from tvm import tirx
 
@@ -327,3 +340,185 @@ def test_softmax_inner_axis(tmp_path, T):
     for c in (1, 19):
         feeds = {"x": (3 * RNG.standard_normal((2, c, T))).astype(np.float32)}
         _check(compiled, reference, feeds, ATOL_REDUCTION)
+
+
+STATIC_MATMUL_CASES = [
+    # (x shape, N, bias, epilogue): static shapes, no symbolic axis
+    ([1, 64], 128, False, None),  # GEMV [1, K] x [K, N]: the decode kernel, not the fallback
+    ([1, 1, 96], 48, True, None),  # batch-prefixed single row
+    ([1, 100], 37, False, None),  # odd K, N padded to the tile
+    ([1, 1, 64], 192, False, "silu_gate"),
+    ([3, 128], 64, True, "residual"),  # small static M: one unpadded 3-row tile
+    ([2, 1, 72], 40, False, None),  # a batch of 2 single rows (the batch is M)
+    ([8, 64], 128, False, None),  # M = 8: two 4-row tiles
+    ([1, 5, 33], 7, False, None),  # N smaller than one vector
+]
+
+
+@pytest.mark.parametrize("x_shape,N,bias,epilogue", STATIC_MATMUL_CASES)
+def test_matmul_static_shapes(tmp_path, x_shape, N, bias, epilogue):
+    K = x_shape[-1]
+    compiled, reference = _compile(tmp_path, _matmul_model(K, N, bias, epilogue, x_shape=x_shape))
+    feeds = {"x": RNG.standard_normal(x_shape).astype(np.float32)}
+    if epilogue in ("silu_gate", "residual"):
+        feeds["r"] = RNG.standard_normal(x_shape[:-1] + [N]).astype(np.float32)
+    _check(compiled, reference, feeds, ATOL_MATMUL * np.sqrt(K))
+
+
+@pytest.mark.parametrize("x_shape", [[1, 64], [1, 1, 64], [3, 64], [2, 1, 64]])
+def test_matmul_rule_claims_static_small_m(x_shape):
+    """Static unit axes vanish from the normalised block (C[0, n]); the rule still claims it."""
+    import tvm
+    from tvm import tirx
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    from shiftc.backend.importer import to_relax
+    from shiftc.backend.schedules import cpu_rules
+    from shiftc.targets import get_target
+
+    spec = get_target("host")
+    target = spec.tvm_target()
+    mod = to_relax(_matmul_model(64, 128, x_shape=x_shape), "matmul")
+    with target, tvm.transform.PassContext(opt_level=3):
+        mod = tvm.transform.Sequential(cpu_generic.legalize_passes(target))(mod)
+    matmul = cpu_rules(spec.isa)[0]
+    funcs = [f for _gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]
+    assert len(funcs) == 1 and matmul.apply(funcs[0], target, False) is not None
+    assert matmul.packable(funcs[0]) is not None  # the constant weight is packed as for symbolic M
+
+
+@pytest.mark.parametrize("S,T", [(1, 37), (7, 7)])
+def test_attention_static_shapes(tmp_path, S, T):
+    kvh, g, d = 3, 3, 64
+    scale = numpy_helper.from_array(np.array([1.0 / np.sqrt(d)], np.float32), "scale")
+    model = _model(
+        [
+            helper.make_node("MatMul", ["q", "kT"], ["s"]),
+            helper.make_node("Mul", ["s", "scale"], ["ss"]),
+            helper.make_node("Add", ["ss", "mask"], ["sm"]),
+            helper.make_node("Softmax", ["sm"], ["p"], axis=-1),
+            helper.make_node("MatMul", ["p", "v"], ["y"]),
+        ],
+        [_vi("q", [1, kvh, g, S, d]), _vi("kT", [1, kvh, 1, d, T]), _vi("mask", [1, 1, 1, S, T]), _vi("v", [1, kvh, 1, T, d])],
+        [_vi("y", [1, kvh, g, S, d])],
+        [scale],
+    )
+    compiled, reference = _compile(tmp_path, model, f"att_static{S}_{T}")
+    feeds = {
+        "q": RNG.standard_normal((1, kvh, g, S, d)).astype(np.float32),
+        "kT": RNG.standard_normal((1, kvh, 1, d, T)).astype(np.float32),
+        "mask": np.zeros((1, 1, 1, S, T), np.float32),
+        "v": RNG.standard_normal((1, kvh, 1, T, d)).astype(np.float32),
+    }
+    _check(compiled, reference, feeds, ATOL_MATMUL * np.sqrt(max(d, T)))
+
+
+def test_max_pool_scheduled(tmp_path):
+    """A lone reduction with a spatial output (a 2x2 max-pool window): SpatialReduction."""
+    model = _model(
+        [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2])],
+        [_vi("x", ["B", 16, 16, 16])],
+        [_vi("y", ["B", 16, 8, 8])],
+    )
+    compiled, reference = _compile(tmp_path, model, "pool")
+    for b in (1, 3):
+        _check(compiled, reference, {"x": RNG.standard_normal((b, 16, 16, 16)).astype(np.float32)}, ATOL_ELEMENTWISE)
+
+
+def test_split_outputs_scheduled(tmp_path):
+    """A function with several outputs (Split of a graph input): one parallel nest per output."""
+    model = _model(
+        [helper.make_node("Split", ["x"], ["a", "b"], axis=-1, num_outputs=2)],
+        [_vi("x", ["B", "S", 64])],
+        [_vi("a", ["B", "S", 32]), _vi("b", ["B", "S", 32])],
+    )
+    compiled, reference = _compile(tmp_path, model, "split")
+    _check(compiled, reference, {"x": RNG.standard_normal((2, 3, 64)).astype(np.float32)}, 0.0)
+
+
+# -- no function left to TVM's default lowering on the test models --------------------------
+
+@pytest.mark.parametrize("factory", ["mlp", "small_cnn"])
+def test_factory_models_fully_scheduled(tmp_path, factory):
+    import shiftc
+
+    onnx_path, so_path = str(tmp_path / "m.onnx"), str(tmp_path / "m.so")
+    shiftc.export(f"tests.factories:{factory}", onnx_path)
+    res = compile_model(onnx_path, so_path)
+    assert res.metadata["pipeline"] == "optimized"
+    _assert_all_scheduled(res)
+
+
+def test_decoder_fully_scheduled(tiny_llama):
+    """The decoder of frontend/decoder_onnx.py (KV cache, cumsum mask, GQA): every function
+    scheduled, read back from the library's metadata."""
+    meta = load(tiny_llama[1]).meta
+    assert meta["pipeline"] == "optimized"
+    assert meta["unscheduled_functions"] == 0
+
+
+def test_encoder_fully_scheduled(tmp_path):
+    """The BERT-style encoder of test_backend_correctness: its data-dependent Range shapes defeat
+    TVM's FuseOps, so it compiles without fusion — still every function scheduled."""
+    import shiftc
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    BertModel(cfg).save_pretrained(tmp_path / "bert")
+    onnx_path, so_path = str(tmp_path / "bert.onnx"), str(tmp_path / "bert.so")
+    shiftc.export(str(tmp_path / "bert"), onnx_path)
+    res = compile_model(onnx_path, so_path)
+    assert res.metadata["pipeline"] in ("optimized", "unfused")
+    _assert_all_scheduled(res)
+
+
+def test_unmatched_function_is_counted(tmp_path, monkeypatch):
+    """With the reduction rules taken away, the RMSNorm function falls back to TVM's default
+    lowering: it is named in the result and counted in the metadata (and still correct)."""
+    from shiftc.backend import schedules
+
+    all_rules = schedules.cpu_rules
+    monkeypatch.setattr(
+        schedules, "cpu_rules",
+        lambda isa: [r for r in all_rules(isa) if isinstance(r, (schedules.Matmul, schedules.Injective))],
+    )
+    H = 64
+    model = _model(
+        [
+            helper.make_node("ReduceMean", ["x", "axes"], ["m"], keepdims=1),
+            helper.make_node("Sub", ["x", "m"], ["y"]),
+        ],
+        [_vi("x", ["batch", H])],
+        [_vi("y", ["batch", H])],
+        [numpy_helper.from_array(np.array([-1], np.int64), "axes")],
+    )
+    onnx_path, so_path = tmp_path / "u.onnx", tmp_path / "u.so"
+    onnx.save(model, onnx_path)
+    res = compile_model(str(onnx_path), str(so_path))
+    unscheduled = res.to_json()["unscheduled_functions"]
+    assert unscheduled["count"] >= 1 and any("mean" in n for n in unscheduled["names"]), unscheduled
+    assert res.metadata["unscheduled_functions"] == unscheduled["count"]
+    assert load(str(so_path)).meta["unscheduled_functions"] == unscheduled["count"]
+    _check(load(str(so_path)), load(str(onnx_path)), {"x": RNG.standard_normal((3, H)).astype(np.float32)},
+           ATOL_REDUCTION)
+
+
+def test_unscheduled_functions_counts_only_unclaimed():
+    """A PrimFunc counts unless a rule scheduled it or it calls shiftc's C kernels."""
+    import tvm
+    from tvm import te
+
+    from shiftc.backend.schedules import unscheduled_functions
+    from shiftc.backend.shiftc_ops import EXTERN_ATTR
+
+    a = te.placeholder((4, 8), "float32", name="a")
+    b = te.compute((4, 8), lambda i, j: a[i, j] * 2.0, name="b")
+    plain = te.create_prim_func([a, b])
+    mod = tvm.IRModule({
+        "plain": plain,
+        "scheduled": plain.with_attr("tirx.is_scheduled", True),
+        "extern": plain.with_attr(EXTERN_ATTR, True),
+    })
+    assert unscheduled_functions(mod) == ["plain"]
