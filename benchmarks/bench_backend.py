@@ -1,7 +1,8 @@
 """CPU backend speed: shiftc-compiled libraries vs ONNX Runtime (fp32), same thread count.
 
 Cases: GEMV 1x4096 . 4096x4096, GEMM 128x4096 . 4096x4096 (MatMul with a constant weight and a
-symbolic M, compiled once and run at both M), SmolLM2-135M decode (1 token with a 128-token KV
+symbolic M, compiled once and run at both M), the same GEMV compiled with a static [1, 4096] input
+(no symbolic axis: the one-row kernel without the ``m == 1`` branch), SmolLM2-135M decode (1 token with a 128-token KV
 cache) and prefill (128 tokens), each at 1 and 2 threads. Runs alternate compiled / ORT so load
 changes on the machine hit both; each reported time is the median, ratio = ORT / compiled
 (>= 1: compiled is faster).
@@ -33,7 +34,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 from shiftc.benchmarking import alternate  # noqa: E402  (after the path set-up)
 
 
-def _matmul_onnx(path: str, K: int, N: int) -> None:
+def _matmul_onnx(path: str, K: int, N: int, M: int | str = "M") -> None:
+    """MatMul(x [M, K], W [K, N] constant); M symbolic (a name) or static (an int)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -42,8 +44,8 @@ def _matmul_onnx(path: str, K: int, N: int) -> None:
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["y"])],
         "matmul",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", N])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [M, K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [M, N])],
         [numpy_helper.from_array(w, "W")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
@@ -82,17 +84,27 @@ def bench_matmul(workdir: str, threads_list, rounds: int) -> tuple[list, dict]:
     so_path = os.path.join(workdir, "matmul4096.so")
     _matmul_onnx(onnx_path, K, N)
     res = compile_model(onnx_path, so_path)
+    static_onnx = os.path.join(workdir, "matmul4096_static.onnx")
+    static_so = os.path.join(workdir, "matmul4096_static.so")
+    _matmul_onnx(static_onnx, K, N, M=1)
+    res_static = compile_model(static_onnx, static_so)
     rows = []
     rng = np.random.default_rng(1)
     for threads in threads_list:
         comp = load(so_path, threads=threads)
         ort = load(onnx_path, threads=threads)
-        for name, M, r in (("GEMV 1x4096x4096", 1, rounds * 5), ("GEMM 128x4096x4096", 128, rounds)):
+        comp_static = load(static_so, threads=threads)
+        ort_static = load(static_onnx, threads=threads)
+        for name, M, r, c, o in (("GEMV 1x4096x4096", 1, rounds * 5, comp, ort),
+                                 ("GEMV 1x4096x4096 static", 1, rounds * 5, comp_static, ort_static),
+                                 ("GEMM 128x4096x4096", 128, rounds, comp, ort)):
             x = rng.standard_normal((M, K)).astype(np.float32)
-            diff = float(np.abs(comp.run({"x": x})["y"] - ort.run({"x": x})["y"]).max())
-            t = _alternate({"compiled": lambda: comp.run({"x": x}), "ort": lambda: ort.run({"x": x})}, r)
+            diff = float(np.abs(c.run({"x": x})["y"] - o.run({"x": x})["y"]).max())
+            t = _alternate({"compiled": lambda: c.run({"x": x}), "ort": lambda: o.run({"x": x})}, r)
             rows.append(_row(name, threads, t, {"max_abs_diff": diff}))
-    return rows, {"matmul_compile_s": round(res.seconds, 2)}
+    return rows, {"matmul_compile_s": round(res.seconds, 2),
+                  "matmul_unscheduled_functions": res.metadata.get("unscheduled_functions"),
+                  "matmul_static_unscheduled_functions": res_static.metadata.get("unscheduled_functions")}
 
 
 def bench_llm(model_path: str, workdir: str, threads_list, rounds: int, so_path: str | None) -> tuple[list, dict]:
