@@ -169,7 +169,7 @@ def _write_primfunc(d: int):
 
     @T.prim_func(private=True)
     def kv_write(c_h: T.handle, n_h: T.handle, m_h: T.handle):
-        T.func_attr({"tir.is_scheduled": True, "tir.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         b, h, m, s, t = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
         cache = T.match_buffer(c_h, (b, h, m, d), "float32")
         new = T.match_buffer(n_h, (b, h, s, d), "float32")
@@ -189,7 +189,7 @@ def _attention_primfunc(kvh: int, g: int, d: int, scale: float):
 
     @T.prim_func(private=True)
     def cached_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, o_h: T.handle):
-        T.func_attr({"tir.is_scheduled": True, "tir.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         b, m, s, t = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, kvh, g, s, d), "float32")
         kc = T.match_buffer(k_h, (b, kvh, m, d), "float32")

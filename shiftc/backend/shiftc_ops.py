@@ -127,7 +127,7 @@ def _bcq_tir(k, n, q, group, n_codes, n_scales, n_off, ntasks, off_ptr):
     @T.prim_func(private=True)
     def bcq_matmul(x_h: T.handle, c_h: T.handle, s_h: T.handle, o_h: T.handle, y_h: T.handle, ws_h: T.handle):
         # (buffers by match_buffer: this module's annotations are strings, see __future__)
-        T.func_attr({"tir.is_scheduled": True, "tir.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         codes = T.match_buffer(c_h, (n_codes,), "uint8")
         scales = T.match_buffer(s_h, (n_scales,), "float32")
         offsets = T.match_buffer(o_h, (n_off,), "float32")
@@ -225,7 +225,7 @@ def _gather_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales:
 
     @T.prim_func(private=True)
     def lut16_gather(i_h: T.handle, c_h: T.handle, s_h: T.handle, o_h: T.handle, y_h: T.handle):
-        T.func_attr({"tir.is_scheduled": True, "tir.noalias": True})
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         r = T.int64()
         ids = T.match_buffer(i_h, (r,), "int64")
         codes = T.match_buffer(c_h, (n_codes,), "uint8")
