@@ -40,9 +40,10 @@ def _op_model(x_shape, planes, exps, q, g, k, opset=17):
 
 def test_op_name_is_not_a_standard_onnx_op():
     assert not onnx.defs.has("BcqMatMul") and not onnx.defs.has("FdbMatMul")
-    assert not onnx.defs.has("BcqGather")
-    assert set(ops.OPS) == {"BcqMatMul", "BcqGather", "FdbMatMul"}
-    assert ops.OPS["BcqMatMul"].reference is ops.bcq_matmul_ref and ops.OPS["BcqGather"].kind == "gather"
+    assert not onnx.defs.has("BcqGather") and not onnx.defs.has("QGather")
+    assert set(ops.OPS) == {"BcqMatMul", "BcqGather", "QGather", "FdbMatMul"}
+    assert ops.OPS["BcqMatMul"].reference is ops.bcq_matmul_ref
+    assert ops.OPS["BcqGather"].kind == ops.OPS["QGather"].kind == "gather"
 
 
 @pytest.mark.parametrize("q", [1, 2, 3, 4])
@@ -99,6 +100,37 @@ def test_gather_function_body_matches_reference(q, g, mode, tmp_path):
     np.testing.assert_array_equal(y_ref, r.dequantize()[ids])
 
 
+@pytest.mark.parametrize("q,g", [(2, 32), (4, 32), (4, 24), (8, 64)])
+def test_qgather_function_body_matches_reference(q, g, tmp_path):
+    """QGather's function body (ORT) = rows of the numpy Ŵ = scale·code + min, exactly; the
+    reconstruction error is within half a step of each group's grid."""
+    from shiftc.passes import uniform
+
+    rng = np.random.default_rng(q * 10 + g)
+    n, k = 40, 150  # K not a multiple of G or of 8/q
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    codes, scales, mins = uniform.quantize(w, q, g)
+    w_hat = uniform.dequantize(codes, scales, mins, q, g, k)
+    step = np.repeat(scales.astype(np.float32), g, axis=1)[:, :k]
+    assert np.all(np.abs(w_hat - w) <= step / 2 + 1e-2 * step + 1e-3)  # float16 min and scale rounding
+    ids = np.array([[0, 39, 7], [-1, 12, 12]], np.int64)
+    node = helper.make_node("QGather", ["ids", "codes", "scales", "mins"], ["y"], domain=ops.DOMAIN, bits=q,
+                            group_size=g, in_features=k)
+    graph = helper.make_graph([node], "qgather", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, k])],
+                              [numpy_helper.from_array(codes, "codes"), numpy_helper.from_array(scales, "scales"),
+                               numpy_helper.from_array(mins, "mins")])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    ops.add_functions(m, ["QGather"])
+    onnx.checker.check_model(m, full_check=True)
+    path = str(tmp_path / "qgather.onnx")
+    onnx.save(m, path)
+    y_ref = ops.qgather_ref(ids, codes, scales, mins, bits=q, group_size=g, in_features=k)
+    np.testing.assert_array_equal(ort_run(path, {"ids": ids})["y"], y_ref)
+    np.testing.assert_array_equal(y_ref, w_hat[ids])
+
+
 def test_no_term_exponent_means_zero():
     planes = bcq.pack_planes(np.ones((1, 2, 32), np.uint8))
     exps = np.array([[[[bcq.NO_TERM]], [[0]]]], np.int8)  # row 0: α = 0; row 1: α = 1
@@ -140,11 +172,10 @@ def test_pass_on_tiny_llama_with_calibration(tiny_onnx, smollm2_gguf_path, tmp_p
     assert kinds.count("BcqMatMul") == 2 * 7 + 1  # 7 linear layers per block, plus the tied LM head
     assert kinds.count("MatMul") == 2 * 2  # attention scores and values stay
     names = {t.name for t in m.graph.initializer}
-    # the tied embedding lookup reads the head's planes: one packed copy, no fp32 table
-    assert "model.embed_tokens.weight" not in names and kinds.count("BcqGather") == 1
-    gather = next(n for n in m.graph.node if n.op_type == "BcqGather")
-    assert list(gather.input[1:]) == ["lm_head.bcq_planes", "lm_head.bcq_exps"]
-    assert meta_tied(m) == {"embed": "lm_head"}
+    # the embedding lookup reads a 4-bit table of its own; the fp32 table is gone
+    assert "model.embed_tokens.weight" not in names and kinds.count("QGather") == 1 and "BcqGather" not in kinds
+    emb = json.loads({p.key: p.value for p in m.metadata_props}[METADATA_KEY])["embedding"]
+    assert emb["model.embed_tokens.weight"]["bits"] == 4 and emb["model.embed_tokens.weight"]["bits_per_weight"] == 5
     assert not any(nm.endswith(".weight.T") for nm in names)  # dead fp32 weights removed
     assert {(o.domain, o.version) for o in m.opset_import} >= {(ops.DOMAIN, 1)}
     meta = json.loads({p.key: p.value for p in m.metadata_props}[METADATA_KEY])
@@ -163,11 +194,21 @@ def meta_tied(m):
     return json.loads({p.key: p.value for p in m.metadata_props}[METADATA_KEY]).get("tied_embedding")
 
 
-def test_tied_embedding_off_keeps_the_fp32_table(tiny_onnx):
+def test_tied_embedding_reads_the_head_planes(tiny_onnx):
     m = onnx.load(tiny_onnx)
-    out = ShiftAddPass(ShiftAddConfig(bits=2, group=64, iters=1, tied_embedding=False))(m).model
+    out = ShiftAddPass(ShiftAddConfig(bits=2, group=64, iters=1, tied_embedding=True))(m).model
+    kinds = [n.op_type for n in out.graph.node]
+    assert kinds.count("BcqGather") == 1 and "QGather" not in kinds and meta_tied(out) == {"embed": "lm_head"}
+    gather = next(n for n in out.graph.node if n.op_type == "BcqGather")
+    assert list(gather.input[1:]) == ["lm_head.bcq_planes", "lm_head.bcq_exps"]
+    assert "model.embed_tokens.weight" not in {t.name for t in out.graph.initializer}
+
+
+def test_embedding_bits_zero_keeps_the_fp32_table(tiny_onnx):
+    m = onnx.load(tiny_onnx)
+    out = ShiftAddPass(ShiftAddConfig(bits=2, group=64, iters=1, embedding_bits=0))(m).model
     assert "model.embed_tokens.weight" in {t.name for t in out.graph.initializer}
-    assert not any(n.op_type == "BcqGather" for n in out.graph.node) and meta_tied(out) is None
+    assert not any(n.op_type in ("BcqGather", "QGather") for n in out.graph.node) and meta_tied(out) is None
 
 
 def test_sequential_calibration(tiny_onnx, smollm2_gguf_path):

@@ -315,6 +315,64 @@ def _bcq_gather(bb, inputs, attrs, node):
     return relax.op.reshape(y, shape + [k])
 
 
+def _qgather_primfunc(k: int, n: int, bits: int, group: int, row_bytes: int, ng: int):
+    """PrimFunc (ids [R], codes uint8 [N, row_bytes], scales/mins float16 [N, ng], y [R, K]):
+    y[r, c] = scale · code + min (QGather, shiftc/passes/ops.py); indices wrap and clamp as above."""
+    from tvm.script import tirx as T
+
+    mask = (1 << bits) - 1
+
+    @T.prim_func(private=True)
+    def q_gather(i_h: T.handle, c_h: T.handle, s_h: T.handle, m_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        r = T.int64()
+        ids = T.match_buffer(i_h, (r,), "int64")
+        codes = T.match_buffer(c_h, (n, row_bytes), "uint8")
+        scales = T.match_buffer(s_h, (n, ng), "float16")
+        mins = T.match_buffer(m_h, (n, ng), "float16")
+        y = T.match_buffer(y_h, (r, k), "float32")
+        for t in T.serial(r):
+            idx = T.max(T.min(T.if_then_else(ids[t] < T.int64(0), ids[t] + T.int64(n), ids[t]), T.int64(n - 1)),
+                        T.int64(0))
+            for c in T.serial(T.int64(k)):
+                byte = codes[idx, c * T.int64(bits) // T.int64(8)]
+                code = T.shift_right(byte, T.Cast("uint8", c * T.int64(bits) % T.int64(8))) & T.uint8(mask)
+                y[t, c] = T.Cast("float32", scales[idx, c // T.int64(group)]) * T.Cast("float32", code) + \
+                    T.Cast("float32", mins[idx, c // T.int64(group)])
+
+    return q_gather.with_attr("op_pattern", 8)
+
+
+@register_converter(SHIFTC_DOMAIN, "QGather")
+def _q_gather(bb, inputs, attrs, node):
+    """QGather (shiftc/passes/ops.py): a table on a uniform grid, stored as it is in the ONNX file
+    (q-bit codes, float16 scales and mins); CPU: a row gather in TIR; CUDA: Gather on Ŵ."""
+    from tvm import relax, tirx
+
+    from ..passes.uniform import BITS, dequantize
+
+    ids = bb.normalize(inputs[0])
+    codes = _constant(inputs[1], node, "codes")
+    scales = _constant(inputs[2], node, "scales")
+    mins = _constant(inputs[3], node, "mins")
+    bits, group, k = int(attrs["bits"]), int(attrs["group_size"]), int(attrs["in_features"])
+    n, ng = int(codes.shape[0]), -(-k // group)
+    if bits not in BITS or codes.shape[1] != -(-k * bits // 8) or scales.shape != (n, ng) or mins.shape != (n, ng):
+        raise UnsupportedError(f"node '{node.name}' (QGather): bits={bits}, K={k}, G={group} but codes {codes.shape}, "
+                               f"scales {scales.shape}, mins {mins.shape}")
+    if _device.get() != "cpu":
+        w = dequantize(codes, scales, mins, bits, group, k)
+        return relax.op.take(relax.const(w, "float32"), ids, axis=0)
+    shape = list(ids.ty.shape)
+    rows = 1
+    for d in shape:
+        rows = rows * (int(d) if isinstance(d, tirx.IntImm) else d)
+    gv = bb.add_func(_qgather_primfunc(k, n, bits, group, int(codes.shape[1]), ng), f"shiftc_q_gather_{n}x{k}_q{bits}g{group}")
+    flat = bb.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [rows]))
+    y = bb.emit(relax.call_tir(gv, [flat, inputs[1], inputs[2], inputs[3]], relax.TensorType([rows, k], "float32")))
+    return relax.op.reshape(y, shape + [k])
+
+
 def fdb_lut16(planes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, k: int, group: int):
     """FdbMatMul storage -> lut16 arrays: the {0,1} planes packed with coding "01" (halved scales,
     offsets Σα/2) and the op's own per-group offsets μ added to those offsets."""

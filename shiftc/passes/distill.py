@@ -65,11 +65,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ..errors import BadInputError, UsageError
 from ..progress import log
-from . import bcq, fdb
+from . import bcq, fdb, ops
 
 LOSSES = ("dad", "kl")
 
@@ -382,7 +382,6 @@ def _plane_layers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
 
 def _plane_linear(node: onnx.NodeProto, inits: dict, bias) -> PlaneLinear:
     """The student module of one FdbMatMul (planes, scales, offsets) or BcqMatMul (planes, exps)."""
-    from onnx import helper
 
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     coding = _OPS[node.op_type][1]
@@ -442,11 +441,18 @@ class TiedEmbedding(_TORCH.nn.Module):
 def _tie_embedding(student, model: onnx.ModelProto, modules: dict) -> None:
     """Where the ONNX model looks its embedding up in a head's planes (``BcqGather``, the tied
     embedding of the shift-add pass), the student's input embedding becomes that head's Ŵ, so the
-    student trains the model that is deployed (the head's scales get both uses' gradients)."""
+    student trains the model that is deployed (the head's scales get both uses' gradients); where
+    it looks it up in a table of its own (``QGather``), the student's table is that table's Ŵ."""
     by_planes = {n.input[1]: path for path, n in _plane_layers(model).items()}
+    inits = {t.name: t for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "BcqGather" and n.input[1] in by_planes:
             student.set_input_embeddings(TiedEmbedding(modules[by_planes[n.input[1]]]))
+        elif n.op_type == "QGather":  # a table of its own, fixed: the student looks up its Ŵ
+            a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+            w = ops.qgather_weight(*(numpy_helper.to_array(inits[i]) for i in n.input[1:]), **a)
+            emb = student.get_input_embeddings()
+            emb.weight = _TORCH.nn.Parameter(_TORCH.from_numpy(np.ascontiguousarray(w)), requires_grad=False)
 
 
 def trainable_norms(student, model: onnx.ModelProto) -> dict:

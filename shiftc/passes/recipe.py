@@ -10,6 +10,10 @@ Schema (every key optional; the values shown are the defaults)::
       damp: 0.01           # GPTQ damping λ (H += λ·mean(diag H)·I)
       iters: 6             # alternating-refinement rounds per group
       lm_head: true        # quantize the LM head too           (--shiftadd-lm-head / --no-...)
+      embedding_bits: 4    # token-embedding table of its own, uniform grid of 2^q levels (QGather); 0: fp32
+      embedding_group: 32  # columns per scale and min of that table (q + 32/G bits per weight)
+      tied_embedding: false  # a tied table instead read from the LM head's planes (BcqGather): one copy,
+      #                        smallest, but the head's bits then quantize the embedding too
       layer_bits: {}       # {initializer name or glob: bits}, first match wins
       skip: []             # globs of layer names left in fp32
       workers: 0           # processes quantizing layers side by side (0: --threads, else one per core)
@@ -82,6 +86,7 @@ from ..errors import BadInputError, UsageError
 from .prune.prune import PruneConfig
 from .prune.prune import validate as validate_prune
 from .mixed_precision.config import MixedPrecisionConfig, validate_mixed_precision
+from . import uniform
 from .shiftadd import ShiftAddConfig
 from .binarize import BinarizeConfig
 from .binarize import validate as validate_binarize
@@ -138,6 +143,10 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
             bad("--shiftadd-bits" + name, f"must be 1..4, got {b!r}")
     if not isinstance(s.group, int) or s.group < 32 or s.group % 32:
         bad("--group", f"must be a positive multiple of 32, got {s.group!r}")
+    if s.embedding_bits not in (0, *uniform.BITS):
+        bad("embedding_bits", f"must be 0 (fp32 table) or one of {uniform.BITS}, got {s.embedding_bits!r}")
+    if not isinstance(s.embedding_group, int) or s.embedding_group < 1:
+        bad("embedding_group", f"must be a positive integer, got {s.embedding_group!r}")
     if s.scale_mode not in SCALE_MODES:
         bad("--scale-mode", f"must be one of {', '.join(SCALE_MODES)}, got {s.scale_mode!r}")
     if not 0 <= float(s.damp) < 10:
