@@ -94,12 +94,35 @@ def main(argv=None) -> int:
               f"{d['compiled_tokens_per_s'] / speed['decode']['compiled_tokens_per_s']:.2f}x compiled fp32; "
               f"perplexity {sa['eval']['perplexity'] / ppl_o:.2f}x fp32; compress {timings['compress_s']:.0f}s")
         print(f"  generate (shift-add): {sa['generate']['text']!r}")
+    _print_llamacpp()
     result = {"evaluate": evals, "bench": speed, "generate": gen, "timings": timings, "shiftadd": sa,
               "sizes": {"onnx": os.path.getsize(onnx_path), "library": os.path.getsize(lib_path)}}
     with open(os.path.join(args.workdir, "demo.json"), "w") as f:
         json.dump(result, f, indent=2, default=str)
     print(f"  (written to {os.path.join(args.workdir, 'demo.json')})")
     return 0
+
+
+LLAMACPP_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
+                             "vs_llamacpp.json")
+
+
+def _print_llamacpp(path: str = LLAMACPP_JSON) -> None:
+    """The side-by-side benchmark's rows (benchmarks/bench_vs_llamacpp.py), when its JSON is there:
+    the peer a user would otherwise run, measured on the same windows and machine kind."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        res = json.load(f)
+    cells = sorted({c for s in res.get("speed", {}).values() for c in s if c.startswith("decode")})
+    print(f"  beside llama.cpp ({os.path.relpath(path)}; {res.get('config', {}).get('tokens', '?')} held-out "
+          f"tokens; decode tok/s):")
+    print(f"    {'library':<28}{'MB':>8}{'perplexity':>12}" + "".join(f"{c.replace('decode ', ''):>16}" for c in cells))
+    for label, lib in res.get("libraries", {}).items():
+        ppl = res.get("perplexity", {}).get(label, {}).get("perplexity")
+        speed = res.get("speed", {}).get(label, {})
+        print(f"    {label:<28}{lib.get('bytes', 0) / 1e6:>8.1f}{(f'{ppl:.2f}' if ppl else '-'):>12}"
+              + "".join(f"{speed[c]['tokens_per_s']:>16.1f}" if c in speed else f"{'-':>16}" for c in cells))
 
 
 def _compressed(args, onnx_path: str, threads: int, timings: dict) -> dict:
