@@ -182,6 +182,10 @@ def test_pass_on_tiny_llama_with_calibration(tiny_onnx, smollm2_gguf_path, tmp_p
     assert meta["layers"]["model.layers.0.mlp.down_proj.weight.T"]["bits"] == 2
     assert meta["layers"]["lm_head"]["bits"] == 3 and meta["scale_mode"] == "pow2x2"  # the default
     assert rep["layers"]["lm_head"]["bits_per_weight"] == bcq.bits_per_weight(3, 32, "pow2x2")
+    w = rep["weights"]  # bytes by kind: the 4-bit table is 49152 x 64 codes at 4 bits + 2 float16 per 32
+    assert w["embedding tables"] == 49152 * (64 // 2 + 2 * 2 * (64 // 32))
+    assert w["total"] == \
+        w["quantized weights"] + w["embedding tables"] + w["other"]
     assert all(0 < e["rel_output_error"] < 1 for e in rep["layers"].values())
     ids = np.random.default_rng(0).integers(0, 49152, size=(1, 12)).astype(np.int64)
     ref_path = str(tmp_path / "ref.onnx")

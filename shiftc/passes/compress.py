@@ -20,6 +20,7 @@ import onnx
 from ..errors import BadInputError
 from ..frontend.onnx_io import load_model, save_model
 from .recipe import CompressConfig, validate
+from . import ops
 from .shiftadd import ShiftAddPass
 from ..progress import log, step
 
@@ -102,7 +103,7 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
     rep = result.report
     out = {"path": output, "source": src, "size_bytes": os.path.getsize(output), "source_size_bytes": os.path.getsize(src),
            "calibration": {"corpus": config.calib.corpus, "windows": calib_windows, "window": config.calib.window},
-           "seconds": round(time.perf_counter() - t0, 1), **rep,
+           "seconds": round(time.perf_counter() - t0, 1), **rep, "weights": ops.bytes_by_kind(result.model),
            **({"prune": prune_report} if prune_report is not None else {}),
            **({"distill": distill_report} if distill_report is not None else {})}
     if plan is not None:  # plan summary, perplexity before/after if asked, OUT.report.json/.html

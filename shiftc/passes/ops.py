@@ -473,6 +473,28 @@ FDB_MATMUL = OpSpec(
 OPS[FDB_MATMUL.name] = FDB_MATMUL
 
 
+# -- accounting -----------------------------------------------------------------------------------
+
+
+def bytes_by_kind(model: onnx.ModelProto) -> dict:
+    """What the model's weights cost, bytes of its initializers by kind: ``quantized weights``
+    (planes and scales of ai.shiftc matmuls; a tied table read by a gather too counts here, once),
+    ``embedding tables`` (tables of their own of ai.shiftc gathers) and ``other`` (fp32 norms,
+    rope tables, biases, weights left uncompressed)."""
+    from onnx import numpy_helper
+
+    kind_of: dict[str, str] = {}
+    for n in model.graph.node:
+        spec = OPS.get(n.op_type) if n.domain == DOMAIN else None
+        for name in (n.input[1:] if spec is not None else ()):
+            if kind_of.get(name) != "quantized weights":
+                kind_of[name] = "embedding tables" if spec.kind == "gather" else "quantized weights"
+    out = {"quantized weights": 0, "embedding tables": 0, "other": 0}
+    for t in model.graph.initializer:
+        out[kind_of.get(t.name, "other")] += len(t.raw_data) if t.HasField("raw_data") else numpy_helper.to_array(t).nbytes
+    return {**out, "total": sum(out.values())}
+
+
 # -- reference graphs -----------------------------------------------------------------------------
 
 
