@@ -127,3 +127,161 @@ def test_bad_arguments():
     for kwargs in ({"bits": 0, "group": 32}, {"bits": 5, "group": 32}, {"bits": 2, "group": 48}):
         with pytest.raises(ValueError):
             bcq.quantize_bcq(w, **kwargs)
+
+
+# -- the fast quantizer against the plain one -------------------------------------------------------
+# bcq's fit and GPTQ loop skip work whose outcome is known (candidates already scored, rows whose
+# refinement has settled), batch the candidate scoring and run the column steps in numpy. The plain
+# torch loops below (the quantizer as first written: every candidate of every plane, every row for
+# every round, the column loop in torch) must give the same codes and exponents, bit for bit.
+
+
+def _ref_lookup(book, w):
+    sv, mids, code = book
+    pos = torch.zeros(w.shape, dtype=torch.int64)
+    for i in range(mids.shape[1]):
+        pos += mids[:, i : i + 1] < w
+    return code.gather(1, pos), sv.gather(1, pos)
+
+
+def _ref_err(w, alpha, cw):
+    e = (w - _ref_lookup(bcq.codebook(alpha), w)[1]) ** 2
+    return (e if cw is None else e * cw).sum(1)
+
+
+def _ref_choose(w, a, mode, cw):
+    lo, hi = bcq.scale_neighbours(a, mode)
+    alpha = torch.where(a - lo <= hi - a, lo, hi)
+    err = _ref_err(w, alpha, cw)
+    cands = [lo, hi] + (list(bcq.scale_neighbours(a, "pow2")) if mode == "pow2x2" else [])
+    for i in range(alpha.shape[0]):
+        for cand in (c[i] for c in cands):
+            alt = alpha.clone()
+            alt[i] = cand
+            e = _ref_err(w, alt, cw)
+            better = e < err
+            err = torch.where(better, e, err)
+            alpha[i] = torch.where(better, cand, alpha[i])
+    return alpha, err
+
+
+def _ref_fit(w, bits, mode, iters, col_weight):
+    cw = None if col_weight is None else (col_weight / col_weight.mean().clamp_min(1e-30)).float()
+    r = w.clone()
+    a = torch.empty(bits, w.shape[0])
+    for i in range(bits):
+        a[i] = r.abs().mean(1)
+        r -= a[i, :, None] * torch.where(r >= 0, 1.0, -1.0)
+    best_alpha, best_err = _ref_choose(w, a, mode, cw)
+    alpha = best_alpha.clone()
+    signs = bcq._code_signs(bits)
+    eye = 1e-4 * w.shape[1] * torch.eye(bits)
+    for _ in range(iters):
+        B = signs[_ref_lookup(bcq.codebook(alpha), w)[0]]
+        Bw = B if cw is None else B * cw[None, :, None]
+        a_ls = torch.linalg.solve(Bw.transpose(1, 2) @ B + eye, Bw.transpose(1, 2) @ w[:, :, None])[..., 0].T.abs()
+        alpha, err = _ref_choose(w, a_ls, mode, cw)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_alpha[:, better] = alpha[:, better]
+    return best_alpha
+
+
+def _ref_gptq(w, h, group, fit, nearest, damp=0.01, act_order=False):
+    W = torch.as_tensor(w).clone()
+    n, k = W.shape
+    codes = torch.zeros(n, k, dtype=torch.uint8)
+    if h is None:
+        for g in range(-(-k // group)):
+            c0, c1 = g * group, min(k, (g + 1) * group)
+            fit(g, W[:, c0:c1].contiguous(), None)
+            codes[:, c0:c1] = nearest(g, W[:, c0:c1])[0].to(torch.uint8)
+        return codes
+    W, H, perm, U = bcq._gptq_setup(W, h, damp, act_order)
+    hdiag, U, grp, fitted = torch.diag(H).float(), U.float(), perm // group, set()
+    for i1 in range(0, k, group):
+        i2 = min(i1 + group, k)
+        W1, Err1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1)
+        for j in range(i2 - i1):
+            col, g = i1 + j, int(grp[i1 + j])
+            if g not in fitted:
+                pos = torch.nonzero(grp == g)[:, 0]
+                cur = W[:, pos].clone()
+                inb = pos < i2
+                cur[:, inb] = W1[:, pos[inb] - i1]
+                if (~inb).any() and j > 0:
+                    cur[:, ~inb] -= Err1[:, :j] @ U[i1:col][:, pos[~inb]]
+                fit(g, cur, hdiag[pos])
+                fitted.add(g)
+            idx, val = nearest(g, W1[:, j : j + 1])
+            codes[:, perm[col]] = idx[:, 0].to(torch.uint8)
+            err = (W1[:, j] - val[:, 0]) / U[col, col]
+            W1[:, j:] -= err[:, None] * U[col, col:i2][None, :]
+            Err1[:, j] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return codes
+
+
+def _ref_quantize(w, h, bits, group, mode, act_order, iters=6):
+    alpha, books = torch.zeros(bits, w.shape[0], -(-w.shape[1] // group)), {}
+
+    def fit(g, cur, col_weight):
+        alpha[:, :, g] = _ref_fit(cur, bits, mode, iters, col_weight)
+        books[g] = bcq.codebook(alpha[:, :, g])
+
+    codes = _ref_gptq(w, h, group, fit, lambda g, col: _ref_lookup(books[g], col), act_order=act_order)
+    return codes.numpy(), bcq._alpha_exps(alpha, mode).numpy().astype(np.int8)
+
+
+def _layer(n, k, seed, massive=True):
+    """W [n, k] and H = XᵀX of correlated inputs with one massive channel and one dead input."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((1024, 24)) @ rng.standard_normal((24, k)) + 0.1 * rng.standard_normal((1024, k))).astype(np.float32)
+    if massive:
+        x[:, 7] *= 300
+    h = x.T.astype(np.float64) @ x
+    h[5, :] = h[:, 5] = 0
+    return _gauss(n, k, seed + 1), h
+
+
+@pytest.mark.parametrize("n,k,bits,group,mode,act_order,calib", [
+    (96, 256, 3, 128, "pow2x2", True, True),  # the default recipe
+    (130, 320, 2, 64, "pow2", False, True),  # K not a multiple of G
+    (40, 192, 4, 64, "pow2x2", True, True),
+    (24, 100, 1, 32, "pow2x2", False, True),
+    (70, 200, 3, 64, "pow2x2", False, False),  # data-free: group by group
+])
+def test_fast_quantizer_equals_plain_loops(n, k, bits, group, mode, act_order, calib):
+    w, h = _layer(n, k, n)
+    r = bcq.quantize_gptq(w, h if calib else None, bits, group, scale_mode=mode, act_order=act_order)
+    codes, exps = _ref_quantize(w, h if calib else None, bits, group, mode, act_order)
+    np.testing.assert_array_equal(r.codes, codes)
+    np.testing.assert_array_equal(r.exps, exps)
+    w_hat = r.dequantize()  # from the codes: the numbers of reconstruct(planes01, α)
+    np.testing.assert_array_equal(w_hat.view(np.int32), bcq.reconstruct(r.planes01(), r.alpha, group).view(np.int32))
+
+
+def test_fit_in_row_chunks_equals_one_piece(monkeypatch):
+    w = torch.as_tensor(_gauss(300, 128, 9))
+    w[:, 3] *= 20
+    cw = torch.linspace(0.1, 5.0, 128) ** 2
+    whole = bcq.fit_group(w, 3, "pow2x2", 6, cw)
+    assert torch.equal(whole, _ref_fit(w, 3, "pow2x2", 6, cw))
+    monkeypatch.setattr(bcq, "FIT_ROWS", 64)
+    assert torch.equal(bcq.fit_group(w, 3, "pow2x2", 6, cw), whole)
+
+
+def test_fdb_through_the_shared_loop_equals_plain_loop():
+    from shiftc.passes import fdb
+
+    w, h = _layer(80, 256, 11)
+    for mode, act_order in (("fdb", True), ("1bit", False)):
+        q = fdb.MODES[mode]
+        alpha, mu = torch.zeros(q, 80, 2), torch.zeros(80, 2)
+
+        def fit(g, cur, col_weight):
+            alpha[:, :, g], mu[:, g] = fdb.fit_group(cur, q, 8, col_weight=col_weight)
+
+        codes = _ref_gptq(w, h, 128, fit, lambda g, col: fdb.nearest(col, alpha[:, :, g], mu[:, g]), act_order=act_order)
+        r = fdb.quantize_gptq(w, h, mode, 128, act_order=act_order)
+        np.testing.assert_array_equal(r.codes, codes.numpy())

@@ -45,6 +45,18 @@ With calibration inputs X [T, K] of the layer and H = XᵀX, the layer's output 
     the 2^q code values Σ_i α_i c_i, and its error is propagated as above;
   * updates are applied lazily, a block of columns at a time: W[:, i2:] −= Δ U[i1:i2, i2:].
 
+Speed (the same numbers as the plain loops: every float operation is kept, only work whose
+outcome is known is skipped, and it is checked bit for bit by tests/test_bcq.py):
+  * the error of a candidate scale set needs only the code values, not the codes: per weight the
+    number of code-book midpoints below it (numpy compares into uint8), then a gather; a plane's
+    candidates are scored in one batch, and the one of lo/hi the plane already holds is not
+    scored again (it cannot be a strict improvement);
+  * a row leaves the refinement when its least-squares scales fall into the same rounding grid as
+    in the round before, or the rounded scales repeat (fixed point or 2-cycle): later rounds would
+    only revisit scores already seen;
+  * scratch buffers are reused within a fit (fresh multi-MB arrays cost a page fault per 4 KiB);
+  * the per-column GPTQ steps run in numpy on the block's columns stored as contiguous rows.
+
 Round-to-nearest baseline (:func:`quantize_rtn`): uniform asymmetric q-bit per group,
 scale s = (max − min)/(2^q − 1), zero point z = round(−min/s), ŵ = s·(clamp(round(w/s) + z) − z).
 
@@ -91,7 +103,14 @@ class BcqResult:
         return pack_planes(self.planes01())
 
     def dequantize(self) -> np.ndarray:
-        return reconstruct(self.planes01(), self.alpha, self.group)
+        """Ŵ [N, K] float32: :func:`reconstruct` of the planes, straight from the codes (α·(±1) is
+        a select; the planes are summed in the same order from 0, so the same numbers)."""
+        k, alpha = self.codes.shape[1], self.alpha
+        out = np.zeros(self.codes.shape, np.float32)
+        for i in range(self.bits):
+            a = np.repeat(alpha[i], self.group, axis=-1)[:, :k]
+            out += np.where((self.codes >> i) & 1, a, -a)
+        return out
 
 
 def _check(bits: int, group: int, scale_mode: str) -> None:
@@ -190,6 +209,44 @@ def _code_signs(q: int, dtype=torch.float32) -> torch.Tensor:
     return (((c[:, None] >> torch.arange(q)[None, :]) & 1) * 2 - 1).to(dtype)
 
 
+_SIGNS = {q: _code_signs(q) for q in range(1, MAX_BITS + 1)}  # float32 [2^q, q]
+_SIGNS_T = {q: s.T.contiguous() for q, s in _SIGNS.items()}  # [q, 2^q]
+
+
+def _sorted_values(alpha: torch.Tensor) -> torch.Tensor:
+    """α [..., q, N] float32 -> the rows' code values Σ_i α_i c_i sorted ascending [..., N, 2^q]."""
+    values = alpha.transpose(-1, -2) @ _SIGNS_T[alpha.shape[-2]]
+    return torch.sort(values, dim=-1).values
+
+
+def _midpoints(sv: torch.Tensor) -> torch.Tensor:
+    """[..., 2^q − 1]: the midpoints between neighbouring sorted values (nondecreasing: rounding is
+    monotone)."""
+    return (sv[..., 1:] + sv[..., :-1]) * 0.5
+
+
+def _below(w: np.ndarray, mids: np.ndarray, pos: np.ndarray | None = None, b: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [..., C]: how many of the nondecreasing midpoints ``mids [..., M]`` lie strictly below
+    each weight of ``w [..., C]`` (numpy broadcasting over the leading axes) — the weight's position
+    among the sorted code values. One compare per midpoint: numpy's float32 compares into a reused
+    bool buffer and uint8 counts are ~5x faster than torch's compares into int64 on these shapes.
+    ``pos`` (uint8) and ``b`` (bool) of the broadcast shape: buffers to use instead of new arrays."""
+    if pos is None:
+        pos = np.greater(w, mids[..., 0:1]).view(np.uint8)
+    else:
+        np.greater(w, mids[..., 0:1], out=pos.view(np.bool_))
+    if mids.shape[-1] > 1:
+        b = np.empty(pos.shape, np.bool_) if b is None else b
+        for i in range(1, mids.shape[-1]):
+            np.greater(w, mids[..., i : i + 1], out=b)
+            pos += b.view(np.uint8)
+    return pos
+
+
+def _np_ok(*ts: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in ts)
+
+
 def codebook(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """α [q, N] -> the rows' sorted code values ``sv`` [N, 2^q], the midpoints between neighbours
     [N, 2^q − 1] and ``code`` [N, 2^q]: the code of each sorted position, the lowest code of a run
@@ -197,7 +254,7 @@ def codebook(alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     q = alpha.shape[0]
     values = alpha.T @ _code_signs(q, alpha.dtype).T  # [N, 2^q]
     sv, order = torch.sort(values, dim=1, stable=True)  # equal values keep increasing code order
-    mids = (sv[:, 1:] + sv[:, :-1]) * 0.5
+    mids = _midpoints(sv)
     if q > 1:  # runs of equal values -> the first (lowest code) of the run
         start = torch.arange(2**q).expand_as(sv).clone()
         start[:, 1:] = torch.where(sv[:, 1:] == sv[:, :-1], 0, start[:, 1:])
@@ -210,9 +267,12 @@ def lookup(book, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     among the sorted values is the number of midpoints below it (one compare per midpoint: q ≤ 4
     gives ≤ 15, much faster than torch.searchsorted on these shapes)."""
     sv, mids, code = book
-    pos = torch.zeros(w.shape, dtype=torch.int64)
-    for i in range(mids.shape[1]):
-        pos += mids[:, i : i + 1] < w
+    if _np_ok(w, mids):
+        pos = torch.from_numpy(_below(w.numpy(), mids.numpy())).long()
+    else:  # autograd / other devices: the same count in torch
+        pos = torch.zeros(w.shape, dtype=torch.int64, device=w.device)
+        for i in range(mids.shape[1]):
+            pos += mids[:, i : i + 1] < w
     return code.gather(1, pos), sv.gather(1, pos)
 
 
@@ -222,51 +282,115 @@ def nearest_codes(w: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, t
     return lookup(codebook(alpha), w)
 
 
-def scale_neighbours(alpha: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_neighbours(alpha: torch.Tensor, scale_mode: str, with_pow2: bool = False) -> tuple[torch.Tensor, ...]:
     """The representable values just below and just above α ≥ 0 (both 0 where α is 0).
 
     pow2: 2^⌊log2 α⌋ and twice that. pow2x2: with e1 = ⌊log2 α⌋, r = α − 2^e1, f = ⌊log2 r⌋:
-    2^e1 + 2^f and 2^e1 + 2^(f+1) (α itself when r = 0).
+    2^e1 + 2^f and 2^e1 + 2^(f+1) (α itself when r = 0); ``with_pow2``: then also pow2's two
+    (the same numbers as a second call with "pow2").
     """
     a = alpha.clamp_min(0)
     zero = a <= 2.0 ** (E_MIN - 1)
     safe = torch.where(zero, torch.ones_like(a), a)
     e1 = torch.floor(torch.log2(safe)).clamp(E_MIN, E_MAX - 1)
-    if scale_mode == "pow2":
-        lo, hi = torch.exp2(e1), torch.exp2(e1 + 1)
-    else:
-        base = torch.exp2(e1)
-        r = safe - base
-        f = torch.floor(torch.log2(torch.where(r > 0, r, torch.ones_like(r)))).clamp(E_MIN, E_MAX)
-        f = torch.minimum(f, e1 - 1)
-        lo = torch.where(r > 0, base + torch.exp2(f), base)
-        hi = torch.where(r > 0, base + torch.exp2(f + 1), base)
     z = torch.zeros_like(a)
-    return torch.where(zero, z, lo), torch.where(zero, z, hi)
+    base, twice = torch.exp2(e1), torch.exp2(e1 + 1)
+    if scale_mode == "pow2":
+        return torch.where(zero, z, base), torch.where(zero, z, twice)
+    r = safe - base
+    f = torch.floor(torch.log2(torch.where(r > 0, r, torch.ones_like(r)))).clamp(E_MIN, E_MAX)
+    f = torch.minimum(f, e1 - 1)
+    lo = torch.where(r > 0, base + torch.exp2(f), base)
+    hi = torch.where(r > 0, base + torch.exp2(f + 1), base)
+    out = (torch.where(zero, z, lo), torch.where(zero, z, hi))
+    return out + (torch.where(zero, z, base), torch.where(zero, z, twice)) if with_pow2 else out
 
 
-def _sq_err(w: torch.Tensor, alpha: torch.Tensor, cw: torch.Tensor | None = None) -> torch.Tensor:
-    e = (w - nearest_codes(w, alpha)[1]) ** 2
-    return (e if cw is None else e * cw).sum(1)
+class _Scratch:
+    """Buffers reused by every error evaluation of a fit. A fresh array per step would cost about
+    as much as the step: glibc hands freed blocks of this size back to the OS, and the next one is
+    paid for again with a page fault (and zeroing) per 4 KiB."""
+
+    def __init__(self, size: int, slots: int = 1, bits: int = 1):
+        self.b, self.pos = np.empty(slots * size, np.bool_), np.empty(slots * size, np.uint8)
+        self.idx = torch.empty(max(slots, 2) * size, dtype=torch.int64)
+        self.v, self.bw = torch.empty(max(slots, bits) * size), torch.empty(bits * size)
+
+    def views(self, shape: tuple[int, ...]):
+        m = int(np.prod(shape))
+        return self.b[:m].reshape(shape), self.pos[:m].reshape(shape), self.idx[:m].view(shape), self.v[:m].view(shape)
 
 
-def _choose_scales(w: torch.Tensor, a: torch.Tensor, scale_mode: str, cw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _sq_err(w: torch.Tensor, alpha: torch.Tensor, cw: torch.Tensor | None = None,
+            wn: np.ndarray | None = None, scratch: _Scratch | None = None) -> torch.Tensor:
+    """Σ_j cw_j (w_j − ŵ_j)² per row, ŵ_j the nearest code value: w [N, C], α [..., q, N] (leading
+    axes: several scale sets at once) -> [..., N]. The same numbers as through :func:`nearest_codes`
+    (only the values are needed, so no code book). ``wn``: w as numpy."""
+    sv = _sorted_values(alpha)
+    b, pos, idx, v = (scratch or _Scratch(w.numel(), int(np.prod(alpha.shape[:-2])))).views((*alpha.shape[:-2], *w.shape))
+    _below(w.numpy() if wn is None else wn, _midpoints(sv).numpy(), pos, b)
+    idx.copy_(torch.from_numpy(pos))
+    torch.gather(sv, -1, idx, out=v)
+    torch.sub(w, v, out=v)
+    v.mul_(v)  # (w − ŵ)², as ** 2
+    if cw is not None:
+        v.mul_(cw)
+    return v.sum(-1)
+
+
+def _planes(w: torch.Tensor, wn: np.ndarray, alpha: torch.Tensor, cw: torch.Tensor | None,
+            scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """B [N, C, q] (±1: the planes of each weight's nearest code, as ``signs[nearest_codes(w, α)[0]]``)
+    and B·diag(cw), in ``scratch``'s buffers."""
+    n, c = w.shape
+    q = alpha.shape[0]
+    _, mids, code = codebook(alpha)
+    b, pos, idx, _ = scratch.views((n, c))
+    _below(wn, mids.numpy(), pos, b)
+    idx.copy_(torch.from_numpy(pos))
+    codes = torch.gather(code, 1, idx, out=scratch.idx[n * c : 2 * n * c].view(n, c))
+    B = torch.index_select(_SIGNS[q], 0, codes.view(-1), out=scratch.v[: n * c * q].view(n * c, q)).view(n, c, q)
+    return B, (B if cw is None else torch.mul(B, cw[None, :, None], out=scratch.bw[: n * c * q].view(n, c, q)))
+
+
+def _grid(a: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the rounding of the unrounded a [q, N] starts from and tries (:func:`_choose_scales`):
+    (α [q, N]: the nearest representable values, candidates [S, q, N]). Plane i tries lo, hi (and
+    pow2x2: the powers of two around α, a subset of its grid) in this order; the one of lo/hi that
+    α[i] already holds would score the same error again (no strict improvement), so the other
+    comes first and that one is left out."""
+    lo, hi, *pow2 = scale_neighbours(a, scale_mode, with_pow2=True)  # pow2 ⊂ pow2x2
+    near_lo = a - lo <= hi - a
+    return torch.where(near_lo, lo, hi), torch.stack([torch.where(near_lo, hi, lo)] + pow2)
+
+
+def _choose_scales(w: torch.Tensor, a: torch.Tensor, scale_mode: str, cw: torch.Tensor | None = None,
+                   wn: np.ndarray | None = None, scratch: _Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rounded scales for w [N, C] near the unrounded a [q, N]: start from the nearest representable
     values, then per plane keep the neighbour below or above that lowers the row's error (pow2x2
-    also tries the powers of two around α, a subset of its grid)."""
-    lo, hi = scale_neighbours(a, scale_mode)
-    alpha = torch.where(a - lo <= hi - a, lo, hi)
-    err = _sq_err(w, alpha, cw)
-    cands = [lo, hi] + (list(scale_neighbours(a, "pow2")) if scale_mode == "pow2x2" else [])  # pow2 ⊂ pow2x2
+    also tries the powers of two around α, a subset of its grid). Returns (α, error)."""
+    return _round_in_grid(w, *_grid(a, scale_mode), cw, wn, scratch)
+
+
+def _round_in_grid(w, alpha, cands, cw, wn, scratch):
+    """:func:`_choose_scales` from its :func:`_grid`. The candidates of plane i are tried in turn (a
+    strict improvement replaces the current scale), their errors computed in one batch: the other
+    planes do not change meanwhile."""
+    scratch = scratch or _Scratch(w.numel(), len(cands))
+    alpha = alpha.clone()
+    err = _sq_err(w, alpha, cw, wn, scratch)
     for i in range(alpha.shape[0]):
-        for cand in (c[i] for c in cands):
-            alt = alpha.clone()
-            alt[i] = cand
-            e = _sq_err(w, alt, cw)
-            better = e < err
-            err = torch.where(better, e, err)
-            alpha[i] = torch.where(better, cand, alpha[i])
+        alts = alpha.expand(len(cands), *alpha.shape).clone()
+        alts[:, i] = cands[:, i]
+        errs = _sq_err(w, alts, cw, wn, scratch)
+        for c in range(len(cands)):
+            better = errs[c] < err
+            err = torch.where(better, errs[c], err)
+            alpha[i] = torch.where(better, cands[c, i], alpha[i])
     return alpha, err
+
+
+FIT_ROWS = 4096  # rows fitted at a time (bounds the scratch buffers: ~30 MB at G = 128)
 
 
 def fit_group(w: torch.Tensor, bits: int, scale_mode: str = "pow2", iters: int = 6,
@@ -274,26 +398,63 @@ def fit_group(w: torch.Tensor, bits: int, scale_mode: str = "pow2", iters: int =
     """BCQ fit of w [N, C] (one group, rows independent); returns rounded α [q, N] (see module doc).
 
     ``col_weight`` [C] ≥ 0 weights each column's squared error (GPTQ passes diag H: the
-    activation energy of the column's input), so columns fed by large activations fit best."""
-    cw = None if col_weight is None else (col_weight / col_weight.mean().clamp_min(1e-30)).to(w.dtype)
+    activation energy of the column's input), so columns fed by large activations fit best.
+    Computed in float32 on the CPU, ``FIT_ROWS`` rows at a time (the same numbers: every step is
+    per row)."""
+    w = w.detach().to("cpu", torch.float32).contiguous()
+    cw = None if col_weight is None else (col_weight / col_weight.mean().clamp_min(1e-30)).to("cpu", torch.float32)
+    n = w.shape[0]
+    if n <= FIT_ROWS:
+        return _fit_rows(w, bits, scale_mode, iters, cw)
+    step = -(-n // -(-n // FIT_ROWS))  # equal chunks of at most FIT_ROWS
+    return torch.cat([_fit_rows(w[r : r + step], bits, scale_mode, iters, cw) for r in range(0, n, step)], dim=1)
+
+
+def _fit_rows(w: torch.Tensor, bits: int, scale_mode: str, iters: int, cw: torch.Tensor | None) -> torch.Tensor:
+    wn = w.numpy()
     n = w.shape[0]
     r = w.clone()
     a = torch.empty(bits, n, dtype=w.dtype)
     for i in range(bits):  # greedy init
         a[i] = r.abs().mean(1)
         r -= a[i, :, None] * torch.where(r >= 0, 1.0, -1.0).to(w.dtype)
-    best_alpha, best_err = _choose_scales(w, a, scale_mode, cw)
-    alpha = best_alpha.clone()
-    signs = _code_signs(bits, w.dtype)
+    scratch = _Scratch(w.numel(), 3 if scale_mode == "pow2x2" else 1, bits)
+    start, cands = _grid(a, scale_mode)
+    best_alpha, best_err = _round_in_grid(w, start, cands, cw, wn, scratch)
     eye = 1e-4 * w.shape[1] * torch.eye(bits, dtype=w.dtype)  # ridge: planes can coincide (BᵀB singular)
+    # A round maps a row's scales α to F(α) = rounding of the least-squares scales for the planes B
+    # of α: the same function every round, so a row leaves the loop (its best is final) when
+    #  * the least-squares scales fall into the same rounding grid as last round: F(α) = α without
+    #    rounding again (a fixed point), or
+    #  * F(α) equals α or the α before it (a fixed point or a 2-cycle: only scales already scored).
+    grid = torch.cat([start[None], cands])  # [S + 1, q, N]: each row's last rounding grid
+    alpha = best_alpha.clone()  # the latest α of every row
+    prev = torch.full_like(alpha, float("nan"))  # the α before it (nan: none yet)
+    rows = torch.arange(n)  # the rows still refining
     for _ in range(iters):
-        B = signs[nearest_codes(w, alpha)[0]]  # [N, C, q]: B given the current scales
-        Bw = B if cw is None else B * cw[None, :, None]  # weighted least squares: (BᵀDB) α = BᵀDw
-        a_ls = torch.linalg.solve(Bw.transpose(1, 2) @ B + eye, Bw.transpose(1, 2) @ w[:, :, None])[..., 0].T.abs()
-        alpha, err = _choose_scales(w, a_ls, scale_mode, cw)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_alpha[:, better] = alpha[:, better]
+        wr, wrn = (w, wn) if len(rows) == n else (w[rows], wn[rows.numpy()])
+        cur = alpha[:, rows]
+        B, Bw = _planes(wr, wrn, cur, cw, scratch)  # [N, C, q]: B given the current scales, and B·D
+        # weighted least squares: (BᵀDB) α = BᵀDw
+        a_ls = torch.linalg.solve(Bw.transpose(1, 2) @ B + eye, Bw.transpose(1, 2) @ wr[:, :, None])[..., 0].T.abs()
+        start, cands = _grid(a_ls, scale_mode)
+        g = torch.cat([start[None], cands])
+        moved = (g != grid[:, :, rows]).flatten(0, 1).any(0)
+        grid[:, :, rows] = g
+        if not moved.all():
+            rows, cur, start, cands = rows[moved], cur[:, moved], start[:, moved], cands[:, :, moved]
+            if not len(rows):
+                break
+            wr, wrn = w[rows], wn[rows.numpy()]
+        new, err = _round_in_grid(wr, start, cands, cw, wrn, scratch)
+        settled = (new == cur).all(0) | (new == prev[:, rows]).all(0)
+        better = err < best_err[rows]
+        best_err[rows[better]] = err[better]
+        best_alpha[:, rows[better]] = new[:, better]
+        prev[:, rows], alpha[:, rows] = cur, new
+        rows = rows[~settled]
+        if not len(rows):
+            break
     return best_alpha
 
 
@@ -331,52 +492,59 @@ def gptq(w: np.ndarray, h: np.ndarray | None, group: int, fit, nearest, *, damp:
          act_order: bool = False, block: int | None = None) -> torch.Tensor:
     """The GPTQ column loop shared by the grids (BCQ here, FDB in fdb.py): returns codes uint8 [N, K].
 
-    ``fit(g, W_g [N, C], col_weight [C] | None)`` fits group g's parameters on the group's current
-    (compensated) weights when its first column is reached; ``nearest(g, w [N, 1])`` returns
-    (codes [N, 1], values [N, 1]) of a column in group g's fitted grid. ``h=None``: no calibration
-    data, each group fitted on its weights as they are (no error propagation). Damping, dead
-    columns, activation order and the lazy block updates as in the module docstring.
+    ``fit(g, W_g [N, C], col_weight [C] | None)`` (torch) fits group g's parameters on the group's
+    current (compensated) weights when its first column is reached; ``nearest(g, w)`` (numpy, w
+    float32 [N, C], a column or a whole group) returns (codes [N, C], values float32 [N, C]) in
+    group g's fitted grid. ``h=None``: no calibration data, each group fitted on its weights as
+    they are (no error propagation). Damping, dead columns, activation order and the lazy block
+    updates as in the module docstring. The per-column steps run in numpy on views of the torch
+    tensors (a few µs per call instead of torch's ~10); the block matmuls stay in torch.
     """
     W = torch.as_tensor(np.asarray(w, np.float32)).clone()
     n, k = W.shape
     ng = -(-k // group)
-    codes = torch.zeros(n, k, dtype=torch.uint8)
+    codes = np.zeros((n, k), np.uint8)
     if h is None:
         for g in range(ng):
             c0, c1 = g * group, min(k, (g + 1) * group)
             fit(g, W[:, c0:c1], None)
-            codes[:, c0:c1] = nearest(g, W[:, c0:c1])[0].to(torch.uint8)
-        return codes
+            codes[:, c0:c1] = nearest(g, W[:, c0:c1].numpy())[0]
+        return torch.from_numpy(codes)
     W, H, perm, U = _gptq_setup(W, h, damp, act_order)
     hdiag = torch.diag(H).float()  # activation energy per (permuted) column: weights the group fits
     U = U.float()
+    Un = np.ascontiguousarray(U.numpy())  # rows contiguous for the column steps (U stays as it is for the matmuls)
     grp = perm // group  # stored group of each processed column
-    fitted = torch.zeros(ng, dtype=torch.bool)
+    grpn, permn = grp.numpy(), perm.numpy()
+    fitted = np.zeros(ng, np.bool_)
     block = block or group
+    upd = np.empty((min(block, k), n), np.float32)  # the rank-1 updates, reused
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        W1 = W[:, i1:i2].clone()
+        W1t = W[:, i1:i2].T.contiguous().numpy()  # [i2 − i1, N]: the block's columns as contiguous rows
         Err1 = torch.zeros(n, i2 - i1)
+        Err1n = Err1.numpy()
         for j in range(i2 - i1):
             col = i1 + j
-            g = int(grp[col])
+            g = int(grpn[col])
             if not fitted[g]:
                 pos = torch.nonzero(grp == g)[:, 0]  # processed positions of the group (all >= col)
                 cur = W[:, pos].clone()
                 inb = pos < i2
-                cur[:, inb] = W1[:, pos[inb] - i1]
+                cur[:, inb] = torch.from_numpy(W1t[(pos[inb] - i1).numpy()]).T
                 out = ~inb
                 if out.any() and j > 0:  # pending (lazy) updates of this block for later columns
                     cur[:, out] -= Err1[:, :j] @ U[i1:col][:, pos[out]]
                 fit(g, cur, hdiag[pos])
                 fitted[g] = True
-            idx, val = nearest(g, W1[:, j : j + 1])
-            codes[:, perm[col]] = idx[:, 0].to(torch.uint8)
-            err = (W1[:, j] - val[:, 0]) / U[col, col]
-            W1[:, j:] -= err[:, None] * U[col, col:i2][None, :]
-            Err1[:, j] = err
+            idx, val = nearest(g, W1t[j][:, None])
+            codes[:, permn[col]] = idx[:, 0]
+            err = (W1t[j] - val[:, 0]) / Un[col, col]
+            t = np.multiply(Un[col, col:i2, None], err, out=upd[: i2 - col])  # W[:, k] -= err·U[col, k], k >= col
+            np.subtract(W1t[j:], t, out=W1t[j:])
+            Err1n[:, j] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    return codes
+    return torch.from_numpy(codes)
 
 
 def quantize_gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *, scale_mode: str = "pow2",
@@ -392,10 +560,36 @@ def quantize_gptq(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *,
 
     def fit(g, cur, col_weight):
         alpha[:, :, g] = fit_group(cur, bits, scale_mode, iters, col_weight=col_weight)
-        books[g] = codebook(alpha[:, :, g])
+        books[g] = _np_book(codebook(alpha[:, :, g]))
 
-    codes = gptq(w, h, group, fit, lambda g, col: lookup(books[g], col), damp=damp, act_order=act_order, block=block)
+    codes = gptq(w, h, group, fit, lambda g, col: _np_lookup(books[g], col), damp=damp, act_order=act_order,
+                 block=block)
     return _result(codes, alpha, bits, group, scale_mode)
+
+
+def _np_book(book) -> tuple[np.ndarray, ...]:
+    """A :func:`codebook` for :func:`_np_lookup`: (sorted values, midpoints [N, M], midpoints [M, N],
+    codes uint8), values and codes flattened row by row."""
+    sv, mids, code = book
+    mids = np.ascontiguousarray(mids.numpy())
+    return sv.numpy().ravel(), mids, np.ascontiguousarray(mids.T), code.numpy().astype(np.uint8).ravel()
+
+
+def _np_lookup(book, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`lookup` in numpy: (codes uint8 [N, C], values [N, C]) of w float32 [N, C]."""
+    sv, mids, mids_t, code = book
+    n, m = mids.shape
+    if w.shape[1] == 1:  # one column (the GPTQ loop): compares of contiguous vectors
+        col = np.ascontiguousarray(w[:, 0])
+        pos = np.greater(col, mids_t[0]).view(np.uint8)
+        b = np.empty(n, np.bool_)
+        for i in range(1, m):
+            np.greater(col, mids_t[i], out=b)
+            pos += b.view(np.uint8)
+        flat = (np.arange(n) * (m + 1) + pos)[:, None]
+    else:
+        flat = _below(w, mids) + (np.arange(n) * (m + 1))[:, None]
+    return code[flat], sv[flat]
 
 
 def _result(codes: torch.Tensor, alpha: torch.Tensor, bits: int, group: int, scale_mode: str) -> BcqResult:

@@ -114,10 +114,15 @@ def levels(alpha: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     return alpha.T @ _code_bits(alpha.shape[0]).T + mu[:, None]
 
 
+def _book(alpha: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sorted levels [N, L], midpoints [N, L − 1], code of each sorted level [N, L])."""
+    sv, order = torch.sort(levels(alpha, mu), dim=1)  # [N, L] ascending levels
+    return sv, ((sv[:, 1:] + sv[:, :-1]) * 0.5).contiguous(), order
+
+
 def nearest(w: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, C] -> (codes int64 [N, C], values [N, C]): per weight the nearest of the row's levels."""
-    sv, order = torch.sort(levels(alpha, mu), dim=1)  # [N, L] ascending levels
-    mids = ((sv[:, 1:] + sv[:, :-1]) * 0.5).contiguous()
+    sv, mids, order = _book(alpha, mu)
     pos = (w > mids[:, :1]).long()  # index among the sorted levels: midpoints below w (2^q − 1 compares)
     for j in range(1, mids.shape[1]):
         pos += w > mids[:, j:j + 1]
@@ -179,10 +184,13 @@ def quantize_gptq(w: np.ndarray, h: np.ndarray | None, mode: str = "fdb", group:
     alpha = torch.zeros(q, n, ng)
     mu = torch.zeros(n, ng)
 
+    books: dict[int, tuple] = {}
+
     def fit(g, cur, col_weight):
         alpha[:, :, g], mu[:, g] = fit_group(cur, q, iters, col_weight=col_weight)
+        books[g] = bcq._np_book(_book(alpha[:, :, g], mu[:, g]))  # the group's grid, once (as nearest)
 
-    codes = bcq.gptq(w, h, group, fit, lambda g, col: nearest(col, alpha[:, :, g], mu[:, g]), damp=damp,
+    codes = bcq.gptq(w, h, group, fit, lambda g, col: bcq._np_lookup(books[g], col), damp=damp,
                      act_order=act_order, block=block)
     return _result(codes, alpha, mu, q, group, mode)
 
