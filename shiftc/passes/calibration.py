@@ -4,7 +4,8 @@ For every tensor X that feeds a layer to be quantized (q/k/v share one input, as
 computed once per distinct tensor), H = Σ_windows X_wᵀ X_w with X_w [tokens, K] the rows of X for
 one calibration window. The ONNX graph itself is run by ONNX Runtime on a copy of the model whose
 graph outputs are those tensors; H is accumulated window by window (float64), so memory holds
-one window's activations plus the H matrices, never all activations.
+two windows' activations plus the H matrices, never all activations: the XᵀX products (BLAS,
+float32) of one window run on a thread while ONNX Runtime computes the next.
 
 Sequential calibration (:func:`quantize_sequential`, GPTQ's order): the inputs are split, in graph
 order, into ``stages`` consecutive chunks; H of a chunk's layers is collected on the model whose
@@ -18,6 +19,8 @@ tokenizer recorded in the model (``shiftc.tokenizer``) or given explicitly.
 """
 
 from __future__ import annotations
+
+import concurrent.futures
 
 import numpy as np
 import onnx
@@ -76,16 +79,28 @@ def collect_hessians(model: onnx.ModelProto, inputs: list[str], windows: np.ndar
     del probe
     hs: dict[str, np.ndarray] = {}
     progress = Counter("calibration", len(windows))
-    for w in windows:
-        outs = sess.run(names, _decoder_feeds(model, w[None]))
+
+    def accumulate(outs):
         for n, x in zip(names, outs):
             x2 = np.asarray(x, np.float32).reshape(-1, x.shape[-1])
-            h = (x2.T @ x2).astype(np.float64)
+            h = x2.T @ x2  # float32 (BLAS syrk), summed in float64
             if n in hs:
-                hs[n] += h
+                np.add(hs[n], h, out=hs[n])
             else:
-                hs[n] = h
-        progress.update()
+                hs[n] = h.astype(np.float64)
+
+    # XᵀX of window i (BLAS, GIL released) runs on a thread while ONNX Runtime runs window i + 1:
+    # the same sums in the same order, the two halves of the work overlapped
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = None
+        for w in windows:
+            outs = sess.run(names, _decoder_feeds(model, w[None]))
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(accumulate, outs)
+            progress.update()
+        if pending is not None:
+            pending.result()
     return hs
 
 
