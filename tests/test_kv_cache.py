@@ -74,6 +74,11 @@ def test_session_matches_onnxruntime_across_cache_growth(tiny):
         a, b = sc.step(np.asarray(chunk)), sr.step(np.asarray(chunk))
         np.testing.assert_allclose(a, b, rtol=RTOL_KV, atol=ATOL_KV)
     assert sc.length == sr.length == 312 and sc.past[0].shape[2] == 512
+    sc.reset()  # keeps the allocated caches; the stale rows must not be read
+    sr.reset()
+    assert sc.length == 0 and sc.past[0].shape[2] == 512
+    for chunk in (rng.integers(0, 49152, (1, 5)), [[3]]):
+        np.testing.assert_allclose(sc.step(np.asarray(chunk)), sr.step(np.asarray(chunk)), rtol=RTOL_KV, atol=ATOL_KV)
 
 
 def test_run_with_the_onnx_signature_and_left_padding(tiny):

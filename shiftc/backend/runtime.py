@@ -369,7 +369,10 @@ class LMSession:
     def reset(self) -> None:
         shape = (self.batch, self.kv_heads, 0, self.head_dim)
         self.inplace = getattr(self.model, "kv_inplace", False)
-        self.past = [] if self.inplace else [self.model._empty_past(shape) for _ in range(2 * self.num_layers)]
+        if self.inplace:  # the caches stay allocated: rows past `length` are never read
+            self.past = getattr(self, "past", [])
+        else:
+            self.past = [self.model._empty_past(shape) for _ in range(2 * self.num_layers)]
         self.length = 0
 
     def _caches_for(self, total: int) -> list:
