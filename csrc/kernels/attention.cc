@@ -1,6 +1,6 @@
 // shiftc attention over an in-place KV cache: contract in shiftc/attention.h.
 //
-// Per task (one sequence and query head) and query row: scores over the visible keys (one dot
+// Per task (one sequence and query head) and query row (decode; prefill in blocks of rows, below): scores over the visible keys (one dot
 // product of D floats each, 16 independent partial sums so that the compiler vectorises it
 // without re-associating a float sum), a max, exp(score - max) by a branch-free polynomial that
 // vectorises, and the weighted sum of value rows (an axpy per key). Self-contained like
@@ -96,13 +96,131 @@ static void attention_task(const float* q, const float* kc, const float* vc, con
   }
 }
 
+// Prefill (S > 1): the head's keys are transposed once per call into kt [D][T], so that scores
+// for kRows query rows and kLanes consecutive keys accumulate as kRows vectors of kLanes with one
+// broadcast-multiply-add per row and dimension (no horizontal sums); a block reads keys only up to
+// the last one any of its rows sees (half the keys of a causal prefill). Values: one load of
+// V[t] feeds the axpys of every row of the block. Rows past S repeat row S - 1, not stored.
+constexpr int kRows = 8;
+constexpr int kPvRows = 4;  // rows whose D-wide accumulators stay in registers while V streams
+
+// o[j] = sum_t sc[j][t] * inv[j] * V[t] for the kPvRows rows from `first` (those >= S not stored).
+template <int D>
+SHIFTC_INLINE void weighted_values(const float* V, float* const* sc, const float* inv, int64_t t_end, float* const* o,
+                                   int64_t first, int64_t S) {
+  float acc[kPvRows][D] = {};
+  for (int64_t t = 0; t < t_end; ++t) {
+    const float* vr = V + t * D;
+    for (int j = 0; j < kPvRows; ++j) {
+      const float p = sc[j][t] * inv[j];
+      for (int e = 0; e < D; ++e) acc[j][e] += p * vr[e];
+    }
+  }
+  for (int j = 0; j < kPvRows && first + j < S; ++j)
+    for (int e = 0; e < D; ++e) o[j][e] = acc[j][e];
+}
+
+SHIFTC_INLINE void weighted_values_any(const float* V, float* const* sc, const float* inv, int64_t t_end, int64_t D,
+                                       float* const* o, int64_t first, int64_t S) {
+  for (int j = 0; j < kPvRows && first + j < S; ++j) {
+    for (int64_t e = 0; e < D; ++e) o[j][e] = 0.f;
+    for (int64_t t = 0; t < t_end; ++t) {
+      const float p = sc[j][t] * inv[j];
+      if (p == 0.f) continue;
+      for (int64_t e = 0; e < D; ++e) o[j][e] += p * V[t * D + e];
+    }
+  }
+}
+
+SHIFTC_ATTN_CLONES
+static void attention_block_task(const float* q, const float* kc, const float* vc, const float* mask, int64_t KVH,
+                                 int64_t G, int64_t S, int64_t T, int64_t M, int64_t D, float scale, float* out,
+                                 int64_t task, float* scores, float* kt) {
+  const int64_t g = task % G, h = (task / G) % KVH, b = task / (G * KVH);
+  const float* K = kc + (b * KVH + h) * M * D;
+  const float* V = vc + (b * KVH + h) * M * D;
+  const int64_t tp = (T + kLanes - 1) / kLanes * kLanes;  // kt row stride: whole lanes, zero tail
+  for (int64_t t = 0; t < tp; ++t)
+    for (int64_t d = 0; d < D; ++d) kt[d * tp + t] = t < T ? K[t * D + d] : 0.f;
+  for (int64_t s0 = 0; s0 < S; s0 += kRows) {
+    const float* qr[kRows];
+    const float* mr[kRows];
+    float* sc[kRows];
+    bool any_visible[kRows];
+    int64_t t_end = 0;
+    for (int j = 0; j < kRows; ++j) {
+      const int64_t s = s0 + j < S ? s0 + j : S - 1;
+      qr[j] = q + (((b * KVH + h) * G + g) * S + s) * D;
+      mr[j] = mask + (b * S + s) * T;
+      sc[j] = scores + j * tp;
+      int64_t last = -1;
+      for (int64_t t = T - 1; t >= 0; --t)
+        if (mr[j][t] > SHIFTC_ATTN_MASKED) {
+          last = t;
+          break;
+        }
+      any_visible[j] = last >= 0;
+      const int64_t end = any_visible[j] ? last + 1 : T;
+      t_end = end > t_end ? end : t_end;
+    }
+    for (int64_t t0 = 0; t0 < t_end; t0 += kLanes) {
+      float acc[kRows][kLanes] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const float* k = kt + d * tp + t0;
+        for (int j = 0; j < kRows; ++j) {
+          const float x = qr[j][d];
+          for (int l = 0; l < kLanes; ++l) acc[j][l] += x * k[l];
+        }
+      }
+      for (int j = 0; j < kRows; ++j)
+        for (int l = 0; l < kLanes; ++l) sc[j][t0 + l] = acc[j][l];
+    }
+    float inv[kRows];
+    for (int j = 0; j < kRows; ++j) {
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < t_end; ++t) {
+        const float v = (any_visible[j] && mr[j][t] <= SHIFTC_ATTN_MASKED) ? -INFINITY : sc[j][t] * scale + mr[j][t];
+        sc[j][t] = v;
+        mx = v > mx ? v : mx;
+      }
+      float sum = 0.f;
+      for (int64_t t = 0; t < t_end; ++t) {
+        const float e = exp_nonpositive(sc[j][t] - mx);
+        sc[j][t] = e;
+        sum += e;
+      }
+      inv[j] = 1.0f / sum;
+    }
+    for (int j0 = 0; j0 < kRows && s0 + j0 < S; j0 += kPvRows) {
+      float* o[kPvRows];
+      for (int j = 0; j < kPvRows; ++j) {
+        const int64_t s = s0 + j0 + j < S ? s0 + j0 + j : S - 1;
+        o[j] = out + (((b * KVH + h) * G + g) * S + s) * D;
+      }
+      if (D == 64)
+        weighted_values<64>(V, sc + j0, inv + j0, t_end, o, s0 + j0, S);
+      else if (D == 128)
+        weighted_values<128>(V, sc + j0, inv + j0, t_end, o, s0 + j0, S);
+      else
+        weighted_values_any(V, sc + j0, inv + j0, t_end, D, o, s0 + j0, S);
+    }
+  }
+}
+
 extern "C" int shiftc_attention(const float* q, const float* kc, const float* vc, const float* mask, int64_t B,
                                 int64_t KVH, int64_t G, int64_t S, int64_t T, int64_t M, int64_t D, float scale,
                                 float* out, int64_t task) {
   if (B < 0 || KVH < 1 || G < 1 || S < 0 || T < S || T > M || D < 1 || task < 0 || task >= B * KVH * G) return -1;
   if (S == 0) return 0;
-  thread_local std::vector<float> scores;
-  if (static_cast<int64_t>(scores.size()) < T) scores.resize(static_cast<size_t>(T));
-  attention_task(q, kc, vc, mask, KVH, G, S, T, M, D, scale, out, task, scores.data());
+  thread_local std::vector<float> scores, kt;
+  if (S == 1) {
+    if (static_cast<int64_t>(scores.size()) < T) scores.resize(static_cast<size_t>(T));
+    attention_task(q, kc, vc, mask, KVH, G, S, T, M, D, scale, out, task, scores.data());
+    return 0;
+  }
+  const int64_t tp = (T + kLanes - 1) / kLanes * kLanes;
+  if (static_cast<int64_t>(scores.size()) < kRows * tp) scores.resize(static_cast<size_t>(kRows * tp));
+  if (static_cast<int64_t>(kt.size()) < D * tp) kt.resize(static_cast<size_t>(D * tp));
+  attention_block_task(q, kc, vc, mask, KVH, G, S, T, M, D, scale, out, task, scores.data(), kt.data());
   return 0;
 }
