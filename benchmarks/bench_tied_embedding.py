@@ -43,12 +43,11 @@ def untied_variant(compressed: onnx.ModelProto, fp32: onnx.ModelProto, bits: int
     out.graph.initializer.extend(t for t in fp32.graph.initializer if t.name == table)
     if bits:
         from shiftc.passes import ops
-        from shiftc.passes.shiftadd import ShiftAddConfig, ShiftAddPass
+        from shiftc.passes.shiftadd import embedding_tables
 
-        sa = ShiftAddPass(ShiftAddConfig(embedding_bits=bits, embedding_group=group))
         replacements, new_inits = {}, []
         inits = {t.name: t for t in out.graph.initializer}
-        sa._embedding_tables(out.graph, inits, replacements, new_inits)
+        embedding_tables(out.graph, inits, replacements, new_inits, bits, group)
         nodes = [replacements.get(i, [n])[0] for i, n in enumerate(out.graph.node)]
         del out.graph.node[:]
         out.graph.node.extend(nodes)

@@ -86,7 +86,8 @@ def test_api_binarize_with_calibration(tiny_onnx, smollm2_gguf_path, tmp_path):
     onnx.checker.check_model(m, full_check=True)
     kinds = [n.op_type for n in m.graph.node]
     assert kinds.count("FdbMatMul") == 2 * 7 + 1 and "BcqMatMul" not in kinds  # 7 linears per block + LM head
-    assert not any(t.name.endswith(".weight.T") for t in m.graph.initializer)
+    assert kinds.count("QGather") == 1  # the embedding's own 4-bit table; the fp32 one is gone
+    assert not any(t.name.endswith(".weight.T") or t.name == "model.embed_tokens.weight" for t in m.graph.initializer)
     meta = json.loads({p.key: p.value for p in m.metadata_props}[METADATA_KEY])
     assert meta["pass"] == "binarize" and meta["mode"] == "fdb" and meta["op"] == "ai.shiftc::FdbMatMul"
     assert rep["bits_per_weight"] == pytest.approx(fdb.bits_per_weight(2, 32))

@@ -27,9 +27,10 @@ import onnx
 from onnx import numpy_helper
 
 from ..progress import Counter
-from . import bcq, fdb, ops
+from . import bcq, fdb, ops, uniform
 from .distill import DistillFields, run_configured, validate_fields
-from .shiftadd import PassResult, ShiftAddConfig, ShiftAddPass, Target, _node_id, finish_rewrite, replacement_nodes, summarize
+from .shiftadd import (PassResult, ShiftAddConfig, ShiftAddPass, Target, _node_id, embedding_tables, finish_rewrite,
+                       replacement_nodes, summarize)
 
 OP = "FdbMatMul"
 MODES = tuple(fdb.MODES)
@@ -44,6 +45,8 @@ class BinarizeConfig(DistillFields):  # + distill_* keys: distillation of the sc
     iters: int = 8
     lm_head: bool = True
     skip: list[str] = field(default_factory=list)
+    embedding_bits: int = 4  # token embedding: a table of its own on a uniform grid (QGather); 0: fp32
+    embedding_group: int = 32
 
 
 def validate(cfg: BinarizeConfig, bad) -> None:
@@ -56,6 +59,10 @@ def validate(cfg: BinarizeConfig, bad) -> None:
         bad("binarize.damp", f"must be in [0, 10), got {cfg.damp!r}")
     if not isinstance(cfg.iters, int) or cfg.iters < 0:
         bad("binarize.iters", f"must be an integer >= 0, got {cfg.iters!r}")
+    if cfg.embedding_bits not in (0, *uniform.BITS):
+        bad("binarize.embedding_bits", f"must be 0 (fp32 table) or one of {uniform.BITS}, got {cfg.embedding_bits!r}")
+    if not isinstance(cfg.embedding_group, int) or cfg.embedding_group < 1:
+        bad("binarize.embedding_group", f"must be a positive integer, got {cfg.embedding_group!r}")
     validate_fields(cfg, bad)
 
 
@@ -109,8 +116,12 @@ class BinarizePass:
                 entry["rel_output_error"] = bcq.relative_output_error(w, w_hat, h)
             layers[t.name] = entry
             progress.update(extra=t.name)
+        tables = embedding_tables(g, inits, replacements, new_inits, cfg.embedding_bits, cfg.embedding_group)
         summary = summarize("binarize", OP, layers, mode=cfg.mode, group=cfg.group)
+        if tables:
+            summary["embedding"] = tables
         finish_rewrite(out, replacements, new_inits, OP, summary)
+        ops.add_functions(out, ["QGather"] if tables else [])
         return PassResult(out, True, {**summary, "layers": layers, "skipped": skipped})
 
 

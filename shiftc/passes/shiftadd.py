@@ -254,7 +254,7 @@ class ShiftAddPass:
                 entry["rel_output_error"] = bcq.relative_output_error(w, w_hat, h)
             layers[t.name] = entry
         tied = self._tied_gathers(g, targets, by_id, replacements) if cfg.tied_embedding else {}
-        tables = self._embedding_tables(g, inits, replacements, new_inits) if cfg.embedding_bits else {}
+        tables = embedding_tables(g, inits, replacements, new_inits, cfg.embedding_bits, cfg.embedding_group)
         summary = summarize("shiftadd", OP, layers, scale_mode=cfg.scale_mode, group=cfg.group)
         if tied:
             summary["tied_embedding"] = tied
@@ -263,40 +263,6 @@ class ShiftAddPass:
         finish_rewrite(out, replacements, new_inits, OP, summary)
         ops.add_functions(out, ([GATHER_OP] if tied else []) + (["QGather"] if tables else []))
         return PassResult(out, True, {**summary, "layers": layers, "skipped": skipped})
-
-    def _embedding_tables(self, g: onnx.GraphProto, inits: dict, replacements: dict[int, list[onnx.NodeProto]],
-                          new_inits: list) -> dict[str, dict]:
-        """Each ``Gather(E, ids, axis=0)`` of a large float table (at least EMBEDDING_MIN_WEIGHTS:
-        token embeddings, not rope tables) with graph-input indices becomes ``QGather(ids, codes,
-        scales, mins)`` on E rounded to a uniform grid (shiftc/passes/uniform.py) — the table's
-        own copy, so a tied head keeps its bits. Returns {table: report entry}."""
-        cfg = self.config
-        graph_inputs = {i.name for i in g.input}
-        done: dict[str, dict] = {}
-        for i, n in enumerate(g.node):
-            if i in replacements or n.domain not in ("", "ai.onnx") or n.op_type != "Gather":
-                continue
-            t = inits.get(n.input[0])
-            if t is None or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT or \
-                    int(np.prod(t.dims)) < EMBEDDING_MIN_WEIGHTS or n.input[1] not in graph_inputs or \
-                    int(_attrs(n).get("axis", 0)) != 0:
-                continue
-            name = n.input[0]
-            if name not in done:
-                w = numpy_helper.to_array(t).astype(np.float32)
-                codes, scales, mins = uniform.quantize(w, cfg.embedding_bits, cfg.embedding_group)
-                w_hat = uniform.dequantize(codes, scales, mins, cfg.embedding_bits, cfg.embedding_group, w.shape[1])
-                new_inits += [numpy_helper.from_array(codes, f"{name}.q_codes"),
-                              numpy_helper.from_array(scales, f"{name}.q_scales"),
-                              numpy_helper.from_array(mins, f"{name}.q_mins")]
-                done[name] = {"shape": list(w.shape), "bits": cfg.embedding_bits, "group": cfg.embedding_group,
-                              "bits_per_weight": uniform.bits_per_weight(cfg.embedding_bits, cfg.embedding_group),
-                              "rel_weight_error": bcq.relative_weight_error(w, w_hat), "op": f"{ops.DOMAIN}::QGather"}
-            replacements[i] = [helper.make_node(
-                "QGather", [n.input[1], f"{name}.q_codes", f"{name}.q_scales", f"{name}.q_mins"], list(n.output),
-                name=f"{_node_id(n)}_q", domain=ops.DOMAIN, bits=cfg.embedding_bits, group_size=cfg.embedding_group,
-                in_features=int(t.dims[1]))]
-        return done
 
     @staticmethod
     def _tied_gathers(g: onnx.GraphProto, targets: list[Target], by_id: dict[str, int],
@@ -327,6 +293,42 @@ def _worker_init() -> None:
 
 
 # -- rewriting helpers shared with the binarize pass ------------------------------------------------
+
+
+def embedding_tables(g: onnx.GraphProto, inits: dict, replacements: dict[int, list[onnx.NodeProto]],
+                     new_inits: list, bits: int, group: int) -> dict[str, dict]:
+    """Each ``Gather(E, ids, axis=0)`` of a large float table (at least EMBEDDING_MIN_WEIGHTS:
+    token embeddings, not rope tables) with graph-input indices becomes ``QGather(ids, codes,
+    scales, mins)`` on E rounded to a uniform grid of 2^``bits`` levels per ``group`` columns
+    (shiftc/passes/uniform.py) — the table's own copy, so a tied head keeps its format. Adds to
+    ``replacements`` and ``new_inits``; ``bits`` 0 does nothing. Returns {table: report entry}."""
+    if not bits:
+        return {}
+    graph_inputs = {i.name for i in g.input}
+    done: dict[str, dict] = {}
+    for i, n in enumerate(g.node):
+        if i in replacements or n.domain not in ("", "ai.onnx") or n.op_type != "Gather":
+            continue
+        t = inits.get(n.input[0])
+        if t is None or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT or \
+                int(np.prod(t.dims)) < EMBEDDING_MIN_WEIGHTS or n.input[1] not in graph_inputs or \
+                int(_attrs(n).get("axis", 0)) != 0:
+            continue
+        name = n.input[0]
+        if name not in done:
+            w = numpy_helper.to_array(t).astype(np.float32)
+            codes, scales, mins = uniform.quantize(w, bits, group)
+            w_hat = uniform.dequantize(codes, scales, mins, bits, group, w.shape[1])
+            new_inits += [numpy_helper.from_array(codes, f"{name}.q_codes"),
+                          numpy_helper.from_array(scales, f"{name}.q_scales"),
+                          numpy_helper.from_array(mins, f"{name}.q_mins")]
+            done[name] = {"shape": list(w.shape), "bits": bits, "group": group,
+                          "bits_per_weight": uniform.bits_per_weight(bits, group),
+                          "rel_weight_error": bcq.relative_weight_error(w, w_hat), "op": f"{ops.DOMAIN}::QGather"}
+        replacements[i] = [helper.make_node(
+            "QGather", [n.input[1], f"{name}.q_codes", f"{name}.q_scales", f"{name}.q_mins"], list(n.output),
+            name=f"{_node_id(n)}_q", domain=ops.DOMAIN, bits=bits, group_size=group, in_features=int(t.dims[1]))]
+    return done
 
 
 def replacement_nodes(old: onnx.NodeProto, t: Target, op: str, tag: str, weights: list[str], **attrs) -> list[onnx.NodeProto]:
