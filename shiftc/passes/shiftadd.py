@@ -100,6 +100,7 @@ class ShiftAddPass:
 
     def __init__(self, config: ShiftAddConfig | None = None):
         self.config = config or ShiftAddConfig()
+        self._metrics: dict[str, dict] = {}  # error metrics the pool's workers computed, by layer
 
     # -- matching -----------------------------------------------------------------------------
     def match(self, model: onnx.ModelProto) -> tuple[list[Target], list[tuple[str, str]]]:
@@ -205,7 +206,7 @@ class ShiftAddPass:
                     if t is None:
                         break
                     w, h = job(t)
-                    pending[ex.submit(bcq.quantize_gptq, w, h, cfg.bits_for(t.name), cfg.group,
+                    pending[ex.submit(_quantize_job, w, h, cfg.bits_for(t.name), cfg.group,
                                       scale_mode=cfg.scale_mode, damp=cfg.damp, act_order=cfg.act_order,
                                       iters=cfg.iters)] = t.name
                 if not pending:
@@ -213,7 +214,7 @@ class ShiftAddPass:
                 done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for f in done:
                     name = pending.pop(f)
-                    out[name] = f.result()
+                    out[name], self._metrics[name] = f.result()
                     progress.update(extra=name)
         return out
 
@@ -246,13 +247,11 @@ class ShiftAddPass:
             replacements[by_id[t.node]] = replacement_nodes(g.node[by_id[t.node]], t, OP, "bcq", [planes, exps],
                                                             bits=bits, group_size=r.group, in_features=w.shape[1],
                                                             coding="pm1")
-            w_hat = r.dequantize()
-            entry = {"shape": list(w.shape), "bits": bits, "group": r.group, "scale_mode": r.scale_mode,
-                     "bits_per_weight": bcq.bits_per_weight(bits, r.group, r.scale_mode),
-                     "rel_weight_error": bcq.relative_weight_error(w, w_hat)}
-            if h is not None:
-                entry["rel_output_error"] = bcq.relative_output_error(w, w_hat, h)
-            layers[t.name] = entry
+            metrics = self._metrics.pop(t.name, None)
+            if metrics is None or (h is not None) != ("rel_output_error" in metrics):
+                metrics = _error_metrics(w, r.dequantize(), h)
+            layers[t.name] = {"shape": list(w.shape), "bits": bits, "group": r.group, "scale_mode": r.scale_mode,
+                              "bits_per_weight": bcq.bits_per_weight(bits, r.group, r.scale_mode), **metrics}
         tied = self._tied_gathers(g, targets, by_id, replacements) if cfg.tied_embedding else {}
         tables = embedding_tables(g, inits, replacements, new_inits, cfg.embedding_bits, cfg.embedding_group)
         summary = summarize("shiftadd", OP, layers, scale_mode=cfg.scale_mode, group=cfg.group)
@@ -284,6 +283,20 @@ class ShiftAddPass:
                                                 **{k: v.decode() if isinstance(v, bytes) else v for k, v in a.items()})]
             done[_node_id(n)] = heads[n.input[0]].name
         return done
+
+
+def _error_metrics(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None) -> dict:
+    m = {"rel_weight_error": bcq.relative_weight_error(w, w_hat)}
+    if h is not None:
+        m["rel_output_error"] = bcq.relative_output_error(w, w_hat, h)
+    return m
+
+
+def _quantize_job(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, **kw):
+    """A pool worker's job: the fit and its error metrics (float64 GEMMs that would otherwise run
+    one after another in the main process once the pool is done)."""
+    r = bcq.quantize_gptq(w, h, bits, group, **kw)
+    return r, _error_metrics(w, r.dequantize(), h)
 
 
 def _worker_init() -> None:
