@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name, fn, help_):
-        sp = sub.add_parser(name, help=help_, description=help_)
+        # no prefix matching: `--bits 3` must not silently mean --bits-budget 3
+        sp = sub.add_parser(name, help=help_, description=help_, allow_abbrev=False)
         sp.add_argument("--json", action="store_true", help="print a machine-readable JSON result on stdout")
         sp.set_defaults(fn=fn)
         return sp

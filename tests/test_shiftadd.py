@@ -324,7 +324,8 @@ def test_cli_compress_json_and_recipe(tiny_onnx, tmp_path):
 
 
 @pytest.mark.parametrize("flags,flag", [(["--shiftadd-bits", "0"], "--shiftadd-bits"), (["--shiftadd-bits", "5"], "--shiftadd-bits"),
-                                        (["--group", "48"], "--group"), (["--scale-mode", "pow3"], "--scale-mode")])
+                                        (["--group", "48"], "--group"), (["--scale-mode", "pow3"], "--scale-mode"),
+                                        (["--bits", "3"], "--bits")])  # no prefix match to --bits-budget
 def test_cli_bad_flags(tiny_onnx, tmp_path, flags, flag):
     r = run_cli("compress", tiny_onnx, "-o", str(tmp_path / "x.onnx"), *flags)
     assert r.returncode == EXIT_USAGE and flag in r.stderr
