@@ -273,7 +273,8 @@ def perplexities(libs: dict, worker: Worker, args) -> tuple[dict, str]:
     wins = token_windows(load_tokenizer(str(smollm2_gguf())), load_corpus("wikipedia", "eval"),
                          window=WINDOW, n_tokens=args.tokens)
     digest = hashlib.sha256(wins.astype(np.int64).tobytes()).hexdigest()[:16]
-    np.save(WORK / "windows.npy", wins)
+    win_file = WORK / f"windows-{digest}.npy"  # named by content: concurrent runs cannot swap them
+    np.save(win_file, wins)
     cache_path = WORK / "ppl-cache.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     threads = max(args.threads)
@@ -283,7 +284,8 @@ def perplexities(libs: dict, worker: Worker, args) -> tuple[dict, str]:
         if key not in cache and not args.skip_ppl:
             print(f"perplexity: {label} ({wins.shape[0]} windows of {WINDOW})", flush=True)
             if lib["kind"] == "llama.cpp":
-                r = worker("ppl", path=str(lib["path"]), windows=str(WORK / "windows.npy"), threads=threads)
+                r = worker("ppl", path=str(lib["path"]), windows=str(win_file), threads=threads)
+                assert r["count"] == wins.shape[0] * (WINDOW - 1), r
                 cache[key] = {"perplexity": float(np.exp(r["nll"] / r["count"])), "tokens_scored": r["count"],
                               "seconds": round(r["seconds"], 1), "windows": int(wins.shape[0])}
             else:
@@ -299,11 +301,10 @@ def speed(libs: dict, worker: Worker, args) -> dict:
     """{label: {cell: record}}, cells 'decode C=..,T=..' and 'prefill P=..,T=..'."""
     from shiftc import api
 
-    rng = np.random.default_rng(0)
     n_ctx = max(max(args.contexts) + args.steps, max(PREFILLS)) + 8
     prompts = {}
     for n in [c + args.steps for c in args.contexts] + list(PREFILLS):
-        prompts[n] = rng.integers(0, 49152, n).astype(np.int64)
+        prompts[n] = np.random.default_rng(n).integers(0, 49152, n).astype(np.int64)  # same file for every run
         np.save(WORK / f"prompt-{n}.npy", prompts[n])
     times = {lab: {} for lab in libs}
     info = {lab: {} for lab in libs}
@@ -314,6 +315,7 @@ def speed(libs: dict, worker: Worker, args) -> dict:
                 info[lab][f"T={T}"] = worker("load", key=lab, path=str(lib["path"]), threads=T, n_ctx=n_ctx)
             else:
                 sessions[lab] = api.load(str(lib["path"]), threads=T).lm_session()
+                info[lab][f"T={T}"] = {"tvm_threads": tvm_threads()}
         order = list(libs)
         for lab in order:  # warm-up (weights paged in, thread pools started), not recorded
             prefill_run(worker, lab, sessions.get(lab), prompts[PREFILLS[0]], PREFILLS[0])
@@ -342,6 +344,13 @@ def speed(libs: dict, worker: Worker, args) -> dict:
             if "cpu_per_wall" in d:
                 out[lab][cell]["cpu_per_wall"] = round(statistics.median(d["cpu_per_wall"]), 2)
     return out
+
+
+def tvm_threads() -> int:
+    import tvm  # noqa: F401  (registers the runtime functions)
+    import tvm_ffi
+
+    return int(tvm_ffi.get_global_func("runtime.NumThreads")())
 
 
 def decode_run(worker, label, session, prompt, steps, C) -> dict:
@@ -413,7 +422,7 @@ def plot(res: dict, png: Path) -> None:
     import matplotlib.ticker
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
-    cell = f"decode C={min(res['config']['contexts'])},T={max(res['config']['threads'])}"
+    cell = f"decode C={min(res['config']['contexts'])},T={min(res['config']['threads'])}"  # least disturbed by load
     for kind, mark in (("llama.cpp", "o-"), ("shiftc", "s")):
         labs = sorted((l for l, v in res["libraries"].items() if v["kind"] == kind and l in res["perplexity"]),
                       key=lambda l: res["libraries"][l]["bytes"])
@@ -463,6 +472,10 @@ def main(argv=None) -> int:
     args.threads = [int(x) for x in args.threads.split(",")]
     types = [t for t in args.types.split(",") if t and t != "F32"]
     sys.path.insert(0, str(ROOT))
+    # TVM sizes its pool at most hardware_concurrency / 2 on x86-64 (it assumes hyper-threads): on
+    # this 2-vCPU machine threads=2 silently ran on one thread. The variable lifts that cap; it must
+    # be set before TVM loads. set_threads (api.load) still picks each T below it.
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(args.threads)))
     from shiftc import api
     from shiftc.frontend.data import smollm2_gguf
 
@@ -486,6 +499,7 @@ def main(argv=None) -> int:
             libs[f"shiftc {lab}"] = {"kind": "shiftc", "path": Path(path)}
         for lib in libs.values():
             lib["bytes"] = lib["path"].stat().st_size
+            lib["modified_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(lib["path"].stat().st_mtime))
             lib["bits_per_weight"] = lib["bytes"] * 8 / n_params
         ppl, digest = perplexities(libs, worker, args)
         speed_types = [t for t in args.speed_types.split(",") if t]
@@ -508,7 +522,7 @@ def main(argv=None) -> int:
                    "prefills": list(PREFILLS), "gap_s": GAP_S, "n_params": n_params, "note": args.note},
         "environment": {"host": platform.node(), "cpu": _cpu_name(), "cores": os.cpu_count(), **version,
                         "loadavg_before_speed": load0, "loadavg_after_speed": os.getloadavg(),
-                        "bench_reqs": BENCH_REQS, "reference_onnx": str(ref), **_git()},
+                        "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS"), "bench_reqs": BENCH_REQS, "reference_onnx": str(ref), **_git()},
         "libraries": {l: {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()} for l, d in libs.items()},
         "perplexity": ppl, "speed": sp, "ratios": ratios,
     }
