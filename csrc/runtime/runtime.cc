@@ -15,10 +15,12 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <map>
 #include <optional>
+#include <thread>
 #include <utility>
 
 namespace ffi = tvm::ffi;
@@ -199,6 +201,13 @@ ffi::Tensor CacheWithRows(const ffi::Tensor& from, int64_t rows, int64_t keep, D
 Model::Model(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 Model Model::Load(const std::string& path, Device device) {
+  // TVM sizes its thread pool from TVM_NUM_THREADS, else from half the logical CPUs, and pins the
+  // process to the cores it chose (one core on a 2-core board); SetNumThreads sizes the pool, so
+  // let TVM see every core before it starts one.
+  if (std::getenv("TVM_NUM_THREADS") == nullptr) {
+    unsigned n = std::thread::hardware_concurrency();
+    setenv("TVM_NUM_THREADS", std::to_string(n ? n : 1).c_str(), 0);
+  }
   if (device.type != kDLCPU) throw Error("only Device::CPU() is supported by this shiftc runtime");
   std::error_code ec;
   if (!std::filesystem::is_regular_file(path, ec)) throw Error("model library '" + path + "' does not exist");
