@@ -482,7 +482,7 @@ def _readme(name: str, meta: dict, spec, r: PackageResult) -> str:
         "./bin/shiftc_run dump model.so inputs.bin outputs.bin  # any model: tensors in, all outputs out",
         "```",
         "",
-        "`--threads N` sets the size of the thread pool (default: TVM's choice; or `TVM_NUM_THREADS=N`).",
+        "`--threads N` sets the size of the thread pool (default: every core, or `TVM_NUM_THREADS=N`).",
         "`inputs.bin` / `outputs.bin` are SHT1 tensor files: `\"SHT1\"`, u32 count, then per tensor u32 length +",
         "name, u32 length + dtype, u32 ndim, i64 dims[ndim], u64 nbytes, raw little-endian data.",
     ]
