@@ -100,7 +100,6 @@ class ShiftAddPass:
 
     def __init__(self, config: ShiftAddConfig | None = None):
         self.config = config or ShiftAddConfig()
-        self._metrics: dict[str, dict] = {}  # error metrics the pool's workers computed, by layer
 
     # -- matching -----------------------------------------------------------------------------
     def match(self, model: onnx.ModelProto) -> tuple[list[Target], list[tuple[str, str]]]:
@@ -167,7 +166,13 @@ class ShiftAddPass:
 
     def quantize_all(self, targets: list[Target], inits: dict[str, onnx.TensorProto],
                      hessians: dict[str, np.ndarray] | None, results: dict | None = None) -> dict[str, bcq.BcqResult]:
-        """{layer name: BcqResult} for every target (those in ``results`` are kept as given).
+        """{layer name: BcqResult} for every target (those in ``results`` are kept as given)."""
+        return self._fit_all(targets, inits, hessians, results)[0]
+
+    def _fit_all(self, targets: list[Target], inits: dict[str, onnx.TensorProto],
+                 hessians: dict[str, np.ndarray] | None, results: dict | None = None) -> tuple[dict, dict]:
+        """(results as :meth:`quantize_all`, {layer name: error metrics} of the layers a pool
+        worker fitted, computed there beside the fit).
 
         Layers are independent, so with ``workers`` > 1 they are quantized by a pool of processes
         (spawned: torch's thread pools do not survive fork), largest first, with at most two jobs
@@ -176,6 +181,7 @@ class ShiftAddPass:
         import os
 
         out = dict(results or {})
+        metrics: dict[str, dict] = {}
         todo = [t for t in targets if t.name not in out]
         progress = Counter("shift-add", len(targets))
         for _ in range(len(targets) - len(todo)):
@@ -191,7 +197,7 @@ class ShiftAddPass:
             for t in todo:
                 out[t.name] = self.quantize(t, *job(t))
                 progress.update(extra=t.name)
-            return out
+            return out, metrics
         import concurrent.futures as cf
         import multiprocessing
 
@@ -214,9 +220,9 @@ class ShiftAddPass:
                 done, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                 for f in done:
                     name = pending.pop(f)
-                    out[name], self._metrics[name] = f.result()
+                    out[name], metrics[name] = f.result()
                     progress.update(extra=name)
-        return out
+        return out, metrics
 
     # -- rewriting ------------------------------------------------------------------------------
     def __call__(self, model: onnx.ModelProto, hessians: dict[str, np.ndarray] | None = None,
@@ -234,7 +240,7 @@ class ShiftAddPass:
         inits = {t.name: t for t in g.initializer}
         by_id = {_node_id(n): i for i, n in enumerate(g.node)}
         layers, new_inits = {}, []
-        results = self.quantize_all(targets, inits, hessians, results)
+        results, metrics = self._fit_all(targets, inits, hessians, results)
         replacements: dict[int, list[onnx.NodeProto]] = {}
         for t in targets:
             w = self.weight(inits, t)  # [N, K]
@@ -247,11 +253,9 @@ class ShiftAddPass:
             replacements[by_id[t.node]] = replacement_nodes(g.node[by_id[t.node]], t, OP, "bcq", [planes, exps],
                                                             bits=bits, group_size=r.group, in_features=w.shape[1],
                                                             coding="pm1")
-            metrics = self._metrics.pop(t.name, None)
-            if metrics is None or (h is not None) != ("rel_output_error" in metrics):
-                metrics = _error_metrics(w, r.dequantize(), h)
+            errors = metrics.get(t.name) or _error_metrics(w, r.dequantize(), h)
             layers[t.name] = {"shape": list(w.shape), "bits": bits, "group": r.group, "scale_mode": r.scale_mode,
-                              "bits_per_weight": bcq.bits_per_weight(bits, r.group, r.scale_mode), **metrics}
+                              "bits_per_weight": bcq.bits_per_weight(bits, r.group, r.scale_mode), **errors}
         tied = self._tied_gathers(g, targets, by_id, replacements) if cfg.tied_embedding else {}
         tables = embedding_tables(g, inits, replacements, new_inits, cfg.embedding_bits, cfg.embedding_group)
         summary = summarize("shiftadd", OP, layers, scale_mode=cfg.scale_mode, group=cfg.group)
