@@ -42,8 +42,6 @@ TOTAL = "total"  # tokens in the cache after the step (the attention mask's leng
 
 class _Graph:
     def __init__(self, graph: onnx.GraphProto):
-        self.g = graph
-        self.producer = {o: n for n in graph.node for o in n.output}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
         for n in graph.node:
             for i in n.input:

@@ -190,16 +190,14 @@ def _bcq_matmul(bb, inputs, attrs, node):
 def _emit_lut16_call(bb, x, node, name: str, k: int, n: int, bits: int, group: int, packed):
     """Emit ``reshape(x, [rows, K]) -> call_tir(kernel PrimFunc) -> reshape back`` for lut16
     constants ``packed`` (:func:`_shared_lut16`)."""
-    from tvm import relax, tirx
+    from tvm import relax
 
     codes, scales, off, n_codes, n_scales, n_off = packed
     x = bb.normalize(x)
     x_shape = list(x.ty.shape)
     if not x_shape or int(x_shape[-1]) != k:
         raise UnsupportedError(f"node '{node.name}' ({node.op_type}): input X has shape {x_shape}, expected [..., {k}]")
-    rows = 1
-    for d in x_shape[:-1]:
-        rows = rows * (int(d) if isinstance(d, tirx.IntImm) else d)
+    rows = _elements(x_shape[:-1])
     fn = _bcq_primfunc(k, n, bits, group, n_codes, n_scales, n_off)
     gv = bb.add_func(fn, name)
     x2 = bb.emit(relax.op.reshape(x, [rows, k]))
@@ -209,6 +207,28 @@ def _emit_lut16_call(bb, x, node, name: str, k: int, n: int, bits: int, group: i
          relax.TensorType([workspace_floats(rows, k, group, lut_max_m())], "float32")]))
     y = bb.emit(relax.TupleGetItem(out, 0))
     return relax.op.reshape(y, x_shape[:-1] + [n])
+
+
+def _elements(shape):
+    """The product of a Relax shape's dimensions (an int, or an expression of its symbols)."""
+    from tvm import tirx
+
+    n = 1
+    for d in shape:
+        n = n * (int(d) if isinstance(d, tirx.IntImm) else d)
+    return n
+
+
+def _emit_row_gather(bb, ids, gv, tables: list, k: int):
+    """``reshape(ids, [R]) -> call_tir(gv, [ids, *tables]) -> reshape to ids.shape + [K]``: the
+    lowering shared by the gather ops (``gv`` a PrimFunc (ids [R], *tables, y [R, K]))."""
+    from tvm import relax
+
+    shape = list(ids.ty.shape)
+    rows = _elements(shape)
+    flat = bb.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [rows]))
+    y = bb.emit(relax.call_tir(gv, [flat, *tables], relax.TensorType([rows, k], "float32")))
+    return relax.op.reshape(y, shape + [k])
 
 
 def _gather_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales: int, n_offsets: int):
@@ -286,7 +306,7 @@ def sharing_packed_weights():
 def _bcq_gather(bb, inputs, attrs, node):
     """BcqGather (shiftc/passes/ops.py): rows of a BcqMatMul weight. CPU: read from the same lut16
     constants as the tied head's BcqMatMul; CUDA: a Gather on the reconstructed table."""
-    from tvm import relax, tirx
+    from tvm import relax
 
     from ..passes.bcq import exps_to_alpha, reconstruct, unpack_planes
 
@@ -304,15 +324,9 @@ def _bcq_gather(bb, inputs, attrs, node):
         w = reconstruct(unpack_planes(planes, k), alpha, group, coding).astype(np.float32)  # [N, K]
         return relax.op.take(relax.const(w, "float32"), ids, axis=0)
     codes, scales, off, n_codes, n_scales, n_off = _shared_lut16(node, lambda: _pack(planes, alpha, k, group, coding))
-    shape = list(ids.ty.shape)
-    rows = 1
-    for d in shape:
-        rows = rows * (int(d) if isinstance(d, tirx.IntImm) else d)
     gv = bb.add_func(_gather_primfunc(k, n, bits, group, n_codes, n_scales, n_off),
                      f"shiftc_bcq_gather_{n}x{k}_q{bits}g{group}")
-    flat = bb.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [rows]))
-    y = bb.emit(relax.call_tir(gv, [flat, codes, scales, off], relax.TensorType([rows, k], "float32")))
-    return relax.op.reshape(y, shape + [k])
+    return _emit_row_gather(bb, ids, gv, [codes, scales, off], k)
 
 
 def _qgather_primfunc(k: int, n: int, bits: int, group: int, row_bytes: int, ng: int):
@@ -347,7 +361,7 @@ def _qgather_primfunc(k: int, n: int, bits: int, group: int, row_bytes: int, ng:
 def _q_gather(bb, inputs, attrs, node):
     """QGather (shiftc/passes/ops.py): a table on a uniform grid, stored as it is in the ONNX file
     (q-bit codes, float16 scales and mins); CPU: a row gather in TIR; CUDA: Gather on Ŵ."""
-    from tvm import relax, tirx
+    from tvm import relax
 
     from ..passes.uniform import BITS, dequantize
 
@@ -363,14 +377,8 @@ def _q_gather(bb, inputs, attrs, node):
     if _device.get() != "cpu":
         w = dequantize(codes, scales, mins, bits, group, k)
         return relax.op.take(relax.const(w, "float32"), ids, axis=0)
-    shape = list(ids.ty.shape)
-    rows = 1
-    for d in shape:
-        rows = rows * (int(d) if isinstance(d, tirx.IntImm) else d)
     gv = bb.add_func(_qgather_primfunc(k, n, bits, group, int(codes.shape[1]), ng), f"shiftc_q_gather_{n}x{k}_q{bits}g{group}")
-    flat = bb.emit(relax.op.reshape(relax.op.astype(ids, "int64"), [rows]))
-    y = bb.emit(relax.call_tir(gv, [flat, inputs[1], inputs[2], inputs[3]], relax.TensorType([rows, k], "float32")))
-    return relax.op.reshape(y, shape + [k])
+    return _emit_row_gather(bb, ids, gv, list(inputs[1:4]), k)
 
 
 def fdb_lut16(planes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, k: int, group: int):
