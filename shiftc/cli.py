@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--recipe", type=_existing, help="YAML recipe (schema: shiftc/passes/recipe.py); flags override it")
     sp.add_argument("--shiftadd-bits", type=_bits, help="bit planes per weight, 1..4 (default 3)")
     sp.add_argument("--group", type=_group, help="input columns per scale, a multiple of 32 (default 128)")
-    sp.add_argument("--scale-mode", choices=["pow2", "pow2x2"], help="scale = 2^e or 2^e1 + 2^e2 (default pow2x2)")
+    sp.add_argument("--scale-mode", choices=["pow2", "pow2x2", "uniform"],
+                    help="scale = 2^e or 2^e1 + 2^e2 (BCQ; default pow2x2), or uniform: a q-bit grid per group "
+                         "with a float16 scale and min, its planes a shift apart")
     sp.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                     help="GPTQ: quantize columns by decreasing activation energy (shift-add default: on)")
     sp.add_argument("--shiftadd-lm-head", action=argparse.BooleanOptionalAction, default=None,

@@ -11,6 +11,13 @@ that cancels to 0, e.g. "01" bit 0, still goes through +-alpha/2 terms.)
 
 The AMX GEMM (ISA "amx", M >= BCQ_AMX_MIN_M) multiplies bf16 parts of x and w and has its own,
 looser bound RTOL_BF16X3 (derived where it is defined); every other path keeps RTOL.
+
+Uniform weights (bcq_matmul_uniform), W[n, k] = mu[n, g] + s[n, g] sum_i 2^i B_i[n, k] with half
+s >= 0 and mu, run as the +-1 form with alpha_i = s 2^(i-1) and offset mu + s (2^q - 1)/2. Every
+intermediate (partials, scaled partials, offset term, expanded weight) is then bounded by
+U[m, n] = sum_k |x[m, k]| (|mu[n, g(k)]| + s[n, g(k)] (2^q - 1)), so the same reasoning gives
+|y - ref| <= RTOL * U per output, on every ISA (ISA "amx" runs their GEMM on the AVX-512 FMA
+kernel, not on bf16 tiles).
 """
 
 from __future__ import annotations
@@ -386,3 +393,191 @@ def test_pack_rejects_bad_arguments():
         nat.bcq_pack_lut16(np.zeros((5, 4, 3), np.uint32), np.ones((5, 4, 3), np.float32), 96, 32)
     with pytest.raises(ValueError, match="bcq_pack_lut16: K must be >= 1"):
         nat.bcq_pack_lut16(planes, alpha, 0, 32)
+
+
+# -- uniform scales (half s, mu per row and group) --------------------------------------------------
+
+
+def make_uniform(rng, q: int, n: int, k: int, group: int):
+    """Random bit planes, float16 s >= 0 (about 5% exactly 0) and mu of both signs."""
+    ng = -(-k // group)
+    planes01 = rng.integers(0, 2, (q, n, k), dtype=np.uint8)
+    s = (rng.random((n, ng)) * 0.1).astype(np.float16)
+    s[rng.random((n, ng)) < 0.05] = 0
+    mu = ((rng.random((n, ng)) - 0.5) * 2.0).astype(np.float16)
+    return planes01, s, mu
+
+
+def uniform_ref(x: np.ndarray, planes01: np.ndarray, s: np.ndarray, mu: np.ndarray, k: int, group: int):
+    """float64 Y = X W^T of the uniform formula, and U [M, N] of the module docstring."""
+    q = planes01.shape[0]
+    code = sum(planes01[i].astype(np.float64) * 2.0**i for i in range(q))  # [N, K]
+    sk = np.repeat(s.astype(np.float64), group, axis=-1)[:, :k]
+    mk = np.repeat(mu.astype(np.float64), group, axis=-1)[:, :k]
+    x64 = x.astype(np.float64)
+    return x64 @ (mk + sk * code).T, np.abs(x64) @ (np.abs(mk) + sk * (2**q - 1)).T
+
+
+def run_uniform(x, planes01, s, mu, *, k, group, threads=1):
+    q, n = planes01.shape[:2]
+    codes = nat.bcq_pack_codes(pack_planes(planes01), k, group)
+    su = nat.bcq_pack_uniform(s, mu, k, group)
+    return nat.bcq_matmul_uniform(x, codes, su, n, k, q, group, threads=threads)
+
+
+def check_uniform(y, x, planes01, s, mu, *, k, group, what):
+    ref, bound = uniform_ref(x, planes01, s, mu, k, group)
+    assert y.shape == ref.shape and y.dtype == np.float32, what
+    err = np.abs(y.astype(np.float64) - ref)
+    bad = err > RTOL * bound + 1e-30
+    assert not bad.any(), f"{what}: {bad.sum()} outputs off, worst err/bound {np.max(err / np.maximum(bound, 1e-30)):.3g}"
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+def test_uniform_every_bits_group_and_m(isa, q, group):
+    """N=17 and 40 (partial row blocks, a half task), K=576 (G=128: last group partial) and
+    K=100 (no group whole for G=128), every M of both paths."""
+    rng = np.random.default_rng(q * 1000 + group)
+    for n, k in ((17, 576), (40, 100)):
+        planes01, s, mu = make_uniform(rng, q, n, k, group)
+        for m in M_VALUES:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            y = run_uniform(x, planes01, s, mu, k=k, group=group)
+            check_uniform(y, x, planes01, s, mu, k=k, group=group, what=f"{isa} uniform q={q} G={group} N={n} K={k} M={m}")
+
+
+@pytest.mark.parametrize("k", [1, 7, 20, 31, 33, 61, 200])
+def test_uniform_k_small_or_not_a_multiple_of_the_group(isa, k):
+    """Columns >= K inside the last octet/word/group contribute nothing (mu included)."""
+    rng = np.random.default_rng(k)
+    n = 21
+    for q, group in ((4, 32), (2, 64)):
+        planes01, s, mu = make_uniform(rng, q, n, k, group)
+        for m in (1, 5, MAX_M, 20):
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            y = run_uniform(x, planes01, s, mu, k=k, group=group)
+            check_uniform(y, x, planes01, s, mu, k=k, group=group, what=f"{isa} uniform K={k} q={q} G={group} M={m}")
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_uniform_every_half(isa, m):
+    """One group per row (K = G = 32), so each output checks its row's (s, mu) alone: s over
+    every finite non-negative half (subnormals and 65504 included), mu over every finite half
+    (both signs), exactly as the kernels convert them."""
+    rng = np.random.default_rng(m)
+    finite = np.arange(0x7C00, dtype=np.uint16)  # +0 .. 65504
+    n, k, q, group = finite.size, 32, 4, 32
+    s = finite.view(np.float16).reshape(n, 1)
+    mu_bits = rng.permutation(finite) | (rng.integers(0, 2, n, dtype=np.uint16) << 15)
+    mu = mu_bits.view(np.float16).reshape(n, 1)
+    planes01 = rng.integers(0, 2, (q, n, k), dtype=np.uint8)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y = run_uniform(x, planes01, s, mu, k=k, group=group)
+    check_uniform(y, x, planes01, s, mu, k=k, group=group, what=f"{isa} uniform every half M={m}")
+
+
+@pytest.mark.parametrize("m", [1, MAX_M, 130])
+def test_uniform_threads_match_one_thread(isa, m):
+    rng = np.random.default_rng(m)
+    n, k, q, group = 200, 576, 4, 32
+    planes01, s, mu = make_uniform(rng, q, n, k, group)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    y1 = run_uniform(x, planes01, s, mu, k=k, group=group, threads=1)
+    y2 = run_uniform(x, planes01, s, mu, k=k, group=group, threads=2)
+    np.testing.assert_array_equal(y1, y2)
+    check_uniform(y2, x, planes01, s, mu, k=k, group=group, what=f"{isa} uniform threads=2 M={m}")
+
+
+@pytest.mark.parametrize("q,n,k,group", [(1, 1, 64, 32), (3, 17, 576, 128), (4, 40, 100, 64), (2, 33, 33, 32)])
+def test_pack_codes_equals_lut16_codes(q, n, k, group):
+    rng = np.random.default_rng(n)
+    planes = pack_planes(rng.integers(0, 2, (q, n, k), dtype=np.uint8))
+    alpha = np.ones((q, n, -(-k // group)), np.float32)
+    codes = nat.bcq_pack_codes(planes, k, group)
+    assert codes.dtype == np.uint8
+    np.testing.assert_array_equal(codes, nat.bcq_pack_lut16(planes, alpha, k, group)[0])
+
+
+def np_pack_uniform(s: np.ndarray, mu: np.ndarray, group: int) -> np.ndarray:
+    """numpy transcription of su [NB][NG][2][16] in shiftc/bcq_lut.h."""
+    n, ng = s.shape
+    nb = -(-n // 16)
+    su = np.zeros((2, nb * 16, ng), np.uint16)
+    su[0, :n], su[1, :n] = s.view(np.uint16), mu.view(np.uint16)
+    return su.reshape(2, nb, 16, ng).transpose(1, 3, 0, 2).ravel()
+
+
+@pytest.mark.parametrize("n,k,group", [(1, 64, 32), (17, 576, 128), (40, 100, 64), (33, 33, 32)])
+def test_pack_uniform_layout(n, k, group):
+    rng = np.random.default_rng(n)
+    _, s, mu = make_uniform(rng, 1, n, k, group)
+    su = nat.bcq_pack_uniform(s, mu, k, group)
+    assert su.dtype == np.uint16
+    np.testing.assert_array_equal(su, np_pack_uniform(s, mu, group))
+    # non-contiguous inputs are read by value
+    np.testing.assert_array_equal(nat.bcq_pack_uniform(np.asfortranarray(s), mu[:, ::1], k, group), su)
+
+
+def test_uniform_pack_rejects_bad_arguments():
+    planes = np.zeros((2, 4, 3), np.uint32)  # K in 65..96
+    with pytest.raises(ValueError, match="bcq_pack_codes: planes must have shape"):
+        nat.bcq_pack_codes(planes, 200, 32)
+    with pytest.raises(ValueError, match="bcq_pack_codes: group must be"):
+        nat.bcq_pack_codes(planes, 96, 40)
+    with pytest.raises(ValueError, match="bcq_pack_codes: planes must hold 1..4"):
+        nat.bcq_pack_codes(np.zeros((5, 4, 3), np.uint32), 96, 32)
+    with pytest.raises(ValueError, match="bcq_pack_codes: K must be >= 1"):
+        nat.bcq_pack_codes(planes, 0, 32)
+    s = np.ones((4, 3), np.float16)  # K in 65..96, G = 32
+    with pytest.raises(ValueError, match="bcq_pack_uniform: s must be float16"):
+        nat.bcq_pack_uniform(s.astype(np.float32), s, 96, 32)
+    with pytest.raises(ValueError, match="bcq_pack_uniform: mu must be float16"):
+        nat.bcq_pack_uniform(s, s.view(np.uint16), 96, 32)
+    with pytest.raises(ValueError, match="bcq_pack_uniform: s must have shape"):
+        nat.bcq_pack_uniform(s, s, 96, 64)
+    with pytest.raises(ValueError, match="bcq_pack_uniform: mu must have the shape of s"):
+        nat.bcq_pack_uniform(s, s[:3], 96, 32)
+    with pytest.raises(ValueError, match="bcq_pack_uniform: s must be 2-D"):
+        nat.bcq_pack_uniform(s.ravel(), s, 96, 32)
+    with pytest.raises(ValueError, match="bcq_pack_uniform: group must be"):
+        nat.bcq_pack_uniform(s, s, 96, 48)
+
+
+@pytest.fixture(scope="module")
+def packed_uniform():
+    rng = np.random.default_rng(0)
+    q, n, k, group = 3, 20, 96, 32
+    planes01, s, mu = make_uniform(rng, q, n, k, group)
+    codes = nat.bcq_pack_codes(pack_planes(planes01), k, group)
+    su = nat.bcq_pack_uniform(s, mu, k, group)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    return dict(x=x, codes=codes, su=su, N=n, K=k, q=q, group=group)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(x=np.zeros((3, 95), np.float32)), "x must have shape"),
+    (dict(x=np.zeros(96, np.float32)), "x must be 2-D"),
+    (dict(codes="int8"), "codes must be uint8"),
+    (dict(codes="short"), "codes must hold"),
+    (dict(su="float16"), "su must be uint16"),
+    (dict(su="short"), "su must hold"),
+    (dict(N=0), "N must be >= 1"),
+    (dict(N=40), "codes must hold"),
+    (dict(K=0), "K must be >= 1"),
+    (dict(q=0), "q must be in 1..4"),
+    (dict(q=5), "q must be in 1..4"),
+    (dict(q=2), "codes must hold"),
+    (dict(group=48), "group must be a positive multiple of 32"),
+    (dict(threads=0), "threads must be >= 1"),
+])
+def test_matmul_uniform_rejects_bad_arguments(packed_uniform, change, match):
+    args = dict(packed_uniform, threads=1)
+    for key, val in change.items():
+        if isinstance(val, str) and val == "short":
+            val = args[key][:-1]
+        elif isinstance(val, str):
+            val = args[key].view(val) if np.dtype(val).itemsize == args[key].itemsize else args[key].astype(val)
+        args[key] = val
+    with pytest.raises(ValueError, match=f"bcq_matmul_uniform: {match}"):
+        nat.bcq_matmul_uniform(**args)

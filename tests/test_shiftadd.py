@@ -41,7 +41,7 @@ def _op_model(x_shape, planes, exps, q, g, k, opset=17):
 def test_op_name_is_not_a_standard_onnx_op():
     assert not onnx.defs.has("BcqMatMul") and not onnx.defs.has("FdbMatMul")
     assert not onnx.defs.has("BcqGather") and not onnx.defs.has("QGather")
-    assert set(ops.OPS) == {"BcqMatMul", "BcqGather", "QGather", "FdbMatMul"}
+    assert set(ops.OPS) == {"BcqMatMul", "BcqGather", "QGather", "FdbMatMul", "UniformMatMul", "UniformGather"}
     assert ops.OPS["BcqMatMul"].reference is ops.bcq_matmul_ref
     assert ops.OPS["BcqGather"].kind == ops.OPS["QGather"].kind == "gather"
 

@@ -27,6 +27,16 @@
 // columns it expands its panel of W to float, panel[k][32] = mu - sum_i alpha_i + sum_{i: bit}
 // 2 alpha_i (one masked add per plane and 16 weights), then runs a register-blocked FMA kernel
 // over all M rows of X; the expansion is amortised over M.
+//
+// Uniform weights (shiftc_bcq_compute_uniform): W = mu + s sum_i 2^i B_i with one half-precision
+// (s, mu) pair per row and group. With b = (s(b) + 1) / 2 this is the +-1 form above with
+//   alpha_i = s 2^(i-1)  (exact in float)   and   offset = mu + s (2^q - 1) / 2  (one rounding),
+// derived in float from the two halves once per group and 16 rows (group_header_*; never rounded
+// back to half). The GEMM expansion starts from mu itself and adds 2 alpha_i = s 2^i per set bit;
+// the AVX-512 GEMV, where the combine is visible at G = 32, sums the planes' partials as
+// sum_i 2^i part_i and scales once by s/2 (measured 3% faster than per-plane scales; on AVX2 it
+// was not). Everything else is the float-scale code: the loops over the codes are shared, and a
+// group reads one 64-byte line of halves instead of q + 1 lines of floats.
 #include "shiftc/bcq_lut.h"
 
 #include <atomic>
@@ -46,7 +56,9 @@
 #include <unistd.h>
 #endif
 #define SHIFTC_LUT_X86 1
-#define SHIFTC_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// F16C (the uniform format's half scales) is part of the AVX2 level: every CPU with AVX2 and FMA
+// has it, and isa_available() checks it too.
+#define SHIFTC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define SHIFTC_TARGET_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
 #else
 #define SHIFTC_LUT_X86 0
@@ -81,6 +93,9 @@ int64_t slice_start(int64_t t, int64_t sl, int64_t nsl, int64_t ks) { return ((t
 // of a task's two blocks (and their scales); prefetching 4 KiB ahead (scales 4 groups ahead) made
 // a cold 4096 x 4096 GEMV 20-23% faster on a Xeon (Emerald Rapids), and costs <3% when warm.
 constexpr int64_t kPrefetchBytes = 4096;
+// ... and how many groups ahead they prefetch a block's scales (float format: q lines; uniform:
+// its one line of halves).
+constexpr int64_t kPrefetchGroups = 4;
 
 // kAmx: the AVX-512 kernels, and the AMX-BF16 GEMM for M >= kAmxMinRows.
 enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kNeon = 4, kAmx = 5 };
@@ -99,18 +114,24 @@ bool valid_shape(int64_t N, int64_t K, int32_t q, int64_t G) {
 }
 
 // Everything a task needs, derived once per call.
+// The scale format is the one switch between the two weight formats: su non-null = uniform (one
+// half-precision (s, mu) pair per row and group), else float scales (and offsets). The kernels
+// read either only through group_header_*(), so both share every loop.
 struct Problem {
     const float* x;        // [M, K]
     const float* ws;       // workspace filled by shiftc_bcq_prepare
     const uint8_t* codes;  // [NB][Kp/8][q][16]
-    const float* scales;   // [NB][NG][q][16]
+    const float* scales;   // [NB][NG][q][16]      (float format; nullptr when su is set)
     const float* offsets;  // [NB][NG][16] or nullptr
+    const uint16_t* su;    // [NB][NG][2][16] halves (uniform format) or nullptr
     float* y;              // [M, N]
     int64_t M, K, N, G;
     int64_t Kp, NG, NB, octs;  // padded columns, groups, row blocks, column octets (Kp / 8)
     const float* tables;       // GEMV: [M][Kp/4][16] tables of X's rows (start of the workspace)
     const float* gsums;        // [M][NG] per-group sums of X's rows (after the tables)
     int q;
+    // Whether groups carry an offset (+-1 form): always for uniform weights, with offsets else.
+    bool has_offset() const { return su != nullptr || offsets != nullptr; }
 };
 
 // Runs f(std::integral_constant<int, Q>{}) with Q = q as a compile-time constant (1..kMaxQ; the
@@ -128,13 +149,14 @@ inline void with_q(int q, F&& f) {
 
 Problem make_problem(const float* x, const float* ws, int64_t M, int64_t K, int64_t N, int32_t q,
                      int64_t G, const uint8_t* codes, const float* scales, const float* offsets,
-                     float* y) {
+                     const uint16_t* su, float* y) {
     Problem p;
     p.x = x;
     p.ws = ws;
     p.codes = codes;
     p.scales = scales;
     p.offsets = offsets;
+    p.su = su;
     p.y = y;
     p.M = M;
     p.K = K;
@@ -174,6 +196,48 @@ struct RowSplit {
 // ===========================================================================================
 // Scalar reference kernels (every target)
 // ===========================================================================================
+
+// IEEE binary16 -> float, exact for every input (the hardware conversions of the SIMD builds give
+// the same floats; NaN payloads aside).
+inline float half_to_float(uint16_t h) {
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t bits;
+    if (e == 0x1f) {
+        bits = sign | 0x7f800000u | (m << 13);  // infinity, NaN
+    } else if (e != 0) {
+        bits = sign | ((e + (127 - 15)) << 23) | (m << 13);  // normal: exponent rebiased
+    } else {
+        const float f = float(m) * 0x1p-24f;  // zero or subnormal m 2^-24: exact, a normal float
+        __builtin_memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+// The header of group g for row r of block b: a[i] = alpha_i (the +-1 scale of plane i), off = the
+// +-1 offset (0 without offsets) and base = the value of the all-zero code (see the file comment).
+// The float format computes base = off - sum_i alpha_i in plane order; the uniform one has it
+// exactly: mu.
+void group_header_scalar(const Problem& p, int64_t b, int64_t g, int r, float* a, float* off, float* base) {
+    if (p.su) {
+        const uint16_t* u = p.su + (b * p.NG + g) * 32;
+        const float s = half_to_float(u[r]), mu = half_to_float(u[16 + r]);
+        a[0] = 0.5f * s;
+        for (int i = 1; i < p.q; ++i) a[i] = 2.f * a[i - 1];
+        *off = mu + s * (float((1 << p.q) - 1) * 0.5f);  // s (2^q - 1) / 2 is exact in float
+        *base = mu;
+        return;
+    }
+    const float* s = p.scales + (b * p.NG + g) * p.q * 16 + r;
+    *off = p.offsets ? p.offsets[(b * p.NG + g) * 16 + r] : 0.f;
+    *base = *off;
+    for (int i = 0; i < p.q; ++i) {
+        a[i] = s[i * 16];
+        *base -= a[i];
+    }
+}
 
 // Table of 4 columns: t[m] = sum_j (bit j of m ? +x_j : -x_j), summed in the order j = 0..3 (the
 // SIMD builds use the same order, so every ISA builds bit-identical tables).
@@ -215,9 +279,8 @@ void prepare_scalar(const float* x, int64_t M, int64_t K, int64_t G, bool tables
 void lut_block_scalar(const Problem& p, int64_t b) {
     const int q = p.q;
     const uint8_t* cb = p.codes + b * p.octs * q * 16;
-    const float* sb = p.scales + b * p.NG * q * 16;
-    const float* ob = p.offsets ? p.offsets + b * p.NG * 16 : nullptr;
-    for (int64_t r = 0; r < kBlock && b * kBlock + r < p.N; ++r) {
+    const bool has_off = p.has_offset();
+    for (int r = 0; r < kBlock && b * kBlock + r < p.N; ++r) {
         for (int64_t m = 0; m < p.M; ++m) {
             const float* T = p.tables + m * p.Kp * 4;
             const float* gs = p.gsums + m * p.NG;
@@ -225,15 +288,17 @@ void lut_block_scalar(const Problem& p, int64_t b) {
             for (int64_t g = 0; g < p.NG; ++g) {
                 int64_t o0, o1;
                 group_octets(p, g, &o0, &o1);
+                float a[kMaxQ], off, base;
+                group_header_scalar(p, b, g, r, a, &off, &base);
                 for (int i = 0; i < q; ++i) {
                     float part = 0.f;
                     for (int64_t o = o0; o < o1; ++o) {
                         const uint8_t c = cb[(o * q + i) * 16 + r];
                         part += T[32 * o + (c & 15)] + T[32 * o + 16 + (c >> 4)];
                     }
-                    tot += sb[(g * q + i) * 16 + r] * part;
+                    tot += a[i] * part;
                 }
-                if (ob) tot += ob[g * 16 + r] * gs[g];
+                if (has_off) tot += off * gs[g];
             }
             p.y[m * p.N + b * kBlock + r] = tot;
         }
@@ -245,8 +310,9 @@ void lut_task_scalar(const Problem& p, int64_t t) {
 }
 
 // GEMM: expand columns [k0, k0 + kc) of rows [16 b0, 16 (b0 + nv)) of W into panel[k][16 nv].
-// w = (mu - sum_i alpha_i) + sum_{i : bit set} 2 alpha_i, added in plane order (as the SIMD
-// expansions do, so every ISA expands to the same floats).
+// w = base + sum_{i : bit set} 2 alpha_i (base: the group header's, mu - sum_i alpha_i or the
+// uniform mu), added in plane order (as the SIMD expansions do, so every ISA expands to the same
+// floats).
 void expand_scalar(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t kc, float* panel) {
     const int q = p.q;
     const int64_t o0 = k0 / 8, o1 = ceil_div(k0 + kc, 8);
@@ -254,15 +320,13 @@ void expand_scalar(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t kc,
         const uint8_t* cb = p.codes + (b0 + bb) * p.octs * q * 16;
         for (int64_t o = o0; o < o1; ++o) {
             const int64_t g = o * 8 / p.G;
-            const float* s = p.scales + ((b0 + bb) * p.NG + g) * q * 16;
-            const float* mu = p.offsets ? p.offsets + ((b0 + bb) * p.NG + g) * 16 : nullptr;
             for (int r = 0; r < 16; ++r) {
-                float base = mu ? mu[r] : 0.f;
-                for (int i = 0; i < q; ++i) base -= s[i * 16 + r];
+                float a[kMaxQ], off, base;
+                group_header_scalar(p, b0 + bb, g, r, a, &off, &base);
                 for (int j = 0; j < 8; ++j) {
                     float w = base;
                     for (int i = 0; i < q; ++i) {
-                        if ((cb[(o * q + i) * 16 + r] >> j) & 1) w += 2.f * s[i * 16 + r];
+                        if ((cb[(o * q + i) * 16 + r] >> j) & 1) w += 2.f * a[i];
                     }
                     panel[((o - o0) * 8 + j) * 16 * nv + bb * 16 + r] = w;
                 }
@@ -409,6 +473,29 @@ void prepare_neon(const float* x, int64_t M, int64_t K, int64_t G, bool tables, 
     }
 }
 
+// group_header_scalar for rows 4k..4k+3 of block b (one q register; the halves by vcvt_f32_f16).
+template <int Q>
+inline void group_header_neon(const Problem& p, int64_t b, int64_t g, int k, float32x4_t* a, float32x4_t& off,
+                              float32x4_t& base) {
+    if (p.su) {
+        const uint16_t* u = p.su + (b * p.NG + g) * 32 + 4 * k;
+        const float32x4_t s = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(u)));
+        const float32x4_t mu = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(u + 16)));
+        a[0] = vmulq_n_f32(s, 0.5f);
+        for (int i = 1; i < Q; ++i) a[i] = vaddq_f32(a[i - 1], a[i - 1]);
+        off = vfmaq_n_f32(mu, s, float((1 << Q) - 1) * 0.5f);
+        base = mu;
+        return;
+    }
+    const float* s = p.scales + (b * p.NG + g) * Q * 16 + 4 * k;
+    off = p.offsets ? vld1q_f32(p.offsets + (b * p.NG + g) * 16 + 4 * k) : vdupq_n_f32(0.f);
+    base = off;
+    for (int i = 0; i < Q; ++i) {
+        a[i] = vld1q_f32(s + i * 16);
+        base = vsubq_f32(base, a[i]);
+    }
+}
+
 // GEMV, block b (16 rows) x row m of X. The 16-float table of 4 columns is 64 bytes: four
 // q registers, one vqtbl4q_u8 table. Byte 4l + j of the index vector for rows 4k..4k+3 is
 // 4 * nibble(row 4k + l) + j, so one lookup yields the 4 rows' floats. Per group and plane the
@@ -416,8 +503,7 @@ void prepare_neon(const float* x, int64_t M, int64_t K, int64_t G, bool tables, 
 template <int Q>
 void lut_block_neon(const Problem& p, int64_t b, int64_t m) {
     const uint8_t* cb = p.codes + b * p.octs * Q * 16;
-    const float* sb = p.scales + b * p.NG * Q * 16;
-    const float* ob = p.offsets ? p.offsets + b * p.NG * 16 : nullptr;
+    const bool has_off = p.has_offset();
     const uint8_t* T = reinterpret_cast<const uint8_t*>(p.tables + m * p.Kp * 4);
     const float* gs = p.gsums + m * p.NG;
     const uint8x16_t off = vld1q_u8(kByteOfFloat), m3c = vdupq_n_u8(0x3c);
@@ -449,12 +535,11 @@ void lut_block_neon(const Problem& p, int64_t b, int64_t m) {
                 }
             }
         }
-        for (int i = 0; i < Q; ++i) {
-            const float* s = sb + (g * Q + i) * 16;
-            for (int k = 0; k < 4; ++k) tot[k] = vfmaq_f32(tot[k], part[i][k], vld1q_f32(s + 4 * k));
-        }
-        if (ob) {
-            for (int k = 0; k < 4; ++k) tot[k] = vfmaq_n_f32(tot[k], vld1q_f32(ob + g * 16 + 4 * k), gs[g]);
+        for (int k = 0; k < 4; ++k) {
+            float32x4_t a[Q], off, base;
+            group_header_neon<Q>(p, b, g, k, a, off, base);
+            for (int i = 0; i < Q; ++i) tot[k] = vfmaq_f32(tot[k], part[i][k], a[i]);
+            if (has_off) tot[k] = vfmaq_n_f32(tot[k], off, gs[g]);
         }
     }
     const int64_t n0 = b * kBlock, valid = p.N - n0;
@@ -496,14 +581,9 @@ void expand_neon(const Problem& p, int64_t b0, int nv, int64_t k0, int64_t kc, f
                 if (o == gnext) {  // first octet of a group
                     const int64_t g = o * 8 / p.G;
                     gnext = (g + 1) * p.G / 8;
-                    const float* s = p.scales + ((b0 + bb) * p.NG + g) * Q * 16 + 4 * k;
-                    base = p.offsets ? vld1q_f32(p.offsets + ((b0 + bb) * p.NG + g) * 16 + 4 * k)
-                                     : vdupq_n_f32(0.f);
-                    for (int i = 0; i < Q; ++i) {
-                        const float32x4_t a = vld1q_f32(s + i * 16);
-                        base = vsubq_f32(base, a);
-                        a2[i] = vreinterpretq_u32_f32(vaddq_f32(a, a));
-                    }
+                    float32x4_t a[Q], off;
+                    group_header_neon<Q>(p, b0 + bb, g, k, a, off, base);
+                    for (int i = 0; i < Q; ++i) a2[i] = vreinterpretq_u32_f32(vaddq_f32(a[i], a[i]));
                 }
                 uint32x4_t c[Q];
 #pragma GCC unroll 4
@@ -660,19 +740,50 @@ SHIFTC_TARGET_AVX2 void prepare_avx2(const float* x, int64_t M, int64_t K, int64
     }
 }
 
+// Uniform weights: sh = s/2 (= alpha_0), off = mu + s (2^Q - 1)/2 and mu of group g for rows
+// 8h..8h+7 of block b (the halves by vcvtph2ps).
+template <int Q>
+SHIFTC_TARGET_AVX2 inline void uniform_header_avx2(const Problem& p, int64_t b, int64_t g, int h, __m256& sh,
+                                                   __m256& off, __m256& mu) {
+    const uint16_t* u = p.su + (b * p.NG + g) * 32 + 8 * h;
+    const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)u));
+    mu = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(u + 16)));
+    sh = _mm256_mul_ps(s, _mm256_set1_ps(0.5f));
+    off = _mm256_fmadd_ps(s, _mm256_set1_ps(float((1 << Q) - 1) * 0.5f), mu);
+}
+
+// group_header_scalar for rows 8h..8h+7 of block b (one register).
+template <int Q>
+SHIFTC_TARGET_AVX2 inline void group_header_avx2(const Problem& p, int64_t b, int64_t g, int h, __m256* a,
+                                                 __m256& off, __m256& base) {
+    if (p.su) {
+        uniform_header_avx2<Q>(p, b, g, h, a[0], off, base);
+        for (int i = 1; i < Q; ++i) a[i] = _mm256_add_ps(a[i - 1], a[i - 1]);
+        return;
+    }
+    const float* s = p.scales + (b * p.NG + g) * Q * 16 + 8 * h;
+    off = p.offsets ? _mm256_loadu_ps(p.offsets + (b * p.NG + g) * 16 + 8 * h) : _mm256_setzero_ps();
+    base = off;
+    for (int i = 0; i < Q; ++i) {
+        a[i] = _mm256_loadu_ps(s + i * 16);
+        base = _mm256_sub_ps(base, a[i]);
+    }
+}
+
 // GEMV, 8 rows (half h of block b) x MC rows of X starting at m0. Table entries 0..7 and 8..15
 // are two registers; the index's bit 3, shifted into the sign bit, picks one with blendv.
 template <int Q, int MC>
 SHIFTC_TARGET_AVX2 void lut_rows_avx2(const Problem& p, int64_t b, int h, int64_t m0) {
     const uint8_t* cb = p.codes + b * p.octs * Q * 16 + 8 * h;
-    const float* sb = p.scales + b * p.NG * Q * 16 + 8 * h;
-    const float* ob = p.offsets ? p.offsets + b * p.NG * 16 + 8 * h : nullptr;
+    const bool has_off = p.has_offset();
     const float* T[MC];
     for (int mc = 0; mc < MC; ++mc) T[mc] = p.tables + (m0 + mc) * p.Kp * 4;
     __m256 tot[MC];
     for (int mc = 0; mc < MC; ++mc) tot[mc] = _mm256_setzero_ps();
     for (int64_t g = 0; g < p.NG; ++g) {
         int64_t o0, o1;
+        // the halves of a later group (a line per block; see kPrefetchBytes)
+        if (p.su) _mm_prefetch((const char*)(p.su + (b * p.NG + g + kPrefetchGroups) * 32), _MM_HINT_T0);
         group_octets(p, g, &o0, &o1);
         __m256 part[Q][MC];
         for (int i = 0; i < Q; ++i)
@@ -697,14 +808,14 @@ SHIFTC_TARGET_AVX2 void lut_rows_avx2(const Problem& p, int64_t b, int h, int64_
                 }
             }
         }
+        __m256 a[Q], off, base;
+        group_header_avx2<Q>(p, b, g, h, a, off, base);
         for (int i = 0; i < Q; ++i) {
-            const __m256 s = _mm256_loadu_ps(sb + (g * Q + i) * 16);
-            for (int mc = 0; mc < MC; ++mc) tot[mc] = _mm256_fmadd_ps(part[i][mc], s, tot[mc]);
+            for (int mc = 0; mc < MC; ++mc) tot[mc] = _mm256_fmadd_ps(part[i][mc], a[i], tot[mc]);
         }
-        if (ob) {
-            const __m256 mu = _mm256_loadu_ps(ob + g * 16);
+        if (has_off) {
             for (int mc = 0; mc < MC; ++mc)
-                tot[mc] = _mm256_fmadd_ps(mu, _mm256_set1_ps(p.gsums[(m0 + mc) * p.NG + g]), tot[mc]);
+                tot[mc] = _mm256_fmadd_ps(off, _mm256_set1_ps(p.gsums[(m0 + mc) * p.NG + g]), tot[mc]);
         }
     }
     const int64_t n0 = b * kBlock + 8 * h;
@@ -768,14 +879,9 @@ SHIFTC_TARGET_AVX2 void expand_avx2(const Problem& p, int64_t b0, int nv, int64_
                 if (o == gnext) {  // first octet of a group (one division per group, not per octet)
                     const int64_t g = o * 8 / p.G;
                     gnext = (g + 1) * p.G / 8;
-                    const float* s = p.scales + ((b0 + bb) * p.NG + g) * Q * 16 + 8 * h;
-                    base = p.offsets ? _mm256_loadu_ps(p.offsets + ((b0 + bb) * p.NG + g) * 16 + 8 * h)
-                                     : _mm256_setzero_ps();
-                    for (int i = 0; i < Q; ++i) {
-                        const __m256 a = _mm256_loadu_ps(s + i * 16);
-                        base = _mm256_sub_ps(base, a);
-                        a2[i] = _mm256_add_ps(a, a);
-                    }
+                    __m256 a[Q], off;
+                    group_header_avx2<Q>(p, b0 + bb, g, h, a, off, base);
+                    for (int i = 0; i < Q; ++i) a2[i] = _mm256_add_ps(a[i], a[i]);
                 }
                 __m256i c[Q];
                 for (int i = 0; i < Q; ++i) {
@@ -926,6 +1032,38 @@ SHIFTC_TARGET_AVX512 void prepare_avx512(const float* x, int64_t M, int64_t K, i
     }
 }
 
+// Uniform weights: sh = s/2 (= alpha_0), off = mu + s (2^Q - 1)/2 and mu of group g for the 16
+// rows of block b (the halves by vcvtph2ps).
+template <int Q>
+SHIFTC_TARGET_AVX512 inline void uniform_header_avx512(const Problem& p, int64_t b, int64_t g, __m512& sh, __m512& off,
+                                                       __m512& mu) {
+    const uint16_t* u = p.su + (b * p.NG + g) * 32;
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)u));
+    mu = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(u + 16)));
+    sh = _mm512_mul_ps(s, _mm512_set1_ps(0.5f));
+    off = _mm512_fmadd_ps(s, _mm512_set1_ps(float((1 << Q) - 1) * 0.5f), mu);
+}
+
+// group_header_scalar for the 16 rows of block b (one register): a[i] = alpha_i, off = the +-1
+// offset, base = the value of the all-zero code (mu - sum_i alpha_i, or the uniform mu); a set
+// bit i adds 2 alpha_i to base.
+template <int Q>
+SHIFTC_TARGET_AVX512 inline void group_header_avx512(const Problem& p, int64_t b, int64_t g, __m512* a, __m512& off,
+                                                     __m512& base) {
+    if (p.su) {
+        uniform_header_avx512<Q>(p, b, g, a[0], off, base);
+        for (int i = 1; i < Q; ++i) a[i] = _mm512_add_ps(a[i - 1], a[i - 1]);
+        return;
+    }
+    const float* s = p.scales + (b * p.NG + g) * Q * 16;
+    off = p.offsets ? _mm512_loadu_ps(p.offsets + (b * p.NG + g) * 16) : _mm512_setzero_ps();
+    base = off;
+    for (int i = 0; i < Q; ++i) {
+        a[i] = _mm512_loadu_ps(s + i * 16);
+        base = _mm512_sub_ps(base, a[i]);
+    }
+}
+
 // Rows of X sharing one pass over the codes in the AVX-512 GEMV: the accumulators (2 blocks x Q
 // planes x MC rows) and the running totals must fit the 32 vector registers.
 constexpr int lut_mc_avx512(int q) { return q <= 2 ? 4 : q == 3 ? 3 : 2; }
@@ -938,6 +1076,7 @@ template <int Q, int NBLK, int MC>
 SHIFTC_TARGET_AVX512 void lut_rows_avx512(const Problem& p, int64_t b0, int64_t m0) {
     // One block, one plane, one row: a single accumulator chain would bound the loop; use two.
     constexpr int U = (Q * MC * NBLK == 1) ? 2 : 1;
+    const bool has_off = p.has_offset();
     const int64_t bstride = p.octs * Q * 16;
     const uint8_t* cb = p.codes + b0 * bstride;
     const float* T[MC];
@@ -947,9 +1086,16 @@ SHIFTC_TARGET_AVX512 void lut_rows_avx512(const Problem& p, int64_t b0, int64_t 
         for (int mc = 0; mc < MC; ++mc) tot[nb][mc] = _mm512_setzero_ps();
     for (int64_t g = 0; g < p.NG; ++g) {
         int64_t o0, o1;
-        for (int nb = 0; nb < NBLK; ++nb)  // scales of a later group (see kPrefetchBytes)
-            for (int i = 0; i < Q; ++i)
-                _mm_prefetch((const char*)(p.scales + ((b0 + nb) * p.NG + g + 4) * Q * 16 + i * 16), _MM_HINT_T0);
+        for (int nb = 0; nb < NBLK; ++nb) {  // scales of a later group (see kPrefetchBytes)
+            if (p.su) {
+                _mm_prefetch((const char*)(p.su + ((b0 + nb) * p.NG + g + kPrefetchGroups) * 32), _MM_HINT_T0);
+                continue;
+            }
+            for (int i = 0; i < Q; ++i) {
+                _mm_prefetch((const char*)(p.scales + ((b0 + nb) * p.NG + g + kPrefetchGroups) * Q * 16 + i * 16),
+                             _MM_HINT_T0);
+            }
+        }
         group_octets(p, g, &o0, &o1);
         __m512 part[U][NBLK][Q][MC];
         for (int u = 0; u < U; ++u)
@@ -981,19 +1127,32 @@ SHIFTC_TARGET_AVX512 void lut_rows_avx512(const Problem& p, int64_t b0, int64_t 
             }
         }
         for (int nb = 0; nb < NBLK; ++nb) {
-            const float* sg = p.scales + ((b0 + nb) * p.NG + g) * Q * 16;
+            if (p.su) {
+                // one scale for every plane (alpha_i = 2^i s/2): sum_i 2^i part_i first (Horner, the
+                // doublings exact), then one FMA by s/2 - no per-plane scale vectors to derive
+                __m512 sh, off, mu;
+                uniform_header_avx512<Q>(p, b0 + nb, g, sh, off, mu);
+                for (int mc = 0; mc < MC; ++mc) {
+                    __m512 v = part[0][nb][Q - 1][mc];
+                    if (U == 2) v = _mm512_add_ps(v, part[U - 1][nb][Q - 1][mc]);
+                    for (int i = Q - 2; i >= 0; --i) v = _mm512_fmadd_ps(v, _mm512_set1_ps(2.f), part[0][nb][i][mc]);
+                    tot[nb][mc] = _mm512_fmadd_ps(v, sh, tot[nb][mc]);
+                    tot[nb][mc] = _mm512_fmadd_ps(off, _mm512_set1_ps(p.gsums[(m0 + mc) * p.NG + g]), tot[nb][mc]);
+                }
+                continue;
+            }
+            __m512 a[Q], off, base;
+            group_header_avx512<Q>(p, b0 + nb, g, a, off, base);
             for (int i = 0; i < Q; ++i) {
-                const __m512 sc = _mm512_loadu_ps(sg + i * 16);
                 for (int mc = 0; mc < MC; ++mc) {
                     __m512 v = part[0][nb][i][mc];
                     if (U == 2) v = _mm512_add_ps(v, part[U - 1][nb][i][mc]);
-                    tot[nb][mc] = _mm512_fmadd_ps(v, sc, tot[nb][mc]);
+                    tot[nb][mc] = _mm512_fmadd_ps(v, a[i], tot[nb][mc]);
                 }
             }
-            if (p.offsets) {
-                const __m512 mu = _mm512_loadu_ps(p.offsets + ((b0 + nb) * p.NG + g) * 16);
+            if (has_off) {
                 for (int mc = 0; mc < MC; ++mc) {
-                    tot[nb][mc] = _mm512_fmadd_ps(mu, _mm512_set1_ps(p.gsums[(m0 + mc) * p.NG + g]), tot[nb][mc]);
+                    tot[nb][mc] = _mm512_fmadd_ps(off, _mm512_set1_ps(p.gsums[(m0 + mc) * p.NG + g]), tot[nb][mc]);
                 }
             }
         }
@@ -1034,20 +1193,6 @@ void lut_task_avx512(const Problem& p, int64_t t) {
     with_q(p.q, [&](auto Q) { lut_task_avx512_q<decltype(Q)::value>(p, t); });
 }
 
-// The header of group g of row block b, 16 rows per register: base = μ − Σ_i α_i (the value of
-// the all-zero code; μ = 0 without offsets) and a2[i] = 2 α_i (what a set bit i adds).
-template <int Q>
-SHIFTC_TARGET_AVX512 inline void group_header_avx512(const Problem& p, int64_t b, int64_t g, __m512& base,
-                                                     __m512* a2) {
-    const float* s = p.scales + (b * p.NG + g) * Q * 16;
-    base = p.offsets ? _mm512_loadu_ps(p.offsets + (b * p.NG + g) * 16) : _mm512_setzero_ps();
-    for (int i = 0; i < Q; ++i) {
-        const __m512 a = _mm512_loadu_ps(s + i * 16);
-        base = _mm512_sub_ps(base, a);
-        a2[i] = _mm512_add_ps(a, a);
-    }
-}
-
 // GEMM expansion, 16 rows per register: bit j of the 16 code bytes of a plane is a 16-bit lane
 // mask (vptestmb), which adds 2 alpha to the lanes that have it.
 template <int Q>
@@ -1064,7 +1209,9 @@ SHIFTC_TARGET_AVX512 void expand_avx512(const Problem& p, int64_t b0, int nv, in
             if (o == gnext) {  // first octet of a group (one division per group, not per octet)
                 const int64_t g = o * 8 / p.G;
                 gnext = (g + 1) * p.G / 8;
-                group_header_avx512<Q>(p, b0 + bb, g, base, a2);
+                __m512 a[Q], off;
+                group_header_avx512<Q>(p, b0 + bb, g, a, off, base);
+                for (int i = 0; i < Q; ++i) a2[i] = _mm512_add_ps(a[i], a[i]);
             }
             __m128i c[Q];
             for (int i = 0; i < Q; ++i) c[i] = _mm_loadu_si128((const __m128i*)(cb + (o * Q + i) * 16));
@@ -1322,7 +1469,9 @@ SHIFTC_TARGET_AMX void expand_amx(const Problem& p, int64_t b0, int nv, int64_t 
             if (o == gnext) {
                 const int64_t g = o * 8 / p.G;
                 gnext = (g + 1) * p.G / 8;
-                group_header_avx512<Q>(p, b0 + h, g, base, a2);
+                __m512 a[Q], off;
+                group_header_avx512<Q>(p, b0 + h, g, a, off, base);
+                for (int i = 0; i < Q; ++i) a2[i] = _mm512_add_ps(a[i], a[i]);
                 exact = group_exact_bf16<Q>(base, a2);
             }
             __m128i c[Q];
@@ -1571,6 +1720,15 @@ bool amx_usable() {
 // Dispatch
 // ===========================================================================================
 
+#if SHIFTC_LUT_X86
+// F16C (CPUID.1:ECX bit 29), for the AVX2 kernels. Read from CPUID directly: not every compiler
+// that builds this file knows "f16c" in __builtin_cpu_supports.
+bool f16c_usable() {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && ((c >> 29) & 1);
+}
+#endif
+
 bool isa_available(int isa) {
     if (isa == kScalar) return true;
 #if SHIFTC_LUT_NEON
@@ -1578,7 +1736,7 @@ bool isa_available(int isa) {
 #endif
 #if SHIFTC_LUT_X86
     __builtin_cpu_init();
-    if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c_usable();
     if (isa == kAvx512) {
         return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -1608,6 +1766,27 @@ int current_isa() {
     return isa;
 }
 
+// Task t of a valid problem (either weight format) on the current ISA.
+void run_task(const Problem& p, int64_t task) {
+    const bool lut = p.M < SHIFTC_BCQ_LUT_MAX_M && p.M < kLutRowsBelow[p.q - 1];
+    switch (current_isa()) {
+#if SHIFTC_LUT_X86
+        case kAmx:
+            // the AMX GEMM expands float scales only; uniform weights take the AVX-512 FMA GEMM
+            if (lut) lut_task_avx512(p, task);
+            else if (p.M >= kAmxMinRows && !p.su) gemm_task_amx(p, task);
+            else gemm_task_avx512(p, task);
+            break;
+        case kAvx512: lut ? lut_task_avx512(p, task) : gemm_task_avx512(p, task); break;
+        case kAvx2: lut ? lut_task_avx2(p, task) : gemm_task_avx2(p, task); break;
+#endif
+#if SHIFTC_LUT_NEON
+        case kNeon: lut ? lut_task_neon(p, task) : gemm_task_neon(p, task); break;
+#endif
+        default: lut ? lut_task_scalar(p, task) : gemm_task_scalar(p, task); break;
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -1627,15 +1806,15 @@ int64_t shiftc_bcq_offsets_floats(int64_t N, int64_t K, int64_t G) {
     return ceil_div(N, kBlock) * ceil_div(K, G) * 16;
 }
 
-int shiftc_bcq_pack_lut16(const uint32_t* planes, const float* alpha, int64_t N, int64_t K, int32_t q,
-                          int64_t G, int32_t coding, uint8_t* codes, float* scales, float* offsets) {
-    if (!valid_shape(N, K, q, G) || (coding != 0 && coding != 1) || !planes || !alpha || !codes ||
-        !scales || (coding == 1 && !offsets)) {
-        return -1;
-    }
-    const int64_t NG = ceil_div(K, G), octs = NG * G / 8, NB = ceil_div(N, kBlock);
+int64_t shiftc_bcq_uniform_halves(int64_t N, int64_t K, int64_t G) {
+    if (!valid_shape(N, K, 1, G)) return -1;
+    return ceil_div(N, kBlock) * ceil_div(K, G) * 32;
+}
+
+int shiftc_bcq_pack_codes(const uint32_t* planes, int64_t N, int64_t K, int32_t q, int64_t G, uint8_t* codes) {
+    if (!valid_shape(N, K, q, G) || !planes || !codes) return -1;
+    const int64_t octs = ceil_div(K, G) * G / 8, NB = ceil_div(N, kBlock);
     const int64_t wpr = ceil_div(K, 32);
-    const float half = coding == 1 ? 0.5f : 1.f;
     for (int64_t b = 0; b < NB; ++b) {
         for (int64_t o = 0; o < octs; ++o) {
             const int64_t c0 = 8 * o;
@@ -1651,6 +1830,20 @@ int shiftc_bcq_pack_lut16(const uint32_t* planes, const float* alpha, int64_t N,
                 }
             }
         }
+    }
+    return 0;
+}
+
+int shiftc_bcq_pack_lut16(const uint32_t* planes, const float* alpha, int64_t N, int64_t K, int32_t q,
+                          int64_t G, int32_t coding, uint8_t* codes, float* scales, float* offsets) {
+    if (!valid_shape(N, K, q, G) || (coding != 0 && coding != 1) || !planes || !alpha || !codes ||
+        !scales || (coding == 1 && !offsets)) {
+        return -1;
+    }
+    shiftc_bcq_pack_codes(planes, N, K, q, G, codes);
+    const int64_t NG = ceil_div(K, G), NB = ceil_div(N, kBlock);
+    const float half = coding == 1 ? 0.5f : 1.f;
+    for (int64_t b = 0; b < NB; ++b) {
         for (int64_t g = 0; g < NG; ++g) {
             for (int64_t r = 0; r < kBlock; ++r) {
                 const int64_t n = b * kBlock + r;
@@ -1661,6 +1854,22 @@ int shiftc_bcq_pack_lut16(const uint32_t* planes, const float* alpha, int64_t N,
                     mu += a;
                 }
                 if (offsets) offsets[(b * NG + g) * 16 + r] = coding == 1 ? mu : 0.f;
+            }
+        }
+    }
+    return 0;
+}
+
+int shiftc_bcq_pack_uniform(const uint16_t* s, const uint16_t* mu, int64_t N, int64_t K, int64_t G, uint16_t* su) {
+    if (!valid_shape(N, K, 1, G) || !s || !mu || !su) return -1;
+    const int64_t NG = ceil_div(K, G), NB = ceil_div(N, kBlock);
+    for (int64_t b = 0; b < NB; ++b) {
+        for (int64_t g = 0; g < NG; ++g) {
+            uint16_t* dst = su + (b * NG + g) * 32;
+            for (int64_t r = 0; r < kBlock; ++r) {
+                const int64_t n = b * kBlock + r;
+                dst[r] = n < N ? s[n * NG + g] : 0;
+                dst[16 + r] = n < N ? mu[n * NG + g] : 0;
             }
         }
     }
@@ -1699,23 +1908,16 @@ int shiftc_bcq_compute(const float* x, const float* ws, int64_t M, int64_t K, in
     if (M < 0 || !valid_shape(N, K, q, G) || task < 0 || task >= ceil_div(ceil_div(N, kBlock), 2)) return -1;
     if (M == 0) return 0;
     if (!x || !ws || !codes || !scales || !y) return -1;
-    const Problem p = make_problem(x, ws, M, K, N, q, G, codes, scales, offsets, y);
-    const bool lut = M < SHIFTC_BCQ_LUT_MAX_M && M < kLutRowsBelow[q - 1];
-    switch (current_isa()) {
-#if SHIFTC_LUT_X86
-        case kAmx:
-            if (lut) lut_task_avx512(p, task);
-            else if (M >= kAmxMinRows) gemm_task_amx(p, task);
-            else gemm_task_avx512(p, task);
-            break;
-        case kAvx512: lut ? lut_task_avx512(p, task) : gemm_task_avx512(p, task); break;
-        case kAvx2: lut ? lut_task_avx2(p, task) : gemm_task_avx2(p, task); break;
-#endif
-#if SHIFTC_LUT_NEON
-        case kNeon: lut ? lut_task_neon(p, task) : gemm_task_neon(p, task); break;
-#endif
-        default: lut ? lut_task_scalar(p, task) : gemm_task_scalar(p, task); break;
-    }
+    run_task(make_problem(x, ws, M, K, N, q, G, codes, scales, offsets, nullptr, y), task);
+    return 0;
+}
+
+int shiftc_bcq_compute_uniform(const float* x, const float* ws, int64_t M, int64_t K, int64_t N, int32_t q,
+                               int64_t G, const uint8_t* codes, const uint16_t* su, float* y, int64_t task) {
+    if (M < 0 || !valid_shape(N, K, q, G) || task < 0 || task >= ceil_div(ceil_div(N, kBlock), 2)) return -1;
+    if (M == 0) return 0;
+    if (!x || !ws || !codes || !su || !y) return -1;
+    run_task(make_problem(x, ws, M, K, N, q, G, codes, nullptr, nullptr, su, y), task);
     return 0;
 }
 

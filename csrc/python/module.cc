@@ -256,6 +256,48 @@ carray<T> exact_1d(py::handle obj, const char* fn, const char* name, const char*
     return carray<T>::ensure(a);
 }
 
+// shiftc_bcq_prepare on x [M, K], then every task of an N-row weight (ceil(N/32) tasks of 32
+// output columns) split over up to `threads` threads: compute(x, ws, y, task) runs one task. The
+// GIL is released throughout. Returns 0, or -1 when any kernel call rejected its arguments.
+template <class Compute>
+int run_lut16(const carray<float>& x, int64_t M, int64_t N, int64_t K, int64_t group, int64_t threads,
+              carray<float>& y, Compute compute) {
+    const int64_t ntasks = (N + 31) / 32;
+    const int64_t nthreads = std::min<int64_t>(threads, ntasks);
+    // workspace aligned to 64 bytes, as a TVM allocation is: each row's tables then start a
+    // cache line, and no table load straddles two lines
+    std::vector<float> ws_buf(static_cast<size_t>(shiftc_bcq_workspace_floats(M, K, group)) + 16);
+    float* ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ws_buf.data()) + 63) & ~uintptr_t{63});
+    const float* xp = x.data();
+    float* yp = y.mutable_data();
+    int rc = 0;
+    {
+        py::gil_scoped_release nogil;
+        rc = shiftc_bcq_prepare(xp, M, K, group, ws);
+        auto run = [&](int64_t t0, int64_t t1, int* out) {
+            for (int64_t t = t0; t < t1; ++t) {
+                if (compute(xp, ws, yp, t) != 0) *out = -1;
+            }
+        };
+        if (rc == 0) {
+            std::vector<int> rcs(static_cast<size_t>(nthreads), 0);
+            std::vector<std::thread> pool;
+            for (int64_t i = 1; i < nthreads; ++i) {
+                const int64_t t0 = ntasks * i / nthreads, t1 = ntasks * (i + 1) / nthreads;
+                try {
+                    pool.emplace_back(run, t0, t1, &rcs[i]);
+                } catch (const std::system_error&) {
+                    run(t0, t1, &rcs[i]);  // no thread to be had: this one does the range
+                }
+            }
+            run(0, ntasks / nthreads, &rcs[0]);
+            for (auto& th : pool) th.join();
+            for (int r : rcs) rc |= r;
+        }
+    }
+    return rc;
+}
+
 py::tuple py_bcq_pack_lut16(py::handle planes_obj, py::handle alpha_obj, int64_t K, int64_t group,
                             const std::string& coding_str) {
     const char* fn = "bcq_pack_lut16";
@@ -315,42 +357,117 @@ carray<float> py_bcq_matmul_lut16(py::handle x_obj, py::handle codes_obj, py::ha
     const int64_t M = x.shape(0);
     carray<float> y({M, N});
     if (M == 0) return y;
-    const int64_t ntasks = (N + 31) / 32;
-    const int64_t nthreads = std::min<int64_t>(threads, ntasks);
-    // workspace aligned to 64 bytes, as a TVM allocation is: each row's tables then start a
-    // cache line, and no table load straddles two lines
-    std::vector<float> ws_buf(static_cast<size_t>(shiftc_bcq_workspace_floats(M, K, group)) + 16);
-    float* ws = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(ws_buf.data()) + 63) & ~uintptr_t{63});
-    const float* xp = x.data();
-    const uint8_t* cp = codes.data();
     const float* sp = scales.data();
     const float* op = has_offsets ? offsets.data() : nullptr;
-    float* yp = y.mutable_data();
-    int rc = 0;
-    {
-        py::gil_scoped_release nogil;
-        rc = shiftc_bcq_prepare(xp, M, K, group, ws);
-        auto run = [&](int64_t t0, int64_t t1, int* out) {
-            for (int64_t t = t0; t < t1; ++t) {
-                if (shiftc_bcq_compute(xp, ws, M, K, N, q, group, cp, sp, op, yp, t) != 0) *out = -1;
-            }
-        };
-        if (rc == 0) {
-            std::vector<int> rcs(static_cast<size_t>(nthreads), 0);
-            std::vector<std::thread> pool;
-            for (int64_t i = 1; i < nthreads; ++i) {
-                const int64_t t0 = ntasks * i / nthreads, t1 = ntasks * (i + 1) / nthreads;
-                try {
-                    pool.emplace_back(run, t0, t1, &rcs[i]);
-                } catch (const std::system_error&) {
-                    run(t0, t1, &rcs[i]);  // no thread to be had: this one does the range
-                }
-            }
-            run(0, ntasks / nthreads, &rcs[0]);
-            for (auto& th : pool) th.join();
-            for (int r : rcs) rc |= r;
-        }
+    const uint8_t* cp = codes.data();
+    const int rc = run_lut16(x, M, N, K, group, threads, y, [&](const float* xp, const float* ws, float* yp, int64_t t) {
+        return shiftc_bcq_compute(xp, ws, M, K, N, q, group, cp, sp, op, yp, t);
+    });
+    if (rc != 0) fail(fn, "the lut16 kernel rejected the arguments");
+    return y;
+}
+
+// Uniform scales (shiftc/bcq_lut.h, "Uniform scales").
+
+carray<uint8_t> py_bcq_pack_codes(py::handle planes_obj, int64_t K, int64_t group) {
+    const char* fn = "bcq_pack_codes";
+    auto planes = as_array<uint32_t>(planes_obj, fn, "planes", "iu", "a uint32 array");
+    check_group(group, fn);
+    if (K < 1) fail(fn, "K must be >= 1, got " + std::to_string(K));
+    check_ndim(planes, 3, fn, "planes", "uint32 [q, N, ceil(K/32)]");
+    const int64_t q = planes.shape(0), N = planes.shape(1);
+    if (q < 1 || q > 4) fail(fn, "planes must hold 1..4 bit-planes, got shape " + shape_str(planes));
+    if (N < 1) fail(fn, "planes must hold at least one row (N >= 1), got shape " + shape_str(planes));
+    if (planes.shape(2) != shiftc::words_per_row(K)) {
+        std::ostringstream os;
+        os << "planes must have shape [q, N, ceil(K/32)] = [q, N, " << shiftc::words_per_row(K) << "] for K=" << K
+           << ", got " << shape_str(planes);
+        fail(fn, os.str());
     }
+    const int32_t q32 = static_cast<int32_t>(q);
+    carray<uint8_t> codes({shiftc_bcq_codes_bytes(N, K, q32, group)});
+    int rc;
+    {
+        const uint32_t* pp = planes.data();
+        uint8_t* cp = codes.mutable_data();
+        py::gil_scoped_release nogil;
+        rc = shiftc_bcq_pack_codes(pp, N, K, q32, group, cp);
+    }
+    if (rc != 0) fail(fn, "shiftc_bcq_pack_codes rejected the arguments");
+    return codes;
+}
+
+// A float16 array's bit patterns as a C-contiguous uint16 array (no conversion from other dtypes:
+// rounding scales to half is the caller's choice).
+carray<uint16_t> halves(py::handle obj, const char* fn, const char* name) {
+    py::array a = py::array::ensure(obj);
+    if (!a) {
+        PyErr_Clear();
+        fail(fn, std::string(name) + " must be a numpy float16 array");
+    }
+    if (!a.dtype().is(py::dtype("float16"))) {
+        fail(fn, std::string(name) + " must be float16, got dtype " + std::string(py::str(a.dtype())));
+    }
+    return carray<uint16_t>::ensure(a.attr("view")(py::dtype::of<uint16_t>()));
+}
+
+carray<uint16_t> py_bcq_pack_uniform(py::handle s_obj, py::handle mu_obj, int64_t K, int64_t group) {
+    const char* fn = "bcq_pack_uniform";
+    auto s = halves(s_obj, fn, "s");
+    auto mu = halves(mu_obj, fn, "mu");
+    check_group(group, fn);
+    if (K < 1) fail(fn, "K must be >= 1, got " + std::to_string(K));
+    check_ndim(s, 2, fn, "s", "float16 [N, ceil(K/group)]");
+    const int64_t N = s.shape(0), ng = shiftc::n_groups(K, group);
+    if (N < 1) fail(fn, "s must hold at least one row (N >= 1), got shape " + shape_str(s));
+    if (s.shape(1) != ng) {
+        std::ostringstream os;
+        os << "s must have shape [N, ceil(K/group)] = [N, " << ng << "] for K=" << K << ", group=" << group
+           << ", got " << shape_str(s);
+        fail(fn, os.str());
+    }
+    if (mu.ndim() != 2 || mu.shape(0) != N || mu.shape(1) != ng) {
+        fail(fn, "mu must have the shape of s " + shape_str(s) + ", got " + shape_str(mu));
+    }
+    carray<uint16_t> su({shiftc_bcq_uniform_halves(N, K, group)});
+    int rc;
+    {
+        const uint16_t* sp = s.data();
+        const uint16_t* mp = mu.data();
+        uint16_t* up = su.mutable_data();
+        py::gil_scoped_release nogil;
+        rc = shiftc_bcq_pack_uniform(sp, mp, N, K, group, up);
+    }
+    if (rc != 0) fail(fn, "shiftc_bcq_pack_uniform rejected the arguments");
+    return su;
+}
+
+carray<float> py_bcq_matmul_uniform(py::handle x_obj, py::handle codes_obj, py::handle su_obj, int64_t N,
+                                    int64_t K, int64_t q, int64_t group, int64_t threads) {
+    const char* fn = "bcq_matmul_uniform";
+    if (N < 1) fail(fn, "N must be >= 1, got " + std::to_string(N));
+    if (K < 1) fail(fn, "K must be >= 1, got " + std::to_string(K));
+    if (q < 1 || q > 4) fail(fn, "q must be in 1..4, got " + std::to_string(q));
+    check_group(group, fn);
+    if (threads < 1) fail(fn, "threads must be >= 1, got " + std::to_string(threads));
+    auto x = as_array<float>(x_obj, fn, "x", "f", "a float array [M, K]");
+    check_ndim(x, 2, fn, "x", "float32 [M, K]");
+    if (x.shape(1) != K) {
+        fail(fn, "x must have shape [M, K] = [M, " + std::to_string(K) + "], got " + shape_str(x));
+    }
+    const int32_t q32 = static_cast<int32_t>(q);
+    auto codes = exact_1d<uint8_t>(codes_obj, fn, "codes", "uint8 [codes_bytes] from bcq_pack_codes",
+                                   shiftc_bcq_codes_bytes(N, K, q32, group));
+    auto su = exact_1d<uint16_t>(su_obj, fn, "su", "uint16 [uniform_halves] from bcq_pack_uniform",
+                                 shiftc_bcq_uniform_halves(N, K, group));
+    const int64_t M = x.shape(0);
+    carray<float> y({M, N});
+    if (M == 0) return y;
+    const uint8_t* cp = codes.data();
+    const uint16_t* up = su.data();
+    const int rc = run_lut16(x, M, N, K, group, threads, y, [&](const float* xp, const float* ws, float* yp, int64_t t) {
+        return shiftc_bcq_compute_uniform(xp, ws, M, K, N, q32, group, cp, up, yp, t);
+    });
     if (rc != 0) fail(fn, "the lut16 kernel rejected the arguments");
     return y;
 }
@@ -428,6 +545,19 @@ PYBIND11_MODULE(_native, m) {
           "Y = X W^T on the lut16 arrays of bcq_pack_lut16 (N, K, bits, group as given to it: the\n"
           "array sizes do not pin K within a group): table lookups for small M (< BCQ_LUT_MAX_M),\n"
           "expanded panels and FMA otherwise. threads > 1 splits the 32-column tasks over threads.");
+    m.def("bcq_pack_codes", &py_bcq_pack_codes, py::arg("planes"), py::arg("K"), py::arg("group"),
+          "bcq_pack_codes(planes: uint32 [q, N, ceil(K/32)], K: int, group: int) -> codes: uint8 1-D\n\n"
+          "The codes of bcq_pack_lut16 alone (they do not depend on the scales), for the uniform format.");
+    m.def("bcq_pack_uniform", &py_bcq_pack_uniform, py::arg("s"), py::arg("mu"), py::arg("K"), py::arg("group"),
+          "bcq_pack_uniform(s: float16 [N, ceil(K/group)], mu: float16 [N, ceil(K/group)], K: int, group: int)\n"
+          "    -> su: uint16 1-D (the halves' bit patterns)\n\n"
+          "The scale array of the uniform format, W[n, k] = mu[n, g] + s[n, g] * sum_i 2**i B_i[n, k]\n"
+          "(g = k // group; shiftc/bcq_lut.h): per 16-row block and group the 16 rows' s, then their mu.");
+    m.def("bcq_matmul_uniform", &py_bcq_matmul_uniform, py::arg("x"), py::arg("codes"), py::arg("su"),
+          py::arg("N"), py::arg("K"), py::arg("q"), py::arg("group"), py::arg("threads") = 1,
+          "bcq_matmul_uniform(x: float32 [M, K], codes, su, N, K, q, group, threads=1) -> float32 [M, N]\n\n"
+          "Y = X W^T for uniform weights: codes from bcq_pack_codes (q planes), su from bcq_pack_uniform;\n"
+          "the paths and threads of bcq_matmul_lut16.");
     m.def("bcq_set_isa", &py_bcq_set_isa, py::arg("name"),
           "bcq_set_isa(name: 'auto'|'scalar'|'avx2'|'avx512'|'amx'|'neon') -> str: the ISA now used by\n"
           "the lut16 kernels (process-wide; 'amx' = the AVX-512 kernels plus the AMX-BF16 GEMM for\n"

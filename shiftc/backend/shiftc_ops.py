@@ -272,24 +272,33 @@ def _gather_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales:
     return lut16_gather.with_attr("op_pattern", 8)  # opaque, as the matmul kernels' calls
 
 
-def _shared_lut16(node, make):
-    """The lut16 arrays of ``node``'s weight initializers (inputs 1..), packed once per import and
-    returned as the same Relax constants to every op that reads them: a tied LM head and its
-    embedding lookup then hold one copy in the library."""
-    from tvm import relax
-
+def _shared(node, make):
+    """``make()`` (the packed constants of ``node``'s weight initializers, inputs 1..), made once per
+    import and returned as the same Relax constants to every op that reads those initializers: a
+    tied LM head and its embedding lookup then hold one copy in the library."""
     cache = _packed.get()
     key = tuple(node.input[1:])
     if cache is not None and key in cache:
         return cache[key]
-    codes, scales, offsets = make()
-    off = offsets if offsets is not None else np.zeros(1, np.float32)
-    entry = (relax.const(np.asarray(codes), "uint8"), relax.const(np.asarray(scales, np.float32), "float32"),
-             relax.const(np.asarray(off, np.float32), "float32"), int(np.size(codes)), int(np.size(scales)),
-             0 if offsets is None else int(np.size(offsets)))
+    entry = make()
     if cache is not None:
         cache[key] = entry
     return entry
+
+
+def _shared_lut16(node, make):
+    """The lut16 arrays ``(codes, scales, offsets, n_codes, n_scales, n_offsets)`` of ``node``'s
+    weights as shared Relax constants (:func:`_shared`); ``make()`` returns the numpy arrays."""
+    from tvm import relax
+
+    def consts():
+        codes, scales, offsets = make()
+        off = offsets if offsets is not None else np.zeros(1, np.float32)
+        return (relax.const(np.asarray(codes), "uint8"), relax.const(np.asarray(scales, np.float32), "float32"),
+                relax.const(np.asarray(off, np.float32), "float32"), int(np.size(codes)), int(np.size(scales)),
+                0 if offsets is None else int(np.size(offsets)))
+
+    return _shared(node, consts)
 
 
 @contextlib.contextmanager
@@ -418,3 +427,170 @@ def _fdb_matmul(bb, inputs, attrs, node):
 
     packed = _shared_lut16(node, lambda: fdb_lut16(planes, scales, offsets, k, group))
     return _emit_lut16_call(bb, x, node, f"shiftc_fdb_{n}x{k}_q{bits}g{group}", k, n, bits, group, packed)
+
+
+# -- UniformMatMul / UniformGather ---------------------------------------------------------------
+#
+# CPU: the planes' lut16 codes (the same codes as BcqMatMul's) and the compact "uniform" scale
+# storage of bcq_lut.h: float16 (scale, min) per 16-row block and group, [NB][NG][2][16] — q + 32/G
+# bits per weight in the library, as in the ONNX file. The kernels derive each plane's scale
+# (scale·2^i) and the offset per group as they go. CUDA: Ŵ reconstructed once (float32).
+
+
+def pack_uniform(scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
+    """float16 scales, mins [N, NG] -> float16 [NB·NG·2·16] in the order [NB][NG][2][16] (padded rows 0)."""
+    n, ng = scales.shape
+    nb = -(-n // ROW_BLOCK)
+    su = np.zeros((2, nb * ROW_BLOCK, ng), np.float16)
+    su[0, :n], su[1, :n] = scales, mins
+    return np.ascontiguousarray(su.reshape(2, nb, ROW_BLOCK, ng).transpose(1, 3, 0, 2)).reshape(-1)
+
+
+def _pack_codes(planes: np.ndarray, k: int, group: int) -> np.ndarray:
+    """The lut16 codes of ``planes`` (uint8, 1-D): the C packer where built, else numpy."""
+    try:
+        from .. import _native
+
+        fn = getattr(_native, "bcq_pack_codes", None)
+    except ImportError:
+        fn = None
+    if fn is not None:
+        return np.asarray(fn(planes, k, group))
+    q, n, _ = planes.shape
+    return pack_lut16(planes, np.zeros((q, n, -(-k // group)), np.float32), k, group)[0]
+
+
+def _uniform_consts(node, planes, scales, mins, k: int, group: int):
+    """(codes, su, n_codes, n_su): shared Relax constants of an UniformMatMul / UniformGather weight."""
+    from tvm import relax
+
+    def consts():
+        codes, su = _pack_codes(planes, k, group), pack_uniform(scales, mins)
+        return relax.const(codes, "uint8"), relax.const(su, "float16"), int(codes.size), int(su.size)
+
+    return _shared(node, consts)
+
+
+def _uniform_inputs(inputs, node):
+    """(planes, scales, mins): the constant weight inputs of an UniformMatMul / UniformGather."""
+    planes = _constant(inputs[1], node, "planes")
+    scales = _constant(inputs[2], node, "scales")
+    mins = _constant(inputs[3], node, "mins")
+    return planes, scales, mins
+
+
+def _check_uniform(node, planes, scales, mins, attrs):
+    bits, group, k = int(attrs["bits"]), int(attrs["group_size"]), int(attrs["in_features"])
+    n, ng = int(planes.shape[1]), -(-k // group)
+    if planes.shape != (bits, n, -(-k // 32)) or scales.shape != (n, ng) or mins.shape != (n, ng) or \
+            scales.dtype != np.float16 or mins.dtype != np.float16:
+        raise UnsupportedError(f"node '{node.name}' ({node.op_type}): bits={bits}, K={k}, G={group} but planes "
+                               f"{planes.shape}, scales {scales.shape} {scales.dtype}, mins {mins.shape} {mins.dtype}")
+    return bits, group, k, n
+
+
+def _uniform_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_su: int):
+    """PrimFunc (x [M, K], codes, su, y [M, N], ws) calling shiftc_bcq_compute_uniform."""
+    from tvm.script import tirx as T
+
+    ntasks = -(-n // TASK_ROWS)
+
+    @T.prim_func(private=True)
+    def uniform_matmul(x_h: T.handle, c_h: T.handle, s_h: T.handle, y_h: T.handle, ws_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        codes = T.match_buffer(c_h, (n_codes,), "uint8")
+        su = T.match_buffer(s_h, (n_su,), "float16")
+        m = T.int64()
+        w = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        ws = T.match_buffer(ws_h, (w,), "float32")
+        T.evaluate(T.call_extern("int32", "shiftc_bcq_prepare", x.data, m, T.int64(k), T.int64(group), ws.data))
+        for t in T.parallel(T.int32(ntasks)):
+            T.evaluate(T.call_extern(
+                "int32", "shiftc_bcq_compute_uniform", x.data, ws.data, m, T.int64(k), T.int64(n), T.int32(q),
+                T.int64(group), codes.data, su.data, y.data, T.Cast("int64", t)))
+
+    return uniform_matmul.with_attr(EXTERN_ATTR, True).with_attr("op_pattern", 8)
+
+
+@register_converter(SHIFTC_DOMAIN, "UniformMatMul")
+def _uniform_matmul(bb, inputs, attrs, node):
+    from tvm import relax
+
+    from ..passes.ops import uniform_matmul_weight
+
+    x = inputs[0]
+    planes, scales, mins = _uniform_inputs(inputs, node)
+    bits, group, k, n = _check_uniform(node, planes, scales, mins, attrs)
+    if _device.get() != "cpu":
+        w = uniform_matmul_weight(planes, scales, mins, group_size=group, in_features=k)
+        return relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T), "float32"))
+    codes, su, n_codes, n_su = _uniform_consts(node, planes, scales, mins, k, group)
+    x = bb.normalize(x)
+    x_shape = list(x.ty.shape)
+    if not x_shape or int(x_shape[-1]) != k:
+        raise UnsupportedError(f"node '{node.name}' (UniformMatMul): input X has shape {x_shape}, expected [..., {k}]")
+    rows = _elements(x_shape[:-1])
+    gv = bb.add_func(_uniform_primfunc(k, n, bits, group, n_codes, n_su), f"shiftc_uq_{n}x{k}_q{bits}g{group}")
+    x2 = bb.emit(relax.op.reshape(x, [rows, k]))
+    out = bb.emit(relax.call_tir(
+        gv, [x2, codes, su],
+        [relax.TensorType([rows, n], "float32"),
+         relax.TensorType([workspace_floats(rows, k, group, lut_max_m())], "float32")]))
+    y = bb.emit(relax.TupleGetItem(out, 0))
+    return relax.op.reshape(y, x_shape[:-1] + [n])
+
+
+def _uniform_gather_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_su: int):
+    """PrimFunc (ids [R], codes, su, y [R, K]): rows of an UniformMatMul weight, y = scale·code + min
+    read from the lut16 codes and the compact (scale, min) blocks; indices wrap and clamp as the
+    other gathers."""
+    from tvm.script import tirx as T
+
+    ng = -(-k // group)
+    kp8 = ng * group // 8
+    rb = ROW_BLOCK
+
+    @T.prim_func(private=True)
+    def uniform_gather(i_h: T.handle, c_h: T.handle, s_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        r = T.int64()
+        ids = T.match_buffer(i_h, (r,), "int64")
+        codes = T.match_buffer(c_h, (n_codes,), "uint8")
+        su = T.match_buffer(s_h, (n_su,), "float16")
+        y = T.match_buffer(y_h, (r, k), "float32")
+        for t in T.serial(r):
+            idx = T.max(T.min(T.if_then_else(ids[t] < T.int64(0), ids[t] + T.int64(n), ids[t]), T.int64(n - 1)),
+                        T.int64(0))
+            blk = idx // T.int64(rb)
+            row = idx % T.int64(rb)
+            for c in T.serial(T.int64(k)):
+                grp = blk * T.int64(ng) + c // T.int64(group)
+                code = T.int32(0)
+                for i in T.unroll(q):
+                    byte = codes[((blk * T.int64(kp8) + c // T.int64(8)) * T.int64(q) + T.int64(i)) * T.int64(rb) + row]
+                    code = code + T.shift_left(T.Cast("int32", T.shift_right(byte, T.Cast("uint8", c % T.int64(8))) & T.uint8(1)), i)
+                y[t, c] = T.Cast("float32", su[grp * T.int64(2 * rb) + row]) * T.Cast("float32", code) + \
+                    T.Cast("float32", su[grp * T.int64(2 * rb) + T.int64(rb) + row])
+
+    return uniform_gather.with_attr("op_pattern", 8)
+
+
+@register_converter(SHIFTC_DOMAIN, "UniformGather")
+def _uniform_gather(bb, inputs, attrs, node):
+    """UniformGather (shiftc/passes/ops.py): rows of an UniformMatMul weight. CPU: read from the same
+    constants as the tied head's UniformMatMul; CUDA: a Gather on the reconstructed table."""
+    from tvm import relax
+
+    from ..passes.ops import uniform_matmul_weight
+
+    ids = bb.normalize(inputs[0])
+    planes, scales, mins = _uniform_inputs(inputs, node)
+    bits, group, k, n = _check_uniform(node, planes, scales, mins, attrs)
+    if _device.get() != "cpu":
+        w = uniform_matmul_weight(planes, scales, mins, group_size=group, in_features=k)
+        return relax.op.take(relax.const(w, "float32"), ids, axis=0)
+    codes, su, n_codes, n_su = _uniform_consts(node, planes, scales, mins, k, group)
+    gv = bb.add_func(_uniform_gather_primfunc(k, n, bits, group, n_codes, n_su), f"shiftc_uq_gather_{n}x{k}_q{bits}g{group}")
+    return _emit_row_gather(bb, ids, gv, [codes, su], k)

@@ -160,6 +160,8 @@ def bits_per_weight(bits: int, group: int, scale_mode: str = "pow2", method: str
     """Stored bits per weight, scales included (see the module docstring)."""
     if method == "rtn":
         return bits + (32 + bits) / group
+    if scale_mode == "uniform":  # a float16 scale and min per group (shiftc/passes/uniform.py)
+        return bits + 32 / group
     return bits + 8 * SCALE_MODES[scale_mode] * bits / group
 
 

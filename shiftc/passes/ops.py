@@ -473,6 +473,173 @@ FDB_MATMUL = OpSpec(
 OPS[FDB_MATMUL.name] = FDB_MATMUL
 
 
+# -- UniformMatMul / UniformGather ----------------------------------------------------------------
+#
+# ``Y = X · Ŵᵀ``,  ``Ŵ[n, k] = mins[n, g] + scales[n, g] · Σ_{i<q} 2^i·B_i[n, k]``,  B_i ∈ {0, 1}: a q-bit
+# uniform grid per group of G columns, written as q binary planes whose scales are a shift apart
+# (the shift-add pass's scale_mode "uniform"; math in shiftc/passes/uniform.py).
+#
+# inputs
+#     X        float32 [..., K]
+#     planes   uint32  [q, N, ceil(K/32)]   bit i of weight (n, k)'s code, layout as BcqMatMul (packed.h)
+#     scales   float16 [N, ceil(K/G)]
+#     mins     float16 [N, ceil(K/G)]
+# attributes: bits (q, 1..4), group_size (G, a multiple of 32), in_features (K)
+# output
+#     Y        float32 [..., N]
+# Stored bits per weight: q + 32/G (q = 4, G = 32: 5). UniformGather(indices, planes, scales, mins)
+# reads rows of the same weight: the embedding lookup of a tied LM head, one copy in the model.
+
+
+def uniform_matmul_weight(planes: np.ndarray, scales: np.ndarray, mins: np.ndarray, *, group_size: int,
+                          in_features: int, **_) -> np.ndarray:
+    """Ŵ [N, K] float32 of an UniformMatMul / UniformGather."""
+    from .uniform import grid_weight
+
+    b = unpack_planes(planes, in_features)
+    codes = sum(b[i].astype(np.uint8) << i for i in range(b.shape[0]))
+    return grid_weight(codes, scales, mins, group_size)
+
+
+def uniform_matmul_ref(x: np.ndarray, planes: np.ndarray, scales: np.ndarray, mins: np.ndarray, *, bits: int,
+                       group_size: int, in_features: int, bias: np.ndarray | None = None) -> np.ndarray:
+    """numpy reference of UniformMatMul: ``X Ŵᵀ (+ bias)``, accumulated in float64, returned as float32."""
+    if planes.shape[0] != bits:
+        raise ValueError(f"bits={bits} but planes {planes.shape}")
+    w = uniform_matmul_weight(planes, scales, mins, group_size=group_size, in_features=in_features)
+    y = np.asarray(x, np.float64) @ w.astype(np.float64).T
+    if bias is not None:
+        y = y + bias
+    return y.astype(np.float32)
+
+
+def uniform_gather_ref(indices: np.ndarray, planes: np.ndarray, scales: np.ndarray, mins: np.ndarray, *, bits: int,
+                       group_size: int, in_features: int) -> np.ndarray:
+    """numpy reference of UniformGather: rows ``indices`` of Ŵ."""
+    if planes.shape[0] != bits:
+        raise ValueError(f"bits={bits} but planes {planes.shape}")
+    w = uniform_matmul_weight(planes, scales, mins, group_size=group_size, in_features=in_features)
+    return w[np.asarray(indices, np.int64)]
+
+
+def _uniform_weight_nodes() -> list[onnx.NodeProto]:
+    """Function-body nodes reading ``planes`` [q,N,W], ``scales`` and ``mins`` [N,ng] (float16) and
+    writing ``w`` = Ŵ [N, K] float32 (attributes ``in_features``, ``group_size`` read), ``k_1``."""
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    const, attr_const = _const, _attr_const
+    nodes = [
+        const("left", np.arange(31, -1, -1, dtype=np.uint32), TensorProto.UINT32),
+        const("right", np.array([31], np.uint32), TensorProto.UINT32),
+        const("ax_last", np.array([-1], np.int64), i64),
+        const("ax_0", np.array([0], np.int64), i64),
+        const("zero_i", np.array([0], np.int64), i64),
+        const("zero_s", np.array(0, np.int64), i64),
+        const("shape_qn_", np.array([0, 0, -1], np.int64), i64),
+        const("shape_n_", np.array([0, -1], np.int64), i64),
+        const("shape_q11", np.array([-1, 1, 1], np.int64), i64),
+        const("two", np.array(2.0, np.float32), f32),
+        attr_const("q_scalar", "bits"),
+        attr_const("k_scalar", "in_features"),
+        attr_const("g_scalar", "group_size"),
+        helper.make_node("Unsqueeze", ["k_scalar", "ax_0"], ["k_1"]),
+        helper.make_node("Unsqueeze", ["g_scalar", "ax_0"], ["g_1"]),
+        # bits: planes [q,N,W] -> [q,N,W,32] of 0/1 by two shifts -> [q,N,W*32] -> first K columns
+        helper.make_node("Unsqueeze", ["planes", "ax_last"], ["words"]),
+        helper.make_node("BitShift", ["words", "left"], ["shl"], direction="LEFT"),
+        helper.make_node("BitShift", ["shl", "right"], ["bits01"], direction="RIGHT"),
+        helper.make_node("Reshape", ["bits01", "shape_qn_"], ["bits_flat"]),
+        helper.make_node("Slice", ["bits_flat", "zero_i", "k_1", "ax_last"], ["bits_k"]),
+        helper.make_node("Cast", ["bits_k"], ["b_f"], to=f32),
+        # codes [N,K] = sum_i 2^i b_i
+        helper.make_node("Range", ["zero_s", "q_scalar", "one_s"], ["plane_i"]),
+        helper.make_node("Cast", ["plane_i"], ["plane_f"], to=f32),
+        helper.make_node("Pow", ["two", "plane_f"], ["pow2"]),
+        helper.make_node("Reshape", ["pow2", "shape_q11"], ["pow2_q11"]),
+        helper.make_node("Mul", ["b_f", "pow2_q11"], ["b_w"]),
+        helper.make_node("ReduceSum", ["b_w", "ax_0"], ["codes"], keepdims=0),
+        # scales and mins [N,ng] -> [N,ng,G] -> [N,ng*G] -> [:K]
+        const("ones2", np.array([1, 1], np.int64), i64),
+        helper.make_node("Concat", ["ones2", "g_1"], ["g_shape"], axis=0),
+    ]
+    nodes.insert(0, const("one_s", np.array(1, np.int64), i64))
+    for src, dst in (("scales", "s_k"), ("mins", "m_k")):
+        nodes += [
+            helper.make_node("Cast", [src], [f"{dst}_f"], to=f32),
+            helper.make_node("Unsqueeze", [f"{dst}_f", "ax_last"], [f"{dst}_3"]),
+            helper.make_node("Expand", [f"{dst}_3", "g_shape"], [f"{dst}_g"]),
+            helper.make_node("Reshape", [f"{dst}_g", "shape_n_"], [f"{dst}_flat"]),
+            helper.make_node("Slice", [f"{dst}_flat", "zero_i", "k_1", "ax_last"], [dst]),
+        ]
+    nodes += [helper.make_node("Mul", ["codes", "s_k"], ["cs"]), helper.make_node("Add", ["cs", "m_k"], ["w"])]
+    return nodes
+
+
+def uniform_matmul_function(opset: int) -> onnx.FunctionProto:
+    """The ONNX function body of ``ai.shiftc::UniformMatMul`` for a model of default-domain ``opset``."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"UniformMatMul's function body needs opset >= {MIN_OPSET}, got {opset}")
+    nodes = _uniform_weight_nodes() + [
+        helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["X", "w_t"], ["Y"]),
+    ]
+    return helper.make_function(
+        DOMAIN, "UniformMatMul", ["X", "planes", "scales", "mins"], ["Y"], nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["bits", "group_size", "in_features"],
+        doc_string="Y = X W^T, W = mins + scales * sum_i 2^i B_i (B in {0,1}); see shiftc/passes/ops.py",
+    )
+
+
+def uniform_gather_function(opset: int) -> onnx.FunctionProto:
+    """The ONNX function body of ``ai.shiftc::UniformGather``: rows gathered first, then unpacked."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"UniformGather's function body needs opset >= {MIN_OPSET}, got {opset}")
+    i64 = TensorProto.INT64
+    nodes = [
+        _const("flat", np.array([-1], np.int64), i64),
+        helper.make_node("Reshape", ["indices", "flat"], ["rows"]),
+        helper.make_node("Gather", ["table_planes", "rows"], ["planes"], axis=1),  # [q, R, W]
+        helper.make_node("Gather", ["table_scales", "rows"], ["scales"], axis=0),  # [R, ng]
+        helper.make_node("Gather", ["table_mins", "rows"], ["mins"], axis=0),
+        *_uniform_weight_nodes(),  # w [R, K]
+        helper.make_node("Shape", ["indices"], ["idx_shape"]),
+        helper.make_node("Concat", ["idx_shape", "k_1"], ["y_shape"], axis=0),
+        helper.make_node("Reshape", ["w", "y_shape"], ["Y"]),
+    ]
+    return helper.make_function(
+        DOMAIN, "UniformGather", ["indices", "table_planes", "table_scales", "table_mins"], ["Y"], nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["bits", "group_size", "in_features"],
+        doc_string="Y = W[indices], W = mins + scales * sum_i 2^i B_i; see shiftc/passes/ops.py",
+    )
+
+
+_UNIFORM_ATTRS = (("bits", "int: q, 1..4"), ("group_size", "int: G, multiple of 32"), ("in_features", "int: K"))
+UNIFORM_MATMUL = OpSpec(
+    name="UniformMatMul",
+    inputs=(("X", "float32 [..., K]"), ("planes", "uint32 [q, N, ceil(K/32)]"),
+            ("scales", "float16 [N, ceil(K/G)]"), ("mins", "float16 [N, ceil(K/G)]")),
+    outputs=(("Y", "float32 [..., N]"),),
+    attributes=_UNIFORM_ATTRS,
+    function=uniform_matmul_function,
+    reference=uniform_matmul_ref,
+    weight=uniform_matmul_weight,
+)
+UNIFORM_GATHER = OpSpec(
+    name="UniformGather",
+    inputs=(("indices", "int64 [...]"), ("planes", "uint32 [q, N, ceil(K/32)]"),
+            ("scales", "float16 [N, ceil(K/G)]"), ("mins", "float16 [N, ceil(K/G)]")),
+    outputs=(("Y", "float32 [..., K]"),),
+    attributes=_UNIFORM_ATTRS,
+    function=uniform_gather_function,
+    reference=uniform_gather_ref,
+    weight=uniform_matmul_weight,
+    kind="gather",
+)
+OPS[UNIFORM_MATMUL.name] = UNIFORM_MATMUL
+OPS[UNIFORM_GATHER.name] = UNIFORM_GATHER
+
+
 # -- accounting -----------------------------------------------------------------------------------
 
 

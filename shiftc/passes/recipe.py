@@ -5,16 +5,20 @@ Schema (every key optional; the values shown are the defaults)::
     shiftadd:
       bits: 3              # 1..4, planes per weight            (--shiftadd-bits)
       group: 128           # columns per scale, multiple of 32  (--group)
-      scale_mode: pow2x2   # pow2 | pow2x2                      (--scale-mode)
+      scale_mode: pow2x2   # pow2 | pow2x2 | uniform            (--scale-mode)
+      #                      uniform: a q-bit grid per group (float16 scale and min), its planes'
+      #                      scales a shift apart (UniformMatMul): q + 32/G bits per weight
       act_order: true      # GPTQ activation ordering           (--act-order / --no-act-order)
       damp: 0.01           # GPTQ damping λ (H += λ·mean(diag H)·I)
       iters: 6             # alternating-refinement rounds per group
       lm_head: true        # quantize the LM head too           (--shiftadd-lm-head / --no-...)
       embedding_bits: 4    # token-embedding table of its own, uniform grid of 2^q levels (QGather); 0: fp32
       embedding_group: 32  # columns per scale and min of that table (q + 32/G bits per weight)
-      tied_embedding: false  # a tied table instead read from the LM head's planes (BcqGather): one copy,
+      tied_embedding: false  # a tied table instead read from the LM head's planes (BcqGather /
+      #                        UniformGather): one copy,
       #                        smallest, but the head's bits then quantize the embedding too
       layer_bits: {}       # {initializer name or glob: bits}, first match wins
+      layer_group: {}      # {initializer name or glob: group}, first match wins
       skip: []             # globs of layer names left in fp32
       workers: 0           # processes quantizing layers side by side (0: --threads, else one per core)
       distill_steps: 0     # fine-tune the scales vs the fp32 model, kept powers of two (0: off)  (--distill-steps)
@@ -92,7 +96,7 @@ from .binarize import BinarizeConfig
 from .binarize import validate as validate_binarize
 from .distill import validate_fields as validate_distill
 
-SCALE_MODES = ("pow2", "pow2x2")
+SCALE_MODES = ("pow2", "pow2x2", "uniform")
 CALIB_CORPORA = ("wikipedia", "lee", "none")
 
 
@@ -141,8 +145,9 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
     for name, b in [("", s.bits)] + [(f" (layer_bits '{k}')", v) for k, v in s.layer_bits.items()]:
         if not isinstance(b, int) or not 1 <= b <= 4:
             bad("--shiftadd-bits" + name, f"must be 1..4, got {b!r}")
-    if not isinstance(s.group, int) or s.group < 32 or s.group % 32:
-        bad("--group", f"must be a positive multiple of 32, got {s.group!r}")
+    for name, g in [("", s.group)] + [(f" (layer_group '{k}')", v) for k, v in s.layer_group.items()]:
+        if not isinstance(g, int) or g < 32 or g % 32:
+            bad("--group" + name, f"must be a positive multiple of 32, got {g!r}")
     if s.embedding_bits not in (0, *uniform.BITS):
         bad("embedding_bits", f"must be 0 (fp32 table) or one of {uniform.BITS}, got {s.embedding_bits!r}")
     if not isinstance(s.embedding_group, int) or s.embedding_group < 1:
@@ -156,6 +161,10 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
     if not isinstance(s.workers, int) or s.workers < 0:
         bad("workers", f"must be an integer >= 0, got {s.workers!r}")
     validate_distill(s, bad)
+    if s.scale_mode == "uniform" and s.distill_enabled():
+        bad("--distill-steps", "tunes BCQ / FDB scales; scale_mode uniform has no distillation yet (set it to 0)")
+    if s.scale_mode == "uniform" and cfg.mixed_precision.bits_budget is not None:
+        bad("--bits-budget", "plans BCQ widths; with scale_mode uniform give layer_bits instead")
     if c.corpus not in CALIB_CORPORA:
         bad("--calib", f"must be one of {', '.join(CALIB_CORPORA)}, got {c.corpus!r}")
     for flag, v in (("--calib-windows", c.windows), ("--calib-window", c.window), ("calib.sequential", c.sequential)):
@@ -213,5 +222,6 @@ def load_recipe(path: str | os.PathLike) -> CompressConfig:
             raise UsageError(f"{path}: unknown key '{k}' (known: shiftadd, binarize, calib, threads, prune, mixed_precision)")
     if cfg.shiftadd is not None:
         cfg.shiftadd.layer_bits = dict(cfg.shiftadd.layer_bits or {})
+        cfg.shiftadd.layer_group = dict(cfg.shiftadd.layer_group or {})
         cfg.shiftadd.skip = list(cfg.shiftadd.skip or [])
     return validate(cfg, f"--recipe '{path}'")

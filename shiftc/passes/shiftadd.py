@@ -39,6 +39,8 @@ from .distill import DistillFields
 
 OP = "BcqMatMul"
 GATHER_OP = "BcqGather"
+UNIFORM_OP = "UniformMatMul"  # scale_mode "uniform": planes of a q-bit grid, scales a shift apart
+UNIFORM_GATHER_OP = "UniformGather"
 POOL_MIN_WEIGHTS = 1 << 22  # quantize in a process pool from this many weights on
 EMBEDDING_MIN_WEIGHTS = 1 << 20  # a gathered table this large is an embedding (rope tables are far smaller)
 METADATA_KEY = "shiftc.compression"
@@ -48,7 +50,7 @@ METADATA_KEY = "shiftc.compression"
 class ShiftAddConfig(DistillFields):  # + distill_* keys: distillation of the scales afterwards
     bits: int = 3
     group: int = 128
-    scale_mode: str = "pow2x2"  # measured: benchmarks/results/shiftadd_accuracy.json
+    scale_mode: str = "pow2x2"  # measured: benchmarks/results/shiftadd_accuracy.json; "uniform": UniformMatMul
     act_order: bool = True
     damp: float = 0.01
     iters: int = 6
@@ -57,14 +59,22 @@ class ShiftAddConfig(DistillFields):  # + distill_* keys: distillation of the sc
     embedding_group: int = 32
     tied_embedding: bool = False  # instead, a tied table's Gather reads the head's planes (BcqGather)
     layer_bits: dict[str, int] = field(default_factory=dict)
+    layer_group: dict[str, int] = field(default_factory=dict)  # {name or glob: group}, first match wins
     skip: list[str] = field(default_factory=list)
     workers: int = 0  # processes quantizing layers side by side (0: one per core, 1: in this process)
 
     def bits_for(self, name: str) -> int:
-        for pattern, b in self.layer_bits.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return int(b)
-        return self.bits
+        return _first_match(self.layer_bits, name, self.bits)
+
+    def group_for(self, name: str) -> int:
+        return _first_match(self.layer_group, name, self.group)
+
+
+def _first_match(table: dict, name: str, default: int) -> int:
+    for pattern, v in table.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return int(v)
+    return default
 
 
 @dataclass
@@ -158,11 +168,11 @@ class ShiftAddPass:
         w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
         return w.T if t.transposed else w
 
-    def quantize(self, t: Target, w: np.ndarray, h: np.ndarray | None) -> bcq.BcqResult:
-        """BCQ of one target's weight W [N, K] with H = XᵀX of its input (None: data-free)."""
+    def quantize(self, t: Target, w: np.ndarray, h: np.ndarray | None) -> bcq.BcqResult | uniform.UniformResult:
+        """The fit of one target's weight W [N, K] with H = XᵀX of its input (None: data-free)."""
         cfg = self.config
-        return bcq.quantize_gptq(w, h, cfg.bits_for(t.name), cfg.group, scale_mode=cfg.scale_mode, damp=cfg.damp,
-                                 act_order=cfg.act_order, iters=cfg.iters)
+        return fit_layer(w, h, cfg.bits_for(t.name), cfg.group_for(t.name), scale_mode=cfg.scale_mode, damp=cfg.damp,
+                         act_order=cfg.act_order, iters=cfg.iters)
 
     def quantize_all(self, targets: list[Target], inits: dict[str, onnx.TensorProto],
                      hessians: dict[str, np.ndarray] | None, results: dict | None = None) -> dict[str, bcq.BcqResult]:
@@ -212,7 +222,7 @@ class ShiftAddPass:
                     if t is None:
                         break
                     w, h = job(t)
-                    pending[ex.submit(_quantize_job, w, h, cfg.bits_for(t.name), cfg.group,
+                    pending[ex.submit(_quantize_job, w, h, cfg.bits_for(t.name), cfg.group_for(t.name),
                                       scale_mode=cfg.scale_mode, damp=cfg.damp, act_order=cfg.act_order,
                                       iters=cfg.iters)] = t.name
                 if not pending:
@@ -242,37 +252,48 @@ class ShiftAddPass:
         layers, new_inits = {}, []
         results, metrics = self._fit_all(targets, inits, hessians, results)
         replacements: dict[int, list[onnx.NodeProto]] = {}
+        op = UNIFORM_OP if cfg.scale_mode == "uniform" else OP
         for t in targets:
             w = self.weight(inits, t)  # [N, K]
             h = None if hessians is None else hessians.get(t.x)
             r = results[t.name]
             bits = r.bits
             prefix = t.name[: -len(".weight.T")] if t.name.endswith(".weight.T") else t.name
-            planes, exps = f"{prefix}.bcq_planes", f"{prefix}.bcq_exps"
-            new_inits += [numpy_helper.from_array(r.packed_planes(), planes), numpy_helper.from_array(r.exps, exps)]
-            replacements[by_id[t.node]] = replacement_nodes(g.node[by_id[t.node]], t, OP, "bcq", [planes, exps],
+            node = g.node[by_id[t.node]]
+            if isinstance(r, uniform.UniformResult):
+                names = [f"{prefix}.uq_planes", f"{prefix}.uq_scales", f"{prefix}.uq_mins"]
+                arrays = [r.packed_planes(), r.scales, r.mins]
+                extra = {}
+            else:
+                names, arrays, extra = [f"{prefix}.bcq_planes", f"{prefix}.bcq_exps"], [r.packed_planes(), r.exps], {"coding": "pm1"}
+            if (op == UNIFORM_OP) != isinstance(r, uniform.UniformResult):
+                raise ValueError(f"layer '{t.name}': a {type(r).__name__} given for scale_mode {cfg.scale_mode!r}")
+            new_inits += [numpy_helper.from_array(a, nm) for a, nm in zip(arrays, names)]
+            replacements[by_id[t.node]] = replacement_nodes(node, t, op, "uq" if op == UNIFORM_OP else "bcq", names,
                                                             bits=bits, group_size=r.group, in_features=w.shape[1],
-                                                            coding="pm1")
+                                                            **extra)
             errors = metrics.get(t.name) or _error_metrics(w, r.dequantize(), h)
             layers[t.name] = {"shape": list(w.shape), "bits": bits, "group": r.group, "scale_mode": r.scale_mode,
                               "bits_per_weight": bcq.bits_per_weight(bits, r.group, r.scale_mode), **errors}
-        tied = self._tied_gathers(g, targets, by_id, replacements) if cfg.tied_embedding else {}
+        gather_op = UNIFORM_GATHER_OP if op == UNIFORM_OP else GATHER_OP
+        tied = self._tied_gathers(g, targets, by_id, replacements, gather_op) if cfg.tied_embedding else {}
         tables = embedding_tables(g, inits, replacements, new_inits, cfg.embedding_bits, cfg.embedding_group)
-        summary = summarize("shiftadd", OP, layers, scale_mode=cfg.scale_mode, group=cfg.group)
+        summary = summarize("shiftadd", op, layers, scale_mode=cfg.scale_mode, group=cfg.group)
         if tied:
             summary["tied_embedding"] = tied
         if tables:
             summary["embedding"] = tables
-        finish_rewrite(out, replacements, new_inits, OP, summary)
-        ops.add_functions(out, ([GATHER_OP] if tied else []) + (["QGather"] if tables else []))
+        finish_rewrite(out, replacements, new_inits, op, summary)
+        ops.add_functions(out, ([gather_op] if tied else []) + (["QGather"] if tables else []))
         return PassResult(out, True, {**summary, "layers": layers, "skipped": skipped})
 
     @staticmethod
     def _tied_gathers(g: onnx.GraphProto, targets: list[Target], by_id: dict[str, int],
-                      replacements: dict[int, list[onnx.NodeProto]]) -> dict[str, str]:
+                      replacements: dict[int, list[onnx.NodeProto]], gather_op: str = GATHER_OP) -> dict[str, str]:
         """Replace each ``Gather(E, ids, axis=0)`` of a table E that a quantized head reads as
-        ``Transpose(E)`` by ``BcqGather(ids, <head planes>, <head exps>)`` — the table's rows are the
-        head's rows, so the model keeps one (packed) copy. Returns {gather node: layer name}."""
+        ``Transpose(E)`` by ``<gather_op>(ids, <the head's weight initializers>)`` (BcqGather or
+        UniformGather) — the table's rows are the head's rows, so the model keeps one (packed) copy.
+        Returns {gather node: layer name}."""
         heads = {t.weight: t for t in targets if not t.transposed}
         done = {}
         for i, n in enumerate(g.node):
@@ -280,10 +301,10 @@ class ShiftAddPass:
                 continue
             if int(_attrs(n).get("axis", 0)) != 0:
                 continue
-            head = replacements[by_id[heads[n.input[0]].node]][0]  # the head's BcqMatMul
+            head = replacements[by_id[heads[n.input[0]].node]][0]  # the head's BcqMatMul / UniformMatMul
             a = _attrs(head)
-            replacements[i] = [helper.make_node(GATHER_OP, [n.input[1], head.input[1], head.input[2]], list(n.output),
-                                                name=f"{_node_id(n)}_bcq", domain=ops.DOMAIN,
+            replacements[i] = [helper.make_node(gather_op, [n.input[1], *head.input[1:]], list(n.output),
+                                                name=f"{_node_id(n)}_tied", domain=ops.DOMAIN,
                                                 **{k: v.decode() if isinstance(v, bytes) else v for k, v in a.items()})]
             done[_node_id(n)] = heads[n.input[0]].name
         return done
@@ -296,10 +317,19 @@ def _error_metrics(w: np.ndarray, w_hat: np.ndarray, h: np.ndarray | None) -> di
     return m
 
 
+def fit_layer(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, *, scale_mode: str, damp: float,
+              act_order: bool, iters: int) -> bcq.BcqResult | uniform.UniformResult:
+    """One layer's fit: BCQ with power-of-two scales (``scale_mode`` pow2 / pow2x2) or a uniform
+    grid as planes (``"uniform"``), inside GPTQ compensation with H (None: data-free)."""
+    if scale_mode == "uniform":
+        return uniform.quantize_grid_gptq(w, h, bits, group, damp=damp, act_order=act_order)
+    return bcq.quantize_gptq(w, h, bits, group, scale_mode=scale_mode, damp=damp, act_order=act_order, iters=iters)
+
+
 def _quantize_job(w: np.ndarray, h: np.ndarray | None, bits: int, group: int, **kw):
     """A pool worker's job: the fit and its error metrics (float64 GEMMs that would otherwise run
     one after another in the main process once the pool is done)."""
-    r = bcq.quantize_gptq(w, h, bits, group, **kw)
+    r = fit_layer(w, h, bits, group, **kw)
     return r, _error_metrics(w, r.dequantize(), h)
 
 

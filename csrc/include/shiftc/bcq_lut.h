@@ -29,6 +29,21 @@
 //   offsets float  [NB][NG][16]        mu[16b+r][g], or NULL when every mu is 0
 //
 // ---------------------------------------------------------------------------
+// Uniform scales (shiftc_bcq_compute_uniform)
+// ---------------------------------------------------------------------------
+// A uniform q-bit grid (an integer code per weight, one scale and one offset per row and group):
+//
+//     W[n, k] = mu[n][g] + s[n][g] * sum_{i < q} 2^i * B_i[n, k],    B_i in {0, 1},  g = k / G
+//
+// with s and mu IEEE half precision. Same codes as above (the codes do not depend on the scales:
+// shiftc_bcq_pack_codes), and instead of scales and offsets
+//   su      uint16 [NB][NG][2][16]     the 16 rows' s, then their mu, as halves (64 bytes: one
+//                                      cache line per block and group); 0 for padded rows
+// so the weights take q + 32/G bits each (4 bits, G = 32: 5). The kernels run it as the +-1 form
+// with alpha_i = s 2^(i-1) and offset mu + s (2^q - 1) / 2, derived in float from the halves at
+// run time (float rounding only; nothing is rounded back to half).
+//
+// ---------------------------------------------------------------------------
 // Algorithm
 // ---------------------------------------------------------------------------
 //   M < SHIFTC_BCQ_LUT_MAX_M ("GEMV", decode; see the macro for the per-bit-width cutoff): per row
@@ -49,6 +64,7 @@
 //   shiftc_bcq_prepare(x, M, K, G, ws);                      // once, one thread
 //   for t in [0, ntasks) in parallel:                          // ntasks = ceil(NB / 2)
 //       shiftc_bcq_compute(x, ws, M, K, N, q, G, codes, scales, offsets, y, t);
+//           (or shiftc_bcq_compute_uniform(x, ws, M, K, N, q, G, codes, su, y, t))
 //   Task t writes rows [32t, min(32t + 32, N)) of every output row of Y (Y is [M, N], row-major,
 //   and need not be initialised). Tasks are independent.
 //   prepare must run again whenever X's contents change (even in the same buffer): the AMX GEMM
@@ -56,10 +72,12 @@
 //   Valid arguments: q (planes) in 1..4, G a positive multiple of 32, K >= 1, N >= 1, M >= 0.
 //   All functions return 0 on success and -1 on invalid arguments (the size functions: -1).
 //
-// ISA: x86-64 builds carry scalar, AVX2+FMA, AVX-512 (F, BW, VL, DQ) and AMX-BF16 (GEMM only)
+// ISA: x86-64 builds carry scalar, AVX2+FMA(+F16C), AVX-512 (F, BW, VL, DQ) and AMX-BF16 (GEMM only)
 // versions and pick one at run time from the CPU (or from shiftc_bcq_set_isa, for tests); aarch64 builds carry scalar and NEON
 // (baseline there, so NEON is the default: vqtbl4q_u8 table lookups for the GEMV, vector
-// expansion and a 5x16 FMA tile for the GEMM); other targets use the scalar code.
+// expansion and a 5x16 FMA tile for the GEMM); other targets use the scalar code. Uniform weights
+// run on the same kernels (the halves converted by F16C, AVX-512 or NEON instructions), except
+// that the AMX ISA runs their GEMM on the AVX-512 FMA kernel (no AMX tiles for uniform weights).
 #pragma once
 
 #include <stddef.h>
@@ -87,6 +105,9 @@ int64_t shiftc_bcq_codes_bytes(int64_t N, int64_t K, int32_t q, int64_t G);
 int64_t shiftc_bcq_scales_floats(int64_t N, int64_t K, int32_t q, int64_t G);
 int64_t shiftc_bcq_offsets_floats(int64_t N, int64_t K, int64_t G);
 
+// Halves of the uniform format's su array (NB * NG * 32), -1 for invalid arguments.
+int64_t shiftc_bcq_uniform_halves(int64_t N, int64_t K, int64_t G);
+
 // Repack ONNX-side storage into lut16.
 //   planes  uint32 [q][N][ceil(K/32)]  (shiftc/packed.h)
 //   alpha   float  [q][N][ceil(K/G)]   scale values (exponents already turned into floats)
@@ -94,6 +115,15 @@ int64_t shiftc_bcq_offsets_floats(int64_t N, int64_t K, int64_t G);
 //   offsets may be NULL only for coding 0; for coding 1 it receives sum_i alpha_i / 2.
 int shiftc_bcq_pack_lut16(const uint32_t* planes, const float* alpha, int64_t N, int64_t K, int32_t q,
                           int64_t G, int32_t coding, uint8_t* codes, float* scales, float* offsets);
+
+// The codes part of shiftc_bcq_pack_lut16 alone (identical codes), for the uniform format:
+// planes uint32 [q][N][ceil(K/32)] -> codes [shiftc_bcq_codes_bytes(N, K, q, G)].
+int shiftc_bcq_pack_codes(const uint32_t* planes, int64_t N, int64_t K, int32_t q, int64_t G, uint8_t* codes);
+
+// The uniform format's su array from s and mu, halves (IEEE binary16 bit patterns) row-major
+// [N][ceil(K/G)], into su [shiftc_bcq_uniform_halves(N, K, G)].
+int shiftc_bcq_pack_uniform(const uint16_t* s, const uint16_t* mu, int64_t N, int64_t K, int64_t G,
+                            uint16_t* su);
 
 // Workspace, in floats, that shiftc_bcq_prepare fills and shiftc_bcq_compute reads:
 //   M < SHIFTC_BCQ_LUT_MAX_M :  M * (Kp/4*16 + NG)   (tables [M][Kp/4][16], then per-group
@@ -107,6 +137,10 @@ int shiftc_bcq_prepare(const float* x, int64_t M, int64_t K, int64_t G, float* w
 int shiftc_bcq_compute(const float* x, const float* ws, int64_t M, int64_t K, int64_t N, int32_t q,
                        int64_t G, const uint8_t* codes, const float* scales, const float* offsets,
                        float* y, int64_t task);
+
+// shiftc_bcq_compute for uniform weights (codes, su): same workspace, prepare, tasks and paths.
+int shiftc_bcq_compute_uniform(const float* x, const float* ws, int64_t M, int64_t K, int64_t N, int32_t q,
+                               int64_t G, const uint8_t* codes, const uint16_t* su, float* y, int64_t task);
 
 // ISA selection: 0 = auto (default), 1 = scalar, 2 = AVX2, 3 = AVX-512, 4 = NEON, 5 = AMX (the AVX-512
 // kernels plus the AMX-BF16 GEMM for M >= SHIFTC_BCQ_AMX_MIN_M; needs AMX-TILE, AMX-BF16 and
