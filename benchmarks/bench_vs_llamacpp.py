@@ -1,33 +1,41 @@
-"""shiftc libraries side by side with llama.cpp on SmolLM2-135M: size, perplexity, speed.
+"""shiftc libraries side by side with llama.cpp and ONNX Runtime GenAI on SmolLM2-135M: size, perplexity, speed.
 
 What it measures
   * llama.cpp ladder: the fp32 weights that shiftc's export reads (the packaged Q4_1 GGUF loaded to
     fp32 by transformers) are saved as an HF folder, written as an F32 GGUF by llama.cpp's own
     convert_hf_to_gguf.py, and quantized with ``llama_cpp.llama_model_quantize`` (``--types``).
+  * ORT GenAI int4 (``--ortgenai``, on by default): the same HF folder written by ONNX Runtime
+    GenAI's own model builder as its int4 CPU model (``-p int4 -e cpu``, the builder's defaults:
+    4-bit blocks of 32 for every MatMul and the tied embedding, int8 activations in the MatMuls,
+    logits for every prompt position); its ``x fp32`` is relative to shiftc's fp32 .onnx.
   * perplexity on exactly shiftc's held-out windows (shiftc/evaluation.py: ``--tokens`` // 512
     windows, each from an empty cache, NLL of every position but the first, float64 log-softmax);
-    llama.cpp scores them with ``Llama(logits_all=True).eval``; shiftc with ``api.evaluate``
-    (its fp32 .onnx is the reference every ``x fp32`` column is relative to, per ladder).
+    llama.cpp scores them with ``Llama(logits_all=True).eval``; ORT GenAI's model.onnx runs in
+    onnxruntime (the runtime under ORT GenAI, same graph and kernels), one pass per window; shiftc
+    with ``api.evaluate`` (its fp32 .onnx is the reference every ``x fp32`` column is relative to, per ladder).
   * speed, same machine and thread count, runs alternated library by library, round-robin over
     ``--rounds`` (the order rotates each round): decode = median ms of one-token steps after a
-    prompt of C tokens (``--contexts``) with the KV cache (``Llama.eval([t])`` / shiftc
-    ``lm_session().step(t, last_only=True)``, what a user's generation loop calls), prefill =
-    one forward pass over 128 / 512 tokens from an empty cache; at each of ``--threads`` (llama.cpp
-    n_threads = n_threads_batch = T; shiftc ``api.load(lib, threads=T)``). Each run starts after a
-    short pause so the other runtime's spinning worker threads are parked (see shiftc.benchmarking).
+    prompt of C tokens (``--contexts``) with the KV cache (``Llama.eval([t])`` / ORT GenAI
+    ``Generator.append_tokens([t])`` / shiftc ``lm_session().step(t, last_only=True)``, what a
+    user's generation loop calls), prefill = one forward pass over 128 / 512 tokens from an empty
+    cache (ORT GenAI: a new Generator, batch 1); at each of ``--threads`` (llama.cpp n_threads =
+    n_threads_batch = T; ORT GenAI session intra_op_num_threads = T; shiftc ``api.load(lib,
+    threads=T)``). Each run starts after a short pause so the other runtime's spinning worker
+    threads are parked (see shiftc.benchmarking).
   * size: file MB and bits per weight = file bits / all parameters of the model (134.5M; for .so
-    libraries the code is counted too).
+    libraries the code is counted too; for ORT GenAI its .onnx and .onnx.data files).
 
-llama-cpp-python lives in its own venv (out/bench-venv, made on demand: 8-20 min of compiling), never
-in shiftc's: this file is the driver (shiftc's venv) and, with ``--worker``, a JSON-lines server run
-by the bench venv's python (no shiftc import there); token arrays travel as .npy files.
-GGUFs, the venv and perplexities are cached under out/ so that reruns are quick.
+llama-cpp-python and onnxruntime-genai live in their own venv (out/bench-venv, made on demand: 8-20
+min of compiling), never in shiftc's: this file is the driver (shiftc's venv) and, with ``--worker``,
+a JSON-lines server run by the bench venv's python (no shiftc import there); token arrays travel as
+.npy files. GGUFs, the ORT GenAI model, the venv and perplexities are cached under out/ so that
+reruns are quick.
 
     .venv/bin/python benchmarks/bench_vs_llamacpp.py \\
         --shiftc fp32=out/demo/smollm2-135m.so --shiftc sa3=out/demo/smollm2-135m-sa3.so \\
         [--types Q4_1,Q4_K_M,Q3_K_M,Q3_K_S,Q2_K] [--speed-types F32,Q4_1,Q3_K_M] [--tokens 32768]
-        [--contexts 128,1024] [--threads 1,2] [--rounds 3] [--steps 16] [--skip-ppl] [--skip-speed]
-        [--setup] [--out benchmarks/results/vs_llamacpp.json]
+        [--contexts 128,1024] [--threads 1,2] [--rounds 3] [--steps 16] [--no-ortgenai] [--skip-ppl]
+        [--skip-speed] [--setup] [--out benchmarks/results/vs_llamacpp.json]
 """
 
 from __future__ import annotations
@@ -52,11 +60,15 @@ WORK = OUT / "bench-llamacpp"
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 # what convert_hf_to_gguf.py imports; transformers as in shiftc (4.57 cannot read the tokenizer 5.x saves)
 BENCH_REQS = ["torch==2.13.0", "transformers==5.24.0", "sentencepiece==0.2.3"]
+# ONNX Runtime GenAI (pulls onnxruntime) and what its model builder imports without declaring it
+ORTGENAI_REQS = ["onnxruntime-genai==0.18.0", "onnx==1.23.2", "onnx-ir==1.1.0"]
+ORTGENAI_LABEL = "ORT GenAI int4"
 LADDER = "Q4_1,Q4_K_M,Q3_K_M,Q3_K_S,Q2_K"
 WINDOW = 512
 PREFILLS = (128, 512)
 GAP_S = 0.05
 STEM = "smollm2-135m"
+WORKER_KINDS = ("llama.cpp", "ortgenai")  # run by the bench venv's worker; "shiftc" runs in the driver
 
 
 # ---------------------------------------------------------------- worker (bench venv, no shiftc)
@@ -82,7 +94,15 @@ class LlamaWorker:
                              n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def op_version(self):
-        return {"llama_cpp_python": self.lc.__version__, "system_info": self.lc.llama_print_system_info().decode()}
+        out = {"llama_cpp_python": self.lc.__version__, "system_info": self.lc.llama_print_system_info().decode()}
+        try:
+            import onnxruntime
+            import onnxruntime_genai
+
+            out.update(onnxruntime_genai=onnxruntime_genai.__version__, onnxruntime=onnxruntime.__version__)
+        except ImportError:
+            pass
+        return out
 
     def op_quantize(self, src, dst, type, threads):
         p = self.lc.llama_model_quantize_default_params()
@@ -115,6 +135,34 @@ class LlamaWorker:
         return {"n_threads": self.lc.llama_n_threads(llm.ctx),
                 "n_threads_batch": self.lc.llama_n_threads_batch(llm.ctx)}
 
+    def op_ortgenai_load(self, key, path, threads, n_ctx):
+        self.models.pop(key, None)
+        self.models[key] = GenaiSession(path, threads, n_ctx)
+        return {"intra_op_num_threads": threads, "max_length": n_ctx}
+
+    def op_ortgenai_ppl(self, path, windows, threads):
+        """Plain onnxruntime on the builder's model.onnx (the graph ORT GenAI runs): each window in
+        one pass from an empty KV cache, logits of every position."""
+        import onnxruntime as ort
+
+        wins = np.load(windows)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(Path(path) / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        dec = json.loads((Path(path) / "genai_config.json").read_text())["model"]["decoder"]
+        empty = np.zeros((1, dec["num_key_value_heads"], 0, dec["head_size"]), np.float32)  # past length 0
+        past = {i.name: empty for i in sess.get_inputs() if i.name.startswith("past_key_values.")}
+        total, count, t0 = 0.0, 0, time.perf_counter()
+        for w in wins:
+            w = w.astype(np.int64)
+            logits = sess.run(["logits"], {"input_ids": w[None], "attention_mask": np.ones((1, len(w)), np.int64),
+                                           **past})[0][0]
+            nll, n = window_nll(logits, w)
+            total, count = total + nll, count + n
+            print(f"{path}: {count // (len(w) - 1)}/{len(wins)} windows, ppl so far {np.exp(total / count):.3f}",
+                  file=sys.stderr, flush=True)
+        return {"nll": total, "count": count, "seconds": time.perf_counter() - t0}
+
     def op_unload(self, key):
         self.models.pop(key, None)
         return {}
@@ -132,6 +180,29 @@ class LlamaWorker:
         t0 = time.perf_counter()
         llm.eval(ids)
         return {"seconds": time.perf_counter() - t0}
+
+
+class GenaiSession:
+    """An ORT GenAI model driven as a user's generation loop drives it, with the reset/eval calls
+    that op_decode and op_prefill make on a Llama: one Generator (batch 1, KV cache of n_ctx) per
+    prompt, tokens fed with ``append_tokens`` (one forward pass over them); session threads =
+    ``intra_op_num_threads`` through a genai_config overlay."""
+
+    def __init__(self, path, threads, n_ctx):
+        import onnxruntime_genai as og
+
+        cfg = og.Config(str(path))
+        cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.og, self.model, self.n_ctx, self.gen = og, og.Model(cfg), n_ctx, None
+
+    def reset(self):
+        self.gen = None  # the previous KV cache goes first
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=self.n_ctx, batch_size=1)
+        self.gen = self.og.Generator(self.model, params)
+
+    def eval(self, ids):
+        self.gen.append_tokens(np.asarray(ids, dtype=np.int32))
 
 
 def timed_steps(step, tokens) -> dict:
@@ -173,9 +244,10 @@ def sdist_dir() -> Path:
 
 
 def ensure_bench_env(force: bool = False) -> Path:
-    """out/bench-venv with llama-cpp-python built from source (GGML_NATIVE) and the converter's
-    needs; the downloaded sdist is unpacked for vendor/llama.cpp/convert_hf_to_gguf.py. Each step
-    is skipped when already done (``force``: rebuild llama-cpp-python)."""
+    """out/bench-venv with llama-cpp-python built from source (GGML_NATIVE), the converter's needs
+    and ONNX Runtime GenAI with its model builder's; the downloaded sdist is unpacked for
+    vendor/llama.cpp/convert_hf_to_gguf.py. Each step is skipped when already done (``force``:
+    rebuild llama-cpp-python)."""
     py = VENV / "bin" / "python"
     WORK.mkdir(parents=True, exist_ok=True)
     if not py.exists():
@@ -193,10 +265,11 @@ def ensure_bench_env(force: bool = False) -> Path:
         again = ["--force-reinstall", "--no-deps"] if force else []
         run([py, "-m", "pip", "install", "--no-cache-dir", *again, sdists[-1]], log=WORK / "build.log",
             env={**os.environ, "CMAKE_ARGS": "-DGGML_NATIVE=ON"})
-    pins = dict(r.split("==") for r in BENCH_REQS)
-    if not has(f"from importlib.metadata import version as v\n"
-               f"assert all(v(n).split('+')[0] == p for n, p in {pins}.items())"):
-        run([py, "-m", "pip", "install", *BENCH_REQS], log=WORK / "build.log")
+    for reqs in (BENCH_REQS, ORTGENAI_REQS):
+        pins = dict(r.split("==") for r in reqs)
+        if not has(f"from importlib.metadata import version as v\n"
+                   f"assert all(v(n).split('+')[0] == p for n, p in {pins}.items())"):
+            run([py, "-m", "pip", "install", *reqs], log=WORK / "build.log")
     if not sdist_dir().exists():
         (WORK / "src").mkdir(exist_ok=True)
         run(["tar", "xzf", sdists[-1], "-C", WORK / "src"])
@@ -231,9 +304,9 @@ def atomic(path: Path, make) -> Path:
     return path
 
 
-def prepare_ggufs(worker: Worker, python: Path, gguf_src: Path, types: list[str]) -> dict[str, Path]:
-    """F32 GGUF from the fp32 weights shiftc exports, then the quantized ladder; all cached."""
-    hf = WORK / "hf-fp32"
+def hf_folder(gguf_src: Path) -> Path:
+    """The fp32 weights shiftc exports (the packaged GGUF loaded to fp32 by transformers) saved as
+    an HF folder, the input of both llama.cpp's converter and ORT GenAI's model builder; cached."""
 
     def save_hf(tmp):
         import torch
@@ -247,7 +320,12 @@ def prepare_ggufs(worker: Worker, python: Path, gguf_src: Path, types: list[str]
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(gguf_src.parent, **kw).save_pretrained(tmp)
 
-    atomic(hf, save_hf)
+    return atomic(WORK / "hf-fp32", save_hf)
+
+
+def prepare_ggufs(worker: Worker, python: Path, gguf_src: Path, types: list[str]) -> dict[str, Path]:
+    """F32 GGUF from the fp32 weights shiftc exports, then the quantized ladder; all cached."""
+    hf = hf_folder(gguf_src)
     conv = sdist_dir() / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
     paths = {"F32": atomic(WORK / f"{STEM}-F32.gguf", lambda tmp: run(
         [python, conv, hf, "--outtype", "f32", "--outfile", tmp], log=WORK / "convert.log"))}
@@ -257,15 +335,34 @@ def prepare_ggufs(worker: Worker, python: Path, gguf_src: Path, types: list[str]
     return paths
 
 
+def prepare_ortgenai(python: Path, gguf_src: Path) -> Path:
+    """ORT GenAI's int4 CPU model, written by its own model builder from the same HF folder; cached."""
+    import shutil
+
+    def build(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        print("building the ORT GenAI int4 model, log in", WORK / "ortgenai-build.log", flush=True)
+        run([python, "-m", "onnxruntime_genai.models.builder", "-i", hf_folder(gguf_src), "-o", tmp,
+             "-p", "int4", "-e", "cpu", "-c", WORK / "ortgenai-cache"], log=WORK / "ortgenai-build.log")
+
+    return atomic(WORK / "ortgenai-int4", build)
+
+
+def model_files(path: Path) -> list[Path]:
+    """The file itself, or for a model folder its graph and weights (.onnx, .onnx.data)."""
+    return sorted(f for f in path.iterdir() if f.name.endswith((".onnx", ".onnx.data"))) if path.is_dir() else [path]
+
+
 def file_key(path: Path, tokens: int) -> str:
-    st = path.stat()
-    return f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{tokens}|{WINDOW}"
+    sts = [f.stat() for f in model_files(path)]
+    return (f"{path.resolve()}|{sum(st.st_size for st in sts)}|{int(max(st.st_mtime for st in sts))}"
+            f"|{tokens}|{WINDOW}")
 
 
 # ---------------------------------------------------------------- driver: measurements
 
 def perplexities(libs: dict, worker: Worker, args) -> tuple[dict, str]:
-    """{label: perplexity record}; llama.cpp scored on shiftc's own windows; cached by file."""
+    """{label: perplexity record}; llama.cpp and ORT GenAI scored on shiftc's own windows; cached by file."""
     from shiftc import api
     from shiftc.frontend.data import load_corpus, smollm2_gguf, token_windows
     from shiftc.tokenizer import load_tokenizer
@@ -283,8 +380,9 @@ def perplexities(libs: dict, worker: Worker, args) -> tuple[dict, str]:
         key = file_key(lib["path"], args.tokens) + "|" + digest
         if key not in cache and not args.skip_ppl:
             print(f"perplexity: {label} ({wins.shape[0]} windows of {WINDOW})", flush=True)
-            if lib["kind"] == "llama.cpp":
-                r = worker("ppl", path=str(lib["path"]), windows=str(win_file), threads=threads)
+            if lib["kind"] in WORKER_KINDS:
+                op = "ppl" if lib["kind"] == "llama.cpp" else "ortgenai_ppl"
+                r = worker(op, path=str(lib["path"]), windows=str(win_file), threads=threads)
                 assert r["count"] == wins.shape[0] * (WINDOW - 1), r
                 cache[key] = {"perplexity": float(np.exp(r["nll"] / r["count"])), "tokens_scored": r["count"],
                               "seconds": round(r["seconds"], 1), "windows": int(wins.shape[0])}
@@ -311,8 +409,9 @@ def speed(libs: dict, worker: Worker, args) -> dict:
     for T in args.threads:
         sessions = {}
         for lab, lib in libs.items():
-            if lib["kind"] == "llama.cpp":
-                info[lab][f"T={T}"] = worker("load", key=lab, path=str(lib["path"]), threads=T, n_ctx=n_ctx)
+            if lib["kind"] in WORKER_KINDS:
+                op = "load" if lib["kind"] == "llama.cpp" else "ortgenai_load"
+                info[lab][f"T={T}"] = worker(op, key=lab, path=str(lib["path"]), threads=T, n_ctx=n_ctx)
             else:
                 sessions[lab] = api.load(str(lib["path"]), threads=T).lm_session()
                 info[lab][f"T={T}"] = {"tvm_threads": tvm_threads()}
@@ -331,7 +430,7 @@ def speed(libs: dict, worker: Worker, args) -> dict:
                     s = prefill_run(worker, lab, sessions.get(lab), prompts[P], P)
                     times[lab].setdefault(f"prefill P={P},T={T}", {"times": []})["times"].append(s)
         for lab, lib in libs.items():
-            if lib["kind"] == "llama.cpp":
+            if lib["kind"] in WORKER_KINDS:
                 worker("unload", key=lab)
         del sessions
     out = {}
@@ -391,7 +490,7 @@ def report(res: dict, out: Path) -> None:
     for r in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
     if res.get("ratios"):
-        print("\ntok/s ratio shiftc / llama.cpp (> 1: shiftc faster)")
+        print("\ntok/s ratio shiftc / llama.cpp or ORT GenAI (> 1: shiftc faster)")
         for pair, by_cell in res["ratios"].items():
             print(f"  {pair:32s}" + "  ".join(f"{c}: {v:.2f}" for c, v in by_cell.items()))
     print("(decode/prefill columns: tokens/s; bpw: file bits / all parameters)")
@@ -404,11 +503,12 @@ def report(res: dict, out: Path) -> None:
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 
-def _annotate(ax, pts, flip: bool = False) -> None:
-    """Label points; libraries at the same spot (llama.cpp's Q2_K and Q3_K_S here) share one label."""
+def _annotate(ax, pts, name: str, flip: bool = False) -> None:
+    """Label points without the runtime's name (``name``, in the legend); libraries at the same spot
+    (llama.cpp's Q2_K and Q3_K_S here) share one label."""
     spots: dict = {}
     for x, y, lab in pts:
-        spots.setdefault((round(x, 1), round(y, 3)), []).append(lab.split(" ", 1)[-1])
+        spots.setdefault((round(x, 1), round(y, 3)), []).append(lab.removeprefix(name + " "))
     for i, ((x, y), names) in enumerate(spots.items()):
         ax.annotate(" = ".join(names), (x, y), fontsize=8, xytext=(4, 4 - 14 * ((i + flip) % 2)),
                     textcoords="offset points")
@@ -423,16 +523,19 @@ def plot(res: dict, png: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8))
     cell = f"decode C={min(res['config']['contexts'])},T={min(res['config']['threads'])}"  # least disturbed by load
-    for kind, mark in (("llama.cpp", "o-"), ("shiftc", "s")):
+    for kind, mark, name in (("llama.cpp", "o-", "llama.cpp"), ("ortgenai", "^", "ORT GenAI"),
+                             ("shiftc", "s", "shiftc")):
         labs = sorted((l for l, v in res["libraries"].items() if v["kind"] == kind and l in res["perplexity"]),
                       key=lambda l: res["libraries"][l]["bytes"])
         pts = [(res["libraries"][l]["bytes"] / 1e6, res["perplexity"][l]["perplexity"], l) for l in labs]
-        a.plot([p[0] for p in pts], [p[1] for p in pts], mark, label=kind)
-        _annotate(a, pts, kind == "shiftc")
+        if not pts:
+            continue
+        a.plot([p[0] for p in pts], [p[1] for p in pts], mark, label=name)
+        _annotate(a, pts, name, kind == "shiftc")
         sp = [(res["perplexity"][l]["perplexity"], res["speed"][l][cell]["tokens_per_s"], l)
               for l in labs if cell in res["speed"].get(l, {})]
-        b.plot([p[0] for p in sp], [p[1] for p in sp], mark[0], label=kind)
-        _annotate(b, sp, kind == "shiftc")
+        b.plot([p[0] for p in sp], [p[1] for p in sp], mark[0], label=name)
+        _annotate(b, sp, name, kind == "shiftc")
     a.set(xscale="log", xlabel="file size (MB, log)", ylabel=f"perplexity ({res['config']['tokens']} tokens)",
           title="SmolLM2-135M: perplexity vs size")
     b.set(xlabel="perplexity", ylabel="decode tokens/s", title=f"decode speed vs perplexity ({cell})")
@@ -455,6 +558,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-onnx", help="shiftc's fp32 .onnx (default out/demo/smollm2-135m.onnx, else exported)")
     ap.add_argument("--types", default=LADDER, help="llama.cpp ladder beside F32 (sizes, perplexity)")
     ap.add_argument("--speed-types", default="F32,Q4_1,Q3_K_M", help="llama.cpp types timed")
+    ap.add_argument("--ortgenai", action=argparse.BooleanOptionalAction, default=True,
+                    help="ONNX Runtime GenAI's int4 CPU model as a library (perplexity and speed)")
     ap.add_argument("--tokens", type=int, default=32768, help="perplexity budget (windows of 512)")
     ap.add_argument("--contexts", default="128,1024")
     ap.add_argument("--threads", default="1,2")
@@ -487,6 +592,9 @@ def main(argv=None) -> int:
         libs = {f"llama.cpp {t}": {"kind": "llama.cpp", "type": t, "path": p} for t, p in ggufs.items()}
         for t, p in ggufs.items():
             libs[f"llama.cpp {t}"]["tensor_bytes"] = worker("info", path=str(p))["tensor_bytes"]
+        if args.ortgenai:
+            libs[ORTGENAI_LABEL] = {"kind": "ortgenai", "type": "int4",
+                                    "path": prepare_ortgenai(python, Path(smollm2_gguf()))}
         ref = Path(args.reference_onnx or OUT / "demo" / f"{STEM}.onnx")
         if not ref.exists() and not args.skip_ppl:
             ref = atomic(WORK / f"{STEM}.onnx", lambda tmp: api.export(str(smollm2_gguf()), tmp, max_positions=2048))
@@ -498,13 +606,14 @@ def main(argv=None) -> int:
             lab, _, path = spec.partition("=")
             libs[f"shiftc {lab}"] = {"kind": "shiftc", "path": Path(path)}
         for lib in libs.values():
-            lib["bytes"] = lib["path"].stat().st_size
-            lib["modified_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(lib["path"].stat().st_mtime))
+            files = model_files(lib["path"])
+            lib["bytes"] = sum(f.stat().st_size for f in files)
+            lib["modified_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime(max(f.stat().st_mtime for f in files)))
             lib["bits_per_weight"] = lib["bytes"] * 8 / n_params
         ppl, digest = perplexities(libs, worker, args)
         speed_types = [t for t in args.speed_types.split(",") if t]
         timed = {lab: lib for lab, lib in libs.items()
-                 if lib.get("timed", True) and (lib["kind"] == "shiftc" or lib["type"] in speed_types)}
+                 if lib.get("timed", True) and (lib["kind"] != "llama.cpp" or lib["type"] in speed_types)}
         load0 = os.getloadavg()
         sp = {} if args.skip_speed else speed(timed, worker, args)
         version = worker("version")
@@ -512,17 +621,19 @@ def main(argv=None) -> int:
         worker.close()
     ratios = {}
     for s in [l for l in sp if libs[l]["kind"] == "shiftc"]:
-        for q in [l for l in sp if libs[l]["kind"] == "llama.cpp"]:
+        for q in [l for l in sp if libs[l]["kind"] in WORKER_KINDS]:
             ratios[f"{s} / {q}"] = {c: sp[s][c]["tokens_per_s"] / sp[q][c]["tokens_per_s"]
                                     for c in sp[s] if c in sp[q] and "tokens_per_s" in sp[s][c]}
     res = {
-        "what": "SmolLM2-135M: shiftc libraries vs llama.cpp (llama-cpp-python) on the same machine",
+        "what": "SmolLM2-135M: shiftc libraries vs llama.cpp (llama-cpp-python) and ONNX Runtime GenAI "
+                "on the same machine",
         "config": {"tokens": args.tokens, "window": WINDOW, "windows_sha256_16": digest, "contexts": args.contexts,
                    "threads": args.threads, "rounds": args.rounds, "decode_steps_per_round": args.steps,
                    "prefills": list(PREFILLS), "gap_s": GAP_S, "n_params": n_params, "note": args.note},
         "environment": {"host": platform.node(), "cpu": _cpu_name(), "cores": os.cpu_count(), **version,
                         "loadavg_before_speed": load0, "loadavg_after_speed": os.getloadavg(),
-                        "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS"), "bench_reqs": BENCH_REQS, "reference_onnx": str(ref), **_git()},
+                        "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS"), "bench_reqs": BENCH_REQS + ORTGENAI_REQS,
+                        "reference_onnx": str(ref), **_git()},
         "libraries": {l: {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()} for l, d in libs.items()},
         "perplexity": ppl, "speed": sp, "ratios": ratios,
     }
