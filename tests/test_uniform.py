@@ -160,3 +160,32 @@ def test_uniform_with_distillation_is_refused(tiny_onnx, tmp_path):
                 "--distill-steps", "5", "--calib", "none")
     assert r.returncode == EXIT_USAGE and "--distill-steps" in r.stderr
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("scale_mode", ["uniform", "pow2x2"])
+def test_same_input_matmuls_fuse_into_one_call(tiny_onnx, tmp_path, scale_mode):
+    """backend/fuse_matmuls: q/k/v and gate/up become one node each plus a Split (2 + 1 nodes fewer
+    per layer), the tied head stays apart, and ONNX Runtime gives the same logits on the rewritten
+    graph (the rows of every weight are unchanged)."""
+    from shiftc.backend import fuse_matmuls
+
+    cfg = ShiftAddConfig(bits=3, group=32, scale_mode=scale_mode, tied_embedding=True, iters=1)
+    m = ShiftAddPass(cfg)(onnx.load(tiny_onnx)).model
+    fused, removed = fuse_matmuls.rewrite(m)
+    assert removed == 2 * 3
+    op = "UniformMatMul" if scale_mode == "uniform" else "BcqMatMul"
+    assert [n.op_type for n in fused.graph.node].count(op) == [n.op_type for n in m.graph.node].count(op) - removed
+    assert [n.op_type for n in fused.graph.node].count("Split") == [n.op_type for n in m.graph.node].count("Split") + 2 * 2
+    assert fuse_matmuls.rewrite(fused)[1] == 0  # nothing left to fuse
+    onnx.checker.check_model(fused, full_check=True)
+    paths = [str(tmp_path / "a.onnx"), str(tmp_path / "b.onnx")]
+    onnx.save(m, paths[0])
+    onnx.save(fused, paths[1])
+    dec = json.loads({p.key: p.value for p in m.metadata_props}["shiftc.decoder"])
+    ids = np.array([[5, 900, 17, 4000, 3]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(5, dtype=np.int64)[None]}
+    for i in range(dec["num_layers"]):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = np.zeros((1, dec["num_kv_heads"], 0, dec["head_dim"]), np.float32)
+    a, b = ort_run(paths[0], feeds)["logits"], ort_run(paths[1], feeds)["logits"]
+    np.testing.assert_allclose(b, a, rtol=RTOL_OP, atol=ATOL_OP)

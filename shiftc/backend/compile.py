@@ -134,6 +134,11 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
         raise BadInputError(f"output '{output}': a model library must be named *.so")
 
     graph, kv_meta = _kv_cache_graph(proto, spec, kv_cache)
+    fused = 0
+    if spec.device_type == "cpu":  # one kernel call per group of packed matmuls on one input
+        from . import fuse_matmuls
+
+        graph, fused = fuse_matmuls.rewrite(graph)
     with step("importing ONNX into Relax"), lowering_for(spec.device_type):
         mod = to_relax(graph, source)
     addons = []
@@ -142,6 +147,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
             addons.append(kernel_object(spec.cross_cc))
     meta = library_metadata(proto, spec, source)
     meta["kv_cache"] = kv_meta
+    meta["fused_matmuls"] = fused
     unscheduled: list[str] | None = None
 
     def count_unscheduled(mod):
