@@ -114,3 +114,40 @@ def test_concat_library_still_matches(tiny):
     a = shiftc.load(tiny[2]).lm_session().step(ids)
     b = shiftc.load(tiny[0]).lm_session().step(ids)
     np.testing.assert_allclose(a, b, rtol=RTOL_KV, atol=ATOL_KV)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_path_of_common_head_sizes(head_dim, tmp_path):
+    """The decode kernel's vector path for D = 64 and 128 (the tiny model above has D = 16): a
+    batch of 2 with the first sequence left-padded (masked keys), prefill then decode steps, against
+    ONNX Runtime through run()."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import shiftc
+
+    torch.manual_seed(head_dim)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=2 * head_dim, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    path, lib_path = str(tmp_path / "m.onnx"), str(tmp_path / "m.so")
+    shiftc.export(str(tmp_path / "hf"), path)
+    shiftc.compile(path, lib_path)
+    lib, ref = shiftc.load(lib_path), shiftc.load(path)
+    assert lib.kv_inplace
+    ids = np.random.default_rng(head_dim).integers(0, 512, (2, 37))
+    mask = np.ones((2, 37), np.int64)
+    mask[0, :5] = 0
+    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+             **{f"past_key_values.0.{kv}": np.zeros((2, 1, 0, head_dim), np.float32) for kv in ("key", "value")}}
+    for step in range(3):
+        got, want = lib.run(feeds), ref.run(feeds)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=RTOL_KV, atol=ATOL_KV, err_msg=f"step {step}: {name}")
+        feeds = {"input_ids": np.array([[11 + step], [12]]), "attention_mask": np.concatenate([mask, [[1], [1]]], 1),
+                 "position_ids": pos[:, -1:] + 1,
+                 **{f"past_key_values.{k[len('present.'):]}": v for k, v in want.items() if k.startswith("present.")}}
+        mask = feeds["attention_mask"]
+        pos = np.concatenate([pos, feeds["position_ids"]], 1)
