@@ -254,9 +254,14 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1] if lines else repr(exc)
 
 
+# linker options of the library: no symbol table or debug sections (the kernels' object carries
+# some); the dynamic symbols the runtime looks the functions up by stay
+LINK_OPTIONS = ["-s"]
+
+
 def _export_options(spec: TargetSpec) -> dict:
     if spec.cross_cc is None:
-        return {}
+        return {"options": LINK_OPTIONS}
     import shutil
 
     from tvm.support import cc
@@ -266,4 +271,4 @@ def _export_options(spec: TargetSpec) -> dict:
             f"--target {spec.name} needs the cross compiler '{spec.cross_cc}' "
             "(Debian/Ubuntu: apt-get install g++-aarch64-linux-gnu)"
         )
-    return {"fcompile": cc.cross_compiler(spec.cross_cc)}
+    return {"fcompile": cc.cross_compiler(spec.cross_cc, options=LINK_OPTIONS)}
