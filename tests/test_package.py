@@ -288,14 +288,16 @@ def test_lm_on_board_matches_host(lm_pkg, tiny_llama, tmp_path):
 # -- shift-add (ai.shiftc::BcqMatMul and its C kernels, cross-compiled) --------------------------------
 
 
-def test_shiftadd_mlp_on_board_matches_host(cross_tools, mlp, tmp_path):
-    """A 2-bit shift-add MLP: the lut16 kernels are cross-compiled into the aarch64 library and
-    give the host's numbers under qemu, at a GEMV and a GEMM row count."""
+@pytest.mark.parametrize("scale_mode", ["pow2x2", "uniform"])
+def test_shiftadd_mlp_on_board_matches_host(cross_tools, mlp, tmp_path, scale_mode):
+    """A 2-bit shift-add MLP (BCQ, and a uniform grid with its compact float16 scales): the lut16
+    kernels are cross-compiled into the aarch64 library and give the host's numbers under qemu,
+    at a GEMV and a GEMM row count."""
     import shiftc
     import shiftc.api
 
     sa = str(tmp_path / "mlp_sa2.onnx")
-    shiftc.api.compress(mlp[0], sa, bits=2, group=32, calib="none")
+    shiftc.api.compress(mlp[0], sa, bits=2, group=32, calib="none", scale_mode=scale_mode)
     host_lib = str(tmp_path / "mlp_sa2-host.so")
     shiftc.compile(sa, host_lib)
     pkg = shiftc.package(sa, tmp_path / "mlp-sa-arm", target="aarch64")
