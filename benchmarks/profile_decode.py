@@ -10,6 +10,15 @@ start-up: the step's wall time minus the kernels' sum).
 
     .venv/bin/python benchmarks/profile_decode.py LIB.so [--context 128] [--threads 1]
         [--repeats 5] [--json out/profile.json]
+
+The instrument hook adds its own cost to every call (a Python callback), which inflates the many
+small calls of a decode step. ``--perf SECONDS`` measures instead with the Linux ``perf`` sampler
+(no change to the code that runs): a child process repeats the decode step at context C (the
+session's length is set back to C after each step, so every step attends to C + 1 keys), ``perf
+record -p`` samples it for SECONDS, and the samples are split by symbol into matmul kernels
+(lut16 / uniform kernels), attention kernel, other compiled kernels (norms, rope, element-wise,
+copies: the library's generated functions) and everything else (VM, TVM runtime, Python, libc,
+kernel, thread-pool waits).
 """
 
 from __future__ import annotations
@@ -36,6 +45,86 @@ def kind_of(name: str) -> str:
     return "other kernels"
 
 
+PERF_KINDS = (  # (kind, pattern on a symbol of the model library), first match wins
+    ("matmul", re.compile(r"lut_rows|lut_task|lut_block|mk_(avx|neon|scalar)|gemm_task|expand_|prepare_|run_task|"
+                          r"shiftc_bcq|group_sum|table4|amx_")),
+    ("attention", re.compile(r"attention")),
+)
+
+
+def perf_child(args) -> int:
+    """The sampled process: decode steps at a fixed context, for --perf seconds (plus the warm-up)."""
+    import shiftc
+
+    sess = shiftc.load(args.library, threads=args.threads).lm_session()
+    sess.step(np.random.default_rng(0).integers(0, sess.vocab, (1, args.context)))
+    step = np.array([[11]], np.int64)
+    for _ in range(5):
+        sess.step(step, last_only=True)
+        sess.length = args.context
+    print("ready", flush=True)
+    walls, t_end = [], time.perf_counter() + args.perf + 1.0
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        sess.step(step, last_only=True)
+        walls.append((time.perf_counter() - t0) * 1e3)
+        sess.length = args.context  # the next step overwrites row C: every step sees C + 1 keys
+    print(json.dumps({"wall_ms": statistics.median(walls), "steps": len(walls)}), flush=True)
+    return 0
+
+
+def perf_main(args) -> int:
+    import os
+    import subprocess
+    import tempfile
+
+    lib_name = os.path.basename(args.library)
+    child = subprocess.Popen([sys.executable, __file__, args.library, "--context", str(args.context), "--threads",
+                              str(args.threads), "--perf", str(args.perf), "--perf-child"],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "perf.data")
+        subprocess.run(["perf", "record", "-q", "-F", "1999", "-p", str(child.pid), "-o", data, "--", "sleep",
+                        str(args.perf)], check=True, stderr=subprocess.DEVNULL)
+        info = json.loads(child.stdout.readline())
+        child.wait()
+        rep = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "dso,sym", "--stdio",
+                              "-F", "overhead,dso,sym", "--field-separator", "\t"],
+                             capture_output=True, text=True, check=True).stdout
+    by_kind: dict[str, float] = {}
+    top: list[tuple[float, str]] = []
+    for line in rep.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        pct, dso, sym = float(parts[0].strip().rstrip("%")), parts[1].strip(), parts[2].strip()
+        if dso == lib_name:
+            kind = next((k for k, pat in PERF_KINDS if pat.search(sym)), "other compiled kernels")
+        else:
+            kind = "runtime, Python, libc, kernel, waits"
+        by_kind[kind] = by_kind.get(kind, 0.0) + pct
+        top.append((pct, f"{dso}: {sym}"))
+    total = sum(by_kind.values()) or 1.0
+    share = {k: v / total for k, v in by_kind.items()}
+    outside = 1.0 - share.get("matmul", 0.0) - share.get("attention", 0.0)
+    print(f"{args.library}: decode step at context {args.context}, {args.threads} thread(s), wall "
+          f"{info['wall_ms']:.2f} ms (median of {info['steps']}); perf samples for {args.perf} s")
+    for k, v in sorted(share.items(), key=lambda kv: -kv[1]):
+        print(f"  {k:<40} {100 * v:5.1f}%  ({v * info['wall_ms']:.3f} ms)")
+    print(f"  outside the matmul and attention kernels: {100 * outside:.1f}%")
+    print("  top symbols:")
+    for pct, name in sorted(top, reverse=True)[:12]:
+        print(f"    {pct:5.1f}%  {name[:100]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"library": args.library, "context": args.context, "threads": args.threads, "method": "perf",
+                       "wall_ms": info["wall_ms"], "share": share, "outside_matmul_attention": outside}, f, indent=2)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("library")
@@ -43,7 +132,14 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json")
+    p.add_argument("--perf", type=float, default=0.0, metavar="SECONDS",
+                   help="sample with Linux perf for this long instead of the instrument hook")
+    p.add_argument("--perf-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.perf_child:
+        return perf_child(args)
+    if args.perf:
+        return perf_main(args)
 
     import tvm
     from tvm.runtime.vm import VirtualMachine
