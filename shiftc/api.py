@@ -126,6 +126,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
              recipe: str | os.PathLike | None = None, threads: int | None = None, prune: float | None = None,
              prune_criterion: str | None = None, prune_scope: list | str | None = None,
              prune_budget: str | None = None, nm: str | None = None, bits_budget: float | None = None,
+             size_budget_mb: float | None = None,
              candidates: list | None = None, sensitivity: str | None = None, tie: bool | None = None,
              latency_budget_ms: float | None = None, latency_margin: float | None = None,
              latency_verify: int | None = None,
@@ -153,6 +154,9 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
     "host"; the plan is held to the budget less ``latency_margin``, a fraction, default 0.01, and
     then compiled and measured: over it, the latency model is refitted on that measurement and the
     plan made again, ``latency_verify`` compiled plans at most, default 2);
+    ``size_budget_mb`` instead bounds the whole output: the bytes of every initializer (quantized
+    layers as stored, the embedding table, norms, rope tables, anything left fp32) at most this many
+    megabytes (10^6 bytes); give one of ``bits_budget`` / ``size_budget_mb``.
     ``mp_cache`` keeps per-layer results between runs. Writes OUT.report.json/.html
     (``report=False``: not), with perplexity before/after when ``report_eval_tokens`` > 0.
     ``binarize``: "fdb" (2-bit flexible dual binarization) or "1bit": the binarize pass
@@ -171,7 +175,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
     from .passes.recipe import CompressConfig, load_recipe, validate
 
     cfg = load_recipe(recipe) if recipe is not None else CompressConfig()
-    sa_args = (bits, group, scale_mode, act_order, lm_head, layer_bits, skip, bits_budget)
+    sa_args = (bits, group, scale_mode, act_order, lm_head, layer_bits, skip, bits_budget, size_budget_mb)
     if any(v is not None for v in (prune, prune_criterion, prune_scope, prune_budget, nm, recover_steps,
                                    recover_minutes)):
         from .passes.prune import PruneConfig
@@ -211,10 +215,11 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
 
         apply_args(cfg, binarize, group=group, act_order=act_order, lm_head=lm_head, skip=skip,
                    shiftadd_only={"--shiftadd-bits": bits, "--scale-mode": scale_mode, "layer_bits": layer_bits,
-                                  "--bits-budget": bits_budget},
+                                  "--bits-budget": bits_budget, "--size-budget-mb": size_budget_mb},
                    distill=distill_args)
     mp = cfg.mixed_precision
-    for key, value in (("bits_budget", bits_budget), ("candidates", candidates), ("sensitivity", sensitivity),
+    for key, value in (("bits_budget", bits_budget), ("size_budget_mb", size_budget_mb), ("candidates", candidates),
+                       ("sensitivity", sensitivity),
                        ("tie", tie), ("latency_budget_ms", latency_budget_ms),
                        ("latency_margin", latency_margin), ("latency_verify", latency_verify), ("target", target),
                        ("cache", mp_cache), ("report", report), ("eval_tokens", report_eval_tokens),

@@ -70,6 +70,16 @@ def _bits_budget(value: str) -> float:
     return f
 
 
+def _megabytes(value: str) -> float:
+    try:
+        f = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number of megabytes") from None
+    if not f > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 megabytes (got {value})")
+    return f
+
+
 def _bit_list(value: str) -> list[int]:
     try:
         bits = [int(v) for v in value.split(",") if v.strip()]
@@ -219,7 +229,8 @@ def cmd_compress(args):
                      calib_windows=args.calib_windows, calib_window=args.calib_window, tokenizer=args.tokenizer,
                      recipe=args.recipe, threads=args.threads, prune=args.prune, prune_criterion=args.prune_criterion,
                      prune_scope=args.prune_scope, prune_budget=args.prune_budget, nm=args.nm,
-                     bits_budget=args.bits_budget, candidates=args.mp_candidates, sensitivity=args.sensitivity,
+                     bits_budget=args.bits_budget, size_budget_mb=args.size_budget_mb,
+                     candidates=args.mp_candidates, sensitivity=args.sensitivity,
                      tie=args.mp_tie or None, latency_budget_ms=args.latency_budget_ms,
                      latency_margin=args.latency_margin, latency_verify=args.latency_verify,
                      target=args.target,
@@ -245,7 +256,10 @@ def cmd_compress(args):
     if mp:
         widths = sorted({e["bits"] for e in r["layers"].values()})
         counts = ", ".join(f"{b}-bit x{sum(1 for e in r['layers'].values() if e['bits'] == b)}" for b in widths)
-        extra = f"\nmixed precision ({mp['kind']}): budget {mp['bits_budget']:g} -> {counts}"
+        budget = f"{mp['size_budget_mb']:g} MB" if mp.get("size_budget_mb") is not None else f"{mp['bits_budget']:g}"
+        extra = f"\nmixed precision ({mp['kind']}): budget {budget} -> {counts}"
+        if (mp.get("size") or {}).get("realised_bytes") is not None:
+            extra += f" ({mp['size']['realised_bytes'] / 1e6:.3f} MB of weights)"
         if mp.get("report"):
             extra += f"\nreport: {mp['report']['html']}"
     _emit(args, r, f"wrote {r['path']} ({len(r['layers'])} layers shift-add, {r['bits_per_weight']:.3f} bits/weight, "
@@ -368,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bits-budget", type=_bits_budget, metavar="BITS",
                     help="mixed precision: per-layer bits minimising sensitivity with this average of stored bits "
                          "per weight (scales included), e.g. 2.5; writes OUT.report.json/.html")
+    sp.add_argument("--size-budget-mb", type=_megabytes, metavar="MB",
+                    help="mixed precision: per-layer bits minimising sensitivity with the output's weights (every "
+                         "initializer: quantized layers, embedding table, norms, fp32 leftovers) at most MB x 10^6 "
+                         "bytes; instead of --bits-budget")
     sp.add_argument("--mp-candidates", type=_bit_list, metavar="2,3,4", help="bit widths to choose from (default 2,3,4)")
     sp.add_argument("--sensitivity", choices=["calib", "kl", "hawq"],
                     help="calib: layer output error on the calibration data (default); kl: the model's output KL with "

@@ -480,3 +480,144 @@ def test_output_kl_values_are_cached(tiny_decoder, tmp_path):
     done = {n: {b: stored[keys[(n, b)]] for b in (2, 3)} for n in ws}
     kl, info = output_kl(model, targets, None, ids, [2, 3], done=done)
     assert kl == done and info["cached"]
+
+
+# -- uniform grids and the size budget ------------------------------------------------------------
+
+
+def test_uniform_plan_under_bits_budget(tiny_decoder, tmp_path):
+    """scale_mode uniform: each layer measured with the uniform fit at its own group (layer_group),
+    cached as planes + scales + mins, and the plan's bits per weight is what the pass stores."""
+    import json
+
+    import shiftc.api
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("shiftadd:\n  layer_group: {'*mlp.down_proj*': 64}\n")
+    common = dict(recipe=str(recipe), group=32, scale_mode="uniform", calib="none", candidates=[2, 3],
+                  mp_cache=str(tmp_path / "cache"), threads=1, lm_head=False)
+    r = shiftc.api.compress(tiny_decoder, str(tmp_path / "u.onnx"), bits_budget=3.4, **common)
+    mp = r["mixed_precision"]
+    assert r["op"] == "ai.shiftc::UniformMatMul" and mp["scale_mode"] == "uniform"
+    groups = {k: e["group"] for k, e in r["layers"].items()}
+    assert {g for k, g in groups.items() if "down_proj" in k} == {64} and set(groups.values()) == {32, 64}
+    assert {e["bits"] for e in r["layers"].values()} == {2, 3} and mp["avg_bits"] <= 3.4
+    assert r["bits_per_weight"] == pytest.approx(mp["avg_bits"])  # per-layer groups counted as stored
+    cached = list((tmp_path / "cache").glob("*.npz"))
+    assert len(cached) == 2 * len(r["layers"])
+    with np.load(cached[0]) as z:
+        assert set(z.files) == {"planes", "scales", "mins"}
+    table = json.load(open(mp["report"]["json"]))["mixed_precision"]["sensitivity_table"]
+    assert {e["name"]: e["group"] for e in table["layers"]} == groups
+    # a second run restores every UniformResult from the cache: the same model, bit for bit
+    again = shiftc.api.compress(tiny_decoder, str(tmp_path / "v.onnx"), bits_budget=3.4, **{**common, "report": False})
+    assert again["layers"] == r["layers"]
+    a, b = (sorted((t.name, t.raw_data) for t in onnx.load(str(tmp_path / f)).graph.initializer) for f in ("u.onnx", "v.onnx"))
+    assert a == b
+
+
+@pytest.mark.parametrize("scale_mode,lm_head,tied,emb_bits", [("pow2x2", True, False, 4), ("uniform", True, True, 4),
+                                                              ("pow2", False, False, 4), ("uniform", False, False, 0)])
+def test_size_accounting_is_exact(tiny_decoder, scale_mode, lm_head, tied, emb_bits):
+    """size.fixed_bytes + size.layer_bytes at every width = every initializer of the pass's output."""
+    from shiftc.frontend.onnx_io import load_model
+    from shiftc.passes import ops, uniform
+    from shiftc.passes.mixed_precision.size import fixed_bytes, layer_bytes
+
+    model = load_model(tiny_decoder)
+    cfg = ShiftAddConfig(group=32, scale_mode=scale_mode, lm_head=lm_head, tied_embedding=tied, embedding_bits=emb_bits,
+                         layer_group={"*o_proj*": 64}, workers=1)
+    sa = ShiftAddPass(cfg)
+    targets, _ = sa.match(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    fixed = fixed_bytes(model, targets, cfg)
+    for bits in (2, 3):
+        results, planned = {}, fixed["bytes"]
+        for t in targets:
+            n, k = sa.weight(inits, t).shape
+            g = cfg.group_for(t.name)
+            codes = np.zeros((n, k), np.uint8)
+            if scale_mode == "uniform":
+                results[t.name] = uniform.UniformResult(codes, np.zeros((n, -(-k // g)), np.float16),
+                                                        np.zeros((n, -(-k // g)), np.float16), bits, g)
+            else:
+                exps = np.full((bits, n, -(-k // g), bcq.SCALE_MODES[scale_mode]), bcq.NO_TERM, np.int8)
+                results[t.name] = bcq.BcqResult(codes, exps, bits, g, scale_mode)
+            planned += layer_bytes(n, k, bits, g, scale_mode)
+        out = sa(model, results=results).model
+        assert ops.bytes_by_kind(out)["total"] == planned, bits
+    assert bool(fixed["tied"]) == (tied and lm_head) and bool(fixed["embedding"]) == (emb_bits > 0 and not fixed["tied"])
+
+
+def _size_plan(model, targets, cfg, mb, cache):
+    from shiftc.passes.mixed_precision import MixedPrecisionConfig
+    from shiftc.passes.mixed_precision.plan import make_plan
+
+    return make_plan(model, targets, None, cfg, MixedPrecisionConfig(size_budget_mb=mb, candidates=[2, 3], cache=cache))
+
+
+def test_size_budget_plan_fits_and_tightens(tiny_decoder, tmp_path):
+    """The planned bytes are the written model's bytes and within the budget; one byte less gives a
+    different, smaller plan; a budget under the smallest output is refused naming the flag."""
+    from dataclasses import replace
+
+    from shiftc.frontend.onnx_io import load_model
+    from shiftc.passes import ops
+
+    model = load_model(tiny_decoder)
+    cfg = ShiftAddConfig(group=32, scale_mode="pow2", lm_head=False, workers=1)
+    targets, _ = ShiftAddPass(cfg).match(model)
+    cache = str(tmp_path / "cache")
+    free = _size_plan(model, targets, cfg, 1e3, cache)  # room for every layer at 3 bits
+    assert set(free["layer_bits"].values()) == {3}
+    top = free["size"]["planned_bytes"]
+    bottom = free["size"]["fixed_bytes"] + int(free["table"].layer_bytes()[:, 0].sum())  # every layer at 2 bits
+    budget = (bottom + (top - bottom) // 2) / 1e6
+    plan = _size_plan(model, targets, cfg, budget, cache)
+    sz = plan["size"]
+    assert set(plan["layer_bits"].values()) == {2, 3} and sz["planned_bytes"] <= sz["budget_bytes"] == int(budget * 1e6)
+    out = ShiftAddPass(replace(cfg, layer_bits=plan["layer_bits"]))(model, results=plan["results"]).model
+    assert ops.bytes_by_kind(out)["total"] == sz["planned_bytes"]
+    tighter = _size_plan(model, targets, cfg, (sz["planned_bytes"] - 1) / 1e6, cache)
+    assert tighter["layer_bits"] != plan["layer_bits"] and tighter["size"]["planned_bytes"] < sz["planned_bytes"]
+    with pytest.raises(UsageError, match=r"--size-budget-mb .*no per-layer plan fits"):
+        _size_plan(model, targets, cfg, (bottom - 1) / 1e6, cache)
+
+
+def test_size_budget_flags_and_recipe(tiny_decoder, tmp_path, capsys):
+    from shiftc.cli import main
+    from shiftc.passes.recipe import load_recipe
+
+    r = tmp_path / "r.yaml"
+    r.write_text("shiftadd:\n  scale_mode: uniform\nmixed_precision:\n  size_budget_mb: 12.5\n")
+    cfg = load_recipe(r)
+    assert cfg.mixed_precision.size_budget_mb == 12.5 and cfg.mixed_precision.enabled
+    r.write_text("mixed_precision:\n  size_budget_mb: 12.5\n  bits_budget: 2.5\n")
+    with pytest.raises(UsageError, match="--size-budget-mb and --bits-budget .* exactly one"):
+        load_recipe(r)
+    r.write_text("mixed_precision:\n  size_budget_mb: -1\n")
+    with pytest.raises(UsageError, match="--size-budget-mb must be"):
+        load_recipe(r)
+    r.write_text("shiftadd:\n  scale_mode: uniform\nmixed_precision:\n  bits_budget: 2.5\n  latency_budget_ms: 10\n")
+    with pytest.raises(UsageError, match="--latency-budget-ms times the BCQ LUT kernels"):
+        load_recipe(r)
+    argv = ["compress", tiny_decoder, "-o", str(tmp_path / "x.onnx"), "--calib", "none", "--group", "32",
+            "--bits-budget", "2.5", "--size-budget-mb", "10"]
+    assert main(argv) == 2 and "exactly one" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_size_budget_end_to_end_report(tiny_decoder, tmp_path):
+    """api.compress(size_budget_mb=...): OUT.report.json states the budget, the planned and the
+    realised bytes (ops.bytes_by_kind of the written model), realised <= budget."""
+    import json
+
+    import shiftc.api
+    from shiftc.passes import ops
+
+    r = shiftc.api.compress(tiny_decoder, str(tmp_path / "s.onnx"), size_budget_mb=14.61, group=32, scale_mode="pow2",
+                            calib="none", candidates=[2, 3], threads=1, lm_head=False)
+    sz = json.load(open(r["mixed_precision"]["report"]["json"]))["mixed_precision"]["size"]
+    written = ops.bytes_by_kind(onnx.load(str(tmp_path / "s.onnx")))["total"]
+    assert sz["budget_mb"] == 14.61 and sz["realised_bytes"] == written == sz["planned_bytes"] <= 14.61e6
+    assert {e["bits"] for e in r["layers"].values()} == {2, 3} and sz["meets_budget"]

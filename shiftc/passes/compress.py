@@ -68,7 +68,7 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
                                   tokenizer=c.tokenizer, model_path=src)
         calib_windows = len(ids)
         with step(f"calibration ({len(ids)} windows x {ids.shape[1]} tokens, {len({t.x for t in targets})} inputs)"):
-            if c.sequential > 1 and config.mixed_precision.bits_budget is None:  # quantizes while calibrating
+            if c.sequential > 1 and not config.mixed_precision.enabled:  # quantizes while calibrating
                 from .calibration import quantize_sequential
 
                 results, hessians = quantize_sequential(model, targets, ids, sa.quantize, stages=c.sequential,
@@ -76,7 +76,7 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
             else:
                 hessians = collect_hessians(model, [t.x for t in targets], ids, threads=config.threads)
     plan = None
-    if config.mixed_precision.bits_budget is not None:  # per-layer bits under a budget (passes/mixed_precision)
+    if config.mixed_precision.enabled:  # per-layer bits under a bits or size budget (passes/mixed_precision)
         from dataclasses import replace
 
         from .mixed_precision.plan import make_plan

@@ -60,6 +60,8 @@ Schema (every key optional; the values shown are the defaults)::
     A binarize section excludes a shiftadd section.
     mixed_precision:       # per-layer shift-add bits under a budget (shiftc/passes/mixed_precision)
       bits_budget: null    # average stored bits per weight, scales included; null: off  (--bits-budget)
+      size_budget_mb: null # instead: MB (10^6 bytes) of every initializer of the output (quantized layers,
+      #                      embedding table, norms, rope tables, fp32 leftovers)  (--size-budget-mb)
       candidates: [2, 3, 4]  # widths to choose from                   (--mp-candidates)
       sensitivity: calib   # calib (output error via H = XᵀX) | hawq (Hessian traces, PyTorch)  (--sensitivity)
       tie: false           # layers sharing an input (q/k/v; gate/up) get one width  (--mp-tie)
@@ -74,7 +76,9 @@ Schema (every key optional; the values shown are the defaults)::
       cache: null          # folder keeping per-layer quantized results between runs  (--mp-cache)
       report: true         # OUT.report.json + OUT.report.html beside the output
       eval_tokens: 0       # perplexity before/after in the report        (--report-eval-tokens)
-    (all keys: shiftc/passes/mixed_precision/config.py). With bits_budget set, layer_bits must be empty.
+    (all keys: shiftc/passes/mixed_precision/config.py). At most one of bits_budget / size_budget_mb;
+    with either set, layer_bits must be empty. Both work with every scale_mode; latency_budget_ms
+    needs a BCQ scale_mode (pow2 / pow2x2).
 
 Layer names are weight initializer names (decoder graphs: ``model.layers.3.mlp.down_proj.weight.T``)
 or ``lm_head`` for a tied head. Unknown keys and bad values raise :class:`UsageError` naming the
@@ -131,8 +135,9 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
     if cfg.prune is not None:
         validate_prune(cfg.prune, pre)
     validate_mixed_precision(cfg.mixed_precision, bad)
-    if s is None and cfg.mixed_precision.bits_budget is not None:
-        bad("--bits-budget", "allocates shift-add bits: it needs the shift-add pass (a shiftadd section or flag)")
+    if s is None and cfg.mixed_precision.enabled:
+        bad(cfg.mixed_precision.budget_flag().split()[0],
+            "allocates shift-add bits: it needs the shift-add pass (a shiftadd section or flag)")
     if cfg.binarize is not None:
         if s is not None:
             bad("--binarize", "replaces the shift-add pass: drop --shiftadd-bits/--scale-mode (or the shiftadd section)")
@@ -163,8 +168,9 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
     validate_distill(s, bad)
     if s.scale_mode == "uniform" and s.distill_enabled():
         bad("--distill-steps", "tunes BCQ / FDB scales; scale_mode uniform has no distillation yet (set it to 0)")
-    if s.scale_mode == "uniform" and cfg.mixed_precision.bits_budget is not None:
-        bad("--bits-budget", "plans BCQ widths; with scale_mode uniform give layer_bits instead")
+    if s.scale_mode == "uniform" and cfg.mixed_precision.latency_budget_ms is not None:
+        bad("--latency-budget-ms", "times the BCQ LUT kernels (BcqMatMul); with scale_mode uniform plan by size alone "
+                                   "(--bits-budget or --size-budget-mb)")
     if c.corpus not in CALIB_CORPORA:
         bad("--calib", f"must be one of {', '.join(CALIB_CORPORA)}, got {c.corpus!r}")
     for flag, v in (("--calib-windows", c.windows), ("--calib-window", c.window), ("calib.sequential", c.sequential)):

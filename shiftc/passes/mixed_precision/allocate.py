@@ -4,11 +4,14 @@ Integer program (:func:`allocate`), one binary x_{g,b} per layer group g and can
 
     minimise    Σ_g Σ_b S_{g,b} x_{g,b}                     (S: sensitivity, sensitivity.py)
     subject to  Σ_b x_{g,b} = 1                      ∀ g    (one width per group)
-                Σ_g Σ_b n_g·β_b x_{g,b} ≤ B · Σ_g n_g         (size: average bits per weight ≤ B)
+                Σ_g Σ_b n_g·β_{g,b} x_{g,b} ≤ B · Σ_g n_g     (size: average bits per weight ≤ B)
+           or   Σ_g Σ_b m_{g,b} x_{g,b} ≤ M − m_fixed          (size: bytes of the whole output ≤ M)
                 Σ_g Σ_b t_{g,b} x_{g,b} ≤ L − t_other          (latency, optional)
 
-with n_g the weights of the group, β_b = bcq.bits_per_weight(b, group, scale mode) (scales
-counted), t_{g,b} measured kernel times (latency.py). A group is one layer, or — with ``tie`` — all
+with n_g the weights of the group, β_{g,b} = bcq.bits_per_weight(b, the layer's group, scale mode)
+(scales counted), m_{g,b} the exact bytes the layers store at width b (size.py: planes padded to 32
+columns, scales as stored), m_fixed the bytes no width changes, t_{g,b} measured kernel times
+(latency.py). A group is one layer, or — with ``tie`` — all
 layers reading the same input tensor (q/k/v; gate/up), which then share one width. Solved exactly
 by scipy.optimize.milp (HiGHS); a multiple-choice knapsack of a few hundred binaries takes well
 under a second.
@@ -37,28 +40,50 @@ def groups_by_input(xs: list[str], tie: bool) -> list[list[int]]:
     return list(order.values())
 
 
-def average_bits(bits_of_layer: np.ndarray, sizes: np.ndarray, bpw_of_width: dict[int, float]) -> float:
-    """Average stored bits per weight (scales included) over all quantized weights."""
-    b = np.array([bpw_of_width[int(x)] for x in bits_of_layer])
+def average_bits(bits_of_layer: np.ndarray, sizes: np.ndarray, bpw_of_width: dict) -> float:
+    """Average stored bits per weight (scales included) over all quantized weights;
+    ``bpw_of_width`` {width: bits per weight, one number or one per layer}."""
+    b = np.array([float(np.asarray(bpw_of_width[int(x)], np.float64).reshape(-1)[i if np.ndim(bpw_of_width[int(x)]) else 0])
+                  for i, x in enumerate(bits_of_layer)])
     return float(np.sum(b * sizes) / np.sum(sizes))
 
 
-def allocate(sens: np.ndarray, sizes: np.ndarray, widths: list[int], bpw: np.ndarray, bits_budget: float, *,
+def bpw_by_width(widths: list[int], bpw: np.ndarray) -> dict:
+    """{width: bits per weight} from ``bpw`` [W] (one number each) or [L, W] (one per layer)."""
+    bpw = np.asarray(bpw, np.float64)
+    return {int(b): (float(bpw[j]) if bpw.ndim == 1 else bpw[:, j]) for j, b in enumerate(widths)}
+
+
+def allocate(sens: np.ndarray, sizes: np.ndarray, widths: list[int], bpw: np.ndarray, bits_budget: float | None, *,
              groups: list[list[int]] | None = None, times: np.ndarray | None = None,
-             latency_budget: float | None = None, time_limit: float = 60.0) -> dict:
-    """Solve the integer program above. ``sens`` [L, W], ``sizes`` [L], ``bpw`` [W] (bits per
-    weight of each width), ``times`` [L, W] (same unit as ``latency_budget``, already net of the
-    time outside the quantized layers). Returns {"bits": int [L], "objective", "avg_bits",
-    "latency" (when times)}; raises UsageError naming the flag when no plan meets the budgets."""
+             latency_budget: float | None = None, layer_bytes: np.ndarray | None = None,
+             bytes_budget: int | None = None, fixed_bytes: int = 0, budget_flag: str | None = None,
+             time_limit: float = 60.0) -> dict:
+    """Solve the integer program above. ``sens`` [L, W], ``sizes`` [L], ``bpw`` [W] or [L, W] (bits
+    per weight of each width, or of each layer at each width), ``times`` [L, W] (same unit as
+    ``latency_budget``, already net of the time outside the quantized layers).
+
+    The size constraint is ``bits_budget`` (average bits per weight), or — ``bits_budget`` None —
+    ``bytes_budget``: ``fixed_bytes`` + Σ ``layer_bytes`` [L, W] (int) of the chosen widths ≤
+    ``bytes_budget``, held exactly (the solver's tolerance is checked on the integer sum).
+    Returns {"bits": int [L], "objective", "avg_bits", "bytes" (with layer_bytes), "latency" (when
+    times)}; raises UsageError naming ``budget_flag`` when no plan meets the budgets."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     sens = np.asarray(sens, np.float64)
     L, W = sens.shape
+    if (bits_budget is None) == (bytes_budget is None):
+        raise ValueError("allocate: give exactly one of bits_budget and bytes_budget")
+    if bytes_budget is not None and layer_bytes is None:
+        raise ValueError("allocate: bytes_budget needs layer_bytes [L, W]")
     groups = groups or [[i] for i in range(L)]
     G = len(groups)
     sizes = np.asarray(sizes, np.float64)
     bpw = np.asarray(bpw, np.float64)
-    n_g = np.array([sizes[g].sum() for g in groups])
+    bpw_l = np.broadcast_to(bpw, (L, W)) if bpw.ndim == 1 else bpw  # [L, W]
+    bits_g = np.array([(sizes[g, None] * bpw_l[g]).sum(0) for g in groups])  # [G, W] stored bits
+    bytes_g = None if layer_bytes is None else \
+        np.array([np.asarray(layer_bytes, np.int64)[g].sum(0) for g in groups])  # [G, W]
     s_g = np.array([sens[g].sum(0) for g in groups])  # [G, W]
     # Scale the objective: HiGHS works with absolute tolerances
     scale = np.max(np.abs(s_g)) or 1.0
@@ -69,30 +94,50 @@ def allocate(sens: np.ndarray, sizes: np.ndarray, widths: list[int], bpw: np.nda
         one_hot[g, g * W:(g + 1) * W] = 1
     rows.append(one_hot), lo.append(np.ones(G)), hi.append(np.ones(G))
     total = sizes.sum()
-    size_row = (n_g[:, None] * bpw[None, :]).ravel() / total
-    rows.append(size_row[None]), lo.append([-np.inf]), hi.append([bits_budget + 1e-9])
+    what = budget_flag or (f"--bits-budget {bits_budget}" if bits_budget is not None else
+                           f"--size-budget-mb {bytes_budget / 1e6:g}")
+    if latency_budget is not None:
+        what += f" with --latency-budget-ms {latency_budget:g}"
+    if bits_budget is not None:
+        rows.append((bits_g.ravel() / total)[None]), lo.append([-np.inf]), hi.append([bits_budget + 1e-9])
+    else:
+        room = int(bytes_budget) - int(fixed_bytes)  # bytes the quantized layers may take
+        smallest = int(bytes_g.min(1).sum())
+        if room < smallest:
+            raise UsageError(f"{what}: no per-layer plan fits: {fixed_bytes / 1e6:.3f} MB are fixed (embedding table, "
+                             f"norms, rope tables, layers left fp32) and the quantized layers need at least "
+                             f"{smallest / 1e6:.3f} MB more at the smallest candidate width")
+        size_row = bytes_g.ravel().astype(np.float64) / room  # scaled: HiGHS works with absolute tolerances
+        rows.append(size_row[None]), lo.append([-np.inf]), hi.append([1.0])
     if latency_budget is not None:
         if times is None:
             raise UsageError("--latency-budget-ms needs kernel timings per layer and bit width")
         t_g = np.array([np.asarray(times)[g].sum(0) for g in groups])
         rows.append(t_g.ravel()[None]), lo.append([-np.inf]), hi.append([latency_budget])
-    cons = LinearConstraint(np.vstack(rows), np.concatenate(lo), np.concatenate(hi))
-    res = milp(c, constraints=cons, integrality=np.ones(G * W), bounds=Bounds(0, 1),
-               options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
-    if res.x is None:
-        min_bits = float(np.sum(n_g * bpw.min()) / total)
-        what = f"--bits-budget {bits_budget}"
-        if latency_budget is not None:
-            what += f" with --latency-budget-ms {latency_budget:g}"
-        raise UsageError(f"{what}: no per-layer plan meets the budget (the smallest candidate width "
-                         f"already needs {min_bits:.3f} bits per weight; solver: {res.message})")
-    x = np.round(res.x).reshape(G, W)
-    choice = x.argmax(1)
+    while True:
+        cons = LinearConstraint(np.vstack(rows), np.concatenate(lo), np.concatenate(hi))
+        res = milp(c, constraints=cons, integrality=np.ones(G * W), bounds=Bounds(0, 1),
+                   options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
+        if res.x is None:
+            if bits_budget is not None:
+                min_bits = float(bits_g.min(1).sum() / total)
+                raise UsageError(f"{what}: no per-layer plan meets the budget (the smallest candidate width "
+                                 f"already needs {min_bits:.3f} bits per weight; solver: {res.message})")
+            raise UsageError(f"{what}: no per-layer plan meets the budget (solver: {res.message})")
+        choice = np.round(res.x).reshape(G, W).argmax(1)
+        if bytes_budget is None:
+            break
+        over = int(bytes_g[np.arange(G), choice].sum()) - room
+        if over <= 0:  # the exact integer sum, not the solver's tolerance, decides
+            break
+        hi[1] = [hi[1][0] - (over + 1) / room]  # within the solver's feasibility tolerance but over: tighten
     bits = np.zeros(L, np.int64)
     for g, members in enumerate(groups):
         bits[members] = widths[choice[g]]
     out = {"bits": bits, "objective": float(np.sum(s_g[np.arange(G), choice])),
-           "avg_bits": float(np.sum(n_g * bpw[choice]) / total)}
+           "avg_bits": float(bits_g[np.arange(G), choice].sum() / total)}
+    if bytes_g is not None:
+        out["bytes"] = int(fixed_bytes) + int(bytes_g[np.arange(G), choice].sum())
     if times is not None:
         t = np.asarray(times)
         out["latency"] = float(sum(t[i, widths.index(int(bits[i]))] for i in range(L)))

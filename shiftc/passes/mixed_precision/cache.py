@@ -3,11 +3,12 @@
 Measuring sensitivity quantizes every layer at every candidate bit width; comparing allocations
 (a budget sweep, baselines) assembles models from those same results. :class:`LayerCache` stores
 one shift-add result per (layer, bit width) as ``<dir>/<layer>.b<bits>.<key>.npz`` holding the packed
-planes (uint32 [q, N, ceil(K/32)], csrc/include/shiftc/packed.h) and the int8 scale exponents.
+planes (uint32 [q, N, ceil(K/32)], csrc/include/shiftc/packed.h) and the scales as the pass stores
+them: the int8 exponents of BCQ (``exps``), or the float16 ``scales`` and ``mins`` of a uniform grid.
 
 The key is a hash of everything the result depends on: the layer name, the weight's bytes, the
-calibration H of its input (or "no H"), bits, group, scale mode, damping, activation order and
-refinement rounds. A changed weight, calibration set or quantizer setting misses the cache; a
+calibration H of its input (or "no H"), bits, the layer's group (ShiftAddConfig.group_for),
+scale mode, damping, activation order and refinement rounds. A changed weight, calibration set or quantizer setting misses the cache; a
 change of the quantizer's *code* does not change the key — clear the folder after upgrading
 shiftc (``rm -r DIR``).
 """
@@ -20,7 +21,7 @@ import re
 
 import numpy as np
 
-from .. import bcq
+from .. import bcq, uniform
 
 
 def digest(a: np.ndarray | None) -> str:
@@ -31,7 +32,8 @@ def digest(a: np.ndarray | None) -> str:
 
 
 def result_key(name: str, w_digest: str, h_digest: str, bits: int, cfg) -> str:
-    s = "|".join(map(str, (name, w_digest, h_digest, bits, cfg.group, cfg.scale_mode, cfg.damp, cfg.act_order, cfg.iters)))
+    group = cfg.group_for(name) if hasattr(cfg, "group_for") else cfg.group
+    s = "|".join(map(str, (name, w_digest, h_digest, bits, group, cfg.scale_mode, cfg.damp, cfg.act_order, cfg.iters)))
     return hashlib.sha1(s.encode()).hexdigest()[:16]
 
 
@@ -50,27 +52,45 @@ class LayerCache:
     def path(self, name: str, bits: int, key: str) -> str | None:
         return None if not self.folder else os.path.join(self.folder, f"{_safe(name)}.b{bits}.{key}.npz")
 
-    def get(self, name: str, bits: int, key: str, k: int, group: int, scale_mode: str) -> bcq.BcqResult | None:
+    def get(self, name: str, bits: int, key: str, k: int, group: int,
+            scale_mode: str) -> bcq.BcqResult | uniform.UniformResult | None:
         p = self.path(name, bits, key)
         if not p or not os.path.exists(p):
             return None
+        fields = ("planes", "scales", "mins") if scale_mode == "uniform" else ("planes", "exps")
         try:
             with np.load(p) as z:
-                planes, exps = z["planes"], z["exps"]
-        except Exception:  # a truncated file from an interrupted run: recompute
+                arrays = [z[f] for f in fields]
+        except Exception:  # a truncated file from an interrupted run, or another format: recompute
+            return None
+        planes = arrays[0]
+        if planes.shape[0] != bits:
             return None
         codes = np.zeros(planes.shape[1:2] + (k,), np.uint8)
         for i, pl in enumerate(bcq.unpack_planes(planes, k)):
             codes |= (pl.astype(np.uint8) << i)
-        return bcq.BcqResult(codes, exps, bits, group, scale_mode)
+        if scale_mode == "uniform":
+            return uniform.UniformResult(codes, arrays[1], arrays[2], bits, group)
+        return bcq.BcqResult(codes, arrays[1], bits, group, scale_mode)
 
-    def put(self, name: str, bits: int, key: str, planes: np.ndarray, exps: np.ndarray) -> None:
+    def put(self, name: str, bits: int, key: str, planes: np.ndarray, exps: np.ndarray | None = None, *,
+            scales: np.ndarray | None = None, mins: np.ndarray | None = None) -> None:
+        """Store packed ``planes`` with BCQ ``exps``, or with a uniform grid's ``scales`` and ``mins``."""
         p = self.path(name, bits, key)
         if not p:
             return
+        if (exps is None) == (scales is None or mins is None):
+            raise ValueError("LayerCache.put: give exps (BCQ) or scales and mins (uniform)")
+        arrays = {"exps": exps} if exps is not None else {"scales": scales, "mins": mins}
         tmp = p + ".tmp.npz"
-        np.savez(tmp, planes=planes, exps=exps)
+        np.savez(tmp, planes=planes, **arrays)
         os.replace(tmp, p)
+
+    def put_result(self, name: str, bits: int, key: str, result: bcq.BcqResult | uniform.UniformResult) -> None:
+        if isinstance(result, uniform.UniformResult):
+            self.put(name, bits, key, result.packed_planes(), scales=result.scales, mins=result.mins)
+        else:
+            self.put(name, bits, key, result.packed_planes(), result.exps)
 
     # -- scalar results (the output-KL sensitivity: one forward pass per layer and width) ---------
     def _values_path(self, kind: str) -> str | None:

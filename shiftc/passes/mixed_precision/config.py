@@ -10,6 +10,9 @@ SENSITIVITIES = ("calib", "hawq", "kl")
 @dataclass
 class MixedPrecisionConfig:
     bits_budget: float | None = None  # average stored bits per weight, scales included (--bits-budget)
+    size_budget_mb: float | None = None  # bytes of every initializer of the output / 10^6: the quantized layers as
+    #                                      stored, the embedding table, norms, rope tables, anything left fp32
+    #                                      (--size-budget-mb); exactly one of bits_budget / size_budget_mb
     candidates: list[int] = field(default_factory=lambda: [2, 3, 4])  # widths to choose from (--mp-candidates)
     sensitivity: str = "calib"  # calib (H = XᵀX output error) | kl (output KL via ONNX Runtime) | hawq (Hutchinson
     #                             traces, PyTorch)                                          (--sensitivity)
@@ -45,9 +48,25 @@ class MixedPrecisionConfig:
     eval_tokens: int = 0  # perplexity before/after on this many held-out tokens in the report (0: not measured)
     eval_window: int = 512
 
+    @property
+    def enabled(self) -> bool:
+        """A budget is set: the planner chooses every layer's bits."""
+        return self.bits_budget is not None or self.size_budget_mb is not None
+
+    def budget_flag(self) -> str:
+        """The flag of the budget in force, for messages."""
+        if self.size_budget_mb is not None:
+            return f"--size-budget-mb {float(self.size_budget_mb):g}"
+        return f"--bits-budget {float(self.bits_budget):g}"
+
 
 def validate_mixed_precision(m: MixedPrecisionConfig, bad) -> None:
     """``bad(flag, message)`` raises; called by recipe.validate."""
+    if m.bits_budget is not None and m.size_budget_mb is not None:
+        bad("--size-budget-mb", "and --bits-budget are two budgets for the same plan: give exactly one of them")
+    if m.size_budget_mb is not None and (isinstance(m.size_budget_mb, bool)
+                                         or not isinstance(m.size_budget_mb, (int, float)) or not m.size_budget_mb > 0):
+        bad("--size-budget-mb", f"must be a number of megabytes (10^6 bytes) > 0, got {m.size_budget_mb!r}")
     if m.bits_budget is not None:
         try:
             v = float(m.bits_budget)
@@ -62,8 +81,8 @@ def validate_mixed_precision(m: MixedPrecisionConfig, bad) -> None:
     if m.sensitivity not in SENSITIVITIES:
         bad("--sensitivity", f"must be one of {', '.join(SENSITIVITIES)}, got {m.sensitivity!r}")
     if m.latency_budget_ms is not None:
-        if m.bits_budget is None:
-            bad("--latency-budget-ms", "needs --bits-budget as well")
+        if not m.enabled:
+            bad("--latency-budget-ms", "needs --bits-budget or --size-budget-mb as well")
         if not isinstance(m.latency_budget_ms, (int, float)) or m.latency_budget_ms <= 0:
             bad("--latency-budget-ms", f"must be > 0, got {m.latency_budget_ms!r}")
         if m.target not in ("host", None):

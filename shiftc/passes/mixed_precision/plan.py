@@ -1,8 +1,10 @@
-"""The mixed-precision step of ``shiftc compress --bits-budget B``: sensitivity -> allocation -> plan.
+"""The mixed-precision step of ``shiftc compress --bits-budget B`` / ``--size-budget-mb MB``:
+sensitivity -> allocation -> plan.
 
     measure (each layer alone at each candidate width; calib errors, ShiftAddLLM score)
     [hawq: Hutchinson traces through the PyTorch model]
     [latency: kernel time per layer shape and width; fixed cost from compiled uniform plans]
+    [size: bytes no width changes (size.fixed_bytes) + exact bytes per layer and width]
     allocate (scipy.optimize.milp) -> {layer: bits}, fed to ShiftAddConfig.layer_bits
     [latency: closed loop — the plan compiled and measured beside the uniform plans; over the
      planned ms: latency model refitted on those measurements, allocate again (--latency-verify)]
@@ -34,15 +36,41 @@ def _budget_grid(bpw: np.ndarray, budget: float) -> list[float]:
     return sorted(set(grid + [round(float(budget), 4)]))
 
 
+def _size_accounting(model, targets, sa_cfg, mp: MixedPrecisionConfig, widths: list[int]) -> dict:
+    """The fixed bytes of the output (size.fixed_bytes); with a size budget, refused here — before
+    the sensitivity step — when even the smallest width does not fit."""
+    from .size import fixed_bytes, layer_bytes
+
+    fixed = fixed_bytes(model, targets, sa_cfg)
+    if mp.size_budget_mb is not None:
+        inits = {t.name: t for t in model.graph.initializer}
+        smallest = 0
+        for t in targets:
+            d = list(inits[t.weight].dims)
+            n, k = (d[1], d[0]) if t.transposed else (d[0], d[1])
+            smallest += layer_bytes(n, k, min(widths), sa_cfg.group_for(t.name), sa_cfg.scale_mode)
+        if fixed["bytes"] + smallest > float(mp.size_budget_mb) * 1e6:
+            raise UsageError(f"{mp.budget_flag()}: no per-layer plan fits: {fixed['bytes'] / 1e6:.3f} MB are fixed "
+                             f"(embedding table, norms, rope tables, layers left fp32) and the {len(targets)} quantized "
+                             f"layers need at least {smallest / 1e6:.3f} MB more at {min(widths)} bits "
+                             f"(--mp-candidates); the smallest output is {fixed['bytes'] + smallest:,} bytes")
+    return fixed
+
+
 def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src: str = "the model",
               tokenizer: str | None = None) -> dict:
+    flag = mp.budget_flag().split()[0]
     if sa_cfg.layer_bits:
-        raise UsageError("--bits-budget chooses every layer's bits: drop layer_bits from the recipe (or --bits-budget)")
+        raise UsageError(f"{flag} chooses every layer's bits: drop layer_bits from the recipe (or {flag})")
     widths = sorted(mp.candidates)
     if mp.latency_budget_ms is not None:  # fail before the long part
         from .latency import require_kernel
 
+        if sa_cfg.scale_mode == "uniform":
+            raise UsageError("--latency-budget-ms times the BCQ LUT kernels (BcqMatMul); with --scale-mode uniform "
+                             "plan by size alone (drop --latency-budget-ms)")
         require_kernel(mp.target)
+    size = _size_accounting(model, targets, sa_cfg, mp, widths)
     # every layer's result at every width is kept on disk (in a temporary folder, removed when this
     # function returns, if no --mp-cache is given): the output-KL runs and the pass reuse them
     tmp = tempfile.TemporaryDirectory(prefix="shiftc_mp_") if mp.cache is None else None
@@ -127,7 +155,7 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
                                                         for k, v in fixed["measured_ms"].items())
                 + f": fixed cost {fixed['other_ms']:.2f} ms, kernel scale {fixed['scale']:.2f}")
     plan = plan_from_table(table, mp, kinds, times=times, time_table=time_table,
-                           fixed=fixed)
+                           fixed=fixed, size=size)
     if verify:  # the closed loop: compile the plan, measure it beside the calibration plans, plan again if over
         from dataclasses import replace
 
@@ -139,7 +167,7 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
         def build(layer_bits):
             so = os.path.join(lat_dir.name, f"plan-{next(count)}.so")
             avg = A.average_bits(np.array(list(layer_bits.values())), table.sizes(),
-                                 dict(zip(table.bits, map(float, table.bits_per_weight()))))
+                                 A.bpw_by_width(table.bits, table.layer_bits_per_weight()))
             with step(f"mixed precision: compiling the plan ({avg:.3f} bits/weight) to measure it"):
                 return latency.compile_plan(model, _results_at(model, targets, hessians, sa_cfg, cache, layer_bits),
                                             replace(sa_cfg, layer_bits=dict(layer_bits)), so)
@@ -152,7 +180,8 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
 
         try:
             plan = latency.close_loop(
-                plan, lambda f: plan_from_table(table, mp, kinds, times=times, time_table=time_table, fixed=f),
+                plan, lambda f: plan_from_table(table, mp, kinds, times=times, time_table=time_table, fixed=f,
+                                                size=size),
                 build, time_libs, lambda lb: sum(times[i, col[b]] for i, b in enumerate(lb.values())), calib,
                 iterations=mp.latency_verify)
         finally:
@@ -173,7 +202,7 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
 
 
 def _results_at(model, targets, hessians, sa_cfg, cache, layer_bits: dict) -> dict:
-    """{layer: BcqResult} at the given widths, from the per-layer cache (quantized on a miss)."""
+    """{layer: BcqResult | UniformResult} at the given widths, from the per-layer cache (quantized on a miss)."""
     from .sensitivity import _weights, quantize_layer
 
     weights = _weights(model, targets)
@@ -182,8 +211,11 @@ def _results_at(model, targets, hessians, sa_cfg, cache, layer_bits: dict) -> di
 
 
 def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=None, time_table=None,
-                    fixed: dict | None = None) -> dict:
+                    fixed: dict | None = None, size: dict | None = None) -> dict:
     """Allocation, Pareto sweep, ShiftAddLLM reference plan and rank agreement from a measured table.
+
+    ``size``: the output's fixed bytes (size.fixed_bytes), needed by a size budget; with it the plan
+    records its bytes in ``plan["size"]`` (planned total = fixed + the layers at their widths).
 
     Latency model (with ``times`` and a latency budget): decode ms = other + s·Σ_i times[i, b_i], with
     other = ``mp.other_ms`` and s = 1, else other and s from ``fixed`` (latency.measure_fixed_cost),
@@ -192,8 +224,12 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
     kind = mp.sensitivity
     sens = table.matrix(kind)
     sizes = table.sizes()
-    bpw = table.bits_per_weight()
-    bpw_of = dict(zip(widths, map(float, bpw)))
+    bpw = table.layer_bits_per_weight()  # [L, W]: each layer at its own group
+    bpw_of = A.bpw_by_width(widths, bpw)
+    if mp.size_budget_mb is not None and size is None:
+        raise ValueError("plan_from_table: a size budget needs the output's fixed bytes (size=size.fixed_bytes(...))")
+    layer_bytes = table.layer_bytes() if size is not None else None
+    budget_bytes = None if mp.size_budget_mb is None else int(np.floor(float(mp.size_budget_mb) * 1e6))
     groups = A.groups_by_input([ly.x for ly in table.layers], mp.tie)
     latency_budget = None
     other = float(mp.other_ms) if mp.other_ms is not None else float(fixed["other_ms"]) if fixed else 0.0
@@ -215,13 +251,29 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
             raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms:g}{with_margin}: the fastest plan (every "
                              f"layer at the smallest width) is predicted at {floor:.2f} ms/token ({other:.2f} ms "
                              f"outside the quantized layers)")
-    res = A.allocate(sens, sizes, widths, bpw, float(mp.bits_budget), groups=groups, times=times,
-                     latency_budget=latency_budget)
+    res = A.allocate(sens, sizes, widths, bpw, None if mp.bits_budget is None else float(mp.bits_budget),
+                     groups=groups, times=times, latency_budget=latency_budget, layer_bytes=layer_bytes,
+                     bytes_budget=budget_bytes, fixed_bytes=0 if size is None else size["bytes"],
+                     budget_flag=mp.budget_flag())
     layer_bits = {ly.name: int(b) for ly, b in zip(table.layers, res["bits"])}
-    front = A.pareto(sens, sizes, widths, bpw, _budget_grid(bpw, mp.bits_budget), groups=groups)
-    plan = {"kind": kind, "candidates": widths, "bits_budget": float(mp.bits_budget), "tie": mp.tie,
+    # the budget as average bits per weight: given, or what the size budget allowed
+    bits_equiv = float(mp.bits_budget) if mp.bits_budget is not None else res["avg_bits"]
+    front = A.pareto(sens, sizes, widths, bpw, _budget_grid(table.bits_per_weight(), bits_equiv), groups=groups)
+    plan = {"kind": kind, "candidates": widths,
+            "bits_budget": None if mp.bits_budget is None else float(mp.bits_budget),
+            "size_budget_mb": None if mp.size_budget_mb is None else float(mp.size_budget_mb),
+            "scale_mode": table.scale_mode, "tie": mp.tie,
             "layer_bits": layer_bits, "avg_bits": res["avg_bits"], "objective": res["objective"],
-            "pareto": front, "table": table, "latency": None}
+            "pareto": front, "table": table, "latency": None, "size": None}
+    if size is not None:
+        col = {b: j for j, b in enumerate(widths)}
+        per_layer = {ly.name: int(layer_bytes[i, col[layer_bits[ly.name]]]) for i, ly in enumerate(table.layers)}
+        plan["size"] = {"budget_mb": plan["size_budget_mb"], "budget_bytes": budget_bytes,
+                        "fixed_bytes": int(size["bytes"]), "embedding_bytes": dict(size["embedding"]),
+                        "tied_tables": list(size["tied"]), "kept_initializers": len(size["kept"]),
+                        "quantized_bytes": int(sum(per_layer.values())),
+                        "planned_bytes": int(size["bytes"]) + int(sum(per_layer.values())),
+                        "layer_bytes": per_layer, "realised_bytes": None}
     if times is not None:
         plan["latency"] = {"budget_ms": mp.latency_budget_ms, "margin": margin, "planned_ms": planned_ms,
                            "other_ms": other,
@@ -232,14 +284,15 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
     # ShiftAddLLM's sort-and-threshold at the same size, scored by the same sensitivity, for reference
     if 2 in widths and 3 in widths and all(ly.shiftaddllm is not None for ly in table.layers):
         scores = np.array([ly.shiftaddllm for ly in table.layers])
-        sat = A.threshold_for_budget(scores, sizes, 2, 3, bpw_of, float(mp.bits_budget))
+        sat = A.threshold_for_budget(scores, sizes, 2, 3, bpw_of, bits_equiv)
         plan["shiftaddllm_plan"] = {"avg_bits": A.average_bits(sat, sizes, bpw_of),
                                     "objective": float(sum(sens[i, widths.index(int(b))] for i, b in enumerate(sat)))}
     pairs = [(x, y) for i, x in enumerate(kinds) for y in kinds[i + 1:]]
     if pairs:
         plan["rank_agreement"] = {f"{x} vs {y}": rank_agreement(table, (x, y)) for x, y in pairs}
-    log(f"mixed precision: {res['avg_bits']:.3f} bits/weight; widths used "
-        f"{ {b: int(np.sum(res['bits'] == b)) for b in widths} }")
+    log(f"mixed precision: {res['avg_bits']:.3f} bits/weight"
+        + (f", {plan['size']['planned_bytes'] / 1e6:.3f} MB in all" if plan["size"] else "")
+        + f"; widths used { {b: int(np.sum(res['bits'] == b)) for b in widths} }")
     return plan
 
 
@@ -287,9 +340,16 @@ def finish(result: dict, plan: dict, mp: MixedPrecisionConfig, *, threads: int |
                 f"predicted, budget {lt['budget_ms']:g}")
         else:
             log(f"mixed precision: decode {lt['measured_ms']:.2f} ms/token measured")
+    if plan.get("size") is not None and "weights" in result:  # bytes of every initializer actually written
+        sz = plan["size"]
+        sz["realised_bytes"] = int(result["weights"]["total"])
+        if sz["budget_bytes"] is not None:
+            sz["meets_budget"] = bool(sz["realised_bytes"] <= sz["budget_bytes"])
+            log(f"mixed precision: output weights {sz['realised_bytes'] / 1e6:.3f} MB (planned "
+                f"{sz['planned_bytes'] / 1e6:.3f}), budget {sz['budget_mb']:g} MB")
     ppl = measure_perplexity(result["source"], result["path"], mp.eval_tokens, mp.eval_window, threads,
                              plan.get("tokenizer")) if mp.eval_tokens else None
     files = report.write(result["path"], result, plan, ppl) if mp.report else None
-    keep = ("kind", "candidates", "bits_budget", "tie", "avg_bits", "objective", "latency", "shiftaddllm_plan",
-            "rank_agreement", "pareto")
+    keep = ("kind", "candidates", "bits_budget", "size_budget_mb", "scale_mode", "tie", "avg_bits", "objective",
+            "size", "latency", "shiftaddllm_plan", "rank_agreement", "pareto")
     return {**{k: plan[k] for k in keep if k in plan}, "perplexity": ppl, "report": files}

@@ -72,7 +72,7 @@ def plot_layers(plan: dict) -> str:
         ax1.semilogy(x, np.maximum(sens[:, j], 1e-30), ".-", lw=0.8, ms=3.5, color=BIT_COLORS.get(b), label=f"{b}-bit")
     ax1.set_ylabel(f"sensitivity ({plan['kind']}), log scale", fontsize=11)
     ax1.set_title(f"Per-layer sensitivity at each candidate width and the chosen widths "
-                  f"(budget {plan['bits_budget']:g} bits/weight -> {plan['avg_bits']:.3f})", fontsize=12)
+                  f"(budget {_budget_text(plan)} -> {plan['avg_bits']:.3f} bits/weight)", fontsize=12)
     ax1.grid(True, which="major", alpha=0.3)
     ax1.legend(title="quantized at", fontsize=10, ncol=len(table.bits))
     ax2.bar(x, chosen, width=1.0, color=[BIT_COLORS.get(int(b), "gray") for b in chosen], edgecolor="none")
@@ -108,7 +108,8 @@ def plot_pareto(plan: dict) -> str:
         s = plan["shiftaddllm_plan"]
         ax.semilogy([s["avg_bits"]], [s["objective"]], "^", mfc="none", mec="black", mew=1.5, ms=12,
                     label="ShiftAddLLM sort-and-threshold")
-    ax.axvline(plan["bits_budget"], color="gray", ls="--", lw=1)
+    if plan.get("bits_budget") is not None:
+        ax.axvline(plan["bits_budget"], color="gray", ls="--", lw=1)
     ys = [p["objective"] for p in front] + [float(sens[:, j].sum()) for j in range(len(table.bits))]
     if ys and min(ys) > 0 and max(ys) / min(ys) < 20:  # a narrow range reads better on a linear axis
         ax.set_yscale("linear")
@@ -146,6 +147,12 @@ def plot_rank(plan: dict) -> str | None:
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return _png(fig)
+
+
+def _budget_text(plan: dict) -> str:
+    if plan.get("size_budget_mb") is not None:
+        return f"{plan['size_budget_mb']:g} MB"
+    return f"{plan['bits_budget']:g} bits/weight"
 
 
 def _fmt_mb(b) -> str:
@@ -200,9 +207,17 @@ def _html(rep: dict, plan: dict | None, figs) -> str:
             ("bits per weight (scales included)", f"{rep['bits_per_weight']:.4f}" if rep["bits_per_weight"] else "—")]
     if plan is not None:
         counts = {b: sum(1 for v in plan["layer_bits"].values() if v == b) for b in plan["candidates"]}
-        rows += [("budget", f"{plan['bits_budget']:g} bits/weight"), ("sensitivity", e(plan["kind"])),
+        rows += [("budget", _budget_text(plan)), ("sensitivity", e(plan["kind"])),
                  ("layers per width", ", ".join(f"{b}-bit: {c}" for b, c in counts.items())),
                  ("tied layers sharing an input", "yes" if plan["tie"] else "no")]
+        sz = plan.get("size")
+        if sz:
+            real = sz.get("realised_bytes")
+            verdict = "" if real is None or sz.get("budget_bytes") is None else \
+                f": {'within' if real <= sz['budget_bytes'] else 'over'} the budget"
+            rows.append(("weights, all initializers", f"{sz['planned_bytes']:,} bytes planned = {sz['fixed_bytes']:,} "
+                                                      f"fixed + {sz['quantized_bytes']:,} quantized layers; "
+                         + ("not written" if real is None else f"{real:,} written") + verdict))
         lt = plan.get("latency")
         if lt and lt.get("budget_ms") is not None:
             rows.append(("decode latency budget", f"{lt['budget_ms']:g} ms/token"))

@@ -2,8 +2,9 @@
 
 Every quantized layer i (a constant-weight MatMul/Gemm that the shift-add pass matches, weight
 W_i [N, K], input X_i [T, K] on the calibration text, H_i = X_iᵀX_i) is quantized *alone* at each
-candidate bit width b with the shift-add quantizer (BCQ + power-of-two scales inside GPTQ,
-shiftc/passes/bcq.py), giving ΔW_i(b) = W_i − Q_b(W_i). From it:
+candidate bit width b with the shift-add quantizer at the layer's own group (shiftadd.fit_layer:
+BCQ + power-of-two scales, or a uniform grid as planes, inside GPTQ; shiftc/passes/bcq.py,
+uniform.py), giving ΔW_i(b) = W_i − Q_b(W_i). From it:
 
   calib   (no PyTorch)  the layer's output error on the calibration tokens,
               E_i(b) = ‖X_i ΔW_iᵀ‖²_F = tr(ΔW_i H_i ΔW_iᵀ)
@@ -32,7 +33,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from ...progress import Counter
-from .. import bcq
+from .. import bcq, shiftadd, uniform
 from .cache import LayerCache, digest, result_key
 
 KINDS = ("calib", "hawq", "kl")
@@ -50,6 +51,7 @@ class LayerStats:
     hessian_trace: float | None = None  # Tr of the loss Hessian block (Hutchinson), for hawq
     hessian_trace_sem: float | None = None  # its standard error over the probes
     kl: dict[int, float] = field(default_factory=dict)  # bits -> output KL, this layer alone quantized (e2e.py)
+    group: int | None = None  # columns per scale of this layer (ShiftAddConfig.group_for); None: the table's
 
     @property
     def n(self) -> int:
@@ -85,9 +87,25 @@ class SensitivityTable:
     def sizes(self) -> np.ndarray:
         return np.array([ly.n for ly in self.layers], np.int64)
 
+    def layer_bits_per_weight(self) -> np.ndarray:
+        """[layers, len(bits)]: stored bits per weight with scales (bcq.bits_per_weight) at each
+        layer's own group."""
+        return np.array([[bcq.bits_per_weight(b, ly.group or self.group, self.scale_mode) for b in self.bits]
+                         for ly in self.layers], np.float64)
+
     def bits_per_weight(self) -> np.ndarray:
-        """[len(bits)]: stored bits per weight with scales (bcq.bits_per_weight)."""
-        return np.array([bcq.bits_per_weight(b, self.group, self.scale_mode) for b in self.bits])
+        """[len(bits)]: stored bits per weight with scales of every layer at one width, averaged
+        over the weights (one group for all layers: bcq.bits_per_weight)."""
+        if not self.layers:
+            return np.array([bcq.bits_per_weight(b, self.group, self.scale_mode) for b in self.bits])
+        n = self.sizes().astype(np.float64)
+        return n @ self.layer_bits_per_weight() / n.sum()
+
+    def layer_bytes(self) -> np.ndarray:
+        """int64 [layers, len(bits)]: bytes of each layer as stored at each width (size.layer_bytes)."""
+        from .size import layer_bytes_table
+
+        return layer_bytes_table(self, self.scale_mode)
 
     def names(self) -> list[str]:
         return [ly.name for ly in self.layers]
@@ -111,14 +129,15 @@ class SensitivityTable:
                             "hessian_trace_sem": ly.hessian_trace_sem,
                             "out_err": {str(b): v for b, v in ly.out_err.items()},
                             "w_err": {str(b): v for b, v in ly.w_err.items()},
-                            "kl": {str(b): v for b, v in ly.kl.items()}} for ly in self.layers]}
+                            "kl": {str(b): v for b, v in ly.kl.items()},
+                            **({"group": ly.group} if ly.group is not None else {})} for ly in self.layers]}
 
     @classmethod
     def from_json(cls, d: dict) -> "SensitivityTable":
         layers = [LayerStats(e["name"], e["x"], tuple(e["shape"]), e.get("out_ref"), e.get("shiftaddllm"),
                              {int(b): v for b, v in e["out_err"].items()}, {int(b): v for b, v in e["w_err"].items()},
                              e.get("hessian_trace"), e.get("hessian_trace_sem"),
-                             {int(b): v for b, v in e.get("kl", {}).items()}) for e in d["layers"]]
+                             {int(b): v for b, v in e.get("kl", {}).items()}, e.get("group")) for e in d["layers"]]
         return cls(layers, [int(b) for b in d["bits"]], int(d["group"]), d["scale_mode"], d.get("info", {}))
 
     def save(self, path: str) -> None:
@@ -170,14 +189,16 @@ def _weights(model, targets) -> dict[str, np.ndarray]:
 
 
 def quantize_layer(name: str, w: np.ndarray, h: np.ndarray | None, bits: int, cfg, cache: LayerCache,
-                   w_digest: str | None = None, h_digest: str | None = None) -> bcq.BcqResult:
-    """The shift-add result of one layer at ``bits`` (from the cache when there)."""
+                   w_digest: str | None = None, h_digest: str | None = None) -> bcq.BcqResult | uniform.UniformResult:
+    """The shift-add result of one layer at ``bits`` and its own group (``cfg.group_for(name)``),
+    as the pass would fit it (shiftadd.fit_layer); from the cache when there."""
+    group = cfg.group_for(name)
     key = result_key(name, w_digest or digest(w), h_digest or digest(h), bits, cfg)
-    r = cache.get(name, bits, key, w.shape[1], cfg.group, cfg.scale_mode)
+    r = cache.get(name, bits, key, w.shape[1], group, cfg.scale_mode)
     if r is None:
-        r = bcq.quantize_gptq(w, h, bits, cfg.group, scale_mode=cfg.scale_mode, damp=cfg.damp,
-                              act_order=cfg.act_order, iters=cfg.iters)
-        cache.put(name, bits, key, r.packed_planes(), r.exps)
+        r = shiftadd.fit_layer(w, h, bits, group, scale_mode=cfg.scale_mode, damp=cfg.damp, act_order=cfg.act_order,
+                               iters=cfg.iters)
+        cache.put_result(name, bits, key, r)
     return r
 
 
@@ -201,7 +222,7 @@ def measure(model, targets, hessians: dict[str, np.ndarray] | None, cfg, bits: l
         h = None if hessians is None else hessians.get(t.x)
         if t.x not in h_digests:
             h_digests[t.x] = digest(h)
-        st = LayerStats(t.name, t.x, tuple(w.shape))
+        st = LayerStats(t.name, t.x, tuple(w.shape), group=cfg.group_for(t.name))
         wd = digest(w)
         w64 = w.astype(np.float64)
         if h is not None:
