@@ -63,7 +63,7 @@ BENCH_REQS = ["torch==2.13.0", "transformers==5.24.0", "sentencepiece==0.2.3"]
 # ONNX Runtime GenAI (pulls onnxruntime) and what its model builder imports without declaring it
 ORTGENAI_REQS = ["onnxruntime-genai==0.18.0", "onnx==1.23.2", "onnx-ir==1.1.0"]
 ORTGENAI_LABEL = "ORT GenAI int4"
-LADDER = "Q4_1,Q4_K_M,Q3_K_M,Q3_K_S,Q2_K"
+LADDER = "Q4_1,Q4_0,IQ4_NL,Q4_K_M,Q3_K_M,Q3_K_S,Q2_K"
 WINDOW = 512
 PREFILLS = (128, 512)
 GAP_S = 0.05

@@ -2,10 +2,13 @@
 
 export (GGUF -> ONNX with KV cache) -> compile (host CPU) -> evaluate perplexity with ONNX Runtime
 and with the compiled library on the same held-out Wikipedia tokens -> decode/prefill speed of
-both -> generate a short answer; then the same model compressed by the shift-add pass (3-bit
-binary-coding weights with power-of-two scales, calibrated on the Wikipedia calibration split) and
-compiled with the LUT kernels: its perplexity on the same tokens, size and speed beside the fp32
-ones (``--no-compress`` skips that part). Prints a final table and writes it as JSON.
+both -> generate a short answer; then the same model compressed by the shift-add pass with the
+default recipe (shiftc/passes/recipes/uniform-4bit.yaml: every matrix on a 4-bit grid per 32
+columns as bit planes whose scales are a shift apart, the LM head and the embedding one tied copy,
+calibrated on the Wikipedia calibration split) and compiled with the LUT kernels: its perplexity on
+the same tokens, size and speed beside the fp32 ones (``--recipe`` picks another recipe,
+``--no-compress`` skips that part). Prints a final table, and the side-by-side benchmark's rows
+(llama.cpp, ONNX Runtime GenAI) when its JSON is present; writes the table as JSON.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ def main(argv=None) -> int:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--shiftadd-bits", type=int, default=3)
+    p.add_argument("--recipe", default=DEFAULT_RECIPE, help="compression recipe (default: %(default)s)")
     p.add_argument("--compress", action=argparse.BooleanOptionalAction, default=True,
-                   help="also compress to shift-add 3-bit, compile it and compare (default; the quantizer "
-                        "runs one process per core: several minutes on 2 cores)")
+                   help="also compress with the recipe, compile it and compare (default; calibration and "
+                        "the quantizer take a few minutes on 2 cores)")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
     onnx_path = os.path.join(args.workdir, "smollm2-135m.onnx")
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
         ("size (MB)", f"{os.path.getsize(onnx_path) / 1e6:.1f} (.onnx)", f"{os.path.getsize(lib_path) / 1e6:.1f} (.so)"),
     ]
     if sa is not None:
-        rows[0] += (f"shift-add {args.shiftadd_bits}-bit",)
+        rows[0] += (sa["label"],)
         rows[1] += (f"{sa['eval']['perplexity']:.3f}",)
         rows[2] += (str(sa["eval"]["tokens_scored"]),)
         rows[3] += (f"{sa['bench']['prefill']['compiled_tokens_per_s']:.1f}",)
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
         rows[5] += (f"{sa['library_bytes'] / 1e6:.1f} (.so)",)
     print()
     print("SmolLM2-135M-Instruct — export -> compile -> evaluate -> generate"
-          + ("" if sa is None else f" -> shift-add {args.shiftadd_bits}-bit"))
+          + ("" if sa is None else f" -> {sa['label']}"))
     w0 = max(len(r[0]) for r in rows)
     for r in rows:
         print(f"  {r[0]:<{w0}}" + "".join(f"  {c:>18}" for c in r[1:]))
@@ -89,11 +92,11 @@ def main(argv=None) -> int:
     print(f"  generate (greedy, chat): {gen['text']!r}")
     if sa is not None:
         d = sa["bench"]["decode"]
-        print(f"  shift-add: {sa['report'].get('bits_per_weight', float('nan')):.2f} bits per quantized weight "
+        print(f"  {sa['label']}: {sa['report'].get('bits_per_weight', float('nan')):.2f} bits per quantized weight "
               f"(scales included); decode {d['ratio']:.2f}x ONNX Runtime fp32, "
               f"{d['compiled_tokens_per_s'] / speed['decode']['compiled_tokens_per_s']:.2f}x compiled fp32; "
               f"perplexity {sa['eval']['perplexity'] / ppl_o:.2f}x fp32; compress {timings['compress_s']:.0f}s")
-        print(f"  generate (shift-add): {sa['generate']['text']!r}")
+        print(f"  generate ({sa['label']}): {sa['generate']['text']!r}")
     _print_llamacpp()
     result = {"evaluate": evals, "bench": speed, "generate": gen, "timings": timings, "shiftadd": sa,
               "sizes": {"onnx": os.path.getsize(onnx_path), "library": os.path.getsize(lib_path)}}
@@ -105,6 +108,7 @@ def main(argv=None) -> int:
 
 LLAMACPP_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "results",
                              "vs_llamacpp.json")
+DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "passes", "recipes", "uniform-4bit.yaml")
 
 
 def _print_llamacpp(path: str = LLAMACPP_JSON) -> None:
@@ -126,15 +130,17 @@ def _print_llamacpp(path: str = LLAMACPP_JSON) -> None:
 
 
 def _compressed(args, onnx_path: str, threads: int, timings: dict) -> dict:
-    """Shift-add compress -> compile -> evaluate -> bench -> generate (the demo's second column)."""
-    sa_onnx = os.path.join(args.workdir, f"smollm2-135m-sa{args.shiftadd_bits}.onnx")
-    sa_lib = os.path.join(args.workdir, f"smollm2-135m-sa{args.shiftadd_bits}.so")
+    """Compress with the recipe -> compile -> evaluate -> bench -> generate (the demo's second column)."""
+    name = os.path.splitext(os.path.basename(args.recipe))[0]
+    sa_onnx = os.path.join(args.workdir, f"smollm2-135m-{name}.onnx")
+    sa_lib = os.path.join(args.workdir, f"smollm2-135m-{name}.so")
     report_path = sa_onnx + ".demo-report.json"
     t0 = time.perf_counter()
-    if not os.path.exists(sa_onnx) or os.path.getmtime(sa_onnx) < os.path.getmtime(onnx_path) \
+    if not os.path.exists(sa_onnx) or os.path.getmtime(sa_onnx) < max(os.path.getmtime(onnx_path),
+                                                                        os.path.getmtime(args.recipe)) \
             or not os.path.exists(report_path):
-        log(f"compressing: shift-add {args.shiftadd_bits}-bit")
-        report = api.compress(onnx_path, sa_onnx, bits=args.shiftadd_bits, threads=args.threads)
+        log(f"compressing: recipe {args.recipe}")
+        report = api.compress(onnx_path, sa_onnx, recipe=args.recipe, threads=args.threads)
         with open(report_path, "w") as f:
             json.dump({k: v for k, v in report.items() if k != "layers"}, f, default=str)
     with open(report_path) as f:
@@ -149,7 +155,8 @@ def _compressed(args, onnx_path: str, threads: int, timings: dict) -> dict:
     bench = api.bench(sa_lib, reference=onnx_path, threads=threads, repeats=3, prefill=128, decode=16)
     gen = api.load(sa_lib, threads=args.threads).generate(
         "What is the capital of France?", chat=True, max_new_tokens=args.max_new_tokens, greedy=True)
-    return {"eval": ev, "bench": bench, "generate": gen, "report": report, "library_bytes": os.path.getsize(sa_lib)}
+    return {"label": name, "eval": ev, "bench": bench, "generate": gen, "report": report,
+            "library_bytes": os.path.getsize(sa_lib)}
 
 
 if __name__ == "__main__":
