@@ -254,9 +254,9 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1] if lines else repr(exc)
 
 
-# linker options of the library: no symbol table or debug sections (the kernels' object carries
+# linker options of the library: no debug sections (the kernels' object carries
 # some); the dynamic symbols the runtime looks the functions up by stay
-LINK_OPTIONS = ["-s"]
+LINK_OPTIONS = ["-Wl,--strip-debug"]
 
 
 def _export_options(spec: TargetSpec) -> dict:

@@ -99,13 +99,14 @@ def _attr_const(name, attr):
     return n
 
 
-def _bcq_weight_nodes() -> list[onnx.NodeProto]:
-    """Function-body nodes reading ``planes`` [q,N,W] and ``exps`` [q,N,ng,T] (pm1 coding) and
-    writing ``w`` = Ŵ [N, K] float32; the attributes ``in_features`` and ``group_size`` are read."""
+def _plane_bit_nodes() -> list[onnx.NodeProto]:
+    """Function-body nodes unpacking ``planes`` uint32 [q,N,W] into ``b_f`` float32 0/1 [q,N,K]
+    (two shifts per bit, padding columns sliced off), with the constants the bodies share:
+    ``ax_last``, ``ax_0``, ``zero_i``, ``shape_qn_`` and ``k_1``, ``g_1`` (attributes ``in_features``,
+    ``group_size`` as 1-D tensors)."""
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
     const, attr_const = _const, _attr_const
     return [
-        # bits: planes [q,N,W] -> [q,N,W,32] of 0/1 by two shifts, -> [q,N,W*32] -> first K columns
         const("left", np.arange(31, -1, -1, dtype=np.uint32), TensorProto.UINT32),  # 31 - j
         const("right", np.array([31], np.uint32), TensorProto.UINT32),
         const("ax_last", np.array([-1], np.int64), i64),
@@ -116,12 +117,22 @@ def _bcq_weight_nodes() -> list[onnx.NodeProto]:
         attr_const("g_scalar", "group_size"),
         helper.make_node("Unsqueeze", ["k_scalar", "ax_0"], ["k_1"]),
         helper.make_node("Unsqueeze", ["g_scalar", "ax_0"], ["g_1"]),
+        # planes [q,N,W] -> [q,N,W,32] of 0/1 by two shifts -> [q,N,W*32] -> first K columns
         helper.make_node("Unsqueeze", ["planes", "ax_last"], ["words"]),
         helper.make_node("BitShift", ["words", "left"], ["shl"], direction="LEFT"),
         helper.make_node("BitShift", ["shl", "right"], ["bits01"], direction="RIGHT"),
         helper.make_node("Reshape", ["bits01", "shape_qn_"], ["bits_flat"]),
         helper.make_node("Slice", ["bits_flat", "zero_i", "k_1", "ax_last"], ["bits_k"]),
         helper.make_node("Cast", ["bits_k"], ["b_f"], to=f32),
+    ]
+
+
+def _bcq_weight_nodes() -> list[onnx.NodeProto]:
+    """Function-body nodes reading ``planes`` [q,N,W] and ``exps`` [q,N,ng,T] (pm1 coding) and
+    writing ``w`` = Ŵ [N, K] float32; the attributes ``in_features`` and ``group_size`` are read."""
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    const = _const
+    return _plane_bit_nodes() + [
         const("two", np.array(2.0, np.float32), f32),
         const("one", np.array(1.0, np.float32), f32),
         helper.make_node("Mul", ["b_f", "two"], ["b2"]),
@@ -409,27 +420,10 @@ def fdb_matmul_function(opset: int) -> onnx.FunctionProto:
     if opset < MIN_OPSET:
         raise ValueError(f"FdbMatMul's function body needs opset >= {MIN_OPSET}, got {opset}")
 
-    const, attr_const = _const, _attr_const
+    const = _const
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    nodes = [
-        # bits: planes [q,N,W] -> [q,N,W,32] of 0/1 by two shifts -> [q,N,W*32] -> first K columns
-        const("left", np.arange(31, -1, -1, dtype=np.uint32), TensorProto.UINT32),
-        const("right", np.array([31], np.uint32), TensorProto.UINT32),
-        const("ax_last", np.array([-1], np.int64), i64),
-        const("ax_0", np.array([0], np.int64), i64),
-        const("zero_i", np.array([0], np.int64), i64),
-        const("shape_qn_", np.array([0, 0, -1], np.int64), i64),
+    nodes = _plane_bit_nodes() + [  # b_f: {0,1} coding, the bit is the factor
         const("shape_n_", np.array([0, -1], np.int64), i64),
-        attr_const("k_scalar", "in_features"),
-        attr_const("g_scalar", "group_size"),
-        helper.make_node("Unsqueeze", ["k_scalar", "ax_0"], ["k_1"]),
-        helper.make_node("Unsqueeze", ["g_scalar", "ax_0"], ["g_1"]),
-        helper.make_node("Unsqueeze", ["planes", "ax_last"], ["words"]),
-        helper.make_node("BitShift", ["words", "left"], ["shl"], direction="LEFT"),
-        helper.make_node("BitShift", ["shl", "right"], ["bits01"], direction="RIGHT"),
-        helper.make_node("Reshape", ["bits01", "shape_qn_"], ["bits_flat"]),
-        helper.make_node("Slice", ["bits_flat", "zero_i", "k_1", "ax_last"], ["bits_k"]),
-        helper.make_node("Cast", ["bits_k"], ["b_f"], to=f32),  # {0,1} coding: the bit is the factor
         # scales [q,N,ng] -> [q,N,ng,G] -> [q,N,ng*G] -> [:K]; offsets likewise with one axis less
         helper.make_node("Cast", ["scales"], ["alpha"], to=f32),
         helper.make_node("Unsqueeze", ["alpha", "ax_last"], ["alpha4"]),
@@ -526,30 +520,14 @@ def _uniform_weight_nodes() -> list[onnx.NodeProto]:
     """Function-body nodes reading ``planes`` [q,N,W], ``scales`` and ``mins`` [N,ng] (float16) and
     writing ``w`` = Ŵ [N, K] float32 (attributes ``in_features``, ``group_size`` read), ``k_1``."""
     f32, i64 = TensorProto.FLOAT, TensorProto.INT64
-    const, attr_const = _const, _attr_const
-    nodes = [
-        const("left", np.arange(31, -1, -1, dtype=np.uint32), TensorProto.UINT32),
-        const("right", np.array([31], np.uint32), TensorProto.UINT32),
-        const("ax_last", np.array([-1], np.int64), i64),
-        const("ax_0", np.array([0], np.int64), i64),
-        const("zero_i", np.array([0], np.int64), i64),
+    const = _const
+    nodes = _plane_bit_nodes() + [
         const("zero_s", np.array(0, np.int64), i64),
-        const("shape_qn_", np.array([0, 0, -1], np.int64), i64),
+        const("one_s", np.array(1, np.int64), i64),
         const("shape_n_", np.array([0, -1], np.int64), i64),
         const("shape_q11", np.array([-1, 1, 1], np.int64), i64),
         const("two", np.array(2.0, np.float32), f32),
-        attr_const("q_scalar", "bits"),
-        attr_const("k_scalar", "in_features"),
-        attr_const("g_scalar", "group_size"),
-        helper.make_node("Unsqueeze", ["k_scalar", "ax_0"], ["k_1"]),
-        helper.make_node("Unsqueeze", ["g_scalar", "ax_0"], ["g_1"]),
-        # bits: planes [q,N,W] -> [q,N,W,32] of 0/1 by two shifts -> [q,N,W*32] -> first K columns
-        helper.make_node("Unsqueeze", ["planes", "ax_last"], ["words"]),
-        helper.make_node("BitShift", ["words", "left"], ["shl"], direction="LEFT"),
-        helper.make_node("BitShift", ["shl", "right"], ["bits01"], direction="RIGHT"),
-        helper.make_node("Reshape", ["bits01", "shape_qn_"], ["bits_flat"]),
-        helper.make_node("Slice", ["bits_flat", "zero_i", "k_1", "ax_last"], ["bits_k"]),
-        helper.make_node("Cast", ["bits_k"], ["b_f"], to=f32),
+        _attr_const("q_scalar", "bits"),
         # codes [N,K] = sum_i 2^i b_i
         helper.make_node("Range", ["zero_s", "q_scalar", "one_s"], ["plane_i"]),
         helper.make_node("Cast", ["plane_i"], ["plane_f"], to=f32),
@@ -561,7 +539,6 @@ def _uniform_weight_nodes() -> list[onnx.NodeProto]:
         const("ones2", np.array([1, 1], np.int64), i64),
         helper.make_node("Concat", ["ones2", "g_1"], ["g_shape"], axis=0),
     ]
-    nodes.insert(0, const("one_s", np.array(1, np.int64), i64))
     for src, dst in (("scales", "s_k"), ("mins", "m_k")):
         nodes += [
             helper.make_node("Cast", [src], [f"{dst}_f"], to=f32),
