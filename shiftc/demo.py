@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         api.export(gguf, onnx_path, max_positions=2048)
     timings["export_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if not os.path.exists(lib_path) or os.path.getmtime(lib_path) < os.path.getmtime(onnx_path):
+    if _stale(lib_path, onnx_path, *_backend_sources()):
         api.compile(onnx_path, lib_path, target="host")
     timings["compile_s"] = time.perf_counter() - t0
 
@@ -111,6 +111,22 @@ LLAMACPP_JSON = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "passes", "recipes", "uniform-4bit.yaml")
 
 
+def _stale(path: str, *sources: str) -> bool:
+    """Whether ``path`` is missing or older than any of ``sources`` (which must exist)."""
+    return not os.path.exists(path) or os.path.getmtime(path) < max(os.path.getmtime(p) for p in sources)
+
+
+def _backend_sources() -> list[str]:
+    """The files a compiled library depends on beside its ONNX file: the backend's Python and the
+    C kernels linked into it (a library built by an older checkout is rebuilt)."""
+    from .backend.kernels import csrc_dir
+
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend")
+    files = [os.path.join(d, f) for d, _, fs in os.walk(here) for f in fs if f.endswith(".py")]
+    kernels = os.path.join(str(csrc_dir()), "kernels")
+    return files + [os.path.join(kernels, f) for f in os.listdir(kernels) if f.endswith(".cc")]
+
+
 def _print_llamacpp(path: str = LLAMACPP_JSON) -> None:
     """The side-by-side benchmark's rows (benchmarks/bench_vs_llamacpp.py), when its JSON is there:
     the peer a user would otherwise run, measured on the same windows and machine kind."""
@@ -147,7 +163,7 @@ def _compressed(args, onnx_path: str, threads: int, timings: dict) -> dict:
         report = json.load(f)
     timings["compress_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if not os.path.exists(sa_lib) or os.path.getmtime(sa_lib) < os.path.getmtime(sa_onnx):
+    if _stale(sa_lib, sa_onnx, *_backend_sources()):
         api.compile(sa_onnx, sa_lib, target="host")
     timings["compile_shiftadd_s"] = time.perf_counter() - t0
     log(f"perplexity with the shift-add library on {args.tokens} held-out tokens")
