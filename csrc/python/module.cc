@@ -329,13 +329,13 @@ py::tuple py_bcq_pack_lut16(py::handle planes_obj, py::handle alpha_obj, int64_t
     return py::make_tuple(codes, scales, zero_one ? py::object(offsets) : py::object(py::none()));
 }
 
-carray<float> py_bcq_matmul_lut16(py::handle x_obj, py::handle codes_obj, py::handle scales_obj,
-                                  py::handle offsets_obj, int64_t N, int64_t K, int64_t bits,
-                                  int64_t group, int64_t threads) {
-    const char* fn = "bcq_matmul_lut16";
+// The checks the matmul bindings share: sizes, q (named as the binding names it), group, threads,
+// and X [M, K] float32; returns X.
+carray<float> lut16_x(py::handle x_obj, const char* fn, int64_t N, int64_t K, const char* q_name, int64_t q,
+                      int64_t group, int64_t threads) {
     if (N < 1) fail(fn, "N must be >= 1, got " + std::to_string(N));
     if (K < 1) fail(fn, "K must be >= 1, got " + std::to_string(K));
-    if (bits < 1 || bits > 4) fail(fn, "bits must be in 1..4, got " + std::to_string(bits));
+    if (q < 1 || q > 4) fail(fn, std::string(q_name) + " must be in 1..4, got " + std::to_string(q));
     check_group(group, fn);
     if (threads < 1) fail(fn, "threads must be >= 1, got " + std::to_string(threads));
     auto x = as_array<float>(x_obj, fn, "x", "f", "a float array [M, K]");
@@ -343,6 +343,14 @@ carray<float> py_bcq_matmul_lut16(py::handle x_obj, py::handle codes_obj, py::ha
     if (x.shape(1) != K) {
         fail(fn, "x must have shape [M, K] = [M, " + std::to_string(K) + "], got " + shape_str(x));
     }
+    return x;
+}
+
+carray<float> py_bcq_matmul_lut16(py::handle x_obj, py::handle codes_obj, py::handle scales_obj,
+                                  py::handle offsets_obj, int64_t N, int64_t K, int64_t bits,
+                                  int64_t group, int64_t threads) {
+    const char* fn = "bcq_matmul_lut16";
+    auto x = lut16_x(x_obj, fn, N, K, "bits", bits, group, threads);
     const int32_t q = static_cast<int32_t>(bits);
     auto codes = exact_1d<uint8_t>(codes_obj, fn, "codes", "uint8 [codes_bytes] from bcq_pack_lut16",
                                    shiftc_bcq_codes_bytes(N, K, q, group));
@@ -445,16 +453,7 @@ carray<uint16_t> py_bcq_pack_uniform(py::handle s_obj, py::handle mu_obj, int64_
 carray<float> py_bcq_matmul_uniform(py::handle x_obj, py::handle codes_obj, py::handle su_obj, int64_t N,
                                     int64_t K, int64_t q, int64_t group, int64_t threads) {
     const char* fn = "bcq_matmul_uniform";
-    if (N < 1) fail(fn, "N must be >= 1, got " + std::to_string(N));
-    if (K < 1) fail(fn, "K must be >= 1, got " + std::to_string(K));
-    if (q < 1 || q > 4) fail(fn, "q must be in 1..4, got " + std::to_string(q));
-    check_group(group, fn);
-    if (threads < 1) fail(fn, "threads must be >= 1, got " + std::to_string(threads));
-    auto x = as_array<float>(x_obj, fn, "x", "f", "a float array [M, K]");
-    check_ndim(x, 2, fn, "x", "float32 [M, K]");
-    if (x.shape(1) != K) {
-        fail(fn, "x must have shape [M, K] = [M, " + std::to_string(K) + "], got " + shape_str(x));
-    }
+    auto x = lut16_x(x_obj, fn, N, K, "q", q, group, threads);
     const int32_t q32 = static_cast<int32_t>(q);
     auto codes = exact_1d<uint8_t>(codes_obj, fn, "codes", "uint8 [codes_bytes] from bcq_pack_codes",
                                    shiftc_bcq_codes_bytes(N, K, q32, group));

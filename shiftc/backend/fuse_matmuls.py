@@ -38,19 +38,17 @@ def rewrite(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     for n in g.node:
         for i in n.input:
             uses[i] = uses.get(i, 0) + 1
+    inits = {t.name: t for t in g.initializer}
     groups: dict[tuple, list[int]] = {}
     for idx, n in enumerate(g.node):
         if n.domain != DOMAIN or n.op_type not in _AXES or len(n.input) != 1 + len(_AXES[n.op_type]):
             continue
-        if any(uses.get(w, 0) != 1 for w in n.input[1:]):
+        if any(uses.get(w, 0) != 1 or w not in inits for w in n.input[1:]):  # shared, or not an initializer
             continue
         groups.setdefault((n.op_type, n.input[0], _attrs(n)), []).append(idx)
     groups = {k: v for k, v in groups.items() if len(v) > 1}
     if not groups:
         return model, 0
-    inits = {t.name: t for t in g.initializer}
-    if any(w not in inits for idxs in groups.values() for i in idxs for w in g.node[i].input[1:]):
-        return model, 0  # a weight that is not an initializer (a Constant node): leave the graph alone
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph

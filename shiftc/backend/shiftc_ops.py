@@ -188,21 +188,26 @@ def _bcq_matmul(bb, inputs, attrs, node):
 
 
 def _emit_lut16_call(bb, x, node, name: str, k: int, n: int, bits: int, group: int, packed):
-    """Emit ``reshape(x, [rows, K]) -> call_tir(kernel PrimFunc) -> reshape back`` for lut16
-    constants ``packed`` (:func:`_shared_lut16`)."""
+    """The kernel call of lut16 constants ``packed`` (:func:`_shared_lut16`), :func:`_emit_kernel_call`."""
+    codes, scales, off, n_codes, n_scales, n_off = packed
+    fn = _bcq_primfunc(k, n, bits, group, n_codes, n_scales, n_off)
+    return _emit_kernel_call(bb, x, node, fn, name, k, n, group, [codes, scales, off])
+
+
+def _emit_kernel_call(bb, x, node, fn, name: str, k: int, n: int, group: int, weights: list):
+    """Emit ``reshape(x, [rows, K]) -> call_tir(fn, [x, *weights]) -> reshape back`` for a PrimFunc
+    ``fn`` (x [M, K], *weights, y [M, N], ws) calling the lut16 kernels."""
     from tvm import relax
 
-    codes, scales, off, n_codes, n_scales, n_off = packed
     x = bb.normalize(x)
     x_shape = list(x.ty.shape)
     if not x_shape or int(x_shape[-1]) != k:
         raise UnsupportedError(f"node '{node.name}' ({node.op_type}): input X has shape {x_shape}, expected [..., {k}]")
     rows = _elements(x_shape[:-1])
-    fn = _bcq_primfunc(k, n, bits, group, n_codes, n_scales, n_off)
     gv = bb.add_func(fn, name)
     x2 = bb.emit(relax.op.reshape(x, [rows, k]))
     out = bb.emit(relax.call_tir(
-        gv, [x2, codes, scales, off],
+        gv, [x2, *weights],
         [relax.TensorType([rows, n], "float32"),
          relax.TensorType([workspace_floats(rows, k, group, lut_max_m())], "float32")]))
     y = bb.emit(relax.TupleGetItem(out, 0))
@@ -471,22 +476,18 @@ def _uniform_consts(node, planes, scales, mins, k: int, group: int):
     return _shared(node, consts)
 
 
-def _uniform_inputs(inputs, node):
-    """(planes, scales, mins): the constant weight inputs of an UniformMatMul / UniformGather."""
+def _uniform_weights(inputs, attrs, node):
+    """(planes, scales, mins, bits, group, K, N) of an UniformMatMul / UniformGather, checked."""
     planes = _constant(inputs[1], node, "planes")
     scales = _constant(inputs[2], node, "scales")
     mins = _constant(inputs[3], node, "mins")
-    return planes, scales, mins
-
-
-def _check_uniform(node, planes, scales, mins, attrs):
     bits, group, k = int(attrs["bits"]), int(attrs["group_size"]), int(attrs["in_features"])
     n, ng = int(planes.shape[1]), -(-k // group)
     if planes.shape != (bits, n, -(-k // 32)) or scales.shape != (n, ng) or mins.shape != (n, ng) or \
             scales.dtype != np.float16 or mins.dtype != np.float16:
         raise UnsupportedError(f"node '{node.name}' ({node.op_type}): bits={bits}, K={k}, G={group} but planes "
                                f"{planes.shape}, scales {scales.shape} {scales.dtype}, mins {mins.shape} {mins.dtype}")
-    return bits, group, k, n
+    return planes, scales, mins, bits, group, k, n
 
 
 def _uniform_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_su: int):
@@ -521,25 +522,13 @@ def _uniform_matmul(bb, inputs, attrs, node):
     from ..passes.ops import uniform_matmul_weight
 
     x = inputs[0]
-    planes, scales, mins = _uniform_inputs(inputs, node)
-    bits, group, k, n = _check_uniform(node, planes, scales, mins, attrs)
+    planes, scales, mins, bits, group, k, n = _uniform_weights(inputs, attrs, node)
     if _device.get() != "cpu":
         w = uniform_matmul_weight(planes, scales, mins, group_size=group, in_features=k)
         return relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T), "float32"))
     codes, su, n_codes, n_su = _uniform_consts(node, planes, scales, mins, k, group)
-    x = bb.normalize(x)
-    x_shape = list(x.ty.shape)
-    if not x_shape or int(x_shape[-1]) != k:
-        raise UnsupportedError(f"node '{node.name}' (UniformMatMul): input X has shape {x_shape}, expected [..., {k}]")
-    rows = _elements(x_shape[:-1])
-    gv = bb.add_func(_uniform_primfunc(k, n, bits, group, n_codes, n_su), f"shiftc_uq_{n}x{k}_q{bits}g{group}")
-    x2 = bb.emit(relax.op.reshape(x, [rows, k]))
-    out = bb.emit(relax.call_tir(
-        gv, [x2, codes, su],
-        [relax.TensorType([rows, n], "float32"),
-         relax.TensorType([workspace_floats(rows, k, group, lut_max_m())], "float32")]))
-    y = bb.emit(relax.TupleGetItem(out, 0))
-    return relax.op.reshape(y, x_shape[:-1] + [n])
+    return _emit_kernel_call(bb, x, node, _uniform_primfunc(k, n, bits, group, n_codes, n_su),
+                             f"shiftc_uq_{n}x{k}_q{bits}g{group}", k, n, group, [codes, su])
 
 
 def _uniform_gather_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_su: int):
@@ -586,8 +575,7 @@ def _uniform_gather(bb, inputs, attrs, node):
     from ..passes.ops import uniform_matmul_weight
 
     ids = bb.normalize(inputs[0])
-    planes, scales, mins = _uniform_inputs(inputs, node)
-    bits, group, k, n = _check_uniform(node, planes, scales, mins, attrs)
+    planes, scales, mins, bits, group, k, n = _uniform_weights(inputs, attrs, node)
     if _device.get() != "cpu":
         w = uniform_matmul_weight(planes, scales, mins, group_size=group, in_features=k)
         return relax.op.take(relax.const(w, "float32"), ids, axis=0)

@@ -96,7 +96,7 @@ class BcqResult:
 
     def planes01(self) -> np.ndarray:
         """uint8 [q, N, K] of 0/1: plane i holds bit i of the codes (1 = +1)."""
-        return np.stack([(self.codes >> i) & 1 for i in range(self.bits)]).astype(np.uint8)
+        return code_planes(self.codes, self.bits)
 
     def packed_planes(self) -> np.ndarray:
         """uint32 [q, N, ceil(K/32)] in the layout of csrc/include/shiftc/packed.h."""
@@ -139,6 +139,19 @@ def unpack_planes(packed: np.ndarray, k: int) -> np.ndarray:
     """uint32 [q, N, W] -> uint8 0/1 [q, N, k] (padding bits dropped)."""
     b = np.ascontiguousarray(packed.astype("<u4")).view(np.uint8)
     return np.unpackbits(b, axis=-1, bitorder="little")[..., :k]
+
+
+def code_planes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes [N, K] -> uint8 0/1 [q, N, K]: plane i holds bit i of each code."""
+    return np.stack([(codes >> i) & 1 for i in range(bits)]).astype(np.uint8)
+
+
+def planes_to_codes(packed: np.ndarray, k: int) -> np.ndarray:
+    """uint32 planes [q, N, W] -> uint8 codes [N, k] (the inverse of :func:`code_planes` + packing)."""
+    codes = np.zeros(packed.shape[1:2] + (k,), np.uint8)
+    for i, pl in enumerate(unpack_planes(packed, k)):
+        codes |= pl << i
+    return codes
 
 
 def exps_to_alpha(exps: np.ndarray) -> np.ndarray:

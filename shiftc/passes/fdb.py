@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from . import bcq
-from .bcq import WORD_BITS, pack_planes
+from .bcq import WORD_BITS, code_planes, pack_planes
 
 MODES = {"fdb": 2, "1bit": 1}  # mode -> planes (q)
 FP16_MAX = 65504.0
@@ -64,7 +64,7 @@ class FdbResult:
 
     def planes01(self) -> np.ndarray:
         """uint8 [q, N, K] of 0/1: plane i holds bit i of the codes."""
-        return np.stack([(self.codes >> i) & 1 for i in range(self.bits)]).astype(np.uint8)
+        return code_planes(self.codes, self.bits)
 
     def packed_planes(self) -> np.ndarray:
         """uint32 [q, N, ceil(K/32)] (layout of csrc/include/shiftc/packed.h)."""

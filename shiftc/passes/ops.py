@@ -49,7 +49,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .bcq import NO_TERM, exps_to_alpha, reconstruct, unpack_planes
+from .bcq import NO_TERM, exps_to_alpha, planes_to_codes, reconstruct, unpack_planes
 
 DOMAIN = "ai.shiftc"
 DOMAIN_VERSION = 1
@@ -490,9 +490,7 @@ def uniform_matmul_weight(planes: np.ndarray, scales: np.ndarray, mins: np.ndarr
     """Ŵ [N, K] float32 of an UniformMatMul / UniformGather."""
     from .uniform import grid_weight
 
-    b = unpack_planes(planes, in_features)
-    codes = sum(b[i].astype(np.uint8) << i for i in range(b.shape[0]))
-    return grid_weight(codes, scales, mins, group_size)
+    return grid_weight(planes_to_codes(planes, in_features), scales, mins, group_size)
 
 
 def uniform_matmul_ref(x: np.ndarray, planes: np.ndarray, scales: np.ndarray, mins: np.ndarray, *, bits: int,

@@ -121,7 +121,9 @@ class UniformResult:
     scale_mode: str = "uniform"
 
     def planes01(self) -> np.ndarray:
-        return np.stack([(self.codes >> i) & 1 for i in range(self.bits)]).astype(np.uint8)
+        from .bcq import code_planes
+
+        return code_planes(self.codes, self.bits)
 
     def packed_planes(self) -> np.ndarray:
         from .bcq import pack_planes

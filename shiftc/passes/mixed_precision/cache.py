@@ -66,9 +66,7 @@ class LayerCache:
         planes = arrays[0]
         if planes.shape[0] != bits:
             return None
-        codes = np.zeros(planes.shape[1:2] + (k,), np.uint8)
-        for i, pl in enumerate(bcq.unpack_planes(planes, k)):
-            codes |= (pl.astype(np.uint8) << i)
+        codes = bcq.planes_to_codes(planes, k)
         if scale_mode == "uniform":
             return uniform.UniformResult(codes, arrays[1], arrays[2], bits, group)
         return bcq.BcqResult(codes, arrays[1], bits, group, scale_mode)
