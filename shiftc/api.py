@@ -25,10 +25,11 @@ def export(src: str, output: str | os.PathLike, *, task: str | None = None, max_
 
 
 def compile(model, output: str | os.PathLike, *, target: str = "host", arch: str | None = None,  # noqa: A001
-            cpu: str | None = None, kv_cache: str = "inplace"):
+            cpu: str | None = None, kv_cache: str = "inplace",
+            kv_dtype: str = "float16"):
     from .backend.compile import compile_model
 
-    return compile_model(model, output, target=target, arch=arch, cpu=cpu, kv_cache=kv_cache)
+    return compile_model(model, output, target=target, arch=arch, cpu=cpu, kv_cache=kv_cache, kv_dtype=kv_dtype)
 
 
 def package(model: str | os.PathLike, output: str | os.PathLike, *, target: str = "aarch64", cpu: str | None = None,

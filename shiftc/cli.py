@@ -117,7 +117,8 @@ def cmd_export(args):
 def cmd_compile(args):
     from . import api
 
-    r = api.compile(args.model, args.output, target=args.target, arch=args.arch, cpu=args.cpu, kv_cache=args.kv_cache)
+    r = api.compile(args.model, args.output, target=args.target, arch=args.arch, cpu=args.cpu, kv_cache=args.kv_cache,
+                    kv_dtype=args.kv_dtype)
     _emit(args, r.to_json(), f"wrote {r.path} (target {r.target}, {r.isa}, {r.size_bytes / 1e6:.1f} MB, {r.seconds:.1f}s)")
 
 
@@ -302,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kv-cache", default="inplace", choices=["inplace", "concat"],
                     help="causal LMs on CPU targets: attention on caches each step writes into (inplace, default) "
                          "or the graph's past/present tensors as exported (concat)")
+    sp.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"],
+                    help="element type of the in-place caches (default float16: half the bytes per step at long "
+                         "context; attention arithmetic stays float32)")
 
     sp = command("package", cmd_package, "package a model for a board: model library, TVM and C++ runtime, example app, README")
     sp.add_argument("model", type=_model_file, help=".onnx (compiled for the target) or a library already compiled for it")

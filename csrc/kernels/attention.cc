@@ -1,39 +1,53 @@
 // shiftc attention over an in-place KV cache: contract in shiftc/attention.h.
 //
-// Per task (one sequence and query head) and query row (decode; prefill in blocks of rows, below): scores over the visible keys (one dot
-// product of D floats each, 16 independent partial sums so that the compiler vectorises it
-// without re-associating a float sum), a max, exp(score - max) by a branch-free polynomial that
-// vectorises, and the weighted sum of value rows (an axpy per key). Self-contained like
-// bcq_lut.cc: `shiftc compile` compiles it standalone into decoder libraries, for x86-64 and
-// aarch64, with no ISA flags; on x86-64 the per-task function is multi-versioned.
+// Per task (one sequence and query head) and query row (decode; prefill in blocks of rows, see
+// attention_isa.inc): scores over the visible keys, a max, exp(score - max) by a branch-free
+// polynomial that vectorises, and the weighted sum of value rows. The cache holds float32 or
+// float16 rows: float16 halves the bytes that a long-context decode step streams; rows are
+// widened to float32 as they are loaded and all arithmetic is float32.
+//
+// The loops (attention_isa.inc) are compiled once per instruction set, each copy with that set's
+// 16-lane loads and float16 conversions (AVX-512, AVX2 + F16C, and the baseline: NEON on
+// aarch64, portable bit arithmetic elsewhere); the best copy the CPU runs is chosen at the first
+// call (shiftc_attention_set_isa overrides it). Self-contained like bcq_lut.cc: `shiftc compile`
+// compiles it standalone into decoder libraries, for x86-64 and aarch64, with no ISA flags.
 #include "shiftc/attention.h"
 
 #include <math.h>
 #include <string.h>
 
+#include <atomic>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SHIFTC_ATTN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define SHIFTC_ATTN_X86 1
+#include <cpuid.h>
+#include <immintrin.h>
 #else
-#define SHIFTC_ATTN_CLONES
+#define SHIFTC_ATTN_X86 0
+#endif
+#if defined(__aarch64__)
+#define SHIFTC_ATTN_NEON 1
+#include <arm_neon.h>
+#else
+#define SHIFTC_ATTN_NEON 0
 #endif
 #define SHIFTC_INLINE static inline __attribute__((always_inline))
+#if defined(__GNUC__) && !defined(__clang__)
+// 64-byte vectors passed between always-inline helpers (never across a call) and GCC's
+// _mm512_undefined_ps inside _mm512_cvtph_ps trip these two warnings
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 namespace {
 
 constexpr int kLanes = 16;
-
-SHIFTC_INLINE float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
-  float acc[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
-  float s = 0.f;
-  for (; i < d; ++i) s += a[i] * b[i];
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
-  return s;
-}
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_u __attribute__((vector_size(64), aligned(4)));  // rows are only 4-byte aligned
+typedef int v16i __attribute__((vector_size(64)));
+typedef unsigned v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h_u __attribute__((vector_size(32), aligned(2)));
 
 // exp(x) for x <= 0 (arguments are score - max): x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial
 // (relative error ~2e-7), 2^n through the exponent bits; x < -87 gives 0.
@@ -54,20 +68,8 @@ SHIFTC_INLINE float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
-// Decode (S = 1) with D a compile-time constant (64, 128), written on 16-lane vectors (GCC vector
-// extensions: AVX-512, AVX2 or NEON registers as the target has them): the query row, the
-// per-key partial products and the D-wide output accumulator live in registers. Scores: D/16
-// multiply-adds per key into one vector and a tree sum of its lanes (4 shuffle-adds; a serial
-// sum would put 16 dependent adds on every key); then max, exp and sum as three vector passes
-// over the row (a running sum beside the exp keeps the exp scalar); values: p * V[t] accumulated
-// in registers (through memory, every key would wait on the previous key's store). Measured on a
-// Zen 4 core, D = 64, T = 1024: 18.5 -> 6.4 ns per key and query head.
-typedef float v16f __attribute__((vector_size(64)));
-typedef float v16f_u __attribute__((vector_size(64), aligned(4)));  // rows are only 4-byte aligned
-
 SHIFTC_INLINE float hsum16(v16f a) {
 #if defined(__GNUC__) && !defined(__clang__)
-  typedef int v16i __attribute__((vector_size(64)));
   a += __builtin_shuffle(a, v16i{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
   a += __builtin_shuffle(a, v16i{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
   a += __builtin_shuffle(a, v16i{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
@@ -85,7 +87,6 @@ SHIFTC_INLINE float hsum16(v16f a) {
 // exp_nonpositive on 16 lanes (the same steps and constants, written on vectors so that they
 // vectorise: floor by truncation and a correction, 2^n through the exponent bits).
 SHIFTC_INLINE v16f exp_nonpositive16(v16f x) {
-  typedef int v16i __attribute__((vector_size(64)));
   const float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
   const v16f xc = x < -87.0f ? -87.0f : x;
   const v16f u = xc * kLog2e + 0.5f;
@@ -104,238 +105,233 @@ SHIFTC_INLINE v16f exp_nonpositive16(v16f x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
-template <int D>
-SHIFTC_INLINE void decode_row(const float* qr, const float* K, const float* V, const float* mr, int64_t T, float scale,
-                              float* o, float* scores) {
-  constexpr int C = D / kLanes;
-  v16f qv[C];
-  for (int c = 0; c < C; ++c) qv[c] = *reinterpret_cast<const v16f_u*>(qr + c * kLanes) * scale;
-  bool any_visible = false;
-  for (int64_t t = 0; t < T; ++t) any_visible |= mr[t] > SHIFTC_ATTN_MASKED;
-  int64_t t = 0;
-  for (; t < T; ++t) {
-    const float* kr = K + t * D;
-    v16f a = qv[0] * *reinterpret_cast<const v16f_u*>(kr);
-    for (int c = 1; c < C; ++c) a += qv[c] * *reinterpret_cast<const v16f_u*>(kr + c * kLanes);
-    scores[t] = hsum16(a);
+// float16 <-> float32 on bit patterns (IEEE binary16, round to nearest even), for the baseline
+// copy and the scalar tails. Widening: the half's exponent and mantissa shifted into a float's
+// place and multiplied by 2^112 rebias the exponent and normalise subnormals exactly; infinities
+// and NaNs are set apart.
+SHIFTC_INLINE float half_to_float(uint16_t h) {
+  const uint32_t em = h & 0x7fffu;
+  uint32_t bits = em << 13;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  f *= 0x1p112f;
+  memcpy(&bits, &f, sizeof bits);
+  if (em >= 0x7c00u) bits = (em << 13) | 0x7f800000u;
+  bits |= static_cast<uint32_t>(h & 0x8000u) << 16;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+SHIFTC_INLINE v16f half_to_float_bits16(const uint16_t* p) {
+  const v16u h = __builtin_convertvector(*reinterpret_cast<const v16h_u*>(p), v16u);
+  const v16u em = h & 0x7fffu;
+  v16f f;
+  const v16u shifted = em << 13;
+  memcpy(&f, &shifted, sizeof f);
+  f *= 0x1p112f;
+  v16u bits;
+  memcpy(&bits, &f, sizeof bits);
+  bits = em >= 0x7c00u ? (shifted | 0x7f800000u) : bits;
+  bits |= (h & 0x8000u) << 16;
+  memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Narrowing: normal results by rebiasing the exponent and rounding the 13 dropped bits to even;
+// results below the smallest normal half by one float addition (adding 0.5 lines the value up
+// with the subnormal halves' spacing, 2^-24, and rounds it to even); overflow to infinity.
+SHIFTC_INLINE uint16_t float_to_half(float f) {
+  uint32_t x;
+  memcpy(&x, &f, sizeof x);
+  const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: rounds to infinity
+  if (ax < 0x38800000u) {                                               // below 2^-14
+    float a;
+    memcpy(&a, &ax, sizeof a);
+    a += 0.5f;
+    uint32_t r;
+    memcpy(&r, &a, sizeof r);
+    return static_cast<uint16_t>(sign | (r - 0x3f000000u));
   }
-  // max, exp and sum as separate loops over the row (each vectorises; a running float sum
-  // beside the exp would keep the exp scalar), the reductions in 16 lanes
-  v16f mxv = {};
-  mxv -= INFINITY;
-  for (t = 0; t + kLanes <= T; t += kLanes) {
-    v16f v;
-    for (int l = 0; l < kLanes; ++l) {
-      const float m = mr[t + l];
-      v[l] = (any_visible && m <= SHIFTC_ATTN_MASKED) ? -INFINITY : scores[t + l] + m;
-    }
-    *reinterpret_cast<v16f_u*>(scores + t) = v;
-    mxv = mxv > v ? mxv : v;
+  const uint32_t odd = (ax >> 13) & 1u;
+  return static_cast<uint16_t>(sign | ((ax + 0xc8000fffu + odd) >> 13));
+}
+
+SHIFTC_INLINE float to_float(float x) { return x; }
+SHIFTC_INLINE float to_float(uint16_t h) { return half_to_float(h); }
+
+// Prefill blocks (attention_isa.inc)
+constexpr int kRows = 8;
+constexpr int kPvRows = 4;  // rows whose D-wide accumulators stay in registers while V streams
+
+enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kNeon = 4 };
+
+}  // namespace
+
+// -- one copy of the loops per instruction set -----------------------------------------------------
+
+#if SHIFTC_ATTN_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
+namespace shiftc_attn_avx512 {
+SHIFTC_INLINE v16f load16(const uint16_t* p) {
+  const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  v16f r;
+  memcpy(&r, &v, sizeof r);
+  return r;
+}
+SHIFTC_INLINE void store16(uint16_t* p, v16f x) {
+  __m512 v;
+  memcpy(&v, &x, sizeof v);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+#include "attention_isa.inc"
+}  // namespace shiftc_attn_avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace shiftc_attn_avx2 {
+SHIFTC_INLINE v16f load16(const uint16_t* p) {
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  v16f r;
+  memcpy(&r, &lo, sizeof lo);
+  memcpy(reinterpret_cast<char*>(&r) + sizeof lo, &hi, sizeof hi);
+  return r;
+}
+SHIFTC_INLINE void store16(uint16_t* p, v16f x) {
+  __m256 lo, hi;
+  memcpy(&lo, &x, sizeof lo);
+  memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof lo, sizeof hi);
+  const int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, kRound));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, kRound));
+}
+#include "attention_isa.inc"
+}  // namespace shiftc_attn_avx2
+#pragma GCC pop_options
+#endif  // SHIFTC_ATTN_X86
+
+namespace shiftc_attn_base {
+#if SHIFTC_ATTN_NEON
+SHIFTC_INLINE v16f load16(const uint16_t* p) {
+  v16f r;
+  for (int i = 0; i < 4; ++i) {
+    const float32x4_t v = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4 * i)));
+    memcpy(reinterpret_cast<char*>(&r) + 16 * i, &v, 16);
   }
-  float mx = -INFINITY;
-  for (int l = 0; l < kLanes; ++l) mx = mxv[l] > mx ? mxv[l] : mx;
-  for (; t < T; ++t) {
-    const float v = (any_visible && mr[t] <= SHIFTC_ATTN_MASKED) ? -INFINITY : scores[t] + mr[t];
-    scores[t] = v;
-    mx = v > mx ? v : mx;
+  return r;
+}
+SHIFTC_INLINE void store16(uint16_t* p, v16f x) {
+  for (int i = 0; i < 4; ++i) {
+    float32x4_t v;
+    memcpy(&v, reinterpret_cast<const char*>(&x) + 16 * i, 16);
+    vst1_u16(p + 4 * i, vreinterpret_u16_f16(vcvt_f16_f32(v)));
   }
-  v16f sv = {};
-  for (t = 0; t + kLanes <= T; t += kLanes) {
-    const v16f e = exp_nonpositive16(*reinterpret_cast<const v16f_u*>(scores + t) - mx);
-    *reinterpret_cast<v16f_u*>(scores + t) = e;
-    sv += e;
+}
+#else
+SHIFTC_INLINE v16f load16(const uint16_t* p) { return half_to_float_bits16(p); }
+SHIFTC_INLINE void store16(uint16_t* p, v16f x) {
+  for (int i = 0; i < kLanes; ++i) p[i] = float_to_half(x[i]);
+}
+#endif
+#include "attention_isa.inc"
+}  // namespace shiftc_attn_base
+
+// -- dispatch ---------------------------------------------------------------------------------------
+
+namespace {
+
+bool isa_available(int isa) {
+  if (isa == kScalar) return true;
+#if SHIFTC_ATTN_NEON
+  if (isa == kNeon) return true;
+#endif
+#if SHIFTC_ATTN_X86
+  __builtin_cpu_init();
+  unsigned a, b, c, d;
+  const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && ((c >> 29) & 1);  // F16C: CPUID.1:ECX bit 29
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+  if (isa == kAvx2) return avx2;
+  if (isa == kAvx512)
+    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#endif
+  return false;
+}
+
+int best_isa() {
+  for (int isa : {kNeon, kAvx512, kAvx2})
+    if (isa_available(isa)) return isa;
+  return kScalar;
+}
+
+std::atomic<int> g_isa{kAuto};
+
+int current_isa() {
+  int isa = g_isa.load(std::memory_order_relaxed);
+  if (isa == kAuto) {
+    isa = best_isa();
+    g_isa.store(isa, std::memory_order_relaxed);
   }
-  float sum = hsum16(sv);
-  for (; t < T; ++t) {
-    scores[t] = exp_nonpositive(scores[t] - mx);
-    sum += scores[t];
+  return isa;
+}
+
+bool valid(int64_t B, int64_t KVH, int64_t G, int64_t S, int64_t T, int64_t M, int64_t D, int64_t task) {
+  return B >= 0 && KVH >= 1 && G >= 1 && S >= 0 && T >= S && T <= M && D >= 1 && task >= 0 && task < B * KVH * G;
+}
+
+template <typename KV>
+int attention(const float* q, const KV* kc, const KV* vc, const float* mask, int64_t B, int64_t KVH, int64_t G,
+              int64_t S, int64_t T, int64_t M, int64_t D, float scale, float* out, int64_t task) {
+  if (!valid(B, KVH, G, S, T, M, D, task)) return -1;
+  if (S == 0) return 0;
+  switch (current_isa()) {
+#if SHIFTC_ATTN_X86
+    case kAvx512: shiftc_attn_avx512::run(q, kc, vc, mask, KVH, G, S, T, M, D, scale, out, task); break;
+    case kAvx2: shiftc_attn_avx2::run(q, kc, vc, mask, KVH, G, S, T, M, D, scale, out, task); break;
+#endif
+    default: shiftc_attn_base::run(q, kc, vc, mask, KVH, G, S, T, M, D, scale, out, task); break;
   }
-  const float inv = 1.0f / sum;
-  v16f acc[C] = {};
-  for (t = 0; t < T; ++t) {
-    const float p = scores[t] * inv;
-    if (p == 0.f) continue;
-    const float* vr = V + t * D;
-    for (int c = 0; c < C; ++c) acc[c] += p * *reinterpret_cast<const v16f_u*>(vr + c * kLanes);
-  }
-  for (int c = 0; c < C; ++c) *reinterpret_cast<v16f_u*>(o + c * kLanes) = acc[c];
+  return 0;
 }
 
 }  // namespace
 
-SHIFTC_ATTN_CLONES
-static void attention_task(const float* q, const float* kc, const float* vc, const float* mask, int64_t KVH,
-                           int64_t G, int64_t S, int64_t T, int64_t M, int64_t D, float scale, float* out,
-                           int64_t task, float* scores) {
-  const int64_t g = task % G, h = (task / G) % KVH, b = task / (G * KVH);
-  const float* K = kc + (b * KVH + h) * M * D;
-  const float* V = vc + (b * KVH + h) * M * D;
-  for (int64_t s = 0; s < S; ++s) {
-    const float* qr = q + (((b * KVH + h) * G + g) * S + s) * D;
-    const float* mr = mask + (b * S + s) * T;
-    float* o = out + (((b * KVH + h) * G + g) * S + s) * D;
-    if (D == 64) {
-      decode_row<64>(qr, K, V, mr, T, scale, o, scores);
-      continue;
-    }
-    if (D == 128) {
-      decode_row<128>(qr, K, V, mr, T, scale, o, scores);
-      continue;
-    }
-    bool any_visible = false;
-    for (int64_t t = 0; t < T; ++t) any_visible |= mr[t] > SHIFTC_ATTN_MASKED;
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < T; ++t) {
-      if (any_visible && mr[t] <= SHIFTC_ATTN_MASKED) {
-        scores[t] = -INFINITY;
-        continue;
-      }
-      float v = dot(qr, K + t * D, D) * scale + mr[t];
-      scores[t] = v;
-      mx = v > mx ? v : mx;
-    }
-    float sum = 0.f;
-    for (int64_t t = 0; t < T; ++t) {
-      float e = exp_nonpositive(scores[t] - mx);  // -inf - mx -> clamped -> 0
-      scores[t] = e;
-      sum += e;
-    }
-    const float inv = 1.0f / sum;
-    for (int64_t d = 0; d < D; ++d) o[d] = 0.f;
-    for (int64_t t = 0; t < T; ++t) {
-      const float p = scores[t] * inv;
-      if (p == 0.f) continue;
-      const float* vr = V + t * D;
-      for (int64_t d = 0; d < D; ++d) o[d] += p * vr[d];
-    }
-  }
+extern "C" {
+
+int shiftc_attention(const float* q, const float* kc, const float* vc, const float* mask, int64_t B, int64_t KVH,
+                     int64_t G, int64_t S, int64_t T, int64_t M, int64_t D, float scale, float* out, int64_t task) {
+  return attention(q, kc, vc, mask, B, KVH, G, S, T, M, D, scale, out, task);
 }
 
-// Prefill (S > 1): the head's keys are transposed once per call into kt [D][T], so that scores
-// for kRows query rows and kLanes consecutive keys accumulate as kRows vectors of kLanes with one
-// broadcast-multiply-add per row and dimension (no horizontal sums); a block reads keys only up to
-// the last one any of its rows sees (half the keys of a causal prefill). Values: one load of
-// V[t] feeds the axpys of every row of the block. Rows past S repeat row S - 1, not stored.
-constexpr int kRows = 8;
-constexpr int kPvRows = 4;  // rows whose D-wide accumulators stay in registers while V streams
-
-// o[j] = sum_t sc[j][t] * inv[j] * V[t] for the kPvRows rows from `first` (those >= S not stored).
-template <int D>
-SHIFTC_INLINE void weighted_values(const float* V, float* const* sc, const float* inv, int64_t t_end, float* const* o,
-                                   int64_t first, int64_t S) {
-  float acc[kPvRows][D] = {};
-  for (int64_t t = 0; t < t_end; ++t) {
-    const float* vr = V + t * D;
-    for (int j = 0; j < kPvRows; ++j) {
-      const float p = sc[j][t] * inv[j];
-      for (int e = 0; e < D; ++e) acc[j][e] += p * vr[e];
-    }
-  }
-  for (int j = 0; j < kPvRows && first + j < S; ++j)
-    for (int e = 0; e < D; ++e) o[j][e] = acc[j][e];
+int shiftc_attention_f16(const float* q, const uint16_t* kc, const uint16_t* vc, const float* mask, int64_t B,
+                         int64_t KVH, int64_t G, int64_t S, int64_t T, int64_t M, int64_t D, float scale, float* out,
+                         int64_t task) {
+  return attention(q, kc, vc, mask, B, KVH, G, S, T, M, D, scale, out, task);
 }
 
-SHIFTC_INLINE void weighted_values_any(const float* V, float* const* sc, const float* inv, int64_t t_end, int64_t D,
-                                       float* const* o, int64_t first, int64_t S) {
-  for (int j = 0; j < kPvRows && first + j < S; ++j) {
-    for (int64_t e = 0; e < D; ++e) o[j][e] = 0.f;
-    for (int64_t t = 0; t < t_end; ++t) {
-      const float p = sc[j][t] * inv[j];
-      if (p == 0.f) continue;
-      for (int64_t e = 0; e < D; ++e) o[j][e] += p * V[t * D + e];
-    }
+int shiftc_kv_write_f16(uint16_t* cache, const float* rows, int64_t BH, int64_t S, int64_t T, int64_t M, int64_t D) {
+  if (BH < 0 || S < 0 || T < S || T > M || D < 1) return -1;
+  switch (current_isa()) {
+#if SHIFTC_ATTN_X86
+    case kAvx512: shiftc_attn_avx512::write_rows(cache, rows, BH, S, T, M, D); break;
+    case kAvx2: shiftc_attn_avx2::write_rows(cache, rows, BH, S, T, M, D); break;
+#endif
+    default: shiftc_attn_base::write_rows(cache, rows, BH, S, T, M, D); break;
   }
-}
-
-SHIFTC_ATTN_CLONES
-static void attention_block_task(const float* q, const float* kc, const float* vc, const float* mask, int64_t KVH,
-                                 int64_t G, int64_t S, int64_t T, int64_t M, int64_t D, float scale, float* out,
-                                 int64_t task, float* scores, float* kt) {
-  const int64_t g = task % G, h = (task / G) % KVH, b = task / (G * KVH);
-  const float* K = kc + (b * KVH + h) * M * D;
-  const float* V = vc + (b * KVH + h) * M * D;
-  const int64_t tp = (T + kLanes - 1) / kLanes * kLanes;  // kt row stride: whole lanes, zero tail
-  for (int64_t t = 0; t < tp; ++t)
-    for (int64_t d = 0; d < D; ++d) kt[d * tp + t] = t < T ? K[t * D + d] : 0.f;
-  for (int64_t s0 = 0; s0 < S; s0 += kRows) {
-    const float* qr[kRows];
-    const float* mr[kRows];
-    float* sc[kRows];
-    bool any_visible[kRows];
-    int64_t t_end = 0;
-    for (int j = 0; j < kRows; ++j) {
-      const int64_t s = s0 + j < S ? s0 + j : S - 1;
-      qr[j] = q + (((b * KVH + h) * G + g) * S + s) * D;
-      mr[j] = mask + (b * S + s) * T;
-      sc[j] = scores + j * tp;
-      int64_t last = -1;
-      for (int64_t t = T - 1; t >= 0; --t)
-        if (mr[j][t] > SHIFTC_ATTN_MASKED) {
-          last = t;
-          break;
-        }
-      any_visible[j] = last >= 0;
-      const int64_t end = any_visible[j] ? last + 1 : T;
-      t_end = end > t_end ? end : t_end;
-    }
-    for (int64_t t0 = 0; t0 < t_end; t0 += kLanes) {
-      float acc[kRows][kLanes] = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const float* k = kt + d * tp + t0;
-        for (int j = 0; j < kRows; ++j) {
-          const float x = qr[j][d];
-          for (int l = 0; l < kLanes; ++l) acc[j][l] += x * k[l];
-        }
-      }
-      for (int j = 0; j < kRows; ++j)
-        for (int l = 0; l < kLanes; ++l) sc[j][t0 + l] = acc[j][l];
-    }
-    float inv[kRows];
-    for (int j = 0; j < kRows; ++j) {
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < t_end; ++t) {
-        const float v = (any_visible[j] && mr[j][t] <= SHIFTC_ATTN_MASKED) ? -INFINITY : sc[j][t] * scale + mr[j][t];
-        sc[j][t] = v;
-        mx = v > mx ? v : mx;
-      }
-      float sum = 0.f;
-      for (int64_t t = 0; t < t_end; ++t) {
-        const float e = exp_nonpositive(sc[j][t] - mx);
-        sc[j][t] = e;
-        sum += e;
-      }
-      inv[j] = 1.0f / sum;
-    }
-    for (int j0 = 0; j0 < kRows && s0 + j0 < S; j0 += kPvRows) {
-      float* o[kPvRows];
-      for (int j = 0; j < kPvRows; ++j) {
-        const int64_t s = s0 + j0 + j < S ? s0 + j0 + j : S - 1;
-        o[j] = out + (((b * KVH + h) * G + g) * S + s) * D;
-      }
-      if (D == 64)
-        weighted_values<64>(V, sc + j0, inv + j0, t_end, o, s0 + j0, S);
-      else if (D == 128)
-        weighted_values<128>(V, sc + j0, inv + j0, t_end, o, s0 + j0, S);
-      else
-        weighted_values_any(V, sc + j0, inv + j0, t_end, D, o, s0 + j0, S);
-    }
-  }
-}
-
-extern "C" int shiftc_attention(const float* q, const float* kc, const float* vc, const float* mask, int64_t B,
-                                int64_t KVH, int64_t G, int64_t S, int64_t T, int64_t M, int64_t D, float scale,
-                                float* out, int64_t task) {
-  if (B < 0 || KVH < 1 || G < 1 || S < 0 || T < S || T > M || D < 1 || task < 0 || task >= B * KVH * G) return -1;
-  if (S == 0) return 0;
-  thread_local std::vector<float> scores, kt;
-  if (S == 1) {
-    if (static_cast<int64_t>(scores.size()) < T) scores.resize(static_cast<size_t>(T));
-    attention_task(q, kc, vc, mask, KVH, G, S, T, M, D, scale, out, task, scores.data());
-    return 0;
-  }
-  const int64_t tp = (T + kLanes - 1) / kLanes * kLanes;
-  if (static_cast<int64_t>(scores.size()) < kRows * tp) scores.resize(static_cast<size_t>(kRows * tp));
-  if (static_cast<int64_t>(kt.size()) < D * tp) kt.resize(static_cast<size_t>(D * tp));
-  attention_block_task(q, kc, vc, mask, KVH, G, S, T, M, D, scale, out, task, scores.data(), kt.data());
   return 0;
 }
+
+int shiftc_attention_set_isa(int isa) {
+  if (isa == kAuto) isa = best_isa();
+  if (isa < kScalar || isa > kNeon || !isa_available(isa)) return -1;
+  g_isa.store(isa, std::memory_order_relaxed);
+  return isa;
+}
+
+int shiftc_attention_isa(void) { return current_isa(); }
+
+}  // extern "C"

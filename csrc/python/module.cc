@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "shiftc/attention.h"
 #include "shiftc/bcq_lut.h"
 #include "shiftc/packed.h"
 
@@ -482,22 +483,94 @@ const char* isa_name(int isa) {
     }
 }
 
+int parse_isa(const std::string& name, const char* fn) {
+    if (name == "auto") return 0;
+    if (name == "scalar") return 1;
+    if (name == "avx2") return 2;
+    if (name == "avx512") return 3;
+    if (name == "neon") return 4;
+    if (name == "amx") return 5;
+    fail(fn, "name must be \"auto\", \"scalar\", \"avx2\", \"avx512\", \"amx\" or \"neon\", got \"" + name + "\"");
+}
+
 std::string py_bcq_set_isa(const std::string& name) {
     const char* fn = "bcq_set_isa";
-    int isa;
-    if (name == "auto") isa = 0;
-    else if (name == "scalar") isa = 1;
-    else if (name == "avx2") isa = 2;
-    else if (name == "avx512") isa = 3;
-    else if (name == "neon") isa = 4;
-    else if (name == "amx") isa = 5;
-    else fail(fn, "name must be \"auto\", \"scalar\", \"avx2\", \"avx512\", \"amx\" or \"neon\", got \"" + name + "\"");
-    const int got = shiftc_bcq_set_isa(isa);
+    const int got = shiftc_bcq_set_isa(parse_isa(name, fn));
     if (got < 0) fail(fn, "ISA \"" + name + "\" is not available on this CPU / build");
     return isa_name(got);
 }
 
 std::string py_bcq_isa() { return isa_name(shiftc_bcq_isa()); }
+
+// -- attention over an in-place KV cache (shiftc/attention.h) ------------------------------------
+
+// A cache [B, KVH, M, D] of float32 or float16 as (pointer, is float16), checked against `shape`.
+std::pair<const void*, bool> cache_rows(const py::array& a, const char* fn, const char* name,
+                                        const std::vector<py::ssize_t>& shape) {
+    const bool f16 = a.dtype().kind() == 'f' && a.itemsize() == 2;
+    const bool f32 = a.dtype().kind() == 'f' && a.itemsize() == 4;
+    if (!(f16 || f32) || !(a.flags() & py::array::c_style))
+        fail(fn, std::string(name) + " must be a C-contiguous float32 or float16 array, got dtype " +
+                     std::string(py::str(a.dtype())));
+    check_ndim(a, 4, fn, name, "[B, KVH, M, D]");
+    for (size_t i = 0; i < shape.size(); ++i)
+        if (shape[i] >= 0 && a.shape(static_cast<py::ssize_t>(i)) != shape[i])
+            fail(fn, std::string(name) + " has shape " + shape_str(a) + ", which does not match q and mask");
+    return {a.data(), f16};
+}
+
+carray<float> py_attention(py::handle q_obj, py::array kc, py::array vc, py::handle mask_obj, float scale) {
+    const char* fn = "attention";
+    auto q = as_array<float>(q_obj, fn, "q", "f", "float32 [B, KVH, G, S, D]");
+    auto mask = as_array<float>(mask_obj, fn, "mask", "f", "float32 [B, S, T]");
+    check_ndim(q, 5, fn, "q", "[B, KVH, G, S, D]");
+    check_ndim(mask, 3, fn, "mask", "[B, S, T]");
+    const int64_t B = q.shape(0), KVH = q.shape(1), G = q.shape(2), S = q.shape(3), D = q.shape(4);
+    const int64_t T = mask.shape(2);
+    if (mask.shape(0) != B || mask.shape(1) != S) fail(fn, "mask must be [B, S, T] for q " + shape_str(q));
+    auto [k, k16] = cache_rows(kc, fn, "kc", {B, KVH, -1, D});
+    auto [v, v16] = cache_rows(vc, fn, "vc", {B, KVH, kc.shape(2), D});
+    if (k16 != v16) fail(fn, "kc and vc must have the same dtype");
+    const int64_t M = kc.shape(2);
+    carray<float> out({B, KVH, G, S, D});
+    const float* qp = q.data();
+    const float* mp = mask.data();
+    float* op = out.mutable_data();
+    int rc = 0;
+    {
+        py::gil_scoped_release release;
+        for (int64_t t = 0; t < B * KVH * G && rc == 0; ++t)
+            rc = k16 ? shiftc_attention_f16(qp, static_cast<const uint16_t*>(k), static_cast<const uint16_t*>(v), mp, B,
+                                            KVH, G, S, T, M, D, scale, op, t)
+                     : shiftc_attention(qp, static_cast<const float*>(k), static_cast<const float*>(v), mp, B, KVH, G,
+                                        S, T, M, D, scale, op, t);
+    }
+    if (rc != 0) fail(fn, "the kernel rejected the arguments (need S <= T <= M)");
+    return out;
+}
+
+py::array py_kv_write_f16(py::array cache, py::handle rows_obj, int64_t T) {
+    const char* fn = "kv_write_f16";
+    if (!(cache.dtype().kind() == 'f' && cache.itemsize() == 2) || !(cache.flags() & py::array::c_style) ||
+        !cache.writeable())
+        fail(fn, "cache must be a writeable C-contiguous float16 array [B, KVH, M, D]");
+    check_ndim(cache, 4, fn, "cache", "[B, KVH, M, D]");
+    auto rows = as_array<float>(rows_obj, fn, "rows", "f", "float32 [B, KVH, S, D]");
+    check_ndim(rows, 4, fn, "rows", "[B, KVH, S, D]");
+    const int64_t B = cache.shape(0), H = cache.shape(1), M = cache.shape(2), D = cache.shape(3);
+    if (rows.shape(0) != B || rows.shape(1) != H || rows.shape(3) != D)
+        fail(fn, "rows " + shape_str(rows) + " do not match cache " + shape_str(cache));
+    if (shiftc_kv_write_f16(static_cast<uint16_t*>(cache.mutable_data()), rows.data(), B * H, rows.shape(2), T, M, D) != 0)
+        fail(fn, "need S <= T <= M");
+    return cache;
+}
+
+std::string py_attention_set_isa(const std::string& name) {
+    const char* fn = "attention_set_isa";
+    const int got = shiftc_attention_set_isa(parse_isa(name, fn));
+    if (got < 0) fail(fn, "ISA \"" + name + "\" is not available to the attention kernel on this CPU / build");
+    return isa_name(got);
+}
 
 }  // namespace
 
@@ -562,4 +635,16 @@ PYBIND11_MODULE(_native, m) {
           "the lut16 kernels (process-wide; 'amx' = the AVX-512 kernels plus the AMX-BF16 GEMM for\n"
           "M >= BCQ_AMX_MIN_M). Raises ValueError if the CPU or build lacks it.");
     m.def("bcq_isa", &py_bcq_isa, "bcq_isa() -> str: the ISA the lut16 kernels use now.");
+    m.def("attention", &py_attention, py::arg("q"), py::arg("kc"), py::arg("vc"), py::arg("mask"), py::arg("scale"),
+          "attention(q: float32 [B, KVH, G, S, D], kc, vc: float32 or float16 [B, KVH, M, D], mask: float32 [B, S, T],\n"
+          "          scale) -> float32 [B, KVH, G, S, D]\n\n"
+          "Attention of the S query rows over cache rows [0, T) (shiftc/attention.h), every task in turn.");
+    m.def("kv_write_f16", &py_kv_write_f16, py::arg("cache"), py::arg("rows"), py::arg("T"),
+          "kv_write_f16(cache: float16 [B, KVH, M, D], rows: float32 [B, KVH, S, D], T) -> cache\n\n"
+          "Writes rows into cache rows [T - S, T) in place, rounded to nearest even.");
+    m.def("attention_set_isa", &py_attention_set_isa, py::arg("name"),
+          "attention_set_isa(name: 'auto'|'scalar'|'avx2'|'avx512'|'neon') -> str: the ISA the attention\n"
+          "kernel now uses (process-wide). Raises ValueError if the CPU or build lacks it.");
+    m.def("attention_isa", [] { return std::string(isa_name(shiftc_attention_isa())); },
+          "attention_isa() -> str: the ISA the attention kernel uses now.");
 }

@@ -152,6 +152,7 @@ struct Model::Impl {
   // main takes in-place caches [B, KVH, max_len, D] after the first three inputs and returns the
   // logits only (shiftc/backend/kv_cache.py); the metadata's signature stays the ONNX graph's
   bool kv_inplace = false;
+  DLDataType kv_dtype{kDLFloat, 32, 1};  // element type of the in-place caches (metadata "dtype")
 
   size_t InputIndex(const std::string& name) const {
     for (size_t i = 0; i < inputs.size(); ++i)
@@ -180,20 +181,72 @@ struct Model::Impl {
 
 namespace {
 
-float* Floats(const ffi::Tensor& t) {
-  return reinterpret_cast<float*>(static_cast<char*>(t.data_ptr()) + t.byte_offset());
+char* Bytes(const ffi::Tensor& t) { return static_cast<char*>(t.data_ptr()) + t.byte_offset(); }
+
+bool IsHalf(DLDataType t) { return t.code == kDLFloat && t.bits == 16 && t.lanes == 1; }
+
+// float32 <-> float16 bit patterns (round to nearest even) for the graph-signature adapter of a
+// library whose in-place caches are float16 (the graph's past and present are float32).
+uint16_t HalfFromFloat(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return static_cast<uint16_t>(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
+  if (ax >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to infinity
+  if (ax < 0x38800000u) {  // a subnormal half: rounded by one float addition at its spacing
+    float a;
+    std::memcpy(&a, &ax, sizeof a);
+    a += 0.5f;
+    uint32_t r;
+    std::memcpy(&r, &a, sizeof r);
+    return static_cast<uint16_t>(sign | (r - 0x3f000000u));
+  }
+  return static_cast<uint16_t>(sign | ((ax + 0xc8000fffu + ((ax >> 13) & 1u)) >> 13));
 }
 
-// A zeroed cache [B, H, rows, D] holding the first `keep` rows of `from` ([B, H, >= keep, D]).
-ffi::Tensor CacheWithRows(const ffi::Tensor& from, int64_t rows, int64_t keep, DLDevice dev) {
+float FloatFromHalf(uint16_t h) {
+  const uint32_t em = h & 0x7fffu;
+  uint32_t bits = em << 13;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  f *= 0x1p112f;  // rebias the exponent; subnormals come out normalised
+  std::memcpy(&bits, &f, sizeof bits);
+  if (em >= 0x7c00u) bits = (em << 13) | 0x7f800000u;
+  bits |= static_cast<uint32_t>(h & 0x8000u) << 16;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// A zeroed cache [B, H, rows, D] of `dtype` holding the first `keep` rows of `from` ([B, H, >= keep,
+// D], the same dtype or float32 going into a float16 cache).
+ffi::Tensor CacheWithRows(const ffi::Tensor& from, int64_t rows, int64_t keep, DLDataType dtype, DLDevice dev) {
   const int64_t b = from.size(0), h = from.size(1), have = from.size(2), d = from.size(3);
-  ffi::Tensor c = Alloc({b, h, rows, d}, DLDataType{kDLFloat, 32, 1}, dev);
-  float* dst = Floats(c);
-  const float* src = Floats(from);
-  std::memset(dst, 0, static_cast<size_t>(b * h * rows * d) * sizeof(float));
-  for (int64_t i = 0; i < b * h; ++i)
-    std::memcpy(dst + i * rows * d, src + i * have * d, static_cast<size_t>(keep * d) * sizeof(float));
+  ffi::Tensor c = Alloc({b, h, rows, d}, dtype, dev);
+  const size_t esz = dtype.bits / 8;
+  char* dst = Bytes(c);
+  const char* src = Bytes(from);
+  std::memset(dst, 0, static_cast<size_t>(b * h * rows * d) * esz);
+  const bool narrow = IsHalf(dtype) && !IsHalf(from.dtype());
+  for (int64_t i = 0; i < b * h; ++i) {
+    if (!narrow) {
+      std::memcpy(dst + i * rows * d * esz, src + i * have * d * esz, static_cast<size_t>(keep * d) * esz);
+      continue;
+    }
+    auto* out = reinterpret_cast<uint16_t*>(dst) + i * rows * d;
+    const auto* in = reinterpret_cast<const float*>(src) + i * have * d;
+    for (int64_t j = 0; j < keep * d; ++j) out[j] = HalfFromFloat(in[j]);
+  }
   return c;
+}
+
+// The float32 copy of a float16 cache.
+ffi::Tensor WidenCache(const ffi::Tensor& c, DLDevice dev) {
+  ffi::Tensor w = Alloc({c.size(0), c.size(1), c.size(2), c.size(3)}, DLDataType{kDLFloat, 32, 1}, dev);
+  auto* out = reinterpret_cast<float*>(Bytes(w));
+  const auto* in = reinterpret_cast<const uint16_t*>(Bytes(c));
+  const int64_t n = c.size(0) * c.size(1) * c.size(2) * c.size(3);
+  for (int64_t j = 0; j < n; ++j) out[j] = FloatFromHalf(in[j]);
+  return w;
 }
 
 }  // namespace
@@ -257,7 +310,11 @@ Model Model::Load(const std::string& path, Device device) {
     auto kv = impl->meta.find(ffi::String("kv_cache"));
     if (kv != impl->meta.end())
       if (auto kvm = (*kv).second.as<ffi::Map<ffi::Any, ffi::Any>>())
+      {
         impl->kv_inplace = Str(Field(*kvm, "mode")) == "inplace";
+        auto dt = kvm->find(ffi::String("dtype"));  // absent in libraries from before float16 caches
+        if (dt != kvm->end() && Str((*dt).second) == "float16") impl->kv_dtype = DLDataType{kDLFloat, 16, 1};
+      }
   });
   impl->feeds.resize(impl->inputs.size());
   auto main = impl->vm->GetFunction("main", false);
@@ -326,15 +383,15 @@ void Model::Run() {
     return;
   }
   // The graph's signature on in-place caches: each past [B, H, P, D] goes into a cache of P + S
-  // rows, which after the step holds the present.
+  // rows, which after the step holds the present (float32 again if the cache is float16).
   const int64_t seq = args[0].size(1);
   std::vector<ffi::Tensor> caches;
   for (size_t i = 3; i < args.size(); ++i) {
-    caches.push_back(CacheWithRows(args[i], args[i].size(2) + seq, args[i].size(2), m.device));
+    caches.push_back(CacheWithRows(args[i], args[i].size(2) + seq, args[i].size(2), m.kv_dtype, m.device));
     args[i] = caches.back();
   }
   m.results = m.Call(args);
-  m.results.insert(m.results.end(), caches.begin(), caches.end());
+  for (const ffi::Tensor& c : caches) m.results.push_back(IsHalf(m.kv_dtype) ? WidenCache(c, m.device) : c);
 }
 
 size_t Model::num_outputs() const { return impl_->outputs.size(); }
@@ -412,8 +469,8 @@ LMSession& LMSession::operator=(LMSession&&) noexcept = default;
 
 void LMSession::Reset() {
   Impl& s = *impl_;
-  s.past.assign(static_cast<size_t>(2 * s.layers),
-                Alloc({1, s.kv_heads, 0, s.head_dim}, DLDataType{kDLFloat, 32, 1}, s.model->device));
+  const DLDataType dtype = s.model->kv_inplace ? s.model->kv_dtype : DLDataType{kDLFloat, 32, 1};
+  s.past.assign(static_cast<size_t>(2 * s.layers), Alloc({1, s.kv_heads, 0, s.head_dim}, dtype, s.model->device));
   s.length = 0;
   s.capacity = 0;
 }
@@ -435,7 +492,7 @@ std::vector<float> LMSession::Step(const std::vector<int64_t>& token_ids) {
   if (m.kv_inplace && total > s.capacity) {
     int64_t rows = std::max<int64_t>(256, s.capacity);
     while (rows < total) rows *= 2;
-    for (ffi::Tensor& c : s.past) c = CacheWithRows(c, rows, s.length, m.device);
+    for (ffi::Tensor& c : s.past) c = CacheWithRows(c, rows, s.length, m.kv_dtype, m.device);
     s.capacity = rows;
   }
   args.insert(args.end(), s.past.begin(), s.past.end());

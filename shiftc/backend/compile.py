@@ -93,30 +93,36 @@ def _add_metadata_function(mod, meta: dict):
     return mod
 
 
-def _kv_cache_graph(proto: onnx.ModelProto, spec: TargetSpec, mode: str) -> tuple[onnx.ModelProto, dict | None]:
+def _kv_cache_graph(proto: onnx.ModelProto, spec: TargetSpec, mode: str,
+                    dtype: str = "float16") -> tuple[onnx.ModelProto, dict | None]:
     """The graph to import and the library's ``kv_cache`` metadata: for a causal LM on a CPU target
-    with ``mode`` "inplace", attention on in-place caches (backend/kv_cache.py); else as it is."""
+    with ``mode`` "inplace", attention on in-place caches of ``dtype`` (backend/kv_cache.py); else
+    as it is."""
     from . import kv_cache
 
     if mode not in ("inplace", "concat"):
         raise BadInputError(f"--kv-cache must be 'inplace' or 'concat', got {mode!r}")
+    if dtype not in kv_cache.KV_DTYPES:
+        raise BadInputError(f"--kv-dtype must be one of {sorted(kv_cache.KV_DTYPES)}, got {dtype!r}")
     info = md.get_info(proto)
     if info.get("task") != "causal-lm" or "decoder" not in info:
         return proto, None
     if mode == "concat" or spec.device_type != "cpu":
         return proto, {"mode": "concat", "reason": "asked for" if mode == "concat" else f"{spec.device_type} target"}
-    graph, reason = kv_cache.rewrite(proto, int(info["decoder"]["num_layers"]))
+    graph, reason = kv_cache.rewrite(proto, int(info["decoder"]["num_layers"]), dtype)
     if graph is None:
         return proto, {"mode": "concat", "reason": reason}
-    return graph, {"mode": "inplace", "main": md.signature(graph)}
+    return graph, {"mode": "inplace", "dtype": dtype, "main": md.signature(graph)}
 
 
 def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, *, target: str = "host",
-                  arch: str | None = None, cpu: str | None = None, kv_cache: str = "inplace") -> CompileResult:
+                  arch: str | None = None, cpu: str | None = None, kv_cache: str = "inplace",
+                  kv_dtype: str = "float16") -> CompileResult:
     """ONNX (a path or a ModelProto) -> model library at ``output`` (written atomically).
 
     ``kv_cache``: "inplace" (default) lowers a causal LM's attention onto caches that each step
-    writes into (CPU targets; backend/kv_cache.py), "concat" keeps the graph's functional cache."""
+    writes into (CPU targets; backend/kv_cache.py), "concat" keeps the graph's functional cache;
+    ``kv_dtype``: the element type of in-place caches, "float16" (default) or "float32"."""
     import time
 
     import tvm
@@ -133,7 +139,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
     if not output.endswith(".so"):
         raise BadInputError(f"output '{output}': a model library must be named *.so")
 
-    graph, kv_meta = _kv_cache_graph(proto, spec, kv_cache)
+    graph, kv_meta = _kv_cache_graph(proto, spec, kv_cache, kv_dtype)
     fused = 0
     if spec.device_type == "cpu":  # one kernel call per group of packed matmuls on one input
         from . import fuse_matmuls

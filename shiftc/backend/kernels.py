@@ -25,6 +25,7 @@ _SOURCE = Path("kernels") / "bcq_lut.cc"
 _HEADER = Path("include") / "shiftc" / "bcq_lut.h"
 # every source linked into model libraries, with the header it includes
 _SOURCES = ((_SOURCE, _HEADER), (Path("kernels") / "attention.cc", Path("include") / "shiftc" / "attention.h"))
+_INCLUDED = (Path("kernels") / "attention_isa.inc",)  # included by a source above: part of the cache key
 FLAGS = ["-O3", "-fPIC", "-std=c++17", "-fno-math-errno"]
 
 
@@ -51,6 +52,8 @@ def kernel_object(cross_cc: str | None = None) -> str:
     for src, header in _SOURCES:
         key.update((root / src).read_bytes())
         key.update((root / header).read_bytes())
+    for inc in _INCLUDED:
+        key.update((root / inc).read_bytes())
     for part in (cxx.encode(), " ".join(FLAGS).encode()):
         key.update(part)
     cache = Path(os.environ.get("SHIFTC_CACHE", Path.home() / ".cache" / "shiftc")) / "kernels"

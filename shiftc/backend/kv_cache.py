@@ -13,7 +13,9 @@ rewrites the graph before import (:func:`rewrite`):
     attn = ai.shiftc::CachedAttention(q, k, v, mask, cache.{i}.key, cache.{i}.value, scale)
 
 and the graph's cache inputs become ``cache.{i}.key|value [B, KVH, max_len, D]`` (no present
-outputs). The converter below lowers CachedAttention to two in-place writes (``call_tir_inplace``:
+outputs), float16 by default (``kv_dtype``: half the bytes a long-context step streams; the
+kernel widens rows to float32 as it loads them) or float32. The converter below lowers
+CachedAttention to two in-place writes (``call_tir_inplace``:
 the S new rows go to rows [T − S, T) of the caller's cache tensors, T = the mask's length) and one
 call of the attention kernel (csrc/kernels/attention.cc: per query head, scores over the T cached
 keys, softmax, weighted sum of values). The library's ``main`` then takes the caches and returns
@@ -116,8 +118,14 @@ def _match_layer(gr: _Graph, i: int):
     return [concat["key"], concat["value"], kt, k5, v5, scores, scaled, masked, probs, attn], new
 
 
-def rewrite(model: onnx.ModelProto, num_layers: int) -> tuple[onnx.ModelProto | None, str]:
-    """(the model with every layer's attention on an in-place cache, "") or (None, the reason)."""
+KV_DTYPES = {"float16": onnx.TensorProto.FLOAT16, "float32": onnx.TensorProto.FLOAT}
+
+
+def rewrite(model: onnx.ModelProto, num_layers: int, kv_dtype: str = "float16") -> tuple[onnx.ModelProto | None, str]:
+    """(the model with every layer's attention on an in-place cache of ``kv_dtype`` elements, "")
+    or (None, the reason)."""
+    if kv_dtype not in KV_DTYPES:
+        raise UnsupportedError(f"--kv-dtype must be one of {sorted(KV_DTYPES)}, got {kv_dtype!r}")
     gr = _Graph(model.graph)
     removed, added = set(), {}
     try:
@@ -147,6 +155,7 @@ def rewrite(model: onnx.ModelProto, num_layers: int) -> tuple[onnx.ModelProto | 
             vi2.name = CACHE.format(i=i, kv=kv)
             vi2.type.tensor_type.shape.dim[2].ClearField("dim_value")
             vi2.type.tensor_type.shape.dim[2].dim_param = MAX_LEN
+            vi2.type.tensor_type.elem_type = KV_DTYPES[kv_dtype]
         elif vi.name == "attention_mask":
             vi2.type.tensor_type.shape.dim[1].dim_param = TOTAL
         inputs.append(vi2)
@@ -161,9 +170,25 @@ def rewrite(model: onnx.ModelProto, num_layers: int) -> tuple[onnx.ModelProto | 
 # -- lowering -------------------------------------------------------------------------------------
 
 
-def _write_primfunc(d: int):
-    """cache [B, H, M, D] <- new [B, H, S, D] at rows [T − S, T); T from mask [B, 1, 1, S, T]."""
+def _write_primfunc(d: int, dtype: str):
+    """cache [B, H, M, D] <- new [B, H, S, D] at rows [T − S, T); T from mask [B, 1, 1, S, T].
+    A float16 cache is written by the kernel (shiftc_kv_write_f16: rounding to nearest even on
+    every target, with no dependence on the code generator's half-precision support)."""
     from tvm.script import tirx as T
+
+    from .shiftc_ops import EXTERN_ATTR
+
+    if dtype == "float16":
+        @T.prim_func(private=True)
+        def kv_write_f16(c_h: T.handle, n_h: T.handle, m_h: T.handle):
+            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+            b, h, m, s, t = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
+            cache = T.match_buffer(c_h, (b, h, m, d), "float16")
+            new = T.match_buffer(n_h, (b, h, s, d), "float32")
+            T.match_buffer(m_h, (b, 1, 1, s, t), "float32")
+            T.evaluate(T.call_extern("int32", "shiftc_kv_write_f16", cache.data, new.data, b * h, s, t, m, T.int64(d)))
+
+        return kv_write_f16.with_attr(EXTERN_ATTR, True).with_attr("op_pattern", 8)
 
     @T.prim_func(private=True)
     def kv_write(c_h: T.handle, n_h: T.handle, m_h: T.handle):
@@ -180,23 +205,25 @@ def _write_primfunc(d: int):
     return kv_write.with_attr("op_pattern", 8)  # opaque: fusion must not merge producers into an in-place write
 
 
-def _attention_primfunc(kvh: int, g: int, d: int, scale: float):
+def _attention_primfunc(kvh: int, g: int, d: int, scale: float, dtype: str):
     from tvm.script import tirx as T
 
     from .shiftc_ops import EXTERN_ATTR
+
+    kernel = "shiftc_attention_f16" if dtype == "float16" else "shiftc_attention"
 
     @T.prim_func(private=True)
     def cached_attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, m_h: T.handle, o_h: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         b, m, s, t = T.int64(), T.int64(), T.int64(), T.int64()
         q = T.match_buffer(q_h, (b, kvh, g, s, d), "float32")
-        kc = T.match_buffer(k_h, (b, kvh, m, d), "float32")
-        vc = T.match_buffer(v_h, (b, kvh, m, d), "float32")
+        kc = T.match_buffer(k_h, (b, kvh, m, d), dtype)
+        vc = T.match_buffer(v_h, (b, kvh, m, d), dtype)
         mask = T.match_buffer(m_h, (b, 1, 1, s, t), "float32")
         out = T.match_buffer(o_h, (b, kvh, g, s, d), "float32")
         for task in T.parallel(b * T.int64(kvh * g)):
             T.evaluate(T.call_extern(
-                "int32", "shiftc_attention", q.data, kc.data, vc.data, mask.data, b, T.int64(kvh), T.int64(g), s, t,
+                "int32", kernel, q.data, kc.data, vc.data, mask.data, b, T.int64(kvh), T.int64(g), s, t,
                 m, T.int64(d), T.float32(scale), out.data, task))
 
     return cached_attention.with_attr(EXTERN_ATTR, True).with_attr("op_pattern", 8)
@@ -211,10 +238,14 @@ def _cached_attention(bb, inputs, attrs, node):
     if len(qs) != 5 or len(ks) != 4 or len(cs) != 4:
         raise UnsupportedError(f"node '{node.name}' ({OP}): q {qs}, k {ks}, cache {cs}: expected ranks 5, 4, 4")
     kvh, g, d = int(qs[1]), int(qs[2]), int(qs[4])
+    dtype = str(kc.ty.dtype)
+    if dtype not in KV_DTYPES or str(vc.ty.dtype) != dtype:
+        raise UnsupportedError(f"node '{node.name}' ({OP}): caches of {kc.ty.dtype}/{vc.ty.dtype}, expected float16 or float32")
     ms = list(mask.ty.shape)
     mask = bb.emit(relax.op.broadcast_to(mask, [qs[0], 1, 1, qs[3], ms[-1]]))
-    write = bb.add_func(_write_primfunc(d), f"shiftc_kv_write_d{d}")
+    write = bb.add_func(_write_primfunc(d, dtype), f"shiftc_kv_write_{dtype}_d{d}")
     kc2 = bb.emit(relax.call_tir_inplace(write, [kc, k, mask], [0], kc.ty))
     vc2 = bb.emit(relax.call_tir_inplace(write, [vc, v, mask], [0], vc.ty))
-    attn = bb.add_func(_attention_primfunc(kvh, g, d, float(attrs["scale"])), f"shiftc_cached_attention_{kvh}x{g}x{d}")
+    attn = bb.add_func(_attention_primfunc(kvh, g, d, float(attrs["scale"]), dtype),
+                       f"shiftc_cached_attention_{dtype}_{kvh}x{g}x{d}")
     return relax.call_tir(attn, [q, kc2, vc2, mask], relax.TensorType(qs, "float32"))

@@ -131,6 +131,8 @@ class CompiledModel(Model):
         #: the library's main takes in-place caches (backend/kv_cache.py) instead of the ONNX
         #: graph's past/present tensors; run() adapts, LMSession keeps the caches
         self.kv_inplace = kv.get("mode") == "inplace"
+        #: element type of the in-place caches (libraries from before float16 caches: float32)
+        self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
 
     def _args(self, arrays):
         return [a if not isinstance(a, np.ndarray) else self._tensor(np.ascontiguousarray(a), self._device) for a in arrays]
@@ -153,16 +155,20 @@ class CompiledModel(Model):
 
     def _run_onnx_signature(self, arrays):
         """The ONNX graph's signature on a library with in-place caches: each past [B, KVH, P, D]
-        is copied into a cache of P + S rows, which after the step holds the present."""
+        is copied into a cache of P + S rows, which after the step holds the present (returned as
+        float32, the graph's type, whatever the cache's element type)."""
         ids, mask, pos, past = arrays[0], arrays[1], arrays[2], arrays[3:]
         s = np.asarray(ids).shape[1]
         caches = []
         for p in past:
             p = p.numpy() if hasattr(p, "numpy") else np.asarray(p)
-            c = np.zeros(p.shape[:2] + (p.shape[2] + s, p.shape[3]), np.float32)
+            c = np.zeros(p.shape[:2] + (p.shape[2] + s, p.shape[3]), self.kv_dtype)
             c[:, :, :p.shape[2]] = p
             caches.append(self.cache_tensor(c))
-        return [self.run_kv(ids, mask, pos, caches), *caches]
+        logits = self.run_kv(ids, mask, pos, caches)
+        if self.kv_dtype != np.float32:
+            caches = [self.cache_tensor(c.numpy().astype(np.float32)) for c in caches]
+        return [logits, *caches]
 
     def _to_numpy(self, value):
         return value.numpy()
@@ -386,7 +392,7 @@ class LMSession:
         shape = (self.batch, self.kv_heads, rows, self.head_dim)
         grown = []
         for old in self.past or [None] * (2 * self.num_layers):
-            c = np.zeros(shape, np.float32)
+            c = np.zeros(shape, self.model.kv_dtype)
             if old is not None and self.length:
                 c[:, :, :self.length] = old.numpy()[:, :, :self.length]
             grown.append(self.model.cache_tensor(c))

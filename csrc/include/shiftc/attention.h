@@ -7,9 +7,11 @@
 //
 //   out[b, h, g, s, :] = sum_t softmax_t(scale * <q[b, h, g, s, :], K[b, h, t, :]> + mask[b, s, t]) V[b, h, t, :]
 //
-// with grouped-query heads (G query heads per KV head, h = KV head). Shapes, row-major float32:
-//   q     [B, KVH, G, S, D]
-//   kc/vc [B, KVH, M, D]        cache rows >= T are not read
+// with grouped-query heads (G query heads per KV head, h = KV head). Shapes, row-major:
+//   q     [B, KVH, G, S, D]     float32
+//   kc/vc [B, KVH, M, D]        float32 (shiftc_attention) or float16 bit patterns
+//                               (shiftc_attention_f16); cache rows >= T are not read
+// (mask and out float32)
 //   mask  [B, S, T]             additive (0 = visible, a large negative value = masked)
 //   out   [B, KVH, G, S, D]
 // A mask entry <= SHIFTC_ATTN_MASKED skips its key (its softmax weight underflows to exactly 0 in
@@ -18,9 +20,12 @@
 //
 // Calling convention: tasks are the B * KVH * G (sequence, query head) pairs and are independent:
 //   for task in [0, B*KVH*G) in parallel: shiftc_attention(..., task)
-// Returns 0, or -1 on invalid arguments. x86-64 builds carry AVX-512, AVX2+FMA and generic
-// versions chosen when the library is loaded (GCC function multi-versioning); elsewhere the
-// generic code is compiled for the target's baseline (NEON on aarch64).
+// Returns 0, or -1 on invalid arguments. x86-64 builds (GCC) carry AVX-512, AVX2+FMA+F16C and
+// baseline copies of the loops, the best the CPU runs chosen at the first call; elsewhere the
+// baseline copy is compiled for the target (NEON on aarch64).
+//
+// A float16 cache is written by shiftc_kv_write_f16: rows [T - S, T) of cache [BH, M, D] (BH =
+// B * KVH) <- rows [BH, S, D] of float32, rounded to nearest even.
 #pragma once
 
 #include <stdint.h>
@@ -33,6 +38,16 @@ extern "C" {
 
 int shiftc_attention(const float* q, const float* kc, const float* vc, const float* mask, int64_t B, int64_t KVH,
                      int64_t G, int64_t S, int64_t T, int64_t M, int64_t D, float scale, float* out, int64_t task);
+int shiftc_attention_f16(const float* q, const uint16_t* kc, const uint16_t* vc, const float* mask, int64_t B,
+                         int64_t KVH, int64_t G, int64_t S, int64_t T, int64_t M, int64_t D, float scale, float* out,
+                         int64_t task);
+int shiftc_kv_write_f16(uint16_t* cache, const float* rows, int64_t BH, int64_t S, int64_t T, int64_t M, int64_t D);
+
+// The instruction set of the loops: 0 = best available (the default), 1 = baseline, 2 = AVX2,
+// 3 = AVX-512, 4 = NEON (numbering of shiftc_bcq_set_isa). Returns the set now used, or -1 if
+// this CPU or build lacks it. shiftc_attention_isa: the set now used.
+int shiftc_attention_set_isa(int isa);
+int shiftc_attention_isa(void);
 
 #ifdef __cplusplus
 }
