@@ -111,6 +111,25 @@ def test_llama_decoder_matches_torch(tiny_llama_dir, tiny_llama):
     assert_close(got, ref, rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what="compiled vs torch")
 
 
+def test_decoder_rope_computed_in_graph_and_positions_limited(tiny_llama_dir, tmp_path):
+    """No [max_positions, D/2] rotary tables in the model (angles are computed per step, in
+    float64); the model's position limit is recorded and a session refuses to pass it."""
+    import onnx
+
+    from shiftc.errors import RuntimeInputError
+
+    path = str(tmp_path / "m.onnx")
+    shiftc.export(tiny_llama_dir, path, max_positions=16)
+    m = onnx.load(path)
+    assert {"rope.inv_freq"} <= {t.name for t in m.graph.initializer}
+    assert not [t.name for t in m.graph.initializer if 16 in t.dims], "a table sized by the position count"
+    s = shiftc.load(path).lm_session()
+    s.step(np.arange(1, 13)[None])
+    s.step(np.array([[5, 6, 7, 8]]))
+    with pytest.raises(RuntimeInputError, match="17 tokens exceed the model's 16 positions"):
+        s.step(np.array([[9]]))
+
+
 @pytest.mark.slow
 def test_smollm2_real_weights(smollm2_build):
     onnx_path, lib = smollm2_build

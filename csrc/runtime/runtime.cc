@@ -435,6 +435,7 @@ std::vector<float> Model::OutputFloats(const std::string& name) const {
 struct LMSession::Impl {
   std::shared_ptr<Model::Impl> model;
   int64_t layers = 0, kv_heads = 0, head_dim = 0, vocab = 0, length = 0;
+  int64_t max_positions = 0;  // 0: no limit recorded
   std::vector<int64_t> eos;
   std::vector<ffi::Tensor> past;  // key/value per layer: [1, kv_heads, length or capacity, head_dim]
   int64_t capacity = 0;           // in-place caches: rows allocated (grown by doubling)
@@ -453,6 +454,8 @@ LMSession::LMSession(const Model& model) : impl_(std::make_unique<Impl>()) {
     s.kv_heads = Field(d, "num_kv_heads").cast<int64_t>();
     s.head_dim = Field(d, "head_dim").cast<int64_t>();
     s.vocab = Field(d, "vocab_size").cast<int64_t>();
+    auto maxp = d.find(ffi::String("max_positions"));
+    if (maxp != d.end()) s.max_positions = (*maxp).second.cast<int64_t>();
     auto eos = d.find(ffi::String("eos_token_ids"));
     if (eos != d.end())
       for (const ffi::Any& e : (*eos).second.cast<ffi::Array<ffi::Any>>()) s.eos.push_back(e.cast<int64_t>());
@@ -483,6 +486,9 @@ std::vector<float> LMSession::Step(const std::vector<int64_t>& token_ids) {
     if (t < 0 || t >= s.vocab)
       throw Error(m.path + ": token id " + std::to_string(t) + " out of range [0, " + std::to_string(s.vocab) + ")");
   const int64_t seq = static_cast<int64_t>(token_ids.size()), total = s.length + seq;
+  if (s.max_positions > 0 && total > s.max_positions)
+    throw Error(m.path + ": " + std::to_string(total) + " tokens exceed the model's " + std::to_string(s.max_positions) +
+                " positions (shiftc export --max-positions)");
   std::vector<int64_t> mask(static_cast<size_t>(total), 1), pos(token_ids.size());
   for (int64_t i = 0; i < seq; ++i) pos[static_cast<size_t>(i)] = s.length + i;
   const DLDataType i64{kDLInt, 64, 1};

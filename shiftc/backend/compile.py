@@ -262,7 +262,7 @@ def _last_line(exc: BaseException) -> str:
 
 # linker options of the library: no debug sections (the kernels' object carries
 # some); the dynamic symbols the runtime looks the functions up by stay
-LINK_OPTIONS = ["-Wl,--strip-debug"]
+LINK_OPTIONS = ["-Wl,--strip-debug", "-Wl,--gc-sections"]
 
 
 def _export_options(spec: TargetSpec) -> dict:

@@ -26,7 +26,7 @@ _HEADER = Path("include") / "shiftc" / "bcq_lut.h"
 # every source linked into model libraries, with the header it includes
 _SOURCES = ((_SOURCE, _HEADER), (Path("kernels") / "attention.cc", Path("include") / "shiftc" / "attention.h"))
 _INCLUDED = (Path("kernels") / "attention_isa.inc",)  # included by a source above: part of the cache key
-FLAGS = ["-O3", "-fPIC", "-std=c++17", "-fno-math-errno"]
+FLAGS = ["-O3", "-fPIC", "-std=c++17", "-fno-math-errno", "-ffunction-sections", "-fdata-sections", "-fvisibility=hidden"]
 
 
 def csrc_dir() -> Path:

@@ -370,6 +370,7 @@ class LMSession:
         self.num_layers, self.kv_heads, self.head_dim = d["num_layers"], d["num_kv_heads"], d["head_dim"]
         self.vocab = d["vocab_size"]
         self.eos = set(d.get("eos_token_ids", []))
+        self.max_positions = d.get("max_positions")  # None: no limit recorded
         self.reset()
 
     def reset(self) -> None:
@@ -412,6 +413,10 @@ class LMSession:
         if b != self.batch:
             raise RuntimeInputError(f"batch of {b} sequences given to a session of batch {self.batch}")
         total = self.length + s
+        if self.max_positions and total > self.max_positions:
+            raise RuntimeInputError(
+                f"{self.model.path}: {total} tokens exceed the model's {self.max_positions} positions "
+                "(shiftc export --max-positions)")
         mask = np.ones((b, total), np.int64)
         pos = np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (b, s)).copy()
         if self.length == 0:

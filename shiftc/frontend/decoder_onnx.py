@@ -52,6 +52,7 @@ class DecoderSpec:
     head_dim: int
     vocab_size: int
     eos_token_ids: tuple[int, ...]
+    max_positions: int | None = None  # longest sequence (prompt + generated) the model supports
 
     def to_json(self) -> dict:
         return {
@@ -60,6 +61,7 @@ class DecoderSpec:
             "head_dim": self.head_dim,
             "vocab_size": self.vocab_size,
             "eos_token_ids": list(self.eos_token_ids),
+            **({"max_positions": self.max_positions} if self.max_positions else {}),
         }
 
 
@@ -102,7 +104,8 @@ def _np(t) -> np.ndarray:
     return t.detach().to("cpu").float().numpy()
 
 
-def _rope_tables(config, head_dim: int, max_pos: int) -> tuple[np.ndarray, np.ndarray]:
+def _rope_inv_freq(config, head_dim: int) -> np.ndarray:
+    """theta^(-2i/D) for i < D/2, float64."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
@@ -112,10 +115,7 @@ def _rope_tables(config, head_dim: int, max_pos: int) -> tuple[np.ndarray, np.nd
             f"rotary embedding type '{rope_type}' is not supported by the decoder exporter "
             "(supported: default)"
         )
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    t = np.arange(max_pos, dtype=np.float64)
-    freqs = np.outer(t, inv_freq)  # [max_pos, D/2]
-    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+    return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
 
 
 def check_supported(config) -> None:
@@ -148,15 +148,18 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
 
     g = _Graph()
     emb_name = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]))
-    cos_t, sin_t = _rope_tables(config, head_dim, max_pos)
-    # cos/sin tables hold D/2 columns; rope is applied on the two halves separately.
-    cos_name, sin_name = g.init("rope.cos", cos_t), g.init("rope.sin", sin_t)
+    inv_freq = g.init("rope.inv_freq", _rope_inv_freq(config, head_dim))  # float64 [D/2]
 
     h = g.op("Gather", [emb_name, "input_ids"], "embed", axis=0)
 
-    # Rotary tables for the new positions, broadcastable to q [B,KVH,G,S,D/2] and k [B,KVH,S,D/2].
-    cos = g.op("Gather", [cos_name, "position_ids"], "rope_cos", axis=0)  # [B,S,D/2]
-    sin = g.op("Gather", [sin_name, "position_ids"], "rope_sin", axis=0)
+    # Rotary angles of the new positions, computed per step (no [max_pos, D/2] tables in the model:
+    # 0.5 MB for 2048 positions of D = 64) in float64, so that cos/sin are as exact as tables made
+    # in float64 were, then broadcastable to q [B,KVH,G,S,D/2] and k [B,KVH,S,D/2]; rope is applied
+    # on the two halves separately.
+    pos = g.op("Cast", ["position_ids"], "rope_pos", to=TensorProto.DOUBLE)
+    angle = g.op("Mul", [g.op("Unsqueeze", [pos, g.const_i64([2])], "rope_pos3"), inv_freq], "rope_angle")  # [B,S,D/2]
+    cos = g.op("Cast", [g.op("Cos", [angle], "rope_cos64")], "rope_cos", to=TensorProto.FLOAT)
+    sin = g.op("Cast", [g.op("Sin", [angle], "rope_sin64")], "rope_sin", to=TensorProto.FLOAT)
     cos_k = g.op("Unsqueeze", [cos, g.const_i64([1])], "rope_cos_k")  # [B,1,S,D/2]
     sin_k = g.op("Unsqueeze", [sin, g.const_i64([1])], "rope_sin_k")
     cos_q = g.op("Unsqueeze", [cos_k, g.const_i64([1])], "rope_cos_q")  # [B,1,1,S,D/2]
@@ -260,5 +263,5 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
     onnx_model.ir_version = 8
     eos = getattr(config, "eos_token_id", None)
     eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    spec = DecoderSpec(n_layers, n_kv, head_dim, vocab, tuple(int(e) for e in eos_ids))
+    spec = DecoderSpec(n_layers, n_kv, head_dim, vocab, tuple(int(e) for e in eos_ids), max_pos)
     return onnx_model, spec
