@@ -176,6 +176,7 @@ enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kNeon = 4 };
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512dq")
 namespace shiftc_attn_avx512 {
 constexpr bool kVectorPaths = true;
+constexpr bool kTransposeSums = true;  // two-source shuffles are one vpermt2ps each
 SHIFTC_INLINE v16f load16(const uint16_t* p) {
   const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   v16f r;
@@ -195,6 +196,7 @@ SHIFTC_INLINE void store16(uint16_t* p, v16f x) {
 #pragma GCC target("avx2,fma,f16c")
 namespace shiftc_attn_avx2 {
 constexpr bool kVectorPaths = true;
+constexpr bool kTransposeSums = false;  // 16-lane two-source shuffles split over ymm halves cost more
 SHIFTC_INLINE v16f load16(const uint16_t* p) {
   const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
@@ -220,6 +222,7 @@ namespace shiftc_attn_base {
 // x86-64 CPUs without AVX2 and F16C (before 2013) take the scalar loops: a compact library
 // matters more there than their speed; NEON and other targets keep the 16-lane paths
 constexpr bool kVectorPaths = !SHIFTC_ATTN_X86;
+constexpr bool kTransposeSums = false;
 #if SHIFTC_ATTN_NEON
 SHIFTC_INLINE v16f load16(const uint16_t* p) {
   v16f r;

@@ -20,7 +20,6 @@ tokenizer recorded in the model (``shiftc.tokenizer``) or given explicitly.
 
 from __future__ import annotations
 
-import concurrent.futures
 
 import numpy as np
 import onnx
@@ -89,18 +88,12 @@ def collect_hessians(model: onnx.ModelProto, inputs: list[str], windows: np.ndar
             else:
                 hs[n] = h.astype(np.float64)
 
-    # XᵀX of window i (BLAS, GIL released) runs on a thread while ONNX Runtime runs window i + 1:
-    # the same sums in the same order, the two halves of the work overlapped
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = None
-        for w in windows:
-            outs = sess.run(names, _decoder_feeds(model, w[None]))
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(accumulate, outs)
-            progress.update()
-        if pending is not None:
-            pending.result()
+    # one window after the other: ONNX Runtime's threads, then BLAS's for XᵀX. Overlapping the two
+    # (XᵀX of window i on a thread while ONNX Runtime runs window i + 1) puts both thread pools on
+    # the same cores: 2.3 s per window against 1.15 s in turn (SmolLM2-135M, 512 tokens, 2 cores)
+    for w in windows:
+        accumulate(sess.run(names, _decoder_feeds(model, w[None])))
+        progress.update()
     return hs
 
 
