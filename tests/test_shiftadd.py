@@ -358,3 +358,32 @@ def test_compressed_model_compiles_and_matches_onnxruntime(tiny_onnx, tmp_path):
     sc, sr = shiftc.load(lib).lm_session(), shiftc.load(out).lm_session()
     for chunk in (ids, np.array([[7]]), np.array([[4000]])):
         np.testing.assert_allclose(sc.step(chunk), sr.step(chunk), rtol=TOL_COMPILED_BCQ[0], atol=TOL_COMPILED_BCQ[1])
+
+
+def test_layer_damp_reaches_each_layers_fit(tiny_onnx, tmp_path, monkeypatch):
+    """layer_damp ({name or glob: damp}) sets GPTQ's damping per layer (a tied head damped more
+    keeps its rows, which the embedding reads, closer to the weights); bad values are refused."""
+    from shiftc.passes import shiftadd
+    from shiftc.passes.recipe import load_recipe
+
+    seen = {}
+    fit = shiftadd.fit_layer
+
+    def spy(w, h, bits, group, **kw):
+        seen[w.shape] = seen.get(w.shape, set()) | {kw["damp"]}
+        return fit(w, h, bits, group, **kw)
+
+    monkeypatch.setattr(shiftadd, "fit_layer", spy)
+    m = onnx.load(tiny_onnx)
+    cfg = shiftadd.ShiftAddConfig(scale_mode="uniform", bits=3, group=32, tied_embedding=True, workers=1,
+                                  layer_damp={"lm_head": 0.5})
+    shiftadd.ShiftAddPass(cfg)(m, None)
+    head = [shape for shape in seen if shape[0] == 49152]
+    assert len(head) == 1 and seen.pop(head[0]) == {0.5}
+    assert seen and all(d == {cfg.damp} for d in seen.values())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("shiftadd:\n  scale_mode: uniform\n  layer_damp: {lm_head: 0.1}\n")
+    assert load_recipe(str(recipe)).shiftadd.layer_damp == {"lm_head": 0.1}
+    recipe.write_text("shiftadd:\n  layer_damp: {lm_head: -1}\n")
+    r = run_cli("compress", tiny_onnx, "-o", str(tmp_path / "x.onnx"), "--recipe", str(recipe))
+    assert r.returncode == EXIT_USAGE and "layer_damp 'lm_head'" in r.stderr

@@ -19,6 +19,9 @@ Schema (every key optional; the values shown are the defaults)::
       #                        smallest, but the head's bits then quantize the embedding too
       layer_bits: {}       # {initializer name or glob: bits}, first match wins
       layer_group: {}      # {initializer name or glob: group}, first match wins
+      layer_damp: {}       # {initializer name or glob: damp}, first match wins (a tied LM head, named
+      #                      lm_head, fitted with more damping keeps its rows closer to the weights:
+      #                      H + λ·mean(diag H)·I weighs weight error, which the embedding reads)
       skip: []             # globs of layer names left in fp32
       workers: 0           # processes quantizing layers side by side (0: --threads, else one per core)
       distill_steps: 0     # fine-tune the scales vs the fp32 model, kept powers of two (0: off)  (--distill-steps)
@@ -153,6 +156,9 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
     for name, g in [("", s.group)] + [(f" (layer_group '{k}')", v) for k, v in s.layer_group.items()]:
         if not isinstance(g, int) or g < 32 or g % 32:
             bad("--group" + name, f"must be a positive multiple of 32, got {g!r}")
+    for k, d in s.layer_damp.items():
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 10:
+            bad(f"layer_damp '{k}'", f"must be in [0, 10), got {d!r}")
     if s.embedding_bits not in (0, *uniform.BITS):
         bad("embedding_bits", f"must be 0 (fp32 table) or one of {uniform.BITS}, got {s.embedding_bits!r}")
     if not isinstance(s.embedding_group, int) or s.embedding_group < 1:
@@ -229,5 +235,6 @@ def load_recipe(path: str | os.PathLike) -> CompressConfig:
     if cfg.shiftadd is not None:
         cfg.shiftadd.layer_bits = dict(cfg.shiftadd.layer_bits or {})
         cfg.shiftadd.layer_group = dict(cfg.shiftadd.layer_group or {})
+        cfg.shiftadd.layer_damp = dict(cfg.shiftadd.layer_damp or {})
         cfg.shiftadd.skip = list(cfg.shiftadd.skip or [])
     return validate(cfg, f"--recipe '{path}'")

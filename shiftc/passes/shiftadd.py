@@ -60,6 +60,7 @@ class ShiftAddConfig(DistillFields):  # + distill_* keys: distillation of the sc
     tied_embedding: bool = False  # instead, a tied table's Gather reads the head's planes (BcqGather)
     layer_bits: dict[str, int] = field(default_factory=dict)
     layer_group: dict[str, int] = field(default_factory=dict)  # {name or glob: group}, first match wins
+    layer_damp: dict[str, float] = field(default_factory=dict)  # {name or glob: damp}, first match wins
     skip: list[str] = field(default_factory=list)
     workers: int = 0  # processes quantizing layers side by side (0: one per core, 1: in this process)
 
@@ -69,11 +70,14 @@ class ShiftAddConfig(DistillFields):  # + distill_* keys: distillation of the sc
     def group_for(self, name: str) -> int:
         return _first_match(self.layer_group, name, self.group)
 
+    def damp_for(self, name: str) -> float:
+        return float(_first_match(self.layer_damp, name, self.damp, float))
 
-def _first_match(table: dict, name: str, default: int) -> int:
+
+def _first_match(table: dict, name: str, default, kind=int):
     for pattern, v in table.items():
         if fnmatch.fnmatchcase(name, pattern):
-            return int(v)
+            return kind(v)
     return default
 
 
@@ -171,8 +175,8 @@ class ShiftAddPass:
     def quantize(self, t: Target, w: np.ndarray, h: np.ndarray | None) -> bcq.BcqResult | uniform.UniformResult:
         """The fit of one target's weight W [N, K] with H = XᵀX of its input (None: data-free)."""
         cfg = self.config
-        return fit_layer(w, h, cfg.bits_for(t.name), cfg.group_for(t.name), scale_mode=cfg.scale_mode, damp=cfg.damp,
-                         act_order=cfg.act_order, iters=cfg.iters)
+        return fit_layer(w, h, cfg.bits_for(t.name), cfg.group_for(t.name), scale_mode=cfg.scale_mode,
+                         damp=cfg.damp_for(t.name), act_order=cfg.act_order, iters=cfg.iters)
 
     def quantize_all(self, targets: list[Target], inits: dict[str, onnx.TensorProto],
                      hessians: dict[str, np.ndarray] | None, results: dict | None = None) -> dict[str, bcq.BcqResult]:
@@ -223,7 +227,7 @@ class ShiftAddPass:
                         break
                     w, h = job(t)
                     pending[ex.submit(_quantize_job, w, h, cfg.bits_for(t.name), cfg.group_for(t.name),
-                                      scale_mode=cfg.scale_mode, damp=cfg.damp, act_order=cfg.act_order,
+                                      scale_mode=cfg.scale_mode, damp=cfg.damp_for(t.name), act_order=cfg.act_order,
                                       iters=cfg.iters)] = t.name
                 if not pending:
                     break

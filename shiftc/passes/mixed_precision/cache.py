@@ -33,7 +33,8 @@ def digest(a: np.ndarray | None) -> str:
 
 def result_key(name: str, w_digest: str, h_digest: str, bits: int, cfg) -> str:
     group = cfg.group_for(name) if hasattr(cfg, "group_for") else cfg.group
-    s = "|".join(map(str, (name, w_digest, h_digest, bits, group, cfg.scale_mode, cfg.damp, cfg.act_order, cfg.iters)))
+    damp = cfg.damp_for(name) if hasattr(cfg, "damp_for") else cfg.damp
+    s = "|".join(map(str, (name, w_digest, h_digest, bits, group, cfg.scale_mode, damp, cfg.act_order, cfg.iters)))
     return hashlib.sha1(s.encode()).hexdigest()[:16]
 
 

@@ -196,8 +196,8 @@ def quantize_layer(name: str, w: np.ndarray, h: np.ndarray | None, bits: int, cf
     key = result_key(name, w_digest or digest(w), h_digest or digest(h), bits, cfg)
     r = cache.get(name, bits, key, w.shape[1], group, cfg.scale_mode)
     if r is None:
-        r = shiftadd.fit_layer(w, h, bits, group, scale_mode=cfg.scale_mode, damp=cfg.damp, act_order=cfg.act_order,
-                               iters=cfg.iters)
+        r = shiftadd.fit_layer(w, h, bits, group, scale_mode=cfg.scale_mode, damp=cfg.damp_for(name),
+                               act_order=cfg.act_order, iters=cfg.iters)
         cache.put_result(name, bits, key, r)
     return r
 
