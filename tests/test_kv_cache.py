@@ -182,60 +182,52 @@ def _attention_ref(q, kc, vc, mask, scale):
     return np.einsum("bhgst,bhtd->bhgsd", p / p.sum(-1, keepdims=True), v)
 
 
-ISAS = ["scalar", "avx2", "avx512", "neon"]
-
-
-@pytest.mark.parametrize("isa", ISAS)
-def test_attention_kernel_on_every_isa(isa):
-    """The kernel's copies for each instruction set, float32 and float16 caches, decode (S = 1)
-    and prefill rows, D = 64 / 128 (vector paths) and 40 (any D), masked keys, against numpy."""
+@pytest.fixture(params=["scalar", "avx2", "avx512", "neon"])
+def attention_isa(request):
+    """The native module's attention kernel set to one instruction set (skipped where absent)."""
     from shiftc import _native as nat
 
     try:
-        nat.attention_set_isa(isa)
+        nat.attention_set_isa(request.param)
     except ValueError:
-        pytest.skip(f"this CPU has no {isa}")
-    try:
-        rng = np.random.default_rng(3)
-        for d in (64, 128, 40):
-            for s, t in ((1, 300), (37, 200)):
-                b, kvh, g, m = 2, 3, 3, 320
-                q = rng.standard_normal((b, kvh, g, s, d)).astype(np.float32)
-                kc, vc = (rng.standard_normal((b, kvh, m, d)).astype(np.float32) for _ in range(2))
-                mask = np.zeros((b, s, t), np.float32)
-                for r in range(s):
-                    mask[:, r, t - s + r + 1:] = -1e9  # causal
-                mask[1, :, :5] = -1e9  # left padding
-                for dtype in (np.float32, np.float16):
-                    k, v = kc.astype(dtype), vc.astype(dtype)
-                    got = nat.attention(q, k, v, mask, 0.125)
-                    np.testing.assert_allclose(got, _attention_ref(q, k, v, mask, 0.125), rtol=0, atol=ATOL_KERNEL,
-                                               err_msg=f"{isa} D={d} S={s} {dtype.__name__}")
-    finally:
-        nat.attention_set_isa("auto")
+        pytest.skip(f"this CPU has no {request.param}")
+    yield nat, request.param
+    nat.attention_set_isa("auto")
 
 
-@pytest.mark.parametrize("isa", ISAS)
-def test_float16_cache_writes_round_like_numpy(isa):
+def test_attention_kernel_on_every_isa(attention_isa):
+    """The kernel's copies for each instruction set, float32 and float16 caches, decode (S = 1)
+    and prefill rows, D = 64 / 128 (vector paths) and 40 (any D), masked keys, against numpy."""
+    nat, isa = attention_isa
+    rng = np.random.default_rng(3)
+    for d in (64, 128, 40):
+        for s, t in ((1, 300), (37, 200)):
+            b, kvh, g, m = 2, 3, 3, 320
+            q = rng.standard_normal((b, kvh, g, s, d)).astype(np.float32)
+            kc, vc = (rng.standard_normal((b, kvh, m, d)).astype(np.float32) for _ in range(2))
+            mask = np.zeros((b, s, t), np.float32)
+            for r in range(s):
+                mask[:, r, t - s + r + 1:] = -1e9  # causal
+            mask[1, :, :5] = -1e9  # left padding
+            for dtype in (np.float32, np.float16):
+                k, v = kc.astype(dtype), vc.astype(dtype)
+                got = nat.attention(q, k, v, mask, 0.125)
+                np.testing.assert_allclose(got, _attention_ref(q, k, v, mask, 0.125), rtol=0, atol=ATOL_KERNEL,
+                                           err_msg=f"{isa} D={d} S={s} {dtype.__name__}")
+
+
+def test_float16_cache_writes_round_like_numpy(attention_isa):
     """shiftc_kv_write_f16 rounds to nearest even bit for bit as numpy's float16 cast does,
     subnormals, overflow to infinity, infinities and D not a multiple of 16 included, and writes
     only rows [T - S, T)."""
-    from shiftc import _native as nat
-
-    try:
-        nat.attention_set_isa(isa)
-    except ValueError:
-        pytest.skip(f"this CPU has no {isa}")
-    try:
-        rng = np.random.default_rng(4)
-        for d in (64, 40):
-            rows = (rng.standard_normal((2, 3, 4, d)) * np.logspace(-9, 5, d)).astype(np.float32)
-            rows[0, 0, 0, :6] = [1e-7, 7e4, -3e-6, np.inf, -np.inf, 65519.0]
-            cache = np.full((2, 3, 16, d), 7, np.float16)
-            with np.errstate(over="ignore"):
-                want = rows.astype(np.float16)
-            nat.kv_write_f16(cache, rows, 10)
-            assert np.array_equal(cache[:, :, 6:10].view(np.uint16), want.view(np.uint16)), f"{isa} D={d}"
-            assert (cache[:, :, :6] == 7).all() and (cache[:, :, 10:] == 7).all()
-    finally:
-        nat.attention_set_isa("auto")
+    nat, isa = attention_isa
+    rng = np.random.default_rng(4)
+    for d in (64, 40):
+        rows = (rng.standard_normal((2, 3, 4, d)) * np.logspace(-9, 5, d)).astype(np.float32)
+        rows[0, 0, 0, :6] = [1e-7, 7e4, -3e-6, np.inf, -np.inf, 65519.0]
+        cache = np.full((2, 3, 16, d), 7, np.float16)
+        with np.errstate(over="ignore"):
+            want = rows.astype(np.float16)
+        nat.kv_write_f16(cache, rows, 10)
+        assert np.array_equal(cache[:, :, 6:10].view(np.uint16), want.view(np.uint16)), f"{isa} D={d}"
+        assert (cache[:, :, :6] == 7).all() and (cache[:, :, 10:] == 7).all()
