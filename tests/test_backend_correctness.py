@@ -18,7 +18,10 @@ TOL_CNN = (1e-4, 1e-5)
 TOL_EFFICIENTNET = (1e-3, 2e-3)  # 16 MBConv blocks of depthwise + pointwise convs
 TOL_ENCODER = (1e-4, 1e-4)
 TOL_DECODER = (1e-4, 2e-4)
-TOL_SMOLLM2_LOGITS = (1e-3, 5e-3)  # 30 layers, logits of magnitude ~20
+TOL_SMOLLM2_LOGITS = (1e-3, 5e-3)  # 30 layers, logits of magnitude ~20, float32 KV cache
+# the same through the default float16 cache (keys and values rounded to 2^-12 relative in every
+# layer): measured up to 0.045 on logits of ~20
+TOL_SMOLLM2_LOGITS_KV16 = (1e-2, 0.1)
 
 
 def _compile_factory(factory: str, tmp_path):
@@ -137,10 +140,11 @@ def test_smollm2_real_weights(smollm2_build):
     sc, sr = compiled.lm_session(), ref.lm_session()
     prompt = np.random.default_rng(0).integers(0, 49152, (1, 12))
     a, b = sc.step(prompt), sr.step(prompt)
-    assert_close(a, b, rtol=TOL_SMOLLM2_LOGITS[0], atol=TOL_SMOLLM2_LOGITS[1], what="smollm2 prefill")
+    tol = TOL_SMOLLM2_LOGITS_KV16 if compiled.kv_dtype == np.float16 else TOL_SMOLLM2_LOGITS
+    assert_close(a, b, rtol=tol[0], atol=tol[1], what="smollm2 prefill")
     for t in (5, 17, 300):
         a, b = sc.step(np.array([[t]])), sr.step(np.array([[t]]))
-        assert_close(a, b, rtol=TOL_SMOLLM2_LOGITS[0], atol=TOL_SMOLLM2_LOGITS[1], what="smollm2 decode")
+        assert_close(a, b, rtol=tol[0], atol=tol[1], what="smollm2 decode")
     assert a.argmax() == b.argmax()
 
 

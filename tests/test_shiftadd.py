@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import ort_run, run_cli
+from conftest import TOL_KV16, ort_run, run_cli
 from shiftc import _native as nat
 from shiftc.errors import EXIT_USAGE
 from shiftc.passes import bcq, ops
@@ -342,7 +342,7 @@ def test_cli_bad_recipe(tiny_onnx, tmp_path):
     assert r.returncode == EXIT_USAGE and "--group" in r.stderr
 
 
-TOL_COMPILED_BCQ = (1e-4, 1e-4)  # compiled (weights reconstructed at compile time) vs ORT function bodies
+TOL_COMPILED_BCQ = TOL_KV16  # compiled (lut16 kernels, float16 KV cache) vs ORT function bodies
 
 
 def test_compressed_model_compiles_and_matches_onnxruntime(tiny_onnx, tmp_path):
