@@ -153,3 +153,35 @@ def test_out_of_range_token_ids_refused(tiny_llama):
     with pytest.raises(RuntimeInputError, match="token ids"):
         s.step(np.array([[-1]]))
     assert s.length == 0  # nothing ran
+
+
+def test_gguf_of_an_unsupported_decoder_is_refused_by_name(tmp_path):
+    """A GGUF's config names no architectures; it holds a decoder, so an unsupported one (Gemma 3
+    here, a header-only file) is refused by name before any weight loads, never exported as an
+    encoder."""
+    import gguf
+
+    path = str(tmp_path / "g3.gguf")
+    w = gguf.GGUFWriter(path, "gemma3")
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_block_count(1)
+    w.add_feed_forward_length(128)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_key_length(32)
+    w.add_value_length(32)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([b"<s>", b"a"])
+    w.add_token_scores([0.0, 0.0])
+    w.add_token_types([1, 1])
+    w.add_tensor("token_embd.weight", np.zeros((2, 64), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "g3.onnx"
+    r = run_cli("export", path, "-o", str(out))
+    assert r.returncode == EXIT_UNSUPPORTED and "gemma3" in r.stderr and path in r.stderr, r.stderr
+    assert not out.exists()

@@ -89,7 +89,14 @@ def load_hf_model(src: str, *, kind: str | None = None):
     except Exception as exc:
         raise BadInputError(f"'{src}': cannot read the model configuration: {_first(exc)}") from exc
     archs = list(getattr(config, "architectures", None) or [])
-    task = _task_from_config(config, archs, src)
+    task = _task_from_config(config, archs, src, gguf=bool(gguf))
+    if task == "causal-lm":
+        from .decoder_onnx import check_supported
+
+        try:
+            check_supported(config)  # before the weights load: an unsupported decoder fails fast, by name
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"'{src}': {exc}") from exc
     auto = {
         "causal-lm": transformers.AutoModelForCausalLM,
         "image-classification": transformers.AutoModelForImageClassification,
@@ -104,8 +111,10 @@ def load_hf_model(src: str, *, kind: str | None = None):
     return model, task, tok_src
 
 
-def _task_from_config(config, archs: list[str], src: str) -> str:
+def _task_from_config(config, archs: list[str], src: str, gguf: bool = False) -> str:
     if any(a.endswith("ForCausalLM") for a in archs) or (not archs and config.model_type in ("llama", "mistral", "qwen2")):
+        return "causal-lm"
+    if gguf:  # a GGUF holds a llama.cpp decoder; its config names no architectures
         return "causal-lm"
     if any(a.endswith("ForImageClassification") for a in archs):
         return "image-classification"
