@@ -156,7 +156,7 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, bits: int |
     then compiled and measured: over it, the latency model is refitted on that measurement and the
     plan made again, ``latency_verify`` compiled plans at most, default 2);
     ``size_budget_mb`` instead bounds the whole output: the bytes of every initializer (quantized
-    layers as stored, the embedding table, norms, rope tables, anything left fp32) at most this many
+    layers as stored, the embedding table, norms, rotary frequencies, anything left fp32) at most this many
     megabytes (10^6 bytes); give one of ``bits_budget`` / ``size_budget_mb``.
     ``mp_cache`` keeps per-layer results between runs. Writes OUT.report.json/.html
     (``report=False``: not), with perplexity before/after when ``report_eval_tokens`` > 0.

@@ -12,6 +12,7 @@
 // call (shiftc_attention_set_isa overrides it). Self-contained like bcq_lut.cc: `shiftc compile`
 // compiles it standalone into decoder libraries, for x86-64 and aarch64, with no ISA flags.
 #include "shiftc/attention.h"
+#include "shiftc/cpu_isa.h"
 
 #include <math.h>
 #include <string.h>
@@ -21,7 +22,6 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SHIFTC_ATTN_X86 1
-#include <cpuid.h>
 #include <immintrin.h>
 #else
 #define SHIFTC_ATTN_X86 0
@@ -258,14 +258,8 @@ bool isa_available(int isa) {
   if (isa == kNeon) return true;
 #endif
 #if SHIFTC_ATTN_X86
-  __builtin_cpu_init();
-  unsigned a, b, c, d;
-  const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && ((c >> 29) & 1);  // F16C: CPUID.1:ECX bit 29
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
-  if (isa == kAvx2) return avx2;
-  if (isa == kAvx512)
-    return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  if (isa == kAvx2) return shiftc_cpu_avx2();
+  if (isa == kAvx512) return shiftc_cpu_avx2() && shiftc_cpu_avx512();  // its loops use F16C too
 #endif
   return false;
 }

@@ -38,6 +38,7 @@
 // was not). Everything else is the float-scale code: the loops over the codes are shared, and a
 // group reads one 64-byte line of halves instead of q + 1 lines of floats.
 #include "shiftc/bcq_lut.h"
+#include "shiftc/cpu_isa.h"
 
 #include <atomic>
 #include <type_traits>
@@ -1720,28 +1721,14 @@ bool amx_usable() {
 // Dispatch
 // ===========================================================================================
 
-#if SHIFTC_LUT_X86
-// F16C (CPUID.1:ECX bit 29), for the AVX2 kernels. Read from CPUID directly: not every compiler
-// that builds this file knows "f16c" in __builtin_cpu_supports.
-bool f16c_usable() {
-    unsigned a, b, c, d;
-    return __get_cpuid(1, &a, &b, &c, &d) && ((c >> 29) & 1);
-}
-#endif
-
 bool isa_available(int isa) {
     if (isa == kScalar) return true;
 #if SHIFTC_LUT_NEON
     if (isa == kNeon) return true;
 #endif
 #if SHIFTC_LUT_X86
-    __builtin_cpu_init();
-    if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c_usable();
-    if (isa == kAvx512) {
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    }
+    if (isa == kAvx2) return shiftc_cpu_avx2();
+    if (isa == kAvx512) return shiftc_cpu_avx512();
     if (isa == kAmx) return isa_available(kAvx512) && amx_usable();
 #endif
     return false;

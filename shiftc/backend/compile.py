@@ -260,8 +260,9 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1] if lines else repr(exc)
 
 
-# linker options of the library: no debug sections (the kernels' object carries
-# some); the dynamic symbols the runtime looks the functions up by stay
+# linker options of the library: no debug sections (the kernels' object carries some), and no
+# kernel code the library does not call (the kernels' object has a section per function, hidden
+# symbols); the dynamic symbols the runtime looks the functions up by stay
 LINK_OPTIONS = ["-Wl,--strip-debug", "-Wl,--gc-sections"]
 
 

@@ -20,7 +20,6 @@ tokenizer recorded in the model (``shiftc.tokenizer``) or given explicitly.
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -90,7 +89,7 @@ def collect_hessians(model: onnx.ModelProto, inputs: list[str], windows: np.ndar
 
     # one window after the other: ONNX Runtime's threads, then BLAS's for XᵀX. Overlapping the two
     # (XᵀX of window i on a thread while ONNX Runtime runs window i + 1) puts both thread pools on
-    # the same cores: 2.3 s per window against 1.15 s in turn (SmolLM2-135M, 512 tokens, 2 cores)
+    # the same cores: 2.3 s per window against 1.25 s in turn (SmolLM2-135M, 512 tokens, 2 cores)
     for w in windows:
         accumulate(sess.run(names, _decoder_feeds(model, w[None])))
         progress.update()

@@ -64,7 +64,7 @@ Schema (every key optional; the values shown are the defaults)::
     mixed_precision:       # per-layer shift-add bits under a budget (shiftc/passes/mixed_precision)
       bits_budget: null    # average stored bits per weight, scales included; null: off  (--bits-budget)
       size_budget_mb: null # instead: MB (10^6 bytes) of every initializer of the output (quantized layers,
-      #                      embedding table, norms, rope tables, fp32 leftovers)  (--size-budget-mb)
+      #                      embedding table, norms, rotary frequencies, fp32 leftovers)  (--size-budget-mb)
       candidates: [2, 3, 4]  # widths to choose from                   (--mp-candidates)
       sensitivity: calib   # calib (output error via H = XᵀX) | hawq (Hessian traces, PyTorch)  (--sensitivity)
       tie: false           # layers sharing an input (q/k/v; gate/up) get one width  (--mp-tie)
