@@ -71,7 +71,8 @@ def load(path: str | os.PathLike, threads: int | None = None) -> Runnable:
 
 
 def evaluate(path: str | os.PathLike, *, task: str = "perplexity", tokens: int = 32768, window: int = 512,
-             corpus: str = "wikipedia", split: str = "eval", tokenizer: str | None = None, threads: int | None = None) -> dict:
+             corpus: str = "wikipedia", split: str = "eval", tokenizer: str | None = None, threads: int | None = None,
+             step: int | None = None) -> dict:
     from .evaluation import TASKS, perplexity
 
     if task not in TASKS:
@@ -91,7 +92,7 @@ def evaluate(path: str | os.PathLike, *, task: str = "perplexity", tokens: int =
         model = OnnxModel(path, threads, proto=proto)
     else:
         model = load(path, threads).model
-    return perplexity(model, tokens=tokens, window=window, corpus=corpus, split=split, tokenizer=tokenizer)
+    return perplexity(model, tokens=tokens, window=window, corpus=corpus, split=split, tokenizer=tokenizer, step=step)
 
 
 def bench(path: str | os.PathLike, *, vs: str = "onnxruntime", threads: int = 1, reference: str | None = None, **kwargs) -> dict:

@@ -182,8 +182,9 @@ def cmd_eval(args):
     from . import api
 
     r = api.evaluate(args.model, task=args.task, tokens=args.tokens, window=args.window, corpus=args.corpus,
-                     split=args.split, tokenizer=args.tokenizer, threads=args.threads)
-    _emit(args, r, f"perplexity {r['perplexity']:.4f} ({r['backend']}, {r['tokens_scored']} tokens in {r['windows']} windows of {r['window']}, {r['corpus']}/{r['split']})")
+                     split=args.split, tokenizer=args.tokenizer, threads=args.threads, step=args.step)
+    steps = f", {r['step']} per step" if r["step"] != r["window"] else ""
+    _emit(args, r, f"perplexity {r['perplexity']:.4f} ({r['backend']}, {r['tokens_scored']} tokens in {r['windows']} windows of {r['window']}{steps}, {r['corpus']}/{r['split']})")
 
 
 def cmd_bench(args):
@@ -326,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--task", default="perplexity", choices=["perplexity"])
     sp.add_argument("--tokens", type=_positive, default=32768, help="token budget (default 32768)")
     sp.add_argument("--window", type=_positive, default=512, help="tokens per window (default 512)")
+    sp.add_argument("--step", type=_positive,
+                    help="feed each window this many tokens per call through the KV cache (1: the decode path, "
+                         "token by token; default: the whole window in one call)")
     sp.add_argument("--corpus", default="wikipedia", choices=["wikipedia", "lee"])
     sp.add_argument("--split", default="eval", help="wikipedia: eval (held out) or calib; lee: all")
     sp.add_argument("--tokenizer", help="HF folder or .gguf (default: the one recorded at export)")

@@ -37,11 +37,16 @@ def window_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
 
 
 def perplexity(model: Model, *, tokens: int = 32768, window: int = 512, corpus: str = "wikipedia",
-               split: str = "eval", tokenizer: str | None = None) -> dict:
+               split: str = "eval", tokenizer: str | None = None, step: int | None = None) -> dict:
+    """Perplexity over article-disjoint windows. ``step`` feeds each window that many tokens per
+    forward call through the KV cache (1: token by token, the decode path's kernels, which on a
+    compiled low-bit model are not the prefill's); None: one call per window."""
     if model.task != "causal-lm":
         raise UsageError(f"--task perplexity needs a causal LM; '{model.path}' is '{model.task}'")
     if window < 2:
         raise UsageError(f"--window must be >= 2 (got {window})")
+    if step is not None and step < 1:
+        raise UsageError(f"--step must be >= 1 (got {step})")
     tok = tokenizer_for(model.meta, tokenizer, model.path)
     windows = token_windows(tok, load_corpus(corpus, split), window=window, n_tokens=tokens)
     session = model.lm_session(batch=1)
@@ -50,7 +55,10 @@ def perplexity(model: Model, *, tokens: int = 32768, window: int = 512, corpus: 
     t0 = time.perf_counter()
     for w in windows:
         session.reset()
-        logits = session.step(w[None])[0]
+        if step is None or step >= len(w):
+            logits = session.step(w[None])[0]
+        else:
+            logits = np.concatenate([session.step(w[None, i:i + step])[0] for i in range(0, len(w), step)])
         nll, n = window_nll(logits, w)
         total_nll += nll
         count += n
@@ -66,6 +74,7 @@ def perplexity(model: Model, *, tokens: int = 32768, window: int = 512, corpus: 
         "split": split,
         "windows": int(len(windows)),
         "window": window,
+        "step": step or window,
         "tokens_scored": count,
         "seconds": round(seconds, 2),
     }

@@ -69,15 +69,20 @@ def rtol_for(isa: str, m: int) -> float:
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    """Run the test with the lut16 kernels forced to one ISA; restore automatic choice after."""
+    """Run the test with the lut16 kernels forced to one ISA and float32 GEMV tables (exact up to
+    float rounding: the int8 tables of the AVX-512 uniform GEMV have their own test and bound);
+    restore the defaults after."""
     try:
         nat.bcq_set_isa(request.param)
     except ValueError as e:
         if request.param == "amx":
             pytest.skip(NO_AMX)
         require(False, f"this CPU/build lacks ISA {request.param}: {e}")
+    before = nat.bcq_tables()
+    nat.bcq_set_tables("float32")
     yield request.param
     nat.bcq_set_isa("auto")
+    nat.bcq_set_tables(before)
 
 
 def make_weights(rng, q: int, n: int, k: int, group: int):
@@ -487,6 +492,70 @@ def test_uniform_threads_match_one_thread(isa, m):
     y2 = run_uniform(x, planes01, s, mu, k=k, group=group, threads=2)
     np.testing.assert_array_equal(y1, y2)
     check_uniform(y2, x, planes01, s, mu, k=k, group=group, what=f"{isa} uniform threads=2 M={m}")
+
+
+def t8_fits(q: int, group: int) -> bool:
+    """bcq_lut.cc t8_fits: the int8 GEMV runs where a group's weighted sum of biased lookups fits 16 bits."""
+    return 2 * 255 * (group // 8) * (2**q - 1) < 65536
+
+
+def t8_bound(x: np.ndarray, s: np.ndarray, q: int, k: int, group: int) -> np.ndarray:
+    """Worst error [M, N] of the int8 tables: per row m and group g the entries are rounded to
+    multiples of a_mg / 127 (a_mg = the group's largest table entry = max over its quads of
+    sum |x|), so each lookup is off by at most a_mg / 254; a plane's partial sums nq_g lookups
+    (the group's quads inside K), the planes are weighted by 2^i and scaled by s/2."""
+    m, ng = x.shape[0], s.shape[1]
+    ax = np.zeros((m, ng * group), np.float64)
+    ax[:, :k] = np.abs(x.astype(np.float64))
+    quad = ax.reshape(m, ng, group // 4, 4).sum(-1)  # [M, NG, quads]
+    amax = quad.max(-1)  # [M, NG]
+    nq = np.array([min(group // 4, max(0, -(-(k - g * group) // 4))) for g in range(ng)], np.float64)
+    per = amax / 254.0 * nq * (2**q - 1)  # [M, NG]
+    return per @ (s.astype(np.float64).T / 2.0)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+def test_uniform_int8_tables(q, group):
+    """The AVX-512 GEMV on int8 tables (the default there) within t8_bound of the exact product,
+    for decode-sized M (below every bit width's table cutoff), partial groups and blocks, 1 and 2
+    threads; it must differ from the float32 tables where it runs (t8_fits) and equal them
+    bit for bit where it does not."""
+    try:
+        nat.bcq_set_isa("avx512")
+    except ValueError as e:
+        require(False, f"this CPU/build lacks AVX-512: {e}")
+    rng = np.random.default_rng(7 * q + group)
+    before = nat.bcq_tables()
+    try:
+        for n, k in ((17, 576), (40, 100), (200, 1536)):
+            planes01, s, mu = make_uniform(rng, q, n, k, group)
+            for m in (1, 2, 3, 5):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                x[:, rng.integers(0, k)] *= 30.0  # an outlier column, as LLM activations have
+                assert nat.bcq_set_tables("int8") == "int8"
+                y8 = run_uniform(x, planes01, s, mu, k=k, group=group)
+                np.testing.assert_array_equal(run_uniform(x, planes01, s, mu, k=k, group=group, threads=2), y8)
+                nat.bcq_set_tables("float32")
+                yf = run_uniform(x, planes01, s, mu, k=k, group=group)
+                what = f"int8 tables q={q} G={group} N={n} K={k} M={m}"
+                if not t8_fits(q, group):
+                    np.testing.assert_array_equal(y8, yf, err_msg=what)
+                    continue
+                assert (y8 != yf).any(), f"{what}: identical to float32 tables (int8 path not taken?)"
+                ref, bound = uniform_ref(x, planes01, s, mu, k, group)
+                err = np.abs(y8.astype(np.float64) - ref)
+                allowed = t8_bound(x, s, q, k, group) * (1 + 1e-5) + RTOL * bound + 1e-30
+                assert (err <= allowed).all(), f"{what}: worst err/allowed {np.max(err / allowed):.3g}"
+    finally:
+        nat.bcq_set_isa("auto")
+        nat.bcq_set_tables(before)
+
+
+def test_set_tables_rejects_unknown():
+    with pytest.raises(ValueError, match="bcq_set_tables: name must be"):
+        nat.bcq_set_tables("int4")
+    assert nat.bcq_tables() in ("int8", "float32")
 
 
 @pytest.mark.parametrize("q,n,k,group", [(1, 1, 64, 32), (3, 17, 576, 128), (4, 40, 100, 64), (2, 33, 33, 32)])

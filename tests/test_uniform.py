@@ -155,6 +155,58 @@ def test_compiled_uniform_model_matches_onnxruntime(tiny_onnx, tmp_path):
         np.testing.assert_allclose(sc.step(chunk), sr.step(chunk), rtol=RTOL_COMPILED, atol=ATOL_COMPILED)
 
 
+# The default int8 GEMV tables on AVX-512 (bcq_lut.h) against ORT's float32 function bodies on
+# decode steps of the tiny 3-bit model: each matmul's lookups are rounded to 8 bits per group of
+# columns (relative error about 2^-9 per lookup); measured worst 6.0e-3 of the logits' scale on
+# this model (float32 tables: 5e-5), held to 5x that
+TOL_T8_LOGITS = 0.03
+
+
+def test_compiled_uniform_int8_tables_default(tiny_onnx, tmp_path):
+    """A compiled uniform model decodes on int8 tables by default (a fresh process, no
+    SHIFTC_LUT_TABLES): close to ORT at TOL_T8_LOGITS, and not identical to the float32 tables."""
+    import os
+    import subprocess
+    import sys
+
+    import shiftc
+    from shiftc import _native as nat
+
+    try:
+        nat.bcq_set_isa("avx512")
+    except ValueError:
+        pytest.skip("the int8 GEMV tables are an AVX-512 kernel; this CPU lacks AVX-512")
+    finally:
+        nat.bcq_set_isa("auto")
+    out, lib = str(tmp_path / "u.onnx"), str(tmp_path / "u.so")
+    res = ShiftAddPass(ShiftAddConfig(bits=3, group=64, scale_mode="uniform", tied_embedding=True))(onnx.load(tiny_onnx))
+    onnx.save(res.model, out)
+    shiftc.compile(out, lib)
+    script = (
+        "import sys, numpy as np, shiftc\n"
+        "s = shiftc.load(sys.argv[1]).lm_session()\n"
+        "ids = np.random.default_rng(1).integers(0, 49152, size=(1, 20))\n"
+        "s.step(ids)\n"
+        "np.save(sys.argv[2], np.concatenate([s.step(np.array([[t]]))[0] for t in (7, 4000, 123)]))\n"
+    )
+    got = {}
+    for mode in ("int8", "float32"):
+        env = {k: v for k, v in os.environ.items() if k != "SHIFTC_LUT_TABLES"}
+        if mode == "float32":
+            env["SHIFTC_LUT_TABLES"] = "float32"
+        dst = str(tmp_path / f"{mode}.npy")
+        subprocess.run([sys.executable, "-c", script, lib, dst], check=True, env=env, timeout=300)
+        got[mode] = np.load(dst)
+    sr = shiftc.load(out).lm_session()
+    sr.step(np.random.default_rng(1).integers(0, 49152, size=(1, 20)))
+    ref = np.concatenate([sr.step(np.array([[t]]))[0] for t in (7, 4000, 123)])
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(got["float32"], ref, rtol=RTOL_COMPILED, atol=ATOL_COMPILED)
+    assert not np.array_equal(got["int8"], got["float32"]), "int8 tables were not the default"
+    err = np.abs(got["int8"] - ref).max() / scale
+    assert err <= TOL_T8_LOGITS, f"int8 tables: worst logit error {err:.3g} of the logits' scale"
+
+
 def test_uniform_with_distillation_is_refused(tiny_onnx, tmp_path):
     r = run_cli("compress", tiny_onnx, "-o", str(tmp_path / "x.onnx"), "--scale-mode", "uniform",
                 "--distill-steps", "5", "--calib", "none")

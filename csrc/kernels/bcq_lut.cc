@@ -41,6 +41,8 @@
 #include "shiftc/cpu_isa.h"
 
 #include <atomic>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 
 #if defined(__x86_64__)
@@ -114,6 +116,13 @@ bool valid_shape(int64_t N, int64_t K, int32_t q, int64_t G) {
     return N >= 1 && K >= 1 && q >= 1 && q <= kMaxQ && G > 0 && G % 32 == 0;
 }
 
+// The int8 tables of the AVX-512 uniform GEMV (lut8_rows_avx512), per row of X: for every octet o
+// of the padded columns the 16 entries of T[2o] (low nibbles), then, after 4 spare octets, those of
+// T[2o + 1] (high nibbles); entry = round(T / scale) + 128 with one scale per group (max |T| / 127).
+// The spare octets let a 64-byte load start at any octet. Size in floats for Kp padded columns:
+int64_t t8_floats(int64_t Kp) { return (Kp / 8 + 4) * 32 / 4; }
+int64_t t8_half_bytes(int64_t Kp) { return (Kp / 8 + 4) * 16; }
+
 // Everything a task needs, derived once per call.
 // The scale format is the one switch between the two weight formats: su non-null = uniform (one
 // half-precision (s, mu) pair per row and group), else float scales (and offsets). The kernels
@@ -130,6 +139,8 @@ struct Problem {
     int64_t Kp, NG, NB, octs;  // padded columns, groups, row blocks, column octets (Kp / 8)
     const float* tables;       // GEMV: [M][Kp/4][16] tables of X's rows (start of the workspace)
     const float* gsums;        // [M][NG] per-group sums of X's rows (after the tables)
+    const uint8_t* t8;         // GEMV int8 tables: per row of X, lo then hi nibble tables (t8_tables)
+    const float* t8s;          // [M][NG] the int8 tables' scales (after t8)
     int q;
     // Whether groups carry an offset (+-1 form): always for uniform weights, with offsets else.
     bool has_offset() const { return su != nullptr || offsets != nullptr; }
@@ -170,6 +181,8 @@ Problem make_problem(const float* x, const float* ws, int64_t M, int64_t K, int6
     p.octs = p.Kp / 8;
     p.tables = ws;
     p.gsums = ws + (M < SHIFTC_BCQ_LUT_MAX_M ? M * p.Kp * 4 : 0);
+    p.t8 = reinterpret_cast<const uint8_t*>(p.gsums + M * p.NG);
+    p.t8s = p.gsums + M * p.NG + M * t8_floats(p.Kp);
     return p;
 }
 
@@ -994,6 +1007,37 @@ void gemm_task_avx2(const Problem& p, int64_t t) {
 // AVX-512 (F, BW, VL, DQ)
 // ===========================================================================================
 
+// The int8 tables (t8_floats) from the float tables of every row of X: per group, scale =
+// max |T| / 127 (the largest entry of a table is the sum of its 4 |x|), entry = round(T / scale) + 128
+// in 1..255 (round to nearest even, the MXCSR default).
+SHIFTC_TARGET_AVX512 void prepare_t8_avx512(float* ws, int64_t M, int64_t Kp, int64_t NG, int64_t G) {
+    float* const t8s = ws + M * Kp * 4 + M * NG + M * t8_floats(Kp);
+    uint8_t* const t8 = reinterpret_cast<uint8_t*>(ws + M * Kp * 4 + M * NG);
+    const int64_t half = t8_half_bytes(Kp), row = 2 * half;
+    for (int64_t m = 0; m < M; ++m) {
+        const float* tf = ws + m * Kp * 4;
+        uint8_t* lo = t8 + m * row;
+        uint8_t* hi = lo + half;
+        for (int64_t g = 0; g < NG; ++g) {
+            const int64_t c0 = g * G / 4, c1 = c0 + G / 4;
+            __m512 mx = _mm512_setzero_ps();
+            for (int64_t c = c0; c < c1; ++c) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(tf + 16 * c)));
+            const float amax = _mm512_reduce_max_ps(mx);
+            t8s[m * NG + g] = amax / 127.f;
+            const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            for (int64_t c = c0; c < c1; ++c) {
+                const __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(tf + 16 * c), inv)),
+                                                   _mm512_set1_epi32(128));
+                _mm_storeu_si128((__m128i*)((c & 1 ? hi : lo) + (c / 2) * 16), _mm512_cvtepi32_epi8(v));
+            }
+        }
+        for (int64_t o = Kp / 8; o < Kp / 8 + 4; ++o) {  // the spare octets (read, never used)
+            _mm_storeu_si128((__m128i*)(lo + o * 16), _mm_set1_epi8((char)128));
+            _mm_storeu_si128((__m128i*)(hi + o * 16), _mm_set1_epi8((char)128));
+        }
+    }
+}
+
 SHIFTC_TARGET_AVX512 void prepare_avx512(const float* x, int64_t M, int64_t K, int64_t G, bool tables,
                                          float* ws) {
     const int64_t NG = ceil_div(K, G), Kp = NG * G;
@@ -1031,6 +1075,7 @@ SHIFTC_TARGET_AVX512 void prepare_avx512(const float* x, int64_t M, int64_t K, i
             w[g] = _mm512_reduce_add_ps(s);
         }
     }
+    if (tables) prepare_t8_avx512(ws, M, Kp, NG, G);
 }
 
 // Uniform weights: sh = s/2 (= alpha_0), off = mu + s (2^Q - 1)/2 and mu of group g for the 16
@@ -1192,6 +1237,171 @@ void lut_task_avx512_q(const Problem& p, int64_t t) {
 
 void lut_task_avx512(const Problem& p, int64_t t) {
     with_q(p.q, [&](auto Q) { lut_task_avx512_q<decltype(Q)::value>(p, t); });
+}
+
+// ---- GEMV on int8 tables (uniform weights) ------------------------------------------------
+// The float GEMV above spends one 16-lane permute per 16 rows and 4 columns; here one byte shuffle
+// (vpshufb, 16 entries per 128-bit lane) does 64 lookups. A group's codes of one block are a
+// contiguous run of (o1 - o0) Q chunks of 16 bytes (octet-major, then plane); a 64-byte load takes
+// 4 chunks, lane L holding chunk 4u + L: plane (4u + L) % Q of octet (4u + L) / Q. The table
+// register gives each lane its octet's table (an in-register shuffle of 4 consecutive octets'
+// tables), so a lookup is one vpshufb per nibble. Entries are biased to 1..255: the sums of the
+// lookups are kept as 16-bit words S (mod 2^16) beside the sums of their high bytes H, so that the
+// even rows' sums are S - 256 H and the odd rows' H, exact while the weighted sum of a group's
+// lookups stays below 2^16 (t8_fits). Per group: the planes weighted by 2^i (a per-lane shift),
+// the lanes summed, the bias removed, then as the float kernel: y += (v * scale) s/2 + off gsum.
+// The tables round x to 8 bits per group: a relative error of about 2^-9 per lookup, like the
+// 8-bit activations of other CPU runtimes' low-bit kernels.
+
+// Whether a group's weighted sum of biased lookups fits 16 bits: per row at most
+// 2 (nibbles) * 255 * (G / 8) octets * (2^Q - 1).
+bool t8_fits(int q, int64_t G) { return 2 * 255 * (G / 8) * ((int64_t{1} << q) - 1) < 65536; }
+
+// Load positions with distinct lane -> plane maps: 3 for Q = 3 (4u mod 3 cycles), else 1.
+constexpr int t8_sets(int q) { return q == 3 ? 3 : 1; }
+// Rows of X per pass over the codes (accumulators: 2 blocks x sets x MC x 2 must leave room).
+constexpr int lut8_mc(int q) { return q == 3 ? 1 : 3; }
+
+// Lane L of load u (u % sets = r) reads the table of octet ob + rel(L), ob = o0 + 4u / Q: the
+// vshufi32x4 immediate selecting those lanes from a register of octets ob..ob+3.
+template <int Q>
+constexpr int t8_select(int r) {
+    int imm = 0;
+    for (int L = 0; L < 4; ++L) imm |= (((4 * r + L) / Q - (4 * r) / Q) << (2 * L));
+    return imm;
+}
+// ... and the plane of lane L, as a 16-bit shift count in every word of the lane.
+template <int Q>
+SHIFTC_TARGET_AVX512 inline __m512i t8_plane_shift(int r) {
+    return _mm512_set_epi64((4 * r + 3) % Q * 0x0001000100010001LL, (4 * r + 3) % Q * 0x0001000100010001LL,
+                            (4 * r + 2) % Q * 0x0001000100010001LL, (4 * r + 2) % Q * 0x0001000100010001LL,
+                            (4 * r + 1) % Q * 0x0001000100010001LL, (4 * r + 1) % Q * 0x0001000100010001LL,
+                            (4 * r) % Q * 0x0001000100010001LL, (4 * r) % Q * 0x0001000100010001LL);
+}
+
+template <int Q, int R>
+SHIFTC_TARGET_AVX512 inline __m512i t8_table(const uint8_t* t, int64_t ob) {
+    if constexpr (Q == 4) {
+        return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(t + ob * 16)));
+    } else {
+        const __m512i v = _mm512_loadu_si512((const void*)(t + ob * 16));
+        if constexpr (Q == 1) return v;
+        else return _mm512_shuffle_i32x4(v, v, t8_select<Q>(R));
+    }
+}
+
+template <int Q, int NBLK, int MC>
+SHIFTC_TARGET_AVX512 void lut8_rows_avx512(const Problem& p, int64_t b0, int64_t m0) {
+    constexpr int R = t8_sets(Q);
+    const int64_t bstride = p.octs * Q * 16;
+    const int64_t half = t8_half_bytes(p.Kp);
+    const uint8_t* cb = p.codes + b0 * bstride;
+    const uint8_t* TL[MC];
+    for (int mc = 0; mc < MC; ++mc) TL[mc] = p.t8 + (m0 + mc) * 2 * half;
+    const __m512i nib = _mm512_set1_epi8(0x0F);
+    __m512 tot[NBLK][MC];
+    for (int nb = 0; nb < NBLK; ++nb)
+        for (int mc = 0; mc < MC; ++mc) tot[nb][mc] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < p.NG; ++g) {
+        for (int nb = 0; nb < NBLK; ++nb)
+            _mm_prefetch((const char*)(p.su + ((b0 + nb) * p.NG + g + kPrefetchGroups) * 32), _MM_HINT_T0);
+        int64_t o0, o1;
+        group_octets(p, g, &o0, &o1);
+        const int64_t chunks = (o1 - o0) * Q, loads = ceil_div(chunks, 4);
+        __m512i S[NBLK][MC][R], H[NBLK][MC][R];
+        for (int nb = 0; nb < NBLK; ++nb)
+            for (int mc = 0; mc < MC; ++mc)
+                for (int r = 0; r < R; ++r) S[nb][mc][r] = H[nb][mc][r] = _mm512_setzero_si512();
+        auto step = [&](auto rc, int64_t u) SHIFTC_TARGET_AVX512 {
+            constexpr int r = decltype(rc)::value;
+            const int64_t ob = o0 + (4 * u) / Q;
+            const int64_t left = chunks - 4 * u;  // 1..3 on a partial last load
+            const __mmask64 mk = left >= 4 ? ~__mmask64{0} : (__mmask64{1} << (16 * left)) - 1;
+            __m512i tl[MC], th[MC];
+            for (int mc = 0; mc < MC; ++mc) {
+                tl[mc] = t8_table<Q, r>(TL[mc], ob);
+                th[mc] = t8_table<Q, r>(TL[mc] + half, ob);
+            }
+            for (int nb = 0; nb < NBLK; ++nb) {
+                const uint8_t* c = cb + nb * bstride + (o0 * Q + 4 * u) * 16;
+                _mm_prefetch((const char*)(c + kPrefetchBytes), _MM_HINT_T0);
+                const __m512i code = left >= 4 ? _mm512_loadu_si512((const void*)c) : _mm512_maskz_loadu_epi8(mk, c);
+                const __m512i lo = _mm512_and_si512(code, nib);
+                const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(code, 4), nib);
+                for (int mc = 0; mc < MC; ++mc) {
+                    const __m512i a = _mm512_maskz_shuffle_epi8(mk, tl[mc], lo);
+                    const __m512i b = _mm512_maskz_shuffle_epi8(mk, th[mc], hi);
+                    S[nb][mc][r] = _mm512_add_epi16(S[nb][mc][r], _mm512_add_epi16(a, b));
+                    H[nb][mc][r] = _mm512_add_epi16(H[nb][mc][r], _mm512_add_epi16(_mm512_srli_epi16(a, 8),
+                                                                                      _mm512_srli_epi16(b, 8)));
+                }
+            }
+        };
+        for (int64_t u = 0; u < loads; u += R) {
+            step(std::integral_constant<int, 0>{}, u);
+            if constexpr (R == 3) {
+                if (u + 1 < loads) step(std::integral_constant<int, 1>{}, u + 1);
+                if (u + 2 < loads) step(std::integral_constant<int, 2>{}, u + 2);
+            }
+        }
+        // 256 (o1 - o0) (2^Q - 1): the bias of the weighted sum of a row's lookups
+        const __m512 bias = _mm512_set1_ps(float(256 * (o1 - o0) * ((1 << Q) - 1)));
+        for (int nb = 0; nb < NBLK; ++nb) {
+            __m512 sh, off, mu;
+            uniform_header_avx512<Q>(p, b0 + nb, g, sh, off, mu);
+            for (int mc = 0; mc < MC; ++mc) {
+                __m512i s = S[nb][mc][0], h = H[nb][mc][0];
+                if constexpr (Q > 1) {
+                    s = _mm512_sllv_epi16(s, t8_plane_shift<Q>(0));
+                    h = _mm512_sllv_epi16(h, t8_plane_shift<Q>(0));
+                }
+                for (int r = 1; r < R; ++r) {
+                    s = _mm512_add_epi16(s, _mm512_sllv_epi16(S[nb][mc][r], t8_plane_shift<Q>(r)));
+                    h = _mm512_add_epi16(h, _mm512_sllv_epi16(H[nb][mc][r], t8_plane_shift<Q>(r)));
+                }
+                // the 4 lanes summed (every lane then holds the total)
+                s = _mm512_add_epi16(s, _mm512_shuffle_i32x4(s, s, 0x4E));
+                h = _mm512_add_epi16(h, _mm512_shuffle_i32x4(h, h, 0x4E));
+                s = _mm512_add_epi16(s, _mm512_shuffle_i32x4(s, s, 0xB1));
+                h = _mm512_add_epi16(h, _mm512_shuffle_i32x4(h, h, 0xB1));
+                const __m512i e = _mm512_sub_epi16(s, _mm512_slli_epi16(h, 8));  // even rows
+                // rows 0..7 (words E0 H0 E1 H1 ...) in lane 0, rows 8..15 in lane 1
+                const __m512i rows = _mm512_mask_blend_epi64(0x0C, _mm512_unpacklo_epi16(e, h),
+                                                             _mm512_unpackhi_epi16(e, h));
+                const __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(rows))),
+                                               bias);
+                const float sc = p.t8s[(m0 + mc) * p.NG + g];
+                tot[nb][mc] = _mm512_fmadd_ps(v, _mm512_mul_ps(sh, _mm512_set1_ps(sc)), tot[nb][mc]);
+                tot[nb][mc] = _mm512_fmadd_ps(off, _mm512_set1_ps(p.gsums[(m0 + mc) * p.NG + g]), tot[nb][mc]);
+            }
+        }
+    }
+    for (int nb = 0; nb < NBLK; ++nb) {
+        const int64_t n0 = (b0 + nb) * kBlock;
+        const int64_t valid = p.N - n0;
+        const __mmask16 mk = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+        for (int mc = 0; mc < MC; ++mc) _mm512_mask_storeu_ps(p.y + (m0 + mc) * p.N + n0, mk, tot[nb][mc]);
+    }
+}
+
+template <int Q, int NBLK>
+constexpr LutRowsAvx512 kLut8Avx512[3] = {
+    lut8_rows_avx512<Q, NBLK, 1>,
+    Q == 3 ? nullptr : lut8_rows_avx512<Q, NBLK, (Q == 3 ? 1 : 2)>,
+    Q == 3 ? nullptr : lut8_rows_avx512<Q, NBLK, (Q == 3 ? 1 : 3)>};
+
+template <int Q>
+void lut8_task_avx512_q(const Problem& p, int64_t t) {
+    const RowSplit rs(p.M, lut8_mc(Q));
+    const bool two = 2 * t + 1 < p.NB;
+    for (int64_t i = 0; i < rs.nblk; ++i) {
+        const int mc = (int)rs.size(i);
+        (two ? kLut8Avx512<Q, 2>[mc - 1] : kLut8Avx512<Q, 1>[mc - 1])(p, 2 * t, rs.start(i));
+    }
+}
+
+void lut8_task_avx512(const Problem& p, int64_t t) {
+    with_q(p.q, [&](auto Q) { lut8_task_avx512_q<decltype(Q)::value>(p, t); });
 }
 
 // GEMM expansion, 16 rows per register: bit j of the 16 code bytes of a plane is a 16-bit lane
@@ -1753,6 +1963,24 @@ int current_isa() {
     return isa;
 }
 
+// Whether the AVX-512 GEMV of uniform weights runs on int8 tables (lut8_rows_avx512): the default;
+// shiftc_bcq_set_tables(1) or SHIFTC_LUT_TABLES=float32 in the environment keeps float tables.
+std::atomic<int> g_tables{-1};  // -1: not yet read from the environment; 0: int8; 1: float32
+
+int tables_mode() {
+    int t = g_tables.load(std::memory_order_relaxed);
+    if (t < 0) {
+        const char* e = getenv("SHIFTC_LUT_TABLES");
+        t = (e && std::string_view(e) == "float32") ? 1 : 0;
+        g_tables.store(t, std::memory_order_relaxed);
+    }
+    return t;
+}
+
+#if SHIFTC_LUT_X86
+bool use_t8(const Problem& p) { return p.su && tables_mode() == 0 && t8_fits(p.q, p.G); }
+#endif
+
 // Task t of a valid problem (either weight format) on the current ISA.
 void run_task(const Problem& p, int64_t task) {
     const bool lut = p.M < SHIFTC_BCQ_LUT_MAX_M && p.M < kLutRowsBelow[p.q - 1];
@@ -1760,11 +1988,15 @@ void run_task(const Problem& p, int64_t task) {
 #if SHIFTC_LUT_X86
         case kAmx:
             // the AMX GEMM expands float scales only; uniform weights take the AVX-512 FMA GEMM
-            if (lut) lut_task_avx512(p, task);
+            if (lut) use_t8(p) ? lut8_task_avx512(p, task) : lut_task_avx512(p, task);
             else if (p.M >= kAmxMinRows && !p.su) gemm_task_amx(p, task);
             else gemm_task_avx512(p, task);
             break;
-        case kAvx512: lut ? lut_task_avx512(p, task) : gemm_task_avx512(p, task); break;
+        case kAvx512:
+            if (!lut) gemm_task_avx512(p, task);
+            else if (use_t8(p)) lut8_task_avx512(p, task);
+            else lut_task_avx512(p, task);
+            break;
         case kAvx2: lut ? lut_task_avx2(p, task) : gemm_task_avx2(p, task); break;
 #endif
 #if SHIFTC_LUT_NEON
@@ -1866,7 +2098,8 @@ int shiftc_bcq_pack_uniform(const uint16_t* s, const uint16_t* mu, int64_t N, in
 int64_t shiftc_bcq_workspace_floats(int64_t M, int64_t K, int64_t G) {
     if (M < 0 || !valid_shape(1, K, 1, G)) return -1;
     const int64_t NG = ceil_div(K, G);
-    return M < SHIFTC_BCQ_LUT_MAX_M ? M * (NG * G * 4 + NG) : M * NG;
+    // GEMV: float tables, group sums, int8 tables (t8_floats) and their scales
+    return M < SHIFTC_BCQ_LUT_MAX_M ? M * (NG * G * 4 + NG + t8_floats(NG * G) + NG) : M * NG;
 }
 
 int shiftc_bcq_prepare(const float* x, int64_t M, int64_t K, int64_t G, float* ws) {
@@ -1920,5 +2153,13 @@ int shiftc_bcq_set_isa(int isa) {
 }
 
 int shiftc_bcq_isa(void) { return current_isa(); }
+
+int shiftc_bcq_set_tables(int mode) {
+    if (mode != 0 && mode != 1) return -1;
+    g_tables.store(mode, std::memory_order_relaxed);
+    return mode;
+}
+
+int shiftc_bcq_tables(void) { return tables_mode(); }
 
 }  // extern "C"

@@ -502,6 +502,13 @@ std::string py_bcq_set_isa(const std::string& name) {
 
 std::string py_bcq_isa() { return isa_name(shiftc_bcq_isa()); }
 
+std::string py_bcq_set_tables(const std::string& name) {
+    if (name != "int8" && name != "float32") fail("bcq_set_tables", "name must be \"int8\" or \"float32\", got \"" + name + "\"");
+    return shiftc_bcq_set_tables(name == "int8" ? 0 : 1) == 0 ? "int8" : "float32";
+}
+
+std::string py_bcq_tables() { return shiftc_bcq_tables() == 0 ? "int8" : "float32"; }
+
 // -- attention over an in-place KV cache (shiftc/attention.h) ------------------------------------
 
 // A cache [B, KVH, M, D] of float32 or float16 as (pointer, is float16), checked against `shape`.
@@ -635,6 +642,11 @@ PYBIND11_MODULE(_native, m) {
           "the lut16 kernels (process-wide; 'amx' = the AVX-512 kernels plus the AMX-BF16 GEMM for\n"
           "M >= BCQ_AMX_MIN_M). Raises ValueError if the CPU or build lacks it.");
     m.def("bcq_isa", &py_bcq_isa, "bcq_isa() -> str: the ISA the lut16 kernels use now.");
+    m.def("bcq_set_tables", &py_bcq_set_tables, py::arg("name"),
+          "bcq_set_tables(name: 'int8'|'float32') -> str: the GEMV tables of uniform weights on AVX-512\n"
+          "(process-wide; int8 is the default, SHIFTC_LUT_TABLES=float32 in the environment selects\n"
+          "float32 before the first call). Other ISAs and the float-scale format always use float32.");
+    m.def("bcq_tables", &py_bcq_tables, "bcq_tables() -> str: the GEMV table precision now selected.");
     m.def("attention", &py_attention, py::arg("q"), py::arg("kc"), py::arg("vc"), py::arg("mask"), py::arg("scale"),
           "attention(q: float32 [B, KVH, G, S, D], kc, vc: float32 or float16 [B, KVH, M, D], mask: float32 [B, S, T],\n"
           "          scale) -> float32 [B, KVH, G, S, D]\n\n"

@@ -103,9 +103,11 @@ def workspace_floats(m, k: int, group: int, lut_max_m: int):
     from tvm import tirx
 
     kp, ng = -(-k // group) * group, -(-k // group)
+    # float tables, group sums, int8 tables ((kp / 8 + 4) octets x 32 bytes) and their scales
+    lut = kp // 4 * 16 + ng + (kp // 8 + 4) * 8 + ng
     if isinstance(m, int):
-        return m * (kp // 4 * 16 + ng) if m < lut_max_m else m * ng
-    return tirx.Select(m < lut_max_m, m * (kp // 4 * 16 + ng), m * ng)
+        return m * lut if m < lut_max_m else m * ng
+    return tirx.Select(m < lut_max_m, m * lut, m * ng)
 
 
 def lut_max_m() -> int:
