@@ -46,7 +46,7 @@ def kind_of(name: str) -> str:
 
 
 PERF_KINDS = (  # (kind, pattern on a symbol of the model library), first match wins
-    ("matmul", re.compile(r"lut_rows|lut_task|lut_block|mk_(avx|neon|scalar)|gemm_task|expand_|prepare_|run_task|"
+    ("matmul", re.compile(r"lut8?_rows|lut8?_task|lut_block|mk_(avx|neon|scalar)|gemm_task|expand_|prepare_|run_task|"
                           r"shiftc_bcq|group_sum|table4|amx_")),
     ("attention", re.compile(r"attention")),
 )

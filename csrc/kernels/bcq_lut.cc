@@ -99,6 +99,10 @@ constexpr int64_t kPrefetchBytes = 4096;
 // ... and how many groups ahead they prefetch a block's scales (float format: q lines; uniform:
 // its one line of halves).
 constexpr int64_t kPrefetchGroups = 4;
+// The int8 GEMV (lut8_rows_avx512) reads its codes about twice as fast: prefetching them into L2
+// 16 KiB ahead made a cold SmolLM2 step of its GEMVs 12% faster than into L1 4 KiB ahead (Zen 4;
+// 8-16 KiB measured alike).
+constexpr int64_t kPrefetchBytesL2 = 16384;
 
 // kAmx: the AVX-512 kernels, and the AMX-BF16 GEMM for M >= kAmxMinRows.
 enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3, kNeon = 4, kAmx = 5 };
@@ -1324,7 +1328,7 @@ SHIFTC_TARGET_AVX512 void lut8_rows_avx512(const Problem& p, int64_t b0, int64_t
             }
             for (int nb = 0; nb < NBLK; ++nb) {
                 const uint8_t* c = cb + nb * bstride + (o0 * Q + 4 * u) * 16;
-                _mm_prefetch((const char*)(c + kPrefetchBytes), _MM_HINT_T0);
+                _mm_prefetch((const char*)(c + kPrefetchBytesL2), _MM_HINT_T1);
                 const __m512i code = left >= 4 ? _mm512_loadu_si512((const void*)c) : _mm512_maskz_loadu_epi8(mk, c);
                 const __m512i lo = _mm512_and_si512(code, nib);
                 const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(code, 4), nib);
