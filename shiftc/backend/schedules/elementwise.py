@@ -1,8 +1,9 @@
 """Injective PrimFuncs (elementwise, broadcast, transpose, reshape, concat, gather).
 
 All blocks but the last are inlined; the last block's innermost loop is vectorised when its extent
-is static, and the remaining loops are fused into one parallel loop. A function with several
-outputs (``split``) keeps one such loop nest per output block.
+is static, and the remaining loops are fused into one parallel loop (a serial one for functions
+of few elements per token: common.SERIAL_ELEMENTS). A function with several outputs (``split``)
+keeps one such loop nest per output block.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from .common import is_llvm, parallel_outer
+from .common import is_llvm, parallel_outer, worth_parallel
 
 
 class Injective(ScheduleRule):
@@ -40,6 +41,7 @@ class Injective(ScheduleRule):
                 nests.append(bi.block_rv)  # writes a function output: cannot be inlined
             else:
                 sch.compute_inline(bi.block_rv)
+        parallel = self.parallel and worth_parallel(func)
         for block in nests + [infos[-1].block_rv]:
-            parallel_outer(sch, block, self.lanes, self.parallel)
+            parallel_outer(sch, block, self.lanes, parallel)
         return sch

@@ -22,7 +22,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.s_tir.dlight.cpu import Reduction
 
-from .common import extent_of, is_llvm, vars_in, vectorize_innermost
+from .common import extent_of, is_llvm, vars_in, vectorize_innermost, worth_parallel
 
 
 class RowReduction(Reduction):
@@ -98,7 +98,7 @@ class SpatialReduction(ScheduleRule):
         else:
             outer = spatial
         tile = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        if self.parallel:
+        if self.parallel and worth_parallel(func):
             sch.parallel(tile)
         if last is not None:
             sch.reverse_compute_at(last, tile, preserve_unit_loops=True)
