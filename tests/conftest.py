@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("SHIFTC_QUIET", "1")
-# Compiled libraries and shiftc._native run the AVX-512 GEMV of uniform weights on int8 tables by
+# Compiled libraries and shiftc._native run the AVX2/AVX-512 GEMV of uniform weights on int8 tables by
 # default (activations rounded to 8 bits per group: bcq_lut.h). Tests that hold a compiled model to
 # ONNX Runtime at float tolerances use the float32 tables; test_lut_kernels and test_uniform check
 # the int8 tables against their own error bound and tolerance.

@@ -76,6 +76,30 @@ def test_compile_records_the_kv_cache_mode(tiny):
     assert shiftc.load(tiny[2]).meta["kv_cache"] == {"mode": "concat", "reason": "asked for"}
 
 
+# decode (main with batch = seq = 1) against main itself: the same graph, its matmuls and norms
+# scheduled for one row (another summation order than main's tiles)
+RTOL_DECODE, ATOL_DECODE = 1e-5, 1e-5
+
+
+def test_decode_function_matches_main(tiny):
+    """A library with in-place caches carries ``decode`` (main specialised to one sequence and one
+    token), and the runtime calls it for such steps: same logits as main on the same caches."""
+    import shiftc
+
+    m = shiftc.load(tiny[1])
+    assert m.meta["kv_cache"]["decode"] == "decode"
+    model = m.model
+    assert model._decode is not None
+    s = m.lm_session()
+    s.step(np.random.default_rng(2).integers(0, 49152, (1, 20)))
+    caches = s._caches_for(21)
+    args = model._args([np.array([[123]]), np.ones((1, 21), np.int64), np.array([[20]])])
+    a = model._main(*args, *caches).numpy()
+    b = model._decode(*args, *caches).numpy()
+    np.testing.assert_allclose(b, a, rtol=RTOL_DECODE, atol=ATOL_DECODE)
+    assert not shiftc.load(tiny[2]).meta["kv_cache"].get("decode")  # functional caches: main only
+
+
 @pytest.mark.parametrize("kv_dtype", ["float16", "float32"])
 def test_session_matches_onnxruntime_across_cache_growth(tiny, kv_dtype):
     """Prefill, single-token steps, and a chunk that takes the cache past its first 256 rows."""

@@ -514,17 +514,18 @@ def t8_bound(x: np.ndarray, s: np.ndarray, q: int, k: int, group: int) -> np.nda
     return per @ (s.astype(np.float64).T / 2.0)
 
 
+@pytest.mark.parametrize("simd", ["avx2", "avx512"])
 @pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("q", [1, 2, 3, 4])
-def test_uniform_int8_tables(q, group):
-    """The AVX-512 GEMV on int8 tables (the default there) within t8_bound of the exact product,
-    for decode-sized M (below every bit width's table cutoff), partial groups and blocks, 1 and 2
-    threads; it must differ from the float32 tables where it runs (t8_fits) and equal them
+def test_uniform_int8_tables(q, group, simd):
+    """The AVX2 / AVX-512 GEMV on int8 tables (the default there) within t8_bound of the exact
+    product, for decode-sized M (below every bit width's table cutoff), partial groups and blocks,
+    1 and 2 threads; it must differ from the float32 tables where it runs (t8_fits) and equal them
     bit for bit where it does not."""
     try:
-        nat.bcq_set_isa("avx512")
+        nat.bcq_set_isa(simd)
     except ValueError as e:
-        require(False, f"this CPU/build lacks AVX-512: {e}")
+        require(False, f"this CPU/build lacks {simd}: {e}")
     rng = np.random.default_rng(7 * q + group)
     before = nat.bcq_tables()
     try:

@@ -9,6 +9,8 @@
 //   kernel           scalar (all targets)     AVX2 + FMA               AVX-512 F/BW/VL/DQ
 //   table build      prepare_scalar           prepare_avx2             prepare_avx512
 //   GEMV (small M)   lut_task_scalar          lut_task_avx2 (8 rows)   lut_task_avx512 (2 x 16 rows)
+//   GEMV, uniform    (float tables)           lut8_task_avx2           lut8_task_avx512
+//     int8 tables                             (16 rows, vpshufb ymm)   (2 x 16 rows, vpshufb zmm)
 //   GEMM (larger M)  gemm_task_scalar (4x16)  gemm_task_avx2 (6x16)    gemm_task_avx512 (14x32)
 //                    (2x16 on x86-64)
 //   aarch64 NEON     prepare_neon, lut_task_neon (16 rows, vqtbl4q_u8), gemm_task_neon (5x16)
@@ -126,6 +128,9 @@ bool valid_shape(int64_t N, int64_t K, int32_t q, int64_t G) {
 // The spare octets let a 64-byte load start at any octet. Size in floats for Kp padded columns:
 int64_t t8_floats(int64_t Kp) { return (Kp / 8 + 4) * 32 / 4; }
 int64_t t8_half_bytes(int64_t Kp) { return (Kp / 8 + 4) * 16; }
+// Whether a group's weighted sum of biased lookups fits 16 bits (lut8_rows_*): per row at most
+// 2 (nibbles) * 255 * (G / 8) octets * (2^Q - 1).
+bool t8_fits(int q, int64_t G) { return 2 * 255 * (G / 8) * ((int64_t{1} << q) - 1) < 65536; }
 
 // Everything a task needs, derived once per call.
 // The scale format is the one switch between the two weight formats: su non-null = uniform (one
@@ -728,6 +733,47 @@ SHIFTC_TARGET_AVX2 float group_sum_avx2(const float* x, int64_t n) {
     return r;
 }
 
+// prepare_t8_avx512's tables (the same entries: same float tables, same rounding) on AVX2.
+SHIFTC_TARGET_AVX2 void prepare_t8_avx2(float* ws, int64_t M, int64_t Kp, int64_t NG, int64_t G) {
+    float* const t8s = ws + M * Kp * 4 + M * NG + M * t8_floats(Kp);
+    uint8_t* const t8 = reinterpret_cast<uint8_t*>(ws + M * Kp * 4 + M * NG);
+    const int64_t half = t8_half_bytes(Kp), row = 2 * half;
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i bias = _mm256_set1_epi32(128);
+    for (int64_t m = 0; m < M; ++m) {
+        const float* tf = ws + m * Kp * 4;
+        uint8_t* lo = t8 + m * row;
+        uint8_t* hi = lo + half;
+        for (int64_t g = 0; g < NG; ++g) {
+            const int64_t c0 = g * G / 4, c1 = c0 + G / 4;
+            __m256 mx = _mm256_setzero_ps();
+            for (int64_t c = c0; c < c1; ++c) {
+                mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(tf + 16 * c), abs_mask));
+                mx = _mm256_max_ps(mx, _mm256_and_ps(_mm256_loadu_ps(tf + 16 * c + 8), abs_mask));
+            }
+            alignas(32) float l[8];
+            _mm256_store_ps(l, mx);
+            float amax = 0.f;
+            for (float v : l) amax = v > amax ? v : amax;
+            t8s[m * NG + g] = amax / 127.f;
+            const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+            for (int64_t c = c0; c < c1; ++c) {
+                const __m256i v0 = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(tf + 16 * c), inv)), bias);
+                const __m256i v1 =
+                    _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(tf + 16 * c + 8), inv)), bias);
+                // entries 0-3, 8-11 | 4-7, 12-15 as words, then in order, then bytes
+                const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(v0, v1), 0xD8);
+                _mm_storeu_si128((__m128i*)((c & 1 ? hi : lo) + (c / 2) * 16),
+                                 _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
+            }
+        }
+        for (int64_t o = Kp / 8; o < Kp / 8 + 4; ++o) {  // the spare octets (read, never used)
+            _mm_storeu_si128((__m128i*)(lo + o * 16), _mm_set1_epi8((char)128));
+            _mm_storeu_si128((__m128i*)(hi + o * 16), _mm_set1_epi8((char)128));
+        }
+    }
+}
+
 SHIFTC_TARGET_AVX2 void prepare_avx2(const float* x, int64_t M, int64_t K, int64_t G, bool tables,
                                      float* ws) {
     const int64_t NG = ceil_div(K, G), Kp = NG * G;
@@ -756,6 +802,7 @@ SHIFTC_TARGET_AVX2 void prepare_avx2(const float* x, int64_t M, int64_t K, int64
             w[g] = group_sum_avx2(xr + g * G, end - g * G);
         }
     }
+    if (tables) prepare_t8_avx2(ws, M, Kp, NG, G);
 }
 
 // Uniform weights: sh = s/2 (= alpha_0), off = mu + s (2^Q - 1)/2 and mu of group g for rows
@@ -878,6 +925,112 @@ void lut_task_avx2_q(const Problem& p, int64_t t) {
 
 void lut_task_avx2(const Problem& p, int64_t t) {
     with_q(p.q, [&](auto Q) { lut_task_avx2_q<decltype(Q)::value>(p, t); });
+}
+
+// GEMV of uniform weights on the int8 tables, AVX2: lut8_rows_avx512's method on 32-byte loads
+// (lane L of load u holds chunk 2u + L: plane (2u + L) % Q; its table is its octet's, from a
+// broadcast or a 32-byte load of two octets' tables), one block of 16 rows per pass; the planes'
+// weights 2^i by a 16-bit multiply (AVX2 has no per-word shifts).
+constexpr int t8_sets_avx2(int q) { return q == 3 ? 3 : q == 4 ? 2 : 1; }
+
+template <int Q>
+SHIFTC_TARGET_AVX2 inline __m256i t8_plane_weight_avx2(int r) {
+    const short w0 = short(1 << ((2 * r) % Q)), w1 = short(1 << ((2 * r + 1) % Q));
+    return _mm256_setr_epi16(w0, w0, w0, w0, w0, w0, w0, w0, w1, w1, w1, w1, w1, w1, w1, w1);
+}
+
+template <int Q>
+SHIFTC_TARGET_AVX2 void lut8_block_avx2(const Problem& p, int64_t b, int64_t m) {
+    constexpr int R = t8_sets_avx2(Q);
+    const int64_t bstride = p.octs * Q * 16;
+    const int64_t half = t8_half_bytes(p.Kp);
+    const uint8_t* cb = p.codes + b * bstride;
+    const uint8_t* TL = p.t8 + m * 2 * half;
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    __m256 tot[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t g = 0; g < p.NG; ++g) {
+        _mm_prefetch((const char*)(p.su + (b * p.NG + g + kPrefetchGroups) * 32), _MM_HINT_T0);
+        int64_t o0, o1;
+        group_octets(p, g, &o0, &o1);
+        const int64_t chunks = (o1 - o0) * Q, loads = ceil_div(chunks, 2);
+        __m256i S[R], H[R];
+        for (int r = 0; r < R; ++r) S[r] = H[r] = _mm256_setzero_si256();
+        auto step = [&](auto rc, int64_t u) SHIFTC_TARGET_AVX2 {
+            constexpr int r = decltype(rc)::value;
+            const int64_t ob = o0 + (2 * u) / Q;
+            const bool two = (2 * u + 1) / Q != (2 * u) / Q;  // the lanes' octets differ
+            __m256i tl, th;
+            if (two) {
+                tl = _mm256_loadu_si256((const __m256i*)(TL + ob * 16));
+                th = _mm256_loadu_si256((const __m256i*)(TL + half + ob * 16));
+            } else {
+                tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(TL + ob * 16)));
+                th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(TL + half + ob * 16)));
+            }
+            const uint8_t* c = cb + (o0 * Q + 2 * u) * 16;
+            _mm_prefetch((const char*)(c + kPrefetchBytesL2), _MM_HINT_T1);
+            const bool whole = chunks - 2 * u >= 2;
+            const __m256i code = whole ? _mm256_loadu_si256((const __m256i*)c)
+                                       : _mm256_castsi128_si256(_mm_loadu_si128((const __m128i*)c));
+            const __m256i lo = _mm256_and_si256(code, nib);
+            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(code, 4), nib);
+            __m256i a = _mm256_shuffle_epi8(tl, lo), bb = _mm256_shuffle_epi8(th, hi);
+            if (!whole) {  // a lone last chunk: the upper lane looked up garbage
+                a = _mm256_permute2x128_si256(a, a, 0x80);
+                bb = _mm256_permute2x128_si256(bb, bb, 0x80);
+            }
+            S[r] = _mm256_add_epi16(S[r], _mm256_add_epi16(a, bb));
+            H[r] = _mm256_add_epi16(H[r], _mm256_add_epi16(_mm256_srli_epi16(a, 8), _mm256_srli_epi16(bb, 8)));
+        };
+        for (int64_t u = 0; u < loads; u += R) {
+            step(std::integral_constant<int, 0>{}, u);
+            if constexpr (R >= 2) {
+                if (u + 1 < loads) step(std::integral_constant<int, 1>{}, u + 1);
+            }
+            if constexpr (R == 3) {
+                if (u + 2 < loads) step(std::integral_constant<int, 2>{}, u + 2);
+            }
+        }
+        __m256i sw = _mm256_setzero_si256(), hw = _mm256_setzero_si256();
+        for (int r = 0; r < R; ++r) {
+            const __m256i w = t8_plane_weight_avx2<Q>(r);
+            sw = _mm256_add_epi16(sw, _mm256_mullo_epi16(S[r], w));
+            hw = _mm256_add_epi16(hw, _mm256_mullo_epi16(H[r], w));
+        }
+        sw = _mm256_add_epi16(sw, _mm256_permute2x128_si256(sw, sw, 0x01));  // both lanes: the total
+        hw = _mm256_add_epi16(hw, _mm256_permute2x128_si256(hw, hw, 0x01));
+        const __m256i e = _mm256_sub_epi16(sw, _mm256_slli_epi16(hw, 8));  // even rows
+        const __m128i r0 = _mm256_castsi256_si128(_mm256_unpacklo_epi16(e, hw));  // rows 0..7
+        const __m128i r1 = _mm256_castsi256_si128(_mm256_unpackhi_epi16(e, hw));  // rows 8..15
+        const __m256 bias = _mm256_set1_ps(float(256 * (o1 - o0) * ((1 << Q) - 1)));
+        const __m256 sc = _mm256_set1_ps(p.t8s[m * p.NG + g]), gs = _mm256_set1_ps(p.gsums[m * p.NG + g]);
+        for (int h = 0; h < 2; ++h) {
+            __m256 sh, off, mu;
+            uniform_header_avx2<Q>(p, b, g, h, sh, off, mu);
+            const __m256 v = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(h ? r1 : r0)), bias);
+            tot[h] = _mm256_fmadd_ps(v, _mm256_mul_ps(sh, sc), tot[h]);
+            tot[h] = _mm256_fmadd_ps(off, gs, tot[h]);
+        }
+    }
+    const int64_t n0 = b * kBlock;
+    for (int h = 0; h < 2; ++h) {
+        const int64_t valid = p.N - n0 - 8 * h;
+        if (valid <= 0) break;
+        if (valid >= 8) {
+            _mm256_storeu_ps(p.y + m * p.N + n0 + 8 * h, tot[h]);
+        } else {
+            alignas(32) float l[8];
+            _mm256_store_ps(l, tot[h]);
+            for (int64_t i = 0; i < valid; ++i) p.y[m * p.N + n0 + 8 * h + i] = l[i];
+        }
+    }
+}
+
+void lut8_task_avx2(const Problem& p, int64_t t) {
+    with_q(p.q, [&](auto Q) {
+        for (int64_t b = 2 * t; b < 2 * t + 2 && b < p.NB; ++b)
+            for (int64_t m = 0; m < p.M; ++m) lut8_block_avx2<decltype(Q)::value>(p, b, m);
+    });
 }
 
 // GEMM expansion, 8 rows at a time: bit j of the code bytes (zero-extended to 32-bit lanes) is
@@ -1256,10 +1409,6 @@ void lut_task_avx512(const Problem& p, int64_t t) {
 // the lanes summed, the bias removed, then as the float kernel: y += (v * scale) s/2 + off gsum.
 // The tables round x to 8 bits per group: a relative error of about 2^-9 per lookup, like the
 // 8-bit activations of other CPU runtimes' low-bit kernels.
-
-// Whether a group's weighted sum of biased lookups fits 16 bits: per row at most
-// 2 (nibbles) * 255 * (G / 8) octets * (2^Q - 1).
-bool t8_fits(int q, int64_t G) { return 2 * 255 * (G / 8) * ((int64_t{1} << q) - 1) < 65536; }
 
 // Load positions with distinct lane -> plane maps: 3 for Q = 3 (4u mod 3 cycles), else 1.
 constexpr int t8_sets(int q) { return q == 3 ? 3 : 1; }
@@ -1967,7 +2116,7 @@ int current_isa() {
     return isa;
 }
 
-// Whether the AVX-512 GEMV of uniform weights runs on int8 tables (lut8_rows_avx512): the default;
+// Whether the AVX2 / AVX-512 GEMV of uniform weights runs on int8 tables (lut8_*): the default;
 // shiftc_bcq_set_tables(1) or SHIFTC_LUT_TABLES=float32 in the environment keeps float tables.
 std::atomic<int> g_tables{-1};  // -1: not yet read from the environment; 0: int8; 1: float32
 
@@ -2001,7 +2150,11 @@ void run_task(const Problem& p, int64_t task) {
             else if (use_t8(p)) lut8_task_avx512(p, task);
             else lut_task_avx512(p, task);
             break;
-        case kAvx2: lut ? lut_task_avx2(p, task) : gemm_task_avx2(p, task); break;
+        case kAvx2:
+            if (!lut) gemm_task_avx2(p, task);
+            else if (use_t8(p)) lut8_task_avx2(p, task);
+            else lut_task_avx2(p, task);
+            break;
 #endif
 #if SHIFTC_LUT_NEON
         case kNeon: lut ? lut_task_neon(p, task) : gemm_task_neon(p, task); break;

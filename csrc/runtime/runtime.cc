@@ -145,6 +145,9 @@ struct Model::Impl {
   DLDevice device{};
   ffi::Module vm{ffi::UnsafeInit()};
   ffi::Function main;
+  // decode: main specialised to one sequence and one new token (libraries with in-place caches
+  // from this shiftc on; absent in older ones), called for such steps
+  ffi::Optional<ffi::Function> decode;
   std::vector<TensorInfo> inputs, outputs;
   std::vector<ffi::Optional<ffi::Tensor>> feeds;  // per input, set by SetInput
   std::vector<ffi::Tensor> results;               // outputs of the last Run
@@ -162,12 +165,14 @@ struct Model::Impl {
     throw Error(path + ": unknown input '" + name + "'; the model takes [" + names + "]");
   }
 
-  std::vector<ffi::Tensor> Call(const std::vector<ffi::Tensor>& args) const {
+  // one_token: a step of one sequence and one token, which `decode` runs where the library has it
+  std::vector<ffi::Tensor> Call(const std::vector<ffi::Tensor>& args, bool one_token = false) const {
     std::vector<ffi::AnyView> views(args.begin(), args.end());
     std::vector<ffi::Tensor> outs;
+    const ffi::Function& fn = one_token && decode ? *decode : main;
     Guard(path + ": running main", [&] {
       ffi::Any ret;
-      main.CallPacked(views.data(), static_cast<int32_t>(views.size()), &ret);
+      fn.CallPacked(views.data(), static_cast<int32_t>(views.size()), &ret);
       if (auto single = ret.as<ffi::Tensor>()) return outs.push_back(*single);
       for (const ffi::Any& v : ret.cast<ffi::Array<ffi::Any>>()) outs.push_back(v.cast<ffi::Tensor>());
     });
@@ -320,6 +325,7 @@ Model Model::Load(const std::string& path, Device device) {
   auto main = impl->vm->GetFunction("main", false);
   if (!main) throw Error("'" + path + "' has no 'main' function");
   impl->main = *main;
+  if (impl->kv_inplace) impl->decode = impl->vm->GetFunction("decode", false);
   return Model(std::move(impl));
 }
 
@@ -502,7 +508,7 @@ std::vector<float> LMSession::Step(const std::vector<int64_t>& token_ids) {
     s.capacity = rows;
   }
   args.insert(args.end(), s.past.begin(), s.past.end());
-  std::vector<ffi::Tensor> outs = m.Call(args);
+  std::vector<ffi::Tensor> outs = m.Call(args, m.kv_inplace && seq == 1);
   const ffi::Tensor& logits = outs[0];  // [1, seq, vocab]
   if (logits.ndim() != 3 || logits.size(1) != seq || logits.size(2) != s.vocab || logits.device().device_type != kDLCPU)
     throw Error(m.path + ": unexpected logits shape from the decoder");

@@ -115,6 +115,22 @@ def _kv_cache_graph(proto: onnx.ModelProto, spec: TargetSpec, mode: str,
     return graph, {"mode": "inplace", "dtype": dtype, "main": md.signature(graph)}
 
 
+def _add_decode_function(mod):
+    """``decode``: main with one sequence and one new token (batch = seq = 1), beside main. Its
+    shapes are static but for the context, so a decode step runs without most of main's run-time
+    shape arithmetic (make_shape, match_shape) and its fused functions are specialised to one row;
+    the runtimes call it for single-token steps of batch 1."""
+    from tvm import tirx
+
+    main = mod["main"]
+    shape = main.params[0].ty.shape  # input_ids [batch, seq]
+    dims = [d for d in getattr(shape, "values", ()) if not isinstance(d, tirx.IntImm)]
+    if not dims:  # a static graph: main is already specialised
+        return mod, False
+    mod["decode"] = main.bind_symbolic_vars({d: 1 for d in dims}).with_attr("global_symbol", "decode")
+    return mod, True
+
+
 def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, *, target: str = "host",
                   arch: str | None = None, cpu: str | None = None, kv_cache: str = "inplace",
                   kv_dtype: str = "float16") -> CompileResult:
@@ -147,6 +163,10 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
         graph, fused = fuse_matmuls.rewrite(graph)
     with step("importing ONNX into Relax"), lowering_for(spec.device_type):
         mod = to_relax(graph, source)
+    if kv_meta and kv_meta.get("mode") == "inplace":
+        mod, has_decode = _add_decode_function(mod)
+        if has_decode:
+            kv_meta["decode"] = "decode"
     addons = []
     if uses_kernels(mod):
         with step("compiling shiftc's kernels"):

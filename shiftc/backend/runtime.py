@@ -133,6 +133,8 @@ class CompiledModel(Model):
         self.kv_inplace = kv.get("mode") == "inplace"
         #: element type of the in-place caches (libraries from before float16 caches: float32)
         self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
+        #: main specialised to batch 1 and one new token (backend/compile.py), for such steps
+        self._decode = self._vm["decode"] if kv.get("decode") else None
 
     def _args(self, arrays):
         return [a if not isinstance(a, np.ndarray) else self._tensor(np.ascontiguousarray(a), self._device) for a in arrays]
@@ -148,7 +150,8 @@ class CompiledModel(Model):
     def run_kv(self, ids, mask, pos, caches: list) -> np.ndarray:
         """One step on in-place caches [B, KVH, max_len, D] (rows [T − S, T) are written, T =
         mask's length); returns the logits."""
-        return self._main(*self._args([ids, mask, pos]), *caches)
+        fn = self._decode if self._decode is not None and np.shape(ids) == (1, 1) else self._main
+        return fn(*self._args([ids, mask, pos]), *caches)
 
     def cache_tensor(self, array: np.ndarray):
         return self._tensor(array, self._device)

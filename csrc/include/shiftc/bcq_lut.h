@@ -149,8 +149,9 @@ int shiftc_bcq_compute_uniform(const float* x, const float* ws, int64_t M, int64
 int shiftc_bcq_set_isa(int isa);
 int shiftc_bcq_isa(void);
 
-// GEMV tables of uniform weights on AVX-512: 0 = int8 (default: entries rounded to 8 bits per group,
-// one byte shuffle per 64 lookups), 1 = float32 (the exact tables of every other path). The
+// GEMV tables of uniform weights on AVX2 and AVX-512: 0 = int8 (default: entries rounded to 8 bits
+// per group of columns, one byte shuffle per 32 / 64 lookups), 1 = float32 (the exact tables of
+// every other path). The
 // environment variable SHIFTC_LUT_TABLES=float32 sets 1 before the first call. Returns the mode now
 // in use, or -1 for another value.
 int shiftc_bcq_set_tables(int mode);

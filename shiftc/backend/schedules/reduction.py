@@ -31,12 +31,37 @@ class RowReduction(Reduction):
         self.lanes = lanes
 
     def apply(self, func, target, tunable):
-        if not is_llvm(target):
+        if not is_llvm(target) or not isinstance(func, tirx.PrimFunc):
             return None
         try:
+            if _single_row(func):
+                # TVM's rule would parallelise the epilogue's axis and recompute the whole
+                # reduction for each of its elements (a static [1, 1, H] norm: H times the work);
+                # SpatialReduction computes it once
+                return None
             return super().apply(func, target, tunable)
         except Exception:
             return None
+
+
+def _single_row(func) -> bool:
+    """Whether the reduction blocks of ``func`` compute one row (static spatial extents, all 1)."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    reductions = [bi for bi in infos or [] if not bi.is_injective()]
+
+    def rows(bi) -> int | None:
+        n = 1
+        for kind, ext in zip(bi.dom_kind(), bi.dom()):
+            if kind == "S":
+                if isinstance(ext, tirx.IntImm):
+                    ext = ext.value
+                if not isinstance(ext, int):
+                    return None
+                n *= ext
+        return n
+
+    return bool(reductions) and all(rows(bi) == 1 for bi in reductions)
 
 
 class SpatialReduction(ScheduleRule):
