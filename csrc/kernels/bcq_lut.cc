@@ -44,6 +44,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <string_view>
 #include <type_traits>
 
@@ -128,6 +129,11 @@ bool valid_shape(int64_t N, int64_t K, int32_t q, int64_t G) {
 // The spare octets let a 64-byte load start at any octet. Size in floats for Kp padded columns:
 int64_t t8_floats(int64_t Kp) { return (Kp / 8 + 4) * 32 / 4; }
 int64_t t8_half_bytes(int64_t Kp) { return (Kp / 8 + 4) * 16; }
+// The 4 spare octets after each table half (loaded, never used): entries of value 0.
+void t8_fill_spare(uint8_t* lo, uint8_t* hi, int64_t Kp) {
+    memset(lo + Kp / 8 * 16, 128, 64);
+    memset(hi + Kp / 8 * 16, 128, 64);
+}
 // Whether a group's weighted sum of biased lookups fits 16 bits (lut8_rows_*): per row at most
 // 2 (nibbles) * 255 * (G / 8) octets * (2^Q - 1).
 bool t8_fits(int q, int64_t G) { return 2 * 255 * (G / 8) * ((int64_t{1} << q) - 1) < 65536; }
@@ -767,10 +773,7 @@ SHIFTC_TARGET_AVX2 void prepare_t8_avx2(float* ws, int64_t M, int64_t Kp, int64_
                                  _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1)));
             }
         }
-        for (int64_t o = Kp / 8; o < Kp / 8 + 4; ++o) {  // the spare octets (read, never used)
-            _mm_storeu_si128((__m128i*)(lo + o * 16), _mm_set1_epi8((char)128));
-            _mm_storeu_si128((__m128i*)(hi + o * 16), _mm_set1_epi8((char)128));
-        }
+        t8_fill_spare(lo, hi, Kp);
     }
 }
 
@@ -1188,10 +1191,7 @@ SHIFTC_TARGET_AVX512 void prepare_t8_avx512(float* ws, int64_t M, int64_t Kp, in
                 _mm_storeu_si128((__m128i*)((c & 1 ? hi : lo) + (c / 2) * 16), _mm512_cvtepi32_epi8(v));
             }
         }
-        for (int64_t o = Kp / 8; o < Kp / 8 + 4; ++o) {  // the spare octets (read, never used)
-            _mm_storeu_si128((__m128i*)(lo + o * 16), _mm_set1_epi8((char)128));
-            _mm_storeu_si128((__m128i*)(hi + o * 16), _mm_set1_epi8((char)128));
-        }
+        t8_fill_spare(lo, hi, Kp);
     }
 }
 
@@ -1275,6 +1275,17 @@ constexpr int lut_mc_avx512(int q) { return q <= 2 ? 4 : q == 3 ? 3 : 2; }
 // bytes of one plane and octet, zero-extended to 32-bit lanes, index the low-nibble table directly
 // (permutexvar reads only the low 4 bits of each lane) and the high-nibble table after a shift by
 // 4. Both blocks of a task share each table load.
+// y[m0 + mc][16 (b0 + nb) ...] = tot[nb][mc], the rows past N left alone.
+template <int NBLK, int MC>
+SHIFTC_TARGET_AVX512 inline void store_rows_avx512(const Problem& p, int64_t b0, int64_t m0, const __m512 (&tot)[NBLK][MC]) {
+    for (int nb = 0; nb < NBLK; ++nb) {
+        const int64_t n0 = (b0 + nb) * kBlock;
+        const int64_t valid = p.N - n0;
+        const __mmask16 mk = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+        for (int mc = 0; mc < MC; ++mc) _mm512_mask_storeu_ps(p.y + (m0 + mc) * p.N + n0, mk, tot[nb][mc]);
+    }
+}
+
 template <int Q, int NBLK, int MC>
 SHIFTC_TARGET_AVX512 void lut_rows_avx512(const Problem& p, int64_t b0, int64_t m0) {
     // One block, one plane, one row: a single accumulator chain would bound the loop; use two.
@@ -1360,12 +1371,7 @@ SHIFTC_TARGET_AVX512 void lut_rows_avx512(const Problem& p, int64_t b0, int64_t 
             }
         }
     }
-    for (int nb = 0; nb < NBLK; ++nb) {
-        const int64_t n0 = (b0 + nb) * kBlock;
-        const int64_t valid = p.N - n0;
-        const __mmask16 mk = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
-        for (int mc = 0; mc < MC; ++mc) _mm512_mask_storeu_ps(p.y + (m0 + mc) * p.N + n0, mk, tot[nb][mc]);
-    }
+    store_rows_avx512<NBLK, MC>(p, b0, m0, tot);
 }
 
 using LutRowsAvx512 = void (*)(const Problem&, int64_t, int64_t);
@@ -1382,18 +1388,19 @@ template <int Q, int NBLK>
 constexpr LutRowsAvx512 kLutAvx512[4] = {lut_fn_avx512<Q, NBLK, 1>(), lut_fn_avx512<Q, NBLK, 2>(),
                                          lut_fn_avx512<Q, NBLK, 3>(), lut_fn_avx512<Q, NBLK, 4>()};
 
-template <int Q>
-void lut_task_avx512_q(const Problem& p, int64_t t) {
-    const RowSplit rs(p.M, lut_mc_avx512(Q));
-    const bool two = 2 * t + 1 < p.NB;
-    for (int64_t i = 0; i < rs.nblk; ++i) {
-        const int mc = (int)rs.size(i);
-        (two ? kLutAvx512<Q, 2>[mc - 1] : kLutAvx512<Q, 1>[mc - 1])(p, 2 * t, rs.start(i));
-    }
+// Task t of an AVX-512 GEMV: row blocks 2t and 2t + 1 (one at the end), X's rows in passes of at
+// most mc_max; one[mc - 1] / two[mc - 1] run a pass of mc rows over one / both blocks.
+void gemv_task_avx512(const Problem& p, int64_t t, int mc_max, const LutRowsAvx512* one, const LutRowsAvx512* two) {
+    const RowSplit rs(p.M, mc_max);
+    const bool both = 2 * t + 1 < p.NB;
+    for (int64_t i = 0; i < rs.nblk; ++i) (both ? two : one)[rs.size(i) - 1](p, 2 * t, rs.start(i));
 }
 
 void lut_task_avx512(const Problem& p, int64_t t) {
-    with_q(p.q, [&](auto Q) { lut_task_avx512_q<decltype(Q)::value>(p, t); });
+    with_q(p.q, [&](auto Q) {
+        constexpr int q = decltype(Q)::value;
+        gemv_task_avx512(p, t, lut_mc_avx512(q), kLutAvx512<q, 1>, kLutAvx512<q, 2>);
+    });
 }
 
 // ---- GEMV on int8 tables (uniform weights) ------------------------------------------------
@@ -1529,12 +1536,7 @@ SHIFTC_TARGET_AVX512 void lut8_rows_avx512(const Problem& p, int64_t b0, int64_t
             }
         }
     }
-    for (int nb = 0; nb < NBLK; ++nb) {
-        const int64_t n0 = (b0 + nb) * kBlock;
-        const int64_t valid = p.N - n0;
-        const __mmask16 mk = valid >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
-        for (int mc = 0; mc < MC; ++mc) _mm512_mask_storeu_ps(p.y + (m0 + mc) * p.N + n0, mk, tot[nb][mc]);
-    }
+    store_rows_avx512<NBLK, MC>(p, b0, m0, tot);
 }
 
 template <int Q, int NBLK>
@@ -1543,18 +1545,11 @@ constexpr LutRowsAvx512 kLut8Avx512[3] = {
     Q == 3 ? nullptr : lut8_rows_avx512<Q, NBLK, (Q == 3 ? 1 : 2)>,
     Q == 3 ? nullptr : lut8_rows_avx512<Q, NBLK, (Q == 3 ? 1 : 3)>};
 
-template <int Q>
-void lut8_task_avx512_q(const Problem& p, int64_t t) {
-    const RowSplit rs(p.M, lut8_mc(Q));
-    const bool two = 2 * t + 1 < p.NB;
-    for (int64_t i = 0; i < rs.nblk; ++i) {
-        const int mc = (int)rs.size(i);
-        (two ? kLut8Avx512<Q, 2>[mc - 1] : kLut8Avx512<Q, 1>[mc - 1])(p, 2 * t, rs.start(i));
-    }
-}
-
 void lut8_task_avx512(const Problem& p, int64_t t) {
-    with_q(p.q, [&](auto Q) { lut8_task_avx512_q<decltype(Q)::value>(p, t); });
+    with_q(p.q, [&](auto Q) {
+        constexpr int q = decltype(Q)::value;
+        gemv_task_avx512(p, t, lut8_mc(q), kLut8Avx512<q, 1>, kLut8Avx512<q, 2>);
+    });
 }
 
 // GEMM expansion, 16 rows per register: bit j of the 16 code bytes of a plane is a 16-bit lane
