@@ -26,7 +26,8 @@ _HEADER = Path("include") / "shiftc" / "bcq_lut.h"
 # every source linked into model libraries, with the header it includes
 _SOURCES = ((_SOURCE, _HEADER), (Path("kernels") / "attention.cc", Path("include") / "shiftc" / "attention.h"))
 # included by the sources above too: part of the cache key
-_INCLUDED = (Path("kernels") / "attention_isa.inc", Path("include") / "shiftc" / "cpu_isa.h")
+_INCLUDED = (*(Path("kernels") / f"bcq_lut_{isa}.inc" for isa in ("scalar", "neon", "avx2", "avx512", "amx")),
+             Path("kernels") / "attention_isa.inc", Path("include") / "shiftc" / "cpu_isa.h")
 FLAGS = ["-O3", "-fPIC", "-std=c++17", "-fno-math-errno", "-ffunction-sections", "-fdata-sections", "-fvisibility=hidden"]
 
 
