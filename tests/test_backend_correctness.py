@@ -163,3 +163,15 @@ def test_hf_image_classifier(tmp_path):
     for batch in (1, 2):
         x = np.random.default_rng(batch).standard_normal((batch, 3, 64, 64)).astype(np.float32)
         _check_against_ort(onnx_path, lib, {"pixel_values": x}, TOL_CNN, f"resnet batch {batch}")
+
+
+def test_every_shiftc_op_has_a_lowering():
+    """Each op of the op table (shiftc/passes/ops.py) has a Relax converter, in the same domain."""
+    from shiftc.backend import kv_cache, shiftc_ops  # noqa: F401  (they register on import)
+    from shiftc.backend.importer import SHIFTC_DOMAIN, registered_ops
+    from shiftc.passes.ops import DOMAIN, OPS
+
+    assert SHIFTC_DOMAIN == DOMAIN
+    lowered = {op for domain, op in registered_ops() if domain == DOMAIN}
+    missing = sorted(set(OPS) - lowered)
+    assert not missing, f"ops without a lowering: {missing}"

@@ -20,7 +20,7 @@ import onnx
 
 from ..errors import BadInputError, UnsupportedError
 
-SHIFTC_DOMAIN = "ai.shiftc"
+from ..passes.ops import DOMAIN as SHIFTC_DOMAIN  # noqa: F401  (one definition of the op domain)
 _STANDARD_DOMAINS = ("", "ai.onnx")
 MIN_OPSET, MAX_OPSET = 17, 21
 
@@ -46,6 +46,7 @@ def register_converter(domain: str, op_type: str):
 
 
 def registered_ops() -> list[tuple[str, str]]:
+    """(domain, op) of every converter registered (shiftc_ops and kv_cache register on import)."""
     return sorted(_CONVERTERS)
 
 
