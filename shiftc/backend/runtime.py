@@ -135,6 +135,7 @@ class CompiledModel(Model):
         self.kv_dtype = np.dtype(kv.get("dtype", "float32"))
         #: main specialised to batch 1 and one new token (backend/compile.py), for such steps
         self._decode = self._vm["decode"] if kv.get("decode") else None
+        self._one_token = None  # decode_step's reused input tensors (ids, pos, a row of ones)
 
     def _args(self, arrays):
         return [a if not isinstance(a, np.ndarray) else self._tensor(np.ascontiguousarray(a), self._device) for a in arrays]
@@ -146,6 +147,21 @@ class CompiledModel(Model):
         if len(self.outputs) == 1:
             return [out]
         return [out[i] for i in range(len(self.outputs))]
+
+    def decode_step(self, token: int, position: int, caches: list):
+        """The logits [1, 1, V] of one token of one sequence at ``position`` on in-place caches,
+        through the decode function (libraries that have it). Its inputs live in tensors kept
+        from one call to the next (the mask a view of a row of ones): a step allocates none."""
+        total = position + 1
+        if self._one_token is None or self._one_token[2].shape[1] < total:
+            rows = max(256, total, 2 * (self._one_token[2].shape[1] if self._one_token else 0))
+            self._one_token = (self._tensor(np.zeros((1, 1), np.int64), self._device),
+                               self._tensor(np.zeros((1, 1), np.int64), self._device),
+                               self._tensor(np.ones((1, rows), np.int64), self._device))
+        ids, pos, ones = self._one_token
+        ids.copyfrom(np.array([[token]], np.int64))
+        pos.copyfrom(np.array([[position]], np.int64))
+        return self._decode(ids, ones._create_view((1, total)), pos, *caches)
 
     def run_kv(self, ids, mask, pos, caches: list) -> np.ndarray:
         """One step on in-place caches [B, KVH, max_len, D] (rows [T − S, T) are written, T =
@@ -403,11 +419,29 @@ class LMSession:
         self.past = grown
         return grown
 
+    def _one_token_step(self, token: int, last_only: bool) -> np.ndarray:
+        """step() for one token of a one-sequence session past its first step (the decode loop),
+        on the library's decode function, with the same checks."""
+        if not 0 <= token < self.vocab:
+            raise RuntimeInputError(f"{self.model.path}: token ids must be in [0, {self.vocab}), got [{token}, {token}]")
+        if self.batch != 1:
+            raise RuntimeInputError(f"batch of 1 sequences given to a session of batch {self.batch}")
+        total = self.length + 1
+        if self.max_positions and total > self.max_positions:
+            raise RuntimeInputError(
+                f"{self.model.path}: {total} tokens exceed the model's {self.max_positions} positions "
+                "(shiftc export --max-positions)")
+        logits = self.model._to_numpy(self.model.decode_step(token, self.length, self._caches_for(total)))
+        self.length = total
+        return logits[:, -1] if last_only else logits
+
     def step(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]
         b, s = ids.shape
+        if b == s == 1 and self.length and getattr(self.model, "_decode", None) is not None:
+            return self._one_token_step(int(ids[0, 0]), last_only)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
             # compiled embedding gathers do not bounds-check: refuse before running
             raise RuntimeInputError(
