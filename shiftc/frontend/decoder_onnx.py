@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import UnsupportedError
 
 OPSET = 17
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
 MASK_VALUE = -1e9
 # Symbolic length of the attention window. Written as an expression so that shape inference (ONNX
 # Runtime, TVM) knows it equals the cached plus the new tokens.
@@ -219,8 +219,11 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
         k = linear(x, f"{p}.self_attn.k_proj", f"l{i}_k")
         v = linear(x, f"{p}.self_attn.v_proj", f"l{i}_v")
         q = g.op("Reshape", [q, g.const_i64([0, 0, n_kv, group, head_dim])], f"l{i}_q_heads")
-        q = g.op("Transpose", [q], f"l{i}_q_t", perm=[0, 2, 3, 1, 4])  # [B,KVH,G,S,D]
         k = g.op("Reshape", [k, g.const_i64([0, 0, n_kv, head_dim])], f"l{i}_k_heads")
+        if f"{p}.self_attn.q_norm.weight" in sd:  # Qwen3: RMSNorm of each head's q and k, before rope
+            q = rmsnorm(q, f"{p}.self_attn.q_norm.weight", f"l{i}_q_norm")
+            k = rmsnorm(k, f"{p}.self_attn.k_norm.weight", f"l{i}_k_norm")
+        q = g.op("Transpose", [q], f"l{i}_q_t", perm=[0, 2, 3, 1, 4])  # [B,KVH,G,S,D]
         k = g.op("Transpose", [k], f"l{i}_k_t", perm=[0, 2, 1, 3])  # [B,KVH,S,D]
         v = g.op("Reshape", [v, g.const_i64([0, 0, n_kv, head_dim])], f"l{i}_v_heads")
         v = g.op("Transpose", [v], f"l{i}_v_t", perm=[0, 2, 1, 3])

@@ -112,7 +112,9 @@ def load_hf_model(src: str, *, kind: str | None = None):
 
 
 def _task_from_config(config, archs: list[str], src: str, gguf: bool = False) -> str:
-    if any(a.endswith("ForCausalLM") for a in archs) or (not archs and config.model_type in ("llama", "mistral", "qwen2")):
+    from .decoder_onnx import SUPPORTED_MODEL_TYPES
+
+    if any(a.endswith("ForCausalLM") for a in archs) or (not archs and config.model_type in SUPPORTED_MODEL_TYPES):
         return "causal-lm"
     if gguf:  # a GGUF holds a llama.cpp decoder; its config names no architectures
         return "causal-lm"
