@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import UnsupportedError
 
 OPSET = 17
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "smollm3")
 MASK_VALUE = -1e9
 # Symbolic length of the attention window. Written as an expression so that shape inference (ONNX
 # Runtime, TVM) knows it equals the cached plus the new tokens.
@@ -115,7 +115,30 @@ def _rope_inv_freq(config, head_dim: int) -> np.ndarray:
             f"rotary embedding type '{rope_type}' is not supported by the decoder exporter "
             "(supported: default)"
         )
+    partial = (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None) or \
+        getattr(config, "partial_rotary_factor", 1.0) or 1.0
+    if float(partial) != 1.0:
+        raise UnsupportedError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported "
+                               "by the decoder exporter (supported: 1.0)")
     return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+
+
+def _split_fused_projections(sd: dict, n_layers: int, q_rows: int, kv_rows: int) -> dict:
+    """Phi-3 stores q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj`` (gate first):
+    the separate Llama-family weights, as views (the ONNX graph and every pass see the same
+    per-projection MatMuls as for Llama)."""
+    for i in range(n_layers):
+        p = f"model.layers.{i}"
+        qkv = sd.pop(f"{p}.self_attn.qkv_proj.weight", None)
+        if qkv is not None:
+            sd[f"{p}.self_attn.q_proj.weight"] = qkv[:q_rows]
+            sd[f"{p}.self_attn.k_proj.weight"] = qkv[q_rows:q_rows + kv_rows]
+            sd[f"{p}.self_attn.v_proj.weight"] = qkv[q_rows + kv_rows:]
+        gate_up = sd.pop(f"{p}.mlp.gate_up_proj.weight", None)
+        if gate_up is not None:
+            half = gate_up.shape[0] // 2
+            sd[f"{p}.mlp.gate_proj.weight"], sd[f"{p}.mlp.up_proj.weight"] = gate_up[:half], gate_up[half:]
+    return sd
 
 
 def check_supported(config) -> None:
@@ -145,6 +168,7 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
     eps = float(config.rms_norm_eps)
     max_pos = int(max_positions or min(getattr(config, "max_position_embeddings", 4096), 32768))
     half = head_dim // 2
+    sd = _split_fused_projections(sd, n_layers, n_heads * head_dim, n_kv * head_dim)
 
     g = _Graph()
     emb_name = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]))
