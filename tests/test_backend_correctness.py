@@ -229,3 +229,28 @@ def test_phi3_decoder_matches_torch(tmp_path):
     s = shiftc.load(lib).lm_session()
     got = np.concatenate([s.step(ids[:, :4].numpy()), s.step(ids[:, 4:5].numpy()), s.step(ids[:, 5:].numpy())], axis=1)
     assert_close(got, ref, rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what="compiled vs torch")
+
+
+def test_gpt2_decoder_matches_torch(tmp_path):
+    """GPT-2 (LayerNorm, learned positions, GELU MLP, biases, a GPT2LMHeadModel folder — a class
+    name ending in "Model", exported as a causal LM, not an encoder): the compiled decoder gives
+    torch's logits on a prefill and decode steps."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    cfg = GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(tmp_path / "hf")
+    onnx_path, lib = str(tmp_path / "gpt2.onnx"), str(tmp_path / "gpt2.so")
+    shiftc.export(str(tmp_path / "hf"), onnx_path)
+    shiftc.compile(onnx_path, lib)
+    m = shiftc.load(lib)
+    assert m.task == "causal-lm" and m.meta["kv_cache"]["mode"] == "inplace"
+    ids = torch.tensor([[1, 500, 20, 7, 400, 3]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    for path in (onnx_path, lib):
+        s = shiftc.load(path).lm_session()
+        got = np.concatenate([s.step(ids[:, :4].numpy()), s.step(ids[:, 4:5].numpy()), s.step(ids[:, 5:].numpy())], axis=1)
+        assert_close(got, ref, rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what=f"{path} vs torch")

@@ -128,10 +128,10 @@ def test_bad_sources_and_flags(tmp_path):
     r = run_cli("export", str(tmp_path / "fake.gguf"), "-o", str(tmp_path / "x.onnx"))
     assert r.returncode == EXIT_BAD_INPUT and "fake.gguf" in r.stderr
     # an HF folder of an unsupported causal-LM architecture
-    (tmp_path / "gpt2").mkdir()
-    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
-    r = run_cli("export", str(tmp_path / "gpt2"), "-o", str(tmp_path / "x.onnx"))
-    assert r.returncode in (EXIT_BAD_INPUT, EXIT_UNSUPPORTED) and "gpt2" in r.stderr.lower()
+    (tmp_path / "neox").mkdir()
+    (tmp_path / "neox" / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    r = run_cli("export", str(tmp_path / "neox"), "-o", str(tmp_path / "x.onnx"))
+    assert r.returncode == EXIT_UNSUPPORTED and "gpt_neox" in r.stderr.lower()
     assert not (tmp_path / "x.onnx").exists()
     r = run_cli("compile", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "y.so"))
     assert r.returncode == EXIT_USAGE and "missing.onnx" in r.stderr

@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import UnsupportedError
 
 OPSET = 17
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "phi3", "qwen2", "qwen3", "smollm3")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3", "smollm3")
 MASK_VALUE = -1e9
 # Symbolic length of the attention window. Written as an expression so that shape inference (ONNX
 # Runtime, TVM) knows it equals the cached plus the new tokens.
@@ -148,16 +148,44 @@ def check_supported(config) -> None:
             f"causal-LM architecture '{mt}' is not supported by shiftc's decoder exporter "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    if mt == "gpt2":
+        act = getattr(config, "activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UnsupportedError(f"GPT-2 activation_function '{act}' is not supported (supported: gelu_new)")
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            raise UnsupportedError("GPT-2 with scale_attn_by_inverse_layer_idx is not supported")
+        return
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise UnsupportedError(f"hidden_act '{act}' is not supported (supported: silu)")
 
 
+def _gpt2_as_llama_names(sd: dict, n_layers: int, hidden: int) -> dict:
+    """GPT-2's weights under the names the builder reads (its Conv1D weights are [in, out]: the
+    Linear layout [out, in] is their transpose); the learned positions stay ``model.embed_positions``."""
+    out = {"model.embed_tokens.weight": sd["transformer.wte.weight"],
+           "model.embed_positions.weight": sd["transformer.wpe.weight"],
+           "model.norm.weight": sd["transformer.ln_f.weight"], "model.norm.bias": sd["transformer.ln_f.bias"]}
+    for i in range(n_layers):
+        src, p = f"transformer.h.{i}", f"model.layers.{i}"
+        for a, b in (("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")):
+            out[f"{p}.{b}.weight"], out[f"{p}.{b}.bias"] = sd[f"{src}.{a}.weight"], sd[f"{src}.{a}.bias"]
+        w, bias = sd[f"{src}.attn.c_attn.weight"].t(), sd[f"{src}.attn.c_attn.bias"]
+        for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[f"{p}.self_attn.{name}.weight"] = w[j * hidden:(j + 1) * hidden]
+            out[f"{p}.self_attn.{name}.bias"] = bias[j * hidden:(j + 1) * hidden]
+        for a, b in (("attn.c_proj", "self_attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"), ("mlp.c_proj", "mlp.down_proj")):
+            out[f"{p}.{b}.weight"], out[f"{p}.{b}.bias"] = sd[f"{src}.{a}.weight"].t(), sd[f"{src}.{a}.bias"]
+    return out
+
+
 def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.ModelProto, DecoderSpec]:
-    """Build the ONNX graph of a Llama-family ``*ForCausalLM`` torch module (weights in fp32)."""
+    """Build the ONNX graph of a supported causal-LM torch module (SUPPORTED_MODEL_TYPES; weights
+    in fp32): the Llama family, and GPT-2 through the same builder."""
     config = model.config
     check_supported(config)
     sd = {k: v for k, v in model.state_dict().items()}
+    gpt2 = config.model_type == "gpt2"  # LayerNorm, learned positions, GELU MLP, biases, no rope
     hidden = config.hidden_size
     n_heads = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
@@ -165,29 +193,34 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
     group = n_heads // n_kv
     n_layers = config.num_hidden_layers
     vocab = config.vocab_size
-    eps = float(config.rms_norm_eps)
+    eps = float(config.layer_norm_epsilon if gpt2 else config.rms_norm_eps)
     max_pos = int(max_positions or min(getattr(config, "max_position_embeddings", 4096), 32768))
     half = head_dim // 2
-    sd = _split_fused_projections(sd, n_layers, n_heads * head_dim, n_kv * head_dim)
+    sd = _gpt2_as_llama_names(sd, n_layers, hidden) if gpt2 else \
+        _split_fused_projections(sd, n_layers, n_heads * head_dim, n_kv * head_dim)
 
     g = _Graph()
     emb_name = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]))
-    inv_freq = g.init("rope.inv_freq", _rope_inv_freq(config, head_dim))  # float64 [D/2]
+    inv_freq = g.init("rope.inv_freq", _rope_inv_freq(config, head_dim)) if not gpt2 else None  # float64 [D/2]
 
     h = g.op("Gather", [emb_name, "input_ids"], "embed", axis=0)
+    if gpt2:
+        wpe = g.init("model.embed_positions.weight", _np(sd["model.embed_positions.weight"]))
+        h = g.op("Add", [h, g.op("Gather", [wpe, "position_ids"], "embed_pos", axis=0)], "embed_sum")
 
     # Rotary angles of the new positions, computed per step (no [max_pos, D/2] tables in the model:
     # 0.5 MB for 2048 positions of D = 64) in float64, so that cos/sin are as exact as tables made
     # in float64 were, then broadcastable to q [B,KVH,G,S,D/2] and k [B,KVH,S,D/2]; rope is applied
     # on the two halves separately.
-    pos = g.op("Cast", ["position_ids"], "rope_pos", to=TensorProto.DOUBLE)
-    angle = g.op("Mul", [g.op("Unsqueeze", [pos, g.const_i64([2])], "rope_pos3"), inv_freq], "rope_angle")  # [B,S,D/2]
-    cos = g.op("Cast", [g.op("Cos", [angle], "rope_cos64")], "rope_cos", to=TensorProto.FLOAT)
-    sin = g.op("Cast", [g.op("Sin", [angle], "rope_sin64")], "rope_sin", to=TensorProto.FLOAT)
-    cos_k = g.op("Unsqueeze", [cos, g.const_i64([1])], "rope_cos_k")  # [B,1,S,D/2]
-    sin_k = g.op("Unsqueeze", [sin, g.const_i64([1])], "rope_sin_k")
-    cos_q = g.op("Unsqueeze", [cos_k, g.const_i64([1])], "rope_cos_q")  # [B,1,1,S,D/2]
-    sin_q = g.op("Unsqueeze", [sin_k, g.const_i64([1])], "rope_sin_q")
+    if not gpt2:
+        pos = g.op("Cast", ["position_ids"], "rope_pos", to=TensorProto.DOUBLE)
+        angle = g.op("Mul", [g.op("Unsqueeze", [pos, g.const_i64([2])], "rope_pos3"), inv_freq], "rope_angle")  # [B,S,D/2]
+        cos = g.op("Cast", [g.op("Cos", [angle], "rope_cos64")], "rope_cos", to=TensorProto.FLOAT)
+        sin = g.op("Cast", [g.op("Sin", [angle], "rope_sin64")], "rope_sin", to=TensorProto.FLOAT)
+        cos_k = g.op("Unsqueeze", [cos, g.const_i64([1])], "rope_cos_k")  # [B,1,S,D/2]
+        sin_k = g.op("Unsqueeze", [sin, g.const_i64([1])], "rope_sin_k")
+        cos_q = g.op("Unsqueeze", [cos_k, g.const_i64([1])], "rope_cos_q")  # [B,1,1,S,D/2]
+        sin_q = g.op("Unsqueeze", [sin_k, g.const_i64([1])], "rope_sin_q")
 
     # Additive attention mask [B,1,1,S,T].
     kpos = g.op("CumSum", ["attention_mask", g.const_i64([1])], "mask_cumsum")
@@ -202,6 +235,10 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
 
     def rmsnorm(x: str, weight_key: str, name: str) -> str:
         w = g.init(weight_key, _np(sd[weight_key]))
+        bias_key = weight_key[: -len("weight")] + "bias"
+        if gpt2:  # LayerNorm over the last axis, with its bias
+            b = g.init(bias_key, _np(sd[bias_key]))
+            return g.op("LayerNormalization", [x, w, b], f"{name}_out", axis=-1, epsilon=eps)
         sq = g.op("Mul", [x, x], f"{name}_sq")
         ms = g.op("ReduceMean", [sq], f"{name}_mean", axes=[-1], keepdims=1)
         ms = g.op("Add", [ms, g.const_f32(eps)], f"{name}_eps")
@@ -251,8 +288,9 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
         k = g.op("Transpose", [k], f"l{i}_k_t", perm=[0, 2, 1, 3])  # [B,KVH,S,D]
         v = g.op("Reshape", [v, g.const_i64([0, 0, n_kv, head_dim])], f"l{i}_v_heads")
         v = g.op("Transpose", [v], f"l{i}_v_t", perm=[0, 2, 1, 3])
-        q = rope(q, cos_q, sin_q, 4, f"l{i}_q_rope")
-        k = rope(k, cos_k, sin_k, 3, f"l{i}_k_rope")
+        if not gpt2:
+            q = rope(q, cos_q, sin_q, 4, f"l{i}_q_rope")
+            k = rope(k, cos_k, sin_k, 3, f"l{i}_k_rope")
         k_all = g.op("Concat", [past_k, k], f"present.{i}.key", axis=2)  # [B,KVH,T,D]
         v_all = g.op("Concat", [past_v, v], f"present.{i}.value", axis=2)
         graph_outputs += [
@@ -272,10 +310,19 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
         o = linear(a, f"{p}.self_attn.o_proj", f"l{i}_o")
         h = g.op("Add", [h, o], f"l{i}_resid1")
         x = rmsnorm(h, f"{p}.post_attention_layernorm.weight", f"l{i}_mlp_norm")
-        gate = linear(x, f"{p}.mlp.gate_proj", f"l{i}_gate")
-        up = linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}_sigmoid")], f"l{i}_silu")
-        d = linear(g.op("Mul", [act, up], f"l{i}_glu"), f"{p}.mlp.down_proj", f"l{i}_down")
+        if gpt2:  # GELU (tanh form): 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))
+            u = linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
+            u3 = g.op("Mul", [g.op("Mul", [u, u], f"l{i}_u2"), u], f"l{i}_u3")
+            inner = g.op("Mul", [g.op("Add", [u, g.op("Mul", [u3, g.const_f32(0.044715)], f"l{i}_cu3")], f"l{i}_poly"),
+                                 g.const_f32(float(np.sqrt(2.0 / np.pi)))], f"l{i}_inner")
+            t = g.op("Add", [g.op("Tanh", [inner], f"l{i}_tanh"), g.const_f32(1.0)], f"l{i}_1pt")
+            act = g.op("Mul", [g.op("Mul", [u, t], f"l{i}_ut"), g.const_f32(0.5)], f"l{i}_gelu")
+            d = linear(act, f"{p}.mlp.down_proj", f"l{i}_down")
+        else:
+            gate = linear(x, f"{p}.mlp.gate_proj", f"l{i}_gate")
+            up = linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}_sigmoid")], f"l{i}_silu")
+            d = linear(g.op("Mul", [act, up], f"l{i}_glu"), f"{p}.mlp.down_proj", f"l{i}_down")
         h = g.op("Add", [h, d], f"l{i}_resid2")
 
     h = rmsnorm(h, "model.norm.weight", "final_norm")

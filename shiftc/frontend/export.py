@@ -114,7 +114,10 @@ def load_hf_model(src: str, *, kind: str | None = None):
 def _task_from_config(config, archs: list[str], src: str, gguf: bool = False) -> str:
     from .decoder_onnx import SUPPORTED_MODEL_TYPES
 
-    if any(a.endswith("ForCausalLM") for a in archs) or (not archs and config.model_type in SUPPORTED_MODEL_TYPES):
+    # a causal LM's head class ends in ForCausalLM or LMHeadModel (GPT2LMHeadModel: it also ends in
+    # "Model", which would make it an encoder below)
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) or \
+            (not archs and config.model_type in SUPPORTED_MODEL_TYPES):
         return "causal-lm"
     if gguf:  # a GGUF holds a llama.cpp decoder; its config names no architectures
         return "causal-lm"
