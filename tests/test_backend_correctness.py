@@ -177,9 +177,29 @@ def test_every_shiftc_op_has_a_lowering():
     assert not missing, f"ops without a lowering: {missing}"
 
 
+def _matches_torch(model, tmp_path, name: str) -> None:
+    """Save the HF model, export and compile it; the compiled library keeps its in-place cache and
+    both the .onnx (ONNX Runtime) and the library give torch's logits on a prefill of 4 tokens
+    and two one-token steps."""
+    import torch
+
+    model.save_pretrained(tmp_path / "hf")
+    onnx_path, lib = str(tmp_path / f"{name}.onnx"), str(tmp_path / f"{name}.so")
+    shiftc.export(str(tmp_path / "hf"), onnx_path)
+    shiftc.compile(onnx_path, lib)
+    m = shiftc.load(lib)
+    assert m.task == "causal-lm" and m.meta["kv_cache"]["mode"] == "inplace"  # its attention recognised
+    ids = torch.tensor([[1, 500, 20, 7, 400, 3]])
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    for path in (onnx_path, lib):
+        s = shiftc.load(path).lm_session()
+        got = np.concatenate([s.step(ids[:, :4].numpy()), s.step(ids[:, 4:5].numpy()), s.step(ids[:, 5:].numpy())], axis=1)
+        assert_close(got, ref, rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what=f"{path} vs torch")
+
+
 def test_qwen3_decoder_matches_torch(tmp_path):
-    """Qwen3 (per-head RMSNorm of q and k before rope, head_dim apart from hidden / heads): the
-    exported and compiled decoder gives torch's logits on a prefill and decode steps."""
+    """Qwen3: per-head RMSNorm of q and k before rope, head_dim apart from hidden / heads."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -192,23 +212,11 @@ def test_qwen3_decoder_matches_torch(tmp_path):
         for layer in model.model.layers:
             layer.self_attn.q_norm.weight.uniform_(0.5, 2.0)
             layer.self_attn.k_norm.weight.uniform_(0.5, 2.0)
-    model.save_pretrained(tmp_path / "hf")
-    onnx_path, lib = str(tmp_path / "q3.onnx"), str(tmp_path / "q3.so")
-    shiftc.export(str(tmp_path / "hf"), onnx_path)
-    shiftc.compile(onnx_path, lib)
-    assert shiftc.load(lib).meta["kv_cache"]["mode"] == "inplace"  # its attention recognised
-    ids = torch.tensor([[1, 500, 20, 7, 400, 3]])
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits.numpy()
-    for path in (onnx_path, lib):
-        s = shiftc.load(path).lm_session()
-        got = np.concatenate([s.step(ids[:, :4].numpy()), s.step(ids[:, 4:5].numpy()), s.step(ids[:, 5:].numpy())], axis=1)
-        assert_close(got, ref, rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what=f"{path} vs torch")
+    _matches_torch(model, tmp_path, "qwen3")
 
 
 def test_phi3_decoder_matches_torch(tmp_path):
-    """Phi-3 (fused qkv_proj and gate_up_proj, split at export into the Llama-family projections):
-    the compiled decoder gives torch's logits on a prefill and decode steps."""
+    """Phi-3: fused qkv_proj and gate_up_proj, split at export into the Llama-family projections."""
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
@@ -217,40 +225,15 @@ def test_phi3_decoder_matches_torch(tmp_path):
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                      original_max_position_embeddings=256, tie_word_embeddings=False, pad_token_id=0,
                      bos_token_id=1, eos_token_id=2)
-    model = Phi3ForCausalLM(cfg).eval()
-    model.save_pretrained(tmp_path / "hf")
-    onnx_path, lib = str(tmp_path / "phi3.onnx"), str(tmp_path / "phi3.so")
-    shiftc.export(str(tmp_path / "hf"), onnx_path)
-    shiftc.compile(onnx_path, lib)
-    assert shiftc.load(lib).meta["kv_cache"]["mode"] == "inplace"
-    ids = torch.tensor([[1, 500, 20, 7, 400, 3]])
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits.numpy()
-    s = shiftc.load(lib).lm_session()
-    got = np.concatenate([s.step(ids[:, :4].numpy()), s.step(ids[:, 4:5].numpy()), s.step(ids[:, 5:].numpy())], axis=1)
-    assert_close(got, ref, rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what="compiled vs torch")
+    _matches_torch(Phi3ForCausalLM(cfg).eval(), tmp_path, "phi3")
 
 
 def test_gpt2_decoder_matches_torch(tmp_path):
-    """GPT-2 (LayerNorm, learned positions, GELU MLP, biases, a GPT2LMHeadModel folder — a class
-    name ending in "Model", exported as a causal LM, not an encoder): the compiled decoder gives
-    torch's logits on a prefill and decode steps."""
+    """GPT-2: LayerNorm, learned positions, GELU MLP, biases; a GPT2LMHeadModel folder (a class name
+    ending in "Model") is exported as a causal LM, not an encoder."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(3)
     cfg = GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
-    model = GPT2LMHeadModel(cfg).eval()
-    model.save_pretrained(tmp_path / "hf")
-    onnx_path, lib = str(tmp_path / "gpt2.onnx"), str(tmp_path / "gpt2.so")
-    shiftc.export(str(tmp_path / "hf"), onnx_path)
-    shiftc.compile(onnx_path, lib)
-    m = shiftc.load(lib)
-    assert m.task == "causal-lm" and m.meta["kv_cache"]["mode"] == "inplace"
-    ids = torch.tensor([[1, 500, 20, 7, 400, 3]])
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits.numpy()
-    for path in (onnx_path, lib):
-        s = shiftc.load(path).lm_session()
-        got = np.concatenate([s.step(ids[:, :4].numpy()), s.step(ids[:, 4:5].numpy()), s.step(ids[:, 5:].numpy())], axis=1)
-        assert_close(got, ref, rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what=f"{path} vs torch")
+    _matches_torch(GPT2LMHeadModel(cfg).eval(), tmp_path, "gpt2")
