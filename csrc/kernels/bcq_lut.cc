@@ -10,8 +10,9 @@
 //   kernel           scalar (all targets)     AVX2 + FMA               AVX-512 F/BW/VL/DQ
 //   table build      prepare_scalar           prepare_avx2             prepare_avx512
 //   GEMV (small M)   lut_task_scalar          lut_task_avx2 (8 rows)   lut_task_avx512 (2 x 16 rows)
-//   GEMV, uniform    (float tables)           lut8_task_avx2           lut8_task_avx512
+//   GEMV, uniform    (float tables)           lut8_block_avx2          lut8_rows_avx512
 //     int8 tables                             (16 rows, vpshufb ymm)   (2 x 16 rows, vpshufb zmm)
+//                    (lut_task_* pick them for uniform weights where use_t8)
 //   GEMM (larger M)  gemm_task_scalar (4x16)  gemm_task_avx2 (6x16)    gemm_task_avx512 (14x32)
 //                    (2x16 on x86-64)
 //   aarch64 NEON     prepare_neon, lut_task_neon (16 rows, vqtbl4q_u8), gemm_task_neon (5x16)
@@ -226,6 +227,24 @@ struct RowSplit {
     int64_t size(int64_t i) const { return base + (i < extra ? 1 : 0); }
 };
 
+// Whether the AVX2 / AVX-512 GEMV of uniform weights runs on int8 tables (lut8_*): the default;
+// shiftc_bcq_set_tables(1) or SHIFTC_LUT_TABLES=float32 in the environment keeps float tables.
+std::atomic<int> g_tables{-1};  // -1: not yet read from the environment; 0: int8; 1: float32
+
+int tables_mode() {
+    int t = g_tables.load(std::memory_order_relaxed);
+    if (t < 0) {
+        const char* e = getenv("SHIFTC_LUT_TABLES");
+        t = (e && std::string_view(e) == "float32") ? 1 : 0;
+        g_tables.store(t, std::memory_order_relaxed);
+    }
+    return t;
+}
+
+#if SHIFTC_LUT_X86
+bool use_t8(const Problem& p) { return p.su && tables_mode() == 0 && t8_fits(p.q, p.G); }
+#endif
+
 #include "bcq_lut_scalar.inc"
 
 #if SHIFTC_LUT_NEON
@@ -274,24 +293,6 @@ int current_isa() {
     return isa;
 }
 
-// Whether the AVX2 / AVX-512 GEMV of uniform weights runs on int8 tables (lut8_*): the default;
-// shiftc_bcq_set_tables(1) or SHIFTC_LUT_TABLES=float32 in the environment keeps float tables.
-std::atomic<int> g_tables{-1};  // -1: not yet read from the environment; 0: int8; 1: float32
-
-int tables_mode() {
-    int t = g_tables.load(std::memory_order_relaxed);
-    if (t < 0) {
-        const char* e = getenv("SHIFTC_LUT_TABLES");
-        t = (e && std::string_view(e) == "float32") ? 1 : 0;
-        g_tables.store(t, std::memory_order_relaxed);
-    }
-    return t;
-}
-
-#if SHIFTC_LUT_X86
-bool use_t8(const Problem& p) { return p.su && tables_mode() == 0 && t8_fits(p.q, p.G); }
-#endif
-
 // Task t of a valid problem (either weight format) on the current ISA.
 void run_task(const Problem& p, int64_t task) {
     const bool lut = p.M < SHIFTC_BCQ_LUT_MAX_M && p.M < kLutRowsBelow[p.q - 1];
@@ -299,20 +300,12 @@ void run_task(const Problem& p, int64_t task) {
 #if SHIFTC_LUT_X86
         case kAmx:
             // the AMX GEMM expands float scales only; uniform weights take the AVX-512 FMA GEMM
-            if (lut) use_t8(p) ? lut8_task_avx512(p, task) : lut_task_avx512(p, task);
+            if (lut) lut_task_avx512(p, task);
             else if (p.M >= kAmxMinRows && !p.su) gemm_task_amx(p, task);
             else gemm_task_avx512(p, task);
             break;
-        case kAvx512:
-            if (!lut) gemm_task_avx512(p, task);
-            else if (use_t8(p)) lut8_task_avx512(p, task);
-            else lut_task_avx512(p, task);
-            break;
-        case kAvx2:
-            if (!lut) gemm_task_avx2(p, task);
-            else if (use_t8(p)) lut8_task_avx2(p, task);
-            else lut_task_avx2(p, task);
-            break;
+        case kAvx512: lut ? lut_task_avx512(p, task) : gemm_task_avx512(p, task); break;
+        case kAvx2: lut ? lut_task_avx2(p, task) : gemm_task_avx2(p, task); break;
 #endif
 #if SHIFTC_LUT_NEON
         case kNeon: lut ? lut_task_neon(p, task) : gemm_task_neon(p, task); break;

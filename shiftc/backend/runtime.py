@@ -419,29 +419,26 @@ class LMSession:
         self.past = grown
         return grown
 
-    def _one_token_step(self, token: int, last_only: bool) -> np.ndarray:
-        """step() for one token of a one-sequence session past its first step (the decode loop),
-        on the library's decode function, with the same checks."""
-        if not 0 <= token < self.vocab:
-            raise RuntimeInputError(f"{self.model.path}: token ids must be in [0, {self.vocab}), got [{token}, {token}]")
-        if self.batch != 1:
-            raise RuntimeInputError(f"batch of 1 sequences given to a session of batch {self.batch}")
-        total = self.length + 1
-        if self.max_positions and total > self.max_positions:
-            raise RuntimeInputError(
-                f"{self.model.path}: {total} tokens exceed the model's {self.max_positions} positions "
-                "(shiftc export --max-positions)")
-        logits = self.model._to_numpy(self.model.decode_step(token, self.length, self._caches_for(total)))
-        self.length = total
-        return logits[:, -1] if last_only else logits
+    def _forward(self, ids: np.ndarray, total: int) -> np.ndarray:
+        """Logits of ``ids`` [B, S] after the session's ``length`` tokens, through main (the
+        signature's mask and positions built here); the caches or presents kept."""
+        b, s = ids.shape
+        mask = np.ones((b, total), np.int64)
+        pos = np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (b, s)).copy()
+        if self.length == 0:
+            # the first call validates the full signature once
+            check_inputs(self.model.path, self.model.inputs[:3], [ids, mask, pos])
+        if self.inplace:
+            return self.model._to_numpy(self.model.run_kv(ids, mask, pos, self._caches_for(total)))
+        outs = self.model._run_raw([ids, mask, pos, *self.past])
+        self.past = self.model._past_from_outputs(outs)
+        return self.model._to_numpy(outs[0])
 
     def step(self, ids: np.ndarray, last_only: bool = False) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim == 1:
             ids = ids[None]
         b, s = ids.shape
-        if b == s == 1 and self.length and getattr(self.model, "_decode", None) is not None:
-            return self._one_token_step(int(ids[0, 0]), last_only)
         if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
             # compiled embedding gathers do not bounds-check: refuse before running
             raise RuntimeInputError(
@@ -454,16 +451,10 @@ class LMSession:
             raise RuntimeInputError(
                 f"{self.model.path}: {total} tokens exceed the model's {self.max_positions} positions "
                 "(shiftc export --max-positions)")
-        mask = np.ones((b, total), np.int64)
-        pos = np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (b, s)).copy()
-        if self.length == 0:
-            # the first call validates the full signature once
-            check_inputs(self.model.path, self.model.inputs[:3], [ids, mask, pos])
-        if self.inplace:
-            logits = self.model._to_numpy(self.model.run_kv(ids, mask, pos, self._caches_for(total)))
+        if self.inplace and b == s == 1 and self.length and getattr(self.model, "_decode", None) is not None:
+            # the decode loop: the decode function on input tensors kept between steps
+            logits = self.model._to_numpy(self.model.decode_step(int(ids[0, 0]), self.length, self._caches_for(total)))
         else:
-            outs = self.model._run_raw([ids, mask, pos, *self.past])
-            self.past = self.model._past_from_outputs(outs)
-            logits = self.model._to_numpy(outs[0])
+            logits = self._forward(ids, total)
         self.length = total
         return logits[:, -1] if last_only else logits

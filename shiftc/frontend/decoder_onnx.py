@@ -201,7 +201,6 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
 
     g = _Graph()
     emb_name = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]))
-    inv_freq = g.init("rope.inv_freq", _rope_inv_freq(config, head_dim)) if not gpt2 else None  # float64 [D/2]
 
     h = g.op("Gather", [emb_name, "input_ids"], "embed", axis=0)
     if gpt2:
@@ -213,6 +212,7 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
     # in float64 were, then broadcastable to q [B,KVH,G,S,D/2] and k [B,KVH,S,D/2]; rope is applied
     # on the two halves separately.
     if not gpt2:
+        inv_freq = g.init("rope.inv_freq", _rope_inv_freq(config, head_dim))  # float64 [D/2]
         pos = g.op("Cast", ["position_ids"], "rope_pos", to=TensorProto.DOUBLE)
         angle = g.op("Mul", [g.op("Unsqueeze", [pos, g.const_i64([2])], "rope_pos3"), inv_freq], "rope_angle")  # [B,S,D/2]
         cos = g.op("Cast", [g.op("Cos", [angle], "rope_cos64")], "rope_cos", to=TensorProto.FLOAT)
@@ -233,10 +233,11 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
     allowed = g.op("And", [causal, valid], "mask_allowed")
     mask = g.op("Where", [allowed, g.const_f32(0.0), g.const_f32(MASK_VALUE)], "mask_add")
 
-    def rmsnorm(x: str, weight_key: str, name: str) -> str:
+    def norm(x: str, weight_key: str, name: str) -> str:
+        """RMSNorm over the last axis (GPT-2: LayerNorm, with its bias)."""
         w = g.init(weight_key, _np(sd[weight_key]))
-        bias_key = weight_key[: -len("weight")] + "bias"
-        if gpt2:  # LayerNorm over the last axis, with its bias
+        if gpt2:
+            bias_key = weight_key[: -len("weight")] + "bias"
             b = g.init(bias_key, _np(sd[bias_key]))
             return g.op("LayerNormalization", [x, w, b], f"{name}_out", axis=-1, epsilon=eps)
         sq = g.op("Mul", [x, x], f"{name}_sq")
@@ -275,15 +276,15 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
             helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", n_kv, "past", head_dim])
             for n in (past_k, past_v)
         ]
-        x = rmsnorm(h, f"{p}.input_layernorm.weight", f"l{i}_attn_norm")
+        x = norm(h, f"{p}.input_layernorm.weight", f"l{i}_attn_norm")
         q = linear(x, f"{p}.self_attn.q_proj", f"l{i}_q")
         k = linear(x, f"{p}.self_attn.k_proj", f"l{i}_k")
         v = linear(x, f"{p}.self_attn.v_proj", f"l{i}_v")
         q = g.op("Reshape", [q, g.const_i64([0, 0, n_kv, group, head_dim])], f"l{i}_q_heads")
         k = g.op("Reshape", [k, g.const_i64([0, 0, n_kv, head_dim])], f"l{i}_k_heads")
         if f"{p}.self_attn.q_norm.weight" in sd:  # Qwen3: RMSNorm of each head's q and k, before rope
-            q = rmsnorm(q, f"{p}.self_attn.q_norm.weight", f"l{i}_q_norm")
-            k = rmsnorm(k, f"{p}.self_attn.k_norm.weight", f"l{i}_k_norm")
+            q = norm(q, f"{p}.self_attn.q_norm.weight", f"l{i}_q_norm")
+            k = norm(k, f"{p}.self_attn.k_norm.weight", f"l{i}_k_norm")
         q = g.op("Transpose", [q], f"l{i}_q_t", perm=[0, 2, 3, 1, 4])  # [B,KVH,G,S,D]
         k = g.op("Transpose", [k], f"l{i}_k_t", perm=[0, 2, 1, 3])  # [B,KVH,S,D]
         v = g.op("Reshape", [v, g.const_i64([0, 0, n_kv, head_dim])], f"l{i}_v_heads")
@@ -309,7 +310,7 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
         a = g.op("Reshape", [a, g.const_i64([0, 0, n_heads * head_dim])], f"l{i}_attn_merge")
         o = linear(a, f"{p}.self_attn.o_proj", f"l{i}_o")
         h = g.op("Add", [h, o], f"l{i}_resid1")
-        x = rmsnorm(h, f"{p}.post_attention_layernorm.weight", f"l{i}_mlp_norm")
+        x = norm(h, f"{p}.post_attention_layernorm.weight", f"l{i}_mlp_norm")
         if gpt2:  # GELU (tanh form): 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))
             u = linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
             u3 = g.op("Mul", [g.op("Mul", [u, u], f"l{i}_u2"), u], f"l{i}_u3")
@@ -325,7 +326,7 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
             d = linear(g.op("Mul", [act, up], f"l{i}_glu"), f"{p}.mlp.down_proj", f"l{i}_down")
         h = g.op("Add", [h, d], f"l{i}_resid2")
 
-    h = rmsnorm(h, "model.norm.weight", "final_norm")
+    h = norm(h, "model.norm.weight", "final_norm")
     if "lm_head.weight" in sd and not getattr(config, "tie_word_embeddings", False):
         head = g.init("lm_head.weight.T", _np(sd["lm_head.weight"]).T)
     else:
