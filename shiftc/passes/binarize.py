@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .. import options as opts
+from ..options import option
 from ..progress import Counter
 from . import bcq, fdb, ops, uniform
 from .distill import DistillFields, run_configured, validate_fields
@@ -38,13 +40,15 @@ MODES = tuple(fdb.MODES)
 
 @dataclass
 class BinarizeConfig(DistillFields):  # + distill_* keys: distillation of the scales/offsets afterwards
-    mode: str = "fdb"  # fdb (2 planes) | 1bit
-    group: int = 128
-    act_order: bool = False
+    mode: str = option("fdb", flag="--binarize", kw="binarize", choices=MODES,
+                       help="binarize instead of shift-add: fdb = 2 {{0,1}} planes with float16 scales + offset "
+                            "(flexible dual binarization), 1bit = one sign plane with scale + mean")
+    group: int = option(128, flag="--group", parse=opts.group, help="input columns per scale (default {default})")
+    act_order: bool = option(False, flag="--act-order", help="GPTQ activation ordering (binarize default: off)")
     damp: float = 0.01
     iters: int = 8
-    lm_head: bool = True
-    skip: list[str] = field(default_factory=list)
+    lm_head: bool = option(True, flag="--shiftadd-lm-head", kw="lm_head", help="binarize the LM head too")
+    skip: list[str] = option(kw="skip", default_factory=list, help="globs of layer names left in fp32")
     embedding_bits: int = 4  # token embedding: a table of its own on a uniform grid (QGather); 0: fp32
     embedding_group: int = 32
 
@@ -169,26 +173,3 @@ def run(model: onnx.ModelProto, src: str, output: str, config, t0: float, prune_
             "seconds": round(time.perf_counter() - t0, 1), **result.report,
             **({"prune": prune_report} if prune_report is not None else {}),
             **({"distill": distill_report} if distill_report is not None else {})}
-
-
-
-
-def apply_args(cfg, mode: str | None, *, group=None, act_order=None, lm_head=None, skip=None,
-               shiftadd_only: dict | None = None, distill: dict | None = None) -> None:
-    """Point a recipe.CompressConfig at the binarize pass (``shiftc.compress(binarize=...)``):
-    the shared flags go to the binarize section, and the shift-add pass is turned off. Flags that
-    only mean something to shift-add (``shiftadd_only``: {flag: value}) are refused."""
-    from ..errors import UsageError
-
-    given = [flag for flag, v in (shiftadd_only or {}).items() if v is not None]
-    if given:
-        raise UsageError(f"--binarize replaces the shift-add pass; {', '.join(given)} cannot be used with it")
-    b = cfg.binarize or BinarizeConfig()
-    if mode is not None:
-        b.mode = mode
-    for key, value in (("group", group), ("act_order", act_order), ("lm_head", lm_head), ("skip", skip),
-                       *((f"distill_{k}", v) for k, v in (distill or {}).items())):
-        if value is not None:
-            setattr(b, key, list(value) if key == "skip" else value)
-    cfg.binarize = b
-    cfg.shiftadd = None

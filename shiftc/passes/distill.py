@@ -68,6 +68,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import BadInputError, UsageError
+from .. import options as opts
+from ..options import option
 from ..progress import log
 from . import bcq, fdb, ops
 
@@ -82,17 +84,28 @@ class DistillFields:
     evaluation's context: 200 steps of 512 tokens beat 400 of 256 on shift-add 3-bit, 42.32 vs
     43.67, in the same time)."""
 
-    distill_steps: int = 0  # 0: off                                     (--distill-steps)
-    distill_minutes: float | None = None  # wall-clock bound              (--distill-minutes)
-    distill_loss: str = "kl"  # kl | dad                                  (--distill-loss)
-    distill_source: str | None = None  # HF folder / .gguf (default: recorded at export)  (--distill-source)
+    distill_steps: int = option(0, flag="--distill-steps", parse=opts.positive, metavar="N", enables=False,
+                                help="after shift-add or --binarize: fine-tune the scales (binarize: and offsets) "
+                                     "against the fp32 PyTorch model for N steps (shift-add scales stay powers of two)")
+    distill_minutes: float | None = option(None, flag="--distill-minutes", parse=float, metavar="MIN", enables=False,
+                                           help="distillation time bound; the learning rate decays over it (or over "
+                                                "--distill-steps if they run out first)")
+    distill_loss: str = option("kl", flag="--distill-loss", choices=LOSSES[::-1], enables=False,
+                               help="kl: plain KL to the fp32 model (default); dad: KL re-weighted per token by the "
+                                    "teacher-student cross-entropy H(p, q)")
+    distill_source: str | None = option(None, flag="--distill-source", enables=False,
+                                        help="HF folder or .gguf of the fp32 model (default: the export source)")
     distill_lr: float = 6e-4
     distill_windows: int = 0  # calibration windows; 0: one distinct window per step (<= 1024 and what the text holds)
     distill_window: int = 512  # tokens per training window
     distill_seed: int = 0
-    distill_norms: bool = False  # also tune the RMSNorm/LayerNorm gains (fp32 in the graph)
-    distill_planes: bool = False  # also train the bit planes (latent weights, STE)  (--distill-planes)
-    distill_plane_lr: float = 3e-4  # learning rate of the latent weights            (--distill-plane-lr)
+    distill_norms: bool = option(False, flag="--distill-norms", enables=False,
+                                 help="also tune the RMSNorm gains during distillation (default off)")
+    distill_planes: bool = option(False, flag="--distill-planes", enables=False,
+                                  help="also train the bit planes during distillation (quantization-aware training: a "
+                                       "latent float weight per weight, nearest code in each forward; default off)")
+    distill_plane_lr: float = option(3e-4, flag="--distill-plane-lr", parse=float, metavar="LR", enables=False,
+                                     help="learning rate of the latent weights with --distill-planes (default {default})")
 
     def distill_enabled(self) -> bool:
         return bool(self.distill_steps or self.distill_minutes)

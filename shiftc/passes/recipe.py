@@ -1,99 +1,30 @@
-"""Compression recipes: a YAML file -> :class:`CompressConfig` (the same keys as the CLI flags).
+"""Compression settings: :class:`CompressConfig`, read from a YAML recipe, flags and API keywords.
 
-Schema (every key optional; the values shown are the defaults)::
+A recipe's sections and keys are the dataclass fields of :data:`SECTIONS` (``shiftadd``:
+:class:`~shiftc.passes.shiftadd.ShiftAddConfig`, ``binarize``, ``prune``, ``mixed_precision``,
+``calib``) plus ``threads``. A field declared with :func:`shiftc.options.option` is also a
+``shiftc compress`` flag and a keyword of ``shiftc.compress`` (one declaration: key, flag, help,
+parser); any other key is reachable as ``--set section.key=value`` / ``**{"section.key": value}``.
+``python -m shiftc.passes.recipe`` prints every key with its default and flag (:func:`schema`).
 
-    shiftadd:
-      bits: 3              # 1..4, planes per weight            (--shiftadd-bits)
-      group: 128           # columns per scale, multiple of 32  (--group)
-      scale_mode: pow2x2   # pow2 | pow2x2 | uniform            (--scale-mode)
-      #                      uniform: a q-bit grid per group (float16 scale and min), its planes'
-      #                      scales a shift apart (UniformMatMul): q + 32/G bits per weight
-      act_order: true      # GPTQ activation ordering           (--act-order / --no-act-order)
-      damp: 0.01           # GPTQ damping λ (H += λ·mean(diag H)·I)
-      iters: 6             # alternating-refinement rounds per group
-      lm_head: true        # quantize the LM head too           (--shiftadd-lm-head / --no-...)
-      embedding_bits: 4    # token-embedding table of its own, uniform grid of 2^q levels (QGather); 0: fp32
-      embedding_group: 32  # columns per scale and min of that table (q + 32/G bits per weight)
-      tied_embedding: false  # a tied table instead read from the LM head's planes (BcqGather /
-      #                        UniformGather): one copy,
-      #                        smallest, but the head's bits then quantize the embedding too
-      layer_bits: {}       # {initializer name or glob: bits}, first match wins
-      layer_group: {}      # {initializer name or glob: group}, first match wins
-      layer_damp: {}       # {initializer name or glob: damp}, first match wins (a tied LM head, named
-      #                      lm_head, fitted with more damping keeps its rows closer to the weights:
-      #                      H + λ·mean(diag H)·I weighs weight error, which the embedding reads)
-      skip: []             # globs of layer names left in fp32
-      workers: 0           # processes quantizing layers side by side (0: --threads, else one per core)
-      distill_steps: 0     # fine-tune the scales vs the fp32 model, kept powers of two (0: off)  (--distill-steps)
-      distill_minutes: null  # time bound                                (--distill-minutes)
-      distill_loss: kl     # kl | dad (entropy-re-weighted KL)           (--distill-loss)
-      distill_source: null # HF folder / .gguf (default: the export source)  (--distill-source)
-      distill_lr: 0.0006
-      distill_windows: 0   # calibration windows of distill_window tokens (0: one per step, <= 1024 and what the text holds), cycled
-      distill_window: 512  # tokens per training window
-      distill_seed: 0
-      distill_norms: false # also tune the RMSNorm gains                  (--distill-norms)
-      distill_planes: false  # also train the bit planes (latent weights, nearest code: QAT)  (--distill-planes)
-      distill_plane_lr: 0.0003  # learning rate of the latent weights     (--distill-plane-lr)
-    calib:
-      corpus: wikipedia    # wikipedia | lee | none (none: data-free, plain BCQ)   (--calib)
-      split: calib
-      windows: 16          # calibration windows                 (--calib-windows)
-      window: 256          # tokens per window                   (--calib-window)
-      tokenizer: null      # HF folder or .gguf (default: the one recorded at export)
-      sequential: 1        # stages: H of a stage's layers with the earlier stages quantized (1: off)
-    threads: null          # threads for ONNX Runtime and torch
-    prune:                 # structured pruning, before shift-add (schema: shiftc/passes/prune/prune.py)
-      ratio: 0.25          # fraction of in-scope parameters (or FLOPs) removed  (--prune)
-      criterion: activation  # activation | magnitude | lorapr            (--prune-criterion)
-      scope: [mlp, heads, channels]                                       (--prune-scope)
-      budget: params       # params | flops                                (--prune-budget)
-      recover_steps: null  # LoRA fine-tune steps (recovery; lorapr budget) (--recover-steps)
-      nm: null             # N:M sparsity after pruning, e.g. "2:4"        (--nm)
-    A recipe with a prune section and no shiftadd section only prunes.
-    binarize:              # the binarize pass instead of shift-add (shiftc/passes/binarize.py)
-      mode: fdb            # fdb (2 {0,1} planes, float16 scales + offset) | 1bit  (--binarize)
-      group: 128           # columns per scale, multiple of 32            (--group)
-      act_order: false     # GPTQ activation ordering                      (--act-order)
-      damp: 0.01
-      iters: 8             # alternating rounds (codes / least-squares scales) per group
-      lm_head: true        # (--shiftadd-lm-head / --no-...)
-      skip: []             # globs of layer names left in fp32
-      distill_*: ...       # as in shiftadd; here scales and offsets are fine-tuned (float16)
-    A binarize section excludes a shiftadd section.
-    mixed_precision:       # per-layer shift-add bits under a budget (shiftc/passes/mixed_precision)
-      bits_budget: null    # average stored bits per weight, scales included; null: off  (--bits-budget)
-      size_budget_mb: null # instead: MB (10^6 bytes) of every initializer of the output (quantized layers,
-      #                      embedding table, norms, rotary frequencies, fp32 leftovers)  (--size-budget-mb)
-      candidates: [2, 3, 4]  # widths to choose from                   (--mp-candidates)
-      sensitivity: calib   # calib (output error via H = XᵀX) | hawq (Hessian traces, PyTorch)  (--sensitivity)
-      tie: false           # layers sharing an input (q/k/v; gate/up) get one width  (--mp-tie)
-      latency_budget_ms: null  # decode ms per token the plan may take: fixed cost + scale · Σ kernel times,
-      #                          fitted on compiled uniform plans; host only  (--latency-budget-ms, --target)
-      latency_margin: 0.01     # the plan is predicted at <= budget x (1 - margin): room for the latency
-      #                          model's error (-1.4%..+2.9% on SmolLM2-135M)  (--latency-margin)
-      latency_verify: 2        # closed loop: the plan compiled and measured beside the calibration plans;
-      #                          over budget x (1 - margin): model refitted, plan made again; at most this
-      #                          many compiled plans (0: trust the prediction)  (--latency-verify)
-      measure_latency: false   # compile the output and record its measured decode time in the report
-      cache: null          # folder keeping per-layer quantized results between runs  (--mp-cache)
-      report: true         # OUT.report.json + OUT.report.html beside the output
-      eval_tokens: 0       # perplexity before/after in the report        (--report-eval-tokens)
-    (all keys: shiftc/passes/mixed_precision/config.py). At most one of bits_budget / size_budget_mb;
-    with either set, layer_bits must be empty. Both work with every scale_mode; latency_budget_ms
-    needs a BCQ scale_mode (pow2 / pow2x2).
-
-Layer names are weight initializer names (decoder graphs: ``model.layers.3.mlp.down_proj.weight.T``)
-or ``lm_head`` for a tied head. Unknown keys and bad values raise :class:`UsageError` naming the
-file and key. Flags given on the command line override the recipe.
-"""
+Rules of combination: a recipe with a ``prune`` section and no ``shiftadd`` section only prunes
+(so do pruning flags without a recipe and without shift-add flags); a ``binarize`` section (or
+``--binarize``) replaces the shift-add pass, and the flags that only mean something to shift-add
+are refused with it; at most one of ``mixed_precision.bits_budget`` / ``size_budget_mb``, and with
+either set ``layer_bits`` must be empty; ``latency_budget_ms`` needs a BCQ scale_mode (pow2 /
+pow2x2). Layer names are weight initializer names (decoder graphs:
+``model.layers.3.mlp.down_proj.weight.T``) or ``lm_head`` for a tied head; ``layer_*`` tables map
+a name or glob to a value, first match wins. Unknown keys and bad values raise
+:class:`UsageError` naming the file and key. Flags given on the command line override the recipe."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields
 
+from .. import options as opts
 from ..errors import BadInputError, UsageError
+from ..options import field_default, field_options, option
 from .prune.prune import PruneConfig
 from .prune.prune import validate as validate_prune
 from .mixed_precision.config import MixedPrecisionConfig, validate_mixed_precision
@@ -109,22 +40,105 @@ CALIB_CORPORA = ("wikipedia", "lee", "none")
 
 @dataclass
 class CalibConfig:
-    corpus: str = "wikipedia"
+    corpus: str = option("wikipedia", flag="--calib", choices=CALIB_CORPORA,
+                         help="calibration text (default {default}; none: data-free)")
     split: str = "calib"
-    windows: int = 16
-    window: int = 256
-    tokenizer: str | None = None
+    windows: int = option(16, flag="--calib-windows", parse=opts.positive, help="calibration windows (default {default})")
+    window: int = option(256, flag="--calib-window", parse=opts.positive,
+                         help="tokens per calibration window (default {default})")
+    tokenizer: str | None = option(None, flag="--tokenizer",
+                                   help="HF folder or .gguf (default: the one recorded at export)")
     sequential: int = 1  # stages of sequential calibration (1: every H from the fp32 model)
 
 
 @dataclass
 class CompressConfig:
-    shiftadd: ShiftAddConfig = field(default_factory=ShiftAddConfig)
+    """Every compress setting: the recipe's sections are these fields, the flags and API keywords
+    are the fields declared with :func:`shiftc.options.option` (:data:`SECTIONS`)."""
+
+    shiftadd: ShiftAddConfig | None = field(default_factory=ShiftAddConfig)  # None: no shift-add
     calib: CalibConfig = field(default_factory=CalibConfig)
-    threads: int | None = None
-    prune: PruneConfig | None = None  # None: no pruning; shiftadd None: no shift-add
+    threads: int | None = option(None, flag="--threads", parse=opts.positive, help="threads for ONNX Runtime and torch")
+    prune: PruneConfig | None = None  # None: no pruning
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)  # bits_budget None: off
     binarize: BinarizeConfig | None = None  # None: off; set: the binarize pass instead of shift-add
+
+
+# the sections of CompressConfig, in the order the CLI lists their flags
+SECTIONS = {"shiftadd": ShiftAddConfig, "binarize": BinarizeConfig, "prune": PruneConfig,
+            "mixed_precision": MixedPrecisionConfig, "calib": CalibConfig}
+
+
+def compress_options():
+    """(section or None for a top-level field, field, Option) for every compress option."""
+    for name, cls in SECTIONS.items():
+        for f, o in field_options(cls):
+            yield name, f, o
+    for f, o in field_options(CompressConfig):
+        yield None, f, o
+
+
+def apply_overrides(cfg: CompressConfig, overrides: dict, *, from_recipe: bool = False) -> CompressConfig:
+    """Set options on ``cfg`` (in place; returned). ``overrides`` maps API keywords (``bits=3``,
+    ``calib_windows=8``: the flags without dashes, see :func:`compress_options`) or recipe keys
+    (``"shiftadd.damp": 0.02``) to values; None means not given. A keyword shared by the shift-add
+    and binarize sections (``group``, ``act_order``, ``lm_head``, ``skip``, ``distill_*``) goes to
+    the pass in use; giving an option switches its section on (``prune=0.3`` prunes; pruning options
+    alone, without a recipe, prune only)."""
+    table: dict[str, dict] = {}
+    for section, f, o in compress_options():
+        table.setdefault(o.kw, {})[section] = (f.name, o)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key in given:
+        if "." not in key and key not in table:
+            raise UsageError(f"unknown compress option '{key}' (known: {', '.join(sorted(table))}; or a recipe key "
+                             f"such as shiftadd.damp)")
+
+    def enables(section):  # keywords given that switch ``section`` on
+        return [k for k in given if k in table and (section in table[k] or any(
+            o.requires == section for _, o in table[k].values())) and all(o.enables for _, o in table[k].values())]
+
+    def flag(k):
+        return next(iter(table[k].values()))[1].flag or k
+
+    if enables("prune"):
+        cfg.prune = cfg.prune or PruneConfig(ratio=0.0)
+        if not from_recipe and not enables("shiftadd"):
+            cfg.shiftadd = None  # prune only
+    if "binarize" in given or cfg.binarize is not None:  # the binarize pass instead of shift-add
+        only = [flag(k) for k in enables("shiftadd") if "binarize" not in table[k]]
+        if only:
+            raise UsageError(f"--binarize replaces the shift-add pass; {', '.join(only)} cannot be used with it")
+        cfg.binarize, cfg.shiftadd = cfg.binarize or BinarizeConfig(), None
+    elif cfg.shiftadd is None and enables("shiftadd"):
+        cfg.shiftadd = ShiftAddConfig()
+    elif cfg.shiftadd is None and any(k.startswith("distill_") for k in given):
+        raise UsageError("--distill-steps/--distill-minutes fine-tune the scales of a compressed model: "
+                         "add --shiftadd-bits N or --binarize fdb|1bit")
+    for key, value in given.items():
+        if "." in key:
+            _set_key(cfg, key, value)
+            continue
+        sections = table[key]
+        section = next((s for s in ("binarize", "shiftadd") if s in sections and getattr(cfg, s) is not None),
+                       next(iter(sections)))
+        name = sections[section][0]
+        obj = cfg if section is None else getattr(cfg, section)
+        setattr(obj, name, list(value) if isinstance(value, tuple) else value)
+    return cfg
+
+
+def _set_key(cfg: CompressConfig, key: str, value) -> None:
+    """``section.field`` (a recipe key) = value, creating the section."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS:
+        raise UsageError(f"'{key}': unknown recipe section '{section}' (known: {', '.join(SECTIONS)})")
+    cls = SECTIONS[section]
+    if name not in {f.name for f in fields(cls)}:
+        raise UsageError(f"'{key}': unknown key (known in {section}: {', '.join(f.name for f in fields(cls))})")
+    if getattr(cfg, section) is None:
+        setattr(cfg, section, cls())
+    setattr(getattr(cfg, section), name, value)
 
 
 def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
@@ -238,3 +252,29 @@ def load_recipe(path: str | os.PathLike) -> CompressConfig:
         cfg.shiftadd.layer_damp = dict(cfg.shiftadd.layer_damp or {})
         cfg.shiftadd.skip = list(cfg.shiftadd.skip or [])
     return validate(cfg, f"--recipe '{path}'")
+
+
+def schema() -> str:
+    """Every recipe key with its default, as a YAML recipe (the sections off by default commented
+    out); a comment names the key's flag and help."""
+    import yaml
+
+    def value(v):
+        return yaml.safe_dump(v, default_flow_style=True, width=1 << 16).strip().removesuffix("\n...")
+
+    flags = {(sec, f.name): o for sec, f, o in compress_options()}
+    lines = []
+    for sec, cls in SECTIONS.items():
+        off = getattr(CompressConfig(), sec) is None
+        lines.append(f"{'# ' if off else ''}{sec}:{'  # off by default' if off else ''}")
+        own = cls.__dict__.get("__annotations__", {})
+        for f in sorted(fields(cls), key=lambda f: f.name not in own):
+            o = flags.get((sec, f.name))
+            note = f"  # {o.flag or o.kw}: {o.help.format(default=field_default(f))}" if o else ""
+            lines.append(f"{'# ' if off else ''}  {f.name}: {value(field_default(f))}{note}")
+    lines.append(f"threads: {value(CompressConfig().threads)}  # --threads")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(schema(), end="")

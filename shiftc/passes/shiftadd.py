@@ -33,6 +33,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .. import options as opts
+from ..options import option
 from ..progress import Counter
 from . import bcq, ops, uniform
 from .distill import DistillFields
@@ -48,20 +50,27 @@ METADATA_KEY = "shiftc.compression"
 
 @dataclass
 class ShiftAddConfig(DistillFields):  # + distill_* keys: distillation of the scales afterwards
-    bits: int = 3
-    group: int = 128
-    scale_mode: str = "pow2x2"  # measured: benchmarks/results/shiftadd_accuracy.json; "uniform": UniformMatMul
-    act_order: bool = True
+    bits: int = option(3, flag="--shiftadd-bits", kw="bits", parse=opts.bits,
+                       help="bit planes per weight, 1..4 (default {default})")
+    group: int = option(128, flag="--group", parse=opts.group,
+                        help="input columns per scale, a multiple of 32 (default {default})")
+    # measured: benchmarks/results/shiftadd_accuracy.json; "uniform": UniformMatMul
+    scale_mode: str = option("pow2x2", flag="--scale-mode", choices=("pow2", "pow2x2", "uniform"),
+                             help="scale = 2^e or 2^e1 + 2^e2 (BCQ; default {default}), or uniform: a q-bit grid "
+                                  "per group with a float16 scale and min, its planes a shift apart")
+    act_order: bool = option(True, flag="--act-order",
+                             help="GPTQ: quantize columns by decreasing activation energy (shift-add default: on)")
     damp: float = 0.01
     iters: int = 6
-    lm_head: bool = True
+    lm_head: bool = option(True, flag="--shiftadd-lm-head", kw="lm_head", help="quantize the LM head too (default on)")
     embedding_bits: int = 4  # token embedding: a table of its own on a uniform grid (QGather); 0: fp32
     embedding_group: int = 32
     tied_embedding: bool = False  # instead, a tied table's Gather reads the head's planes (BcqGather)
-    layer_bits: dict[str, int] = field(default_factory=dict)
+    layer_bits: dict[str, int] = option(kw="layer_bits", default_factory=dict,
+                                        help="{{name or glob: bits}}, first match wins")
     layer_group: dict[str, int] = field(default_factory=dict)  # {name or glob: group}, first match wins
     layer_damp: dict[str, float] = field(default_factory=dict)  # {name or glob: damp}, first match wins
-    skip: list[str] = field(default_factory=list)
+    skip: list[str] = option(kw="skip", default_factory=list, help="globs of layer names left in fp32")
     workers: int = 0  # processes quantizing layers side by side (0: one per core, 1: in this process)
 
     def bits_for(self, name: str) -> int:

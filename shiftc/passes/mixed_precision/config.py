@@ -4,31 +4,51 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ... import options as opts
+from ...options import option
+
 SENSITIVITIES = ("calib", "hawq", "kl")
 
 
 @dataclass
 class MixedPrecisionConfig:
-    bits_budget: float | None = None  # average stored bits per weight, scales included (--bits-budget)
-    size_budget_mb: float | None = None  # bytes of every initializer of the output / 10^6: the quantized layers as
-    #                                      stored, the embedding table, norms, rope tables, anything left fp32
-    #                                      (--size-budget-mb); exactly one of bits_budget / size_budget_mb
-    candidates: list[int] = field(default_factory=lambda: [2, 3, 4])  # widths to choose from (--mp-candidates)
-    sensitivity: str = "calib"  # calib (H = XᵀX output error) | kl (output KL via ONNX Runtime) | hawq (Hutchinson
-    #                             traces, PyTorch)                                          (--sensitivity)
-    tie: bool = False  # layers reading the same input (q/k/v; gate/up) share one width (--mp-tie)
-    latency_budget_ms: float | None = None  # modelled time of the quantized layers + other_ms (--latency-budget-ms)
-    latency_margin: float = 0.01  # plan against latency_budget_ms x (1 - margin) (--latency-margin): room for the
-    #                               latency model's error, so that the compiled model measures under the budget.
-    #                               0.01: on SmolLM2-135M (1 thread) the model's error on plans it was not fitted
-    #                               on was -1.4%..+2.9%, mostly over-predicting, and one plan compiled twice timed
-    #                               up to 1.5% apart (benchmarks/results/mixed_precision_latency.json)
-    latency_verify: int = 2  # with a latency budget: compiled plans measured (decode ms, alternating with the
-    #                         calibration plans) before one is accepted (--latency-verify); while the compiled
-    #                         plan measures over budget x (1 - margin), the latency model is refitted on what was
-    #                         just measured and the plan made again. 0: the prediction alone (no compile)
+    bits_budget: float | None = option(None, flag="--bits-budget", parse=opts.bits_budget, metavar="BITS",
+                                       requires="shiftadd",
+                                       help="mixed precision: per-layer bits minimising sensitivity with this average "
+                                            "of stored bits per weight (scales included), e.g. 2.5; writes "
+                                            "OUT.report.json/.html")
+    size_budget_mb: float | None = option(None, flag="--size-budget-mb", parse=opts.megabytes, metavar="MB",
+                                          requires="shiftadd",
+                                          help="mixed precision: per-layer bits minimising sensitivity with the "
+                                               "output's weights (every initializer: quantized layers, embedding table, "
+                                               "norms, fp32 leftovers) at most MB x 10^6 bytes; instead of --bits-budget")
+    # exactly one of bits_budget / size_budget_mb
+    candidates: list[int] = option(flag="--mp-candidates", kw="candidates", parse=opts.bit_list, metavar="2,3,4",
+                                   default_factory=lambda: [2, 3, 4], help="bit widths to choose from (default 2,3,4)")
+    sensitivity: str = option("calib", flag="--sensitivity", choices=SENSITIVITIES,
+                              help="calib: layer output error on the calibration data (default); kl: the model's "
+                                   "output KL with each layer alone quantized (ONNX Runtime); hawq: HAWQ-V2 Hessian "
+                                   "traces (PyTorch)")
+    tie: bool = option(False, flag="--mp-tie", kw="tie",
+                       help="layers sharing an input (q/k/v; gate/up) get one width")
+    latency_budget_ms: float | None = option(None, flag="--latency-budget-ms", parse=float, metavar="MS",
+                                             help="also bound the quantized layers' kernel time, measured per shape "
+                                                  "with the LUT kernels")
+    # the budget bounds the modelled time of the quantized layers + other_ms
+    latency_margin: float = option(0.01, flag="--latency-margin", parse=float, metavar="FRACTION",
+                                   help="plan against --latency-budget-ms x (1 - FRACTION), room for the latency "
+                                        "model's error (default {default})")
+    # 0.01: on SmolLM2-135M (1 thread) the model's error on plans it was not fitted
+    # on was -1.4%..+2.9%, mostly over-predicting, and one plan compiled twice timed
+    # up to 1.5% apart (benchmarks/results/mixed_precision_latency.json)
+    latency_verify: int = option(2, flag="--latency-verify", parse=opts.nonnegative, metavar="N",
+                                 help="with --latency-budget-ms: compile the plan and measure it beside the calibration "
+                                      "plans; while it measures over budget, refit the latency model on those timings "
+                                      "and plan again, N compiled plans at most (default {default}; 0: trust the "
+                                      "prediction)")
+    # verification timings alternate decode ms of the plan with the calibration plans'
     latency_verify_rounds: int = 200  # decode steps per library in each verification timing (median)
-    target: str = "host"  # where kernel times are measured (--target); only the host for now
+    target: str = option("host", flag="--target", help="where --latency-budget-ms is measured (host only for now)")
     other_ms: float | None = None  # decode time outside the quantized layers' kernels (attention, norms, embedding,
     #                                runtime), added to the latency model; None: measured once on this machine from
     #                                the compiled uniform smallest-width plan (latency.measure_fixed_cost); 0: the
@@ -37,15 +57,21 @@ class MixedPrecisionConfig:
     latency_measure_rounds: int = 10  # decode steps timed for other_ms / measure_latency (median)
     latency_rows: int = 1  # rows of x the kernels are timed at (1: decode)
     latency_threads: int = 1
-    cache: str | None = None  # folder keeping per-layer results between runs (--mp-cache)
-    hawq_source: str | None = None  # HF folder / .gguf for the PyTorch model (default: recorded at export)
+    cache: str | None = option(None, flag="--mp-cache", metavar="DIR",
+                               help="keep per-layer quantized results here between runs")
+    hawq_source: str | None = option(None, flag="--hawq-source",
+                                     help="HF folder or .gguf of the PyTorch model for --sensitivity hawq (default: the "
+                                          "source recorded at export)")
     hawq_probes: int = 32  # maximum Hutchinson probes
     hawq_tol: float = 0.02  # relative change of the total trace that stops the probes
     hawq_window: int = 128  # tokens per probe
     kl_windows: int = 2  # calibration windows for the output-KL sensitivity (ONNX Runtime)
     kl_window: int = 128
-    report: bool = True  # write OUT.report.json / OUT.report.html
-    eval_tokens: int = 0  # perplexity before/after on this many held-out tokens in the report (0: not measured)
+    report: bool = option(True, flag="--report", help="write OUT.report.json/.html with --bits-budget (default on)")
+    # write OUT.report.json / OUT.report.html
+    eval_tokens: int = option(0, flag="--report-eval-tokens", parse=opts.positive, metavar="N",
+                              help="report perplexity before/after on N held-out tokens (ONNX Runtime)")
+    # perplexity before/after on this many held-out tokens in the report (0: not measured)
     eval_window: int = 512
 
     @property

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ... import options as opts
 from ...errors import UsageError
+from ...options import option
 from ...frontend import metadata as md
 from .criteria import CRITERIA, compensate_bias, unit_scores
 from .groups import GraphInfo, Group, analyze
@@ -47,19 +49,25 @@ BUDGETS = ("params", "flops")
 
 @dataclass
 class PruneConfig:
-    ratio: float = 0.25  # fraction of the in-scope parameters (or FLOPs) removed   (--prune)
-    criterion: str = "activation"  # activation | magnitude | lorapr             (--prune-criterion)
-    scope: list = field(default_factory=lambda: list(SCOPES))  # (--prune-scope mlp,heads)
-    budget: str = "params"  # params | flops                                       (--prune-budget)
+    ratio: float = option(0.25, flag="--prune", parse=opts.fraction, metavar="RATIO",
+                          help="structured pruning: fraction of the prunable parameters removed (channels, KV groups)")
+    criterion: str = option("activation", flag="--prune-criterion", choices=CRITERIA,
+                            help="unit importance: |W|·‖x‖ from calibration (default), |W|², or LoRAPrune scores")
+    scope: list = option(flag="--prune-scope", metavar="mlp,heads,channels", default_factory=lambda: list(SCOPES),
+                         help="what may be pruned (default all three)")
+    budget: str = option("params", flag="--prune-budget", choices=BUDGETS, help="what RATIO counts (default {default})")
     align: int | None = None  # kept widths rounded to a multiple of this (large groups only); None:
     #                            32 for MatMul groups (mlp, heads), 8 for Conv channels (ALIGN)
     skip: list = field(default_factory=list)  # globs of weight names whose groups are left alone
-    nm: str | None = None  # N:M sparsity (e.g. "2:4") applied after the structured pruning   (--nm)
+    nm: str | None = option(None, flag="--nm", metavar="N:M", help="N:M semi-structured sparsity after pruning (2:4, 4:8)")
     compensate: bool = True  # fold removed inputs' calibration mean into the consumer's bias (Conv/Gemm)
     # LoRA fine-tune on the torch model of the export source (lora.py): the LoRAPrune criterion's
     # budget, or recovery after magnitude/activation pruning; steps and/or minutes, first reached ends it
-    recover_steps: int | None = None  # (--recover-steps)
-    recover_minutes: float | None = None  # (--recover-minutes)
+    recover_steps: int | None = option(None, flag="--recover-steps", parse=int, metavar="S",
+                                       help="with --prune: LoRA fine-tune of the export source's torch model, S steps, "
+                                            "pruned units masked (recovery; the budget of --prune-criterion lorapr)")
+    recover_minutes: float | None = option(None, flag="--recover-minutes", parse=float, metavar="M",
+                                           help="with --prune: LoRA fine-tune time bound")
     lora_rank: int = 8
     lora_lr: float = 3e-4
     lora_window: int = 128  # tokens per training window (calibration split)
