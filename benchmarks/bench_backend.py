@@ -31,7 +31,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from shiftc.benchmarking import alternate  # noqa: E402  (after the path set-up)
+from shiftc.timing import alternate  # noqa: E402  (after the path set-up)
 
 
 def _matmul_onnx(path: str, K: int, N: int, M: int | str = "M") -> None:

@@ -39,7 +39,7 @@ def gemv_speed(repeats: int, group: int, n: int = 4096, k: int = 4096) -> dict:
     """Median seconds of FDB 2-bit vs shift-add 2-bit GEMV (1 thread, alternated)."""
     from shiftc import _native as nat
     from shiftc.backend.shiftc_ops import fdb_lut16
-    from shiftc.benchmarking import alternate
+    from shiftc.timing import alternate
     from shiftc.passes import bcq
 
     rng = np.random.default_rng(0)

@@ -50,7 +50,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from shiftc import _native as nat  # noqa: E402  (after the path set-up)
-from shiftc.benchmarking import alternate  # noqa: E402
+from shiftc.timing import alternate  # noqa: E402
 from shiftc.passes.bcq import pack_planes  # noqa: E402
 
 GROUP = 128

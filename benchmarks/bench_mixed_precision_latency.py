@@ -210,9 +210,10 @@ def median_ci95(x) -> list[float]:
 def time_decode(libs: dict[str, str], threads: int, rounds: int) -> dict[str, list[float]]:
     """ms per decode step of each compiled library, alternating (latency.decode_ms: one token on a
     128-token KV cache, restored before every step)."""
+    import shiftc.api
     from shiftc.passes.mixed_precision.latency import decode_ms
 
-    return decode_ms(libs, threads=threads, rounds=rounds)
+    return decode_ms(libs, load=shiftc.api.load, threads=threads, rounds=rounds)
 
 
 def main(argv=None) -> int:

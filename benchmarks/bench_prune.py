@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import onnx  # noqa: E402
 
 import shiftc  # noqa: E402
-from shiftc.benchmarking import alternate  # noqa: E402
+from shiftc.timing import alternate  # noqa: E402
 from shiftc.frontend.onnx_io import load_model, save_model  # noqa: E402
 from shiftc.passes.prune import PruneConfig  # noqa: E402
 from shiftc.passes.prune.run import prune_model  # noqa: E402

@@ -33,7 +33,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from shiftc.benchmarking import alternate  # noqa: E402
+from shiftc.timing import alternate  # noqa: E402
 
 
 def nbits_model(fp32: str, out: str, bits: int = 4, block: int = 32) -> str:

@@ -145,4 +145,13 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, config=None
     else:
         cfg = load_recipe(recipe) if recipe is not None else CompressConfig()
     cfg = apply_overrides(cfg, overrides, from_recipe=config is not None or recipe is not None)
-    return _compress(model, output, validate(cfg))
+    return _compress(model, output, validate(cfg), tools=_tools())
+
+
+def _tools():
+    """The backend and evaluation steps the passes may need (a latency budget compiles and times
+    plans; a report scores perplexity), handed in so that the passes import neither."""
+    from .backend.compile import compile_model
+    from .passes.tools import Tools
+
+    return Tools(compile=compile_model, load=load, evaluate=evaluate)

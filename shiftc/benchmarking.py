@@ -22,6 +22,7 @@ import numpy as np
 from .backend.runtime import Model, load
 from .errors import UsageError
 from .progress import log
+from .timing import alternate
 
 
 def _reference_for(model: Model, reference: str | None) -> str:
@@ -54,26 +55,6 @@ def random_inputs(model: Model, dims: dict[str, int], seed: int = 0) -> list[np.
         else:
             arrays.append(rng.integers(0, 2, shape).astype(dt))
     return arrays
-
-
-GAP_S = 0.05  # idle time before each timed call (see alternate)
-
-
-def alternate(fns: dict[str, callable], repeats: int, warmup: int = 1, gap_s: float = GAP_S) -> dict[str, list[float]]:
-    """Time the functions in turn, ``repeats`` rounds. Each timed call is preceded by a short
-    pause: ONNX Runtime's worker threads busy-spin for tens of milliseconds after a run and would
-    otherwise take a core away from whatever runs next."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            time.sleep(gap_s)
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def bench(model_path: str, *, vs: str = "onnxruntime", threads: int = 1, reference: str | None = None,

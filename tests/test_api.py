@@ -53,7 +53,7 @@ def test_evaluate_runs_a_compressed_onnx_through_its_dequantized_copy(tiny_llama
     # the mixed-precision report's before/after perplexity goes through the same path
     from shiftc.passes.mixed_precision.plan import measure_perplexity
 
-    rep = measure_perplexity(onnx_path, out, 256, 128, threads=1, tokenizer=smollm2_gguf_path)
+    rep = measure_perplexity(onnx_path, out, 256, 128, threads=1, tokenizer=smollm2_gguf_path, evaluate=shiftc.evaluate)
     assert copies == [1, 1] and rep["tokens"] == 2 * 127
     assert rep["before"] == fp32["perplexity"] and rep["after"] == pytest.approx(bodies["perplexity"], rel=REL_PPL)
 

@@ -131,6 +131,45 @@ def _add_decode_function(mod):
     return mod, True
 
 
+def _build(mod, meta: dict, spec, source: str, after_schedule):
+    """tvm.compile with the first pipeline that succeeds (``meta["pipeline"]`` names it).
+
+    Some graphs (data-dependent shapes from Range/NonZero) defeat operator fusion: TVM's FuseOps can
+    place a fused group that uses a symbolic extent before the match_cast defining it. The same
+    pipeline without fusion (every op its own scheduled function) still compiles them, slower;
+    TVM's plain default pipeline is the last resort. GPU targets take the optimized one only."""
+    import tvm
+
+    attempts = [("optimized", relax_pipeline(spec, after_schedule=after_schedule))]
+    if spec.device_type == "cpu":
+        attempts += [("unfused", relax_pipeline(spec, after_schedule=after_schedule, fuse=False)),
+                     ("unfused-unscheduled", "default")]
+    else:
+        attempts = [("optimized", relax_pipeline(spec))]
+    for i, (name, pipeline) in enumerate(attempts):
+        meta["pipeline"] = name
+        meta.pop("unscheduled_functions", None)
+        try:
+            return tvm.compile(_add_metadata_function(mod, meta), target=spec.tvm_target(), relax_pipeline=pipeline)
+        except Exception as exc:
+            if i + 1 == len(attempts):
+                raise UnsupportedError(f"{source}: compilation for target '{spec.name}' failed: {_last_line(exc)}") from exc
+            log(f"{name} pipeline failed ({_last_line(exc)}); retrying with the {attempts[i + 1][0]} pipeline")
+
+
+def _export(ex, output: str, addons: list, spec) -> None:
+    """The library written atomically (export_library picks the toolchain from the suffix, so the
+    temporary name keeps .so)."""
+    with atomic_output(output) as tmp:
+        tmp_so = tmp + ".so"
+        try:
+            ex.export_library(tmp_so, addons=addons or None, **_export_options(spec))
+            os.replace(tmp_so, tmp)
+        finally:
+            if os.path.exists(tmp_so):
+                os.remove(tmp_so)
+
+
 def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.PathLike, *, target: str = "host",
                   arch: str | None = None, cpu: str | None = None, kv_cache: str = "inplace",
                   kv_dtype: str = "float16") -> CompileResult:
@@ -140,8 +179,6 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
     writes into (CPU targets; backend/kv_cache.py), "concat" keeps the graph's functional cache;
     ``kv_dtype``: the element type of in-place caches, "float16" (default) or "float32"."""
     import time
-
-    import tvm
 
     t0 = time.perf_counter()
     spec = get_target(target, arch, cpu)
@@ -187,48 +224,12 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
         return _add_metadata_function(mod, meta)
 
     with step(f"compiling for {spec.name} ({spec.description})"):
-        if spec.device_type != "cpu":
-            meta["pipeline"] = "optimized"
-            try:
-                ex = tvm.compile(_add_metadata_function(mod, meta), target=spec.tvm_target(),
-                                 relax_pipeline=relax_pipeline(spec))
-            except Exception as exc:
-                raise UnsupportedError(f"{source}: compilation for target '{spec.name}' failed: {_last_line(exc)}") from exc
-        else:
-            # Some graphs (data-dependent shapes from Range/NonZero) defeat operator fusion: TVM's
-            # FuseOps can place a fused group that uses a symbolic extent before the match_cast
-            # defining it. The same pipeline without fusion (every op its own scheduled function)
-            # still compiles them, slower; TVM's plain default pipeline is the last resort.
-            attempts = [("optimized", relax_pipeline(spec, after_schedule=count_unscheduled)),
-                        ("unfused", relax_pipeline(spec, after_schedule=count_unscheduled, fuse=False)),
-                        ("unfused-unscheduled", "default")]
-            for i, (name, pipeline) in enumerate(attempts):
-                meta["pipeline"] = name
-                meta.pop("unscheduled_functions", None)
-                unscheduled = None
-                try:
-                    ex = tvm.compile(_add_metadata_function(mod, meta), target=spec.tvm_target(), relax_pipeline=pipeline)
-                    break
-                except Exception as exc:
-                    if i + 1 == len(attempts):
-                        raise UnsupportedError(
-                            f"{source}: compilation for target '{spec.name}' failed: {_last_line(exc)}"
-                        ) from exc
-                    log(f"{name} pipeline failed ({_last_line(exc)}); retrying with the {attempts[i + 1][0]} pipeline")
-    if spec.device_type == "cuda":
-        meta_ptx = _check_cuda_kernels(ex, spec)
-    else:
-        meta_ptx = None
+        ex = _build(mod, meta, spec, source, count_unscheduled)
+    if "unscheduled_functions" not in meta:  # the pipeline that succeeded schedules nothing of its own
+        unscheduled = None
+    meta_ptx = _check_cuda_kernels(ex, spec) if spec.device_type == "cuda" else None
     with step(f"writing {output}"):
-        with atomic_output(output) as tmp:
-            # export_library picks the toolchain from the suffix; keep .so on the temp name.
-            tmp_so = tmp + ".so"
-            try:
-                ex.export_library(tmp_so, addons=addons or None, **_export_options(spec))
-                os.replace(tmp_so, tmp)
-            finally:
-                if os.path.exists(tmp_so):
-                    os.remove(tmp_so)
+        _export(ex, output, addons, spec)
     result = CompileResult(output, spec.name, spec.isa, os.path.getsize(output), time.perf_counter() - t0, meta)
     result.cuda_ptx_bytes = meta_ptx
     result.unscheduled = unscheduled

@@ -184,70 +184,111 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
     in fp32): the Llama family, and GPT-2 through the same builder."""
     config = model.config
     check_supported(config)
-    sd = {k: v for k, v in model.state_dict().items()}
-    gpt2 = config.model_type == "gpt2"  # LayerNorm, learned positions, GELU MLP, biases, no rope
-    hidden = config.hidden_size
-    n_heads = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // n_heads
-    group = n_heads // n_kv
-    n_layers = config.num_hidden_layers
-    vocab = config.vocab_size
-    eps = float(config.layer_norm_epsilon if gpt2 else config.rms_norm_eps)
+    b = _DecoderBuilder(config, {k: v for k, v in model.state_dict().items()})
+    h = b.embed()
+    for i in range(b.n_layers):
+        h = b.layer(i, h)
+    h = b.norm(h, "model.norm.weight", "final_norm")
+    if "lm_head.weight" in b.sd and not getattr(config, "tie_word_embeddings", False):
+        head = b.g.init("lm_head.weight.T", _np(b.sd["lm_head.weight"]).T)
+    else:
+        head = b.g.op("Transpose", [b.emb_name], "lm_head_tied", perm=[1, 0])
+    b.g.op("MatMul", [h, head], "logits")
+
+    graph = helper.make_graph(b.g.nodes, "shiftc_decoder", b.inputs, b.outputs, b.g.inits)
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="shiftc")
+    onnx_model.ir_version = 8
+    eos = getattr(config, "eos_token_id", None)
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
     max_pos = int(max_positions or min(getattr(config, "max_position_embeddings", 4096), 32768))
-    half = head_dim // 2
-    sd = _gpt2_as_llama_names(sd, n_layers, hidden) if gpt2 else \
-        _split_fused_projections(sd, n_layers, n_heads * head_dim, n_kv * head_dim)
+    spec = DecoderSpec(b.n_layers, b.n_kv, b.head_dim, b.vocab, tuple(int(e) for e in eos_ids), max_pos)
+    return onnx_model, spec
 
-    g = _Graph()
-    emb_name = g.init("model.embed_tokens.weight", _np(sd["model.embed_tokens.weight"]))
 
-    h = g.op("Gather", [emb_name, "input_ids"], "embed", axis=0)
-    if gpt2:
-        wpe = g.init("model.embed_positions.weight", _np(sd["model.embed_positions.weight"]))
-        h = g.op("Add", [h, g.op("Gather", [wpe, "position_ids"], "embed_pos", axis=0)], "embed_sum")
+class _DecoderBuilder:
+    """The decoder graph, piece by piece: embedding, rotary angles, mask, then one layer at a time."""
 
-    # Rotary angles of the new positions, computed per step (no [max_pos, D/2] tables in the model:
-    # 0.5 MB for 2048 positions of D = 64) in float64, so that cos/sin are as exact as tables made
-    # in float64 were, then broadcastable to q [B,KVH,G,S,D/2] and k [B,KVH,S,D/2]; rope is applied
-    # on the two halves separately.
-    if not gpt2:
-        inv_freq = g.init("rope.inv_freq", _rope_inv_freq(config, head_dim))  # float64 [D/2]
+    def __init__(self, config, sd: dict):
+        self.config = config
+        self.gpt2 = config.model_type == "gpt2"  # LayerNorm, learned positions, GELU MLP, biases, no rope
+        self.hidden = config.hidden_size
+        self.n_heads = config.num_attention_heads
+        self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden // self.n_heads
+        self.group = self.n_heads // self.n_kv
+        self.n_layers = config.num_hidden_layers
+        self.vocab = config.vocab_size
+        self.eps = float(config.layer_norm_epsilon if self.gpt2 else config.rms_norm_eps)
+        self.sd = _gpt2_as_llama_names(sd, self.n_layers, self.hidden) if self.gpt2 else \
+            _split_fused_projections(sd, self.n_layers, self.n_heads * self.head_dim, self.n_kv * self.head_dim)
+        self.g = _Graph()
+        self.inputs = [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", TOTAL]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        ]
+        self.outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", self.vocab])]
+
+    def embed(self) -> str:
+        """Token (+ GPT-2: position) embedding; the rotary angles and the mask every layer reads."""
+        g = self.g
+        self.emb_name = g.init("model.embed_tokens.weight", _np(self.sd["model.embed_tokens.weight"]))
+        h = g.op("Gather", [self.emb_name, "input_ids"], "embed", axis=0)
+        if self.gpt2:
+            wpe = g.init("model.embed_positions.weight", _np(self.sd["model.embed_positions.weight"]))
+            h = g.op("Add", [h, g.op("Gather", [wpe, "position_ids"], "embed_pos", axis=0)], "embed_sum")
+        else:
+            self._rope_angles()
+        self._mask()
+        self.scale = g.const_f32(1.0 / np.sqrt(self.head_dim))
+        return h
+
+    def _rope_angles(self) -> None:
+        """Rotary angles of the new positions, computed per step (no [max_pos, D/2] tables in the
+        model: 0.5 MB for 2048 positions of D = 64) in float64, so that cos/sin are as exact as
+        tables made in float64 were, then broadcastable to q [B,KVH,G,S,D/2] and k [B,KVH,S,D/2];
+        rope is applied on the two halves separately."""
+        g = self.g
+        inv_freq = g.init("rope.inv_freq", _rope_inv_freq(self.config, self.head_dim))  # float64 [D/2]
         pos = g.op("Cast", ["position_ids"], "rope_pos", to=TensorProto.DOUBLE)
         angle = g.op("Mul", [g.op("Unsqueeze", [pos, g.const_i64([2])], "rope_pos3"), inv_freq], "rope_angle")  # [B,S,D/2]
         cos = g.op("Cast", [g.op("Cos", [angle], "rope_cos64")], "rope_cos", to=TensorProto.FLOAT)
         sin = g.op("Cast", [g.op("Sin", [angle], "rope_sin64")], "rope_sin", to=TensorProto.FLOAT)
-        cos_k = g.op("Unsqueeze", [cos, g.const_i64([1])], "rope_cos_k")  # [B,1,S,D/2]
-        sin_k = g.op("Unsqueeze", [sin, g.const_i64([1])], "rope_sin_k")
-        cos_q = g.op("Unsqueeze", [cos_k, g.const_i64([1])], "rope_cos_q")  # [B,1,1,S,D/2]
-        sin_q = g.op("Unsqueeze", [sin_k, g.const_i64([1])], "rope_sin_q")
+        self.cos_k = g.op("Unsqueeze", [cos, g.const_i64([1])], "rope_cos_k")  # [B,1,S,D/2]
+        self.sin_k = g.op("Unsqueeze", [sin, g.const_i64([1])], "rope_sin_k")
+        self.cos_q = g.op("Unsqueeze", [self.cos_k, g.const_i64([1])], "rope_cos_q")  # [B,1,1,S,D/2]
+        self.sin_q = g.op("Unsqueeze", [self.sin_k, g.const_i64([1])], "rope_sin_q")
 
-    # Additive attention mask [B,1,1,S,T].
-    kpos = g.op("CumSum", ["attention_mask", g.const_i64([1])], "mask_cumsum")
-    kpos = g.op("Sub", [kpos, g.const_i64([1])], "mask_kpos")  # [B,T]
-    kpos = g.op("Unsqueeze", [kpos, g.const_i64([1, 2, 3])], "mask_kpos5")  # [B,1,1,1,T]
-    qpos = g.op("Unsqueeze", ["position_ids", g.const_i64([1, 2, 4])], "mask_qpos5")  # [B,1,1,S,1]
-    causal = g.op("LessOrEqual", [kpos, qpos], "mask_causal")
-    am5 = g.op("Unsqueeze", ["attention_mask", g.const_i64([1, 2, 3])], "mask_am5")
-    valid = g.op("Greater", [am5, g.const_i64([0])], "mask_valid")
-    allowed = g.op("And", [causal, valid], "mask_allowed")
-    mask = g.op("Where", [allowed, g.const_f32(0.0), g.const_f32(MASK_VALUE)], "mask_add")
+    def _mask(self) -> None:
+        """Additive attention mask [B,1,1,S,T]."""
+        g = self.g
+        kpos = g.op("CumSum", ["attention_mask", g.const_i64([1])], "mask_cumsum")
+        kpos = g.op("Sub", [kpos, g.const_i64([1])], "mask_kpos")  # [B,T]
+        kpos = g.op("Unsqueeze", [kpos, g.const_i64([1, 2, 3])], "mask_kpos5")  # [B,1,1,1,T]
+        qpos = g.op("Unsqueeze", ["position_ids", g.const_i64([1, 2, 4])], "mask_qpos5")  # [B,1,1,S,1]
+        causal = g.op("LessOrEqual", [kpos, qpos], "mask_causal")
+        am5 = g.op("Unsqueeze", ["attention_mask", g.const_i64([1, 2, 3])], "mask_am5")
+        valid = g.op("Greater", [am5, g.const_i64([0])], "mask_valid")
+        allowed = g.op("And", [causal, valid], "mask_allowed")
+        self.mask = g.op("Where", [allowed, g.const_f32(0.0), g.const_f32(MASK_VALUE)], "mask_add")
 
-    def norm(x: str, weight_key: str, name: str) -> str:
+    def norm(self, x: str, weight_key: str, name: str) -> str:
         """RMSNorm over the last axis (GPT-2: LayerNorm, with its bias)."""
+        g, sd = self.g, self.sd
         w = g.init(weight_key, _np(sd[weight_key]))
-        if gpt2:
+        if self.gpt2:
             bias_key = weight_key[: -len("weight")] + "bias"
             b = g.init(bias_key, _np(sd[bias_key]))
-            return g.op("LayerNormalization", [x, w, b], f"{name}_out", axis=-1, epsilon=eps)
+            return g.op("LayerNormalization", [x, w, b], f"{name}_out", axis=-1, epsilon=self.eps)
         sq = g.op("Mul", [x, x], f"{name}_sq")
         ms = g.op("ReduceMean", [sq], f"{name}_mean", axes=[-1], keepdims=1)
-        ms = g.op("Add", [ms, g.const_f32(eps)], f"{name}_eps")
+        ms = g.op("Add", [ms, g.const_f32(self.eps)], f"{name}_eps")
         rs = g.op("Sqrt", [ms], f"{name}_sqrt")
         y = g.op("Div", [x, rs], f"{name}_div")
         return g.op("Mul", [y, w], f"{name}_out")
 
-    def linear(x: str, prefix: str, name: str) -> str:
+    def linear(self, x: str, prefix: str, name: str) -> str:
+        g, sd = self.g, self.sd
         wt = g.init(f"{prefix}.weight.T", _np(sd[f"{prefix}.weight"]).T)  # [in, out]
         y = g.op("MatMul", [x, wt], name)
         if f"{prefix}.bias" in sd:
@@ -255,88 +296,75 @@ def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.Mod
             y = g.op("Add", [y, b], f"{name}_bias")
         return y
 
-    def rope(x: str, cos_: str, sin_: str, axis: int, name: str) -> str:
+    def rope(self, x: str, cos_: str, sin_: str, axis: int, name: str) -> str:
+        g, half = self.g, self.head_dim // 2
         x1, x2 = g.op("Split", [x, g.const_i64([half, half])], f"{name}_split", n_out=2, axis=axis)
         a = g.op("Sub", [g.op("Mul", [x1, cos_], f"{name}_x1c"), g.op("Mul", [x2, sin_], f"{name}_x2s")], f"{name}_lo")
         b = g.op("Add", [g.op("Mul", [x2, cos_], f"{name}_x2c"), g.op("Mul", [x1, sin_], f"{name}_x1s")], f"{name}_hi")
         return g.op("Concat", [a, b], f"{name}_out", axis=axis)
 
-    graph_inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", TOTAL]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
-    ]
-    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])]
-    scale = g.const_f32(1.0 / np.sqrt(head_dim))
-
-    for i in range(n_layers):
+    def layer(self, i: int, h: str) -> str:
         p = f"model.layers.{i}"
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        graph_inputs += [
-            helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", n_kv, "past", head_dim])
-            for n in (past_k, past_v)
-        ]
-        x = norm(h, f"{p}.input_layernorm.weight", f"l{i}_attn_norm")
-        q = linear(x, f"{p}.self_attn.q_proj", f"l{i}_q")
-        k = linear(x, f"{p}.self_attn.k_proj", f"l{i}_k")
-        v = linear(x, f"{p}.self_attn.v_proj", f"l{i}_v")
-        q = g.op("Reshape", [q, g.const_i64([0, 0, n_kv, group, head_dim])], f"l{i}_q_heads")
-        k = g.op("Reshape", [k, g.const_i64([0, 0, n_kv, head_dim])], f"l{i}_k_heads")
-        if f"{p}.self_attn.q_norm.weight" in sd:  # Qwen3: RMSNorm of each head's q and k, before rope
-            q = norm(q, f"{p}.self_attn.q_norm.weight", f"l{i}_q_norm")
-            k = norm(k, f"{p}.self_attn.k_norm.weight", f"l{i}_k_norm")
+        h = self.g.op("Add", [h, self.attention(i, self.norm(h, f"{p}.input_layernorm.weight", f"l{i}_attn_norm"))],
+                      f"l{i}_resid1")
+        x = self.norm(h, f"{p}.post_attention_layernorm.weight", f"l{i}_mlp_norm")
+        return self.g.op("Add", [h, self.mlp(i, x)], f"l{i}_resid2")
+
+    def _qkv(self, i: int, x: str) -> tuple[str, str, str]:
+        """q [B,KVH,G,S,D], k and v [B,KVH,S,D] of the new positions (rope applied)."""
+        g, p, n_kv, d = self.g, f"model.layers.{i}", self.n_kv, self.head_dim
+        q = self.linear(x, f"{p}.self_attn.q_proj", f"l{i}_q")
+        k = self.linear(x, f"{p}.self_attn.k_proj", f"l{i}_k")
+        v = self.linear(x, f"{p}.self_attn.v_proj", f"l{i}_v")
+        q = g.op("Reshape", [q, g.const_i64([0, 0, n_kv, self.group, d])], f"l{i}_q_heads")
+        k = g.op("Reshape", [k, g.const_i64([0, 0, n_kv, d])], f"l{i}_k_heads")
+        if f"{p}.self_attn.q_norm.weight" in self.sd:  # Qwen3: RMSNorm of each head's q and k, before rope
+            q = self.norm(q, f"{p}.self_attn.q_norm.weight", f"l{i}_q_norm")
+            k = self.norm(k, f"{p}.self_attn.k_norm.weight", f"l{i}_k_norm")
         q = g.op("Transpose", [q], f"l{i}_q_t", perm=[0, 2, 3, 1, 4])  # [B,KVH,G,S,D]
         k = g.op("Transpose", [k], f"l{i}_k_t", perm=[0, 2, 1, 3])  # [B,KVH,S,D]
-        v = g.op("Reshape", [v, g.const_i64([0, 0, n_kv, head_dim])], f"l{i}_v_heads")
+        v = g.op("Reshape", [v, g.const_i64([0, 0, n_kv, d])], f"l{i}_v_heads")
         v = g.op("Transpose", [v], f"l{i}_v_t", perm=[0, 2, 1, 3])
-        if not gpt2:
-            q = rope(q, cos_q, sin_q, 4, f"l{i}_q_rope")
-            k = rope(k, cos_k, sin_k, 3, f"l{i}_k_rope")
+        if not self.gpt2:
+            q = self.rope(q, self.cos_q, self.sin_q, 4, f"l{i}_q_rope")
+            k = self.rope(k, self.cos_k, self.sin_k, 3, f"l{i}_k_rope")
+        return q, k, v
+
+    def attention(self, i: int, x: str) -> str:
+        """Self-attention over the past cache and the new positions; the cache in and out are graph
+        inputs/outputs ``past_key_values.{i}.*`` / ``present.{i}.*``."""
+        g, n_kv, d = self.g, self.n_kv, self.head_dim
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        self.inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", n_kv, "past", d])
+                        for n in (past_k, past_v)]
+        q, k, v = self._qkv(i, x)
         k_all = g.op("Concat", [past_k, k], f"present.{i}.key", axis=2)  # [B,KVH,T,D]
         v_all = g.op("Concat", [past_v, v], f"present.{i}.value", axis=2)
-        graph_outputs += [
-            helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", n_kv, TOTAL, head_dim])
-            for n in (k_all, v_all)
-        ]
+        self.outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", n_kv, TOTAL, d])
+                         for n in (k_all, v_all)]
         kt = g.op("Transpose", [k_all], f"l{i}_kT", perm=[0, 1, 3, 2])  # [B,KVH,D,T]
         kt = g.op("Unsqueeze", [kt, g.const_i64([2])], f"l{i}_kT5")  # [B,KVH,1,D,T]
         v5 = g.op("Unsqueeze", [v_all, g.const_i64([2])], f"l{i}_v5")  # [B,KVH,1,T,D]
         s = g.op("MatMul", [q, kt], f"l{i}_scores")  # [B,KVH,G,S,T]
-        s = g.op("Mul", [s, scale], f"l{i}_scaled")
-        s = g.op("Add", [s, mask], f"l{i}_masked")
+        s = g.op("Mul", [s, self.scale], f"l{i}_scaled")
+        s = g.op("Add", [s, self.mask], f"l{i}_masked")
         pr = g.op("Softmax", [s], f"l{i}_probs", axis=-1)
         a = g.op("MatMul", [pr, v5], f"l{i}_attn")  # [B,KVH,G,S,D]
         a = g.op("Transpose", [a], f"l{i}_attn_t", perm=[0, 3, 1, 2, 4])  # [B,S,KVH,G,D]
-        a = g.op("Reshape", [a, g.const_i64([0, 0, n_heads * head_dim])], f"l{i}_attn_merge")
-        o = linear(a, f"{p}.self_attn.o_proj", f"l{i}_o")
-        h = g.op("Add", [h, o], f"l{i}_resid1")
-        x = norm(h, f"{p}.post_attention_layernorm.weight", f"l{i}_mlp_norm")
-        if gpt2:  # GELU (tanh form): 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))
-            u = linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
+        a = g.op("Reshape", [a, g.const_i64([0, 0, self.n_heads * d])], f"l{i}_attn_merge")
+        return self.linear(a, f"model.layers.{i}.self_attn.o_proj", f"l{i}_o")
+
+    def mlp(self, i: int, x: str) -> str:
+        g, p = self.g, f"model.layers.{i}"
+        if self.gpt2:  # GELU (tanh form): 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))
+            u = self.linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
             u3 = g.op("Mul", [g.op("Mul", [u, u], f"l{i}_u2"), u], f"l{i}_u3")
             inner = g.op("Mul", [g.op("Add", [u, g.op("Mul", [u3, g.const_f32(0.044715)], f"l{i}_cu3")], f"l{i}_poly"),
                                  g.const_f32(float(np.sqrt(2.0 / np.pi)))], f"l{i}_inner")
             t = g.op("Add", [g.op("Tanh", [inner], f"l{i}_tanh"), g.const_f32(1.0)], f"l{i}_1pt")
             act = g.op("Mul", [g.op("Mul", [u, t], f"l{i}_ut"), g.const_f32(0.5)], f"l{i}_gelu")
-            d = linear(act, f"{p}.mlp.down_proj", f"l{i}_down")
-        else:
-            gate = linear(x, f"{p}.mlp.gate_proj", f"l{i}_gate")
-            up = linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
-            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}_sigmoid")], f"l{i}_silu")
-            d = linear(g.op("Mul", [act, up], f"l{i}_glu"), f"{p}.mlp.down_proj", f"l{i}_down")
-        h = g.op("Add", [h, d], f"l{i}_resid2")
-
-    h = norm(h, "model.norm.weight", "final_norm")
-    if "lm_head.weight" in sd and not getattr(config, "tie_word_embeddings", False):
-        head = g.init("lm_head.weight.T", _np(sd["lm_head.weight"]).T)
-    else:
-        head = g.op("Transpose", [emb_name], "lm_head_tied", perm=[1, 0])
-    g.op("MatMul", [h, head], "logits")
-
-    graph = helper.make_graph(g.nodes, "shiftc_decoder", graph_inputs, graph_outputs, g.inits)
-    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="shiftc")
-    onnx_model.ir_version = 8
-    eos = getattr(config, "eos_token_id", None)
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
-    spec = DecoderSpec(n_layers, n_kv, head_dim, vocab, tuple(int(e) for e in eos_ids), max_pos)
-    return onnx_model, spec
+            return self.linear(act, f"{p}.mlp.down_proj", f"l{i}_down")
+        gate = self.linear(x, f"{p}.mlp.gate_proj", f"l{i}_gate")
+        up = self.linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}_sigmoid")], f"l{i}_silu")
+        return self.linear(g.op("Mul", [act, up], f"l{i}_glu"), f"{p}.mlp.down_proj", f"l{i}_down")

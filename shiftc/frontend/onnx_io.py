@@ -334,21 +334,9 @@ def _run_checker(
         ) from None
 
 
-def _plan_external_read(
-    path: str, folder: str, tensor: TensorProto, where: str
-) -> tuple[str, int, int]:
-    """Validate one external data reference; return (resolved file, offset, length)."""
-    label = _tensor_label(tensor, where)
-    entries: dict[str, str] = {}
-    for entry in tensor.external_data:
-        if entry.key in entries:
-            raise BadInputError(
-                f"{path}: {label} lists external data key '{entry.key}' twice; {_REDO}."
-            )
-        entries[entry.key] = entry.value
-    location = entries.get("location", "")
-    if not location:
-        raise BadInputError(f"{path}: {label} is stored externally but has no location; {_REDO}.")
+def _safe_location(path: str, folder: str, label: str, location: str) -> tuple[str, str]:
+    """(the joined path, its real path) of an external data location, refused unless it is a
+    relative path to a file inside the model's folder."""
     unsafe = (
         f"{path}: refusing to read external data of {label}: its location {location!r} "
         f"%s (path traversal); external data must be a relative path to a file inside the "
@@ -367,6 +355,25 @@ def _plan_external_read(
         raise BadInputError(
             unsafe % f"resolves (through a symbolic link) to {resolved}, outside the folder"
         )
+    return candidate, resolved
+
+
+def _plan_external_read(
+    path: str, folder: str, tensor: TensorProto, where: str
+) -> tuple[str, int, int]:
+    """Validate one external data reference; return (resolved file, offset, length)."""
+    label = _tensor_label(tensor, where)
+    entries: dict[str, str] = {}
+    for entry in tensor.external_data:
+        if entry.key in entries:
+            raise BadInputError(
+                f"{path}: {label} lists external data key '{entry.key}' twice; {_REDO}."
+            )
+        entries[entry.key] = entry.value
+    location = entries.get("location", "")
+    if not location:
+        raise BadInputError(f"{path}: {label} is stored externally but has no location; {_REDO}.")
+    candidate, resolved = _safe_location(path, folder, label, location)
 
     def offset_or_length(key: str) -> int | None:
         if key not in entries:
@@ -611,7 +618,6 @@ def _save_with_external_data(model: ModelProto, path: str) -> None:
     data_path = os.path.join(os.path.dirname(os.path.abspath(path)), data_name)
     moved: list[tuple[TensorProto, bytes, bool]] = []
     temps: list[str] = []
-    backup: str | None = None
     try:
         # Move the large initializers' bytes out of the proto, into the data temp file.
         candidates = [
@@ -624,28 +630,7 @@ def _save_with_external_data(model: ModelProto, path: str) -> None:
         if candidates:
             data_tmp = _make_temp(data_path)
             temps.append(data_tmp)
-            try:
-                with open(data_tmp, "wb") as f:
-                    offset = 0
-                    for t in candidates:
-                        pad = -offset % EXTERNAL_DATA_ALIGNMENT
-                        if pad:
-                            _write_bytes(f, b"\0" * pad)
-                            offset += pad
-                        raw = t.raw_data
-                        _write_bytes(f, raw)
-                        had_location = t.HasField("data_location")
-                        t.ClearField("raw_data")
-                        t.data_location = TensorProto.EXTERNAL
-                        del t.external_data[:]
-                        for key, value in (("location", data_name), ("offset", str(offset)),
-                                           ("length", str(len(raw)))):
-                            entry = t.external_data.add()
-                            entry.key, entry.value = key, value
-                        moved.append((t, raw, had_location))
-                        offset += len(raw)
-            except OSError as e:
-                raise _write_error(data_path, e) from None
+            _move_to_data_file(candidates, data_tmp, data_path, data_name, moved)
         if model.ByteSize() > PROTOBUF_LIMIT:
             raise UsageError(
                 f"cannot save {path}: even with its initializers in external data the model is "
@@ -661,11 +646,53 @@ def _save_with_external_data(model: ModelProto, path: str) -> None:
         except OSError as e:
             raise _write_error(path, e) from None
         del blob
-        # Both files are complete: rename data, then model; on failure put the old data back.
-        if data_tmp is not None:
-            _prepare_commit(data_tmp, data_path)
-        _prepare_commit(model_tmp, path)
-        folder = os.path.dirname(os.path.abspath(path))
+        _commit_pair(data_tmp, data_path, model_tmp, path)
+    finally:
+        for tmp in temps:
+            _remove_quietly(tmp)
+        for t, raw, had_location in moved:
+            del t.external_data[:]
+            t.ClearField("data_location")
+            if had_location:
+                t.data_location = TensorProto.DEFAULT
+            t.raw_data = raw
+
+
+def _move_to_data_file(tensors: list[TensorProto], data_tmp: str, data_path: str, data_name: str,
+                       moved: list) -> None:
+    """Write the tensors' bytes to ``data_tmp`` (aligned) and point them there; ``moved`` records
+    (tensor, bytes, had data_location) so the caller can put the model back as it was."""
+    try:
+        with open(data_tmp, "wb") as f:
+            offset = 0
+            for t in tensors:
+                pad = -offset % EXTERNAL_DATA_ALIGNMENT
+                if pad:
+                    _write_bytes(f, b"\0" * pad)
+                    offset += pad
+                raw = t.raw_data
+                _write_bytes(f, raw)
+                had_location = t.HasField("data_location")
+                t.ClearField("raw_data")
+                t.data_location = TensorProto.EXTERNAL
+                del t.external_data[:]
+                for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+                moved.append((t, raw, had_location))
+                offset += len(raw)
+    except OSError as e:
+        raise _write_error(data_path, e) from None
+
+
+def _commit_pair(data_tmp: str | None, data_path: str, model_tmp: str, path: str) -> None:
+    """Both files are complete: rename data, then model; on failure put the old data back."""
+    if data_tmp is not None:
+        _prepare_commit(data_tmp, data_path)
+    _prepare_commit(model_tmp, path)
+    folder = os.path.dirname(os.path.abspath(path))
+    backup: str | None = None
+    try:
         if data_tmp is not None:
             if os.path.lexists(data_path):
                 backup = _make_temp(data_path)
@@ -693,14 +720,6 @@ def _save_with_external_data(model: ModelProto, path: str) -> None:
                 os.replace(backup, data_path)
             except OSError:
                 pass
-        for tmp in temps:
-            _remove_quietly(tmp)
-        for t, raw, had_location in moved:
-            del t.external_data[:]
-            t.ClearField("data_location")
-            if had_location:
-                t.data_location = TensorProto.DEFAULT
-            t.raw_data = raw
 
 
 # --------------------------------------------------------------------------------------------
@@ -764,66 +783,17 @@ def model_summary(model: ModelProto) -> dict[str, Any]:
     also initializers (old exporters list them) are not listed as inputs. Shapes list ints,
     strings for symbolic dims and None for unknown dims; a shape of None means unknown rank.
     """
-    ops: dict[str, dict[str, int]] = {}
-    bytes_by_dtype: dict[str, int] = {}
-    counters = {"nodes": 0, "params": 0}
-
-    def add_tensor(t: TensorProto, numel: int | None = None) -> None:
-        n = _numel(t.dims) if numel is None else numel
-        counters["params"] += n
-        name = dtype_name(t.data_type)
-        bytes_by_dtype[name] = bytes_by_dtype.get(name, 0) + _tensor_bytes(t)
-
-    def add_plain(name: str, n: int, nbytes: int) -> None:
-        counters["params"] += n
-        bytes_by_dtype[name] = bytes_by_dtype.get(name, 0) + nbytes
-
-    def walk(graph: GraphProto) -> None:
-        for t in graph.initializer:
-            add_tensor(t)
-        for sp in graph.sparse_initializer:
-            add_tensor(sp.values)
-        for node in graph.node:
-            counters["nodes"] += 1
-            by_op = ops.setdefault(_domain(node.domain), {})
-            by_op[node.op_type] = by_op.get(node.op_type, 0) + 1
-            is_constant = node.op_type == "Constant" and _domain(node.domain) == "ai.onnx"
-            for attr in node.attribute:
-                if is_constant:
-                    if attr.name == "value" and attr.HasField("t"):
-                        add_tensor(attr.t)
-                    elif attr.name == "sparse_value" and attr.HasField("sparse_tensor"):
-                        add_tensor(attr.sparse_tensor.values)
-                    elif attr.name == "value_float":
-                        add_plain("float32", 1, 4)
-                    elif attr.name == "value_floats":
-                        add_plain("float32", len(attr.floats), 4 * len(attr.floats))
-                    elif attr.name == "value_int":
-                        add_plain("int64", 1, 8)
-                    elif attr.name == "value_ints":
-                        add_plain("int64", len(attr.ints), 8 * len(attr.ints))
-                    elif attr.name == "value_string":
-                        add_plain("string", 1, len(attr.s))
-                    elif attr.name == "value_strings":
-                        add_plain("string", len(attr.strings), sum(len(s) for s in attr.strings))
-                if attr.HasField("g"):
-                    walk(attr.g)
-                for g in attr.graphs:
-                    walk(g)
-
     graph = model.graph
-    walk(graph)
-    initializer_names = {t.name for t in graph.initializer} | {
-        sp.values.name for sp in graph.sparse_initializer
-    }
+    tally = _Tally()
+    tally.walk(graph)
+    initializer_names = {t.name for t in graph.initializer} | {sp.values.name for sp in graph.sparse_initializer}
 
     def value_infos(values, skip=frozenset()) -> list[dict[str, Any]]:
         out = []
         for vi in values:
-            if vi.name in skip:
-                continue
-            dtype, shape = _type_summary(vi.type)
-            out.append({"name": vi.name, "dtype": dtype, "shape": shape})
+            if vi.name not in skip:
+                dtype, shape = _type_summary(vi.type)
+                out.append({"name": vi.name, "dtype": dtype, "shape": shape})
         return out
 
     return {
@@ -831,12 +801,65 @@ def model_summary(model: ModelProto) -> dict[str, Any]:
         "producer_name": model.producer_name,
         "producer_version": model.producer_version,
         "opset_imports": {_domain(o.domain): o.version for o in model.opset_import},
-        "num_nodes": counters["nodes"],
-        "ops": {d: dict(sorted(c.items())) for d, c in sorted(ops.items())},
-        "num_parameters": counters["params"],
-        "parameter_bytes": sum(bytes_by_dtype.values()),
-        "bytes_by_dtype": dict(sorted(bytes_by_dtype.items())),
+        "num_nodes": tally.nodes,
+        "ops": {d: dict(sorted(c.items())) for d, c in sorted(tally.ops.items())},
+        "num_parameters": tally.params,
+        "parameter_bytes": sum(tally.bytes_by_dtype.values()),
+        "bytes_by_dtype": dict(sorted(tally.bytes_by_dtype.items())),
         "inputs": value_infos(graph.input, initializer_names),
         "outputs": value_infos(graph.output),
     }
+
+
+# a Constant node's scalar/list attributes: (dtype, element count, bytes)
+_CONSTANT_ATTRS = {
+    "value_float": lambda a: ("float32", 1, 4),
+    "value_floats": lambda a: ("float32", len(a.floats), 4 * len(a.floats)),
+    "value_int": lambda a: ("int64", 1, 8),
+    "value_ints": lambda a: ("int64", len(a.ints), 8 * len(a.ints)),
+    "value_string": lambda a: ("string", 1, len(a.s)),
+    "value_strings": lambda a: ("string", len(a.strings), sum(len(s) for s in a.strings)),
+}
+
+
+class _Tally:
+    """Nodes per op, parameters and bytes per dtype of a graph and its subgraphs (model_summary)."""
+
+    def __init__(self):
+        self.ops: dict[str, dict[str, int]] = {}
+        self.bytes_by_dtype: dict[str, int] = {}
+        self.nodes = self.params = 0
+
+    def add(self, dtype: str, n: int, nbytes: int) -> None:
+        self.params += n
+        self.bytes_by_dtype[dtype] = self.bytes_by_dtype.get(dtype, 0) + nbytes
+
+    def add_tensor(self, t: TensorProto) -> None:
+        self.add(dtype_name(t.data_type), _numel(t.dims), _tensor_bytes(t))
+
+    def constant(self, attr) -> None:
+        if attr.name == "value" and attr.HasField("t"):
+            self.add_tensor(attr.t)
+        elif attr.name == "sparse_value" and attr.HasField("sparse_tensor"):
+            self.add_tensor(attr.sparse_tensor.values)
+        elif attr.name in _CONSTANT_ATTRS:
+            self.add(*_CONSTANT_ATTRS[attr.name](attr))
+
+    def walk(self, graph: GraphProto) -> None:
+        for t in graph.initializer:
+            self.add_tensor(t)
+        for sp in graph.sparse_initializer:
+            self.add_tensor(sp.values)
+        for node in graph.node:
+            self.nodes += 1
+            by_op = self.ops.setdefault(_domain(node.domain), {})
+            by_op[node.op_type] = by_op.get(node.op_type, 0) + 1
+            is_constant = node.op_type == "Constant" and _domain(node.domain) == "ai.onnx"
+            for attr in node.attribute:
+                if is_constant:
+                    self.constant(attr)
+                if attr.HasField("g"):
+                    self.walk(attr.g)
+                for g in attr.graphs:
+                    self.walk(g)
 

@@ -1,6 +1,6 @@
 """The binarize pass: constant-weight MatMul / Gemm -> ``ai.shiftc::FdbMatMul`` (graph surgery only).
 
-Targets are those of the shift-add pass (shiftc/passes/shiftadd.py, :meth:`ShiftAddPass.match`):
+Targets are those of every weight pass (shiftc/passes/shiftadd.py, :meth:`LayerPass.match`):
 ``MatMul`` with a constant 2-D weight, the tied LM head ``MatMul(h, Transpose(E))`` and ``Gemm``
 (bias kept as a standard ``Add``); ``lm_head`` and ``skip`` work the same way. Each target becomes
 
@@ -12,14 +12,11 @@ without consumers are removed, the op's function body is added (so ONNX Runtime 
 and ``metadata_props["shiftc.compression"]`` records the pass, mode, group and per-layer bits per
 weight (scales and offsets included).
 
-:func:`run` is the pipeline step behind ``shiftc compress --binarize`` (called from
-shiftc/passes/compress.py): match -> calibrate -> pass -> checker -> atomic save.
+``shiftc compress --binarize`` runs it through the one compress pipeline (shiftc/passes/compress.py).
 """
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,9 +27,9 @@ from .. import options as opts
 from ..options import option
 from ..progress import Counter
 from . import bcq, fdb, ops, uniform
-from .distill import DistillFields, run_configured, validate_fields
-from .shiftadd import (PassResult, ShiftAddConfig, ShiftAddPass, Target, _node_id, embedding_tables, finish_rewrite,
-                       replacement_nodes, summarize)
+from .distill import DistillFields, validate_fields
+from .shiftadd import (LayerPass, PassResult, ShiftAddPass, Target, embedding_tables, finish_rewrite, replacement_nodes,
+                       summarize)
 
 OP = "FdbMatMul"
 MODES = tuple(fdb.MODES)
@@ -70,20 +67,14 @@ def validate(cfg: BinarizeConfig, bad) -> None:
     validate_fields(cfg, bad)
 
 
-class BinarizePass:
+class BinarizePass(LayerPass):
     """Replace constant-weight MatMul/Gemm by FdbMatMul. Returns a new model; the input is unchanged."""
 
     name = "binarize"
+    config_class = BinarizeConfig
 
-    def __init__(self, config: BinarizeConfig | None = None):
-        self.config = config or BinarizeConfig()
-
-    def match(self, model: onnx.ModelProto) -> tuple[list[Target], list[tuple[str, str]]]:
-        """(targets, skipped [(node, reason)]): the shift-add pass's matching."""
-        c = self.config
-        return ShiftAddPass(ShiftAddConfig(lm_head=c.lm_head, skip=list(c.skip))).match(model)
-
-    def quantize(self, w: np.ndarray, h: np.ndarray | None) -> fdb.FdbResult:
+    def quantize(self, t: Target, w: np.ndarray, h: np.ndarray | None) -> fdb.FdbResult:
+        """The fit of one target's weight W [N, K] with H = XᵀX of its input (None: data-free)."""
         c = self.config
         return fdb.quantize_gptq(w, h, c.mode, c.group, damp=c.damp, act_order=c.act_order, iters=c.iters)
 
@@ -92,20 +83,16 @@ class BinarizePass:
         """``results`` ({layer name: FdbResult}) are used as given instead of fitting."""
         cfg = self.config
         results = results or {}
-        targets, skipped = self.match(model)
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
+        out, targets, skipped, inits, by_id = self._start(model)
         if not targets:
             return PassResult(out, False, {"layers": {}, "skipped": skipped})
         g = out.graph
-        inits = {t.name: t for t in g.initializer}
-        by_id = {_node_id(n): i for i, n in enumerate(g.node)}
         layers, new_inits, replacements = {}, [], {}
         progress = Counter("binarize", len(targets))
         for t in targets:
             w = ShiftAddPass.weight(inits, t)  # [N, K]
             h = None if hessians is None else hessians.get(t.x)
-            r = results[t.name] if t.name in results else self.quantize(w, h)
+            r = results[t.name] if t.name in results else self.quantize(t, w, h)
             prefix = t.name[: -len(".weight.T")] if t.name.endswith(".weight.T") else t.name
             names = [f"{prefix}.fdb_planes", f"{prefix}.fdb_scales", f"{prefix}.fdb_offsets"]
             new_inits += [numpy_helper.from_array(r.packed_planes(), names[0]),
@@ -130,46 +117,3 @@ class BinarizePass:
 
 
 dequantized_copy = ops.dequantized_copy  # FdbMatMul -> MatMul(x, Ŵᵀ) (shiftc/passes/ops.py)
-
-
-def run(model: onnx.ModelProto, src: str, output: str, config, t0: float, prune_report: dict | None = None) -> dict:
-    """The compress pipeline with the binarize pass (``config``: recipe.CompressConfig with
-    ``binarize`` set). Returns the report: per layer shape, bits, bits per weight, errors; sizes."""
-    from ..errors import BadInputError
-    from ..frontend.onnx_io import save_model
-    from ..progress import log, step
-
-    bp = BinarizePass(config.binarize)
-    targets, skipped = bp.match(model)
-    if not targets:
-        raise BadInputError(f"'{src}': no MatMul/Gemm with a constant weight to binarize "
-                            f"({len(skipped)} skipped: {[r for _, r in skipped][:3]})")
-    hessians, calib_windows = None, 0
-    if config.calib.corpus != "none":
-        from .calibration import calibration_windows, collect_hessians
-
-        c = config.calib
-        ids = calibration_windows(model, corpus=c.corpus, split=c.split, windows=c.windows, window=c.window,
-                                  tokenizer=c.tokenizer, model_path=src)
-        calib_windows = len(ids)
-        with step(f"calibration ({len(ids)} windows x {ids.shape[1]} tokens, {len({t.x for t in targets})} inputs)"):
-            hessians = collect_hessians(model, [t.x for t in targets], ids, threads=config.threads)
-    with step(f"binarize ({config.binarize.mode}) on {len(targets)} layers"):
-        result = bp(model, hessians)
-    del hessians
-    b = config.binarize
-    distill_report = None
-    if b.distill_enabled():  # fine-tune scales/offsets against the fp32 model (shiftc/passes/distill.py)
-        distill_report = run_configured(model, result.model, b, config.calib, src)
-    del model
-    try:
-        onnx.checker.check_model(result.model, full_check=result.model.ByteSize() < 2**31 - 1)
-    except onnx.checker.ValidationError as e:  # a bug in the pass, not the user's input
-        raise RuntimeError(f"binarize produced an invalid model: {e}") from e
-    save_model(result.model, output)
-    log(f"wrote {output}")
-    return {"path": output, "source": src, "size_bytes": os.path.getsize(output), "source_size_bytes": os.path.getsize(src),
-            "calibration": {"corpus": config.calib.corpus, "windows": calib_windows, "window": config.calib.window},
-            "seconds": round(time.perf_counter() - t0, 1), **result.report,
-            **({"prune": prune_report} if prune_report is not None else {}),
-            **({"distill": distill_report} if distill_report is not None else {})}

@@ -67,6 +67,12 @@ class OpSpec:
     weight: Callable[..., np.ndarray]  # (constant inputs after X, **attributes) -> Ŵ [N, K] float32
     kind: str = "matmul"  # "matmul": Y = X Ŵᵀ; "gather": Y = Ŵ[indices] (X holds the indices)
 
+    def gather(self, name: str, function, reference) -> "OpSpec":
+        """The op reading the rows of this matmul op's weight: the same weight inputs after ``indices``."""
+        return OpSpec(name=name, inputs=(("indices", "int64 [...]"), *self.inputs[1:]),
+                      outputs=(("Y", "float32 [..., K]"),), attributes=self.attributes, function=function,
+                      reference=reference, weight=self.weight, kind="gather")
+
 
 # -- BcqMatMul ------------------------------------------------------------------------------------
 
@@ -168,16 +174,40 @@ def _check_bcq_body(op: str, opset: int, coding: str) -> None:
 def bcq_matmul_function(opset: int, coding: str = "pm1") -> onnx.FunctionProto:
     """The ONNX function body of ``ai.shiftc::BcqMatMul`` for a model of default-domain ``opset``."""
     _check_bcq_body("BcqMatMul", opset, coding)
-    nodes = _bcq_weight_nodes() + [  # Y = X W^T
+    return _matmul_function("BcqMatMul", _bcq_weight_nodes(), ["planes", "exps"], _BCQ_BODY_ATTRS, opset,
+                            "Y = X W^T, W = sum_i alpha_i * (2 B_i - 1); see shiftc/passes/ops.py")
+
+
+_BCQ_BODY_ATTRS = ["bits", "group_size", "in_features", "coding"]
+
+
+def _matmul_function(op: str, weight_nodes: list, inputs: list[str], attributes: list[str], opset: int,
+                     doc: str) -> onnx.FunctionProto:
+    """A function body ``Y = X Wᵀ`` where ``weight_nodes`` compute ``w`` [N, K] from ``inputs``."""
+    nodes = weight_nodes + [
         helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
         helper.make_node("MatMul", ["X", "w_t"], ["Y"]),
     ]
-    return helper.make_function(
-        DOMAIN, "BcqMatMul", ["X", "planes", "exps"], ["Y"], nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=["bits", "group_size", "in_features", "coding"],
-        doc_string="Y = X W^T, W = sum_i alpha_i * (2 B_i - 1); see shiftc/passes/ops.py",
-    )
+    return helper.make_function(DOMAIN, op, ["X", *inputs], ["Y"], nodes,
+                                opset_imports=[helper.make_opsetid("", opset)], attributes=attributes, doc_string=doc)
+
+
+def _gather_function(op: str, tables: list[tuple[str, int]], weight_nodes: list, attributes: list[str], opset: int,
+                     doc: str) -> onnx.FunctionProto:
+    """A function body ``Y = W[indices]`` that gathers the rows of each packed table first
+    (``tables``: (name, row axis); input ``table_<name>`` gathered into ``<name>``), so that
+    ``weight_nodes`` reconstruct only those rows (``w`` [R, K])."""
+    nodes = [
+        _const("flat", np.array([-1], np.int64), TensorProto.INT64),
+        helper.make_node("Reshape", ["indices", "flat"], ["rows"]),
+        *(helper.make_node("Gather", [f"table_{t}", "rows"], [t], axis=axis) for t, axis in tables),
+        *weight_nodes,
+        helper.make_node("Shape", ["indices"], ["idx_shape"]),
+        helper.make_node("Concat", ["idx_shape", "k_1"], ["y_shape"], axis=0),
+        helper.make_node("Reshape", ["w", "y_shape"], ["Y"]),
+    ]
+    return helper.make_function(DOMAIN, op, ["indices", *(f"table_{t}" for t, _ in tables)], ["Y"], nodes,
+                                opset_imports=[helper.make_opsetid("", opset)], attributes=attributes, doc_string=doc)
 
 
 BCQ_MATMUL = OpSpec(
@@ -221,36 +251,11 @@ def bcq_gather_function(opset: int, coding: str = "pm1") -> onnx.FunctionProto:
     """The ONNX function body of ``ai.shiftc::BcqGather``: the rows are gathered from the packed
     planes and exponents first, so only those rows are reconstructed."""
     _check_bcq_body("BcqGather", opset, coding)
-    i64 = TensorProto.INT64
-    nodes = [
-        _const("flat", np.array([-1], np.int64), i64),
-        helper.make_node("Reshape", ["indices", "flat"], ["rows"]),
-        helper.make_node("Gather", ["table_planes", "rows"], ["planes"], axis=1),  # [q, R, W]
-        helper.make_node("Gather", ["table_exps", "rows"], ["exps"], axis=1),  # [q, R, ng, T]
-        *_bcq_weight_nodes(),  # w [R, K]
-        helper.make_node("Shape", ["indices"], ["idx_shape"]),
-        helper.make_node("Concat", ["idx_shape", "k_1"], ["y_shape"], axis=0),
-        helper.make_node("Reshape", ["w", "y_shape"], ["Y"]),
-    ]
-    return helper.make_function(
-        DOMAIN, "BcqGather", ["indices", "table_planes", "table_exps"], ["Y"], nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=["bits", "group_size", "in_features", "coding"],
-        doc_string="Y = W[indices], W = sum_i alpha_i * (2 B_i - 1); see shiftc/passes/ops.py",
-    )
+    return _gather_function("BcqGather", [("planes", 1), ("exps", 1)], _bcq_weight_nodes(), _BCQ_BODY_ATTRS, opset,
+                            "Y = W[indices], W = sum_i alpha_i * (2 B_i - 1); see shiftc/passes/ops.py")
 
 
-BCQ_GATHER = OpSpec(
-    name="BcqGather",
-    inputs=(("indices", "int64 [...]"), ("planes", "uint32 [q, N, ceil(K/32)]"),
-            ("exps", "int8 [q, N, ceil(K/G), T]")),
-    outputs=(("Y", "float32 [..., K]"),),
-    attributes=BCQ_MATMUL.attributes,
-    function=bcq_gather_function,
-    reference=bcq_gather_ref,
-    weight=bcq_matmul_weight,
-    kind="gather",
-)
+BCQ_GATHER = BCQ_MATMUL.gather("BcqGather", bcq_gather_function, bcq_gather_ref)
 
 
 # -- QGather --------------------------------------------------------------------------------------
@@ -439,19 +444,13 @@ def fdb_matmul_function(opset: int) -> onnx.FunctionProto:
         helper.make_node("Expand", ["mu3", "g_shape2"], ["mu_g"]),
         helper.make_node("Reshape", ["mu_g", "shape_n_"], ["mu_flat"]),
         helper.make_node("Slice", ["mu_flat", "zero_i", "k_1", "ax_last"], ["mu_k"]),
-        # W [N,K] = sum_i alpha_i * b_i + mu ;  Y = X W^T
+        # W [N,K] = sum_i alpha_i * b_i + mu
         helper.make_node("Mul", ["alpha_k", "b_f"], ["planes_w"]),
         helper.make_node("ReduceSum", ["planes_w", "ax_0"], ["w_planes"], keepdims=0),
         helper.make_node("Add", ["w_planes", "mu_k"], ["w"]),
-        helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
-        helper.make_node("MatMul", ["X", "w_t"], ["Y"]),
     ]
-    return helper.make_function(
-        DOMAIN, "FdbMatMul", ["X", "planes", "scales", "offsets"], ["Y"], nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=["bits", "group_size", "in_features"],
-        doc_string="Y = X W^T, W = sum_i alpha_i * B_i + mu (B in {0,1}); see shiftc/passes/ops.py",
-    )
+    return _matmul_function("FdbMatMul", nodes, ["planes", "scales", "offsets"], ["bits", "group_size", "in_features"],
+                            opset, "Y = X W^T, W = sum_i alpha_i * B_i + mu (B in {0,1}); see shiftc/passes/ops.py")
 
 
 FDB_MATMUL = OpSpec(
@@ -553,40 +552,18 @@ def uniform_matmul_function(opset: int) -> onnx.FunctionProto:
     """The ONNX function body of ``ai.shiftc::UniformMatMul`` for a model of default-domain ``opset``."""
     if opset < MIN_OPSET:
         raise ValueError(f"UniformMatMul's function body needs opset >= {MIN_OPSET}, got {opset}")
-    nodes = _uniform_weight_nodes() + [
-        helper.make_node("Transpose", ["w"], ["w_t"], perm=[1, 0]),
-        helper.make_node("MatMul", ["X", "w_t"], ["Y"]),
-    ]
-    return helper.make_function(
-        DOMAIN, "UniformMatMul", ["X", "planes", "scales", "mins"], ["Y"], nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=["bits", "group_size", "in_features"],
-        doc_string="Y = X W^T, W = mins + scales * sum_i 2^i B_i (B in {0,1}); see shiftc/passes/ops.py",
-    )
+    return _matmul_function("UniformMatMul", _uniform_weight_nodes(), ["planes", "scales", "mins"],
+                            ["bits", "group_size", "in_features"], opset,
+                            "Y = X W^T, W = mins + scales * sum_i 2^i B_i (B in {0,1}); see shiftc/passes/ops.py")
 
 
 def uniform_gather_function(opset: int) -> onnx.FunctionProto:
     """The ONNX function body of ``ai.shiftc::UniformGather``: rows gathered first, then unpacked."""
     if opset < MIN_OPSET:
         raise ValueError(f"UniformGather's function body needs opset >= {MIN_OPSET}, got {opset}")
-    i64 = TensorProto.INT64
-    nodes = [
-        _const("flat", np.array([-1], np.int64), i64),
-        helper.make_node("Reshape", ["indices", "flat"], ["rows"]),
-        helper.make_node("Gather", ["table_planes", "rows"], ["planes"], axis=1),  # [q, R, W]
-        helper.make_node("Gather", ["table_scales", "rows"], ["scales"], axis=0),  # [R, ng]
-        helper.make_node("Gather", ["table_mins", "rows"], ["mins"], axis=0),
-        *_uniform_weight_nodes(),  # w [R, K]
-        helper.make_node("Shape", ["indices"], ["idx_shape"]),
-        helper.make_node("Concat", ["idx_shape", "k_1"], ["y_shape"], axis=0),
-        helper.make_node("Reshape", ["w", "y_shape"], ["Y"]),
-    ]
-    return helper.make_function(
-        DOMAIN, "UniformGather", ["indices", "table_planes", "table_scales", "table_mins"], ["Y"], nodes,
-        opset_imports=[helper.make_opsetid("", opset)],
-        attributes=["bits", "group_size", "in_features"],
-        doc_string="Y = W[indices], W = mins + scales * sum_i 2^i B_i; see shiftc/passes/ops.py",
-    )
+    return _gather_function("UniformGather", [("planes", 1), ("scales", 0), ("mins", 0)], _uniform_weight_nodes(),
+                            ["bits", "group_size", "in_features"], opset,
+                            "Y = W[indices], W = mins + scales * sum_i 2^i B_i; see shiftc/passes/ops.py")
 
 
 _UNIFORM_ATTRS = (("bits", "int: q, 1..4"), ("group_size", "int: G, multiple of 32"), ("in_features", "int: K"))
@@ -600,17 +577,7 @@ UNIFORM_MATMUL = OpSpec(
     reference=uniform_matmul_ref,
     weight=uniform_matmul_weight,
 )
-UNIFORM_GATHER = OpSpec(
-    name="UniformGather",
-    inputs=(("indices", "int64 [...]"), ("planes", "uint32 [q, N, ceil(K/32)]"),
-            ("scales", "float16 [N, ceil(K/G)]"), ("mins", "float16 [N, ceil(K/G)]")),
-    outputs=(("Y", "float32 [..., K]"),),
-    attributes=_UNIFORM_ATTRS,
-    function=uniform_gather_function,
-    reference=uniform_gather_ref,
-    weight=uniform_matmul_weight,
-    kind="gather",
-)
+UNIFORM_GATHER = UNIFORM_MATMUL.gather("UniformGather", uniform_gather_function, uniform_gather_ref)
 OPS[UNIFORM_MATMUL.name] = UNIFORM_MATMUL
 OPS[UNIFORM_GATHER.name] = UNIFORM_GATHER
 

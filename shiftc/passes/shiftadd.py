@@ -116,13 +116,29 @@ def _node_id(node: onnx.NodeProto) -> str:
     return node.name or node.output[0]
 
 
-class ShiftAddPass:
-    """Replace constant-weight MatMul/Gemm by BcqMatMul. Returns a new model; the input is not changed."""
+class LayerPass:
+    """What every weight pass offers the compress pipeline (shiftc/passes/compress.py):
+    ``match(model)`` the layers it rewrites, ``quantize(target, W, H)`` one layer's fit, and
+    ``__call__(model, hessians, results=)`` the rewrite (a :class:`PassResult`), using ``results``
+    given instead of fitting those layers. Matching is shared: constant-weight MatMul/Gemm and
+    the tied LM head, filtered by the config's ``lm_head`` and ``skip``."""
 
-    name = "shiftadd"
+    name = ""
+    config_class: type = type(None)
 
-    def __init__(self, config: ShiftAddConfig | None = None):
-        self.config = config or ShiftAddConfig()
+    def __init__(self, config=None):
+        self.config = config or self.config_class()
+
+    def quantize(self, t: "Target", w: np.ndarray, h: np.ndarray | None):
+        raise NotImplementedError
+
+    def _start(self, model: onnx.ModelProto):
+        """(copy of the model, targets, skipped, the copy's initializers by name, node index by id)."""
+        targets, skipped = self.match(model)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        g = out.graph
+        return out, targets, skipped, {t.name: t for t in g.initializer}, {_node_id(n): i for i, n in enumerate(g.node)}
 
     # -- matching -----------------------------------------------------------------------------
     def match(self, model: onnx.ModelProto) -> tuple[list[Target], list[tuple[str, str]]]:
@@ -180,6 +196,14 @@ class ShiftAddPass:
         """The layer's weight W [N, K] (float32)."""
         w = numpy_helper.to_array(inits[t.weight]).astype(np.float32)
         return w.T if t.transposed else w
+
+
+
+class ShiftAddPass(LayerPass):
+    """Replace constant-weight MatMul/Gemm by BcqMatMul. Returns a new model; the input is not changed."""
+
+    name = "shiftadd"
+    config_class = ShiftAddConfig
 
     def quantize(self, t: Target, w: np.ndarray, h: np.ndarray | None) -> bcq.BcqResult | uniform.UniformResult:
         """The fit of one target's weight W [N, K] with H = XᵀX of its input (None: data-free)."""
@@ -254,14 +278,10 @@ class ShiftAddPass:
         calibration quantizes while it calibrates: shiftc/passes/calibration.py)."""
         cfg = self.config
         results = results or {}
-        targets, skipped = self.match(model)
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
+        out, targets, skipped, inits, by_id = self._start(model)
         if not targets:
             return PassResult(out, False, {"layers": {}, "skipped": skipped})
         g = out.graph
-        inits = {t.name: t for t in g.initializer}
-        by_id = {_node_id(n): i for i, n in enumerate(g.node)}
         layers, new_inits = {}, []
         results, metrics = self._fit_all(targets, inits, hessians, results)
         replacements: dict[int, list[onnx.NodeProto]] = {}

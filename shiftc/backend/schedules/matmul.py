@@ -174,34 +174,15 @@ class Matmul(ScheduleRule):
             isinstance(i, tirx.Var) and i.same_as(v) for i, v in zip(var_indices, spatial)
         ):
             return None
-        m_pos = None
-        for pos in range(len(spatial) - 2, -1, -1):
-            v = spatial[pos]
-            if v in uses_a and v not in uses_b:
-                m_pos = pos
-                break
+        # m: the innermost spatial axis (before n) that indexes A only
+        m_pos = next((pos for pos in range(len(spatial) - 2, -1, -1)
+                      if spatial[pos] in uses_a and spatial[pos] not in uses_b), None)
         n_pos = len(spatial) - 1
         n_ext = _int(main.iters[n_pos].dom)
         m_ext = _int(main.iters[m_pos].dom) if m_pos is not None else 1
-        lanes = self.lanes
-        nr = _pick_tile(n_ext, lanes, self.nvec)
+        nr = _pick_tile(n_ext, self.lanes, self.nvec)
         b_buf = load_b.source
-        b_param = None
-        for idx, p in enumerate(func.params):
-            if p.same_as(b_buf):
-                b_param = idx
-        shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in b_buf.shape]
-        packable = (
-            b_param is not None
-            and len(shape) == 2
-            and None not in shape
-            and isinstance(n_ext, int)
-            and n_ext % nr == 0
-            and nr % lanes == 0
-            and len(load_b.indices) == 2
-            and isinstance(load_b.indices[0], tirx.Var)
-            and load_b.indices[0].same_as(k_var)
-        )
+        b_param, packable = _weight_param(func, load_b, k_var, n_ext, nr, self.lanes)
         return {
             "n_iters": len(iter_vars),
             "n_spatial": len(spatial),
@@ -217,15 +198,10 @@ class Matmul(ScheduleRule):
         }
 
     # -- scheduling -------------------------------------------------------------------------
-    def _schedule(self, func, info, variant: str, pack: bool):
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        main = infos[0]
-        lanes = self.lanes
-        n_pos, m_pos, n_ext = info["n_pos"], info["m_pos"], info["n_ext"]
-        pack_nr = info["nr"]
+    def _tile(self, info, variant: str, pack: bool) -> tuple[int, int]:
+        """(rows, columns) of the register tile."""
         if variant == "gemm":
-            mr, nr = self.mr, pack_nr
+            mr, nr = self.mr, info["nr"]
             # the accumulator tile must stay below TVM's stack-allocation limit
             while mr > 1 and mr * nr > _max_acc_floats():
                 mr -= 1
@@ -236,9 +212,16 @@ class Matmul(ScheduleRule):
                 mr = -(-info["m_ext"] // tiles)
         else:
             mr = 1
-            nr = _pick_gemv_tile(n_ext, lanes, self.gemv_nvec, pack_nr if pack else None)
-        if m_pos is None:
-            mr = 1
+            nr = _pick_gemv_tile(info["n_ext"], self.lanes, self.gemv_nvec, info["nr"] if pack else None)
+        return (1 if info["m_pos"] is None else mr), nr
+
+    def _schedule(self, func, info, variant: str, pack: bool):
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        main = infos[0]
+        lanes = self.lanes
+        n_pos, m_pos = info["n_pos"], info["m_pos"]
+        mr, nr = self._tile(info, variant, pack)
 
         padding = [1] * info["n_iters"]
         padding[n_pos] = nr
@@ -247,21 +230,8 @@ class Matmul(ScheduleRule):
         names_before = {bi.name for bi in infos}
         if any(p > 1 for p in padding):
             sch.pad_einsum(main.block_rv, padding)
-        acc_buffer = sch.get(main.block_rv).writes[0].source
-        epilogues = [bi.block_rv for bi in infos[1:]]
-        producers = []
-        copy_out = None
-        for b in sch.get_child_blocks(sch.get_sblock("root")):
-            stmt = sch.get(b)
-            if stmt.name_hint in names_before:
-                continue
-            if any(r.source.same_as(acc_buffer) for r in stmt.reads):
-                copy_out = b
-            else:
-                producers.append(b)
+        epilogues, producers = _epilogues_and_producers(sch, main, infos, names_before)
         main_rv = main.block_rv
-        if copy_out is not None:
-            epilogues = [copy_out] + epilogues
         # Inline all epilogues but the last.
         for b in epilogues[:-1]:
             sch.compute_inline(b)
@@ -311,6 +281,47 @@ class Matmul(ScheduleRule):
 
 def _int(e):
     return e.value if isinstance(e, tirx.IntImm) else e
+
+
+def _epilogues_and_producers(sch, main, infos, names_before: set) -> tuple[list, list]:
+    """After pad_einsum: the blocks after the matmul (the copy out of the padded accumulator first,
+    then the original epilogues) and the padding copies before it."""
+    acc_buffer = sch.get(main.block_rv).writes[0].source
+    epilogues = [bi.block_rv for bi in infos[1:]]
+    producers = []
+    copy_out = None
+    for b in sch.get_child_blocks(sch.get_sblock("root")):
+        stmt = sch.get(b)
+        if stmt.name_hint in names_before:
+            continue
+        if any(r.source.same_as(acc_buffer) for r in stmt.reads):
+            copy_out = b
+        else:
+            producers.append(b)
+    return ([copy_out] if copy_out is not None else []) + epilogues, producers
+
+
+def _weight_param(func, load_b, k_var, n_ext, nr: int, lanes: int) -> tuple[int | None, bool]:
+    """(index of B among the function's parameters or None, whether B can be packed at compile
+    time: a static 2-D [K, N] parameter read as B[k, n], N a multiple of the tile)."""
+    b_buf = load_b.source
+    b_param = None
+    for idx, p in enumerate(func.params):
+        if p.same_as(b_buf):
+            b_param = idx
+    shape = [int(d) if isinstance(d, tirx.IntImm) else None for d in b_buf.shape]
+    packable = (
+        b_param is not None
+        and len(shape) == 2
+        and None not in shape
+        and isinstance(n_ext, int)
+        and n_ext % nr == 0
+        and nr % lanes == 0
+        and len(load_b.indices) == 2
+        and isinstance(load_b.indices[0], tirx.Var)
+        and load_b.indices[0].same_as(k_var)
+    )
+    return b_param, packable
 
 
 def _pick_tile(n_ext, lanes: int, nvec: int) -> int:

@@ -17,38 +17,44 @@ import numpy as np
 from .matmul import Matmul
 
 
-def pack_matmul_weights_pass(rule: Matmul):
-    import tvm
+def _packing_plans(mod, rule: Matmul, call_tir) -> dict:
+    """{PrimFunc name: (parameter index, NR)} of the matmuls whose weight is a constant at every
+    call site and that the rule can schedule on a packed weight."""
     from tvm import relax, tirx
     from tvm.ir.expr import GenericConst
+
+    sites = defaultdict(list)
+
+    def visit(node):
+        if isinstance(node, relax.Call) and node.op.same_as(call_tir):
+            sites[node.args[0].name_hint].append(node)
+
+    for _gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    plans = {}
+    for name, calls in sites.items():
+        func = mod[name]
+        if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
+            continue
+        info = rule.packable(func)
+        if info is None:
+            continue
+        idx, _nr = info
+        if all(idx < len(c.args[1].fields) and isinstance(c.args[1].fields[idx], GenericConst) for c in calls):
+            plans[name] = info
+    return plans
+
+
+def pack_matmul_weights_pass(rule: Matmul):
+    import tvm
+    from tvm import relax
 
     call_tir = tvm.ir.Op.get("relax.call_tir")
 
     @tvm.transform.module_pass(opt_level=0, name="shiftc.PackMatmulWeights")
     def _pass(mod, _ctx):
-        sites = defaultdict(list)
-
-        def visit(node):
-            if isinstance(node, relax.Call) and node.op.same_as(call_tir):
-                sites[node.args[0].name_hint].append(node)
-
-        for _gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                relax.analysis.post_order_visit(func, visit)
-
-        plans = {}  # GlobalVar -> (param index, NR)
-        for name, calls in sites.items():
-            func = mod[name]
-            if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled", False):
-                continue
-            info = rule.packable(func)
-            if info is None:
-                continue
-            idx, _nr = info
-            if all(
-                idx < len(c.args[1].fields) and isinstance(c.args[1].fields[idx], GenericConst) for c in calls
-            ):
-                plans[name] = info
+        plans = _packing_plans(mod, rule, call_tir)  # PrimFunc name -> (param index, NR)
         if not plans:
             return mod
 

@@ -68,8 +68,6 @@ def allocate(sens: np.ndarray, sizes: np.ndarray, widths: list[int], bpw: np.nda
     ``bytes_budget``, held exactly (the solver's tolerance is checked on the integer sum).
     Returns {"bits": int [L], "objective", "avg_bits", "bytes" (with layer_bytes), "latency" (when
     times)}; raises UsageError naming ``budget_flag`` when no plan meets the budgets."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
     sens = np.asarray(sens, np.float64)
     L, W = sens.shape
     if (bits_budget is None) == (bytes_budget is None):
@@ -114,23 +112,15 @@ def allocate(sens: np.ndarray, sizes: np.ndarray, widths: list[int], bpw: np.nda
             raise UsageError("--latency-budget-ms needs kernel timings per layer and bit width")
         t_g = np.array([np.asarray(times)[g].sum(0) for g in groups])
         rows.append(t_g.ravel()[None]), lo.append([-np.inf]), hi.append([latency_budget])
-    while True:
-        cons = LinearConstraint(np.vstack(rows), np.concatenate(lo), np.concatenate(hi))
-        res = milp(c, constraints=cons, integrality=np.ones(G * W), bounds=Bounds(0, 1),
-                   options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
-        if res.x is None:
-            if bits_budget is not None:
-                min_bits = float(bits_g.min(1).sum() / total)
-                raise UsageError(f"{what}: no per-layer plan meets the budget (the smallest candidate width "
-                                 f"already needs {min_bits:.3f} bits per weight; solver: {res.message})")
-            raise UsageError(f"{what}: no per-layer plan meets the budget (solver: {res.message})")
-        choice = np.round(res.x).reshape(G, W).argmax(1)
-        if bytes_budget is None:
-            break
-        over = int(bytes_g[np.arange(G), choice].sum()) - room
-        if over <= 0:  # the exact integer sum, not the solver's tolerance, decides
-            break
-        hi[1] = [hi[1][0] - (over + 1) / room]  # within the solver's feasibility tolerance but over: tighten
+    def infeasible(res):
+        if bits_budget is not None:
+            min_bits = float(bits_g.min(1).sum() / total)
+            raise UsageError(f"{what}: no per-layer plan meets the budget (the smallest candidate width "
+                             f"already needs {min_bits:.3f} bits per weight; solver: {res.message})")
+        raise UsageError(f"{what}: no per-layer plan meets the budget (solver: {res.message})")
+
+    choice = _solve(c, rows, lo, hi, (G, W), time_limit, infeasible,
+                    None if bytes_budget is None else (bytes_g, room))
     bits = np.zeros(L, np.int64)
     for g, members in enumerate(groups):
         bits[members] = widths[choice[g]]
@@ -142,6 +132,29 @@ def allocate(sens: np.ndarray, sizes: np.ndarray, widths: list[int], bpw: np.nda
         t = np.asarray(times)
         out["latency"] = float(sum(t[i, widths.index(int(bits[i]))] for i in range(L)))
     return out
+
+
+def _solve(c, rows, lo, hi, shape, time_limit: float, infeasible, exact_bytes=None) -> np.ndarray:
+    """The chosen width index per group. ``exact_bytes`` (bytes [G, W], room): the byte budget is
+    held on the integer sum, not within the solver's tolerance (its row, rows[1], is tightened and
+    the program solved again while the sum is over)."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    G, W = shape
+    while True:
+        cons = LinearConstraint(np.vstack(rows), np.concatenate(lo), np.concatenate(hi))
+        res = milp(c, constraints=cons, integrality=np.ones(G * W), bounds=Bounds(0, 1),
+                   options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
+        if res.x is None:
+            infeasible(res)
+        choice = np.round(res.x).reshape(G, W).argmax(1)
+        if exact_bytes is None:
+            return choice
+        bytes_g, room = exact_bytes
+        over = int(bytes_g[np.arange(G), choice].sum()) - room
+        if over <= 0:
+            return choice
+        hi[1] = [hi[1][0] - (over + 1) / room]  # within the solver's feasibility tolerance but over: tighten
 
 
 def pareto(sens: np.ndarray, sizes: np.ndarray, widths: list[int], bpw: np.ndarray, budgets, **kw) -> list[dict]:

@@ -160,13 +160,13 @@ def fit_fixed_cost(kernel_ms: list[float], measured_ms: list[float], *, fit_scal
             "scale_fallback": fallback}
 
 
-def decode_ms(libs: dict[str, str], *, threads: int = 1, rounds: int = 20, past: int = 128,
+def decode_ms(libs: dict[str, str], *, load, threads: int = 1, rounds: int = 20, past: int = 128,
               warmup: int = 2) -> dict[str, list[float]]:
     """Decode time (ms per token) of compiled causal-LM libraries, alternating between them
-    (shiftc.benchmarking.alternate): one token on a ``past``-token KV cache, the cache restored
-    before every step, ``threads`` threads each."""
-    from ...backend.runtime import load
-    from ...benchmarking import alternate
+    (shiftc.timing.alternate): one token on a ``past``-token KV cache, the cache restored
+    before every step, ``threads`` threads each; ``load(path, threads=)`` opens a library
+    (shiftc.load)."""
+    from ...timing import alternate
 
     sessions = {k: load(v, threads=threads).lm_session() for k, v in libs.items()}
     saved = {}
@@ -185,11 +185,11 @@ def decode_ms(libs: dict[str, str], *, threads: int = 1, rounds: int = 20, past:
     return {k: [1e3 * t for t in v] for k, v in times.items()}
 
 
-def compile_plan(model, results: dict, sa_cfg, so: str) -> str:
-    """The shift-add pass with per-layer ``results`` {layer: BcqResult}, compiled for the host into ``so``."""
+def compile_plan(model, results: dict, sa_cfg, so: str, compile_model) -> str:
+    """The shift-add pass with per-layer ``results`` {layer: BcqResult}, compiled for the host into
+    ``so`` by ``compile_model(onnx_path, so)`` (shiftc.compile)."""
     import os
 
-    from ...backend.compile import compile_model
     from ...frontend.onnx_io import save_model
     from ..shiftadd import ShiftAddPass
 
@@ -202,21 +202,24 @@ def compile_plan(model, results: dict, sa_cfg, so: str) -> str:
     return so
 
 
-def measure_fixed_cost(model, plans: dict[str, tuple[dict, float]], sa_cfg, *, threads: int = 1, rounds: int = 10,
-                       workdir: str | None = None, keep: str | None = None) -> dict:
+def measure_fixed_cost(model, plans: dict[str, tuple[dict, float]], sa_cfg, tools, *, threads: int = 1,
+                       rounds: int = 10, workdir: str | None = None, keep: str | None = None) -> dict:
     """Calibrate the latency model on compiled plans: ``plans`` {name: (results {layer: BcqResult},
     Σ kernel ms of that plan)} — e.g. every layer at the smallest and at the largest width, results
     the sensitivity step has computed anyway — are compressed, compiled for the host and their
     decode times measured, alternating; then :func:`fit_fixed_cost` (with the scale when two plans).
     Returns the fit plus {"measured_ms", "kernel_ms"} per plan; with ``keep`` (a folder) the
-    libraries stay there, {"libs": {name: path}} (the closed loop times them again)."""
+    libraries stay there, {"libs": {name: path}} (the closed loop times them again). ``tools``:
+    shiftc.passes.tools.Tools with compile and load."""
     import os
     import tempfile
 
+    why = "--latency-budget-ms (compiled plans)"
+    compile_model, load = tools.need("compile", why), tools.need("load", why)
     with tempfile.TemporaryDirectory(prefix="shiftc_latency_", dir=workdir) as d:
-        libs = {name: compile_plan(model, results, sa_cfg, os.path.join(keep or d, f"{name}.so"))
+        libs = {name: compile_plan(model, results, sa_cfg, os.path.join(keep or d, f"{name}.so"), compile_model)
                 for name, (results, _) in plans.items()}
-        ms = decode_ms(libs, threads=threads, rounds=rounds)
+        ms = decode_ms(libs, load=load, threads=threads, rounds=rounds)
     names = list(plans)
     med = {k: float(np.median(ms[k])) for k in names}
     kern = {k: float(plans[k][1]) for k in names}

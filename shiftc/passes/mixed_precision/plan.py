@@ -19,11 +19,13 @@ from __future__ import annotations
 import itertools
 import os
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
 from ...errors import UsageError
 from ...progress import log, step
+from ..tools import Tools
 from . import allocate as A
 from .cache import LayerCache
 from .config import MixedPrecisionConfig
@@ -58,7 +60,9 @@ def _size_accounting(model, targets, sa_cfg, mp: MixedPrecisionConfig, widths: l
 
 
 def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src: str = "the model",
-              tokenizer: str | None = None) -> dict:
+              tokenizer: str | None = None, tools=None) -> dict:
+    """The per-layer widths under ``mp``'s budget. ``tools`` (shiftc.passes.tools.Tools): compile and
+    load, needed by a latency budget (compiled plans are timed)."""
     flag = mp.budget_flag().split()[0]
     if sa_cfg.layer_bits:
         raise UsageError(f"{flag} chooses every layer's bits: drop layer_bits from the recipe (or {flag})")
@@ -70,6 +74,8 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
             raise UsageError("--latency-budget-ms times the BCQ LUT kernels (BcqMatMul); with --scale-mode uniform "
                              "plan by size alone (drop --latency-budget-ms)")
         require_kernel(mp.target)
+        if mp.other_ms is None:  # the latency model is fitted on compiled plans
+            (tools or Tools()).need("compile", "--latency-budget-ms (compiled plans)")
     size = _size_accounting(model, targets, sa_cfg, mp, widths)
     # every layer's result at every width is kept on disk (in a temporary folder, removed when this
     # function returns, if no --mp-cache is given): the output-KL runs and the pass reuse them
@@ -79,125 +85,169 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
         table = measure(model, targets, hessians, sa_cfg, widths, cache)
     kinds = ["calib"]
     if mp.sensitivity == "hawq":
-        from ...frontend import metadata as md
-        from ..calibration import calibration_windows
-        from . import hawq
-
-        source = mp.hawq_source or md.get_info(model).get("tokenizer")
-        if not source:
-            raise UsageError(f"--sensitivity hawq: '{src}' does not record the model it was exported from; "
-                             f"give the HF folder or .gguf with hawq_source (recipe) / --hawq-source")
-        ids = calibration_windows(model, windows=mp.hawq_probes, window=mp.hawq_window, tokenizer=tokenizer,
-                                  model_path=src)
-        with step(f"mixed precision: HAWQ Hessian traces (<= {mp.hawq_probes} probes x {mp.hawq_window} tokens)"):
-            tm = hawq.load_torch_model(source)
-            hawq.attach(table, hawq.hessian_traces(tm, table.names(), ids, tol=mp.hawq_tol, max_probes=mp.hawq_probes))
-            del tm
+        _hawq_sensitivity(table, model, mp, src, tokenizer)
         kinds.append("hawq")
     if mp.sensitivity == "kl":
-        from ..calibration import calibration_windows
-        from .e2e import output_kl
-        from .sensitivity import _weights, quantize_layer
-
-        ids = calibration_windows(model, windows=mp.kl_windows, window=mp.kl_window, tokenizer=tokenizer,
-                                  model_path=src)
-        weights = _weights(model, targets)
-        xs = {t.name: t.x for t in targets}
-
-        def w_hat(name, b):
-            h = None if hessians is None else hessians.get(xs[name])
-            return quantize_layer(name, weights[name], h, b, sa_cfg, cache).dequantize()
-
-        # output-KL values are cached beside the layer results (keyed by the layer's result key, the
-        # windows and the whole model): a second plan costs no forward pass
-        from .e2e import kl_cache_keys
-
-        kl_keys = kl_cache_keys(model, targets, weights, hessians, sa_cfg, widths, ids) if cache.folder else {}
-        stored = cache.get_values("kl")
-        done = {}
-        for (name, b), k in kl_keys.items():
-            if k in stored:
-                done.setdefault(name, {})[b] = stored[k]
-
-        def keep(res):
-            cache.put_values("kl", {kl_keys[(n, b)]: v for n, d in res.items() for b, v in d.items()
-                                    if (n, b) in kl_keys})
-
-        with step(f"mixed precision: output KL, each layer alone ({len(ids)} x {ids.shape[1]} tokens)"):
-            kl, info = output_kl(model, targets, w_hat, ids, widths, threads=mp.latency_threads, done=done,
-                                 on_layer=keep if kl_keys else None)
-        for ly in table.layers:
-            ly.kl = dict(kl[ly.name])
-        table.info["kl"] = info
+        _kl_sensitivity(table, model, targets, hessians, sa_cfg, mp, widths, cache, src, tokenizer)
         kinds.append("kl")
-    times, time_table, fixed = None, None, None
+    ctx = _PlanContext(model, targets, hessians, sa_cfg, mp, widths, cache, table, kinds, size, tools)
     verify = mp.latency_budget_ms is not None and mp.latency_verify > 0 and mp.other_ms is None
     lat_dir = tempfile.TemporaryDirectory(prefix="shiftc_latency_") if verify else None
-    if mp.latency_budget_ms is not None:
-        from . import latency
-
-        with step("mixed precision: kernel times per layer shape"):
-            times, time_table = latency.layer_times([ly.shape for ly in table.layers], widths, sa_cfg.group,
-                                                    m=mp.latency_rows, threads=mp.latency_threads, target=mp.target)
-        if mp.other_ms is None:  # fixed cost and kernel scale from the compiled uniform smallest/largest plans
-            plans = {f"uniform-{widths[j]}": (_results_at(model, targets, hessians, sa_cfg, cache,
-                                                          {t.name: widths[j] for t in targets}),
-                                              float(times[:, j].sum()))
-                     for j in sorted({0, len(widths) - 1})}
-            with step(f"mixed precision: latency model from the compiled {' and '.join(plans)} plans"):
-                fixed = latency.measure_fixed_cost(model, plans, sa_cfg, threads=mp.latency_threads,
-                                                   rounds=mp.latency_measure_rounds,
-                                                   keep=lat_dir.name if lat_dir else None)
-            libs = fixed.pop("libs", {})
-            calib = {n: (libs.get(n), k) for n, (_, k) in plans.items()}
-            del plans
-            log("mixed precision: decode " + ", ".join(f"{k} {v:.2f} ms/token (kernels alone {fixed['kernel_ms'][k]:.2f})"
-                                                        for k, v in fixed["measured_ms"].items())
-                + f": fixed cost {fixed['other_ms']:.2f} ms, kernel scale {fixed['scale']:.2f}")
-    plan = plan_from_table(table, mp, kinds, times=times, time_table=time_table,
-                           fixed=fixed, size=size)
-    if verify:  # the closed loop: compile the plan, measure it beside the calibration plans, plan again if over
-        from dataclasses import replace
-
-        from . import latency
-
-        col = {b: j for j, b in enumerate(widths)}
-        count = itertools.count(1)
-
-        def build(layer_bits):
-            so = os.path.join(lat_dir.name, f"plan-{next(count)}.so")
-            avg = A.average_bits(np.array(list(layer_bits.values())), table.sizes(),
-                                 A.bpw_by_width(table.bits, table.layer_bits_per_weight()))
-            with step(f"mixed precision: compiling the plan ({avg:.3f} bits/weight) to measure it"):
-                return latency.compile_plan(model, _results_at(model, targets, hessians, sa_cfg, cache, layer_bits),
-                                            replace(sa_cfg, layer_bits=dict(layer_bits)), so)
-
-        def time_libs(libs):
-            ms = latency.decode_ms(libs, threads=mp.latency_threads, rounds=mp.latency_verify_rounds)
-            out = {k: float(np.median(v)) for k, v in ms.items()}
-            log("mixed precision: decode " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()) + " ms/token")
-            return out
-
-        try:
-            plan = latency.close_loop(
-                plan, lambda f: plan_from_table(table, mp, kinds, times=times, time_table=time_table, fixed=f,
-                                                size=size),
-                build, time_libs, lambda lb: sum(times[i, col[b]] for i, b in enumerate(lb.values())), calib,
-                iterations=mp.latency_verify)
-        finally:
+    try:
+        calib = _latency_model(ctx, lat_dir.name if lat_dir else None) if mp.latency_budget_ms is not None else {}
+        plan = ctx.replan(ctx.fixed)
+        if verify:  # the closed loop: compile the plan, measure it beside the calibration plans, plan again if over
+            plan = _verify(ctx, plan, calib, lat_dir.name)
+    finally:
+        if lat_dir:
             lat_dir.cleanup()
-        v = plan["latency"]["verify"]
-        last = v["iterations"][-1]
-        if v["accepted"]:
-            log(f"mixed precision: the compiled plan measures {last['measured_ms']:.2f} ms/token, within the planned "
-                f"{last['planned_ms']:.2f} (budget {mp.latency_budget_ms:g})")
-        else:
-            log(f"mixed precision: WARNING the compiled plan measures {last['measured_ms']:.2f} ms/token, over the "
-                f"planned {last['planned_ms']:.2f} (budget {mp.latency_budget_ms:g}) after {len(v['iterations'])} "
-                f"measured plan(s) (--latency-verify)")
     plan["tokenizer"] = tokenizer  # for the report's perplexity (None: the one recorded at export)
     if cache.folder:  # the chosen widths' results, so the pass does not quantize again
         plan["results"] = _results_at(model, targets, hessians, sa_cfg, cache, plan["layer_bits"])
+    return plan
+
+
+def _hawq_sensitivity(table, model, mp, src, tokenizer) -> None:
+    from ...frontend import metadata as md
+    from ..calibration import calibration_windows
+    from . import hawq
+
+    source = mp.hawq_source or md.get_info(model).get("tokenizer")
+    if not source:
+        raise UsageError(f"--sensitivity hawq: '{src}' does not record the model it was exported from; "
+                         f"give the HF folder or .gguf with hawq_source (recipe) / --hawq-source")
+    ids = calibration_windows(model, windows=mp.hawq_probes, window=mp.hawq_window, tokenizer=tokenizer,
+                              model_path=src)
+    with step(f"mixed precision: HAWQ Hessian traces (<= {mp.hawq_probes} probes x {mp.hawq_window} tokens)"):
+        tm = hawq.load_torch_model(source)
+        hawq.attach(table, hawq.hessian_traces(tm, table.names(), ids, tol=mp.hawq_tol, max_probes=mp.hawq_probes))
+        del tm
+
+
+def _kl_sensitivity(table, model, targets, hessians, sa_cfg, mp, widths, cache, src, tokenizer) -> None:
+    from ..calibration import calibration_windows
+    from .e2e import kl_cache_keys, output_kl
+    from .sensitivity import _weights, quantize_layer
+
+    ids = calibration_windows(model, windows=mp.kl_windows, window=mp.kl_window, tokenizer=tokenizer,
+                              model_path=src)
+    weights = _weights(model, targets)
+    xs = {t.name: t.x for t in targets}
+
+    def w_hat(name, b):
+        h = None if hessians is None else hessians.get(xs[name])
+        return quantize_layer(name, weights[name], h, b, sa_cfg, cache).dequantize()
+
+    # output-KL values are cached beside the layer results (keyed by the layer's result key, the
+    # windows and the whole model): a second plan costs no forward pass
+    kl_keys = kl_cache_keys(model, targets, weights, hessians, sa_cfg, widths, ids) if cache.folder else {}
+    stored = cache.get_values("kl")
+    done = {}
+    for (name, b), k in kl_keys.items():
+        if k in stored:
+            done.setdefault(name, {})[b] = stored[k]
+
+    def keep(res):
+        cache.put_values("kl", {kl_keys[(n, b)]: v for n, d in res.items() for b, v in d.items() if (n, b) in kl_keys})
+
+    with step(f"mixed precision: output KL, each layer alone ({len(ids)} x {ids.shape[1]} tokens)"):
+        kl, info = output_kl(model, targets, w_hat, ids, widths, threads=mp.latency_threads, done=done,
+                             on_layer=keep if kl_keys else None)
+    for ly in table.layers:
+        ly.kl = dict(kl[ly.name])
+    table.info["kl"] = info
+
+
+@dataclass
+class _PlanContext:
+    """What planning under a latency budget carries from step to step."""
+
+    model: object
+    targets: list
+    hessians: object
+    sa_cfg: object
+    mp: MixedPrecisionConfig
+    widths: list
+    cache: LayerCache
+    table: object
+    kinds: list
+    size: dict | None
+    tools: object
+    times: object = None
+    time_table: object = None
+    fixed: dict | None = None
+
+    def results(self, layer_bits: dict) -> dict:
+        return _results_at(self.model, self.targets, self.hessians, self.sa_cfg, self.cache, layer_bits)
+
+    def replan(self, fixed) -> dict:
+        return plan_from_table(self.table, self.mp, self.kinds, times=self.times, time_table=self.time_table,
+                               fixed=fixed, size=self.size)
+
+
+def _latency_model(ctx: _PlanContext, keep: str | None) -> dict:
+    """Kernel times per layer shape, and (unless ``other_ms`` is given) the fixed cost and kernel
+    scale from the compiled uniform smallest/largest plans. Returns those plans {name: (library,
+    Σ kernel ms)} for the closed loop (libraries kept in ``keep``)."""
+    from . import latency
+
+    mp, widths = ctx.mp, ctx.widths
+    with step("mixed precision: kernel times per layer shape"):
+        ctx.times, ctx.time_table = latency.layer_times([ly.shape for ly in ctx.table.layers], widths,
+                                                        ctx.sa_cfg.group, m=mp.latency_rows,
+                                                        threads=mp.latency_threads, target=mp.target)
+    if mp.other_ms is not None:
+        return {}
+    plans = {f"uniform-{widths[j]}": (ctx.results({t.name: widths[j] for t in ctx.targets}),
+                                      float(ctx.times[:, j].sum()))
+             for j in sorted({0, len(widths) - 1})}
+    with step(f"mixed precision: latency model from the compiled {' and '.join(plans)} plans"):
+        fixed = latency.measure_fixed_cost(ctx.model, plans, ctx.sa_cfg, ctx.tools, threads=mp.latency_threads,
+                                           rounds=mp.latency_measure_rounds, keep=keep)
+    libs = fixed.pop("libs", {})
+    log("mixed precision: decode " + ", ".join(f"{k} {v:.2f} ms/token (kernels alone {fixed['kernel_ms'][k]:.2f})"
+                                                for k, v in fixed["measured_ms"].items())
+        + f": fixed cost {fixed['other_ms']:.2f} ms, kernel scale {fixed['scale']:.2f}")
+    ctx.fixed = fixed
+    return {n: (libs.get(n), k) for n, (_, k) in plans.items()}
+
+
+def _verify(ctx: _PlanContext, plan: dict, calib: dict, folder: str) -> dict:
+    """The closed loop (latency.close_loop): the plan compiled and timed beside the calibration plans."""
+    from dataclasses import replace
+
+    from . import latency
+
+    mp, table = ctx.mp, ctx.table
+    col = {b: j for j, b in enumerate(ctx.widths)}
+    count = itertools.count(1)
+
+    def build(layer_bits):
+        so = os.path.join(folder, f"plan-{next(count)}.so")
+        avg = A.average_bits(np.array(list(layer_bits.values())), table.sizes(),
+                             A.bpw_by_width(table.bits, table.layer_bits_per_weight()))
+        with step(f"mixed precision: compiling the plan ({avg:.3f} bits/weight) to measure it"):
+            return latency.compile_plan(ctx.model, ctx.results(layer_bits), replace(ctx.sa_cfg, layer_bits=dict(layer_bits)),
+                                        so, ctx.tools.compile)
+
+    def time_libs(libs):
+        ms = latency.decode_ms(libs, load=ctx.tools.load, threads=mp.latency_threads, rounds=mp.latency_verify_rounds)
+        out = {k: float(np.median(v)) for k, v in ms.items()}
+        log("mixed precision: decode " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()) + " ms/token")
+        return out
+
+    plan = latency.close_loop(plan, ctx.replan, build, time_libs,
+                              lambda lb: sum(ctx.times[i, col[b]] for i, b in enumerate(lb.values())), calib,
+                              iterations=mp.latency_verify)
+    v = plan["latency"]["verify"]
+    last = v["iterations"][-1]
+    if v["accepted"]:
+        log(f"mixed precision: the compiled plan measures {last['measured_ms']:.2f} ms/token, within the planned "
+            f"{last['planned_ms']:.2f} (budget {mp.latency_budget_ms:g})")
+    else:
+        log(f"mixed precision: WARNING the compiled plan measures {last['measured_ms']:.2f} ms/token, over the "
+            f"planned {last['planned_ms']:.2f} (budget {mp.latency_budget_ms:g}) after {len(v['iterations'])} "
+            f"measured plan(s) (--latency-verify)")
     return plan
 
 
@@ -231,26 +281,14 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
     layer_bytes = table.layer_bytes() if size is not None else None
     budget_bytes = None if mp.size_budget_mb is None else int(np.floor(float(mp.size_budget_mb) * 1e6))
     groups = A.groups_by_input([ly.x for ly in table.layers], mp.tie)
-    latency_budget = None
     other = float(mp.other_ms) if mp.other_ms is not None else float(fixed["other_ms"]) if fixed else 0.0
     scale = 1.0 if mp.other_ms is not None or not fixed else float(fixed.get("scale", 1.0))
     if times is not None:
         times = scale * np.asarray(times, np.float64)
     margin = float(mp.latency_margin)
-    planned_ms = None
+    planned_ms = latency_budget = None
     if times is not None and mp.latency_budget_ms is not None:
-        # the MILP plans against the budget less the margin (room for the latency model's error)
-        planned_ms = float(mp.latency_budget_ms) * (1.0 - margin)
-        with_margin = f" less the {100 * margin:g}% --latency-margin ({planned_ms:.2f} ms)" if margin else ""
-        latency_budget = planned_ms - other
-        if latency_budget <= 0:
-            raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms:g}{with_margin}: not more than the "
-                             f"{other:.2f} ms decode time outside the quantized layers")
-        floor = other + float(np.asarray(times).min(1).sum())
-        if floor > planned_ms:
-            raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms:g}{with_margin}: the fastest plan (every "
-                             f"layer at the smallest width) is predicted at {floor:.2f} ms/token ({other:.2f} ms "
-                             f"outside the quantized layers)")
+        planned_ms, latency_budget = _latency_budget(mp, times, other)
     res = A.allocate(sens, sizes, widths, bpw, None if mp.bits_budget is None else float(mp.bits_budget),
                      groups=groups, times=times, latency_budget=latency_budget, layer_bytes=layer_bytes,
                      bytes_budget=budget_bytes, fixed_bytes=0 if size is None else size["bytes"],
@@ -266,14 +304,7 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
             "layer_bits": layer_bits, "avg_bits": res["avg_bits"], "objective": res["objective"],
             "pareto": front, "table": table, "latency": None, "size": None}
     if size is not None:
-        col = {b: j for j, b in enumerate(widths)}
-        per_layer = {ly.name: int(layer_bytes[i, col[layer_bits[ly.name]]]) for i, ly in enumerate(table.layers)}
-        plan["size"] = {"budget_mb": plan["size_budget_mb"], "budget_bytes": budget_bytes,
-                        "fixed_bytes": int(size["bytes"]), "embedding_bytes": dict(size["embedding"]),
-                        "tied_tables": list(size["tied"]), "kept_initializers": len(size["kept"]),
-                        "quantized_bytes": int(sum(per_layer.values())),
-                        "planned_bytes": int(size["bytes"]) + int(sum(per_layer.values())),
-                        "layer_bytes": per_layer, "realised_bytes": None}
+        plan["size"] = _size_record(table, widths, layer_bits, layer_bytes, budget_bytes, size, plan["size_budget_mb"])
     if times is not None:
         plan["latency"] = {"budget_ms": mp.latency_budget_ms, "margin": margin, "planned_ms": planned_ms,
                            "other_ms": other,
@@ -296,6 +327,37 @@ def plan_from_table(table, mp: MixedPrecisionConfig, kinds=("calib",), *, times=
     return plan
 
 
+def _latency_budget(mp: MixedPrecisionConfig, times, other: float) -> tuple[float, float]:
+    """(planned decode ms: the budget less the margin, the kernels' share of it); refused when no
+    plan can meet it."""
+    margin = float(mp.latency_margin)
+    # the MILP plans against the budget less the margin (room for the latency model's error)
+    planned_ms = float(mp.latency_budget_ms) * (1.0 - margin)
+    with_margin = f" less the {100 * margin:g}% --latency-margin ({planned_ms:.2f} ms)" if margin else ""
+    latency_budget = planned_ms - other
+    if latency_budget <= 0:
+        raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms:g}{with_margin}: not more than the "
+                         f"{other:.2f} ms decode time outside the quantized layers")
+    floor = other + float(np.asarray(times).min(1).sum())
+    if floor > planned_ms:
+        raise UsageError(f"--latency-budget-ms {mp.latency_budget_ms:g}{with_margin}: the fastest plan (every "
+                         f"layer at the smallest width) is predicted at {floor:.2f} ms/token ({other:.2f} ms "
+                         f"outside the quantized layers)")
+    return planned_ms, latency_budget
+
+
+def _size_record(table, widths, layer_bits: dict, layer_bytes, budget_bytes, size: dict, budget_mb) -> dict:
+    """plan["size"]: the fixed bytes, each layer's bytes at its width, the planned total."""
+    col = {b: j for j, b in enumerate(widths)}
+    per_layer = {ly.name: int(layer_bytes[i, col[layer_bits[ly.name]]]) for i, ly in enumerate(table.layers)}
+    return {"budget_mb": budget_mb, "budget_bytes": budget_bytes,
+            "fixed_bytes": int(size["bytes"]), "embedding_bytes": dict(size["embedding"]),
+            "tied_tables": list(size["tied"]), "kept_initializers": len(size["kept"]),
+            "quantized_bytes": int(sum(per_layer.values())),
+            "planned_bytes": int(size["bytes"]) + int(sum(per_layer.values())),
+            "layer_bytes": per_layer, "realised_bytes": None}
+
+
 def to_json(plan: dict) -> dict:
     out = {k: v for k, v in plan.items() if k not in ("table", "results", "tokenizer")}
     out["sensitivity_table"] = plan["table"].to_json()
@@ -303,35 +365,36 @@ def to_json(plan: dict) -> dict:
 
 
 def measure_perplexity(source: str, output: str, tokens: int, window: int, threads: int | None = None,
-                       tokenizer: str | None = None) -> dict:
+                       tokenizer: str | None = None, *, evaluate) -> dict:
     """Perplexity of the source and of the compressed model on the held-out split (ONNX Runtime).
 
     api.evaluate scores the compressed model through its de-quantized copy (Ŵ written back as fp32
-    MatMul weights: the same numbers as its BcqMatMul function bodies)."""
-    from ... import api
-
-    before = api.evaluate(source, tokens=tokens, window=window, threads=threads, tokenizer=tokenizer)
-    after = api.evaluate(output, tokens=tokens, window=window, threads=threads, tokenizer=tokenizer)
+    MatMul weights: the same numbers as its BcqMatMul function bodies); ``evaluate`` is shiftc.evaluate."""
+    before = evaluate(source, tokens=tokens, window=window, threads=threads, tokenizer=tokenizer)
+    after = evaluate(output, tokens=tokens, window=window, threads=threads, tokenizer=tokenizer)
     return {"before": before["perplexity"], "after": after["perplexity"], "tokens": before["tokens_scored"],
             "window": window, "corpus": f"{before['corpus']}/{before['split']}"}
 
 
-def finish(result: dict, plan: dict, mp: MixedPrecisionConfig, *, threads: int | None = None) -> dict:
-    """After the pass: perplexity before/after (``eval_tokens`` > 0), the report files, a summary."""
+def finish(result: dict, plan: dict, mp: MixedPrecisionConfig, *, threads: int | None = None, tools=None) -> dict:
+    """After the pass: perplexity before/after (``eval_tokens`` > 0), the report files, a summary.
+    ``tools`` (Tools): compile and load for ``measure_latency``, evaluate for ``eval_tokens``."""
     from . import report
 
     if mp.measure_latency and plan.get("latency") is None:  # size-only plan: its decode time alone
         plan["latency"] = {"budget_ms": None, "predicted_ms": None, "threads": mp.latency_threads, "target": mp.target}
     lt = plan.get("latency")
+    tools = tools or Tools()
     if mp.measure_latency:  # the compiled output's decode time (against the budget, when there is one)
-        from ...backend.compile import compile_model
         from .latency import decode_ms
 
+        compile_model, load = tools.need("compile", "measure_latency"), tools.need("load", "measure_latency")
         with tempfile.TemporaryDirectory(prefix="shiftc_latency_") as d:
             so = os.path.join(d, "out.so")
             with step("mixed precision: compiling the output to measure its decode time"):
                 compile_model(result["path"], so)
-                ms = decode_ms({"out": so}, threads=mp.latency_threads, rounds=mp.latency_measure_rounds)["out"]
+                ms = decode_ms({"out": so}, load=load, threads=mp.latency_threads,
+                               rounds=mp.latency_measure_rounds)["out"]
         lt["measured_ms"] = float(np.median(ms))
         lt["measured_rounds"] = mp.latency_measure_rounds
         if lt["budget_ms"] is not None:
@@ -348,7 +411,8 @@ def finish(result: dict, plan: dict, mp: MixedPrecisionConfig, *, threads: int |
             log(f"mixed precision: output weights {sz['realised_bytes'] / 1e6:.3f} MB (planned "
                 f"{sz['planned_bytes'] / 1e6:.3f}), budget {sz['budget_mb']:g} MB")
     ppl = measure_perplexity(result["source"], result["path"], mp.eval_tokens, mp.eval_window, threads,
-                             plan.get("tokenizer")) if mp.eval_tokens else None
+                             plan.get("tokenizer"), evaluate=tools.need("evaluate", "--report-eval-tokens")) \
+        if mp.eval_tokens else None
     files = report.write(result["path"], result, plan, ppl) if mp.report else None
     keep = ("kind", "candidates", "bits_budget", "size_budget_mb", "scale_mode", "tie", "avg_bits", "objective",
             "size", "latency", "shiftaddllm_plan", "rank_agreement", "pareto")

@@ -261,43 +261,16 @@ def finetune(onnx_model: onnx.ModelProto, cfg: LoraConfig, targets: list, *, fix
         step += 1
         progress = max(step / cfg.steps if cfg.steps else 0.0,
                        (time.perf_counter() - t0) / budget_s if budget_s else 0.0)
-        if not fixed:
-            s = 1.0 - (1.0 - min(progress / cfg.prune_fraction, 1.0)) ** 3
-            imp = {n: a.imp for n, a in adapters.items()}
-            for k, p, n in targets:
-                want = int(round(s * n))
-                if want > len(removed[(k, p)]):
-                    sc = _unit_scores(k, p, u, imp)
-                    sc[removed[(k, p)]] = -np.inf  # masked units stay pruned
-                    removed[(k, p)] = np.sort(np.argsort(sc, kind="stable")[:want])
-                    _set_masks(adapters, k, p, u, removed[(k, p)])
+        if not fixed:  # the cubic schedule: the share of each target's units removed by now
+            _prune_to(1.0 - (1.0 - min(progress / cfg.prune_fraction, 1.0)) ** 3, targets, removed, u, adapters)
         history.append(round(float(out.loss.detach()), 4))
         if step % 10 == 0:
             log(f"LoRA fine-tune step {step}: loss {np.mean(history[-10:]):.3f}")
     if not fixed:  # budget ended before the schedule did: finish the schedule at the last scores
-        imp = {n: a.imp for n, a in adapters.items()}
-        for k, p, n in targets:
-            if len(removed[(k, p)]) < n:
-                sc = _unit_scores(k, p, u, imp)
-                sc[removed[(k, p)]] = -np.inf
-                removed[(k, p)] = np.sort(np.argsort(sc, kind="stable")[:n])
-    scores = {}
-    for name, a in adapters.items():
-        if not fixed and a.imp is not None:
-            scores[f"{name}.weight.T"] = a.imp
-            a.imp = None
+        _prune_to(1.0, targets, removed, u, adapters)
+    scores = _importance(adapters, removed, u) if not fixed else {}
+    for a in adapters.values():
         a.merge()
-    if not fixed:
-        for (k, p), r in removed.items():
-            for name, axis, per in _slices(k, p, u):
-                sl = np.concatenate([np.arange(x * per, (x + 1) * per) for x in r]) if len(r) else np.zeros(0, np.int64)
-                s = scores[f"{name}.weight.T"]
-                if axis == 0:
-                    s[sl] = 0
-                else:
-                    s[:, sl] = 0
-        for n in list(scores):  # one weight at a time (memory)
-            scores[n] = scores[n].t().float().contiguous().numpy()
     merged = {}
     for n, a in adapters.items():  # the torch weight is released as soon as it is copied out
         merged[f"{n}.weight.T"] = a.linear.weight.detach().t().contiguous().numpy()
@@ -309,6 +282,40 @@ def finetune(onnx_model: onnx.ModelProto, cfg: LoraConfig, targets: list, *, fix
     del tm, adapters, opt
     _trim()
     return merged, scores, removed, info
+
+
+def _prune_to(share: float, targets: list, removed: dict, u, adapters: dict) -> None:
+    """Mask more units where fewer than ``share`` of a target's are masked: the lowest LoRAPrune
+    importance first; masked units stay masked."""
+    imp = {n: a.imp for n, a in adapters.items()}
+    for k, p, n in targets:
+        want = int(round(share * n))
+        if want > len(removed[(k, p)]):
+            sc = _unit_scores(k, p, u, imp)
+            sc[removed[(k, p)]] = -np.inf
+            removed[(k, p)] = np.sort(np.argsort(sc, kind="stable")[:want])
+            _set_masks(adapters, k, p, u, removed[(k, p)])
+
+
+def _importance(adapters: dict, removed: dict, u) -> dict:
+    """{ONNX weight name: float32 importance [in, out]} from the adapters' moving averages (taken
+    from them), the removed units' entries 0."""
+    scores = {}
+    for name, a in adapters.items():
+        if a.imp is not None:
+            scores[f"{name}.weight.T"] = a.imp
+            a.imp = None
+    for (k, p), r in removed.items():
+        for name, axis, per in _slices(k, p, u):
+            sl = np.concatenate([np.arange(x * per, (x + 1) * per) for x in r]) if len(r) else np.zeros(0, np.int64)
+            s = scores[f"{name}.weight.T"]
+            if axis == 0:
+                s[sl] = 0
+            else:
+                s[:, sl] = 0
+    for n in list(scores):  # one weight at a time (memory)
+        scores[n] = scores[n].t().float().contiguous().numpy()
+    return scores
 
 
 def _trim() -> None:
