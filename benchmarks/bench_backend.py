@@ -13,14 +13,13 @@ more work, and TVM's workers spin-yield. Back to back, the compiled run of a 2-t
 competes with ORT's spinning worker for the two cores (measured: GEMM 128x4096x4096 at 2 threads
 2.1x slower; 1.0x with the pause; ORT's own time is unchanged by the pause).
 
-    python benchmarks/bench_backend.py [--model /tmp/smol/smol.onnx] [--threads 1 2]
+    python benchmarks/bench_backend.py [--model out/bench/smol/smol.onnx] [--threads 1 2]
                                        [--json benchmarks/results/backend.json] [--skip-llm]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,10 +27,10 @@ import tempfile
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from common import work_dir, write_results
+from shiftc.timing import alternate
 
-from shiftc.timing import alternate  # noqa: E402  (after the path set-up)
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _matmul_onnx(path: str, K: int, N: int, M: int | str = "M") -> None:
@@ -153,7 +152,7 @@ def bench_llm(model_path: str, workdir: str, threads_list, rounds: int, so_path:
 def main(argv=None) -> int:
     global GAP_S
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="/tmp/smol/smol.onnx", help="SmolLM2 fp32 ONNX (exported if missing)")
+    ap.add_argument("--model", default=os.path.join(work_dir("smol"), "smol.onnx"), help="SmolLM2 fp32 ONNX (exported if missing)")
     ap.add_argument("--so", default=None, help="an already compiled SmolLM2 library (skips compiling)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--rounds", type=int, default=10)
@@ -200,9 +199,7 @@ def main(argv=None) -> int:
         **info,
         "results": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=2)
+    write_results(args.json, out)
     print(f"wrote {args.json}")
     return 0
 

@@ -18,9 +18,9 @@ Each weight is used without gradient and normalised to mean 1 per batch. One pro
 run one after the other (1 thread), then the rows are merged into one JSON:
 
     for v in kl dad dad-teacher dad-product dad-sqrt dad-curriculum; do OMP_NUM_THREADS=1 .venv/bin/python \\
-        benchmarks/bench_dad_weights.py --variant $v --model /tmp/fdb/smol_fdb_g128.onnx --steps 60 \\
-        --lr 6e-4 --window 256 --windows 64 --dev-windows 8 --seed 0 --out /tmp/dadtune/$v.json; done
-    .venv/bin/python benchmarks/bench_dad_weights.py --merge /tmp/dadtune/{kl,dad,dad-teacher,dad-product,dad-sqrt,dad-curriculum}.json \\
+        benchmarks/bench_dad_weights.py --variant $v --model out/bench/fdb/smol_fdb_g128.onnx --steps 60 \\
+        --lr 6e-4 --window 256 --windows 64 --dev-windows 8 --seed 0 --out out/bench/dadtune/$v.json; done
+    .venv/bin/python benchmarks/bench_dad_weights.py --merge out/bench/dadtune/{kl,dad,dad-teacher,dad-product,dad-sqrt,dad-curriculum}.json \\
         --out benchmarks/results/dad_weights.json
 
 Result (dad_weights.json, 60 steps, seed 0): plain KL has the lowest dev NLL (4.682); the tempered
@@ -34,12 +34,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+from common import write_results
 
 
 def _teacher_entropy(pt, lpt, lps, kl, progress):
@@ -80,8 +77,7 @@ def main(argv=None) -> int:
                                                         "kl_first5", "kl_last5")}})
         out = {"model": r["model"], "split": "wikipedia/calib (dev windows after the training windows)",
                "rows": rows, "commands": [json.load(open(path))["command"] for path in a.merge]}
-        with open(a.out, "w") as f:
-            json.dump(out, f, indent=2)
+        write_results(a.out, out)
         print(f"{'variant':14} {'dev NLL':>9} {'dev KL':>8}")
         for row in sorted(rows, key=lambda r: r["dev_nll_after"]):
             print(f"{row['variant']:14} {row['dev_nll_after']:9.4f} {row['dev_kl_after']:8.4f}")

@@ -14,9 +14,9 @@ inlining 211 function bodies needs more memory than this machine has free).
 
 Speed — GEMV 1 x 4096 x 4096 with the lut16 kernels (shiftc._native.bcq_matmul_lut16, 1 thread),
 FDB 2-bit (coding "01", per-group offsets: the arrays FdbMatMul's lowering builds) and shift-add
-2-bit (pm1, no offsets) alternated in one run (shiftc.benchmarking.alternate); medians.
+2-bit (pm1, no offsets) alternated in one run (shiftc.timing.alternate); medians.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb.py --tokens 8192 --work /tmp/fdb \
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb.py --tokens 8192 --work out/bench/fdb \
         --out benchmarks/results/fdb.json
 """
 
@@ -27,12 +27,11 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import read_results, work_dir, write_results
 
 
 def gemv_speed(repeats: int, group: int, n: int = 4096, k: int = 4096) -> dict:
@@ -63,7 +62,7 @@ def gemv_speed(repeats: int, group: int, n: int = 4096, k: int = 4096) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="exported SmolLM2 .onnx (default: export it into --work)")
-    p.add_argument("--work", default=None, help="folder for the models (default: a temporary one)")
+    p.add_argument("--work", default=None, help="folder for the models (default: out/bench/fdb)")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--group", type=int, default=128)
@@ -86,18 +85,15 @@ def main(argv=None) -> int:
     result = {"model": "SmolLM2-135M-Instruct (GGUF Q4_1 -> fp32)", "tokens": a.tokens, "window": a.window,
               "corpus": "wikipedia/eval", "group": a.group, "threads": a.threads,
               "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb.py " + " ".join(argv or sys.argv[1:])}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     old = {}
     if a.append and os.path.exists(a.out):  # several invocations (memory: one method at a time) -> one file
-        with open(a.out) as f:
-            old = json.load(f)
+        old = read_results(a.out)
         result["commands"] = old.get("commands", [old.get("command")]) + [result["command"]]
         if "gemv" in old:
             result["gemv"] = old["gemv"]
 
     def save():
-        with open(a.out, "w") as f:
-            json.dump(result, f, indent=2)
+        write_results(a.out, result)
 
     if not a.skip_gemv:
         result["gemv"] = gemv_speed(a.gemv_repeats, a.group)
@@ -111,7 +107,8 @@ def main(argv=None) -> int:
 
     import shiftc
     import shiftc.api
-    from bench_shiftadd_accuracy import dequantized_copy as sa_dequantized, rtn_model
+    from bench_shiftadd_accuracy import dequantized_model
+    from shiftc.passes.ops import dequantized_copy as sa_dequantized
     from shiftc.frontend.data import smollm2_gguf
     from shiftc.frontend.onnx_io import load_model, save_model
     from shiftc.passes import bcq, fdb
@@ -119,7 +116,7 @@ def main(argv=None) -> int:
     from shiftc.passes.calibration import calibration_windows, collect_hessians
     from shiftc.passes.shiftadd import ShiftAddConfig, ShiftAddPass
 
-    work = a.work or tempfile.mkdtemp(prefix="fdb_")
+    work = a.work or work_dir("fdb")
     os.makedirs(work, exist_ok=True)
     src = a.model or os.path.join(work, "smol.onnx")
     if not os.path.exists(src):
@@ -184,7 +181,7 @@ def main(argv=None) -> int:
             add(f"shiftadd 2-bit G{a.group} {meta['scale_mode']}", deq, meta["bits_per_weight"], f"{calib}; int8 exponents")
         elif m == "rtn":
             path = os.path.join(work, f"smol_rtn2_g{a.group}.onnx")
-            save_model(rtn_model(model, targets, 2, a.group), path)
+            save_model(dequantized_model(model, targets, lambda t, w: bcq.quantize_rtn(w, 2, a.group)), path)
             add(f"rtn 2-bit G{a.group}", path, bcq.bits_per_weight(2, a.group, method="rtn"), "no calibration")
         else:
             raise SystemExit(f"--methods: unknown method {m!r}")

@@ -10,9 +10,9 @@ The two losses run as two processes side by side (1 thread each, same settings a
 their rows are merged:
 
     for loss in dad kl; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py \
-        --model /tmp/fdb/smol_fdb_g128.onnx --losses $loss --steps 240 --lr 6e-4 --window 256 --windows 64 \
-        --seed 0 --tokens 32768 --eval-window 512 --ptq-ppl 600.38 --fp32-ppl 26.32 --out /tmp/fdb/$loss.json & done; wait
-    .venv/bin/python benchmarks/bench_fdb_distill.py --merge /tmp/fdb/dad.json /tmp/fdb/kl.json \
+        --model out/bench/fdb/smol_fdb_g128.onnx --losses $loss --steps 240 --lr 6e-4 --window 256 --windows 64 \
+        --seed 0 --tokens 32768 --eval-window 512 --ptq-ppl 600.38 --fp32-ppl 26.32 --out out/bench/fdb/$loss.json & done; wait
+    .venv/bin/python benchmarks/bench_fdb_distill.py --merge out/bench/fdb/dad.json out/bench/fdb/kl.json \
         --out benchmarks/results/fdb_distill.json
 
 Tuning (learning rate, ...) uses ``--dev-windows N --no-eval``: the mean KL on N further windows
@@ -29,7 +29,7 @@ with the planes trained at two latent learning rates; 128 windows, 8 dev windows
 The same for FDB 2-bit (benchmarks/results/fdb_planes_tuning.json; scales only, no norm gains,
 64 cached windows, as bench_dad_weights.py's rows, whose plain-KL run is the first row):
 
-    P="OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py --losses kl --model /tmp/fdb/smol_fdb_g128.onnx
+    P="OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fdb_distill.py --losses kl --model out/bench/fdb/smol_fdb_g128.onnx
        --steps 60 --lr 6e-4 --window 256 --windows 64 --dev-windows 8 --seed 0 --no-eval --ptq-ppl 600.38 --planes"
     $P --plane-lr 3e-4 --out planes_3e-4.json; $P --plane-lr 1e-3 --out planes_1e-3.json
 
@@ -44,6 +44,8 @@ import json
 import os
 import sys
 import time
+
+from common import write_results
 
 
 def main(argv=None) -> int:
@@ -167,8 +169,7 @@ def merge(paths: list[str], out: str) -> int:
     result["rows"] = [runs[0]["rows"][0]] + [r for run in runs for r in run["rows"][1:]]
     result["commands"] = [run["command"] for run in runs]
     result.pop("command", None)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_results(out, result)
     for r in result["rows"]:
         print(r["method"], r.get("seed", ""), r["perplexity"])
     return 0

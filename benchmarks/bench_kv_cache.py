@@ -14,13 +14,14 @@ time the process spent preempted by other jobs on a shared machine is left out),
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 
 import numpy as np
+
+from common import write_results
 
 
 def main(argv=None) -> int:
@@ -70,9 +71,7 @@ def main(argv=None) -> int:
               f"concat {row['concat']['cpu_ms']:7.2f} ms cpu ({row['concat']['wall_ms']:7.2f} wall)   "
               f"concat/in-place {row['cpu_ratio_concat_over_inplace']:.2f}x")
     result = {"libraries": libs, "threads": 1, "steps": args.steps, "loadavg": os.getloadavg(), "contexts": rows}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_results(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

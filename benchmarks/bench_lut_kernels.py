@@ -2,7 +2,7 @@
 
 Y = X W^T with X [M, K], W [N, K], at the same thread count (default 1; ONNX Runtime sessions get
 intra_op_num_threads = threads), in ONE process with the calls alternating round by round
-(shiftc.benchmarking.alternate) so that load from elsewhere on the machine hits all alike.
+(shiftc.timing.alternate) so that load from elsewhere on the machine hits all alike.
 
     shiftc-qB     shiftc._native.bcq_matmul_lut16 at B = 2, 3, 4 bits, G = 128, pm1 planes,
                   power-of-two scales (tables for M < BCQ_LUT_MAX_M, expanded panels otherwise),
@@ -37,21 +37,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from common import write_results
+from shiftc import _native as nat
+from shiftc.timing import alternate
+from shiftc.passes.bcq import pack_planes
 
-from shiftc import _native as nat  # noqa: E402  (after the path set-up)
-from shiftc.timing import alternate  # noqa: E402
-from shiftc.passes.bcq import pack_planes  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 GROUP = 128
 SLOW_S = 1.0  # an implementation whose single call takes longer is timed once (see bench_shape)
@@ -287,9 +285,7 @@ def main() -> None:
         "results": results, "targets": checks,
     }
     if args.only is None:
-        os.makedirs(os.path.dirname(args.json), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        write_results(args.json, out)
         print(f"\nwrote {args.json}")
 
 

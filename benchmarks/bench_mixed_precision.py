@@ -10,7 +10,7 @@ scales included, bcq.bits_per_weight; group 128, power-of-two scales, GPTQ with 
                   top ones 3-bit and the rest 2-bit, the threshold set by the same size budget
   random-{0,1,2}  random widths from the same candidates, average within 0.02 below the budget
 
-Each layer is quantized once per candidate width (cached under --cache, default /tmp/mp/cache)
+Each layer is quantized once per candidate width (cached under --cache, default out/bench/mp/cache)
 and every plan is assembled from the cache (Ŵ written back as fp32 weights: the same numbers the
 BcqMatMul function bodies compute), so a plan costs one perplexity evaluation, not one
 quantization. Perplexity: shiftc.evaluate (ONNX Runtime, non-overlapping windows of the held-out
@@ -30,8 +30,10 @@ import time
 
 import numpy as np
 
+from common import work_dir, write_results
 
-class _LazyH(dict):
+
+class LazyH(dict):
     """{input tensor: H} read from the .npz on first use; digests computed once."""
 
     def __init__(self, z):
@@ -51,8 +53,8 @@ class _LazyH(dict):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="/tmp/sa/smol.onnx", help="exported SmolLM2 .onnx (exported there if missing)")
-    p.add_argument("--work", default="/tmp/mp", help="folder for H, tables, traces and the evaluated models")
+    p.add_argument("--model", default=os.path.join(work_dir("sa"), "smol.onnx"), help="exported SmolLM2 .onnx (exported there if missing)")
+    p.add_argument("--work", default=work_dir("mp"), help="folder for H, tables, traces and the evaluated models")
     p.add_argument("--cache", default=None, help="per-layer result cache (default WORK/cache)")
     p.add_argument("--budget", type=float, default=2.5)
     p.add_argument("--candidates", default="2,3", help="widths the plans choose from")
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
     hpath = os.path.join(a.work, "hessians.npz")
     if os.path.exists(hpath):  # loaded on demand (807 MB as float64 for SmolLM2): only cache misses need H
         z = np.load(hpath)
-        hs = _LazyH(z)
+        hs = LazyH(z)
     else:
         t0 = time.perf_counter()
         ids = calibration_windows(model, windows=a.calib_windows, window=a.calib_window, model_path=a.model)
@@ -346,9 +348,7 @@ def main(argv=None) -> int:
               "rank_agreement_calib_vs_kl": rank_agreement(table, ("calib", "kl")) if "kl" in kinds else None,
               "rank_agreement_hawq_vs_kl": rank_agreement(table, ("hawq", "kl")) if {"hawq", "kl"} <= set(kinds) else None,
               "hawq": table.info.get("hawq"), "latency_model": latency_info, "summary": summary, "rows": rows, "timings_s": timings}
-    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-    with open(out_json, "w") as f:
-        json.dump(result, f, indent=1)
+    write_results(out_json, result)
     print(f"SmolLM2-135M, {a.budget} bits/weight budget, perplexity on {a.tokens} held-out tokens (window {a.window})")
     print(f"{'plan':22} {'ppl':>10} {'bits/w':>7}  widths")
     for r in rows:

@@ -20,7 +20,7 @@ sensitivity: output KL of each layer alone quantized):
      (b') the size-only plan at the latency plan's own size: MILP at the latency plan's average
      bits per weight, no latency budget (``size-only@<bpw>``) — the other reading of "the
      size-only plan at the same size";
-  4. (c) all compiled plans' decode time measured in one run, alternating (benchmarking.alternate;
+  4. (c) all compiled plans' decode time measured in one run, alternating (shiftc.timing.alternate;
      one token on a 128-token KV cache, restored before every step, same thread count), and the
      prediction error of the latency model on the plans it was not fitted on; the budget is met
      when the 95% bootstrap interval of the median paired ratio (latency plan / size-only plan,
@@ -30,10 +30,10 @@ sensitivity: output KL of each layer alone quantized):
 
 The run of benchmarks/results/mixed_precision_latency.json (1 thread; the compressed models of
 uniform-2/uniform-3/head3/head2/size-only and size-only's 32k perplexity are the earlier run's, from
-/tmp/mpl, linked into the new --out-dir; calibration on a quiet machine, the timing runs beside a
+out/bench/mpl, linked into the new --out-dir; calibration on a quiet machine, the timing runs beside a
 1-thread PyTorch job):
 
-    B="OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_mixed_precision_latency.py --out-dir /tmp/mpl8"
+    B="OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_mixed_precision_latency.py --out-dir out/bench/mpl8"
     $B --stage calibrate --rounds 300
     A="--fractions 0.96 --latency-margin 0.01 --tokens 0 --tokens-final 32768"
     $B $A --rounds 600     # compiles, first timing (600 rounds), the perplexities
@@ -83,9 +83,7 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
+from common import read_results, work_dir, write_results
 
 
 class Setup:
@@ -94,7 +92,7 @@ class Setup:
     def __init__(self, a):
         from onnx import numpy_helper
 
-        from bench_mixed_precision import _LazyH
+        from bench_mixed_precision import LazyH
         from shiftc.frontend.onnx_io import load_model
         from shiftc.passes.mixed_precision.cache import LayerCache, digest, result_key
         from shiftc.passes.mixed_precision.sensitivity import SensitivityTable, quantize_layer
@@ -112,7 +110,7 @@ class Setup:
         if not os.path.exists(hpath):
             raise SystemExit(f"{hpath} missing: run benchmarks/bench_mixed_precision.py first (it writes H, "
                              f"the tables and the output KL)")
-        self.hs = _LazyH(np.load(hpath))
+        self.hs = LazyH(np.load(hpath))
         self.cache = LayerCache(a.cache or os.path.join(a.work, "cache"))
         self._wd, self._hd = {}, {}
         self._digest, self._result_key, self._quantize_layer = digest, result_key, quantize_layer
@@ -218,10 +216,10 @@ def time_decode(libs: dict[str, str], threads: int, rounds: int) -> dict[str, li
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="/tmp/sa/smol.onnx")
-    p.add_argument("--work", default="/tmp/mp", help="bench_mixed_precision.py's folder (H, tables, kl.json, cache)")
+    p.add_argument("--model", default=os.path.join(work_dir("sa"), "smol.onnx"))
+    p.add_argument("--work", default=work_dir("mp"), help="bench_mixed_precision.py's folder (H, tables, kl.json, cache)")
     p.add_argument("--cache", default=None)
-    p.add_argument("--out-dir", default="/tmp/mpl", help="compressed models and libraries")
+    p.add_argument("--out-dir", default=work_dir("mpl"), help="compressed models and libraries")
     p.add_argument("--budget", type=float, default=2.5)
     p.add_argument("--candidates", default="2,3")
     p.add_argument("--group", type=int, default=128)
@@ -583,16 +581,14 @@ def main(argv=None) -> int:
               "final_runs_previous": state.get("final_runs_previous", []),
               "verdict": verdict, "verify": state.get("verify"), "perplexity": state.get("perplexity"), "final_perplexity": final,
               "window": a.window, "timings_s": timings}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     previous = []
-    if os.path.exists(a.out):  # earlier runs' results are kept, not overwritten
-        old = json.load(open(a.out))
+    if os.path.exists(a.out):  # earlier runs' results are kept (in the full result), not overwritten
+        old = read_results(a.out)
         previous = old.pop("previous_runs", [])
         if old.get("run") != state["run"]:
             previous = [*previous, old]
     result["previous_runs"] = previous
-    with open(a.out, "w") as fh:
-        json.dump(result, fh, indent=1)
+    write_results(a.out, result)
     for k, r in rows.items():
         print(f"{k:16s} measured {r['measured_ms']:7.2f} ms  predicted {r['predicted_ms']:7.2f} ms "
               f"({100 * r['error']:+.1f}%)  {r['avg_bits']:.3f} b/w")

@@ -25,22 +25,20 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import numpy as np
+import onnx
+
+import shiftc
+from common import read_results, work_dir, write_results
+from shiftc.timing import alternate
+from shiftc.frontend.onnx_io import load_model, save_model
+from shiftc.passes.prune import PruneConfig
+from shiftc.passes.prune.run import prune_model
+from shiftc.passes.recipe import CalibConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
-import onnx  # noqa: E402
-
-import shiftc  # noqa: E402
-from shiftc.timing import alternate  # noqa: E402
-from shiftc.frontend.onnx_io import load_model, save_model  # noqa: E402
-from shiftc.passes.prune import PruneConfig  # noqa: E402
-from shiftc.passes.prune.run import prune_model  # noqa: E402
-from shiftc.passes.recipe import CalibConfig  # noqa: E402
 
 
 def _valid(path: str) -> dict:
@@ -205,7 +203,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smollm2", help="exported SmolLM2 .onnx (default: export into --work)")
     ap.add_argument("--effnet", help="exported EfficientNet-Lite0 .onnx (default: export into --work)")
-    ap.add_argument("--work", default="/tmp/shiftc_bench_prune")
+    ap.add_argument("--work", default=work_dir("prune"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=10)
@@ -226,8 +224,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = {}
     if os.path.exists(args.json):  # keep the other model's figures when one is skipped
-        with open(args.json) as f:
-            out = json.load(f)
+        out = read_results(args.json)
     out.update({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count()})
     for k in ("partial", "note"):
         out.pop(k, None)
@@ -239,9 +236,7 @@ def main() -> None:
         print(json.dumps(out["smollm2"], indent=1), flush=True)
     if args.baselines:
         bench_smollm2_baselines(args, out)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump(out, f, indent=1)
+    write_results(args.json, out)
     print(f"wrote {args.json}")
 
 

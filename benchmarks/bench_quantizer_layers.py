@@ -16,12 +16,13 @@ much of the error is the grid and how much the layer. Prints a table, writes JSO
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import numpy as np
+
+from common import write_results
 
 LAYERS = [f"model.layers.{b}.{m}.weight.T" for b in (2, 15, 27)
           for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")]
@@ -86,10 +87,7 @@ def main(argv=None) -> int:
               "mean_rel_output_error": {m: float(np.mean(list(r.values()))) for m, r in rows.items()},
               "rel_output_error": rows, "seconds": {m: round(s, 1) for m, s in seconds.items()},
               "command": "benchmarks/bench_quantizer_layers.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(a.out + ".tmp", a.out)
+    write_results(a.out, result)
     print(f"relative output error, {q}-bit G{g}, {len(LAYERS)} layers of SmolLM2-135M")
     print(f"{'layer':42}" + "".join(f"{m:>17}" for m in methods))
     for name in LAYERS:

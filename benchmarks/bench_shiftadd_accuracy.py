@@ -29,7 +29,7 @@ Note: the model's weights sit on a 4-bit grid of 32-blocks with a per-block offs
 Each row is cached in WORK/rows/<name>.json; with --reuse, rows and compressed models already in
 WORK are reused, so parts can run as separate processes (--methods) and be merged by a last run:
 
-    .venv/bin/python benchmarks/bench_shiftadd_accuracy.py --work /tmp/acc/bench --reuse \
+    .venv/bin/python benchmarks/bench_shiftadd_accuracy.py --work out/bench/acc --reuse \
         --tokens 32768 --window 512 --threads 1 --out benchmarks/results/shiftadd_accuracy.json
 """
 
@@ -43,6 +43,8 @@ import time
 
 import numpy as np
 import onnx
+
+from common import write_results
 
 METHODS = ("fp32", "shiftadd", "rtn", "gptq", "ort")
 
@@ -292,9 +294,7 @@ def main(argv=None) -> int:
     if a.earlier:
         with open(a.earlier) as f:
             result["earlier"] = json.load(f)
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_results(a.out, result)
     print(f"SmolLM2-135M perplexity, wikipedia/eval, {a.tokens} tokens, window {a.window}, ONNX Runtime")
     print(f"{'method':40} {'ppl':>11} {'x fp32':>8} {'bpw all':>8} {'bpw q':>7}  layers")
     for r in rows:

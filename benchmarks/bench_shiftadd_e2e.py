@@ -1,6 +1,6 @@
 """SmolLM2-135M end to end: shift-add compiled libraries vs fp32 and ONNX Runtime's 4-bit, side by side.
 
-Contestants (same thread count, runs interleaved round by round with shiftc.benchmarking.alternate):
+Contestants (same thread count, runs interleaved round by round with shiftc.timing.alternate):
   ort-fp32          ONNX Runtime on the exported fp32 model
   ort-nbits4        ONNX Runtime on its own MatMulNBits 4-bit model (block 32 by default:
                     onnxruntime.quantization.matmul_nbits_quantizer, symmetric; the tied LM head
@@ -14,26 +14,23 @@ prefill (128 tokens). Reported: median ms, tokens/s and ratio = other / shiftc-s
 Speed does not depend on the weights' values, so ``--sa`` may be a model quantized without
 calibration; the accuracy benchmark (bench_shiftadd_accuracy.py) measures perplexity.
 
-    python benchmarks/bench_shiftadd_e2e.py --fp32 /tmp/smol/smol.onnx --sa 3=/tmp/sa/smol_sa3.onnx \
+    python benchmarks/bench_shiftadd_e2e.py --fp32 out/bench/smol/smol.onnx --sa 3=out/bench/sa/smol_sa3.onnx \
         [--threads 1 2] [--json benchmarks/results/shiftadd_e2e.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import sys
-import tempfile
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+from common import work_dir, write_results
+from shiftc.timing import alternate
 
-from shiftc.timing import alternate  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def nbits_model(fp32: str, out: str, bits: int = 4, block: int = 32) -> str:
@@ -57,7 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sa", action="append", default=[], metavar="Q=PATH", help="shift-add model at Q bits")
     ap.add_argument("--threads", type=int, nargs="+", default=[1])
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "shiftc_bench_sa"))
+    ap.add_argument("--workdir", default=work_dir("sa_e2e"))
     ap.add_argument("--json", default=os.path.join(HERE, "results", "shiftadd_e2e.json"))
     args = ap.parse_args(argv)
 
@@ -116,10 +113,7 @@ def main(argv=None) -> int:
             ratio = r["ratio_other_over_shiftc"].get(k, 1.0)
             print(f"  {k:14s} {r['ms'][k]:9.2f} ms  {r['tokens_per_s'][k]:9.1f} tok/s   x{ratio:.2f}")
     out = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "rows": rows, **info}
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json + ".tmp", "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(args.json + ".tmp", args.json)
+    write_results(args.json, out)
     print(f"\nwrote {args.json}")
     return 0
 

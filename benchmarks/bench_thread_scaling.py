@@ -13,11 +13,12 @@ figure; the table prints each round's ratio, their median, and tok/s medians ove
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import numpy as np
+
+from common import write_results
 
 
 def scaling(session, set_threads, context: int, rounds: int, steps: int) -> dict:
@@ -62,8 +63,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"  {r['context']:>8} {r['tok_s_1']:>15.1f} {r['tok_s_2']:>16.1f} {r['median_ratio']:>13.2f}  "
               + " ".join(f"{x:.2f}" for x in r["round_ratios"]))
-    with open(args.out, "w") as f:
-        json.dump({"library": args.library, "rounds": args.rounds, "steps": args.steps, "rows": rows}, f, indent=2)
+    write_results(args.out, {"library": args.library, "rounds": args.rounds, "steps": args.steps, "rows": rows})
     print(f"wrote {args.out}")
     return 0
 

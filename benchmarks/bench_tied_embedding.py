@@ -23,6 +23,8 @@ import time
 import onnx
 from onnx import helper
 
+from common import write_results
+
 
 def untied_variant(compressed: onnx.ModelProto, fp32: onnx.ModelProto, bits: int = 0, group: int = 32) -> onnx.ModelProto:
     """``compressed`` with each BcqGather replaced by a Gather on the fp32 table it was made from
@@ -113,9 +115,7 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         print(f"  {name:<38} library {r['library_bytes'] / 1e6:7.1f} MB (x{r['size_vs_fp32_table']:.3f})   "
               f"perplexity {r['perplexity']:.3f} ({r['perplexity_change'] * 100:+.2f}%)")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_results(args.out, result)
     return 0
 
 

@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
+from common import write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "out"
 VENV = OUT / "bench-venv"
@@ -500,10 +502,9 @@ def report(res: dict, out: Path) -> None:
     if "check_f32_vs_shiftc_onnx" in res:
         print(f"llama.cpp F32 vs shiftc fp32 .onnx perplexity: "
               f"{res['check_f32_vs_shiftc_onnx']['relative_difference'] * 100:+.3f}%")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
-    plot(res, out.with_suffix(".png"))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    raw = Path(write_results(str(out), res))
+    plot(res, raw.with_suffix(".png"))
+    print(f"wrote {out} (summary), {raw} and {raw.with_suffix('.png')}")
 
 
 def _annotate(ax, pts, name: str, flip: bool = False) -> None:
@@ -579,7 +580,6 @@ def main(argv=None) -> int:
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.threads = [int(x) for x in args.threads.split(",")]
     types = [t for t in args.types.split(",") if t and t != "F32"]
-    sys.path.insert(0, str(ROOT))
     # TVM sizes its pool at most hardware_concurrency / 2 on x86-64 (it assumes hyper-threads): on
     # this 2-vCPU machine threads=2 silently ran on one thread. The variable lifts that cap; it must
     # be set before TVM loads. set_threads (api.load) still picks each T below it.

@@ -32,6 +32,8 @@ import time
 
 import numpy as np
 
+from common import write_results
+
 KINDS = (  # (kind, pattern on the profiled function name), first match wins
     ("matmul", re.compile(r"shiftc_bcq|shiftc_fdb|matmul|dense|NT_matmul")),
     ("attention", re.compile(r"attention|kv_write|softmax")),
@@ -119,9 +121,9 @@ def perf_main(args) -> int:
     for pct, name in sorted(top, reverse=True)[:12]:
         print(f"    {pct:5.1f}%  {name[:100]}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"library": args.library, "context": args.context, "threads": args.threads, "method": "perf",
-                       "wall_ms": info["wall_ms"], "share": share, "outside_matmul_attention": outside}, f, indent=2)
+        write_results(args.json, {"library": args.library, "context": args.context, "threads": args.threads,
+                                  "method": "perf", "wall_ms": info["wall_ms"], "share": share,
+                                  "outside_matmul_attention": outside})
     return 0
 
 
@@ -204,11 +206,10 @@ def main(argv=None) -> int:
     for name, ms in sorted(med.items(), key=lambda kv: -kv[1])[:15]:
         print(f"    {name[:60]:<60} x{counts.get(name, 0):<4} {ms:8.3f} ms")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"library": args.library, "context": args.context, "threads": args.threads, "wall_ms": wall,
-                       "split_ms": split, "functions_ms": med, "calls": counts,
-                       "matmul_attention_share": (by_kind.get("matmul", 0) + by_kind.get("attention", 0)) / wall},
-                      f, indent=2)
+        write_results(args.json, {"library": args.library, "context": args.context, "threads": args.threads,
+                                  "wall_ms": wall, "split_ms": split, "functions_ms": med, "calls": counts,
+                                  "matmul_attention_share": (by_kind.get("matmul", 0) + by_kind.get("attention", 0))
+                                  / wall})
     return 0
 
 

@@ -5,7 +5,7 @@ csrc/kernels/bcq_lut.cc (declared in csrc/include/shiftc/bcq_lut.h) by name, and
 in-place KV cache those of csrc/kernels/attention.cc (shiftc/attention.h). :func:`kernel_object`
 compiles those sources for the target into one object — the host C++ compiler, or the target's cross
 compiler — with run-time ISA dispatch inside (scalar / AVX2 / AVX-512 on x86-64), and caches the
-object under ``$SHIFTC_CACHE`` (default ``~/.cache/shiftc``) keyed by the source text, the
+object under ``$SHIFTC_CACHE_DIR`` (default ``~/.cache/shiftc``; shiftc/paths.py) keyed by the source text, the
 compiler and the flags. The sources are found in the source tree (``csrc/``) or, in an installed
 wheel, in ``shiftc/csrc/``.
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..errors import UnsupportedError
 from ..frontend.onnx_io import atomic_output
+from ..paths import cache_dir
 
 _SOURCE = Path("kernels") / "bcq_lut.cc"
 _HEADER = Path("include") / "shiftc" / "bcq_lut.h"
@@ -58,7 +59,7 @@ def kernel_object(cross_cc: str | None = None) -> str:
         key.update((root / inc).read_bytes())
     for part in (cxx.encode(), " ".join(FLAGS).encode()):
         key.update(part)
-    cache = Path(os.environ.get("SHIFTC_CACHE", Path.home() / ".cache" / "shiftc")) / "kernels"
+    cache = Path(cache_dir("kernels"))
     cache.mkdir(parents=True, exist_ok=True)
     obj = cache / f"shiftc_kernels-{key.hexdigest()[:16]}.o"
     if obj.is_file():

@@ -235,7 +235,9 @@ def _register_nvcc_callback() -> None:
     arch = "sm_" + dev.compute_version.replace(".", "") if dev.exist else "sm_80"
     if arch == "sm_90":
         arch = "sm_90a"
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "shiftc", "cuda")
+    from ..paths import cache_dir
+
+    cache = cache_dir("cuda")
 
     def compile_cuda(code, *_):
         key = hashlib.sha256((arch + "\0" + str(code)).encode()).hexdigest()[:32]

@@ -21,8 +21,8 @@ attributes
     group_size   int  G, a multiple of 32
     in_features  int  K (the planes are padded to a multiple of 32)
     coding       str  "pm1": s(1) = +1, s(0) = −1 (signs live in B, so α ≥ 0);
-                      "01" : s(b) = b — reserved for the binarization pass. Only "pm1" has a
-                      function body so far (one model-local function per op name), see below.
+                      "01" : s(b) = b — known to the numpy reference and packed.h, with no
+                      function body (binarization's {0,1} planes are FdbMatMul, with offsets).
 output
     Y       float32 [..., N]
 
@@ -168,7 +168,7 @@ def _check_bcq_body(op: str, opset: int, coding: str) -> None:
     if opset < MIN_OPSET:
         raise ValueError(f"{op}'s function body needs opset >= {MIN_OPSET}, got {opset}")
     if coding != "pm1":
-        raise ValueError(f"coding {coding!r} has no function body yet (reserved); use 'pm1'")
+        raise ValueError(f"coding {coding!r} has no function body; use 'pm1' ({{0,1}} planes: FdbMatMul)")
 
 
 def bcq_matmul_function(opset: int, coding: str = "pm1") -> onnx.FunctionProto:
@@ -216,7 +216,7 @@ BCQ_MATMUL = OpSpec(
             ("exps", "int8 [q, N, ceil(K/G), T]")),
     outputs=(("Y", "float32 [..., N]"),),
     attributes=(("bits", "int: q, 1..4"), ("group_size", "int: G, multiple of 32"),
-                ("in_features", "int: K"), ("coding", "string: 'pm1' ('01' reserved)")),
+                ("in_features", "int: K"), ("coding", "string: 'pm1' ('01': reference only)")),
     function=bcq_matmul_function,
     reference=bcq_matmul_ref,
     weight=bcq_matmul_weight,

@@ -39,12 +39,12 @@ import zipfile
 from dataclasses import dataclass, field
 
 from ..errors import BadInputError, UnsupportedError, UsageError
+from ..paths import cache_dir
 from ..progress import log, step
 
 PACKAGE_TARGETS = ("aarch64",)
 MANIFEST = "shiftc-package.json"
 WHEELS_ENV = "SHIFTC_WHEELS"  # a folder with pre-downloaded aarch64 wheels (offline machines)
-CACHE_ENV = "SHIFTC_CACHE_DIR"  # default: $XDG_CACHE_HOME/shiftc or ~/.cache/shiftc
 WHEEL_PLATFORM = "manylinux_2_28_aarch64"
 # distribution -> the runtime library it contributes (path inside the wheel)
 RUNTIME_LIBS = {"apache-tvm": "tvm/lib/libtvm_runtime.so", "apache-tvm-ffi": "tvm_ffi/lib/libtvm_ffi.so"}
@@ -234,11 +234,6 @@ def _tvm_versions() -> dict:
 
 
 # -- the aarch64 wheels ---------------------------------------------------------------------------
-
-
-def cache_dir() -> str:
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shiftc")
-    return os.environ.get(CACHE_ENV) or default
 
 
 def download_command(versions: dict, dest: str) -> list[str]:
