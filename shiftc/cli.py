@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-from .errors import EXIT_INTERNAL, EXIT_USAGE, ShiftcError, UsageError
+from .errors import EXIT_INTERNAL, ShiftcError, UsageError
 from .options import add_arguments, positive
 
 

@@ -166,7 +166,7 @@ def test_hf_image_classifier(tmp_path):
 
 
 def test_every_shiftc_op_has_a_lowering():
-    """Each op of the op table (shiftc/passes/ops.py) has a Relax converter, in the same domain."""
+    """Each op of the op table (shiftc/passes/ops/) has a Relax converter, in the same domain."""
     from shiftc.backend import kv_cache, shiftc_ops  # noqa: F401  (they register on import)
     from shiftc.backend.importer import SHIFTC_DOMAIN, registered_ops
     from shiftc.passes.ops import DOMAIN, OPS

@@ -54,10 +54,7 @@ class CompileResult:
 
     def to_json(self) -> dict:
         return {
-            "path": self.path,
-            "target": self.target,
-            "isa": self.isa,
-            "size_bytes": self.size_bytes,
+            **{k: getattr(self, k) for k in ("path", "target", "isa", "size_bytes")},
             "seconds": round(self.seconds, 2),
             "task": self.metadata.get("task"),
             **({"cuda_ptx_bytes": self.cuda_ptx_bytes} if self.cuda_ptx_bytes is not None else {}),

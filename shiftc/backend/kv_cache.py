@@ -176,31 +176,25 @@ def _write_primfunc(d: int, dtype: str):
 
     from .shiftc_ops import EXTERN_ATTR
 
-    if dtype == "float16":
-        @T.prim_func(private=True)
-        def kv_write_f16(c_h: T.handle, n_h: T.handle, m_h: T.handle):
-            T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-            b, h, m, s, t = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-            cache = T.match_buffer(c_h, (b, h, m, d), "float16")
-            new = T.match_buffer(n_h, (b, h, s, d), "float32")
-            T.match_buffer(m_h, (b, 1, 1, s, t), "float32")
-            T.evaluate(T.call_extern("int32", "shiftc_kv_write_f16", cache.data, new.data, b * h, s, t, m, T.int64(d)))
-
-        return kv_write_f16.with_attr(EXTERN_ATTR, True).with_attr("op_pattern", 8)
+    f16 = dtype == "float16"
 
     @T.prim_func(private=True)
     def kv_write(c_h: T.handle, n_h: T.handle, m_h: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         b, h, m, s, t = T.int64(), T.int64(), T.int64(), T.int64(), T.int64()
-        cache = T.match_buffer(c_h, (b, h, m, d), "float32")
+        cache = T.match_buffer(c_h, (b, h, m, d), dtype)
         new = T.match_buffer(n_h, (b, h, s, d), "float32")
         T.match_buffer(m_h, (b, 1, 1, s, t), "float32")
-        for bh in T.serial(b * h):
-            for r in T.serial(s):
-                for j in T.vectorized(T.int64(d)):
-                    cache[bh // h, bh % h, t - s + r, j] = new[bh // h, bh % h, r, j]
+        if f16:  # a Python constant: the parser keeps one branch
+            T.evaluate(T.call_extern("int32", "shiftc_kv_write_f16", cache.data, new.data, b * h, s, t, m, T.int64(d)))
+        else:
+            for bh in T.serial(b * h):
+                for r in T.serial(s):
+                    for j in T.vectorized(T.int64(d)):
+                        cache[bh // h, bh % h, t - s + r, j] = new[bh // h, bh % h, r, j]
 
-    return kv_write.with_attr("op_pattern", 8)  # opaque: fusion must not merge producers into an in-place write
+    func = kv_write.with_attr(EXTERN_ATTR, True) if f16 else kv_write
+    return func.with_attr("op_pattern", 8)  # opaque: fusion must not merge producers into an in-place write
 
 
 def _attention_primfunc(kvh: int, g: int, d: int, scale: float, dtype: str):

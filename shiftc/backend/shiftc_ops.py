@@ -1,4 +1,4 @@
-"""Relax lowerings of the ``ai.shiftc`` ops (see shiftc/passes/ops.py for their schemas).
+"""Relax lowerings of the ``ai.shiftc`` ops (see shiftc/passes/ops/ for their schemas).
 
 BcqMatMul on CPU targets
 ------------------------
@@ -30,6 +30,7 @@ import contextvars
 import numpy as np
 
 from ..errors import UnsupportedError
+from ..passes import ops
 from .importer import SHIFTC_DOMAIN, register_converter
 
 #: PrimFunc attribute marking functions that call the C kernels (compile.py links them in).
@@ -123,15 +124,24 @@ def lut_max_m() -> int:
     return int(found.group(1))
 
 
-def _bcq_tir(k, n, q, group, n_codes, n_scales, n_off, ntasks, off_ptr):
+def _lut_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales: int, n_offsets: int,
+                  uniform: bool = False):
+    """PrimFunc (x [M, K], codes, scales, offsets, y [M, N], ws) calling the kernels (module doc):
+    shiftc_bcq_compute on float32 scales (offsets NULL when ``n_offsets`` is 0), or with ``uniform``
+    shiftc_bcq_compute_uniform on the float16 (scale, min) blocks (the offsets argument unused)."""
     from tvm.script import tirx as T
 
+    ntasks = -(-n // TASK_ROWS)
+    scale_dtype = "float16" if uniform else "float32"
+    n_off = max(n_offsets, 1)
+    no_offsets = not n_offsets
+
     @T.prim_func(private=True)
-    def bcq_matmul(x_h: T.handle, c_h: T.handle, s_h: T.handle, o_h: T.handle, y_h: T.handle, ws_h: T.handle):
+    def lut_matmul(x_h: T.handle, c_h: T.handle, s_h: T.handle, o_h: T.handle, y_h: T.handle, ws_h: T.handle):
         # (buffers by match_buffer: this module's annotations are strings, see __future__)
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         codes = T.match_buffer(c_h, (n_codes,), "uint8")
-        scales = T.match_buffer(s_h, (n_scales,), "float32")
+        scales = T.match_buffer(s_h, (n_scales,), scale_dtype)
         offsets = T.match_buffer(o_h, (n_off,), "float32")
         m = T.int64()
         w = T.int64()
@@ -140,29 +150,25 @@ def _bcq_tir(k, n, q, group, n_codes, n_scales, n_off, ntasks, off_ptr):
         ws = T.match_buffer(ws_h, (w,), "float32")
         T.evaluate(T.call_extern("int32", "shiftc_bcq_prepare", x.data, m, T.int64(k), T.int64(group), ws.data))
         for t in T.parallel(T.int32(ntasks)):  # int32 + explicit cast: the C side takes int64_t
-            T.evaluate(T.call_extern(
-                "int32", "shiftc_bcq_compute", x.data, ws.data, m, T.int64(k), T.int64(n), T.int32(q),
-                T.int64(group), codes.data, scales.data, off_ptr(offsets), y.data, T.Cast("int64", t)))
+            if uniform:  # Python constants: the parser keeps one branch
+                T.evaluate(T.call_extern(
+                    "int32", "shiftc_bcq_compute_uniform", x.data, ws.data, m, T.int64(k), T.int64(n), T.int32(q),
+                    T.int64(group), codes.data, scales.data, y.data, T.Cast("int64", t)))
+            elif no_offsets:
+                T.evaluate(T.call_extern(
+                    "int32", "shiftc_bcq_compute", x.data, ws.data, m, T.int64(k), T.int64(n), T.int32(q),
+                    T.int64(group), codes.data, scales.data, T.reinterpret("handle", T.uint64(0)), y.data,
+                    T.Cast("int64", t)))
+            else:
+                T.evaluate(T.call_extern(
+                    "int32", "shiftc_bcq_compute", x.data, ws.data, m, T.int64(k), T.int64(n), T.int32(q),
+                    T.int64(group), codes.data, scales.data, offsets.data, y.data, T.Cast("int64", t)))
 
-    return bcq_matmul
-
-
-def _bcq_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales: int, n_offsets: int):
-    """PrimFunc (x [M, K], codes, scales, offsets, y [M, N], ws) calling the kernels (module doc)."""
-    from tvm.script import tirx as T
-
-    if n_offsets:
-        def off_ptr(buf):
-            return buf.data
-    else:
-        def off_ptr(buf):
-            return T.reinterpret("handle", T.uint64(0))  # NULL: no offsets
-    func = _bcq_tir(k, n, q, group, n_codes, n_scales, max(n_offsets, 1), -(-n // TASK_ROWS), off_ptr)
     # op_pattern 8 = kOpaque: operator fusion leaves the call alone
-    return func.with_attr(EXTERN_ATTR, True).with_attr("op_pattern", 8)
+    return lut_matmul.with_attr(EXTERN_ATTR, True).with_attr("op_pattern", 8)
 
 
-@register_converter(SHIFTC_DOMAIN, "BcqMatMul")
+@register_converter(SHIFTC_DOMAIN, ops.BCQ_MATMUL.name)
 def _bcq_matmul(bb, inputs, attrs, node):
     from tvm import relax
 
@@ -192,7 +198,7 @@ def _bcq_matmul(bb, inputs, attrs, node):
 def _emit_lut16_call(bb, x, node, name: str, k: int, n: int, bits: int, group: int, packed):
     """The kernel call of lut16 constants ``packed`` (:func:`_shared_lut16`), :func:`_emit_kernel_call`."""
     codes, scales, off, n_codes, n_scales, n_off = packed
-    fn = _bcq_primfunc(k, n, bits, group, n_codes, n_scales, n_off)
+    fn = _lut_primfunc(k, n, bits, group, n_codes, n_scales, n_off)
     return _emit_kernel_call(bb, x, node, fn, name, k, n, group, [codes, scales, off])
 
 
@@ -238,17 +244,21 @@ def _emit_row_gather(bb, ids, gv, tables: list, k: int):
     return relax.op.reshape(y, shape + [k])
 
 
-def _gather_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales: int, n_offsets: int):
-    """PrimFunc (ids [R], codes, scales, offsets, y [R, K]): rows of a lut16 weight, reconstructed
-    as W[r, c] = Σ_i scales[i] · s(bit_i) + offset (bcq_lut.h's layout read row by row). Indices
-    wrap once from the end (ONNX Gather) and are clamped to [0, N) so a bad id cannot read past
-    the table. Serial: a row is K·q adds, far below a thread-pool dispatch at decode."""
+def _gather_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales: int, n_offsets: int,
+                     uniform: bool = False):
+    """PrimFunc (ids [R], codes, scales, offsets, y [R, K]): rows of a lut16 weight (bcq_lut.h's
+    layout read row by row), reconstructed as W[r, c] = Σ_i scales[i] · s(bit_i) + offset, or with
+    ``uniform`` as scale·code + min from the compact float16 (scale, min) blocks in ``scales`` (the
+    offsets argument unused). Indices wrap once from the end (ONNX Gather) and are clamped to
+    [0, N) so a bad id cannot read past the table. Serial: a row is K·q adds, far below a
+    thread-pool dispatch at decode."""
     from tvm.script import tirx as T
 
     ng = -(-k // group)
     kp8 = ng * group // 8
     has_off = n_offsets > 0
     rb = ROW_BLOCK
+    scale_dtype = "float16" if uniform else "float32"
 
     @T.prim_func(private=True)
     def lut16_gather(i_h: T.handle, c_h: T.handle, s_h: T.handle, o_h: T.handle, y_h: T.handle):
@@ -256,7 +266,7 @@ def _gather_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales:
         r = T.int64()
         ids = T.match_buffer(i_h, (r,), "int64")
         codes = T.match_buffer(c_h, (n_codes,), "uint8")
-        scales = T.match_buffer(s_h, (n_scales,), "float32")
+        scales = T.match_buffer(s_h, (n_scales,), scale_dtype)
         offsets = T.match_buffer(o_h, (max(n_offsets, 1),), "float32")
         y = T.match_buffer(y_h, (r, k), "float32")
         for t in T.serial(r):
@@ -266,15 +276,26 @@ def _gather_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales:
             row = idx % T.int64(rb)
             for c in T.serial(T.int64(k)):
                 grp = blk * T.int64(ng) + c // T.int64(group)
-                if has_off:
-                    y[t, c] = offsets[grp * T.int64(rb) + row]
+                if uniform:  # Python constants: the parser keeps one branch
+                    code = T.int32(0)
+                    for i in T.unroll(q):
+                        byte = codes[((blk * T.int64(kp8) + c // T.int64(8)) * T.int64(q) + T.int64(i)) * T.int64(rb)
+                                     + row]
+                        code = code + T.shift_left(
+                            T.Cast("int32", T.shift_right(byte, T.Cast("uint8", c % T.int64(8))) & T.uint8(1)), i)
+                    y[t, c] = T.Cast("float32", scales[grp * T.int64(2 * rb) + row]) * T.Cast("float32", code) + \
+                        T.Cast("float32", scales[grp * T.int64(2 * rb) + T.int64(rb) + row])
                 else:
-                    y[t, c] = T.float32(0)
-                for i in T.unroll(q):
-                    byte = codes[((blk * T.int64(kp8) + c // T.int64(8)) * T.int64(q) + T.int64(i)) * T.int64(rb) + row]
-                    bit = T.Cast("int32", T.shift_right(byte, T.Cast("uint8", c % T.int64(8))) & T.uint8(1))
-                    y[t, c] = y[t, c] + scales[(grp * T.int64(q) + T.int64(i)) * T.int64(rb) + row] * \
-                        T.Cast("float32", bit * 2 - 1)
+                    if has_off:
+                        y[t, c] = offsets[grp * T.int64(rb) + row]
+                    else:
+                        y[t, c] = T.float32(0)
+                    for i in T.unroll(q):
+                        byte = codes[((blk * T.int64(kp8) + c // T.int64(8)) * T.int64(q) + T.int64(i)) * T.int64(rb)
+                                     + row]
+                        bit = T.Cast("int32", T.shift_right(byte, T.Cast("uint8", c % T.int64(8))) & T.uint8(1))
+                        y[t, c] = y[t, c] + scales[(grp * T.int64(q) + T.int64(i)) * T.int64(rb) + row] * \
+                            T.Cast("float32", bit * 2 - 1)
 
     return lut16_gather.with_attr("op_pattern", 8)  # opaque, as the matmul kernels' calls
 
@@ -318,9 +339,9 @@ def sharing_packed_weights():
         _packed.reset(token)
 
 
-@register_converter(SHIFTC_DOMAIN, "BcqGather")
+@register_converter(SHIFTC_DOMAIN, ops.BCQ_GATHER.name)
 def _bcq_gather(bb, inputs, attrs, node):
-    """BcqGather (shiftc/passes/ops.py): rows of a BcqMatMul weight. CPU: read from the same lut16
+    """BcqGather (shiftc/passes/ops/): rows of a BcqMatMul weight. CPU: read from the same lut16
     constants as the tied head's BcqMatMul; CUDA: a Gather on the reconstructed table."""
     from tvm import relax
 
@@ -347,7 +368,7 @@ def _bcq_gather(bb, inputs, attrs, node):
 
 def _qgather_primfunc(k: int, n: int, bits: int, group: int, row_bytes: int, ng: int):
     """PrimFunc (ids [R], codes uint8 [N, row_bytes], scales/mins float16 [N, ng], y [R, K]):
-    y[r, c] = scale · code + min (QGather, shiftc/passes/ops.py); indices wrap and clamp as above."""
+    y[r, c] = scale · code + min (QGather, shiftc/passes/ops/); indices wrap and clamp as above."""
     from tvm.script import tirx as T
 
     mask = (1 << bits) - 1
@@ -373,9 +394,9 @@ def _qgather_primfunc(k: int, n: int, bits: int, group: int, row_bytes: int, ng:
     return q_gather.with_attr("op_pattern", 8)
 
 
-@register_converter(SHIFTC_DOMAIN, "QGather")
+@register_converter(SHIFTC_DOMAIN, ops.Q_GATHER.name)
 def _q_gather(bb, inputs, attrs, node):
-    """QGather (shiftc/passes/ops.py): a table on a uniform grid, stored as it is in the ONNX file
+    """QGather (shiftc/passes/ops/): a table on a uniform grid, stored as it is in the ONNX file
     (q-bit codes, float16 scales and mins); CPU: a row gather in TIR; CUDA: Gather on Ŵ."""
     from tvm import relax
 
@@ -410,9 +431,9 @@ def fdb_lut16(planes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, k: in
     return np.asarray(codes), np.asarray(lut_scales, np.float32), np.ascontiguousarray(lut_off, np.float32)
 
 
-@register_converter(SHIFTC_DOMAIN, "FdbMatMul")
+@register_converter(SHIFTC_DOMAIN, ops.FDB_MATMUL.name)
 def _fdb_matmul(bb, inputs, attrs, node):
-    """FdbMatMul (shiftc/passes/ops.py): W = Σ α_i·B_i + μ with {0,1} planes. CPU: the BcqMatMul
+    """FdbMatMul (shiftc/passes/ops/): W = Σ α_i·B_i + μ with {0,1} planes. CPU: the BcqMatMul
     kernels with coding "01" and μ folded into their per-group offsets; CUDA: W reconstructed."""
     from tvm import relax
 
@@ -492,32 +513,7 @@ def _uniform_weights(inputs, attrs, node):
     return planes, scales, mins, bits, group, k, n
 
 
-def _uniform_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_su: int):
-    """PrimFunc (x [M, K], codes, su, y [M, N], ws) calling shiftc_bcq_compute_uniform."""
-    from tvm.script import tirx as T
-
-    ntasks = -(-n // TASK_ROWS)
-
-    @T.prim_func(private=True)
-    def uniform_matmul(x_h: T.handle, c_h: T.handle, s_h: T.handle, y_h: T.handle, ws_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        codes = T.match_buffer(c_h, (n_codes,), "uint8")
-        su = T.match_buffer(s_h, (n_su,), "float16")
-        m = T.int64()
-        w = T.int64()
-        x = T.match_buffer(x_h, (m, k), "float32")
-        y = T.match_buffer(y_h, (m, n), "float32")
-        ws = T.match_buffer(ws_h, (w,), "float32")
-        T.evaluate(T.call_extern("int32", "shiftc_bcq_prepare", x.data, m, T.int64(k), T.int64(group), ws.data))
-        for t in T.parallel(T.int32(ntasks)):
-            T.evaluate(T.call_extern(
-                "int32", "shiftc_bcq_compute_uniform", x.data, ws.data, m, T.int64(k), T.int64(n), T.int32(q),
-                T.int64(group), codes.data, su.data, y.data, T.Cast("int64", t)))
-
-    return uniform_matmul.with_attr(EXTERN_ATTR, True).with_attr("op_pattern", 8)
-
-
-@register_converter(SHIFTC_DOMAIN, "UniformMatMul")
+@register_converter(SHIFTC_DOMAIN, ops.UNIFORM_MATMUL.name)
 def _uniform_matmul(bb, inputs, attrs, node):
     from tvm import relax
 
@@ -529,48 +525,14 @@ def _uniform_matmul(bb, inputs, attrs, node):
         w = uniform_matmul_weight(planes, scales, mins, group_size=group, in_features=k)
         return relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T), "float32"))
     codes, su, n_codes, n_su = _uniform_consts(node, planes, scales, mins, k, group)
-    return _emit_kernel_call(bb, x, node, _uniform_primfunc(k, n, bits, group, n_codes, n_su),
-                             f"shiftc_uq_{n}x{k}_q{bits}g{group}", k, n, group, [codes, su])
+    unused = relax.const(np.zeros(1, np.float32))  # the offsets argument, not read by the uniform kernel
+    return _emit_kernel_call(bb, x, node, _lut_primfunc(k, n, bits, group, n_codes, n_su, 0, uniform=True),
+                             f"shiftc_uq_{n}x{k}_q{bits}g{group}", k, n, group, [codes, su, unused])
 
 
-def _uniform_gather_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_su: int):
-    """PrimFunc (ids [R], codes, su, y [R, K]): rows of an UniformMatMul weight, y = scale·code + min
-    read from the lut16 codes and the compact (scale, min) blocks; indices wrap and clamp as the
-    other gathers."""
-    from tvm.script import tirx as T
-
-    ng = -(-k // group)
-    kp8 = ng * group // 8
-    rb = ROW_BLOCK
-
-    @T.prim_func(private=True)
-    def uniform_gather(i_h: T.handle, c_h: T.handle, s_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        r = T.int64()
-        ids = T.match_buffer(i_h, (r,), "int64")
-        codes = T.match_buffer(c_h, (n_codes,), "uint8")
-        su = T.match_buffer(s_h, (n_su,), "float16")
-        y = T.match_buffer(y_h, (r, k), "float32")
-        for t in T.serial(r):
-            idx = T.max(T.min(T.if_then_else(ids[t] < T.int64(0), ids[t] + T.int64(n), ids[t]), T.int64(n - 1)),
-                        T.int64(0))
-            blk = idx // T.int64(rb)
-            row = idx % T.int64(rb)
-            for c in T.serial(T.int64(k)):
-                grp = blk * T.int64(ng) + c // T.int64(group)
-                code = T.int32(0)
-                for i in T.unroll(q):
-                    byte = codes[((blk * T.int64(kp8) + c // T.int64(8)) * T.int64(q) + T.int64(i)) * T.int64(rb) + row]
-                    code = code + T.shift_left(T.Cast("int32", T.shift_right(byte, T.Cast("uint8", c % T.int64(8))) & T.uint8(1)), i)
-                y[t, c] = T.Cast("float32", su[grp * T.int64(2 * rb) + row]) * T.Cast("float32", code) + \
-                    T.Cast("float32", su[grp * T.int64(2 * rb) + T.int64(rb) + row])
-
-    return uniform_gather.with_attr("op_pattern", 8)
-
-
-@register_converter(SHIFTC_DOMAIN, "UniformGather")
+@register_converter(SHIFTC_DOMAIN, ops.UNIFORM_GATHER.name)
 def _uniform_gather(bb, inputs, attrs, node):
-    """UniformGather (shiftc/passes/ops.py): rows of an UniformMatMul weight. CPU: read from the same
+    """UniformGather (shiftc/passes/ops/): rows of an UniformMatMul weight. CPU: read from the same
     constants as the tied head's UniformMatMul; CUDA: a Gather on the reconstructed table."""
     from tvm import relax
 
@@ -582,5 +544,7 @@ def _uniform_gather(bb, inputs, attrs, node):
         w = uniform_matmul_weight(planes, scales, mins, group_size=group, in_features=k)
         return relax.op.take(relax.const(w, "float32"), ids, axis=0)
     codes, su, n_codes, n_su = _uniform_consts(node, planes, scales, mins, k, group)
-    gv = bb.add_func(_uniform_gather_primfunc(k, n, bits, group, n_codes, n_su), f"shiftc_uq_gather_{n}x{k}_q{bits}g{group}")
-    return _emit_row_gather(bb, ids, gv, [codes, su], k)
+    gv = bb.add_func(_gather_primfunc(k, n, bits, group, n_codes, n_su, 0, uniform=True),
+                     f"shiftc_uq_gather_{n}x{k}_q{bits}g{group}")
+    unused = relax.const(np.zeros(1, np.float32))  # the offsets argument, not read for a uniform grid
+    return _emit_row_gather(bb, ids, gv, [codes, su, unused], k)

@@ -27,7 +27,7 @@ The LM head reuses the embedding matrix through a Transpose node when the weight
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import onnx
@@ -55,14 +55,11 @@ class DecoderSpec:
     max_positions: int | None = None  # longest sequence (prompt + generated) the model supports
 
     def to_json(self) -> dict:
-        return {
-            "num_layers": self.num_layers,
-            "num_kv_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size,
-            "eos_token_ids": list(self.eos_token_ids),
-            **({"max_positions": self.max_positions} if self.max_positions else {}),
-        }
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["eos_token_ids"] = list(self.eos_token_ids)
+        if not self.max_positions:
+            del out["max_positions"]
+        return out
 
 
 class _Graph:

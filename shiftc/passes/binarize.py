@@ -17,7 +17,7 @@ weight (scales and offsets included).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -31,7 +31,7 @@ from .distill import DistillFields, validate_fields
 from .shiftadd import (LayerPass, PassResult, ShiftAddPass, Target, embedding_tables, finish_rewrite, replacement_nodes,
                        summarize)
 
-OP = "FdbMatMul"
+OP = ops.FDB_MATMUL.name
 MODES = tuple(fdb.MODES)
 
 
@@ -78,14 +78,8 @@ class BinarizePass(LayerPass):
         c = self.config
         return fdb.quantize_gptq(w, h, c.mode, c.group, damp=c.damp, act_order=c.act_order, iters=c.iters)
 
-    def __call__(self, model: onnx.ModelProto, hessians: dict[str, np.ndarray] | None = None,
-                 results: dict[str, fdb.FdbResult] | None = None) -> PassResult:
-        """``results`` ({layer name: FdbResult}) are used as given instead of fitting."""
+    def rewrite(self, out, targets, skipped, inits, by_id, hessians, results) -> PassResult:
         cfg = self.config
-        results = results or {}
-        out, targets, skipped, inits, by_id = self._start(model)
-        if not targets:
-            return PassResult(out, False, {"layers": {}, "skipped": skipped})
         g = out.graph
         layers, new_inits, replacements = {}, [], {}
         progress = Counter("binarize", len(targets))
@@ -94,7 +88,7 @@ class BinarizePass(LayerPass):
             h = None if hessians is None else hessians.get(t.x)
             r = results[t.name] if t.name in results else self.quantize(t, w, h)
             prefix = t.name[: -len(".weight.T")] if t.name.endswith(".weight.T") else t.name
-            names = [f"{prefix}.fdb_planes", f"{prefix}.fdb_scales", f"{prefix}.fdb_offsets"]
+            names = [prefix + x for x in ops.FDB_MATMUL.initializers]
             new_inits += [numpy_helper.from_array(r.packed_planes(), names[0]),
                           numpy_helper.from_array(r.scales, names[1]), numpy_helper.from_array(r.offsets, names[2])]
             replacements[by_id[t.node]] = replacement_nodes(g.node[by_id[t.node]], t, OP, "fdb", names, bits=r.bits,
@@ -112,8 +106,8 @@ class BinarizePass(LayerPass):
         if tables:
             summary["embedding"] = tables
         finish_rewrite(out, replacements, new_inits, OP, summary)
-        ops.add_functions(out, ["QGather"] if tables else [])
+        ops.add_functions(out, [ops.Q_GATHER.name] if tables else [])
         return PassResult(out, True, {**summary, "layers": layers, "skipped": skipped})
 
 
-dequantized_copy = ops.dequantized_copy  # FdbMatMul -> MatMul(x, Ŵᵀ) (shiftc/passes/ops.py)
+dequantized_copy = ops.dequantized_copy  # FdbMatMul -> MatMul(x, Ŵᵀ) (shiftc/passes/ops/)

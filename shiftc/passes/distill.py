@@ -379,7 +379,7 @@ def token_losses(t_logits, s_logits, kind: str, progress: float = 0.0):
 
 
 #: ops whose scales can be distilled -> (suffix of the planes initializer, coding)
-_OPS = {"FdbMatMul": (".fdb_planes", "01"), "BcqMatMul": (".bcq_planes", "pm1")}
+_OPS = {spec.name: (spec.initializers[0], spec.coding) for spec in (ops.FDB_MATMUL, ops.BCQ_MATMUL)}
 
 
 def _plane_layers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
@@ -399,7 +399,7 @@ def _plane_linear(node: onnx.NodeProto, inits: dict, bias) -> PlaneLinear:
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     coding = _OPS[node.op_type][1]
     planes = bcq.unpack_planes(numpy_helper.to_array(inits[node.input[1]]), a["in_features"])
-    if node.op_type == "FdbMatMul":
+    if node.op_type == ops.FDB_MATMUL.name:
         scales, offsets = numpy_helper.to_array(inits[node.input[2]]), numpy_helper.to_array(inits[node.input[3]])
         return PlaneLinear(planes, scales, offsets, int(a["group_size"]), bias, coding="01")
     exps = numpy_helper.to_array(inits[node.input[2]])
@@ -461,7 +461,7 @@ def _tie_embedding(student, model: onnx.ModelProto, modules: dict) -> None:
     for n in model.graph.node:
         if n.op_type == "BcqGather" and n.input[1] in by_planes:
             student.set_input_embeddings(TiedEmbedding(modules[by_planes[n.input[1]]]))
-        elif n.op_type == "QGather":  # a table of its own, fixed: the student looks up its Ŵ
+        elif n.op_type == ops.Q_GATHER.name:  # a table of its own, fixed: the student looks up its Ŵ
             a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
             w = ops.qgather_weight(*(numpy_helper.to_array(inits[i]) for i in n.input[1:]), **a)
             emb = student.get_input_embeddings()
@@ -492,7 +492,7 @@ def write_back(model: onnx.ModelProto, modules: dict, norms: dict | None = None)
     new = {}
     for path, m in modules.items():
         node = layers[path]
-        if node.op_type == "FdbMatMul":
+        if node.op_type == ops.FDB_MATMUL.name:
             new[node.input[2]] = m.scales.detach().numpy().astype(np.float16)
             new[node.input[3]] = m.offsets.detach().numpy().astype(np.float16)
         else:

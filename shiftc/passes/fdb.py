@@ -1,7 +1,7 @@
 """Flexible Dual Binarization (FDB): {0,1} bit planes with free float scales and a per-group offset.
 
 Math only (numpy in, numpy out; torch does the work on the CPU); the graph pass is
-shiftc/passes/binarize.py and the op it writes is ``ai.shiftc::FdbMatMul`` (shiftc/passes/ops.py).
+shiftc/passes/binarize.py and the op it writes is ``ai.shiftc::FdbMatMul`` (shiftc/passes/ops/).
 
 Representation
 --------------

@@ -16,7 +16,7 @@ matching a ``skip`` glob are left alone.
 
 Each target becomes ``BcqMatMul(x, <name>.bcq_planes, <name>.bcq_exps)`` writing the node's
 output; nodes and initializers left without consumers are removed (the embedding stays when the
-Gather still reads it). The op's function body (shiftc/passes/ops.py) is added to
+Gather still reads it). The op's function body (shiftc/passes/ops/) is added to
 ``model.functions`` with the ``ai.shiftc`` opset import, and ``metadata_props`` gets
 ``shiftc.compression``: JSON with the pass, op, scale mode and per-layer bits, group, shape
 and bits per weight (scales included). The math (BCQ fit, GPTQ compensation, error metrics) is
@@ -37,12 +37,13 @@ from .. import options as opts
 from ..options import option
 from ..progress import Counter
 from . import bcq, ops, uniform
+from .graph import attrs, node_id, remove_dead
 from .distill import DistillFields
 
-OP = "BcqMatMul"
-GATHER_OP = "BcqGather"
-UNIFORM_OP = "UniformMatMul"  # scale_mode "uniform": planes of a q-bit grid, scales a shift apart
-UNIFORM_GATHER_OP = "UniformGather"
+OP = ops.BCQ_MATMUL.name
+GATHER_OP = ops.BCQ_GATHER.name
+UNIFORM_OP = ops.UNIFORM_MATMUL.name  # scale_mode "uniform": planes of a q-bit grid, scales a shift apart
+UNIFORM_GATHER_OP = ops.UNIFORM_GATHER.name
 POOL_MIN_WEIGHTS = 1 << 22  # quantize in a process pool from this many weights on
 EMBEDDING_MIN_WEIGHTS = 1 << 20  # a gathered table this large is an embedding (rope tables are far smaller)
 METADATA_KEY = "shiftc.compression"
@@ -108,20 +109,12 @@ class PassResult:
     report: dict
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _node_id(node: onnx.NodeProto) -> str:
-    return node.name or node.output[0]
-
-
 class LayerPass:
     """What every weight pass offers the compress pipeline (shiftc/passes/compress.py):
     ``match(model)`` the layers it rewrites, ``quantize(target, W, H)`` one layer's fit, and
-    ``__call__(model, hessians, results=)`` the rewrite (a :class:`PassResult`), using ``results``
-    given instead of fitting those layers. Matching is shared: constant-weight MatMul/Gemm and
-    the tied LM head, filtered by the config's ``lm_head`` and ``skip``."""
+    ``__call__(model, hessians, results=)`` the rewritten copy (a :class:`PassResult`). Matching
+    and the copy are shared (constant-weight MatMul/Gemm and the tied LM head, filtered by the
+    config's ``lm_head`` and ``skip``); a pass implements ``quantize`` and ``rewrite``."""
 
     name = ""
     config_class: type = type(None)
@@ -132,13 +125,25 @@ class LayerPass:
     def quantize(self, t: "Target", w: np.ndarray, h: np.ndarray | None):
         raise NotImplementedError
 
-    def _start(self, model: onnx.ModelProto):
-        """(copy of the model, targets, skipped, the copy's initializers by name, node index by id)."""
+    def __call__(self, model: onnx.ModelProto, hessians: dict[str, np.ndarray] | None = None,
+                 results: dict | None = None) -> "PassResult":
+        """The rewritten copy of ``model`` (the input is not changed). ``results`` ({layer name:
+        result}) are used as given instead of fitting those layers (sequential calibration and
+        the mixed-precision cache quantize before the pass)."""
         targets, skipped = self.match(model)
         out = onnx.ModelProto()
         out.CopyFrom(model)
+        if not targets:
+            return PassResult(out, False, {"layers": {}, "skipped": skipped})
         g = out.graph
-        return out, targets, skipped, {t.name: t for t in g.initializer}, {_node_id(n): i for i, n in enumerate(g.node)}
+        return self.rewrite(out, targets, skipped, {t.name: t for t in g.initializer},
+                            {node_id(n): i for i, n in enumerate(g.node)}, hessians, results or {})
+
+    def rewrite(self, out: onnx.ModelProto, targets: list, skipped: list, inits: dict, by_id: dict, hessians,
+                results: dict) -> "PassResult":
+        """Replace ``targets`` in ``out`` (in place) by the pass's op; ``inits`` and ``by_id`` index
+        ``out``'s initializers and nodes."""
+        raise NotImplementedError
 
     # -- matching -----------------------------------------------------------------------------
     def match(self, model: onnx.ModelProto) -> tuple[list[Target], list[tuple[str, str]]]:
@@ -155,7 +160,7 @@ class LayerPass:
             return t is not None and len(t.dims) == 2 and t.data_type == onnx.TensorProto.FLOAT
 
         for node in g.node:
-            nid = _node_id(node)
+            nid = node_id(node)
             if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
                 continue
             is_head = node.output[0] in graph_outs
@@ -165,14 +170,14 @@ class LayerPass:
                 if weight_ok(w):
                     t = Target(w, nid, node.input[0], w, True, is_head=is_head)
                 elif w in producers and producers[w].op_type == "Transpose" and weight_ok(producers[w].input[0]) \
-                        and list(_attrs(producers[w]).get("perm", [1, 0])) == [1, 0]:
+                        and list(attrs(producers[w]).get("perm", [1, 0])) == [1, 0]:
                     e = producers[w].input[0]
                     t = Target("lm_head" if is_head else e, nid, node.input[0], e, False, is_head=is_head)
                 else:
                     skipped.append((nid, f"MatMul '{nid}': input '{w}' is not a constant 2-D float32 weight"))
                     continue
             else:
-                a = _attrs(node)
+                a = attrs(node)
                 if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
                     skipped.append((nid, f"Gemm '{nid}': alpha/beta != 1 or transA set"))
                     continue
@@ -272,15 +277,8 @@ class ShiftAddPass(LayerPass):
         return out, metrics
 
     # -- rewriting ------------------------------------------------------------------------------
-    def __call__(self, model: onnx.ModelProto, hessians: dict[str, np.ndarray] | None = None,
-                 results: dict[str, bcq.BcqResult] | None = None) -> PassResult:
-        """``results`` ({layer name: BcqResult}) are used as given instead of quantizing (sequential
-        calibration quantizes while it calibrates: shiftc/passes/calibration.py)."""
+    def rewrite(self, out, targets, skipped, inits, by_id, hessians, results) -> PassResult:
         cfg = self.config
-        results = results or {}
-        out, targets, skipped, inits, by_id = self._start(model)
-        if not targets:
-            return PassResult(out, False, {"layers": {}, "skipped": skipped})
         g = out.graph
         layers, new_inits = {}, []
         results, metrics = self._fit_all(targets, inits, hessians, results)
@@ -294,11 +292,11 @@ class ShiftAddPass(LayerPass):
             prefix = t.name[: -len(".weight.T")] if t.name.endswith(".weight.T") else t.name
             node = g.node[by_id[t.node]]
             if isinstance(r, uniform.UniformResult):
-                names = [f"{prefix}.uq_planes", f"{prefix}.uq_scales", f"{prefix}.uq_mins"]
-                arrays = [r.packed_planes(), r.scales, r.mins]
-                extra = {}
+                names = [prefix + x for x in ops.UNIFORM_MATMUL.initializers]
+                arrays, extra = [r.packed_planes(), r.scales, r.mins], {}
             else:
-                names, arrays, extra = [f"{prefix}.bcq_planes", f"{prefix}.bcq_exps"], [r.packed_planes(), r.exps], {"coding": "pm1"}
+                names = [prefix + x for x in ops.BCQ_MATMUL.initializers]
+                arrays, extra = [r.packed_planes(), r.exps], {"coding": ops.BCQ_MATMUL.coding}
             if (op == UNIFORM_OP) != isinstance(r, uniform.UniformResult):
                 raise ValueError(f"layer '{t.name}': a {type(r).__name__} given for scale_mode {cfg.scale_mode!r}")
             new_inits += [numpy_helper.from_array(a, nm) for a, nm in zip(arrays, names)]
@@ -317,7 +315,7 @@ class ShiftAddPass(LayerPass):
         if tables:
             summary["embedding"] = tables
         finish_rewrite(out, replacements, new_inits, op, summary)
-        ops.add_functions(out, ([gather_op] if tied else []) + (["QGather"] if tables else []))
+        ops.add_functions(out, ([gather_op] if tied else []) + ([ops.Q_GATHER.name] if tables else []))
         return PassResult(out, True, {**summary, "layers": layers, "skipped": skipped})
 
     @staticmethod
@@ -332,14 +330,14 @@ class ShiftAddPass(LayerPass):
         for i, n in enumerate(g.node):
             if n.domain not in ("", "ai.onnx") or n.op_type != "Gather" or n.input[0] not in heads:
                 continue
-            if int(_attrs(n).get("axis", 0)) != 0:
+            if int(attrs(n).get("axis", 0)) != 0:
                 continue
             head = replacements[by_id[heads[n.input[0]].node]][0]  # the head's BcqMatMul / UniformMatMul
-            a = _attrs(head)
+            a = attrs(head)
             replacements[i] = [helper.make_node(gather_op, [n.input[1], *head.input[1:]], list(n.output),
-                                                name=f"{_node_id(n)}_tied", domain=ops.DOMAIN,
+                                                name=f"{node_id(n)}_tied", domain=ops.DOMAIN,
                                                 **{k: v.decode() if isinstance(v, bytes) else v for k, v in a.items()})]
-            done[_node_id(n)] = heads[n.input[0]].name
+            done[node_id(n)] = heads[n.input[0]].name
         return done
 
 
@@ -392,22 +390,21 @@ def embedding_tables(g: onnx.GraphProto, inits: dict, replacements: dict[int, li
         t = inits.get(n.input[0])
         if t is None or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT or \
                 int(np.prod(t.dims)) < EMBEDDING_MIN_WEIGHTS or n.input[1] not in graph_inputs or \
-                int(_attrs(n).get("axis", 0)) != 0:
+                int(attrs(n).get("axis", 0)) != 0:
             continue
         name = n.input[0]
         if name not in done:
             w = numpy_helper.to_array(t).astype(np.float32)
             codes, scales, mins = uniform.quantize(w, bits, group)
             w_hat = uniform.dequantize(codes, scales, mins, bits, group, w.shape[1])
-            new_inits += [numpy_helper.from_array(codes, f"{name}.q_codes"),
-                          numpy_helper.from_array(scales, f"{name}.q_scales"),
-                          numpy_helper.from_array(mins, f"{name}.q_mins")]
+            new_inits += [numpy_helper.from_array(a, name + x)
+                          for a, x in zip((codes, scales, mins), ops.Q_GATHER.initializers)]
             done[name] = {"shape": list(w.shape), "bits": bits, "group": group,
                           "bits_per_weight": uniform.bits_per_weight(bits, group),
-                          "rel_weight_error": bcq.relative_weight_error(w, w_hat), "op": f"{ops.DOMAIN}::QGather"}
+                          "rel_weight_error": bcq.relative_weight_error(w, w_hat), "op": f"{ops.DOMAIN}::{ops.Q_GATHER.name}"}
         replacements[i] = [helper.make_node(
-            "QGather", [n.input[1], f"{name}.q_codes", f"{name}.q_scales", f"{name}.q_mins"], list(n.output),
-            name=f"{_node_id(n)}_q", domain=ops.DOMAIN, bits=bits, group_size=group, in_features=int(t.dims[1]))]
+            ops.Q_GATHER.name, [n.input[1], *(name + x for x in ops.Q_GATHER.initializers)], list(n.output),
+            name=f"{node_id(n)}_q", domain=ops.DOMAIN, bits=bits, group_size=group, in_features=int(t.dims[1]))]
     return done
 
 
@@ -416,9 +413,9 @@ def replacement_nodes(old: onnx.NodeProto, t: Target, op: str, tag: str, weights
     initializers, plus the standard Add of a Gemm's bias."""
     y = old.output[0]
     mm_out = f"{y}_nobias" if t.bias else y
-    nodes = [helper.make_node(op, [t.x, *weights], [mm_out], name=f"{_node_id(old)}_{tag}", domain=ops.DOMAIN, **attrs)]
+    nodes = [helper.make_node(op, [t.x, *weights], [mm_out], name=f"{node_id(old)}_{tag}", domain=ops.DOMAIN, **attrs)]
     if t.bias:
-        nodes.append(helper.make_node("Add", [mm_out, t.bias], [y], name=f"{_node_id(old)}_bias"))
+        nodes.append(helper.make_node("Add", [mm_out, t.bias], [y], name=f"{node_id(old)}_bias"))
     return nodes
 
 
@@ -433,7 +430,7 @@ def finish_rewrite(out: onnx.ModelProto, replacements: dict[int, list[onnx.NodeP
     del g.node[:]
     g.node.extend(new_nodes)
     g.initializer.extend(new_inits)
-    _remove_dead(g)
+    remove_dead(g)
     ops.add_functions(out, [op])
     props = {p.key: p.value for p in out.metadata_props}
     props[METADATA_KEY] = json.dumps(summary)
@@ -448,38 +445,3 @@ def summarize(pass_name: str, op: str, layers: dict, **extra) -> dict:
     bpw = sum(e["bits_per_weight"] * int(np.prod(e["shape"])) for e in layers.values()) / max(n, 1)
     return {"pass": pass_name, "op": f"{ops.DOMAIN}::{op}", **extra, "bits_per_weight": bpw, "quantized_weights": n,
             "layers": {k: {key: e[key] for key in ("shape", "bits", "group", "bits_per_weight")} for k, e in layers.items()}}
-
-
-def _used_names(graph: onnx.GraphProto) -> set[str]:
-    used = {o.name for o in graph.output}
-    stack = list(graph.node)
-    while stack:
-        n = stack.pop()
-        used.update(i for i in n.input if i)
-        for a in n.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                used.update(o.name for o in sub.output)
-                stack.extend(sub.node)
-    return used
-
-
-def _remove_dead(graph: onnx.GraphProto) -> None:
-    """Drop nodes none of whose outputs is used, then initializers nothing reads (to a fixpoint)."""
-    while True:
-        used = _used_names(graph)
-        keep = [n for n in graph.node if any(o in used for o in n.output)]
-        if len(keep) == len(graph.node):
-            break
-        del graph.node[:]
-        graph.node.extend(keep)
-    used = _used_names(graph)
-    inputs = {i.name for i in graph.input}
-    live = [t for t in graph.initializer if t.name in used or t.name in inputs]
-    if len(live) != len(graph.initializer):
-        kept = []
-        for t in live:
-            c = onnx.TensorProto()
-            c.CopyFrom(t)
-            kept.append(c)
-        del graph.initializer[:]
-        graph.initializer.extend(kept)

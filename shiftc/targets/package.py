@@ -78,10 +78,7 @@ class PackageResult:
 
     def to_json(self) -> dict:
         return {
-            "path": self.path,
-            "target": self.target,
-            "cpu": self.cpu,
-            "task": self.task,
+            **{k: getattr(self, k) for k in ("path", "target", "cpu", "task")},
             "size_bytes": {"model": self.model_bytes, "runtime": self.runtime_bytes, "total": self.total_bytes},
             "versions": self.versions,
             "requires": self.requires,

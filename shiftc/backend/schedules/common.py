@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 
@@ -91,3 +93,31 @@ def parallel_outer(sch: s_tir.Schedule, block, lanes: int, parallel: bool = True
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     if parallel:
         sch.parallel(fused)
+
+
+class CpuRule(ScheduleRule):
+    """A schedule rule for LLVM targets that declines (returns None) where its pattern does not
+    match: ``_apply(func)`` returns a schedule or None, and any error in it means "not this
+    pattern", leaving the function to the next rule."""
+
+    def __init__(self, lanes: int = 16, parallel: bool = True):
+        self.lanes = lanes
+        self.parallel = parallel
+
+    def apply(self, func, target, _tunable):
+        if not isinstance(func, tirx.PrimFunc) or not is_llvm(target):
+            return None
+        try:
+            return self._apply(func)
+        except Exception:  # not this pattern: leave the function to other rules
+            return None
+
+    def _apply(self, func):
+        raise NotImplementedError
+
+
+def normalized(func: tirx.PrimFunc):
+    """(schedule, block infos) of ``func`` after dlight's normalisation; None when it has no blocks."""
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    return (sch, infos) if infos else None

@@ -8,31 +8,15 @@ keeps one such loop nest per output block.
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
-from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import ScheduleRule
-
-from .common import is_llvm, parallel_outer, worth_parallel
+from .common import CpuRule, normalized, parallel_outer, worth_parallel
 
 
-class Injective(ScheduleRule):
-    def __init__(self, lanes: int = 16, parallel: bool = True):
-        self.lanes = lanes
-        self.parallel = parallel
-
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not is_llvm(target):
-            return None
-        try:
-            return self._apply(func)
-        except Exception:
-            return None
-
+class Injective(CpuRule):
     def _apply(self, func):
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos or any(not bi.is_injective() for bi in infos):
+        got = normalized(func)
+        if got is None or any(not bi.is_injective() for bi in got[1]):
             return None
+        sch, infos = got
         outputs = list(sch.mod["main"].params)  # buffers (TVM 0.27: no separate buffer_map)
         nests = []
         for bi in infos[:-1]:

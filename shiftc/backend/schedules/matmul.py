@@ -44,7 +44,7 @@ from tvm.target import Target
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from .common import is_llvm, parallel_outer, vars_in, vectorize_innermost
+from .common import is_llvm, normalized, parallel_outer, vars_in, vectorize_innermost
 
 
 def _match_mac(block: tirx.SBlock):
@@ -134,10 +134,10 @@ class Matmul(ScheduleRule):
 
     # -- analysis ---------------------------------------------------------------------------
     def _analyze(self, func):
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos:
+        got = normalized(func)
+        if got is None:
             return None
+        sch, infos = got
         main = infos[0]
         if main.dom_kind() != "S" * (len(main.iters) - 1) + "R":
             return None

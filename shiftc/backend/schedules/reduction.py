@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.s_tir.dlight.cpu import Reduction
 
-from .common import extent_of, is_llvm, vars_in, vectorize_innermost, worth_parallel
+from .common import CpuRule, extent_of, is_llvm, normalized, vars_in, vectorize_innermost, worth_parallel
 
 
 class RowReduction(Reduction):
@@ -64,27 +63,15 @@ def _single_row(func) -> bool:
     return bool(reductions) and all(rows(bi) == 1 for bi in reductions)
 
 
-class SpatialReduction(ScheduleRule):
+class SpatialReduction(CpuRule):
     """One reduction block ``out[s...] = op(out[s...], f(in, s..., r...))`` (all spatial axes
     first, then the reduction axes), with injective producers and consumers."""
 
-    def __init__(self, lanes: int = 16, parallel: bool = True):
-        self.lanes = lanes
-        self.parallel = parallel
-
-    def apply(self, func, target, _tunable):
-        if not isinstance(func, tirx.PrimFunc) or not is_llvm(target):
-            return None
-        try:
-            return self._apply(func)
-        except Exception:  # not this pattern: leave the function to other rules
-            return None
-
     def _apply(self, func):
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos:
+        got = normalized(func)
+        if got is None:
             return None
+        sch, infos = got
         reductions = [i for i, bi in enumerate(infos) if not bi.is_injective()]
         if len(reductions) != 1:
             return None

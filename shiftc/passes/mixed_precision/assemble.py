@@ -20,7 +20,7 @@ def with_weights(model: onnx.ModelProto, targets, w_hat, in_place: bool = False)
     """A copy of ``model`` (``in_place``: the model itself) whose target layers compute with
     ``w_hat[name]`` [N, K] (fp32); ``w_hat`` is a dict or a function name -> array (called once per
     layer, so only one layer's Ŵ is in memory at a time)."""
-    from ..shiftadd import _remove_dead
+    from ..graph import remove_dead
 
     if in_place:
         out = model
@@ -45,8 +45,8 @@ def with_weights(model: onnx.ModelProto, targets, w_hat, in_place: bool = False)
             else:
                 out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), name))
             node.input[1] = name
-    _remove_dead(out.graph)
+    remove_dead(out.graph)
     return out
 
 
-dequantized_copy = ops.dequantized_copy  # BcqMatMul -> MatMul(x, Ŵᵀ) (shiftc/passes/ops.py)
+dequantized_copy = ops.dequantized_copy  # BcqMatMul -> MatMul(x, Ŵᵀ) (shiftc/passes/ops/)

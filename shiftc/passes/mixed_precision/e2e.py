@@ -52,9 +52,9 @@ def _exposed(model: onnx.ModelProto, targets, in_place: bool = False) -> tuple[o
             g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, dims))
             have_inputs.add(name)
         feeds[t.name] = (name, as_t)
-    from ..shiftadd import _remove_dead
+    from ..graph import remove_dead
 
-    _remove_dead(g)
+    remove_dead(g)
     return out, feeds
 
 

@@ -11,7 +11,7 @@ The size of a compressed model is the bytes of every initializer of the written 
   * per quantized layer, its stored arrays at the chosen width (:func:`layer_bytes`).
 
 :func:`fixed_bytes` works out which initializers survive by running the pass's own liveness
-analysis (shiftadd._remove_dead) on a data-free skeleton of the rewritten graph, so the count
+analysis (graph.remove_dead) on a data-free skeleton of the rewritten graph, so the count
 follows the pass's rules (tied heads, Gemm biases, shared tables) without quantizing anything.
 """
 
@@ -22,6 +22,7 @@ import onnx
 from onnx import helper
 
 from .. import bcq, shiftadd
+from ..graph import attrs, node_id, remove_dead
 
 
 def layer_bytes(n: int, k: int, bits: int, group: int, scale_mode: str) -> int:
@@ -77,7 +78,7 @@ def fixed_bytes(model: onnx.ModelProto, targets, cfg) -> dict:
     inits = {t.name: t for t in g.initializer}
     graph_inputs = {i.name for i in g.input}
     nodes = list(g.node)
-    by_id = {shiftadd._node_id(n): i for i, n in enumerate(nodes)}
+    by_id = {node_id(n): i for i, n in enumerate(nodes)}
     replaced: dict[int, list[str]] = {}  # node index -> the inputs its replacement reads from the old graph
     for t in targets:
         replaced[by_id[t.node]] = [t.x] + ([t.bias] if t.bias else [])
@@ -86,7 +87,7 @@ def fixed_bytes(model: onnx.ModelProto, targets, cfg) -> dict:
         heads = {t.weight for t in targets if not t.transposed}
         for i, n in enumerate(nodes):
             if n.domain in ("", "ai.onnx") and n.op_type == "Gather" and n.input[0] in heads \
-                    and int(shiftadd._attrs(n).get("axis", 0)) == 0:
+                    and int(attrs(n).get("axis", 0)) == 0:
                 replaced[i] = [n.input[1]]
                 tied.append(n.input[0])
     tables: dict[str, int] = {}
@@ -97,7 +98,7 @@ def fixed_bytes(model: onnx.ModelProto, targets, cfg) -> dict:
             t = inits.get(n.input[0])
             if t is None or len(t.dims) != 2 or t.data_type != onnx.TensorProto.FLOAT or \
                     int(np.prod(t.dims)) < shiftadd.EMBEDDING_MIN_WEIGHTS or n.input[1] not in graph_inputs or \
-                    int(shiftadd._attrs(n).get("axis", 0)) != 0:
+                    int(attrs(n).get("axis", 0)) != 0:
                 continue
             replaced[i] = [n.input[1]]
             tables.setdefault(n.input[0], embedding_table_bytes(t.dims[0], t.dims[1], cfg.embedding_bits,
@@ -105,9 +106,9 @@ def fixed_bytes(model: onnx.ModelProto, targets, cfg) -> dict:
     skel = _skeleton(model)
     for i, reads in replaced.items():  # the replacement node: same outputs, reads only what it keeps
         old = nodes[i]
-        skel.node[i].CopyFrom(helper.make_node("Replaced", reads, list(old.output), name=shiftadd._node_id(old),
+        skel.node[i].CopyFrom(helper.make_node("Replaced", reads, list(old.output), name=node_id(old),
                                                domain="size.skeleton"))
-    shiftadd._remove_dead(skel)
+    remove_dead(skel)
     kept = {t.name: tensor_bytes(inits[t.name]) for t in skel.initializer}
     return {"bytes": int(sum(kept.values()) + sum(tables.values())), "kept": kept, "embedding": tables, "tied": tied}
 

@@ -242,6 +242,22 @@ def _reshape(ctx, node, port, d):
         raise Refuse(f"channel dimension reaches the shape input of {what}")
 
 
+def _offsets(ctx, parts, axis: int, refusal: str) -> np.ndarray:
+    """Where each of ``parts`` starts along ``axis`` of the joined tensor (Concat's output, Split's input)."""
+    sizes = [ctx.dim(n, axis) for n in parts]
+    if any(not isinstance(s, int) for s in sizes):
+        raise Refuse(refusal)
+    return np.cumsum([0] + sizes)
+
+
+def _to_parts(ctx, parts, axis: int, offs: np.ndarray, d) -> None:
+    """Channels ``d`` of the joined tensor, handed to the parts that hold them."""
+    for i, name in enumerate(parts):
+        sel = (d.idx >= offs[i]) & (d.idx < offs[i + 1])
+        if sel.any():
+            ctx.link(name, axis, d.replace(idx=d.idx[sel] - offs[i], unit=d.unit[sel]))
+
+
 @rule("Concat")
 def _concat(ctx, node, port, d):
     r = ctx.rank(node.output[0])
@@ -251,17 +267,11 @@ def _concat(ctx, node, port, d):
             if ctx.dim(name, d.axis) != 1 or name == node.output[0]:
                 ctx.link(name, d.axis, d)
         return
-    sizes = [ctx.dim(n, axis) for n in node.input]
-    if any(not isinstance(s, int) for s in sizes):
-        raise Refuse(f"Concat '{node.name}' joins inputs of unknown width on the channel axis")
-    offs = np.cumsum([0] + sizes)
+    offs = _offsets(ctx, node.input, axis, f"Concat '{node.name}' joins inputs of unknown width on the channel axis")
     if port[0] == "in":
         ctx.link(node.output[0], axis, d.replace(idx=d.idx + offs[port[1]]))
     else:
-        for i, name in enumerate(node.input):
-            sel = (d.idx >= offs[i]) & (d.idx < offs[i + 1])
-            if sel.any():
-                ctx.link(name, axis, d.replace(idx=d.idx[sel] - offs[i], unit=d.unit[sel]))
+        _to_parts(ctx, node.input, axis, offs, d)
 
 
 @rule("Split")
@@ -272,18 +282,12 @@ def _split(ctx, node, port, d):
         for name in [node.input[0]] + list(node.output):
             ctx.link(name, d.axis, d)
         return
-    sizes = [ctx.dim(n, axis) for n in node.output]
-    if any(not isinstance(s, int) for s in sizes):
-        raise Refuse(f"Split '{node.name}': output widths unknown")
-    offs = np.cumsum([0] + sizes)
+    offs = _offsets(ctx, node.output, axis, f"Split '{node.name}': output widths unknown")
     ctx.edit("split", node.name, axis)
     if port[0] == "out":
         ctx.link(node.input[0], axis, d.replace(idx=d.idx + offs[port[1]]))
     elif port == ("in", 0):
-        for i, name in enumerate(node.output):
-            sel = (d.idx >= offs[i]) & (d.idx < offs[i + 1])
-            if sel.any():
-                ctx.link(name, axis, d.replace(idx=d.idx[sel] - offs[i], unit=d.unit[sel]))
+        _to_parts(ctx, node.output, axis, offs, d)
     else:
         raise Refuse(f"channel dimension reaches the split sizes of Split '{node.name}'")
 
