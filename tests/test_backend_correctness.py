@@ -196,6 +196,26 @@ def _matches_torch(model, tmp_path, name: str) -> None:
         s = shiftc.load(path).lm_session()
         got = np.concatenate([s.step(ids[:, :4].numpy()), s.step(ids[:, 4:5].numpy()), s.step(ids[:, 5:].numpy())], axis=1)
         assert_close(got, ref, rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what=f"{path} vs torch")
+    _left_padded_matches_torch(model, onnx_path, ids)
+
+
+def _left_padded_matches_torch(model, onnx_path: str, ids) -> None:
+    """A batch of two, the shorter prompt left-padded: the graph (ONNX Runtime) gives torch's logits
+    at every real token when both see the same attention mask and positions."""
+    import torch
+
+    spec = shiftc.inspect(onnx_path)["decoder"]
+    batch = torch.cat([torch.cat([torch.zeros(1, 2, dtype=ids.dtype), ids[:, :4]], 1), ids], 0)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(input_ids=batch, attention_mask=mask, position_ids=pos).logits.numpy()
+    empty = np.zeros((2, spec["num_kv_heads"], 0, spec["head_dim"]), np.float32)
+    feeds = {"input_ids": batch.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
+             **{f"past_key_values.{i}.{kv}": empty for i in range(spec["num_layers"]) for kv in ("key", "value")}}
+    got = ort_run(onnx_path, feeds)["logits"]
+    real = mask.numpy().astype(bool)
+    assert_close(got[real], ref[real], rtol=TOL_DECODER[0], atol=TOL_DECODER[1], what="left-padded batch vs torch")
 
 
 def test_qwen3_decoder_matches_torch(tmp_path):
@@ -237,3 +257,33 @@ def test_gpt2_decoder_matches_torch(tmp_path):
     torch.manual_seed(3)
     cfg = GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
     _matches_torch(GPT2LMHeadModel(cfg).eval(), tmp_path, "gpt2")
+
+
+def test_opt_decoder_matches_torch(tmp_path):
+    """OPT: LayerNorm, learned positions read at position + 2, ReLU MLP (fc1/fc2), biases, tied head."""
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(4)
+    cfg = OPTConfig(vocab_size=512, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2)
+    model = OPTForCausalLM(cfg).eval()
+    with torch.no_grad():  # positions and norms away from their defaults, so that an offset or a missing bias shows
+        model.model.decoder.embed_positions.weight.normal_(0, 0.5)
+        for layer in model.model.decoder.layers:
+            layer.self_attn_layer_norm.bias.uniform_(-0.5, 0.5)
+            layer.final_layer_norm.weight.uniform_(0.5, 2.0)
+    _matches_torch(model, tmp_path, "opt")
+
+
+def test_unsupported_opt_variant_is_refused_by_name():
+    from transformers import OPTConfig
+
+    from shiftc.errors import UnsupportedError
+    from shiftc.frontend.decoder_onnx import check_supported
+
+    with pytest.raises(UnsupportedError, match="OPT with post-layer norm"):
+        check_supported(OPTConfig(do_layer_norm_before=False))
+    with pytest.raises(UnsupportedError, match="word_embed_proj_dim"):
+        check_supported(OPTConfig(hidden_size=64, word_embed_proj_dim=32))

@@ -36,7 +36,9 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import UnsupportedError
 
 OPSET = 17
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "phi3", "qwen2", "qwen3", "smollm3")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "opt", "phi3", "qwen2", "qwen3", "smollm3")
+# LayerNorm with biases, learned positions, a plain (not gated) MLP, no rope
+LEARNED_POSITIONS = ("gpt2", "opt")
 MASK_VALUE = -1e9
 # Symbolic length of the attention window. Written as an expression so that shape inference (ONNX
 # Runtime, TVM) knows it equals the cached plus the new tokens.
@@ -145,6 +147,9 @@ def check_supported(config) -> None:
             f"causal-LM architecture '{mt}' is not supported by shiftc's decoder exporter "
             f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    if mt == "opt":
+        _check_opt(config)
+        return
     if mt == "gpt2":
         act = getattr(config, "activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -155,6 +160,41 @@ def check_supported(config) -> None:
     act = getattr(config, "hidden_act", "silu")
     if act != "silu":
         raise UnsupportedError(f"hidden_act '{act}' is not supported (supported: silu)")
+
+
+def _check_opt(config) -> None:
+    act = getattr(config, "activation_function", "relu")
+    if act != "relu":
+        raise UnsupportedError(f"OPT activation_function '{act}' is not supported (supported: relu)")
+    if not getattr(config, "do_layer_norm_before", True) or getattr(config, "_remove_final_layer_norm", False):
+        raise UnsupportedError("OPT with post-layer norm (do_layer_norm_before false, OPT-350m) is not supported")
+    if getattr(config, "word_embed_proj_dim", config.hidden_size) != config.hidden_size:
+        raise UnsupportedError("OPT with project_in/project_out (word_embed_proj_dim != hidden_size) is not supported")
+    if not getattr(config, "layer_norm_elementwise_affine", True):
+        raise UnsupportedError("OPT without LayerNorm weights (layer_norm_elementwise_affine false) is not supported")
+
+
+def _opt_as_llama_names(sd: dict, n_layers: int) -> dict:
+    """OPT's weights under the names the builder reads. Its learned positions are looked up at
+    position + 2 (OPTLearnedPositionalEmbedding's offset): the table from row 2 on is indexed by
+    the position itself."""
+    d = "model.decoder"
+    out = {"model.embed_tokens.weight": sd[f"{d}.embed_tokens.weight"],
+           "model.embed_positions.weight": sd[f"{d}.embed_positions.weight"][2:],
+           "model.norm.weight": sd[f"{d}.final_layer_norm.weight"], "model.norm.bias": sd[f"{d}.final_layer_norm.bias"]}
+    if "lm_head.weight" in sd:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    names = (("self_attn_layer_norm", "input_layernorm"), ("final_layer_norm", "post_attention_layernorm"),
+             ("self_attn.q_proj", "self_attn.q_proj"), ("self_attn.k_proj", "self_attn.k_proj"),
+             ("self_attn.v_proj", "self_attn.v_proj"), ("self_attn.out_proj", "self_attn.o_proj"),
+             ("fc1", "mlp.up_proj"), ("fc2", "mlp.down_proj"))
+    for i in range(n_layers):
+        for a, b in names:
+            for kind in ("weight", "bias"):
+                key = f"{d}.layers.{i}.{a}.{kind}"
+                if key in sd:
+                    out[f"model.layers.{i}.{b}.{kind}"] = sd[key]
+    return out
 
 
 def _gpt2_as_llama_names(sd: dict, n_layers: int, hidden: int) -> dict:
@@ -178,7 +218,7 @@ def _gpt2_as_llama_names(sd: dict, n_layers: int, hidden: int) -> dict:
 
 def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.ModelProto, DecoderSpec]:
     """Build the ONNX graph of a supported causal-LM torch module (SUPPORTED_MODEL_TYPES; weights
-    in fp32): the Llama family, and GPT-2 through the same builder."""
+    in fp32): the Llama family, and GPT-2 and OPT through the same builder."""
     config = model.config
     check_supported(config)
     b = _DecoderBuilder(config, {k: v for k, v in model.state_dict().items()})
@@ -207,7 +247,9 @@ class _DecoderBuilder:
 
     def __init__(self, config, sd: dict):
         self.config = config
-        self.gpt2 = config.model_type == "gpt2"  # LayerNorm, learned positions, GELU MLP, biases, no rope
+        mt = config.model_type
+        self.gpt2 = mt in LEARNED_POSITIONS  # LayerNorm, learned positions, plain MLP, biases, no rope
+        self.act = {"gpt2": "gelu_tanh", "opt": "relu"}.get(mt, "silu_gated")
         self.hidden = config.hidden_size
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
@@ -215,9 +257,15 @@ class _DecoderBuilder:
         self.group = self.n_heads // self.n_kv
         self.n_layers = config.num_hidden_layers
         self.vocab = config.vocab_size
-        self.eps = float(config.layer_norm_epsilon if self.gpt2 else config.rms_norm_eps)
-        self.sd = _gpt2_as_llama_names(sd, self.n_layers, self.hidden) if self.gpt2 else \
-            _split_fused_projections(sd, self.n_layers, self.n_heads * self.head_dim, self.n_kv * self.head_dim)
+        # OPT's LayerNorm is torch's default (eps 1e-5)
+        self.eps = float(1e-5 if mt == "opt" else config.layer_norm_epsilon if self.gpt2 else config.rms_norm_eps)
+        if mt == "opt":
+            self.sd = _opt_as_llama_names(sd, self.n_layers)
+        elif self.gpt2:
+            self.sd = _gpt2_as_llama_names(sd, self.n_layers, self.hidden)
+        else:
+            self.sd = _split_fused_projections(sd, self.n_layers, self.n_heads * self.head_dim,
+                                               self.n_kv * self.head_dim)
         self.g = _Graph()
         self.inputs = [
             helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
@@ -353,7 +401,10 @@ class _DecoderBuilder:
 
     def mlp(self, i: int, x: str) -> str:
         g, p = self.g, f"model.layers.{i}"
-        if self.gpt2:  # GELU (tanh form): 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))
+        if self.act == "relu":  # OPT
+            u = self.linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
+            return self.linear(g.op("Relu", [u], f"l{i}_relu"), f"{p}.mlp.down_proj", f"l{i}_down")
+        if self.act == "gelu_tanh":  # GELU (tanh form): 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))
             u = self.linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
             u3 = g.op("Mul", [g.op("Mul", [u, u], f"l{i}_u2"), u], f"l{i}_u3")
             inner = g.op("Mul", [g.op("Add", [u, g.op("Mul", [u3, g.const_f32(0.044715)], f"l{i}_cu3")], f"l{i}_poly"),
