@@ -177,7 +177,7 @@ def test_every_shiftc_op_has_a_lowering():
     assert not missing, f"ops without a lowering: {missing}"
 
 
-def _matches_torch(model, tmp_path, name: str) -> None:
+def _matches_torch(model, tmp_path, name: str, kv_dtype: str = "float16") -> None:
     """Save the HF model, export and compile it; the compiled library keeps its in-place cache and
     both the .onnx (ONNX Runtime) and the library give torch's logits on a prefill of 4 tokens
     and two one-token steps."""
@@ -186,7 +186,7 @@ def _matches_torch(model, tmp_path, name: str) -> None:
     model.save_pretrained(tmp_path / "hf")
     onnx_path, lib = str(tmp_path / f"{name}.onnx"), str(tmp_path / f"{name}.so")
     shiftc.export(str(tmp_path / "hf"), onnx_path)
-    shiftc.compile(onnx_path, lib)
+    shiftc.compile(onnx_path, lib, kv_dtype=kv_dtype)
     m = shiftc.load(lib)
     assert m.task == "causal-lm" and m.meta["kv_cache"]["mode"] == "inplace"  # its attention recognised
     ids = torch.tensor([[1, 500, 20, 7, 400, 3]])
@@ -287,3 +287,25 @@ def test_unsupported_opt_variant_is_refused_by_name():
         check_supported(OPTConfig(do_layer_norm_before=False))
     with pytest.raises(UnsupportedError, match="word_embed_proj_dim"):
         check_supported(OPTConfig(hidden_size=64, word_embed_proj_dim=32))
+
+
+def test_gemma3_decoder_matches_torch(tmp_path):
+    """Gemma 3 (text): embedding scaled by sqrt(hidden), RMSNorm gains 1 + w, four norms per layer,
+    q/k norms, gated tanh-GELU MLP, scores scaled by query_pre_attn_scalar, and a sliding-window
+    layer (window 3, shorter than the test's 6 tokens) with its own rope base beside a full one."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(5)
+    cfg = Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+                           sliding_window=3, layer_types=["sliding_attention", "full_attention"],
+                           max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # gains away from their zero init, so that a missing 1 + w or norm shows
+        for name, prm in model.named_parameters():
+            if "norm" in name:
+                prm.uniform_(-0.5, 0.5)
+    # a float32 cache: the embedding scale and the 1 + w gains make these activations large enough
+    # that the default float16 cache's rounding (2^-12 relative, TOL_KV16) exceeds TOL_DECODER
+    _matches_torch(model, tmp_path, "gemma3", kv_dtype="float32")

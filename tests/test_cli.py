@@ -155,14 +155,11 @@ def test_out_of_range_token_ids_refused(tiny_llama):
     assert s.length == 0  # nothing ran
 
 
-def test_gguf_of_an_unsupported_decoder_is_refused_by_name(tmp_path):
-    """A GGUF's config names no architectures; it holds a decoder, so an unsupported one (Gemma 3
-    here, a header-only file) is refused by name before any weight loads, never exported as an
-    encoder."""
+def _header_only_gguf(path: str, arch: str) -> None:
+    """A GGUF of architecture ``arch`` with its header and the token embedding only."""
     import gguf
 
-    path = str(tmp_path / "g3.gguf")
-    w = gguf.GGUFWriter(path, "gemma3")
+    w = gguf.GGUFWriter(path, arch)
     w.add_context_length(128)
     w.add_embedding_length(64)
     w.add_block_count(1)
@@ -181,7 +178,26 @@ def test_gguf_of_an_unsupported_decoder_is_refused_by_name(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def test_gguf_of_an_unsupported_decoder_is_refused_by_name(tmp_path):
+    """A GGUF's config names no architectures; it holds a decoder, so an unsupported one (BLOOM
+    here, a header-only file) is refused by name before any weight loads, never exported as an
+    encoder."""
+    path = str(tmp_path / "b.gguf")
+    _header_only_gguf(path, "bloom")
+    out = tmp_path / "b.onnx"
+    r = run_cli("export", path, "-o", str(out))
+    assert r.returncode == EXIT_UNSUPPORTED and "bloom" in r.stderr and path in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_gguf_missing_weights_is_refused(tmp_path):
+    """A supported decoder (Gemma 3) whose file lacks most weights: never exported with the missing
+    ones left at their random initialisation."""
+    path = str(tmp_path / "g3.gguf")
+    _header_only_gguf(path, "gemma3")
     out = tmp_path / "g3.onnx"
     r = run_cli("export", path, "-o", str(out))
-    assert r.returncode == EXIT_UNSUPPORTED and "gemma3" in r.stderr and path in r.stderr, r.stderr
+    assert r.returncode == EXIT_BAD_INPUT and "missing from the file" in r.stderr and path in r.stderr, r.stderr
     assert not out.exists()

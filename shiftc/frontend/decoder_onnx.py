@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import UnsupportedError
 
 OPSET = 17
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "opt", "phi3", "qwen2", "qwen3", "smollm3")
+SUPPORTED_MODEL_TYPES = ("gemma3_text", "gpt2", "llama", "mistral", "opt", "phi3", "qwen2", "qwen3", "smollm3")
 # LayerNorm with biases, learned positions, a plain (not gated) MLP, no rope
 LEARNED_POSITIONS = ("gpt2", "opt")
 MASK_VALUE = -1e9
@@ -103,23 +103,27 @@ def _np(t) -> np.ndarray:
     return t.detach().to("cpu").float().numpy()
 
 
-def _rope_inv_freq(config, head_dim: int) -> np.ndarray:
-    """theta^(-2i/D) for i < D/2, float64."""
+def _rope_inv_freq(config, head_dim: int, layer_type: str | None = None) -> np.ndarray:
+    """theta^(-2i/D) for i < D/2, float64 (``linear`` scaling: divided by its factor). Models whose
+    layers differ (Gemma 3: sliding and full attention) give the parameters per ``layer_type``."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and layer_type in rope:
+        rope = rope[layer_type]
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
     theta = theta or getattr(config, "rope_theta", 10000.0)
-    if rope_type not in ("default", None):
+    if rope_type not in ("default", "linear", None):
         raise UnsupportedError(
             f"rotary embedding type '{rope_type}' is not supported by the decoder exporter "
-            "(supported: default)"
+            "(supported: default, linear)"
         )
+    factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
     partial = (rope.get("partial_rotary_factor") if isinstance(rope, dict) else None) or \
         getattr(config, "partial_rotary_factor", 1.0) or 1.0
     if float(partial) != 1.0:
         raise UnsupportedError(f"partial rotary embeddings (partial_rotary_factor {partial}) are not supported "
                                "by the decoder exporter (supported: 1.0)")
-    return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)) / factor
 
 
 def _split_fused_projections(sd: dict, n_layers: int, q_rows: int, kv_rows: int) -> dict:
@@ -149,6 +153,14 @@ def check_supported(config) -> None:
         )
     if mt == "opt":
         _check_opt(config)
+        return
+    if mt == "gemma3_text":
+        act = getattr(config, "hidden_activation", "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise UnsupportedError(f"Gemma 3 hidden_activation '{act}' is not supported (supported: gelu_pytorch_tanh)")
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, cap, None):
+                raise UnsupportedError(f"Gemma 3 with {cap} is not supported")
         return
     if mt == "gpt2":
         act = getattr(config, "activation_function", "gelu_new")
@@ -249,7 +261,11 @@ class _DecoderBuilder:
         self.config = config
         mt = config.model_type
         self.gpt2 = mt in LEARNED_POSITIONS  # LayerNorm, learned positions, plain MLP, biases, no rope
-        self.act = {"gpt2": "gelu_tanh", "opt": "relu"}.get(mt, "silu_gated")
+        self.act = {"gpt2": "gelu_tanh", "opt": "relu", "gemma3_text": "gelu_tanh_gated"}.get(mt, "silu_gated")
+        # Gemma 3: embedding scaled by sqrt(hidden), RMSNorm gains 1 + w, four norms per layer,
+        # scores scaled by query_pre_attn_scalar^-1/2, sliding-window layers with their own rope
+        self.gemma = mt == "gemma3_text"
+        self.layer_types = list(getattr(config, "layer_types", None) or []) if self.gemma else []
         self.hidden = config.hidden_size
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
@@ -282,27 +298,34 @@ class _DecoderBuilder:
         if self.gpt2:
             wpe = g.init("model.embed_positions.weight", _np(self.sd["model.embed_positions.weight"]))
             h = g.op("Add", [h, g.op("Gather", [wpe, "position_ids"], "embed_pos", axis=0)], "embed_sum")
+        elif self.gemma:
+            h = g.op("Mul", [h, g.const_f32(float(np.float32(self.hidden ** 0.5)))], "embed_scaled")
+            self.ropes = {t: self._rope_angles(t, f"_{t.split('_')[0]}") for t in dict.fromkeys(self.layer_types)}
         else:
-            self._rope_angles()
+            self.ropes = {None: self._rope_angles()}
         self._mask()
-        self.scale = g.const_f32(1.0 / np.sqrt(self.head_dim))
+        scalar = float(getattr(self.config, "query_pre_attn_scalar", None) or self.head_dim) if self.gemma \
+            else self.head_dim
+        self.scale = g.const_f32(1.0 / np.sqrt(scalar))
         return h
 
-    def _rope_angles(self) -> None:
+    def _rope_angles(self, layer_type: str | None = None, sfx: str = "") -> tuple[str, str, str, str]:
         """Rotary angles of the new positions, computed per step (no [max_pos, D/2] tables in the
         model: 0.5 MB for 2048 positions of D = 64) in float64, so that cos/sin are as exact as
         tables made in float64 were, then broadcastable to q [B,KVH,G,S,D/2] and k [B,KVH,S,D/2];
-        rope is applied on the two halves separately."""
+        rope is applied on the two halves separately. Returns (cos_q, sin_q, cos_k, sin_k)."""
         g = self.g
-        inv_freq = g.init("rope.inv_freq", _rope_inv_freq(self.config, self.head_dim))  # float64 [D/2]
-        pos = g.op("Cast", ["position_ids"], "rope_pos", to=TensorProto.DOUBLE)
-        angle = g.op("Mul", [g.op("Unsqueeze", [pos, g.const_i64([2])], "rope_pos3"), inv_freq], "rope_angle")  # [B,S,D/2]
-        cos = g.op("Cast", [g.op("Cos", [angle], "rope_cos64")], "rope_cos", to=TensorProto.FLOAT)
-        sin = g.op("Cast", [g.op("Sin", [angle], "rope_sin64")], "rope_sin", to=TensorProto.FLOAT)
-        self.cos_k = g.op("Unsqueeze", [cos, g.const_i64([1])], "rope_cos_k")  # [B,1,S,D/2]
-        self.sin_k = g.op("Unsqueeze", [sin, g.const_i64([1])], "rope_sin_k")
-        self.cos_q = g.op("Unsqueeze", [self.cos_k, g.const_i64([1])], "rope_cos_q")  # [B,1,1,S,D/2]
-        self.sin_q = g.op("Unsqueeze", [self.sin_k, g.const_i64([1])], "rope_sin_q")
+        inv_freq = g.init(f"rope{sfx}.inv_freq", _rope_inv_freq(self.config, self.head_dim, layer_type))  # float64
+        pos = g.op("Cast", ["position_ids"], f"rope_pos{sfx}", to=TensorProto.DOUBLE)
+        angle = g.op("Mul", [g.op("Unsqueeze", [pos, g.const_i64([2])], f"rope_pos3{sfx}"), inv_freq],
+                     f"rope_angle{sfx}")  # [B,S,D/2]
+        cos = g.op("Cast", [g.op("Cos", [angle], f"rope_cos64{sfx}")], f"rope_cos{sfx}", to=TensorProto.FLOAT)
+        sin = g.op("Cast", [g.op("Sin", [angle], f"rope_sin64{sfx}")], f"rope_sin{sfx}", to=TensorProto.FLOAT)
+        cos_k = g.op("Unsqueeze", [cos, g.const_i64([1])], f"rope_cos_k{sfx}")  # [B,1,S,D/2]
+        sin_k = g.op("Unsqueeze", [sin, g.const_i64([1])], f"rope_sin_k{sfx}")
+        cos_q = g.op("Unsqueeze", [cos_k, g.const_i64([1])], f"rope_cos_q{sfx}")  # [B,1,1,S,D/2]
+        sin_q = g.op("Unsqueeze", [sin_k, g.const_i64([1])], f"rope_sin_q{sfx}")
+        return cos_q, sin_q, cos_k, sin_k
 
     def _mask(self) -> None:
         """Additive attention mask [B,1,1,S,T]."""
@@ -316,11 +339,19 @@ class _DecoderBuilder:
         valid = g.op("Greater", [am5, g.const_i64([0])], "mask_valid")
         allowed = g.op("And", [causal, valid], "mask_allowed")
         self.mask = g.op("Where", [allowed, g.const_f32(0.0), g.const_f32(MASK_VALUE)], "mask_add")
+        self.masks = {None: self.mask, "full_attention": self.mask}
+        if "sliding_attention" in self.layer_types:  # keys less than sliding_window positions back
+            window = int(self.config.sliding_window)
+            near = g.op("Less", [g.op("Sub", [qpos, kpos], "mask_dist"), g.const_i64([window])], "mask_near")
+            local = g.op("And", [allowed, near], "mask_allowed_local")
+            self.masks["sliding_attention"] = g.op("Where", [local, g.const_f32(0.0), g.const_f32(MASK_VALUE)],
+                                                   "mask_add_local")
 
     def norm(self, x: str, weight_key: str, name: str) -> str:
         """RMSNorm over the last axis (GPT-2: LayerNorm, with its bias)."""
         g, sd = self.g, self.sd
-        w = g.init(weight_key, _np(sd[weight_key]))
+        # Gemma 3 multiplies by (1 + w), in float32: folded into the stored gain
+        w = g.init(weight_key, _np(sd[weight_key]) + np.float32(1.0) if self.gemma else _np(sd[weight_key]))
         if self.gpt2:
             bias_key = weight_key[: -len("weight")] + "bias"
             b = g.init(bias_key, _np(sd[bias_key]))
@@ -350,10 +381,19 @@ class _DecoderBuilder:
 
     def layer(self, i: int, h: str) -> str:
         p = f"model.layers.{i}"
-        h = self.g.op("Add", [h, self.attention(i, self.norm(h, f"{p}.input_layernorm.weight", f"l{i}_attn_norm"))],
-                      f"l{i}_resid1")
+        a = self.attention(i, self.norm(h, f"{p}.input_layernorm.weight", f"l{i}_attn_norm"))
+        if self.gemma:  # norms after attention and the MLP too
+            a = self.norm(a, f"{p}.post_attention_layernorm.weight", f"l{i}_attn_post_norm")
+            h = self.g.op("Add", [h, a], f"l{i}_resid1")
+            m = self.mlp(i, self.norm(h, f"{p}.pre_feedforward_layernorm.weight", f"l{i}_mlp_norm"))
+            m = self.norm(m, f"{p}.post_feedforward_layernorm.weight", f"l{i}_mlp_post_norm")
+            return self.g.op("Add", [h, m], f"l{i}_resid2")
+        h = self.g.op("Add", [h, a], f"l{i}_resid1")
         x = self.norm(h, f"{p}.post_attention_layernorm.weight", f"l{i}_mlp_norm")
         return self.g.op("Add", [h, self.mlp(i, x)], f"l{i}_resid2")
+
+    def _layer_type(self, i: int) -> str | None:
+        return self.layer_types[i] if self.layer_types else None
 
     def _qkv(self, i: int, x: str) -> tuple[str, str, str]:
         """q [B,KVH,G,S,D], k and v [B,KVH,S,D] of the new positions (rope applied)."""
@@ -371,8 +411,9 @@ class _DecoderBuilder:
         v = g.op("Reshape", [v, g.const_i64([0, 0, n_kv, d])], f"l{i}_v_heads")
         v = g.op("Transpose", [v], f"l{i}_v_t", perm=[0, 2, 1, 3])
         if not self.gpt2:
-            q = self.rope(q, self.cos_q, self.sin_q, 4, f"l{i}_q_rope")
-            k = self.rope(k, self.cos_k, self.sin_k, 3, f"l{i}_k_rope")
+            cos_q, sin_q, cos_k, sin_k = self.ropes[self._layer_type(i)]
+            q = self.rope(q, cos_q, sin_q, 4, f"l{i}_q_rope")
+            k = self.rope(k, cos_k, sin_k, 3, f"l{i}_k_rope")
         return q, k, v
 
     def attention(self, i: int, x: str) -> str:
@@ -392,7 +433,7 @@ class _DecoderBuilder:
         v5 = g.op("Unsqueeze", [v_all, g.const_i64([2])], f"l{i}_v5")  # [B,KVH,1,T,D]
         s = g.op("MatMul", [q, kt], f"l{i}_scores")  # [B,KVH,G,S,T]
         s = g.op("Mul", [s, self.scale], f"l{i}_scaled")
-        s = g.op("Add", [s, self.mask], f"l{i}_masked")
+        s = g.op("Add", [s, self.masks[self._layer_type(i)]], f"l{i}_masked")
         pr = g.op("Softmax", [s], f"l{i}_probs", axis=-1)
         a = g.op("MatMul", [pr, v5], f"l{i}_attn")  # [B,KVH,G,S,D]
         a = g.op("Transpose", [a], f"l{i}_attn_t", perm=[0, 3, 1, 2, 4])  # [B,S,KVH,G,D]
@@ -404,15 +445,22 @@ class _DecoderBuilder:
         if self.act == "relu":  # OPT
             u = self.linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
             return self.linear(g.op("Relu", [u], f"l{i}_relu"), f"{p}.mlp.down_proj", f"l{i}_down")
-        if self.act == "gelu_tanh":  # GELU (tanh form): 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))
-            u = self.linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
-            u3 = g.op("Mul", [g.op("Mul", [u, u], f"l{i}_u2"), u], f"l{i}_u3")
-            inner = g.op("Mul", [g.op("Add", [u, g.op("Mul", [u3, g.const_f32(0.044715)], f"l{i}_cu3")], f"l{i}_poly"),
-                                 g.const_f32(float(np.sqrt(2.0 / np.pi)))], f"l{i}_inner")
-            t = g.op("Add", [g.op("Tanh", [inner], f"l{i}_tanh"), g.const_f32(1.0)], f"l{i}_1pt")
-            act = g.op("Mul", [g.op("Mul", [u, t], f"l{i}_ut"), g.const_f32(0.5)], f"l{i}_gelu")
+        if self.act == "gelu_tanh":  # GPT-2
+            act = self._gelu_tanh(self.linear(x, f"{p}.mlp.up_proj", f"l{i}_up"), f"l{i}")
             return self.linear(act, f"{p}.mlp.down_proj", f"l{i}_down")
         gate = self.linear(x, f"{p}.mlp.gate_proj", f"l{i}_gate")
         up = self.linear(x, f"{p}.mlp.up_proj", f"l{i}_up")
-        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}_sigmoid")], f"l{i}_silu")
+        if self.act == "gelu_tanh_gated":  # Gemma 3
+            act = self._gelu_tanh(gate, f"l{i}")
+        else:
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"l{i}_sigmoid")], f"l{i}_silu")
         return self.linear(g.op("Mul", [act, up], f"l{i}_glu"), f"{p}.mlp.down_proj", f"l{i}_down")
+
+    def _gelu_tanh(self, u: str, name: str) -> str:
+        """GELU (tanh form): 0.5 u (1 + tanh(sqrt(2/pi) (u + 0.044715 u^3)))."""
+        g = self.g
+        u3 = g.op("Mul", [g.op("Mul", [u, u], f"{name}_u2"), u], f"{name}_u3")
+        inner = g.op("Mul", [g.op("Add", [u, g.op("Mul", [u3, g.const_f32(0.044715)], f"{name}_cu3")], f"{name}_poly"),
+                             g.const_f32(float(np.sqrt(2.0 / np.pi)))], f"{name}_inner")
+        t = g.op("Add", [g.op("Tanh", [inner], f"{name}_tanh"), g.const_f32(1.0)], f"{name}_1pt")
+        return g.op("Mul", [g.op("Mul", [u, t], f"{name}_ut"), g.const_f32(0.5)], f"{name}_gelu")

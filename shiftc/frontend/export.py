@@ -103,9 +103,17 @@ def load_hf_model(src: str, *, kind: str | None = None):
         "encoder": transformers.AutoModel,
     }[task]
     try:
-        model = auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", **kw)
+        model, info = auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager",
+                                           output_loading_info=True, **kw)
     except Exception as exc:
         raise BadInputError(f"'{src}': cannot load the model weights: {_first(exc)}") from exc
+    # a weight the file lacks would be left at its random initialisation: refuse, never export it
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(set(info.get("missing_keys") or ()) - tied)
+    if missing:
+        raise BadInputError(f"'{src}': {len(missing)} weight(s) of the model are missing from the file "
+                            f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}); it is incomplete "
+                            "or of another architecture")
     model.eval()
     tok_src = os.path.join(folder, gguf) if gguf else folder
     return model, task, tok_src
