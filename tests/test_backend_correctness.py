@@ -326,3 +326,52 @@ def test_gemma3_decoder_matches_torch(tmp_path):
     # a float32 cache: the embedding scale and the 1 + w gains make these activations large enough
     # that the default float16 cache's rounding (2^-12 relative, TOL_KV16) exceeds TOL_DECODER
     _matches_torch(model, tmp_path, "gemma3", kv_dtype="float32")
+
+
+def _llama_family_config(cls, **kw):
+    return cls(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+               **kw)
+
+
+def test_llama_decoder_matches_torch(tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(6)
+    _matches_torch(LlamaForCausalLM(_llama_family_config(LlamaConfig, tie_word_embeddings=True)).eval(), tmp_path,
+                   "llama")
+
+
+def test_mistral_decoder_matches_torch(tmp_path):
+    """Mistral: every layer's attention limited to sliding_window keys (3 here, shorter than the test)."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(7)
+    _matches_torch(MistralForCausalLM(_llama_family_config(MistralConfig, sliding_window=3)).eval(), tmp_path,
+                   "mistral")
+
+
+def test_qwen2_decoder_matches_torch(tmp_path):
+    """Qwen2: q/k/v biases."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(8)
+    model = Qwen2ForCausalLM(_llama_family_config(Qwen2Config)).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.uniform_(-0.5, 0.5)
+    _matches_torch(model, tmp_path, "qwen2")
+
+
+def test_smollm3_decoder_matches_torch(tmp_path):
+    """SmolLM3: layers whose no_rope_layers entry is 0 use no rotary embedding."""
+    import torch
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    torch.manual_seed(9)
+    cfg = _llama_family_config(SmolLM3Config, no_rope_layers=[1, 0])
+    _matches_torch(SmolLM3ForCausalLM(cfg).eval(), tmp_path, "smollm3")

@@ -265,7 +265,13 @@ class _DecoderBuilder:
         # Gemma 3: embedding scaled by sqrt(hidden), RMSNorm gains 1 + w, four norms per layer,
         # scores scaled by query_pre_attn_scalar^-1/2, sliding-window layers with their own rope
         self.gemma = mt == "gemma3_text"
-        self.layer_types = list(getattr(config, "layer_types", None) or []) if self.gemma else []
+        # attention per layer: "full_attention" or "sliding_attention" (keys fewer than sliding_window
+        # positions back); Mistral's sliding_window applies to every layer
+        self.layer_types = list(getattr(config, "layer_types", None) or [])
+        if not self.layer_types and mt == "mistral" and getattr(config, "sliding_window", None):
+            self.layer_types = ["sliding_attention"] * config.num_hidden_layers
+        # SmolLM3: layers whose no_rope_layers entry is 0 use no rotary embedding
+        self.no_rope = [not x for x in (getattr(config, "no_rope_layers", None) or [])]
         self.hidden = config.hidden_size
         self.n_heads = config.num_attention_heads
         self.n_kv = getattr(config, "num_key_value_heads", None) or self.n_heads
@@ -410,8 +416,8 @@ class _DecoderBuilder:
         k = g.op("Transpose", [k], f"l{i}_k_t", perm=[0, 2, 1, 3])  # [B,KVH,S,D]
         v = g.op("Reshape", [v, g.const_i64([0, 0, n_kv, d])], f"l{i}_v_heads")
         v = g.op("Transpose", [v], f"l{i}_v_t", perm=[0, 2, 1, 3])
-        if not self.gpt2:
-            cos_q, sin_q, cos_k, sin_k = self.ropes[self._layer_type(i)]
+        if not self.gpt2 and not (self.no_rope and self.no_rope[i]):
+            cos_q, sin_q, cos_k, sin_k = self.ropes[self._layer_type(i) if self.gemma else None]
             q = self.rope(q, cos_q, sin_q, 4, f"l{i}_q_rope")
             k = self.rope(k, cos_k, sin_k, 3, f"l{i}_k_rope")
         return q, k, v
