@@ -71,8 +71,10 @@ def load(path: str | os.PathLike, threads: int | None = None) -> Runnable:
 
 
 def evaluate(path: str | os.PathLike, *, task: str = "perplexity", tokens: int = 32768, window: int = 512,
-             corpus: str = "wikipedia", split: str = "eval", tokenizer: str | None = None, threads: int | None = None,
-             step: int | None = None) -> dict:
+             corpus: str = "wikipedia", split: str | None = None, tokenizer: str | None = None,
+             threads: int | None = None, step: int | None = None, data=None) -> dict:
+    """Perplexity on the held-out Wikipedia split (``corpus``, ``split``), or on ``data``: the
+    user's text, a path (plain text, .jsonl, .parquet) or an iterable of strings."""
     from .evaluation import TASKS, perplexity
 
     if task not in TASKS:
@@ -92,7 +94,15 @@ def evaluate(path: str | os.PathLike, *, task: str = "perplexity", tokens: int =
         model = OnnxModel(path, threads, proto=proto)
     else:
         model = load(path, threads).model
-    return perplexity(model, tokens=tokens, window=window, corpus=corpus, split=split, tokenizer=tokenizer, step=step)
+    return perplexity(model, tokens=tokens, window=window, corpus=corpus, split=split, tokenizer=tokenizer, step=step,
+                      data=_texts(data))
+
+
+def _texts(data):
+    """A path as a string, other iterables of strings as a list (read more than once)."""
+    if data is None or isinstance(data, str):
+        return data
+    return os.fspath(data) if isinstance(data, os.PathLike) else list(data)
 
 
 def bench(path: str | os.PathLike, *, vs: str = "onnxruntime", threads: int = 1, reference: str | None = None, **kwargs) -> dict:
@@ -144,6 +154,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, *, config=None
         cfg = copy.deepcopy(config)
     else:
         cfg = load_recipe(recipe) if recipe is not None else CompressConfig()
+    if "calib_data" in overrides:
+        overrides["calib_data"] = _texts(overrides["calib_data"])
     cfg = apply_overrides(cfg, overrides, from_recipe=config is not None or recipe is not None)
     return _compress(model, output, validate(cfg), tools=_tools())
 

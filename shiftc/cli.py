@@ -113,7 +113,8 @@ def cmd_eval(args):
     from . import api
 
     r = api.evaluate(args.model, task=args.task, tokens=args.tokens, window=args.window, corpus=args.corpus,
-                     split=args.split, tokenizer=args.tokenizer, threads=args.threads, step=args.step)
+                     split=args.split, tokenizer=args.tokenizer, threads=args.threads, step=args.step,
+                     data=args.eval_data)
     steps = f", {r['step']} per step" if r["step"] != r["window"] else ""
     _emit(args, r, f"perplexity {r['perplexity']:.4f} ({r['backend']}, {r['tokens_scored']} tokens in {r['windows']} windows of {r['window']}{steps}, {r['corpus']}/{r['split']})")
 
@@ -264,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="feed each window this many tokens per call through the KV cache (1: the decode path, "
                          "token by token; default: the whole window in one call)")
     sp.add_argument("--corpus", default="wikipedia", choices=["wikipedia", "lee"])
-    sp.add_argument("--split", default="eval", help="wikipedia: eval (held out) or calib; lee: all")
+    sp.add_argument("--split", help="wikipedia: eval (held out, the default) or calib; lee: all; --eval-data: all "
+                                    "(the default), or the eval / calib documents of the file")
+    sp.add_argument("--eval-data", metavar="PATH", type=_existing,
+                    help="your own text instead of --corpus: plain text (documents separated by blank lines), "
+                         ".jsonl (a 'text' field per line) or .parquet (a 'text' column)")
     sp.add_argument("--tokenizer", help="HF folder or .gguf (default: the one recorded at export)")
     sp.add_argument("--threads", type=positive)
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from .backend.runtime import Model
 from .errors import UsageError
-from .frontend.data import load_corpus, token_windows
+from .frontend.data import load_corpus, load_user_texts, token_windows
 from .progress import Counter
 from .tokenizer import tokenizer_for
 
@@ -37,10 +37,12 @@ def window_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
 
 
 def perplexity(model: Model, *, tokens: int = 32768, window: int = 512, corpus: str = "wikipedia",
-               split: str = "eval", tokenizer: str | None = None, step: int | None = None) -> dict:
+               split: str | None = None, tokenizer: str | None = None, step: int | None = None, data=None) -> dict:
     """Perplexity over article-disjoint windows. ``step`` feeds each window that many tokens per
     forward call through the KV cache (1: token by token, the decode path's kernels, which on a
-    compiled low-bit model are not the prefill's); None: one call per window."""
+    compiled low-bit model are not the prefill's); None: one call per window. ``data``: the user's
+    text (a path or strings, frontend.data.load_user_texts) instead of ``corpus``; ``split``
+    defaults to eval (a corpus) or all (data)."""
     if model.task != "causal-lm":
         raise UsageError(f"--task perplexity needs a causal LM; '{model.path}' is '{model.task}'")
     if window < 2:
@@ -48,7 +50,14 @@ def perplexity(model: Model, *, tokens: int = 32768, window: int = 512, corpus: 
     if step is not None and step < 1:
         raise UsageError(f"--step must be >= 1 (got {step})")
     tok = tokenizer_for(model.meta, tokenizer, model.path)
-    windows = token_windows(tok, load_corpus(corpus, split), window=window, n_tokens=tokens)
+    if data is not None:
+        split = split or "all"
+        texts = load_user_texts(data, split, flag="--eval-data")
+        corpus = str(data) if isinstance(data, str) else "the texts given"
+    else:
+        split = split or "eval"
+        texts = load_corpus(corpus, split)
+    windows = token_windows(tok, texts, window=window, n_tokens=tokens, what=f"{corpus} ({split})")
     session = model.lm_session(batch=1)
     total_nll, count = 0.0, 0
     progress = Counter(f"perplexity ({model.kind})", len(windows))

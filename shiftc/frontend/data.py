@@ -208,6 +208,85 @@ def _lee_docs() -> tuple[str, ...]:
     return docs
 
 
+TEXT_FIELD = "text"
+
+
+def load_user_texts(data, split: str = "all", *, flag: str = "--calib-data") -> list[str]:
+    """The documents of the user's own text, one split of them.
+
+    ``data``: a path — plain text (documents separated by blank lines), JSON Lines (``.jsonl``,
+    one object per line with a ``text`` field) or Parquet (``.parquet``, a ``text`` column; needs
+    pyarrow) — or, from Python, an iterable of strings (one per document). ``split``: ``"calib"``
+    or ``"eval"`` take the documents the Wikipedia rule assigns there (CRC-32 of the document
+    text; calibration and evaluation on one file never share a document), ``"all"`` every one.
+    Raises :class:`BadInputError` naming the file (and line) for a missing file, an empty one or a
+    wrong field, :class:`UsageError` for a bad split."""
+    if split not in ("calib", "eval", "all"):
+        raise UsageError(f"unknown split {split!r} for {flag}; choose one of: calib, eval, all")
+    if isinstance(data, (str, pathlib.Path)):
+        where, docs = str(data), _read_text_file(pathlib.Path(data), flag)
+    else:
+        where, docs = "the texts given", [t for t in data if isinstance(t, str) and t.strip()]
+        if not docs:
+            raise BadInputError(f"{flag}: the texts given hold no non-empty string")
+    if split != "all":
+        docs = [d for d in docs if (zlib.crc32(d.encode("utf-8")) % EVAL_BUCKETS == 0) == (split == "eval")]
+        if not docs:
+            raise BadInputError(f"{flag} '{where}': none of its {split}-split documents is left (the split takes "
+                                f"about 1 in {EVAL_BUCKETS} documents for eval); give more documents")
+    return docs
+
+
+def _read_text_file(path: pathlib.Path, flag: str) -> list[str]:
+    if not path.is_file():
+        raise BadInputError(f"{flag} '{path}': no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        docs = _read_parquet(path, flag)
+    elif suffix in (".jsonl", ".ndjson"):
+        docs = _read_jsonl(path, flag)
+    else:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        docs = [d.strip() for d in re.split(r"\n\s*\n", text)]
+    docs = [d for d in docs if d and d.strip()]
+    if not docs:
+        raise BadInputError(f"{flag} '{path}': the file holds no text")
+    return docs
+
+
+def _read_jsonl(path: pathlib.Path, flag: str) -> list[str]:
+    import json
+
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadInputError(f"{flag} '{path}', line {n}: not JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(TEXT_FIELD), str):
+                keys = ", ".join(list(obj)[:6]) if isinstance(obj, dict) else type(obj).__name__
+                raise BadInputError(f"{flag} '{path}', line {n}: no string field '{TEXT_FIELD}' (has: {keys})")
+            docs.append(obj[TEXT_FIELD])
+    return docs
+
+
+def _read_parquet(path: pathlib.Path, flag: str) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError(f"{flag} '{path}': reading Parquet needs the pyarrow package (pip install pyarrow)") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise BadInputError(f"{flag} '{path}': not a readable Parquet file ({exc})") from None
+    if TEXT_FIELD not in table.column_names:
+        raise BadInputError(f"{flag} '{path}': no column '{TEXT_FIELD}' (has: {', '.join(table.column_names[:6])})")
+    return [t for t in table.column(TEXT_FIELD).to_pylist() if isinstance(t, str)]
+
+
 def load_corpus(name: str, split: str) -> list[str]:
     """Texts of one corpus split.
 
@@ -253,6 +332,7 @@ def token_windows(
     n_tokens: int,
     stride: int | None = None,
     bos_id: int | None = None,
+    what: str = "the text",
 ) -> np.ndarray:
     """Cut a token stream into fixed-length windows: ``int64 [n_windows, window]``.
 
@@ -300,7 +380,7 @@ def token_windows(
     n = len(stream_arr)
     if n < span:
         raise UsageError(
-            f"only {n} tokens in the text, fewer than one window of {span} (--window {window}); "
+            f"only {n} tokens in {what}, fewer than one window of {span} (--window {window}); "
             "use a smaller --window or more text"
         )
     n_windows = (n - span) // stride + 1

@@ -26,15 +26,17 @@ from onnx import TensorProto, helper
 
 from ..errors import UsageError
 from ..frontend import metadata as md
-from ..frontend.data import load_corpus, token_windows
+from ..frontend.data import load_corpus, load_user_texts, token_windows
 from ..progress import Counter
 
 
-def calibration_windows(model: onnx.ModelProto, *, corpus: str = "wikipedia", split: str = "calib",
+def calibration_windows(model: onnx.ModelProto, *, corpus: str = "wikipedia", split: str | None = None,
                         windows: int = 16, window: int = 256, tokenizer: str | None = None,
-                        model_path: str = "the model", at_most: bool = False) -> np.ndarray:
+                        model_path: str = "the model", at_most: bool = False, data=None) -> np.ndarray:
     """int64 [windows, window] token ids for calibrating a causal LM. ``at_most``: fewer windows
-    than asked are fine (all the text holds, at least one), instead of an error."""
+    than asked are fine (all the text holds, at least one), instead of an error. ``data``: the
+    user's text (a path or strings, frontend.data.load_user_texts) instead of ``corpus``; ``split``
+    defaults to calib (a corpus) or all (data)."""
     from ..tokenizer import tokenizer_for
 
     info = md.get_info(model)
@@ -44,9 +46,15 @@ def calibration_windows(model: onnx.ModelProto, *, corpus: str = "wikipedia", sp
     if windows < 1 or window < 2:
         raise UsageError(f"--calib-windows must be >= 1 and --calib-window >= 2 (got {windows}, {window})")
     tok = tokenizer_for(info, tokenizer, model_path)
-    ids = token_windows(tok, load_corpus(corpus, split), window=window, n_tokens=windows * window)
+    if data is not None:
+        split = split or "all"
+        texts, name = load_user_texts(data, split, flag="--calib-data"), str(data) if isinstance(data, str) else "the texts given"
+    else:
+        split = split or "calib"
+        texts, name = load_corpus(corpus, split), corpus
+    ids = token_windows(tok, texts, window=window, n_tokens=windows * window, what=f"{name} ({split})")
     if len(ids) < windows and not (at_most and len(ids)):
-        raise UsageError(f"--calib-windows {windows}: the {corpus}/{split} text holds only {len(ids)} windows of {window}")
+        raise UsageError(f"--calib-windows {windows}: the {name}/{split} text holds only {len(ids)} windows of {window}")
     return ids
 
 

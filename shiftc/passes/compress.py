@@ -113,7 +113,7 @@ def _calibrate(model, targets, pass_, config: CompressConfig, src: str, *, seque
     from .calibration import calibration_windows, collect_hessians
 
     ids = calibration_windows(model, corpus=c.corpus, split=c.split, windows=c.windows, window=c.window,
-                              tokenizer=c.tokenizer, model_path=src)
+                              tokenizer=c.tokenizer, model_path=src, data=c.data)
     with step(f"calibration ({len(ids)} windows x {ids.shape[1]} tokens, {len({t.x for t in targets})} inputs)"):
         if c.sequential > 1 and sequential:  # quantizes while calibrating
             from .calibration import quantize_sequential

@@ -140,7 +140,8 @@ def run_configured(source: onnx.ModelProto, compressed: onnx.ModelProto, cfg: Di
     teacher = load_teacher(source, cfg.distill_source, src)
     ids = calibration_windows(source, corpus=calib.corpus if calib.corpus != "none" else "wikipedia",
                               windows=distill_windows(cfg), window=cfg.distill_window, tokenizer=calib.tokenizer,
-                              model_path=src, at_most=not cfg.distill_windows)  # default: as many as the text holds
+                              model_path=src, at_most=not cfg.distill_windows,  # default: as many as the text holds
+                              data=getattr(calib, "data", None))
     dcfg = DistillConfig(steps=cfg.distill_steps or 10**9, minutes=cfg.distill_minutes, loss=cfg.distill_loss,
                          lr=cfg.distill_lr, seed=cfg.distill_seed, norms=bool(cfg.distill_norms),
                          planes=bool(cfg.distill_planes), plane_lr=float(cfg.distill_plane_lr))

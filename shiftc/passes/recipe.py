@@ -42,7 +42,11 @@ CALIB_CORPORA = ("wikipedia", "lee", "none")
 class CalibConfig:
     corpus: str = option("wikipedia", flag="--calib", choices=CALIB_CORPORA,
                          help="calibration text (default {default}; none: data-free)")
-    split: str = "calib"
+    data: str | None = option(None, flag="--calib-data", metavar="PATH",
+                              help="your own calibration text instead of --calib: plain text (documents "
+                                   "separated by blank lines), .jsonl (a 'text' field per line) or .parquet (a "
+                                   "'text' column); from Python also a list of strings")
+    split: str | None = None  # calib | eval (Wikipedia's); with data: calib | eval | all (default all)
     windows: int = option(16, flag="--calib-windows", parse=opts.positive, help="calibration windows (default {default})")
     window: int = option(256, flag="--calib-window", parse=opts.positive,
                          help="tokens per calibration window (default {default})")
@@ -193,6 +197,8 @@ def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
                                    "(--bits-budget or --size-budget-mb)")
     if c.corpus not in CALIB_CORPORA:
         bad("--calib", f"must be one of {', '.join(CALIB_CORPORA)}, got {c.corpus!r}")
+    if c.data is not None and c.corpus == "none":
+        bad("--calib-data", "gives calibration text, --calib none asks for none: drop one of them")
     for flag, v in (("--calib-windows", c.windows), ("--calib-window", c.window), ("calib.sequential", c.sequential)):
         if not isinstance(v, int) or v < 1:
             bad(flag, f"must be an integer >= 1, got {v!r}")
