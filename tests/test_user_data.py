@@ -76,3 +76,13 @@ def test_compress_calibrates_on_the_users_text(tiny_llama, smollm2_gguf_path, tm
                         calib_window=64, tokenizer=smollm2_gguf_path)
     with pytest.raises(UsageError, match="--calib-data gives calibration text, --calib none"):
         shiftc.compress(onnx_path, tmp_path / "sa3.onnx", calib_data=path, calib="none")
+
+
+def test_pruning_calibrates_on_the_users_text(tiny_llama, smollm2_gguf_path, tmp_path):
+    """Activation pruning reads its norms from --calib-data too: a file too short for the windows
+    asked fails naming that file (the built-in corpus would have had enough)."""
+    onnx_path, _ = tiny_llama
+    path = _write(tmp_path, "txt", DOCS[:3])
+    with pytest.raises(UsageError, match="texts.txt"):
+        shiftc.compress(onnx_path, tmp_path / "p.onnx", prune=0.25, calib_data=path, calib_windows=8,
+                        calib_window=128, tokenizer=smollm2_gguf_path)

@@ -19,14 +19,14 @@ from ...progress import Counter
 
 
 def calibration_feeds(model: onnx.ModelProto, *, corpus: str = "wikipedia", windows: int = 16, window: int = 256,
-                      tokenizer: str | None = None, model_path: str = "the model") -> list[dict]:
+                      tokenizer: str | None = None, model_path: str = "the model", data=None) -> list[dict]:
     """One feed dict per calibration sample, for a causal LM (text) or an image classifier (photos)."""
     info = md.get_info(model)
     if info.get("task") == "causal-lm" and "decoder" in info:
         from ..calibration import _decoder_feeds, calibration_windows
 
         ids = calibration_windows(model, corpus=corpus, windows=windows, window=window, tokenizer=tokenizer,
-                                  model_path=model_path)
+                                  model_path=model_path, data=data)
         return [_decoder_feeds(model, w[None]) for w in ids]
     if info.get("task") == "image-classification":
         from ...frontend.data import load_images

@@ -24,7 +24,7 @@ def _norms(model, pp: PrunePass, info, calib, model_path: str, threads: int | No
         raise UsageError("--prune-criterion activation / --nm need calibration data; --calib none was given "
                          "(use --prune-criterion magnitude, or --calib wikipedia)")
     kw = {} if calib is None else dict(corpus=calib.corpus, windows=calib.windows, window=calib.window,
-                                       tokenizer=calib.tokenizer)
+                                       tokenizer=calib.tokenizer, data=getattr(calib, "data", None))
     feeds = calibration_feeds(model, model_path=model_path, **kw)
     tensors = pp.calibration_tensors(info)
     with step(f"activation norms ({len(feeds)} samples, {len(tensors)} layer inputs)"):
