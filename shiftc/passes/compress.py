@@ -62,7 +62,8 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
     if mp.enabled:  # per-layer bits under a bits or size budget (passes/mixed_precision)
         from .mixed_precision.plan import make_plan
 
-        plan = make_plan(model, targets, hessians, pass_cfg, mp, src=src, tokenizer=config.calib.tokenizer, tools=tools)
+        plan = make_plan(model, targets, hessians, pass_cfg, mp, src=src, tokenizer=config.calib.tokenizer, tools=tools,
+                         data=config.calib.data)
         pass_ = ShiftAddPass(replace(pass_cfg, layer_bits=plan["layer_bits"]))
         results = plan.pop("results", None) or results  # from --mp-cache: not quantized again
     label = f"binarize ({pass_cfg.mode})" if binarize else "shift-add"

@@ -60,9 +60,10 @@ def _size_accounting(model, targets, sa_cfg, mp: MixedPrecisionConfig, widths: l
 
 
 def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src: str = "the model",
-              tokenizer: str | None = None, tools=None) -> dict:
+              tokenizer: str | None = None, tools=None, data=None) -> dict:
     """The per-layer widths under ``mp``'s budget. ``tools`` (shiftc.passes.tools.Tools): compile and
-    load, needed by a latency budget (compiled plans are timed)."""
+    load, needed by a latency budget (compiled plans are timed). ``data``: the user's calibration
+    text (``--calib-data``) for the HAWQ / KL windows."""
     flag = mp.budget_flag().split()[0]
     if sa_cfg.layer_bits:
         raise UsageError(f"{flag} chooses every layer's bits: drop layer_bits from the recipe (or {flag})")
@@ -85,10 +86,10 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
         table = measure(model, targets, hessians, sa_cfg, widths, cache)
     kinds = ["calib"]
     if mp.sensitivity == "hawq":
-        _hawq_sensitivity(table, model, mp, src, tokenizer)
+        _hawq_sensitivity(table, model, mp, src, tokenizer, data)
         kinds.append("hawq")
     if mp.sensitivity == "kl":
-        _kl_sensitivity(table, model, targets, hessians, sa_cfg, mp, widths, cache, src, tokenizer)
+        _kl_sensitivity(table, model, targets, hessians, sa_cfg, mp, widths, cache, src, tokenizer, data)
         kinds.append("kl")
     ctx = _PlanContext(model, targets, hessians, sa_cfg, mp, widths, cache, table, kinds, size, tools)
     verify = mp.latency_budget_ms is not None and mp.latency_verify > 0 and mp.other_ms is None
@@ -107,7 +108,7 @@ def make_plan(model, targets, hessians, sa_cfg, mp: MixedPrecisionConfig, *, src
     return plan
 
 
-def _hawq_sensitivity(table, model, mp, src, tokenizer) -> None:
+def _hawq_sensitivity(table, model, mp, src, tokenizer, data=None) -> None:
     from ...frontend import metadata as md
     from ..calibration import calibration_windows
     from . import hawq
@@ -117,20 +118,20 @@ def _hawq_sensitivity(table, model, mp, src, tokenizer) -> None:
         raise UsageError(f"--sensitivity hawq: '{src}' does not record the model it was exported from; "
                          f"give the HF folder or .gguf with hawq_source (recipe) / --hawq-source")
     ids = calibration_windows(model, windows=mp.hawq_probes, window=mp.hawq_window, tokenizer=tokenizer,
-                              model_path=src)
+                              model_path=src, data=data)
     with step(f"mixed precision: HAWQ Hessian traces (<= {mp.hawq_probes} probes x {mp.hawq_window} tokens)"):
         tm = hawq.load_torch_model(source)
         hawq.attach(table, hawq.hessian_traces(tm, table.names(), ids, tol=mp.hawq_tol, max_probes=mp.hawq_probes))
         del tm
 
 
-def _kl_sensitivity(table, model, targets, hessians, sa_cfg, mp, widths, cache, src, tokenizer) -> None:
+def _kl_sensitivity(table, model, targets, hessians, sa_cfg, mp, widths, cache, src, tokenizer, data=None) -> None:
     from ..calibration import calibration_windows
     from .e2e import kl_cache_keys, output_kl
     from .sensitivity import _weights, quantize_layer
 
     ids = calibration_windows(model, windows=mp.kl_windows, window=mp.kl_window, tokenizer=tokenizer,
-                              model_path=src)
+                              model_path=src, data=data)
     weights = _weights(model, targets)
     xs = {t.name: t.x for t in targets}
 
