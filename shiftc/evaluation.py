@@ -20,7 +20,7 @@ import numpy as np
 
 from .backend.runtime import Model
 from .errors import UsageError
-from .frontend.data import load_corpus, load_user_texts, token_windows
+from .frontend.data import texts_for, token_windows
 from .progress import Counter
 from .tokenizer import tokenizer_for
 
@@ -50,13 +50,7 @@ def perplexity(model: Model, *, tokens: int = 32768, window: int = 512, corpus: 
     if step is not None and step < 1:
         raise UsageError(f"--step must be >= 1 (got {step})")
     tok = tokenizer_for(model.meta, tokenizer, model.path)
-    if data is not None:
-        split = split or "all"
-        texts = load_user_texts(data, split, flag="--eval-data")
-        corpus = str(data) if isinstance(data, str) else "the texts given"
-    else:
-        split = split or "eval"
-        texts = load_corpus(corpus, split)
+    texts, corpus, split = texts_for(corpus, split, data, corpus_split="eval", flag="--eval-data")
     windows = token_windows(tok, texts, window=window, n_tokens=tokens, what=f"{corpus} ({split})")
     session = model.lm_session(batch=1)
     total_nll, count = 0.0, 0

@@ -135,10 +135,6 @@ def megabytes(value: str) -> float:
     return f
 
 
-def number(value: str) -> float:
-    return _number(value)
-
-
 def bit_list(value: str) -> list[int]:
     try:
         widths = [int(v) for v in value.split(",") if v.strip()]

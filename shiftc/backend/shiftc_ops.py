@@ -134,7 +134,9 @@ def _lut_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales: in
     ntasks = -(-n // TASK_ROWS)
     scale_dtype = "float16" if uniform else "float32"
     n_off = max(n_offsets, 1)
-    no_offsets = not n_offsets
+
+    def off_ptr(buf):  # the offsets, or NULL when the weight has none
+        return buf.data if n_offsets else T.reinterpret("handle", T.uint64(0))
 
     @T.prim_func(private=True)
     def lut_matmul(x_h: T.handle, c_h: T.handle, s_h: T.handle, o_h: T.handle, y_h: T.handle, ws_h: T.handle):
@@ -154,15 +156,10 @@ def _lut_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales: in
                 T.evaluate(T.call_extern(
                     "int32", "shiftc_bcq_compute_uniform", x.data, ws.data, m, T.int64(k), T.int64(n), T.int32(q),
                     T.int64(group), codes.data, scales.data, y.data, T.Cast("int64", t)))
-            elif no_offsets:
-                T.evaluate(T.call_extern(
-                    "int32", "shiftc_bcq_compute", x.data, ws.data, m, T.int64(k), T.int64(n), T.int32(q),
-                    T.int64(group), codes.data, scales.data, T.reinterpret("handle", T.uint64(0)), y.data,
-                    T.Cast("int64", t)))
             else:
                 T.evaluate(T.call_extern(
                     "int32", "shiftc_bcq_compute", x.data, ws.data, m, T.int64(k), T.int64(n), T.int32(q),
-                    T.int64(group), codes.data, scales.data, offsets.data, y.data, T.Cast("int64", t)))
+                    T.int64(group), codes.data, scales.data, off_ptr(offsets), y.data, T.Cast("int64", t)))
 
     # op_pattern 8 = kOpaque: operator fusion leaves the call alone
     return lut_matmul.with_attr(EXTERN_ATTR, True).with_attr("op_pattern", 8)

@@ -237,6 +237,17 @@ def load_user_texts(data, split: str = "all", *, flag: str = "--calib-data") -> 
     return docs
 
 
+def texts_for(corpus: str, split: str | None, data, *, corpus_split: str, flag: str) -> tuple[list[str], str, str]:
+    """(documents, the text's name for messages, the split used): the user's ``data`` (a path or
+    strings; split ``all`` unless given) when there is some, else the built-in ``corpus``
+    (split ``corpus_split`` unless given)."""
+    if data is None:
+        split = split or corpus_split
+        return load_corpus(corpus, split), corpus, split
+    split = split or "all"
+    return load_user_texts(data, split, flag=flag), str(data) if isinstance(data, str) else "the texts given", split
+
+
 def _read_text_file(path: pathlib.Path, flag: str) -> list[str]:
     if not path.is_file():
         raise BadInputError(f"{flag} '{path}': no such file")

@@ -260,7 +260,7 @@ class _DecoderBuilder:
     def __init__(self, config, sd: dict):
         self.config = config
         mt = config.model_type
-        self.gpt2 = mt in LEARNED_POSITIONS  # LayerNorm, learned positions, plain MLP, biases, no rope
+        self.learned_pos = mt in LEARNED_POSITIONS  # LayerNorm, learned positions, plain MLP, biases, no rope
         self.act = {"gpt2": "gelu_tanh", "opt": "relu", "gemma3_text": "gelu_tanh_gated"}.get(mt, "silu_gated")
         # Gemma 3: embedding scaled by sqrt(hidden), RMSNorm gains 1 + w, four norms per layer,
         # scores scaled by query_pre_attn_scalar^-1/2, sliding-window layers with their own rope
@@ -280,10 +280,10 @@ class _DecoderBuilder:
         self.n_layers = config.num_hidden_layers
         self.vocab = config.vocab_size
         # OPT's LayerNorm is torch's default (eps 1e-5)
-        self.eps = float(1e-5 if mt == "opt" else config.layer_norm_epsilon if self.gpt2 else config.rms_norm_eps)
+        self.eps = float(1e-5 if mt == "opt" else config.layer_norm_epsilon if mt == "gpt2" else config.rms_norm_eps)
         if mt == "opt":
             self.sd = _opt_as_llama_names(sd, self.n_layers)
-        elif self.gpt2:
+        elif mt == "gpt2":
             self.sd = _gpt2_as_llama_names(sd, self.n_layers, self.hidden)
         else:
             self.sd = _split_fused_projections(sd, self.n_layers, self.n_heads * self.head_dim,
@@ -301,7 +301,7 @@ class _DecoderBuilder:
         g = self.g
         self.emb_name = g.init("model.embed_tokens.weight", _np(self.sd["model.embed_tokens.weight"]))
         h = g.op("Gather", [self.emb_name, "input_ids"], "embed", axis=0)
-        if self.gpt2:
+        if self.learned_pos:
             wpe = g.init("model.embed_positions.weight", _np(self.sd["model.embed_positions.weight"]))
             h = g.op("Add", [h, g.op("Gather", [wpe, "position_ids"], "embed_pos", axis=0)], "embed_sum")
         elif self.gemma:
@@ -358,7 +358,7 @@ class _DecoderBuilder:
         g, sd = self.g, self.sd
         # Gemma 3 multiplies by (1 + w), in float32: folded into the stored gain
         w = g.init(weight_key, _np(sd[weight_key]) + np.float32(1.0) if self.gemma else _np(sd[weight_key]))
-        if self.gpt2:
+        if self.learned_pos:
             bias_key = weight_key[: -len("weight")] + "bias"
             b = g.init(bias_key, _np(sd[bias_key]))
             return g.op("LayerNormalization", [x, w, b], f"{name}_out", axis=-1, epsilon=self.eps)
@@ -416,7 +416,7 @@ class _DecoderBuilder:
         k = g.op("Transpose", [k], f"l{i}_k_t", perm=[0, 2, 1, 3])  # [B,KVH,S,D]
         v = g.op("Reshape", [v, g.const_i64([0, 0, n_kv, d])], f"l{i}_v_heads")
         v = g.op("Transpose", [v], f"l{i}_v_t", perm=[0, 2, 1, 3])
-        if not self.gpt2 and not (self.no_rope and self.no_rope[i]):
+        if not self.learned_pos and not (self.no_rope and self.no_rope[i]):
             cos_q, sin_q, cos_k, sin_k = self.ropes[self._layer_type(i) if self.gemma else None]
             q = self.rope(q, cos_q, sin_q, 4, f"l{i}_q_rope")
             k = self.rope(k, cos_k, sin_k, 3, f"l{i}_k_rope")

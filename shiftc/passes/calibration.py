@@ -26,7 +26,7 @@ from onnx import TensorProto, helper
 
 from ..errors import UsageError
 from ..frontend import metadata as md
-from ..frontend.data import load_corpus, load_user_texts, token_windows
+from ..frontend.data import texts_for, token_windows
 from ..progress import Counter
 
 
@@ -46,12 +46,7 @@ def calibration_windows(model: onnx.ModelProto, *, corpus: str = "wikipedia", sp
     if windows < 1 or window < 2:
         raise UsageError(f"--calib-windows must be >= 1 and --calib-window >= 2 (got {windows}, {window})")
     tok = tokenizer_for(info, tokenizer, model_path)
-    if data is not None:
-        split = split or "all"
-        texts, name = load_user_texts(data, split, flag="--calib-data"), str(data) if isinstance(data, str) else "the texts given"
-    else:
-        split = split or "calib"
-        texts, name = load_corpus(corpus, split), corpus
+    texts, name, split = texts_for(corpus, split, data, corpus_split="calib", flag="--calib-data")
     ids = token_windows(tok, texts, window=window, n_tokens=windows * window, what=f"{name} ({split})")
     if len(ids) < windows and not (at_most and len(ids)):
         raise UsageError(f"--calib-windows {windows}: the {name}/{split} text holds only {len(ids)} windows of {window}")

@@ -137,12 +137,9 @@ def _set_key(cfg: CompressConfig, key: str, value) -> None:
     section, _, name = key.partition(".")
     if section not in SECTIONS:
         raise UsageError(f"'{key}': unknown recipe section '{section}' (known: {', '.join(SECTIONS)})")
-    cls = SECTIONS[section]
-    if name not in {f.name for f in fields(cls)}:
-        raise UsageError(f"'{key}': unknown key (known in {section}: {', '.join(f.name for f in fields(cls))})")
     if getattr(cfg, section) is None:
-        setattr(cfg, section, cls())
-    setattr(getattr(cfg, section), name, value)
+        setattr(cfg, section, SECTIONS[section]())
+    _section(getattr(cfg, section), {name: value}, f"'{key}'", section)
 
 
 def validate(cfg: CompressConfig, where: str = "") -> CompressConfig:
