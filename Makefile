@@ -24,11 +24,23 @@ $(STAMP): $(VENV)/.deps-installed $(NATIVE_SOURCES)
 demo: setup
 	$(PY) -m shiftc.demo
 
-test: setup
+# tests only: Hugging Face optimum's ONNX exporter, which needs transformers < 4.58, in a side venv
+# that reuses the main venv's torch / onnx / onnxruntime (its own packages come first on sys.path)
+OPT_VENV := .venv-optimum
+$(OPT_VENV)/.installed: $(VENV)/.deps-installed
+	rm -rf $(OPT_VENV)
+	$(PYTHON) -m venv $(OPT_VENV)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
+	  "$$($(OPT_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_shiftc_venv.pth"
+	$(OPT_VENV)/bin/python -m pip install --quiet --no-deps transformers==4.57.6 optimum==2.1.0 optimum-onnx==0.1.0 \
+	  huggingface_hub==0.36.2 tokenizers==0.22.2
+	touch $@
+
+test: setup $(OPT_VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/bench_backend.py
 
 clean:
-	rm -rf build out .pytest_cache
+	rm -rf build out .pytest_cache $(OPT_VENV)

@@ -1,6 +1,6 @@
 """The Python API. The CLI (shiftc.cli) only parses arguments and calls these functions.
 
-    export(src, output)                     HF folder / GGUF / module:factory -> .onnx
+    export(src, output)                     HF folder / GGUF / module:factory / foreign decoder .onnx -> .onnx
     compile(model, output, target="host")   .onnx -> model library (.so)
     package(model, output, target="aarch64") .onnx/.so -> folder for a board (model, runtime, app)
     load(path, threads=None)                .so or .onnx -> runnable (run / lm_session / generate)
@@ -18,10 +18,13 @@ import os
 from .errors import BadInputError, UsageError
 
 
-def export(src: str, output: str | os.PathLike, *, task: str | None = None, max_positions: int | None = None):
+def export(src: str, output: str | os.PathLike, *, task: str | None = None, max_positions: int | None = None,
+           config: str | os.PathLike | None = None):
+    """``src``: an HF folder, a .gguf file, module:factory, or an .onnx decoder graph from another
+    exporter (``config``: its HF config.json or folder, default the one beside it)."""
     from .frontend.export import export as _export
 
-    return _export(src, output, task=task, max_positions=max_positions)
+    return _export(src, output, task=task, max_positions=max_positions, config=config)
 
 
 def compile(model, output: str | os.PathLike, *, target: str = "host", arch: str | None = None,  # noqa: A001
@@ -85,7 +88,9 @@ def evaluate(path: str | os.PathLike, *, task: str = "perplexity", tokens: int =
         from .frontend.onnx_io import load_model
         from .passes.ops import DOMAIN, dequantized_copy
 
-        proto = load_model(path)
+        from .frontend.foreign import canonical
+
+        proto = canonical(path, load_model(path))
         if any(n.domain == DOMAIN for n in proto.graph.node):
             # a compressed model: ONNX Runtime would inline and constant-fold one function body per
             # layer at session start (SmolLM2-135M shift-add: 20 GB resident); the de-quantized copy

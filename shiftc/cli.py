@@ -41,7 +41,7 @@ def _emit(args, result: dict, text: str) -> None:
 def cmd_export(args):
     from . import api
 
-    r = api.export(args.src, args.output, task=args.task, max_positions=args.max_positions)
+    r = api.export(args.src, args.output, task=args.task, max_positions=args.max_positions, config=args.config)
     _emit(args, r.to_json(), f"wrote {r.path} ({r.task}, {r.num_nodes} nodes, {r.size_bytes / 1e6:.1f} MB)")
 
 
@@ -221,10 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = command("export", cmd_export, "export a Hugging Face folder, a GGUF file or module:factory to ONNX")
-    sp.add_argument("src", help="HF model folder, .gguf file, or module:factory (a callable returning (torch module, example inputs))")
+    sp.add_argument("src", help="HF model folder, .gguf file, module:factory (a callable returning (torch module, example "
+                    "inputs)), or an .onnx decoder graph from another exporter (torch.onnx, optimum)")
     sp.add_argument("-o", "--output", required=True, help="output .onnx file")
     sp.add_argument("--task", choices=["causal-lm", "encoder", "image-classification"], help="expected task (checked)")
     sp.add_argument("--max-positions", type=positive, help="causal LMs: longest sequence supported (default: the model's, at most 32768)")
+    sp.add_argument("--config", help="an .onnx decoder from another exporter: its Hugging Face config.json or folder "
+                    "(default: config.json beside it)")
 
     sp = command("inspect", cmd_inspect, "show ops, parameters, bytes by dtype, inputs and outputs")
     sp.add_argument("model", type=_model_file, help=".onnx file or compiled .so")

@@ -28,6 +28,7 @@ import onnx
 from .. import __version__
 from ..errors import BadInputError, UnsupportedError
 from ..frontend import metadata as md
+from ..frontend.foreign import canonical
 from ..frontend.onnx_io import atomic_output, load_model
 from ..progress import log, step
 from ..targets import TargetSpec, get_target
@@ -183,6 +184,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
         source = os.fspath(model)
         with step(f"loading {source}"):
             proto = load_model(source)
+        proto = canonical(source, proto)
     else:
         source, proto = "<in-memory model>", model
     output = os.fspath(output)

@@ -231,9 +231,14 @@ def _gpt2_as_llama_names(sd: dict, n_layers: int, hidden: int) -> dict:
 def export_decoder(model, *, max_positions: int | None = None) -> tuple[onnx.ModelProto, DecoderSpec]:
     """Build the ONNX graph of a supported causal-LM torch module (SUPPORTED_MODEL_TYPES; weights
     in fp32): the Llama family, and GPT-2 and OPT through the same builder."""
-    config = model.config
+    return build_decoder(model.config, dict(model.state_dict()), max_positions=max_positions)
+
+
+def build_decoder(config, state_dict: dict, *, max_positions: int | None = None) -> tuple[onnx.ModelProto, DecoderSpec]:
+    """The decoder graph of ``config`` (a transformers config) with the weights of ``state_dict``
+    (Hugging Face parameter names, torch tensors); a tied head may be absent from it."""
     check_supported(config)
-    b = _DecoderBuilder(config, {k: v for k, v in model.state_dict().items()})
+    b = _DecoderBuilder(config, state_dict)
     h = b.embed()
     for i in range(b.n_layers):
         h = b.layer(i, h)

@@ -45,11 +45,14 @@ class ExportResult:
 
 
 def resolve_source(src: str) -> tuple[str, str, str | None]:
-    """-> (kind, folder_or_path, gguf_file_name) with kind in {"hf", "gguf", "factory"}."""
+    """-> (kind, folder_or_path, gguf_file_name) with kind in {"hf", "gguf", "onnx", "factory"}."""
     p = Path(src)
     if p.is_file():
+        if p.suffix.lower() == ".onnx":
+            return "onnx", str(p), None
         if p.suffix.lower() != ".gguf":
-            raise BadInputError(f"'{src}': a file source must be a .gguf file (or give an HF folder or module:factory)")
+            raise BadInputError(f"'{src}': a file source must be a .gguf or .onnx file (or give an HF folder or "
+                                "module:factory)")
         _check_gguf_magic(p)
         return "gguf", str(p.parent), p.name
     if p.is_dir():
@@ -144,15 +147,19 @@ def _first(exc: BaseException) -> str:
 # -- exporters -------------------------------------------------------------------------------------
 
 
-def export(src: str, output: str | os.PathLike, *, task: str | None = None, max_positions: int | None = None) -> ExportResult:
-    """Export ``src`` to ONNX at ``output``."""
-    import onnx
-
+def export(src: str, output: str | os.PathLike, *, task: str | None = None, max_positions: int | None = None,
+           config: str | os.PathLike | None = None) -> ExportResult:
+    """Export ``src`` to ONNX at ``output``; an .onnx decoder graph from another exporter is
+    brought into shiftc's form (``config``: its HF configuration, default the one beside it)."""
     output = os.fspath(output)
     if not output.endswith(".onnx"):
         raise UsageError(f"-o '{output}': the output must be an .onnx file")
     kind, _, _ = resolve_source(src)
-    if kind == "factory":
+    if config is not None and kind != "onnx":
+        raise UsageError(f"--config applies to an .onnx source; '{src}' carries its own configuration")
+    if kind == "onnx":
+        model = _canonical_onnx(src, task, max_positions, config)
+    elif kind == "factory":
         model = export_factory(src)
     else:
         with step(f"loading {src}"):
@@ -174,6 +181,24 @@ def export(src: str, output: str | os.PathLike, *, task: str | None = None, max_
     with step(f"writing {output}"):
         save_model(model, output)
     return ExportResult(output, md.get_info(model)["task"], os.path.getsize(output), len(model.graph.node))
+
+
+def _canonical_onnx(src: str, task: str | None, max_positions: int | None, config):
+    """A foreign decoder graph in shiftc's form (checked against it: shiftc/frontend/foreign.py)."""
+    from . import foreign
+    from .onnx_io import load_model
+
+    with step(f"loading {src}"):
+        model = load_model(src)
+    if not foreign.is_foreign_decoder(model):
+        what = md.get_info(model)["task"]
+        raise UsageError(f"'{src}' is not a decoder graph from another exporter (an input_ids input and a logits "
+                         f"output, no shiftc metadata; shiftc reads it as '{what}'): compile or compress it directly")
+    if task and task != "causal-lm":
+        raise UsageError(f"--task {task}: '{src}' is a causal-lm graph")
+    with step("bringing the decoder graph into shiftc's form"):
+        lifted = foreign.lift(src, model, config, max_positions=max_positions)
+    return lifted.model
 
 
 def _trace(module, inputs: tuple, input_names, output_names, dynamic_axes):

@@ -22,6 +22,7 @@ from dataclasses import replace
 import onnx
 
 from ..errors import BadInputError
+from ..frontend.foreign import canonical
 from ..frontend.onnx_io import load_model, save_model
 from ..progress import log, step
 from . import ops
@@ -39,7 +40,7 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
 
         torch.set_num_threads(int(config.threads))
     t0 = time.perf_counter()
-    model = load_model(src)
+    model = canonical(src, load_model(src))
     prune_report = None
     if config.prune is not None:  # structured pruning / N:M first (shiftc/passes/prune)
         from .prune.run import prune_model
