@@ -89,10 +89,11 @@ def build(family: str):
     return model
 
 
-def dynamo_export(model, path: str) -> None:
+def dynamo_export(model, path: str, output: str = "logits") -> None:
     """The model as PyTorch's exporter writes it (``torch.onnx.export(..., dynamo=True)``, opset
-    18): token ids and attention mask in, logits out, batch and sequence dynamic, no cache (the
-    exporter cannot return transformers' cache objects)."""
+    18): token ids and attention mask in, ``output`` (logits, or an encoder's last_hidden_state)
+    out, batch and sequence dynamic, no cache (the exporter cannot return transformers' cache
+    objects)."""
     import torch
 
     class Logits(torch.nn.Module):
@@ -101,11 +102,12 @@ def dynamo_export(model, path: str) -> None:
             self.m = m
 
         def forward(self, input_ids, attention_mask):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            kw = {"use_cache": False} if output == "logits" else {}
+            return getattr(self.m(input_ids=input_ids, attention_mask=attention_mask, **kw), output)
 
     ids = torch.tensor([[1, 500, 20, 7]])
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     program = torch.onnx.export(Logits(model), (ids, torch.ones_like(ids)), dynamo=True, verbose=False,
-                                input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                                input_names=["input_ids", "attention_mask"], output_names=[output],
                                 dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
     program.save(path)

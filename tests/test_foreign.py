@@ -120,6 +120,33 @@ def test_optimum_file_with_cache_inputs_compiles_and_compresses(optimum_exports,
     _compile_and_decode_matches_torch(str(d / "onnx" / "model.onnx"), model, tmp_path)
 
 
+def test_dynamo_encoder_compiles_through_its_weights(tmp_path):
+    """A BERT encoder from PyTorch's exporter (whose attention-mask arithmetic TVM's importer cannot
+    shape) with its config.json beside it: re-exported from the weights read back, compiled, and
+    equal to torch's last_hidden_state on a padded batch."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(11)
+    model = BertModel(BertConfig(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, max_position_embeddings=128)).eval()
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if "LayerNorm" in name:
+                prm.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path)
+    families.dynamo_export(model, str(tmp_path / "model.onnx"), output="last_hidden_state")
+    lib = str(tmp_path / "bert.so")
+    shiftc.compile(str(tmp_path / "model.onnx"), lib)
+    ids = torch.tensor([[1, 50, 60, 70, 80, 2], [1, 90, 100, 2, 0, 0]])
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+    got = shiftc.load(lib).run({"input_ids": ids.numpy(), "attention_mask": mask.numpy()})["last_hidden_state"]
+    real = mask.numpy().astype(bool)
+    assert_close(got[real], ref[real], rtol=1e-4, atol=1e-4, what="dynamo BERT compiled vs torch")
+
+
 # -- refusals ---------------------------------------------------------------------------------------
 
 
@@ -161,7 +188,7 @@ def test_a_foreign_graph_without_its_config_names_the_flag(dynamo_llama, tmp_pat
 def test_export_of_a_shiftc_graph_or_a_non_decoder_is_a_usage_error(dynamo_llama, tmp_path):
     own = str(tmp_path / "own.onnx")
     shiftc.export(str(dynamo_llama / "hf"), own)
-    with pytest.raises(UsageError, match="not a decoder graph from another exporter"):
+    with pytest.raises(UsageError, match="not a language-model graph from another exporter"):
         shiftc.export(own, str(tmp_path / "again.onnx"))
     with pytest.raises(UsageError, match="--config applies to an .onnx source"):
         shiftc.export(str(dynamo_llama / "hf"), str(tmp_path / "x.onnx"), config=str(dynamo_llama / "hf"))

@@ -184,19 +184,21 @@ def export(src: str, output: str | os.PathLike, *, task: str | None = None, max_
 
 
 def _canonical_onnx(src: str, task: str | None, max_positions: int | None, config):
-    """A foreign decoder graph in shiftc's form (checked against it: shiftc/frontend/foreign.py)."""
+    """A foreign decoder or encoder graph in shiftc's form (checked against it: shiftc/frontend/foreign.py)."""
     from . import foreign
     from .onnx_io import load_model
 
     with step(f"loading {src}"):
         model = load_model(src)
-    if not foreign.is_foreign_decoder(model):
+    found = foreign.foreign_task(model)
+    if found is None:
         what = md.get_info(model)["task"]
-        raise UsageError(f"'{src}' is not a decoder graph from another exporter (an input_ids input and a logits "
-                         f"output, no shiftc metadata; shiftc reads it as '{what}'): compile or compress it directly")
-    if task and task != "causal-lm":
-        raise UsageError(f"--task {task}: '{src}' is a causal-lm graph")
-    with step("bringing the decoder graph into shiftc's form"):
+        raise UsageError(f"'{src}' is not a language-model graph from another exporter (an input_ids input, a logits "
+                         f"or last_hidden_state output, no shiftc metadata; shiftc reads it as '{what}'): compile "
+                         "or compress it directly")
+    if task and task != found:
+        raise UsageError(f"--task {task}: '{src}' is a {found} graph")
+    with step(f"bringing the {found} graph into shiftc's form"):
         lifted = foreign.lift(src, model, config, max_positions=max_positions)
     return lifted.model
 

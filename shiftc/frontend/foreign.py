@@ -55,13 +55,22 @@ class Lifted:
     max_abs_diff: float
 
 
-def is_foreign_decoder(model: onnx.ModelProto) -> bool:
-    """A graph shiftc did not write that takes token ids and returns logits."""
+OUTPUTS = {"logits": "causal-lm", "last_hidden_state": "encoder"}
+
+
+def foreign_task(model: onnx.ModelProto) -> str | None:
+    """"causal-lm" / "encoder" for a graph shiftc did not write that takes token ids and returns
+    logits / hidden states (a Hugging Face model's export), else None."""
     if "shiftc.task" in {p.key for p in model.metadata_props}:
-        return False
+        return None
     inits = {i.name for i in model.graph.initializer}
-    inputs = [i.name for i in model.graph.input if i.name not in inits]
-    return "input_ids" in inputs and any(o.name == "logits" for o in model.graph.output)
+    if "input_ids" not in [i.name for i in model.graph.input if i.name not in inits]:
+        return None
+    return next((OUTPUTS[o.name] for o in model.graph.output if o.name in OUTPUTS), None)
+
+
+def is_foreign_decoder(model: onnx.ModelProto) -> bool:
+    return foreign_task(model) == "causal-lm"
 
 
 def find_config(onnx_path: str, config: str | os.PathLike | None):
@@ -85,35 +94,65 @@ def find_config(onnx_path: str, config: str | os.PathLike | None):
 
 
 def lift(onnx_path: str, model: onnx.ModelProto, config=None, *, max_positions: int | None = None) -> Lifted:
-    """Canonical shiftc decoder of the foreign decoder graph ``model`` (read from ``onnx_path``)."""
+    """shiftc's own graph of the foreign graph ``model`` (read from ``onnx_path``): a causal LM
+    rebuilt by ``decoder_onnx.build_decoder``, an encoder re-exported from the Hugging Face model
+    with the weights read back (``export.export_encoder``)."""
     from .decoder_onnx import build_decoder, check_supported
 
+    task = foreign_task(model)
     cfg, cfg_dir = find_config(onnx_path, config)
-    try:
-        check_supported(cfg)
-    except UnsupportedError as exc:
-        raise UnsupportedError(f"'{onnx_path}': {exc}") from exc
     reader = _GraphWeights(onnx_path, model)
-    sd = reader.state_dict(cfg)
-    canonical, spec = build_decoder(cfg, sd, max_positions=max_positions)
-    tok = cfg_dir if any(os.path.exists(os.path.join(cfg_dir, f)) for f in ("tokenizer.json", "tokenizer.model")) \
-        else None
-    md.set_info(canonical, task="causal-lm", decoder=spec.to_json(), tokenizer=tok and os.path.abspath(tok))
-    diff = _check_same_logits(onnx_path, model, canonical, cfg)
+    tok = cfg_dir if any(os.path.exists(os.path.join(cfg_dir, f)) for f in ("tokenizer.json", "tokenizer.model",
+                                                                             "vocab.txt")) else None
+    tok = tok and os.path.abspath(tok)
+    if task == "causal-lm":
+        try:
+            check_supported(cfg)
+        except UnsupportedError as exc:
+            raise UnsupportedError(f"'{onnx_path}': {exc}") from exc
+        canonical, spec = build_decoder(cfg, reader.state_dict(cfg, task), max_positions=max_positions)
+        md.set_info(canonical, task="causal-lm", decoder=spec.to_json(), tokenizer=tok)
+        output = "logits"
+    else:
+        from .export import export_encoder
+
+        # an encoder's pooler does not feed last_hidden_state: absent from the graph, unused in the output
+        canonical = export_encoder(_real_model(onnx_path, cfg, reader.state_dict(cfg, task, unused_ok=("pooler.",))))
+        md.set_info(canonical, task="encoder", tokenizer=tok)
+        output = "last_hidden_state"
+    diff = _check_same_outputs(onnx_path, model, canonical, cfg, output)
     return Lifted(canonical, cfg.model_type, reader.exporter, diff)
 
 
 def canonical(path: str, model: onnx.ModelProto, config=None) -> onnx.ModelProto:
-    """``model`` itself, or — a foreign decoder graph — its canonical shiftc form (logged)."""
-    if not is_foreign_decoder(model):
+    """``model`` itself, or — a foreign decoder graph, or a foreign encoder with its config.json
+    beside it — shiftc's own form of it (logged)."""
+    task = foreign_task(model)
+    if task is None:
         return model
+    if task == "encoder" and config is None and \
+            not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")):
+        return model  # compiled as written (TorchScript exports import as they are)
     from ..progress import log, step
 
-    with step(f"bringing '{os.path.basename(path)}' (a decoder graph from another exporter) into shiftc's form"):
+    with step(f"bringing '{os.path.basename(path)}' ({task} graph from another exporter) into shiftc's form"):
         lifted = lift(path, model, config)
-    log(f"  {lifted.model_type} graph from {lifted.exporter}: weights read back, logits equal to the graph's "
+    log(f"  {lifted.model_type} graph from {lifted.exporter}: weights read back, outputs equal to the graph's "
         f"(max |diff| {lifted.max_abs_diff:.2g} on {CHECK_TOKENS} tokens)")
     return lifted.model
+
+
+def _real_model(path: str, config, sd: dict):
+    """The Hugging Face encoder of ``config`` holding ``sd`` (every parameter; buffers as built)."""
+    import transformers
+
+    model = transformers.AutoModel.from_config(config, attn_implementation="eager").eval()
+    result = model.load_state_dict(sd, strict=False)
+    missing = {k for k in result.missing_keys if not k.startswith("pooler.")} - {n for n, _ in model.named_buffers()}
+    if missing or result.unexpected_keys:
+        raise UnsupportedError(f"'{path}': the weights read back do not fit the {config.model_type} model "
+                               f"(missing {sorted(missing)[:3]}, unexpected {sorted(result.unexpected_keys)[:3]})")
+    return model
 
 
 # -- reading the parameters back ------------------------------------------------------------------
@@ -169,10 +208,10 @@ class _GraphWeights:
                     out.setdefault(mod, []).append((node, k, v, scalars[0] if scalars else None))
         return out
 
-    def state_dict(self, config) -> dict:
+    def state_dict(self, config, task: str, *, unused_ok: tuple[str, ...] = ()) -> dict:
         import torch
 
-        skeleton = _skeleton(config)
+        skeleton = _skeleton(config, task)
         modules = dict(skeleton.named_modules())
         cands = self.candidates(set(modules))
         offset = _GAIN_OFFSET.get(config.model_type, 0.0)
@@ -182,7 +221,8 @@ class _GraphWeights:
             cls = type(modules[mod_name]).__name__
             v = _read_param(cls, leaf, tuple(prm.shape), cands.get(mod_name, []), offset)
             if v is None:
-                missing.append(name)
+                if not name.startswith(unused_ok):
+                    missing.append(name)
             else:
                 sd[name] = torch.from_numpy(np.array(v, dtype=np.float32))
         if missing:
@@ -246,20 +286,21 @@ def _read_param(cls: str, leaf: str, shape: tuple, cands: list, offset: float) -
     return None
 
 
-def _skeleton(config):
+def _skeleton(config, task: str):
     """The Hugging Face model of ``config`` on the meta device: names, shapes and module classes only."""
     import torch
     import transformers
 
+    auto = transformers.AutoModelForCausalLM if task == "causal-lm" else transformers.AutoModel
     with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(config)
+        return auto.from_config(config)
 
 
 # -- the check ------------------------------------------------------------------------------------
 
 
-def _check_same_logits(path: str, foreign: onnx.ModelProto, canonical: onnx.ModelProto, config) -> float:
-    """Run both graphs on the same tokens; refuse the lift unless the logits agree."""
+def _check_same_outputs(path: str, foreign: onnx.ModelProto, canonical: onnx.ModelProto, config, output: str) -> float:
+    """Run both graphs on the same tokens; refuse the lift unless ``output`` agrees."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
@@ -270,17 +311,17 @@ def _check_same_logits(path: str, foreign: onnx.ModelProto, canonical: onnx.Mode
     for m in (foreign, canonical):
         sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         feeds = {i.name: _feed(path, i, ids, config) for i in sess.get_inputs()}
-        out = [o.name for o in sess.get_outputs()].index("logits")
-        runs.append(np.asarray(sess.run(None, feeds)[out], dtype=np.float32))
+        k = [o.name for o in sess.get_outputs()].index(output)
+        runs.append(np.asarray(sess.run(None, feeds)[k], dtype=np.float32))
     ref, got = runs
     if ref.shape != got.shape:
-        raise UnsupportedError(f"'{path}': its logits have shape {list(ref.shape)}, the {config.model_type} model's "
-                               f"{list(got.shape)}: the configuration does not describe this graph")
+        raise UnsupportedError(f"'{path}': its {output} has shape {list(ref.shape)}, the {config.model_type} "
+                               f"model's {list(got.shape)}: the configuration does not describe this graph")
     diff = float(np.max(np.abs(ref - got)))
     if not diff <= CHECK_TOL * (1.0 + float(np.max(np.abs(ref)))):
         raise UnsupportedError(
-            f"'{path}': the graph's logits differ from those of a {config.model_type} model with its weights "
-            f"and configuration by up to {diff:.3g} (max |logit| {float(np.max(np.abs(ref))):.3g}): it computes "
+            f"'{path}': the graph's {output} differ from those of a {config.model_type} model with its weights "
+            f"and configuration by up to {diff:.3g} (max |value| {float(np.max(np.abs(ref))):.3g}): it computes "
             "something else (another rope base, norm or attention variant, or a configuration that does not "
             "belong to it); shiftc will not compile it as a guess")
     return diff
@@ -296,6 +337,8 @@ def _feed(path: str, inp, ids: np.ndarray, config) -> np.ndarray:
         return ids.astype(dtype)
     if name == "attention_mask":
         return np.ones((1, n), dtype)
+    if name == "token_type_ids":
+        return np.zeros((1, n), dtype)
     if name in ("position_ids", "cache_position"):
         return np.arange(n, dtype=dtype).reshape((1, n) if name == "position_ids" else (n,))
     if "past" in name and dtype is not None and len(inp.shape) == 4:  # [batch, kv heads, past, head dim]
@@ -303,4 +346,4 @@ def _feed(path: str, inp, ids: np.ndarray, config) -> np.ndarray:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return np.zeros((1, n_kv, 0, head_dim), dtype)
     raise UnsupportedError(f"'{path}': graph input '{name}' ({inp.type}) is not one shiftc knows how to feed "
-                           "(input_ids, attention_mask, position_ids, cache_position, past_key_values.*)")
+                           "(input_ids, attention_mask, token_type_ids, position_ids, cache_position, past_key_values.*)")
