@@ -120,7 +120,7 @@ def lift(onnx_path: str, model: onnx.ModelProto, config=None, *, max_positions: 
         canonical = export_encoder(_real_model(onnx_path, cfg, reader.state_dict(cfg, task, unused_ok=("pooler.",))))
         md.set_info(canonical, task="encoder", tokenizer=tok)
         output = "last_hidden_state"
-    diff = _check_same_outputs(onnx_path, model, canonical, cfg, output)
+    diff = _check_same_outputs(onnx_path, canonical, cfg, output)
     return Lifted(canonical, cfg.model_type, reader.exporter, diff)
 
 
@@ -299,8 +299,9 @@ def _skeleton(config, task: str):
 # -- the check ------------------------------------------------------------------------------------
 
 
-def _check_same_outputs(path: str, foreign: onnx.ModelProto, canonical: onnx.ModelProto, config, output: str) -> float:
-    """Run both graphs on the same tokens; refuse the lift unless ``output`` agrees."""
+def _check_same_outputs(path: str, canonical: onnx.ModelProto, config, output: str) -> float:
+    """Run the file at ``path`` and ``canonical`` on the same tokens; refuse the lift unless
+    ``output`` agrees."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
@@ -308,8 +309,8 @@ def _check_same_outputs(path: str, foreign: onnx.ModelProto, canonical: onnx.Mod
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     runs = []
-    for m in (foreign, canonical):
-        sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    for m in (path, canonical):
+        sess = _session(m, opts)
         feeds = {i.name: _feed(path, i, ids, config) for i in sess.get_inputs()}
         k = [o.name for o in sess.get_outputs()].index(output)
         runs.append(np.asarray(sess.run(None, feeds)[k], dtype=np.float32))
@@ -325,6 +326,26 @@ def _check_same_outputs(path: str, foreign: onnx.ModelProto, canonical: onnx.Mod
             "something else (another rope base, norm or attention variant, or a configuration that does not "
             "belong to it); shiftc will not compile it as a guess")
     return diff
+
+
+def _session(model, opts):
+    """An ONNX Runtime session of a file (its external data beside it) or of an in-memory graph
+    (over protobuf's 2 GB limit: written with external data to a temporary folder first)."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    cpu = ["CPUExecutionProvider"]
+    if isinstance(model, str):
+        return ort.InferenceSession(model, opts, providers=cpu)
+    if model.ByteSize() < 1 << 30:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=cpu)
+    with tempfile.TemporaryDirectory(prefix="shiftc-check-") as d:
+        f = os.path.join(d, "model.onnx")
+        onnx.save(model, f, save_as_external_data=True, location="model.onnx.data")  # moves the tensors out
+        sess = ort.InferenceSession(f, opts, providers=cpu)
+        onnx.load_external_data_for_model(model, d)  # and back in
+        return sess
 
 
 def _feed(path: str, inp, ids: np.ndarray, config) -> np.ndarray:
