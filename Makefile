@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.shiftc-installed
 NATIVE_SOURCES := $(shell find csrc -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean fashion-mnist
 
 setup: $(STAMP)
 
@@ -36,7 +36,14 @@ $(OPT_VENV)/.installed: $(VENV)/.deps-installed
 	  huggingface_hub==0.36.2 tokenizers==0.22.2
 	touch $@
 
-test: setup $(OPT_VENV)/.installed
+# tests only: Fashion-MNIST comes from Debian's dataset-fashion-mnist (installed where make runs as root)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+fashion-mnist:
+	@test -d $(FASHION_MNIST) || ! command -v apt-get >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  apt-get install -y -qq dataset-fashion-mnist >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || true
+
+test: setup $(OPT_VENV)/.installed fashion-mnist
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: setup

@@ -75,9 +75,10 @@ def load(path: str | os.PathLike, threads: int | None = None) -> Runnable:
 
 def evaluate(path: str | os.PathLike, *, task: str = "perplexity", tokens: int = 32768, window: int = 512,
              corpus: str = "wikipedia", split: str | None = None, tokenizer: str | None = None,
-             threads: int | None = None, step: int | None = None, data=None) -> dict:
+             threads: int | None = None, step: int | None = None, data=None, limit: int | None = None) -> dict:
     """Perplexity on the held-out Wikipedia split (``corpus``, ``split``), or on ``data``: the
-    user's text, a path (plain text, .jsonl, .parquet) or an iterable of strings."""
+    user's text, a path (plain text, .jsonl, .parquet) or an iterable of strings. ``task="top1"``:
+    an image classifier's top-1 on the Fashion-MNIST test set (the first ``limit`` images)."""
     from .evaluation import TASKS, perplexity
 
     if task not in TASKS:
@@ -99,6 +100,10 @@ def evaluate(path: str | os.PathLike, *, task: str = "perplexity", tokens: int =
         model = OnnxModel(path, threads, proto=proto)
     else:
         model = load(path, threads).model
+    if task == "top1":
+        from .evaluation import top1
+
+        return top1(model, limit=limit)
     return perplexity(model, tokens=tokens, window=window, corpus=corpus, split=split, tokenizer=tokenizer, step=step,
                       data=_texts(data))
 

@@ -114,7 +114,9 @@ def cmd_eval(args):
 
     r = api.evaluate(args.model, task=args.task, tokens=args.tokens, window=args.window, corpus=args.corpus,
                      split=args.split, tokenizer=args.tokenizer, threads=args.threads, step=args.step,
-                     data=args.eval_data)
+                     data=args.eval_data, limit=args.limit)
+    if r["task"] == "top1":
+        return _emit(args, r, f"top-1 {r['top1']:.4f} ({r['backend']}, {r['images']} images of {r['data']})")
     steps = f", {r['step']} per step" if r["step"] != r["window"] else ""
     _emit(args, r, f"perplexity {r['perplexity']:.4f} ({r['backend']}, {r['tokens_scored']} tokens in {r['windows']} windows of {r['window']}{steps}, {r['corpus']}/{r['split']})")
 
@@ -259,9 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", "--output", help="write the outputs to this .npz")
     sp.add_argument("--threads", type=positive)
 
-    sp = command("eval", cmd_eval, "measure accuracy (perplexity on held-out Wikipedia text)")
+    sp = command("eval", cmd_eval, "measure accuracy (perplexity on held-out Wikipedia text, top-1 on Fashion-MNIST)")
     sp.add_argument("model", type=_model_file)
-    sp.add_argument("--task", default="perplexity", choices=["perplexity"])
+    sp.add_argument("--task", default="perplexity", choices=["perplexity", "top1"],
+                    help="perplexity (causal LMs) or top1 (image classifiers of [batch, 1, 28, 28]: the Fashion-MNIST "
+                         "test set)")
+    sp.add_argument("--limit", type=positive, help="top1: the first N test images (default: all 10,000)")
     sp.add_argument("--tokens", type=positive, default=32768, help="token budget (default 32768)")
     sp.add_argument("--window", type=positive, default=512, help="tokens per window (default 512)")
     sp.add_argument("--step", type=positive,

@@ -1,5 +1,9 @@
 """Accuracy of a model (compiled library or ONNX): perplexity on held-out text, top-1 on images.
 
+Top-1: the Fashion-MNIST test set (10,000 images, frontend.data.fashion_mnist_inputs) through an
+image classifier taking ``[batch, 1, 28, 28]``; the share of images whose largest logit is the
+label. The same images and batches for an .onnx and a compiled library.
+
 Perplexity: the held-out split of the text corpus (see frontend.data: Wikipedia articles whose
 crc32(title) % 4 == 0) is tokenized, concatenated with EOS between articles, and cut into
 ``tokens // window`` non-overlapping windows of ``window`` tokens. Each window is scored from an
@@ -20,11 +24,11 @@ import numpy as np
 
 from .backend.runtime import Model
 from .errors import UsageError
-from .frontend.data import texts_for, token_windows
+from .frontend.data import fashion_mnist_inputs, texts_for, token_windows
 from .progress import Counter
 from .tokenizer import tokenizer_for
 
-TASKS = ("perplexity",)
+TASKS = ("perplexity", "top1")
 
 
 def window_nll(logits: np.ndarray, ids: np.ndarray) -> tuple[float, int]:
@@ -81,3 +85,32 @@ def perplexity(model: Model, *, tokens: int = 32768, window: int = 512, corpus: 
         "tokens_scored": count,
         "seconds": round(seconds, 2),
     }
+
+
+def top1(model: Model, *, limit: int | None = None, batch: int = 64) -> dict:
+    """Top-1 accuracy on the Fashion-MNIST test set (the first ``limit`` images if given)."""
+    if len(model.inputs) != 1:
+        raise UsageError(f"--task top1 needs an image classifier with one input; '{model.path}' has "
+                         f"{[i['name'] for i in model.inputs]}")
+    inp = model.inputs[0]
+    shape = inp.get("shape") or []
+    if len(shape) != 4 or any(isinstance(d, int) and d != want for d, want in zip(shape[1:], (1, 28, 28))):
+        raise UsageError(f"--task top1 runs Fashion-MNIST ([batch, 1, 28, 28] images); '{model.path}' input "
+                         f"'{inp['name']}' has shape {shape}")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be >= 1 (got {limit})")
+    x, y = fashion_mnist_inputs("test", limit)
+    rows = shape[0] if isinstance(shape[0], int) else batch  # a static batch is what the model takes
+    correct, t0 = 0, time.perf_counter()
+    progress = Counter(f"top-1 ({model.kind})", (len(x) + rows - 1) // rows)
+    for i in range(0, len(x), rows):
+        xb = x[i:i + rows]
+        n = len(xb)
+        if n < rows and isinstance(shape[0], int):  # the last, short batch of a static-batch model
+            xb = np.concatenate([xb, np.zeros((rows - n, *xb.shape[1:]), xb.dtype)])
+        logits = next(iter(model.run({inp["name"]: xb}).values()))
+        correct += int((np.argmax(logits[:n], axis=-1) == y[i:i + n]).sum())
+        progress.update(extra=f"top-1 so far {correct / min(i + rows, len(x)):.4f}")
+    return {"task": "top1", "model": model.path, "backend": model.kind, "data": "fashion-mnist (test)",
+            "top1": correct / len(x), "images": int(len(x)), "seconds": round(time.perf_counter() - t0, 2)}
+

