@@ -50,21 +50,11 @@ def _net():
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
 
 
-def _augment(x, rng: np.random.Generator):
-    """Random horizontal flips and shifts of up to 2 pixels (zero padding), per image."""
-    n = len(x)
-    flip = rng.random(n) < 0.5
-    x = np.where(flip[:, None, None, None], x[..., ::-1], x)
-    padded = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
-    dy, dx = rng.integers(0, 5, n), rng.integers(0, 5, n)
-    return np.stack([padded[i, :, dy[i]:dy[i] + 28, dx[i]:dx[i] + 28] for i in range(n)])
-
-
 def train(model, steps: int, *, batch: int = 128, peak_lr: float = 0.2, seed: int = 0, log_every: int = 100) -> dict:
     """Train ``model`` in place on the Fashion-MNIST training set for ``steps`` steps."""
     import torch
 
-    from .frontend.data import fashion_mnist_inputs
+    from .frontend.data import augment_images, fashion_mnist_inputs
     from .progress import log
 
     x, y = fashion_mnist_inputs("train")
@@ -79,7 +69,7 @@ def train(model, steps: int, *, batch: int = 128, peak_lr: float = 0.2, seed: in
             order, pos = rng.permutation(len(x)), 0
         idx = order[pos:pos + batch]
         pos += batch
-        xb = torch.from_numpy(_augment(x[idx], rng).copy())
+        xb = torch.from_numpy(augment_images(x[idx], rng))
         loss = torch.nn.functional.cross_entropy(model(xb), torch.from_numpy(y[idx]))
         opt.zero_grad()
         loss.backward()

@@ -551,3 +551,14 @@ def fashion_mnist_inputs(split: str = "test", limit: int | None = None) -> tuple
     x = (images.astype(np.float32) / 255.0 - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
     return x[:, None], labels.astype(np.int64)
 
+
+def augment_images(x: np.ndarray, rng: np.random.Generator, shift: int = 2) -> np.ndarray:
+    """Training augmentation of ``[N, C, H, W]`` images: random horizontal flips and shifts of up
+    to ``shift`` pixels (zero padding), per image."""
+    n, _, h, w = x.shape
+    flip = rng.random(n) < 0.5
+    x = np.where(flip[:, None, None, None], x[..., ::-1], x)
+    padded = np.pad(x, ((0, 0), (0, 0), (shift, shift), (shift, shift)))
+    dy, dx = rng.integers(0, 2 * shift + 1, n), rng.integers(0, 2 * shift + 1, n)
+    return np.ascontiguousarray(np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]))
+

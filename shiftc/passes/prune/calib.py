@@ -18,6 +18,9 @@ from ...frontend import metadata as md
 from ...progress import Counter
 
 
+CLASSIFIER_CALIB_IMAGES = 512  # Fashion-MNIST training images for a grey 28 x 28 classifier's activation norms
+
+
 def calibration_feeds(model: onnx.ModelProto, *, corpus: str = "wikipedia", windows: int = 16, window: int = 256,
                       tokenizer: str | None = None, model_path: str = "the model", data=None) -> list[dict]:
     """One feed dict per calibration sample, for a causal LM (text) or an image classifier (photos)."""
@@ -34,6 +37,16 @@ def calibration_feeds(model: onnx.ModelProto, *, corpus: str = "wikipedia", wind
         inits = {t.name for t in model.graph.initializer}
         (inp,) = [i for i in model.graph.input if i.name not in inits]
         dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+        if len(dims) == 4 and dims[1:] == [1, 28, 28]:  # grey 28 x 28: Fashion-MNIST's training images
+            from ...frontend.data import fashion_mnist_inputs
+
+            images, _ = fashion_mnist_inputs("train", limit=CLASSIFIER_CALIB_IMAGES)
+            rows = dims[0] if dims[0] > 0 else 32
+            return [{inp.name: images[i:i + rows]} for i in range(0, len(images) - rows + 1, rows)]
+        if len(dims) == 4 and dims[1] not in (0, 3):
+            raise UsageError(f"--prune-criterion activation: '{model_path}' takes {dims[1]}-channel images of "
+                             f"{dims[2:]}; calibration images exist for RGB models (photos) and grey 28 x 28 ones "
+                             "(Fashion-MNIST); use --prune-criterion magnitude")
         size = dims[-1] if len(dims) == 4 and dims[-1] > 0 else 224
         images, _ = load_images(size)
         return [{inp.name: images[i:i + 1]} for i in range(len(images))]

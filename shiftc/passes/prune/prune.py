@@ -64,10 +64,15 @@ class PruneConfig:
     # LoRA fine-tune on the torch model of the export source (lora.py): the LoRAPrune criterion's
     # budget, or recovery after magnitude/activation pruning; steps and/or minutes, first reached ends it
     recover_steps: int | None = option(None, flag="--recover-steps", parse=int, metavar="S",
-                                       help="with --prune: LoRA fine-tune of the export source's torch model, S steps, "
-                                            "pruned units masked (recovery; the budget of --prune-criterion lorapr)")
+                                       help="with --prune: recovery training, S steps (LLMs: LoRA fine-tune of the export "
+                                            "source's torch model, pruned units masked, also the budget of "
+                                            "--prune-criterion lorapr; image classifiers: the pruned graph on "
+                                            "Fashion-MNIST, distilled from the unpruned one)")
     recover_minutes: float | None = option(None, flag="--recover-minutes", parse=float, metavar="M",
                                            help="with --prune: LoRA fine-tune time bound")
+    recover_init: str = option("finetune", flag="--recover-init", choices=("finetune", "scratch"),
+                               help="image classifiers: recovery from the kept weights (default) or the pruned "
+                                    "architecture trained from scratch")
     lora_rank: int = 8
     lora_lr: float = 3e-4
     lora_window: int = 128  # tokens per training window (calibration split)

@@ -3,7 +3,8 @@
 With ``--prune-criterion lorapr``, or ``--recover-steps/--recover-minutes`` after magnitude /
 activation, a LoRA fine-tune of the torch model (:mod:`.lora`) runs on the unpruned ONNX model's
 export source with the pruned units masked; its merged weights replace the ONNX weights before
-the surgery.
+the surgery. An image classifier is instead pruned first and the pruned graph itself trained
+(:mod:`.recover_image`: Fashion-MNIST, distilled from the unpruned graph).
 
 Used by :mod:`shiftc.passes.compress` (``shiftc compress --prune/--nm``) and the benchmarks.
 """
@@ -13,7 +14,9 @@ from __future__ import annotations
 import onnx
 
 from ...errors import UsageError
+from ...frontend import metadata as md
 from ...progress import step
+from . import recover_image
 from .calib import calibration_feeds, collect_norms
 from .nm import apply_nm
 from .prune import PruneConfig, PrunePass
@@ -100,18 +103,24 @@ def prune_model(model: onnx.ModelProto, cfg: PruneConfig, calib=None, *, model_p
             info, groups = pp.analyze(model)
         means: dict = {}
         recover = cfg.recover_steps is not None or cfg.recover_minutes is not None
+        classifier = md.get_info(model)["task"] == "image-classification"
         if cfg.criterion == "lorapr" and scores is None:
             model, report = _lora_prune(model, pp, info, groups, threads, model_path)
-        elif recover:  # choose first (no surgery, weights uncached), fine-tune, then cut
+        elif recover and not classifier:  # choose first (no surgery, weights uncached), fine-tune, then cut
             norms = _norms(model, pp, info, calib, model_path, threads) if cfg.criterion == "activation" else None
             removed = pp.choose(model, info, groups, norms=norms, scores=scores)
             del norms
             info._const_cache.clear()
             model, report = _recover(model, pp, info, groups, removed, threads, model_path)
         else:
+            if recover:
+                recover_image.check_classifier(model, model_path)
             norms = _norms(model, pp, info, calib, model_path, threads, means) if cfg.criterion == "activation" else None
             with step(f"pruning {cfg.ratio:.0%} ({cfg.criterion}, {cfg.budget})"):
                 result = pp(model, info=info, groups=groups, norms=norms, scores=scores, means=means or None)
+            if recover:  # an image classifier: the pruned graph trained, distilled from the unpruned one
+                result.model, result.report["recovery"] = recover_image.recover_classifier(
+                    result.model, model, steps=cfg.recover_steps, minutes=cfg.recover_minutes, init=cfg.recover_init)
             model, report = result.model, result.report
     if cfg.nm:
         from .groups import GraphInfo
