@@ -192,11 +192,12 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
         raise BadInputError(f"output '{output}': a model library must be named *.so")
 
     graph, kv_meta = _kv_cache_graph(proto, spec, kv_cache, kv_dtype)
-    fused = 0
-    if spec.device_type == "cpu":  # one kernel call per group of packed matmuls on one input
-        from . import fuse_matmuls
+    fused = convs = 0
+    if spec.device_type == "cpu":  # one kernel call per group of packed matmuls on one input; convs as GEMMs
+        from . import conv_gemm, fuse_matmuls
 
         graph, fused = fuse_matmuls.rewrite(graph)
+        graph, convs = conv_gemm.rewrite(graph)
     with step("importing ONNX into Relax"), lowering_for(spec.device_type):
         mod = to_relax(graph, source)
     if kv_meta and kv_meta.get("mode") == "inplace":
@@ -210,6 +211,7 @@ def compile_model(model: str | os.PathLike | onnx.ModelProto, output: str | os.P
     meta = library_metadata(proto, spec, source)
     meta["kv_cache"] = kv_meta
     meta["fused_matmuls"] = fused
+    meta["conv_gemm"] = convs
     unscheduled: list[str] | None = None
 
     def count_unscheduled(mod):
