@@ -1,7 +1,7 @@
 """A small image classifier trained here: a ResNet-style net on Fashion-MNIST.
 
 ``shiftc export shiftc.vision:fashion_resnet -o cnn.onnx`` builds it, trains it on the 60,000
-training images (``SHIFTC_FASHION_STEPS`` steps of 128, default :data:`DEFAULT_STEPS`: 1.3
+training images (``SHIFTC_FASHION_STEPS`` steps of 128, default :data:`DEFAULT_STEPS`: 4.3
 epochs, a few minutes on 2 cores; the weights are kept in shiftc's cache folder, so a second
 export is immediate) and exports it as an image classifier: ``pixel_values [batch, 1, 28, 28]``
 (normalised as :func:`shiftc.frontend.data.fashion_mnist_inputs` does) → ``logits [batch, 10]``.
@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 2000
 STEPS_ENV = "SHIFTC_FASHION_STEPS"
 
 
