@@ -1,4 +1,5 @@
-"""Foreign decoder graphs: an LLM exported to ONNX by another tool, brought into shiftc's form.
+"""Foreign language-model graphs: an LLM (or encoder) exported to ONNX by another tool, brought
+into shiftc's form.
 
 PyTorch's exporter (``torch.onnx.export(..., dynamo=True)``) and Hugging Face optimum
 (``optimum-cli export onnx``) write a causal LM as the traced computation: hundreds of Shape /
@@ -24,7 +25,9 @@ and writes shiftc's canonical decoder (``decoder_onnx.build_decoder``) from them
    difference measured, never compiled as a guess.
 
 The result is the graph ``shiftc export`` writes for the same checkpoint: the in-place KV cache,
-every pass and the decode path apply unchanged.
+every pass and the decode path apply unchanged. An encoder (``last_hidden_state`` out) is handled
+the same way, re-exported through shiftc's encoder export from the Hugging Face model holding the
+weights read back, and checked on its output.
 """
 
 from __future__ import annotations
