@@ -1,5 +1,6 @@
-"""Timing side by side: calls interleaved round by round so that machine noise hits each alike.
-A leaf module (nothing of shiftc imported): the passes time compiled plans with it too."""
+"""Timing side by side: calls interleaved round by round so that machine noise hits each alike;
+the process's peak memory. A leaf module (nothing of shiftc imported): the passes time compiled
+plans with it too."""
 
 from __future__ import annotations
 
@@ -23,3 +24,17 @@ def alternate(fns: dict[str, callable], repeats: int, warmup: int = 1, gap_s: fl
             fn()
             times[k].append(time.perf_counter() - t0)
     return times
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident memory so far (bytes; ``getrusage`` maximum RSS), None where the
+    platform does not report it. A CLI command is one process, so this is that command's peak."""
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    except (ImportError, OSError):
+        return None
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes; Linux: KiB
+

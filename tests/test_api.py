@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -57,3 +59,17 @@ def test_evaluate_runs_a_compressed_onnx_through_its_dequantized_copy(tiny_llama
     assert copies == [1, 1] and rep["tokens"] == 2 * 127
     assert rep["before"] == fp32["perplexity"] and rep["after"] == pytest.approx(bodies["perplexity"], rel=REL_PPL)
 
+
+
+def test_export_compile_compress_report_their_peak_memory(tmp_path):
+    """--json of export, compile and compress carries the process's peak resident memory (a CLI
+    command is one process: that command's peak), at least what the interpreter and the model
+    take."""
+    from conftest import run_cli
+
+    onnx_path, lib, small = (str(tmp_path / f) for f in ("m.onnx", "m.so", "s.onnx"))
+    for args in (("export", "tests.factories:mlp", "-o", onnx_path), ("compile", onnx_path, "-o", lib),
+                 ("compress", onnx_path, "-o", small, "--prune", "0.25", "--prune-criterion", "magnitude")):
+        r = run_cli(*args, "--json", check=True)
+        peak = json.loads(r.stdout)["peak_rss_bytes"]
+        assert isinstance(peak, int) and 50e6 < peak < 8e9, (args[0], peak)

@@ -32,6 +32,7 @@ from ..frontend.foreign import canonical
 from ..frontend.onnx_io import atomic_output, load_model
 from ..progress import log, step
 from ..targets import TargetSpec, get_target
+from ..timing import peak_rss_bytes
 from .importer import to_relax
 from .kernels import kernel_object, uses_kernels
 from .shiftc_ops import lowering_for
@@ -57,6 +58,7 @@ class CompileResult:
         return {
             **{k: getattr(self, k) for k in ("path", "target", "isa", "size_bytes")},
             "seconds": round(self.seconds, 2),
+            "peak_rss_bytes": peak_rss_bytes(),
             "task": self.metadata.get("task"),
             **({"cuda_ptx_bytes": self.cuda_ptx_bytes} if self.cuda_ptx_bytes is not None else {}),
             **({"unscheduled_functions": {"count": len(self.unscheduled), "names": list(self.unscheduled)}}

@@ -38,7 +38,10 @@ class ExportResult:
     num_nodes: int
 
     def to_json(self) -> dict:
-        return {"path": self.path, "task": self.task, "size_bytes": self.size_bytes, "num_nodes": self.num_nodes}
+        from ..timing import peak_rss_bytes
+
+        return {"path": self.path, "task": self.task, "size_bytes": self.size_bytes, "num_nodes": self.num_nodes,
+                "peak_rss_bytes": peak_rss_bytes()}
 
 
 # -- source resolution ---------------------------------------------------------------------------

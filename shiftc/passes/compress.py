@@ -25,6 +25,7 @@ from ..errors import BadInputError
 from ..frontend.foreign import canonical
 from ..frontend.onnx_io import load_model, save_model
 from ..progress import log, step
+from ..timing import peak_rss_bytes
 from . import ops
 from .recipe import CompressConfig, validate
 from .shiftadd import ShiftAddPass
@@ -50,7 +51,7 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
             _save(model, output)
             return {"path": output, "source": src, "size_bytes": os.path.getsize(output),
                     "source_size_bytes": os.path.getsize(src), "seconds": round(time.perf_counter() - t0, 1),
-                    "prune": prune_report}
+                    "peak_rss_bytes": peak_rss_bytes(), "prune": prune_report}
     pass_, pass_cfg = _make_pass(config)
     binarize = pass_.name == "binarize"
     targets, skipped = pass_.match(model)
@@ -84,7 +85,8 @@ def compress(src: str | os.PathLike, output: str | os.PathLike, config: Compress
     _save(result.model, output)
     out = {"path": output, "source": src, "size_bytes": os.path.getsize(output), "source_size_bytes": os.path.getsize(src),
            "calibration": {"corpus": config.calib.corpus, "windows": calib_windows, "window": config.calib.window},
-           "seconds": round(time.perf_counter() - t0, 1), **result.report, "weights": ops.bytes_by_kind(result.model),
+           "seconds": round(time.perf_counter() - t0, 1), "peak_rss_bytes": peak_rss_bytes(),
+           **result.report, "weights": ops.bytes_by_kind(result.model),
            **({"prune": prune_report} if prune_report is not None else {}),
            **({"distill": distill_report} if distill_report is not None else {})}
     if plan is not None:  # plan summary, perplexity before/after if asked, OUT.report.json/.html
