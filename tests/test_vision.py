@@ -150,3 +150,29 @@ def _rgb_classifier():
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
     return helper.make_model(g)
 
+
+
+def test_nm_trained_gradually_keeps_the_accuracy(cnn, tmp_path):
+    """--nm 2:4 one-shot loses most of the accuracy; with --recover-steps the net is trained into
+    the pattern by mask decay and keeps it; every eligible weight (convolutions over 4k input
+    channels, the classifier) ends exactly 2 of 4 in each block, and the pattern is recorded."""
+    import onnx
+    from onnx import numpy_helper
+
+    from shiftc.passes.prune.nm import weight_mask
+
+    shot, grad = str(tmp_path / "shot.onnx"), str(tmp_path / "grad.onnx")
+    shiftc.compress(cnn, shot, nm="2:4", prune_criterion="magnitude")
+    rep = shiftc.compress(cnn, grad, nm="2:4", prune_criterion="magnitude", recover_steps=RECOVER_STEPS)
+    assert rep["prune"]["recovery"]["nm_layers"] == len(rep["prune"]["nm"]["layers"]) >= 7
+    top = {k: shiftc.evaluate(p, task="top1", limit=2000)["top1"] for k, p in (("fp32", cnn), ("shot", shot),
+                                                                                ("gradual", grad))}
+    assert top["gradual"] > top["shot"] + 0.1 and top["gradual"] > top["fp32"] - MAX_RECOVERY_GAP
+    model = onnx.load(grad)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for name in rep["prune"]["nm"]["layers"]:
+        w = weights[name]
+        axis = 1  # Conv [Cout, Cin, KH, KW] and the classifier's Gemm (transB) both reduce over axis 1
+        assert np.array_equal(w != 0, weight_mask(np.abs(w), axis, 2, 4)), name
+        assert abs(float((w == 0).mean()) - 0.5) < 1e-6, name
+    assert "shiftc.sparsity" in {p.key for p in model.metadata_props}

@@ -106,11 +106,13 @@ class OnnxModule:
                     else:
                         self.consts[init.name] = torch.from_numpy(np.array(arr))
                 self.inputs = [i.name for i in g.input if i.name not in self.names and i.name not in self.consts]
+                self.weight_fns = {}  # initializer name -> f(parameter) used in its place (masks, decay)
                 self.outputs = [o.name for o in g.output]
 
             def forward(self, *xs):
                 env = dict(self.consts)
-                env.update({k: self.params[j] for k, j in self.names.items()})
+                env.update({k: self.weight_fns[k](self.params[j]) if k in self.weight_fns else self.params[j]
+                            for k, j in self.names.items()})
                 env.update(zip(self.inputs, xs))
                 for node in self.model.graph.node:
                     if node.op_type == "Constant":

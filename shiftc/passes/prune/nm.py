@@ -2,7 +2,8 @@
 
 For every MatMul/Gemm weight W [K, N] (K = input axis) and each block of M consecutive input
 channels of one output column, the N entries with the largest score are kept and the others set
-to zero. Score: ``|W_kn| · ‖X_k‖₂`` (activation-aware, Wanda) when calibration norms of the layer's
+to zero; a dense convolution's weight [Cout, Cin, KH, KW] likewise in blocks of M input channels
+per output channel and kernel tap. Score: ``|W_kn| · ‖X_k‖₂`` (activation-aware, Wanda) when calibration norms of the layer's
 input are given, else ``|W_kn|``. The graph is unchanged apart from the weight values, so any
 backend runs it densely; ``shiftc.sparsity`` in the metadata lists the layers and the pattern so a
 backend with a sparse kernel can use it.
@@ -43,9 +44,22 @@ def nm_mask(score: np.ndarray, n: int, m: int) -> np.ndarray:
     return keep.reshape(k, cols)
 
 
+def weight_mask(score: np.ndarray, in_axis: int, n: int, m: int) -> np.ndarray:
+    """N:M mask of a weight of any rank (a MatMul/Gemm [K, N] or [N, K], a Conv [Cout, Cin, KH, KW]):
+    blocks of m consecutive entries along its input axis ``in_axis`` (a convolution's input
+    channels, per output channel and kernel tap), the n largest scores of each kept."""
+    moved = np.moveaxis(score, in_axis, 0)
+    mask = nm_mask(moved.reshape(moved.shape[0], -1), n, m).reshape(moved.shape)
+    return np.moveaxis(mask, 0, in_axis)
+
+
+def _attr(node, name: str, default):
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
 def apply_nm(model: onnx.ModelProto, pattern: str, *, norms: dict | None = None, info=None,
              skip: tuple = ()) -> tuple[onnx.ModelProto, dict]:
-    """Return (a copy of ``model`` with N:M zeros in its MatMul/Gemm weights, report)."""
+    """Return (a copy of ``model`` with N:M zeros in its MatMul/Gemm/Conv weights, report)."""
     import fnmatch
 
     from .criteria import layer_inputs
@@ -58,23 +72,21 @@ def apply_nm(model: onnx.ModelProto, pattern: str, *, norms: dict | None = None,
     inits = {t.name: t for t in out.graph.initializer}
     layers, skipped = [], []
     for w, (node, in_axis, x, _) in layer_inputs(info).items():
-        if node.op_type == "Conv":
-            skipped.append({"layer": w, "reason": "N:M applies to MatMul/Gemm weights"})
-            continue
         if any(fnmatch.fnmatch(w, p) for p in skip):
             skipped.append({"layer": w, "reason": "matches skip"})
             continue
         arr = info.const(w)
-        if arr.ndim != 2 or arr.shape[in_axis] % m:
+        if node.op_type == "Conv" and (arr.ndim != 4 or _attr(node, "group", 1) != 1):
+            skipped.append({"layer": w, "reason": "grouped / depthwise convolution"})
+            continue
+        if arr.ndim not in (2, 4) or arr.shape[in_axis] % m:
             skipped.append({"layer": w, "reason": f"input width {arr.shape[in_axis]} is not a multiple of {m}"})
             continue
-        wk = arr if in_axis == 0 else arr.T  # [K, N]
-        score = np.abs(wk, dtype=np.float64)
+        score = np.abs(arr, dtype=np.float64)
         if norms is not None and x in norms:
-            score = score * norms[x][:, None]
-        mask = nm_mask(score, n, m)
-        new = np.where(mask, wk, 0).astype(arr.dtype)
-        inits[w].CopyFrom(numpy_helper.from_array(new if in_axis == 0 else np.ascontiguousarray(new.T), w))
+            score = score * np.expand_dims(norms[x], [a for a in range(arr.ndim) if a != in_axis])
+        new = np.where(weight_mask(score, in_axis, n, m), arr, 0).astype(arr.dtype)
+        inits[w].CopyFrom(numpy_helper.from_array(new, w))
         layers.append(w)
     bits = n / m * (32 + math.ceil(math.log2(m)))
     record = {"pattern": f"{n}:{m}", "axis": "input", "criterion": "activation" if norms else "magnitude",

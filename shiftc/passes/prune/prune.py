@@ -99,8 +99,9 @@ def validate(cfg: PruneConfig, pre: str = "") -> None:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
                               or (flag == "--recover-steps" and not isinstance(v, int))):
             raise UsageError(f"{pre}{flag} must be a positive {'integer' if 'steps' in flag else 'number'}, got {v!r}")
-    if (cfg.recover_steps is not None or cfg.recover_minutes is not None) and not cfg.ratio:
-        raise UsageError(f"{pre}--recover-steps/--recover-minutes fine-tune a pruned model: give --prune RATIO too")
+    if (cfg.recover_steps is not None or cfg.recover_minutes is not None) and not cfg.ratio and not cfg.nm:
+        raise UsageError(f"{pre}--recover-steps/--recover-minutes fine-tune a pruned model: give --prune RATIO "
+                         "(or, for an image classifier, --nm N:M) too")
     if not isinstance(cfg.lora_rank, int) or cfg.lora_rank < 1:
         raise UsageError(f"{pre}prune lora_rank must be an integer >= 1, got {cfg.lora_rank!r}")
     if cfg.align is not None and (not isinstance(cfg.align, int) or cfg.align < 1):

@@ -14,7 +14,15 @@ convolutions, so the optimiser is AdamW (weight decay 1e-4; plain SGD at the rat
 net takes diverges here), with a one-cycle learning rate peaking at 1e-3 for a fine-tune
 (``--recover-init finetune``, the kept weights) or 3e-3 from scratch (``--recover-init scratch``:
 every trained tensor re-drawn, He-normal weights and zero biases — the paper's comparison at an
-equal budget); batches of 128 with flips and 2-pixel shifts; seeded. ``--recover-steps`` and/or ``--recover-minutes`` bound it (first reached ends it).
+equal budget); batches of 128 with flips and 2-pixel shifts; seeded. ``--recover-steps`` and/or
+``--recover-minutes`` bound it (first reached ends it).
+
+With ``--nm N:M`` the training also moves the net into that pattern gradually (mask decay, the
+MDGF schedule of Progressive Gradient Flow, Bambhaniya et al. 2024): the mask is re-chosen by
+magnitude every step and the weights outside it are scaled by a factor that decays linearly from 1
+to 0 over the first 75% of the steps, so they keep receiving gradient (and may win their place
+back) while they fade; the rest of the steps train the hard-masked net. ``nm.apply_nm`` then
+records the pattern (the zeros are already there).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from ...progress import log, step
 KD_WEIGHT, KD_TEMPERATURE = 0.5, 4.0
 PEAK_LR = {"finetune": 1e-3, "scratch": 3e-3}
 BATCH = 128
+DECAY_END = 0.75  # N:M mask decay: the pruned weights' factor reaches 0 at this fraction of the steps
 
 
 def check_classifier(model, model_path: str) -> None:
@@ -53,9 +62,74 @@ def _reinit(module) -> None:
                 p.zero_()
 
 
+def _nm_layers(module, model, n: int, m: int) -> dict:
+    """{initializer: input axis} of the weights N:M applies to (nm.apply_nm's rule)."""
+    from .nm import _attr
+
+    out = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in module.names:
+            continue
+        w = module.params[module.names[node.input[1]]]
+        if node.op_type == "Conv":
+            axis = 1 if w.dim() == 4 and _attr(node, "group", 1) == 1 else None
+        else:
+            axis = (1 if _attr(node, "transB", 0) else 0) if node.op_type == "Gemm" else w.dim() - 2
+        if axis is not None and w.shape[axis] % m == 0:
+            out[node.input[1]] = axis
+    return out
+
+
+def _torch_nm_mask(w, axis: int, n: int, m: int):
+    """The N:M mask of ``w`` by magnitude (blocks of m along ``axis``), as nm.weight_mask."""
+    import torch
+
+    moved = w.detach().abs().movedim(axis, 0)
+    blocks = moved.reshape(moved.shape[0] // m, m, -1)
+    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, blocks.topk(n, dim=1).indices, True)
+    return keep.reshape(moved.shape).movedim(0, axis)
+
+
+def gradual_nm(module, model, pattern: str, total: int, decay_end: float = DECAY_END):
+    """Mask-decay N:M training (Progressive Gradient Flow's MDGF): every step the N:M mask is
+    re-chosen by magnitude and the weights outside it are scaled by β(t) = max(0, 1 − t / (decay_end
+    · total)) instead of being cut, so gradients keep flowing to them while β decays; the last
+    (1 − decay_end) of the steps train the hard-masked net. Returns ``step(t)`` to call before each
+    step and ``finish()`` that zeroes the masked weights for good."""
+    import torch
+
+    from .nm import parse_pattern
+
+    n, m = parse_pattern(pattern)
+    layers = _nm_layers(module, model, n, m)
+    beta = [1.0]
+
+    def fn_for(axis):
+        def f(w):
+            mask = _torch_nm_mask(w, axis, n, m).to(w.dtype)
+            return w * (mask + (1.0 - mask) * beta[0])
+        return f
+
+    module.weight_fns.update({name: fn_for(axis) for name, axis in layers.items()})
+
+    def step_to(t: int) -> None:
+        beta[0] = max(0.0, 1.0 - t / max(1.0, decay_end * total))
+
+    def finish() -> None:
+        with torch.no_grad():
+            for name, axis in layers.items():
+                p = module.params[module.names[name]]
+                p.mul_(_torch_nm_mask(p, axis, n, m).to(p.dtype))
+        for name in layers:
+            module.weight_fns.pop(name)
+
+    return step_to, finish, sorted(layers)
+
+
 def recover_classifier(pruned, teacher, *, steps: int | None, minutes: float | None, init: str = "finetune",
-                       seed: int = 0):
-    """(trained copy of ``pruned``, log): distilled from ``teacher`` on Fashion-MNIST's training set."""
+                       seed: int = 0, nm: str | None = None):
+    """(trained copy of ``pruned``, log): distilled from ``teacher`` on Fashion-MNIST's training set;
+    with ``nm`` ("2:4"), trained into that N:M pattern gradually (:func:`gradual_nm`)."""
     import torch
 
     from ...frontend.data import augment_images, fashion_mnist_inputs
@@ -70,11 +144,15 @@ def recover_classifier(pruned, teacher, *, steps: int | None, minutes: float | N
     total = steps or max(1, int((minutes or 1) * 60 / 0.3))  # the schedule's length; minutes may end it sooner
     opt = torch.optim.AdamW(student.parameters(), lr=PEAK_LR[init], weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=PEAK_LR[init], total_steps=total, pct_start=0.25)
+    step_to, finish, nm_layers = gradual_nm(student, pruned, nm, total) if nm else (None, None, [])
     losses, t0, order, pos = [], time.perf_counter(), rng.permutation(len(x)), 0
-    with step(f"recovery training ({init}, {total} steps of {BATCH} Fashion-MNIST images, distilled)"):
+    what = f"{init}{f', {nm} by mask decay' if nm else ''}"
+    with step(f"recovery training ({what}, {total} steps of {BATCH} Fashion-MNIST images, distilled)"):
         for i in range(total):
             if minutes is not None and time.perf_counter() - t0 > minutes * 60:
                 break
+            if step_to:
+                step_to(i)
             if pos + BATCH > len(order):
                 order, pos = rng.permutation(len(x)), 0
             idx = order[pos:pos + BATCH]
@@ -94,6 +172,9 @@ def recover_classifier(pruned, teacher, *, steps: int | None, minutes: float | N
             if (i + 1) % 100 == 0:
                 log(f"  recovery step {i + 1}/{total}: loss {np.mean(losses[-100:]):.4f}")
     done = len(losses)
+    if finish:
+        finish()
     return student.write_back(), {"init": init, "steps": done, "seconds": round(time.perf_counter() - t0, 1),
+                                  **({"nm": nm, "nm_layers": len(nm_layers), "nm_decay_end": DECAY_END} if nm else {}),
                                   "final_loss": float(np.mean(losses[-min(50, done):])) if done else math.nan,
                                   "kd_weight": KD_WEIGHT, "kd_temperature": KD_TEMPERATURE, "peak_lr": PEAK_LR[init]}

@@ -120,8 +120,14 @@ def prune_model(model: onnx.ModelProto, cfg: PruneConfig, calib=None, *, model_p
                 result = pp(model, info=info, groups=groups, norms=norms, scores=scores, means=means or None)
             if recover:  # an image classifier: the pruned graph trained, distilled from the unpruned one
                 result.model, result.report["recovery"] = recover_image.recover_classifier(
-                    result.model, model, steps=cfg.recover_steps, minutes=cfg.recover_minutes, init=cfg.recover_init)
+                    result.model, model, steps=cfg.recover_steps, minutes=cfg.recover_minutes, init=cfg.recover_init,
+                    nm=cfg.nm)
             model, report = result.model, result.report
+    elif cfg.nm and (cfg.recover_steps is not None or cfg.recover_minutes is not None):
+        # N:M alone on an image classifier: trained into the pattern gradually, then recorded below
+        recover_image.check_classifier(model, model_path)
+        model, report["recovery"] = recover_image.recover_classifier(
+            model, model, steps=cfg.recover_steps, minutes=cfg.recover_minutes, init=cfg.recover_init, nm=cfg.nm)
     if cfg.nm:
         from .groups import GraphInfo
 
