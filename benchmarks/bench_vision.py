@@ -4,7 +4,8 @@ Trains the net for its default steps (or ``--steps``; cached in shiftc's cache f
 (``shiftc export shiftc.vision:fashion_resnet``), then ``shiftc compress --prune 0.5 --prune-budget
 flops --recover-steps R`` twice: recovery from the kept weights (fine-tune) and the pruned
 architecture trained from scratch, the same R steps (the comparison of "Rethinking the Value of
-Network Pruning"). Every model is compiled for the host and scored on the 10,000 test images by
+Network Pruning"); and 2:4 sparsity, one-shot and trained in gradually over R steps (``--nm 2:4
+--recover-steps R``: mask decay) — the compiled library runs its zeros densely. Every model is compiled for the host and scored on the 10,000 test images by
 ONNX Runtime and by the library; batch 1 and batch 64 are timed at 1 thread (``shiftc bench``: the
 library and ONNX Runtime alternated run by run), and the pruned libraries against the fp32 one.
 
@@ -64,6 +65,10 @@ def main(argv=None) -> int:
                               recover_init=init)
         models[f"pruned 50% FLOPs, {init}"] = {"onnx": path, "seconds": rep["seconds"],
                                                "removed_flops": rep["prune"]["removed_fraction"]}
+    for label, kw in (("2:4 one-shot", {}), ("2:4 gradual", {"recover_steps": recover})):
+        path = os.path.join(work, f"resnet-{steps}-nm24{'-gradual' + str(recover) if kw else ''}.onnx")
+        rep = shiftc.compress(onnx_path, path, nm="2:4", prune_criterion="magnitude", **kw)
+        models[label] = {"onnx": path, "seconds": rep["seconds"], "nm_layers": len(rep["prune"]["nm"]["layers"])}
     rows = {}
     for name, m in models.items():
         lib = m["onnx"][:-5] + ".so"
