@@ -24,7 +24,7 @@ import numpy as np
 
 from .backend.runtime import Model
 from .errors import UsageError
-from .frontend.data import fashion_mnist_inputs, texts_for, token_windows
+from .frontend.data import FASHION_MNIST_SHAPE, fashion_mnist_inputs, texts_for, token_windows
 from .progress import Counter
 from .tokenizer import tokenizer_for
 
@@ -94,7 +94,7 @@ def top1(model: Model, *, limit: int | None = None, batch: int = 64) -> dict:
                          f"{[i['name'] for i in model.inputs]}")
     inp = model.inputs[0]
     shape = inp.get("shape") or []
-    if len(shape) != 4 or any(isinstance(d, int) and d != want for d, want in zip(shape[1:], (1, 28, 28))):
+    if len(shape) != 4 or any(isinstance(d, int) and d != want for d, want in zip(shape[1:], FASHION_MNIST_SHAPE)):
         raise UsageError(f"--task top1 runs Fashion-MNIST ([batch, 1, 28, 28] images); '{model.path}' input "
                          f"'{inp['name']}' has shape {shape}")
     if limit is not None and limit < 1:

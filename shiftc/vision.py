@@ -16,7 +16,6 @@ horizontal flips and 2-pixel shifts; seeded, so the same steps give the same wei
 
 from __future__ import annotations
 
-import math
 import os
 import time
 
@@ -54,23 +53,18 @@ def train(model, steps: int, *, batch: int = 128, peak_lr: float = 0.2, seed: in
     """Train ``model`` in place on the Fashion-MNIST training set for ``steps`` steps."""
     import torch
 
-    from .frontend.data import augment_images, fashion_mnist_inputs
+    from .frontend.data import fashion_mnist_batches
     from .progress import log
 
-    x, y = fashion_mnist_inputs("train")
-    rng = np.random.default_rng(seed)
+    batches = fashion_mnist_batches(np.random.default_rng(seed), batch)
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peak_lr, total_steps=steps, pct_start=0.25)
     model.train()
-    order, pos, losses, t0 = rng.permutation(len(x)), 0, [], time.perf_counter()
+    losses, t0 = [], time.perf_counter()
     for step in range(steps):
-        if pos + batch > len(order):
-            order, pos = rng.permutation(len(x)), 0
-        idx = order[pos:pos + batch]
-        pos += batch
-        xb = torch.from_numpy(augment_images(x[idx], rng))
-        loss = torch.nn.functional.cross_entropy(model(xb), torch.from_numpy(y[idx]))
+        xb, yb = next(batches)
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xb)), torch.from_numpy(yb))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -122,4 +116,4 @@ def fashion_resnet():
 
 
 def parameters(model) -> int:
-    return int(sum(math.prod(p.shape) for p in model.parameters()))
+    return int(sum(p.numel() for p in model.parameters()))

@@ -2,7 +2,8 @@
 
 ``build(family)`` returns the model in eval mode, its weights seeded and — where a default value
 (a norm gain of 1, a bias of 0) would hide a missing weight — perturbed. Used by the decoder
-tests (tests/test_backend_correctness.py) and the foreign-graph matrix (tests/test_foreign.py).
+tests (tests/test_backend_correctness.py) and the foreign-graph matrix (tests/test_foreign.py),
+which also share the checks at the end (logits vs torch, 3-bit compress + compile vs ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -111,3 +112,45 @@ def dynamo_export(model, path: str, output: str = "logits") -> None:
                                 input_names=["input_ids", "attention_mask"], output_names=[output],
                                 dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
     program.save(path)
+
+
+# -- checks shared by the decoder tests --------------------------------------------------------------
+
+DECODE_IDS = [[1, 500, 20, 7, 400, 3]]  # a prefill of 4 tokens, then two one-token steps
+
+
+def steps_match_torch(model, path: str, tol: tuple) -> None:
+    """``path`` (.onnx or library): a prefill of 4 tokens and two one-token steps through its
+    session give the torch model's logits within ``tol`` (rtol, atol)."""
+    import numpy as np
+    import torch
+
+    import shiftc
+    from conftest import assert_close
+
+    ids = torch.tensor(DECODE_IDS)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.numpy()
+    s = shiftc.load(path).lm_session()
+    got = np.concatenate([s.step(ids[:, :4].numpy()), s.step(ids[:, 4:5].numpy()), s.step(ids[:, 5:].numpy())], axis=1)
+    assert_close(got, ref, rtol=tol[0], atol=tol[1], what=f"{path} vs torch")
+
+
+def compressed_matches_onnx_runtime(onnx_path: str, tmp_path, kv_dtype: str, tol: tuple) -> None:
+    """3-bit shift-add (data-free) compresses the graph at ``onnx_path``, the result compiles onto
+    the LUT kernels, and the library's logits (prefill, one step) equal ONNX Runtime's on the op
+    bodies within ``tol``."""
+    import numpy as np
+
+    import shiftc
+    from conftest import assert_close
+
+    ids = np.array(DECODE_IDS)
+    out, lib = str(tmp_path / "sa3.onnx"), str(tmp_path / "sa3.so")
+    rep = shiftc.compress(onnx_path, out, bits=3, group=32, calib="none")
+    assert rep["layers"] and all(e["bits"] == 3 for e in rep["layers"].values())
+    shiftc.compile(out, lib, kv_dtype=kv_dtype)
+    ref, got = shiftc.load(out).lm_session(), shiftc.load(lib).lm_session()
+    for chunk in (ids[:, :4], ids[:, 4:5]):
+        assert_close(got.step(chunk), ref.step(chunk), rtol=tol[0], atol=tol[1], what=f"{lib} vs ONNX Runtime on {out}")
+

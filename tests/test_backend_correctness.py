@@ -194,28 +194,10 @@ def _matches_torch(model, tmp_path, name: str, kv_dtype: str = "float16") -> Non
     shiftc.compile(onnx_path, lib, kv_dtype=kv_dtype)
     m = shiftc.load(lib)
     assert m.task == "causal-lm" and m.meta["kv_cache"]["mode"] == "inplace"  # its attention recognised
-    ids = torch.tensor([[1, 500, 20, 7, 400, 3]])
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits.numpy()
     for path, tol in ((onnx_path, TOL_DECODER), (lib, TOL_DECODER if kv_dtype == "float32" else TOL_KV16)):
-        s = shiftc.load(path).lm_session()
-        got = np.concatenate([s.step(ids[:, :4].numpy()), s.step(ids[:, 4:5].numpy()), s.step(ids[:, 5:].numpy())], axis=1)
-        assert_close(got, ref, rtol=tol[0], atol=tol[1], what=f"{path} vs torch")
-    _left_padded_matches_torch(model, onnx_path, ids)
-    _compressed_matches_onnx_runtime(onnx_path, tmp_path, ids.numpy(), kv_dtype)
-
-
-def _compressed_matches_onnx_runtime(onnx_path: str, tmp_path, ids: np.ndarray, kv_dtype: str) -> None:
-    """3-bit shift-add (data-free) compresses the family's graph, the result compiles onto the LUT
-    kernels, and the library's logits (prefill, one step) equal ONNX Runtime's on the op bodies."""
-    out, lib = str(tmp_path / "sa3.onnx"), str(tmp_path / "sa3.so")
-    rep = shiftc.compress(onnx_path, out, bits=3, group=32, calib="none")
-    assert rep["layers"] and all(e["bits"] == 3 for e in rep["layers"].values())
-    shiftc.compile(out, lib, kv_dtype=kv_dtype)
-    ref, got = shiftc.load(out).lm_session(), shiftc.load(lib).lm_session()
-    for chunk in (ids[:, :4], ids[:, 4:5]):
-        assert_close(got.step(chunk), ref.step(chunk), rtol=TOL_COMPRESSED[0], atol=TOL_COMPRESSED[1],
-                     what=f"{lib} vs ONNX Runtime on {out}")
+        families.steps_match_torch(model, path, tol)
+    _left_padded_matches_torch(model, onnx_path, torch.tensor(families.DECODE_IDS))
+    families.compressed_matches_onnx_runtime(onnx_path, tmp_path, kv_dtype, TOL_COMPRESSED)
 
 
 def _left_padded_matches_torch(model, onnx_path: str, ids) -> None:

@@ -83,26 +83,12 @@ def test_optimum_export_becomes_shiftc_graph(family, optimum_exports, tmp_path):
 def _compile_and_decode_matches_torch(foreign: str, model, tmp_path) -> None:
     """``shiftc compile`` on the foreign file itself: in-place cache, prefill + two decode steps equal
     torch's logits; then 3-bit shift-add from the foreign file compiles and matches ONNX Runtime."""
-    import torch
-
     lib = str(tmp_path / "foreign.so")
     shiftc.compile(foreign, lib, kv_dtype="float32")
     m = shiftc.load(lib)
     assert m.task == "causal-lm" and m.meta["kv_cache"]["mode"] == "inplace"
-    ids = torch.tensor([[1, 500, 20, 7, 400, 3]])
-    with torch.no_grad():
-        ref = model(input_ids=ids).logits.numpy()
-    s = m.lm_session()
-    got = np.concatenate([s.step(ids[:, :4].numpy()), s.step(ids[:, 4:5].numpy()), s.step(ids[:, 5:].numpy())], axis=1)
-    assert_close(got, ref, rtol=1e-4, atol=2e-4, what=f"{lib} (from {foreign}) vs torch")
-    out, lib3 = str(tmp_path / "sa3.onnx"), str(tmp_path / "sa3.so")
-    rep = shiftc.compress(foreign, out, bits=3, group=32, calib="none")
-    assert rep["layers"] and all(e["bits"] == 3 for e in rep["layers"].values())
-    shiftc.compile(out, lib3)
-    want, have = shiftc.load(out).lm_session(), shiftc.load(lib3).lm_session()
-    for chunk in (ids[:, :4].numpy(), ids[:, 4:5].numpy()):
-        assert_close(have.step(chunk), want.step(chunk), rtol=TOL_KV16[0], atol=TOL_KV16[1],
-                     what=f"{lib3} vs ONNX Runtime on {out}")
+    families.steps_match_torch(model, lib, (1e-4, 2e-4))
+    families.compressed_matches_onnx_runtime(foreign, tmp_path, "float16", TOL_KV16)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

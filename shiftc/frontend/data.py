@@ -501,6 +501,7 @@ FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
+FASHION_MNIST_SHAPE = (1, 28, 28)  # what a classifier of it takes after the batch axis
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530  # of the 60,000 training images, grey levels / 255
 _FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                   "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -561,4 +562,16 @@ def augment_images(x: np.ndarray, rng: np.random.Generator, shift: int = 2) -> n
     padded = np.pad(x, ((0, 0), (0, 0), (shift, shift), (shift, shift)))
     dy, dx = rng.integers(0, 2 * shift + 1, n), rng.integers(0, 2 * shift + 1, n)
     return np.ascontiguousarray(np.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)]))
+
+
+def fashion_mnist_batches(rng: np.random.Generator, batch: int):
+    """Training batches without end: (augmented images float32 [batch, 1, 28, 28], labels int64
+    [batch]), each pass over the 60,000 images in a new order from ``rng`` (a last partial batch
+    is dropped)."""
+    x, y = fashion_mnist_inputs("train")
+    while True:
+        order = rng.permutation(len(x))
+        for i in range(0, len(order) - batch + 1, batch):
+            idx = order[i:i + batch]
+            yield augment_images(x[idx], rng), y[idx]
 

@@ -81,8 +81,8 @@ def find_config(onnx_path: str, config: str | os.PathLike | None):
     one), else a config.json beside the .onnx file."""
     import transformers
 
-    where = os.fspath(config) if config is not None else os.path.dirname(os.path.abspath(onnx_path))
-    path = where if where.endswith(".json") else os.path.join(where, "config.json")
+    path = _config_file(onnx_path, config)
+    where = os.path.dirname(path)
     if not os.path.isfile(path):
         how = f"'{path}' does not exist" if config is not None else f"there is no config.json beside it ({where})"
         raise BadInputError(
@@ -94,6 +94,12 @@ def find_config(onnx_path: str, config: str | os.PathLike | None):
     except Exception as exc:
         raise BadInputError(f"'{path}': cannot read the model configuration: {str(exc).splitlines()[0]}") from exc
     return getattr(cfg, "text_config", None) or cfg, os.path.dirname(path)
+
+
+def _config_file(onnx_path: str, config) -> str:
+    """``config`` (a config.json or a folder holding one), else the config.json beside the .onnx."""
+    where = os.fspath(config) if config is not None else os.path.dirname(os.path.abspath(onnx_path))
+    return where if where.endswith(".json") else os.path.join(where, "config.json")
 
 
 def lift(onnx_path: str, model: onnx.ModelProto, config=None, *, max_positions: int | None = None) -> Lifted:
@@ -133,8 +139,7 @@ def canonical(path: str, model: onnx.ModelProto, config=None) -> onnx.ModelProto
     task = foreign_task(model)
     if task is None:
         return model
-    if task == "encoder" and config is None and \
-            not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")):
+    if task == "encoder" and config is None and not os.path.isfile(_config_file(path, None)):
         return model  # compiled as written (TorchScript exports import as they are)
     from ..progress import log, step
 

@@ -37,8 +37,9 @@ def calibration_feeds(model: onnx.ModelProto, *, corpus: str = "wikipedia", wind
         inits = {t.name for t in model.graph.initializer}
         (inp,) = [i for i in model.graph.input if i.name not in inits]
         dims = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-        if len(dims) == 4 and dims[1:] == [1, 28, 28]:  # grey 28 x 28: Fashion-MNIST's training images
-            from ...frontend.data import fashion_mnist_inputs
+        from ...frontend.data import FASHION_MNIST_SHAPE, fashion_mnist_inputs
+
+        if len(dims) == 4 and tuple(dims[1:]) == FASHION_MNIST_SHAPE:  # grey 28 x 28: Fashion-MNIST's training images
 
             images, _ = fashion_mnist_inputs("train", limit=CLASSIFIER_CALIB_IMAGES)
             rows = dims[0] if dims[0] > 0 else 32

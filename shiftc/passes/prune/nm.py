@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from ...errors import UsageError
+from ..graph import attrs
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -53,8 +54,21 @@ def weight_mask(score: np.ndarray, in_axis: int, n: int, m: int) -> np.ndarray:
     return np.moveaxis(mask, 0, in_axis)
 
 
-def _attr(node, name: str, default):
-    return next((a.i for a in node.attribute if a.name == name), default)
+def ineligible(node: onnx.NodeProto, arr: np.ndarray, in_axis: int, m: int) -> str | None:
+    """Why N:M does not apply to the weight ``arr`` of ``node`` (None: it does)."""
+    if node.op_type == "Conv" and (arr.ndim != 4 or attrs(node).get("group", 1) != 1):
+        return "grouped / depthwise convolution"
+    if arr.ndim not in (2, 4) or arr.shape[in_axis] % m:
+        return f"input width {arr.shape[in_axis]} is not a multiple of {m}"
+    return None
+
+
+def nm_layers(info, m: int) -> dict[str, int]:
+    """{weight: input axis} of every layer N:M applies to (skip globs aside)."""
+    from .criteria import layer_inputs
+
+    return {w: axis for w, (node, axis, _, _) in layer_inputs(info).items()
+            if ineligible(node, info.const(w), axis, m) is None}
 
 
 def apply_nm(model: onnx.ModelProto, pattern: str, *, norms: dict | None = None, info=None,
@@ -76,11 +90,9 @@ def apply_nm(model: onnx.ModelProto, pattern: str, *, norms: dict | None = None,
             skipped.append({"layer": w, "reason": "matches skip"})
             continue
         arr = info.const(w)
-        if node.op_type == "Conv" and (arr.ndim != 4 or _attr(node, "group", 1) != 1):
-            skipped.append({"layer": w, "reason": "grouped / depthwise convolution"})
-            continue
-        if arr.ndim not in (2, 4) or arr.shape[in_axis] % m:
-            skipped.append({"layer": w, "reason": f"input width {arr.shape[in_axis]} is not a multiple of {m}"})
+        reason = ineligible(node, arr, in_axis, m)
+        if reason:
+            skipped.append({"layer": w, "reason": reason})
             continue
         score = np.abs(arr, dtype=np.float64)
         if norms is not None and x in norms:

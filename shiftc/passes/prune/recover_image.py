@@ -33,6 +33,7 @@ import time
 import numpy as np
 
 from ...errors import UsageError
+from ...frontend.data import FASHION_MNIST_SHAPE
 from ...progress import log, step
 
 KD_WEIGHT, KD_TEMPERATURE = 0.5, 4.0
@@ -46,7 +47,7 @@ def check_classifier(model, model_path: str) -> None:
     inits = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
     dims = [d.dim_value or d.dim_param for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
-    if len(dims) != 4 or dims[1:] != [1, 28, 28]:
+    if len(dims) != 4 or tuple(dims[1:]) != FASHION_MNIST_SHAPE:
         raise UsageError(f"--recover-steps/--recover-minutes on an image classifier: training data exists for "
                          f"grey 28 x 28 inputs (Fashion-MNIST); '{model_path}' takes {dims or len(inputs)}")
 
@@ -62,32 +63,13 @@ def _reinit(module) -> None:
                 p.zero_()
 
 
-def _nm_layers(module, model, n: int, m: int) -> dict:
-    """{initializer: input axis} of the weights N:M applies to (nm.apply_nm's rule)."""
-    from .nm import _attr
-
-    out = {}
-    for node in model.graph.node:
-        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2 or node.input[1] not in module.names:
-            continue
-        w = module.params[module.names[node.input[1]]]
-        if node.op_type == "Conv":
-            axis = 1 if w.dim() == 4 and _attr(node, "group", 1) == 1 else None
-        else:
-            axis = (1 if _attr(node, "transB", 0) else 0) if node.op_type == "Gemm" else w.dim() - 2
-        if axis is not None and w.shape[axis] % m == 0:
-            out[node.input[1]] = axis
-    return out
-
-
-def _torch_nm_mask(w, axis: int, n: int, m: int):
-    """The N:M mask of ``w`` by magnitude (blocks of m along ``axis``), as nm.weight_mask."""
+def _nm_mask(w, axis: int, n: int, m: int):
+    """nm.weight_mask of a torch weight by magnitude (the same blocks and ties as apply_nm)."""
     import torch
 
-    moved = w.detach().abs().movedim(axis, 0)
-    blocks = moved.reshape(moved.shape[0] // m, m, -1)
-    keep = torch.zeros_like(blocks, dtype=torch.bool).scatter_(1, blocks.topk(n, dim=1).indices, True)
-    return keep.reshape(moved.shape).movedim(0, axis)
+    from .nm import weight_mask
+
+    return torch.from_numpy(weight_mask(w.detach().abs().numpy(), axis, n, m)).to(w.dtype)
 
 
 def gradual_nm(module, model, pattern: str, total: int, decay_end: float = DECAY_END):
@@ -98,15 +80,16 @@ def gradual_nm(module, model, pattern: str, total: int, decay_end: float = DECAY
     step and ``finish()`` that zeroes the masked weights for good."""
     import torch
 
-    from .nm import parse_pattern
+    from .groups import GraphInfo
+    from .nm import nm_layers, parse_pattern
 
     n, m = parse_pattern(pattern)
-    layers = _nm_layers(module, model, n, m)
+    layers = {w: axis for w, axis in nm_layers(GraphInfo(model), m).items() if w in module.names}
     beta = [1.0]
 
     def fn_for(axis):
         def f(w):
-            mask = _torch_nm_mask(w, axis, n, m).to(w.dtype)
+            mask = _nm_mask(w, axis, n, m)
             return w * (mask + (1.0 - mask) * beta[0])
         return f
 
@@ -119,7 +102,7 @@ def gradual_nm(module, model, pattern: str, total: int, decay_end: float = DECAY
         with torch.no_grad():
             for name, axis in layers.items():
                 p = module.params[module.names[name]]
-                p.mul_(_torch_nm_mask(p, axis, n, m).to(p.dtype))
+                p.mul_(_nm_mask(p, axis, n, m))
         for name in layers:
             module.weight_fns.pop(name)
 
@@ -132,20 +115,19 @@ def recover_classifier(pruned, teacher, *, steps: int | None, minutes: float | N
     with ``nm`` ("2:4"), trained into that N:M pattern gradually (:func:`gradual_nm`)."""
     import torch
 
-    from ...frontend.data import augment_images, fashion_mnist_inputs
+    from ...frontend.data import fashion_mnist_batches
     from ..onnx_torch import OnnxModule
 
     student, ref = OnnxModule(pruned), OnnxModule(teacher)
     torch.manual_seed(seed)
     if init == "scratch":
         _reinit(student)
-    x, y = fashion_mnist_inputs("train")
-    rng = np.random.default_rng(seed)
+    batches = fashion_mnist_batches(np.random.default_rng(seed), BATCH)
     total = steps or max(1, int((minutes or 1) * 60 / 0.3))  # the schedule's length; minutes may end it sooner
     opt = torch.optim.AdamW(student.parameters(), lr=PEAK_LR[init], weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=PEAK_LR[init], total_steps=total, pct_start=0.25)
     step_to, finish, nm_layers = gradual_nm(student, pruned, nm, total) if nm else (None, None, [])
-    losses, t0, order, pos = [], time.perf_counter(), rng.permutation(len(x)), 0
+    losses, t0 = [], time.perf_counter()
     what = f"{init}{f', {nm} by mask decay' if nm else ''}"
     with step(f"recovery training ({what}, {total} steps of {BATCH} Fashion-MNIST images, distilled)"):
         for i in range(total):
@@ -153,16 +135,13 @@ def recover_classifier(pruned, teacher, *, steps: int | None, minutes: float | N
                 break
             if step_to:
                 step_to(i)
-            if pos + BATCH > len(order):
-                order, pos = rng.permutation(len(x)), 0
-            idx = order[pos:pos + BATCH]
-            pos += BATCH
-            xb = torch.from_numpy(augment_images(x[idx], rng))
+            xn, yn = next(batches)
+            xb = torch.from_numpy(xn)
             with torch.no_grad():
                 soft = torch.softmax(ref(xb) / KD_TEMPERATURE, -1)
             logits = student(xb)
             kd = torch.nn.functional.kl_div(torch.log_softmax(logits / KD_TEMPERATURE, -1), soft, reduction="batchmean")
-            ce = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y[idx]))
+            ce = torch.nn.functional.cross_entropy(logits, torch.from_numpy(yn))
             loss = (1 - KD_WEIGHT) * ce + KD_WEIGHT * KD_TEMPERATURE ** 2 * kd
             opt.zero_grad()
             loss.backward()
