@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 if hasattr(_os, "sched_getaffinity"):
     _os.environ.setdefault("TVM_NUM_THREADS", str(max(1, len(_os.sched_getaffinity(0)))))
 
-_API = ("export", "compile", "load", "evaluate", "bench", "inspect", "generate", "compress", "package")
+_API = ("export", "compile", "load", "evaluate", "bench", "inspect", "generate", "compress", "package", "serve")
 
 
 def __getattr__(name):

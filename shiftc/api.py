@@ -8,6 +8,7 @@
     bench(path, vs="onnxruntime", ...)      latency next to ONNX Runtime
     inspect(path)                           ops, parameters, bytes by dtype, inputs/outputs
     generate(path, prompt, ...)             text from a causal LM
+    serve(path, host=, port=, max_batch=)   OpenAI-compatible HTTP server, concurrent requests batched
     compress(model, output, config=None, recipe=None, **overrides)  .onnx -> compressed .onnx
 """
 
@@ -139,6 +140,16 @@ def inspect(path: str | os.PathLike) -> dict:
 
 def generate(path: str | os.PathLike, prompt: str, *, threads: int | None = None, **kwargs) -> dict:
     return load(path, threads).generate(prompt, **kwargs)
+
+
+def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
+          max_batch: int = 8, max_queue: int = 64, context: int | None = None, tokenizer: str | None = None,
+          model_id: str | None = None) -> None:
+    """Serve a compiled causal LM over the OpenAI API until interrupted (shiftc/server/app.py)."""
+    from .server.app import serve as _serve
+
+    _serve(os.fspath(path), host=host, port=port, threads=threads, max_batch=max_batch, max_queue=max_queue,
+           context=context, tokenizer=tokenizer, model_id=model_id)
 
 
 def compress(model: str | os.PathLike, output: str | os.PathLike, *, config=None,

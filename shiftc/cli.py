@@ -157,6 +157,13 @@ def cmd_generate(args):
         print(f"\n[{r['new_tokens']} tokens; prefill {r['prefill_tokens_per_s']:.1f} t/s, decode {dec:.1f} t/s]" if dec else "", file=sys.stderr)
 
 
+def cmd_serve(args):
+    from . import api
+
+    api.serve(args.model, host=args.host, port=args.port, threads=args.threads, max_batch=args.max_batch,
+              max_queue=args.max_queue, context=args.context, tokenizer=args.tokenizer, model_id=args.model_name)
+
+
 def cmd_compress(args):
     from . import api
 
@@ -312,6 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mirostat-eta", type=float, default=0.1, help="Mirostat v2 learning rate η")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--threads", type=positive)
+
+    sp = command("serve", cmd_serve, "serve a compiled causal LM over an OpenAI-compatible HTTP API "
+                 "(/v1/completions, /v1/chat/completions, streaming; concurrent requests decode as one batch)")
+    sp.add_argument("model", type=_existing, help="compiled causal-LM library (.so)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--threads", type=positive, help="threads of the compiled library (default: all cores)")
+    sp.add_argument("--max-batch", type=positive, default=8, help="requests decoded together (default 8)")
+    sp.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting beyond the batch; more get 503 with Retry-After (default 64)")
+    sp.add_argument("--context", type=positive, help="most tokens (prompt + generated) per request "
+                    "(default: the model's positions)")
+    sp.add_argument("--tokenizer", help="HF folder or .gguf (default: the one recorded at export)")
+    sp.add_argument("--model-name", help="the model's id in the API (default: the library's file name without .so)")
     return p
 
 

@@ -1,0 +1,371 @@
+"""Continuous batching for a compiled causal LM: many requests decode together, one library call
+per step over the batch dimension.
+
+The library's ``main`` takes the in-place KV caches ``cache.{i}.key|value [B, KVH, rows, D]``
+(backend/kv_cache.py), an attention mask ``[B, T]`` and position ids; a step writes the new keys
+and values to rows ``[T − S, T)`` of every sequence's cache and attends over the rows its mask
+marks. The engine keeps one set of caches of ``max_batch`` slots and a shared row clock ``T``:
+
+- a request is admitted into a free slot ``b`` by a prefill of its ``L`` prompt tokens, run at
+  batch 1 on views of slot ``b``'s caches with the mask ``0…0 1…1`` (ones on rows ``[T − L, T)``)
+  and positions ``0 … L − 1``: its prompt lands on the rows just below the clock, right-aligned
+  with the sequences already decoding (left padding, which the decoder's mask supports:
+  ``kpos = cumsum(mask) − 1``, so a row's position is what the sequence has before it);
+- each decode step feeds one token per occupied slot (ids ``[n, 1]``, each slot's own position),
+  writes row ``T`` of every slot and advances the clock; slots past the last occupied one are not
+  run (the batch is ``n`` = last occupied slot + 1, a view of the first ``n`` slots);
+- a slot's rows are always the contiguous range ``[start, T)``; when the clock reaches the
+  caches' rows they grow (doubling, up to the context), and when it would pass the context, or the
+  rows below the oldest sequence waste more than they hold, the occupied slots are compacted:
+  moved down so that they end at ``max length`` (one copy per slot and cache).
+
+Everything runs on one engine thread; requests arrive through :meth:`Engine.submit` from any
+thread and report through their ``emit`` callback (called on the engine thread).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from ..backend.runtime import CompiledModel, Model
+from ..errors import ShiftcError, UsageError
+from ..sampling import Sampler
+
+FIRST_ROWS = 256  # caches start with this many rows per slot and double as the clock needs
+
+
+class QueueFull(ShiftcError):
+    """More requests are waiting than ``max_queue``."""
+
+
+class ContextExceeded(ShiftcError):
+    """A prompt plus the tokens asked do not fit in the context."""
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation. ``emit(event)`` receives, on the engine thread:
+    ``{"type": "text", "text": delta}`` as text becomes final (held back while it may still turn
+    into a stop string or is an incomplete character), then one ``{"type": "done",
+    "finish_reason": "stop" | "length" | "cancelled", "prompt_tokens": P, "completion_tokens": C}``
+    or ``{"type": "error", "message": ...}``."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampler: Sampler
+    emit: Callable[[dict], None]
+    stop: list[str] = dataclasses.field(default_factory=list)
+    stop_at_eos: bool = True
+    # engine state
+    cancelled: bool = False
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    sent: int = 0  # characters of the decoded text already emitted
+    start: int = 0  # first cache row of the sequence (its rows are [start, clock))
+    t_submit: float = 0.0
+    t_first: float | None = None
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request (a disconnected client): its slot is freed at the
+        next step, and ``done`` with ``finish_reason="cancelled"`` is emitted."""
+        self.cancelled = True
+
+
+class Engine:
+    """Batched decoding of one compiled causal LM.
+
+    ``Engine(model, tokenizer, max_batch=8, max_queue=64, context=None)``; ``start()`` runs the
+    engine thread, ``submit(request)`` queues a request (raises :class:`QueueFull` beyond
+    ``max_queue`` waiting, :class:`ContextExceeded` when it cannot fit), ``stop()`` ends it.
+    ``context``: the most tokens (prompt + generated) one request may hold; default the model's
+    positions (``shiftc export --max-positions``) or 2048 where none is recorded.
+    """
+
+    def __init__(self, model: Model, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
+                 context: int | None = None):
+        self.check_model(model)
+        if max_batch < 1 or max_queue < 0:
+            raise UsageError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {max_batch}, {max_queue})")
+        d = model.meta["decoder"]
+        self.model, self.tok = model, tokenizer
+        self.layers, self.kv_heads, self.head_dim, self.vocab = (
+            d["num_layers"], d["num_kv_heads"], d["head_dim"], d["vocab_size"])
+        limit = d.get("max_positions")
+        if context is not None and limit and context > limit:
+            raise UsageError(f"--context {context} exceeds the model's {limit} positions")
+        self.context = int(context or limit or 2048)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.eos = set(d.get("eos_token_ids", [])) | (
+            {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set())
+        self._caches: list[np.ndarray] = []
+        self._view_cache: dict[tuple[int, int], list] = {}
+        self._rows = 0
+        self._clock = 0
+        self._slots: list[Request | None] = [None] * max_batch
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        #: counters for /health and the load test: steps, batch sizes, compactions
+        self.stats = {"decode_steps": 0, "decoded_tokens": 0, "prefills": 0, "prefill_tokens": 0,
+                      "compactions": 0, "max_batch_seen": 0, "completed": 0, "cancelled": 0, "rejected": 0}
+
+    @staticmethod
+    def check_model(model: Model) -> None:
+        """Raise :class:`UsageError` unless ``model`` is a library the engine can batch."""
+        if not isinstance(model, CompiledModel) or not model.kv_inplace or "decoder" not in model.meta:
+            raise UsageError(f"'{model.path}': serving needs a compiled causal-LM library (.so) with the in-place "
+                             "KV cache: shiftc compile a causal-LM .onnx for a CPU target")
+
+    # -- requests -------------------------------------------------------------------------------
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Raise :class:`ContextExceeded` when the request cannot fit in the context."""
+        if prompt_tokens < 1:
+            raise UsageError("the prompt is empty after tokenization")
+        if max_tokens < 1:
+            raise UsageError(f"max_tokens must be >= 1 (got {max_tokens})")
+        if prompt_tokens + max_tokens > self.context:
+            raise ContextExceeded(
+                f"this model's context is {self.context} tokens; the request asks for "
+                f"{prompt_tokens + max_tokens} ({prompt_tokens} in the prompt, {max_tokens} to generate)")
+
+    def submit(self, req: Request) -> None:
+        self.check(len(req.prompt_ids), req.max_tokens)
+        ids = np.asarray(req.prompt_ids)
+        if ids.min() < 0 or ids.max() >= self.vocab:
+            raise UsageError(f"token ids must be in [0, {self.vocab}), got [{ids.min()}, {ids.max()}]")
+        with self._cv:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_queue and not self._free_slots_unclaimed():
+                self.stats["rejected"] += 1
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
+            req.t_submit = time.perf_counter()
+            self._waiting.append(req)
+            self._cv.notify()
+
+    def _free_slots_unclaimed(self) -> bool:
+        """A free slot that no waiting request will take: a request beyond the queue bound still
+        fits when the engine is about to admit it anyway."""
+        return sum(s is None for s in self._slots) > len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self._slots)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    # -- thread ---------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="shiftc-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not any(self._slots):
+                    self._cv.wait()
+                if self._stopping:
+                    pending = list(self._waiting) + [s for s in self._slots if s is not None]
+                    self._waiting.clear()
+                    break
+                admitted = []
+                for b in range(self.max_batch):
+                    if self._slots[b] is None and self._waiting:
+                        req = self._waiting.popleft()
+                        self._slots[b] = req
+                        admitted.append((b, req))
+            try:
+                for b, req in admitted:
+                    if req.cancelled:
+                        self._finish(b, "cancelled")
+                    else:
+                        self._prefill(b, req)
+                for b, req in enumerate(self._slots):
+                    if req is not None and req.cancelled:
+                        self._finish(b, "cancelled")
+                if any(self._slots):
+                    self._decode_step()
+            except Exception as exc:  # a failed library call: fail the requests in flight, keep serving
+                for b, req in enumerate(self._slots):
+                    if req is not None:
+                        req.emit({"type": "error", "message": f"generation failed: {exc}"})
+                        self._slots[b] = None
+        for req in pending:
+            req.emit({"type": "error", "message": "the server is shutting down"})
+
+    # -- caches ---------------------------------------------------------------------------------
+    def _views(self, first: int, n: int) -> list:
+        """Tensors on slots [first, first + n) of every cache, sharing their memory (DLPack)."""
+        key = (first, n)
+        if key not in self._view_cache:
+            import tvm
+
+            self._view_cache[key] = [tvm.runtime.from_dlpack(c[first:first + n]) for c in self._caches]
+        return self._view_cache[key]
+
+    def _grow(self, rows: int) -> None:
+        """Caches of ``rows`` rows per slot holding what the old ones held. They are numpy arrays
+        on 64-byte boundaries (as the TVM runtime requires of a tensor's data, and so of every
+        slot's: a slot is a multiple of 64 bytes), handed to the library as views."""
+        shape = (self.max_batch, self.kv_heads, rows, self.head_dim)
+        grown = []
+        for old in self._caches or [None] * (2 * self.layers):
+            arr = _aligned_zeros(shape, self.model.kv_dtype)
+            if old is not None and self._clock:
+                arr[:, :, :self._clock] = old[:, :, :self._clock]
+            grown.append(arr)
+        self._caches, self._rows = grown, rows
+        self._view_cache = {}
+
+    def _room(self, rows: int) -> None:
+        """Caches with at least ``rows`` rows (``rows`` <= context)."""
+        if rows > self._rows:
+            new = max(FIRST_ROWS, self._rows)
+            while new < rows:
+                new *= 2
+            self._grow(-(-min(new, self.context) // 64) * 64)  # whole 64-row blocks: aligned slots
+
+    def _compact(self, end: int) -> None:
+        """Move every occupied slot's rows so that they end at row ``end`` (>= the longest
+        sequence) and set the clock there."""
+        self._room(end)
+        for b, req in enumerate(self._slots):
+            if req is None or not req.tokens:  # empty, or admitted and not yet prefilled
+                continue
+            n = self._clock - req.start
+            if req.start == end - n:
+                continue
+            for c in self._caches:
+                c[b, :, end - n:end] = c[b, :, req.start:self._clock].copy()
+            req.start = end - n
+        self._clock = end
+        self.stats["compactions"] += 1
+
+    # -- steps ----------------------------------------------------------------------------------
+    def _prefill(self, b: int, req: Request) -> None:
+        n = len(req.prompt_ids)
+        if self._clock < n:
+            self._compact(n)
+        self._room(self._clock)
+        t = self._clock
+        req.start = t - n
+        mask = np.zeros((1, t), np.int64)
+        mask[0, t - n:] = 1
+        ids = np.asarray([req.prompt_ids], np.int64)
+        pos = np.arange(n, dtype=np.int64)[None]
+        logits = self.model.run_kv(ids, mask, pos, self._views(b, 1)).numpy()[0, -1]
+        self.stats["prefills"] += 1
+        self.stats["prefill_tokens"] += n
+        self._take(b, req, logits)
+
+    def _decode_step(self) -> None:
+        occupied = [b for b, r in enumerate(self._slots) if r is not None]
+        longest = max(self._clock - self._slots[b].start for b in occupied)
+        if self._clock + 1 > self.context or self._clock - longest > max(FIRST_ROWS, longest):
+            self._compact(longest)
+        self._room(self._clock + 1)
+        n = occupied[-1] + 1
+        t = self._clock + 1
+        ids = np.zeros((n, 1), np.int64)
+        pos = np.zeros((n, 1), np.int64)
+        mask = np.zeros((n, t), np.int64)
+        mask[:, -1] = 1  # empty slots attend to the row they write: a finite softmax
+        for b in occupied:
+            req = self._slots[b]
+            ids[b, 0] = req.tokens[-1]
+            pos[b, 0] = self._clock - req.start
+            mask[b, req.start:] = 1
+        logits = self.model.run_kv(ids, mask, pos, self._views(0, n)).numpy()[:, -1]
+        self._clock = t
+        self.stats["decode_steps"] += 1
+        self.stats["decoded_tokens"] += len(occupied)
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(occupied))
+        for b in occupied:
+            self._take(b, self._slots[b], logits[b])
+
+    def _take(self, b: int, req: Request, logits: np.ndarray) -> None:
+        """Sample the next token of slot ``b`` from its logits, emit what text became final, and
+        free the slot when the request is done."""
+        if req.cancelled:
+            self._finish(b, "cancelled")
+            return
+        tok = req.sampler.sample(logits)
+        if req.t_first is None:
+            req.t_first = time.perf_counter()
+        req.tokens.append(tok)
+        eos = req.stop_at_eos and tok in self.eos
+        text = self.tok.decode(req.tokens, skip_special_tokens=True)
+        stop_at = _find_stop(text, req.stop, req.sent)
+        if stop_at is not None:
+            self._send(req, text[:stop_at])
+            self._finish(b, "stop")
+        elif eos or len(req.tokens) >= req.max_tokens:
+            self._send(req, text)
+            self._finish(b, "stop" if eos else "length")
+        else:
+            self._send(req, text[:len(text) - _held_back(text, req.stop)])
+
+    def _send(self, req: Request, text: str) -> None:
+        if len(text) > req.sent:
+            req.emit({"type": "text", "text": text[req.sent:]})
+            req.sent = len(text)
+
+    def _finish(self, b: int, reason: str) -> None:
+        req = self._slots[b]
+        self._slots[b] = None
+        self.stats["cancelled" if reason == "cancelled" else "completed"] += 1
+        req.emit({"type": "done", "finish_reason": reason, "prompt_tokens": len(req.prompt_ids),
+                  "completion_tokens": len(req.tokens)})
+        if not any(self._slots):
+            self._clock = 0  # nothing cached: the next sequence starts at row 0
+
+
+def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
+    """Index of the earliest stop string in ``text`` that ends after the ``sent`` characters
+    already emitted (earlier ones were checked before), or None."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, sent - len(s) + 1))
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters to hold: an incomplete character (the tokenizer's U+FFFD for
+    a partial UTF-8 sequence), or the longest suffix that is a prefix of a stop string."""
+    hold = 0
+    if text.endswith("\ufffd"):
+        hold = 1
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return hold
+
+
+def _aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(n + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip:skip + n].view(dtype).reshape(shape)
