@@ -112,6 +112,25 @@ def test_stop_sequence(served, tiny_llama, smollm2_gguf_path):
         assert text == ref[:ref.index(stop)]
 
 
+def test_logit_bias_and_ignore_eos(served):
+    """logit_bias shifts the logits before sampling (+100 on a token makes greedy choose it);
+    ignore_eos keeps generating through an end-of-sequence token."""
+    tok = served.engine.tok
+    word = tok(" hello", add_special_tokens=False)["input_ids"][0]
+    r = served.client.completions.create(model="tiny", prompt="Hi", max_tokens=5, temperature=0,
+                                         logit_bias={str(word): 100})
+    assert r.choices[0].text == tok.decode([word] * 5)
+    eos = str(sorted(served.engine.eos)[0])
+    r = served.client.completions.create(model="tiny", prompt="Hi", max_tokens=6, temperature=0, logit_bias={eos: 100})
+    assert r.usage.completion_tokens == 1 and r.choices[0].finish_reason == "stop"
+    r = served.client.completions.create(model="tiny", prompt="Hi", max_tokens=6, temperature=0, logit_bias={eos: 100},
+                                         extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as e:
+        served.client.completions.create(model="tiny", prompt="Hi", max_tokens=2, logit_bias={"10000000": 1})
+    assert e.value.body["param"] == "logit_bias"
+
+
 class _Recorder:
     """Greedy, keeping every logits vector it was given."""
 

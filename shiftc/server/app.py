@@ -4,7 +4,8 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (the tokenizer's
 both with ``stream: true`` (server-sent events, ending with ``data: [DONE]``) or without;
 ``GET /v1/models``; ``GET /health`` (engine counters). Sampling: ``temperature`` (0: greedy),
 ``top_p``, ``top_k`` and ``mirostat_tau``/``mirostat_eta`` (extensions), ``seed``, ``max_tokens``
-(``max_completion_tokens`` for chat), ``stop`` (a string or up to 4). Errors are OpenAI error
+(``max_completion_tokens`` for chat), ``stop`` (a string or up to 4), ``logit_bias``,
+``ignore_eos`` (extension). Errors are OpenAI error
 objects: 400 for a bad body or a request that cannot fit the context, 404 for another model's
 name, 503 with ``Retry-After`` when the queue is full.
 """
@@ -66,6 +67,8 @@ class _Sampling(BaseModel):
     mirostat_eta: float | None = Field(None, gt=0)
     seed: int | None = None
     stop: str | list[str] | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False  # extension (vLLM, llama.cpp): generate max_tokens whatever the model says
     stream: bool = False
     stream_options: dict | None = None
     n: int = 1
@@ -115,6 +118,18 @@ def _sampler(body: _Sampling) -> Sampler:
     else:
         cfg = SamplerConfig(temperature=temperature, top_k=body.top_k, top_p=body.top_p)
     return Sampler(config=cfg.validate(), seed=seed)
+
+
+def _logit_bias(body: _Sampling) -> dict[int, float]:
+    out = {}
+    for k, v in (body.logit_bias or {}).items():
+        try:
+            out[int(k)] = float(v)
+        except ValueError:
+            raise ApiError(400, f"logit_bias: '{k}' is not a token id", param="logit_bias") from None
+        if not -100 <= out[int(k)] <= 100:
+            raise ApiError(400, f"logit_bias[{k}] must be in [-100, 100] (got {v})", param="logit_bias")
+    return out
 
 
 def _stops(body: _Sampling) -> list[str]:
@@ -183,7 +198,8 @@ class Server:
             raise ApiError(400, f"max_tokens must be >= 1 (got {max_tokens})", param="max_tokens")
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        req = Request(prompt_ids=ids, max_tokens=max_tokens, sampler=_sampler(body), emit=emit, stop=_stops(body))
+        req = Request(prompt_ids=ids, max_tokens=max_tokens, sampler=_sampler(body), emit=emit, stop=_stops(body),
+                      logit_bias=_logit_bias(body), stop_at_eos=not body.ignore_eos)
         try:
             self.engine.submit(req)
         except QueueFull as exc:
@@ -192,7 +208,7 @@ class Server:
         except ContextExceeded as exc:
             raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from exc
         except ShiftcError as exc:
-            raise ApiError(400, str(exc), param="prompt") from exc
+            raise ApiError(400, str(exc), param="logit_bias" if str(exc).startswith("logit_bias") else "prompt") from exc
         return req
 
 

@@ -62,6 +62,7 @@ class Request:
     emit: Callable[[dict], None]
     stop: list[str] = dataclasses.field(default_factory=list)
     stop_at_eos: bool = True
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # added to the logits
     # engine state
     cancelled: bool = False
     tokens: list[int] = dataclasses.field(default_factory=list)
@@ -136,9 +137,9 @@ class Engine:
 
     def submit(self, req: Request) -> None:
         self.check(len(req.prompt_ids), req.max_tokens)
-        ids = np.asarray(req.prompt_ids)
-        if ids.min() < 0 or ids.max() >= self.vocab:
-            raise UsageError(f"token ids must be in [0, {self.vocab}), got [{ids.min()}, {ids.max()}]")
+        for what, ids in (("prompt", np.asarray(req.prompt_ids)), ("logit_bias", np.fromiter(req.logit_bias, np.int64))):
+            if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
+                raise UsageError(f"{what}: token ids must be in [0, {self.vocab}), got [{ids.min()}, {ids.max()}]")
         with self._cv:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -306,6 +307,10 @@ class Engine:
         if req.cancelled:
             self._finish(b, "cancelled")
             return
+        if req.logit_bias:
+            logits = logits.copy()
+            ids = np.fromiter(req.logit_bias, np.int64)
+            logits[ids] += np.fromiter(req.logit_bias.values(), np.float32)
         tok = req.sampler.sample(logits)
         if req.t_first is None:
             req.t_first = time.perf_counter()
