@@ -213,7 +213,116 @@ SHIFTC_INLINE void store16(uint16_t* p, v16f x) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, kRound));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, kRound));
 }
+// Decode's loops on 8-lane registers (scores, softmax, weighted values). GCC lowers the 16-lane
+// vector type of the shared loops to pairs of ymm registers, but builds a scalar's splat and keeps
+// the accumulators through the stack (16 scalar stores per key in the value loop) and runs the
+// exp's floor and the mask's selects lane by lane: 58 ns per key and query head at D = 64, T = 128,
+// float16 cache on a Zen 3 core, against 8.5 ns with these.
+SHIFTC_INLINE __m256 ld8(const float* p) { return _mm256_loadu_ps(p); }
+SHIFTC_INLINE __m256 ld8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+SHIFTC_INLINE float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+// scores[t] = scale q . K[t] for t < T; 8 keys at a time, their 8 partial-sum vectors reduced
+// together by three levels of horizontal adds.
+template <int D, typename KV>
+SHIFTC_INLINE void native_scores(const float* qr, float scale, const KV* K, int64_t T, float* scores) {
+  constexpr int C = D / 8;
+  __m256 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm256_mul_ps(_mm256_loadu_ps(qr + 8 * c), _mm256_set1_ps(scale));
+  auto dot8 = [&](const KV* kr) __attribute__((always_inline)) {
+    __m256 a = _mm256_mul_ps(qv[0], ld8(kr));
+    for (int c = 1; c < C; ++c) a = _mm256_fmadd_ps(qv[c], ld8(kr + 8 * c), a);
+    return a;
+  };
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8) {
+    __m256 a[8];
+    for (int l = 0; l < 8; ++l) a[l] = dot8(K + (t + l) * D);
+    const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    _mm256_storeu_ps(scores + t, _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31)));
+  }
+  for (; t < T; ++t) {
+    scores[t] = hsum8(dot8(K + t * D));
+  }
+}
+// o = inv sum_t scores[t] V[t], 64 columns at a time (8 accumulators stay in registers).
+template <int D, typename KV>
+SHIFTC_INLINE void native_weighted(const float* scores, float inv, const KV* V, int64_t T, float* o) {
+  for (int d0 = 0; d0 < D; d0 += 64) {
+    __m256 acc[8];
+    for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < T; ++t) {
+      const float p = scores[t] * inv;
+      if (p == 0.f) continue;
+      const __m256 pv = _mm256_set1_ps(p);
+      const KV* vr = V + t * D + d0;
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(pv, ld8(vr + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + d0 + 8 * c, acc[c]);
+  }
+}
+// exp_nonpositive on 8 lanes (the same steps and constants).
+SHIFTC_INLINE __m256 exp8(__m256 x) {
+  const __m256 xc = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  const __m256 r = _mm256_sub_ps(_mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f))),
+                                 _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  __m256 p = _mm256_fmadd_ps(r, _mm256_set1_ps(1.3981999507e-3f), _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  const __m256 scale = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ), _mm256_mul_ps(p, scale));
+}
+SHIFTC_INLINE float hmax8(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+// scores[t] <- exp(scores[t] + mr[t] - max) (masked keys: 0 when any key is visible); the sum.
+SHIFTC_INLINE float native_softmax(float* scores, const float* mr, int64_t T, bool any_visible) {
+  const __m256 masked = _mm256_set1_ps(SHIFTC_ATTN_MASKED), ninf = _mm256_set1_ps(-INFINITY);
+  const __m256 check = any_visible ? _mm256_castsi256_ps(_mm256_set1_epi32(-1)) : _mm256_setzero_ps();
+  __m256 mxv = ninf;
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8) {
+    const __m256 m = _mm256_loadu_ps(mr + t);
+    const __m256 off = _mm256_and_ps(_mm256_cmp_ps(m, masked, _CMP_LE_OQ), check);
+    const __m256 v = _mm256_blendv_ps(_mm256_add_ps(_mm256_loadu_ps(scores + t), m), ninf, off);
+    _mm256_storeu_ps(scores + t, v);
+    mxv = _mm256_max_ps(mxv, v);
+  }
+  float mx = hmax8(mxv);
+  for (; t < T; ++t) {
+    const float v = (any_visible && mr[t] <= SHIFTC_ATTN_MASKED) ? -INFINITY : scores[t] + mr[t];
+    scores[t] = v;
+    mx = v > mx ? v : mx;
+  }
+  const __m256 mx8 = _mm256_set1_ps(mx);
+  __m256 sv = _mm256_setzero_ps();
+  for (t = 0; t + 8 <= T; t += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + t), mx8));
+    _mm256_storeu_ps(scores + t, e);
+    sv = _mm256_add_ps(sv, e);
+  }
+  float sum = hsum8(sv);
+  for (; t < T; ++t) {
+    scores[t] = exp_nonpositive(scores[t] - mx);
+    sum += scores[t];
+  }
+  return sum;
+}
+#define SHIFTC_ATTN_NATIVE_ROWS 1
 #include "attention_isa.inc"
+#undef SHIFTC_ATTN_NATIVE_ROWS
 }  // namespace shiftc_attn_avx2
 #pragma GCC pop_options
 #endif  // SHIFTC_ATTN_X86

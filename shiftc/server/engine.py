@@ -71,6 +71,10 @@ class Request:
     t_submit: float = 0.0
     t_first: float | None = None
 
+    def __post_init__(self):
+        self.bias_ids = np.fromiter(self.logit_bias, np.int64, len(self.logit_bias))
+        self.bias_values = np.fromiter(self.logit_bias.values(), np.float32, len(self.logit_bias))
+
     def cancel(self) -> None:
         """Ask the engine to drop this request (a disconnected client): its slot is freed at the
         next step, and ``done`` with ``finish_reason="cancelled"`` is emitted."""
@@ -271,10 +275,10 @@ class Engine:
         mask[0, t - n:] = 1
         ids = np.asarray([req.prompt_ids], np.int64)
         pos = np.arange(n, dtype=np.int64)[None]
-        logits = self.model.run_kv(ids, mask, pos, self._views(b, 1)).numpy()[0, -1]
+        logits = self.model.run_kv(ids, mask, pos, self._views(b, 1)).numpy()[:, -1]
         self.stats["prefills"] += 1
         self.stats["prefill_tokens"] += n
-        self._take(b, req, logits)
+        self._take(b, req, self._choose([req], logits)[0])
 
     def _decode_step(self) -> None:
         occupied = [b for b, r in enumerate(self._slots) if r is not None]
@@ -293,25 +297,44 @@ class Engine:
             ids[b, 0] = req.tokens[-1]
             pos[b, 0] = self._clock - req.start
             mask[b, req.start:] = 1
-        logits = self.model.run_kv(ids, mask, pos, self._views(0, n)).numpy()[:, -1]
+        logits = self.model.run_kv(ids, mask, pos, self._views(0, n)).numpy()[occupied, -1]
         self._clock = t
         self.stats["decode_steps"] += 1
         self.stats["decoded_tokens"] += len(occupied)
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(occupied))
-        for b in occupied:
-            self._take(b, self._slots[b], logits[b])
+        chosen = self._choose([self._slots[b] for b in occupied], logits)
+        for b, tok in zip(occupied, chosen):
+            self._take(b, self._slots[b], tok)
 
-    def _take(self, b: int, req: Request, logits: np.ndarray) -> None:
-        """Sample the next token of slot ``b`` from its logits, emit what text became final, and
-        free the slot when the request is done."""
+    @staticmethod
+    def _choose(reqs: list[Request], logits: np.ndarray) -> list[int]:
+        """The next token of each request from its row of ``logits`` [len(reqs), V] (a copy the
+        engine owns: biased in place). Greedy requests take one argmax over their rows together;
+        the others go through their sampler."""
+        for i, req in enumerate(reqs):
+            if req.logit_bias:
+                logits[i, req.bias_ids] += req.bias_values
+        greedy = [i for i, r in enumerate(reqs) if getattr(getattr(r.sampler, "config", None), "greedy", False)]
+        sampled = set(range(len(reqs))) - set(greedy)
+        out = [0] * len(reqs)
+        if greedy:
+            rows = logits[greedy]
+            best = rows.argmax(axis=1)
+            if not np.isfinite(rows[np.arange(len(greedy)), best]).all():  # argmax stops at a NaN
+                raise FloatingPointError("the model produced logits with NaN or without any finite value")
+            for i, tok in zip(greedy, best.tolist()):
+                out[i] = tok
+        for i, req in enumerate(reqs):
+            if i in sampled:
+                out[i] = req.sampler.sample(logits[i])
+        return out
+
+    def _take(self, b: int, req: Request, tok: int) -> None:
+        """Record slot ``b``'s next token, emit what text became final, and free the slot when
+        the request is done."""
         if req.cancelled:
             self._finish(b, "cancelled")
             return
-        if req.logit_bias:
-            logits = logits.copy()
-            ids = np.fromiter(req.logit_bias, np.int64)
-            logits[ids] += np.fromiter(req.logit_bias.values(), np.float32)
-        tok = req.sampler.sample(logits)
         if req.t_first is None:
             req.t_first = time.perf_counter()
         req.tokens.append(tok)
