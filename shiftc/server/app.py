@@ -31,6 +31,7 @@ from ..sampling import Sampler, SamplerConfig
 from .engine import ContextExceeded, Engine, QueueFull, Request
 
 RETRY_AFTER_S = 1
+SWITCH_INTERVAL_S = 2e-4
 MAX_STOPS = 4  # as the OpenAI API
 
 
@@ -377,6 +378,11 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, log_lev
         raise UsageError(f"--host {host} --port {port}: cannot listen there: {exc.strerror or exc}") from exc
     app, engine = build(model_path, **kw)
     srv = app.state.server
+    # The engine thread wants the GIL back after every library call; with the default 5 ms switch
+    # interval it waits on the HTTP thread for up to that long per decode step.
+    import sys
+
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     print(f"shiftc serve: {srv.model_id} on http://{host}:{port}/v1 (batch up to {engine.max_batch}, "
           f"queue {engine.max_queue}, context {engine.context}, {engine.model.threads} threads)", flush=True)
     try:

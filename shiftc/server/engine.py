@@ -6,11 +6,11 @@ The library's ``main`` takes the in-place KV caches ``cache.{i}.key|value [B, KV
 and values to rows ``[T − S, T)`` of every sequence's cache and attends over the rows its mask
 marks. The engine keeps one set of caches of ``max_batch`` slots and a shared row clock ``T``:
 
-- a request is admitted into a free slot ``b`` by a prefill of its ``L`` prompt tokens, run at
-  batch 1 on views of slot ``b``'s caches with the mask ``0…0 1…1`` (ones on rows ``[T − L, T)``)
-  and positions ``0 … L − 1``: its prompt lands on the rows just below the clock, right-aligned
-  with the sequences already decoding (left padding, which the decoder's mask supports:
-  ``kpos = cumsum(mask) − 1``, so a row's position is what the sequence has before it);
+- requests are admitted into free slots by one prefill of their prompts together (left-padded
+  to the longest, on scratch caches); a prompt of ``L`` tokens is then copied to rows
+  ``[T − L, T)`` of its slot, right-aligned with the sequences already decoding, and decodes with
+  the mask ``0…0 1…1`` (left padding, which the decoder's mask supports: ``kpos = cumsum(mask) −
+  1``, so a row's position is what the sequence has before it);
 - each decode step feeds one token per occupied slot (ids ``[n, 1]``, each slot's own position),
   writes row ``T`` of every slot and advances the clock; slots past the last occupied one are not
   run (the batch is ``n`` = last occupied slot + 1, a view of the first ``n`` slots);
@@ -67,6 +67,9 @@ class Request:
     cancelled: bool = False
     tokens: list[int] = dataclasses.field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
+    text: str = ""  # the text of tokens[:read_at]
+    prefix_at: int = 0
+    read_at: int = 0
     start: int = 0  # first cache row of the sequence (its rows are [start, clock))
     t_submit: float = 0.0
     t_first: float | None = None
@@ -147,17 +150,13 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            if len(self._waiting) >= self.max_queue and not self._free_slots_unclaimed():
+            free = sum(s is None for s in self._slots)  # free slots take waiting requests at the next step
+            if len(self._waiting) >= self.max_queue + free:
                 self.stats["rejected"] += 1
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
             req.t_submit = time.perf_counter()
             self._waiting.append(req)
             self._cv.notify()
-
-    def _free_slots_unclaimed(self) -> bool:
-        """A free slot that no waiting request will take: a request beyond the queue bound still
-        fits when the engine is about to admit it anyway."""
-        return sum(s is None for s in self._slots) > len(self._waiting)
 
     @property
     def active(self) -> int:
@@ -200,8 +199,9 @@ class Engine:
                 for b, req in admitted:
                     if req.cancelled:
                         self._finish(b, "cancelled")
-                    else:
-                        self._prefill(b, req)
+                live = [(b, r) for b, r in admitted if not r.cancelled]
+                if live:
+                    self._prefill(live)
                 for b, req in enumerate(self._slots):
                     if req is not None and req.cancelled:
                         self._finish(b, "cancelled")
@@ -264,21 +264,38 @@ class Engine:
         self.stats["compactions"] += 1
 
     # -- steps ----------------------------------------------------------------------------------
-    def _prefill(self, b: int, req: Request) -> None:
-        n = len(req.prompt_ids)
-        if self._clock < n:
-            self._compact(n)
+    def _prefill(self, admitted: list[tuple[int, Request]]) -> None:
+        """The prompts of newly admitted requests in one library call (left-padded to the longest,
+        on scratch caches), their rows then copied into their slots just below the clock: one
+        weight expansion for all of them instead of one each."""
+        longest = max(len(r.prompt_ids) for _, r in admitted)
+        if self._clock < longest:
+            self._compact(longest)
         self._room(self._clock)
-        t = self._clock
-        req.start = t - n
-        mask = np.zeros((1, t), np.int64)
-        mask[0, t - n:] = 1
-        ids = np.asarray([req.prompt_ids], np.int64)
-        pos = np.arange(n, dtype=np.int64)[None]
-        logits = self.model.run_kv(ids, mask, pos, self._views(b, 1)).numpy()[:, -1]
+        t, k = self._clock, len(admitted)
+        ids = np.zeros((k, longest), np.int64)
+        mask = np.zeros((k, longest), np.int64)
+        pos = np.zeros((k, longest), np.int64)
+        for i, (_, req) in enumerate(admitted):
+            n = len(req.prompt_ids)
+            ids[i, longest - n:] = req.prompt_ids
+            mask[i, longest - n:] = 1
+            pos[i, longest - n:] = np.arange(n)
+        import tvm
+
+        scratch = [_aligned_zeros((k, self.kv_heads, longest, self.head_dim), self.model.kv_dtype)
+                   for _ in range(2 * self.layers)]
+        out = self.model.run_kv(ids, mask, pos, [tvm.runtime.from_dlpack(c) for c in scratch])
+        logits = np.from_dlpack(out)[:, -1].copy()  # the last position's rows only
+        for i, (b, req) in enumerate(admitted):
+            n = len(req.prompt_ids)
+            req.start = t - n
+            for c, sc in zip(self._caches, scratch):
+                c[b, :, t - n:t] = sc[i, :, longest - n:]
         self.stats["prefills"] += 1
-        self.stats["prefill_tokens"] += n
-        self._take(b, req, self._choose([req], logits)[0])
+        self.stats["prefill_tokens"] += int(mask.sum())
+        for (b, req), tok in zip(admitted, self._choose([r for _, r in admitted], logits)):
+            self._take(b, req, tok)
 
     def _decode_step(self) -> None:
         occupied = [b for b, r in enumerate(self._slots) if r is not None]
@@ -297,7 +314,7 @@ class Engine:
             ids[b, 0] = req.tokens[-1]
             pos[b, 0] = self._clock - req.start
             mask[b, req.start:] = 1
-        logits = self.model.run_kv(ids, mask, pos, self._views(0, n)).numpy()[occupied, -1]
+        logits = np.from_dlpack(self.model.run_kv(ids, mask, pos, self._views(0, n)))[occupied, -1]
         self._clock = t
         self.stats["decode_steps"] += 1
         self.stats["decoded_tokens"] += len(occupied)
@@ -339,16 +356,31 @@ class Engine:
             req.t_first = time.perf_counter()
         req.tokens.append(tok)
         eos = req.stop_at_eos and tok in self.eos
-        text = self.tok.decode(req.tokens, skip_special_tokens=True)
+        done = eos or len(req.tokens) >= req.max_tokens
+        # the whole text once at the end (what `shiftc generate` returns); on the way, the text of
+        # the new tokens only
+        text = self.tok.decode(req.tokens, skip_special_tokens=True) if done else self._detokenize(req)
         stop_at = _find_stop(text, req.stop, req.sent)
         if stop_at is not None:
             self._send(req, text[:stop_at])
             self._finish(b, "stop")
-        elif eos or len(req.tokens) >= req.max_tokens:
+        elif done:
             self._send(req, text)
             self._finish(b, "stop" if eos else "length")
         else:
             self._send(req, text[:len(text) - _held_back(text, req.stop)])
+
+    def _detokenize(self, req: Request) -> str:
+        """The request's text so far, complete characters only, decoding a few tokens per step:
+        the tokens from ``prefix_at`` decoded with and without the new ones, the difference
+        appended once it is no longer an incomplete character (decoding from a few tokens back
+        keeps tokenizers that drop a word's leading space at the start of a text right)."""
+        prefix = self.tok.decode(req.tokens[req.prefix_at:req.read_at], skip_special_tokens=True)
+        new = self.tok.decode(req.tokens[req.prefix_at:], skip_special_tokens=True)
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            req.text += new[len(prefix):]
+            req.prefix_at, req.read_at = req.read_at, len(req.tokens)
+        return req.text
 
     def _send(self, req: Request, text: str) -> None:
         if len(text) > req.sent:
@@ -377,11 +409,8 @@ def _find_stop(text: str, stops: list[str], sent: int) -> int | None:
 
 
 def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters to hold: an incomplete character (the tokenizer's U+FFFD for
-    a partial UTF-8 sequence), or the longest suffix that is a prefix of a stop string."""
+    """How many trailing characters to hold: the longest suffix that is a prefix of a stop string."""
     hold = 0
-    if text.endswith("\ufffd"):
-        hold = 1
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), hold, -1):
             if text.endswith(s[:k]):
