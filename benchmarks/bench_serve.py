@@ -1,7 +1,8 @@
 """Load test: `shiftc serve` beside llama-cpp-python's OpenAI server on the same machine.
 
-Each server runs alone (started, loaded, warmed up, measured, stopped; then the other), on
-127.0.0.1, with the same thread count, for each of ``--threads`` (1 and 2). A bounded asyncio
+Both servers are loaded on 127.0.0.1 with the same thread count, for each of ``--threads`` (1 and
+2), and measured alternately level by level (only one works at a time), ``--rounds`` times; each
+level's figures are its median round. A bounded asyncio
 client (httpx) keeps C requests in flight for C = 1, 4, 16 (``--clients``): each of C workers
 sends ``--requests`` streamed /v1/completions requests one after the other. Every request is the
 same body for both servers: a held-out Wikipedia passage of ``--prompt-words`` words as the
@@ -40,6 +41,8 @@ import bench_vs_llamacpp as lc  # noqa: E402
 from common import write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# pause before each timed level, so that the other server's worker threads have stopped spinning
+GAP_S = 1.0
 # what llama_cpp.server imports beyond llama-cpp-python itself (its "server" extra)
 SERVER_REQS = ["fastapi==0.163.2", "uvicorn==0.54.0", "sse-starlette==3.7.0", "pydantic-settings==2.16.3",
                "starlette-context==0.3.6", "PyYAML==6.0.4"]
@@ -224,6 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--prompt-words", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=16, help="shiftc serve --max-batch")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of all levels, servers alternated level by level")
     ap.add_argument("--no-llamacpp", action="store_true", help="shiftc only")
     ap.add_argument("--out", default="benchmarks/results/serve.json")
     args = ap.parse_args(argv)
@@ -269,25 +273,36 @@ def main(argv=None) -> int:
                            "loadavg_before": os.getloadavg()},
            "runs": {}}
     for t in threads:
-        servers = {"shiftc": shiftc_cmd(t, args.max_batch, 64)}
+        cmds = {"shiftc": shiftc_cmd(t, args.max_batch, 64)}
         if python is not None:
-            servers["llama.cpp"] = llama_cmd(t)
+            cmds["llama.cpp"] = llama_cmd(t)
         run = res["runs"][f"T={t}"] = {"servers": {}}
-        for label, cmd in servers.items():
-            port = free_port()
-            srv = ServerProcess(label, cmd + ["--port", port], port, work / f"{label}-T{t}.log")
-            try:
-                asyncio.run(level(srv.url, srv.model, 1, 1, texts, 8, eos))  # warm-up
-                rows = {}
+        servers = {}
+        try:
+            for label, cmd in cmds.items():  # both loaded; only one works at a time
+                port = free_port()
+                servers[label] = ServerProcess(label, cmd + ["--port", port], port, work / f"{label}-T{t}.log")
+                asyncio.run(level(servers[label].url, servers[label].model, 1, 1, texts, 8, eos))  # warm-up
+            rounds: dict[str, dict[str, list]] = {lab: {str(c): [] for c in clients} for lab in servers}
+            for rnd in range(args.rounds):
                 for c in clients:
-                    r = asyncio.run(level(srv.url, srv.model, c, args.requests, texts, args.max_tokens, eos))
-                    rows[str(c)] = r
-                    print(f"T={t} {label:10} clients {c:3d}: {r['tokens_per_s']:7.1f} tok/s  ttft p50 "
-                          f"{r['ttft_p50_s']:.2f}s p95 {r['ttft_p95_s']:.2f}s  latency p50 {r['latency_p50_s']:.2f}s  "
-                          f"failed {r['failed']}", flush=True)
-                run["servers"][label] = {"levels": rows}
-            finally:
+                    for label, srv in servers.items():  # alternated level by level
+                        time.sleep(GAP_S)
+                        r = asyncio.run(level(srv.url, srv.model, c, args.requests, texts, args.max_tokens, eos))
+                        rounds[label][str(c)].append(r)
+                        print(f"T={t} round {rnd} {label:10} clients {c:3d}: {r['tokens_per_s']:7.1f} tok/s  ttft p50 "
+                              f"{r['ttft_p50_s']:.2f}s p95 {r['ttft_p95_s']:.2f}s  latency p50 {r['latency_p50_s']:.2f}s  "
+                              f"failed {r['failed']}", flush=True)
+        finally:
+            for srv in servers.values():
                 srv.stop()
+        for label, by_c in rounds.items():
+            rows = {}
+            for c, rs in by_c.items():
+                best = sorted(rs, key=lambda r: r["tokens_per_s"])[(len(rs) - 1) // 2]  # the (lower) median round
+                rows[c] = {**best, "tokens_per_s_rounds": [r["tokens_per_s"] for r in rs],
+                           "failed": sum(r["failed"] for r in rs)}
+            run["servers"][label] = {"levels": rows}
         lv = {lab: d["levels"] for lab, d in run["servers"].items()}
         run["shiftc_scaling"] = {c: lv["shiftc"][c]["tokens_per_s"] / lv["shiftc"][str(clients[0])]["tokens_per_s"]
                                  for c in lv["shiftc"]}
