@@ -143,7 +143,7 @@ def generate(path: str | os.PathLike, prompt: str, *, threads: int | None = None
 
 
 def serve(path: str | os.PathLike, *, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
-          max_batch: int = 8, max_queue: int = 64, context: int | None = None, tokenizer: str | None = None,
+          max_batch: int = 16, max_queue: int = 64, context: int | None = None, tokenizer: str | None = None,
           model_id: str | None = None) -> None:
     """Serve a compiled causal LM over the OpenAI API until interrupted (shiftc/server/app.py)."""
     from .server.app import serve as _serve

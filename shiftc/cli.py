@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--threads", type=positive, help="threads of the compiled library (default: all cores)")
-    sp.add_argument("--max-batch", type=positive, default=8, help="requests decoded together (default 8)")
+    sp.add_argument("--max-batch", type=positive, default=16, help="requests decoded together (default 16)")
     sp.add_argument("--max-queue", type=int, default=64,
                     help="requests waiting beyond the batch; more get 503 with Retry-After (default 64)")
     sp.add_argument("--context", type=positive, help="most tokens (prompt + generated) per request "

@@ -344,7 +344,7 @@ async def _respond(srv: Server, http: HttpRequest, body: _Sampling, ids: list[in
     return EventSourceResponse(stream(), ping=15)
 
 
-def build(model_path: str, *, threads: int | None = None, max_batch: int = 8, max_queue: int = 64,
+def build(model_path: str, *, threads: int | None = None, max_batch: int = 16, max_queue: int = 64,
           context: int | None = None, tokenizer: str | None = None, model_id: str | None = None):
     """(FastAPI app, started engine) for a compiled causal LM; ``model_id`` defaults to the
     file's stem."""

@@ -87,14 +87,14 @@ class Request:
 class Engine:
     """Batched decoding of one compiled causal LM.
 
-    ``Engine(model, tokenizer, max_batch=8, max_queue=64, context=None)``; ``start()`` runs the
+    ``Engine(model, tokenizer, max_batch=16, max_queue=64, context=None)``; ``start()`` runs the
     engine thread, ``submit(request)`` queues a request (raises :class:`QueueFull` beyond
     ``max_queue`` waiting, :class:`ContextExceeded` when it cannot fit), ``stop()`` ends it.
     ``context``: the most tokens (prompt + generated) one request may hold; default the model's
     positions (``shiftc export --max-positions``) or 2048 where none is recorded.
     """
 
-    def __init__(self, model: Model, tokenizer, *, max_batch: int = 8, max_queue: int = 64,
+    def __init__(self, model: Model, tokenizer, *, max_batch: int = 16, max_queue: int = 64,
                  context: int | None = None):
         self.check_model(model)
         if max_batch < 1 or max_queue < 0:
