@@ -262,6 +262,9 @@ def test_bad_requests(served):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = httpx.post(served.url + "/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "robot", "content": "x"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    r = httpx.post(served.url + "/v1/chat/completions",  # no max_tokens: the context must hold the prompt
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "Hi " * 600}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     models = c.models.list()
     assert [m.id for m in models.data] == ["tiny"]
 

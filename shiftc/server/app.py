@@ -170,7 +170,7 @@ class Server:
         for i, m in enumerate(messages):
             role, content = m.get("role"), m.get("content")
             if role not in ("system", "user", "assistant", "developer", "tool"):
-                raise ApiError(400, f"messages[{i}].role '{role}' is not one of system, user, assistant",
+                raise ApiError(400, f"messages[{i}].role '{role}' is not one of system, developer, user, assistant, tool",
                                param=f"messages[{i}].role")
             if isinstance(content, list):  # content parts: text only
                 texts = []
@@ -193,7 +193,10 @@ class Server:
         return list(ids)
 
     def request(self, ids: list[int], max_tokens: int | None, body: _Sampling, emit) -> Request:
-        if max_tokens is None:
+        if max_tokens is None:  # chat without a limit: what the context leaves
+            if len(ids) >= self.engine.context:
+                raise ApiError(400, f"this model's context is {self.engine.context} tokens; the prompt has {len(ids)}",
+                               param="messages", code="context_length_exceeded")
             max_tokens = self.engine.context - len(ids)
         if max_tokens < 1:
             raise ApiError(400, f"max_tokens must be >= 1 (got {max_tokens})", param="max_tokens")
