@@ -112,8 +112,8 @@ def _sampler(body: _Sampling) -> Sampler:
             raise ApiError(400, "mirostat_tau cannot be combined with top_k or top_p", param="mirostat_tau")
         if temperature == 0:
             raise ApiError(400, "mirostat_tau needs temperature > 0", param="temperature")
-        cfg = SamplerConfig(temperature=temperature, mirostat_tau=body.mirostat_tau,
-                            mirostat_eta=body.mirostat_eta or 0.1)
+        eta = {} if body.mirostat_eta is None else {"mirostat_eta": body.mirostat_eta}  # else the sampler's default
+        cfg = SamplerConfig(temperature=temperature, mirostat_tau=body.mirostat_tau, **eta)
     elif temperature == 0:
         cfg = SamplerConfig(greedy=True)
     else:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-import time
 from typing import Callable
 
 import numpy as np
@@ -71,8 +70,6 @@ class Request:
     prefix_at: int = 0
     read_at: int = 0
     start: int = 0  # first cache row of the sequence (its rows are [start, clock))
-    t_submit: float = 0.0
-    t_first: float | None = None
 
     def __post_init__(self):
         self.bias_ids = np.fromiter(self.logit_bias, np.int64, len(self.logit_bias))
@@ -111,7 +108,7 @@ class Engine:
         self.eos = set(d.get("eos_token_ids", [])) | (
             {tokenizer.eos_token_id} if getattr(tokenizer, "eos_token_id", None) is not None else set())
         self._caches: list[np.ndarray] = []
-        self._view_cache: dict[tuple[int, int], list] = {}
+        self._view_cache: dict[int, list] = {}
         self._rows = 0
         self._clock = 0
         self._slots: list[Request | None] = [None] * max_batch
@@ -144,7 +141,7 @@ class Engine:
 
     def submit(self, req: Request) -> None:
         self.check(len(req.prompt_ids), req.max_tokens)
-        for what, ids in (("prompt", np.asarray(req.prompt_ids)), ("logit_bias", np.fromiter(req.logit_bias, np.int64))):
+        for what, ids in (("prompt", np.asarray(req.prompt_ids)), ("logit_bias", req.bias_ids)):
             if ids.size and (ids.min() < 0 or ids.max() >= self.vocab):
                 raise UsageError(f"{what}: token ids must be in [0, {self.vocab}), got [{ids.min()}, {ids.max()}]")
         with self._cv:
@@ -154,7 +151,6 @@ class Engine:
             if len(self._waiting) >= self.max_queue + free:
                 self.stats["rejected"] += 1
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
-            req.t_submit = time.perf_counter()
             self._waiting.append(req)
             self._cv.notify()
 
@@ -196,13 +192,10 @@ class Engine:
                         self._slots[b] = req
                         admitted.append((b, req))
             try:
-                for b, req in admitted:
-                    if req.cancelled:
-                        self._finish(b, "cancelled")
                 live = [(b, r) for b, r in admitted if not r.cancelled]
                 if live:
                     self._prefill(live)
-                for b, req in enumerate(self._slots):
+                for b, req in enumerate(self._slots):  # cancelled, admitted or decoding: freed
                     if req is not None and req.cancelled:
                         self._finish(b, "cancelled")
                 if any(self._slots):
@@ -216,14 +209,13 @@ class Engine:
             req.emit({"type": "error", "message": "the server is shutting down"})
 
     # -- caches ---------------------------------------------------------------------------------
-    def _views(self, first: int, n: int) -> list:
-        """Tensors on slots [first, first + n) of every cache, sharing their memory (DLPack)."""
-        key = (first, n)
-        if key not in self._view_cache:
+    def _views(self, n: int) -> list:
+        """Tensors on the first ``n`` slots of every cache, sharing their memory (DLPack)."""
+        if n not in self._view_cache:
             import tvm
 
-            self._view_cache[key] = [tvm.runtime.from_dlpack(c[first:first + n]) for c in self._caches]
-        return self._view_cache[key]
+            self._view_cache[n] = [tvm.runtime.from_dlpack(c[:n]) for c in self._caches]
+        return self._view_cache[n]
 
     def _grow(self, rows: int) -> None:
         """Caches of ``rows`` rows per slot holding what the old ones held. They are numpy arrays
@@ -314,7 +306,7 @@ class Engine:
             ids[b, 0] = req.tokens[-1]
             pos[b, 0] = self._clock - req.start
             mask[b, req.start:] = 1
-        logits = np.from_dlpack(self.model.run_kv(ids, mask, pos, self._views(0, n)))[occupied, -1]
+        logits = np.from_dlpack(self.model.run_kv(ids, mask, pos, self._views(n)))[occupied, -1]
         self._clock = t
         self.stats["decode_steps"] += 1
         self.stats["decoded_tokens"] += len(occupied)
@@ -352,8 +344,6 @@ class Engine:
         if req.cancelled:
             self._finish(b, "cancelled")
             return
-        if req.t_first is None:
-            req.t_first = time.perf_counter()
         req.tokens.append(tok)
         eos = req.stop_at_eos and tok in self.eos
         done = eos or len(req.tokens) >= req.max_tokens
