@@ -552,6 +552,77 @@ def test_uniform_int8_tables(q, group, simd):
         nat.bcq_set_tables(before)
 
 
+# rows of X from which each bit width runs the GEMM path (bcq_lut.cc kLutRowsBelow)
+GEMM_FROM_M = {1: MAX_M, 2: MAX_M, 3: 8, 4: 6}
+
+
+def x8_ref(x: np.ndarray, planes01: np.ndarray, s: np.ndarray, mu: np.ndarray, k: int, group: int):
+    """The AVX2 int8 GEMM's arithmetic in float64 after its one rounding (bcq_lut_avx2.inc,
+    prepare_x8_avx2): X rounded per row and group to x8 = rint(x * (127 / a)), a = max |x| in the
+    group (float32 products, ties to even), scale d = a / 127; then
+    Y = sum_g s d (C x8) + mu sum_k x. Returns (Y, B) with B [M, N] bounding every intermediate
+    (sum_g s d |C| |x8| + |mu| sum_k |x|) for the float rounding of the kernel's sums."""
+    q = planes01.shape[0]
+    m, ng = x.shape[0], s.shape[1]
+    kp = ng * group
+    xp = np.zeros((m, kp), np.float32)
+    xp[:, :k] = x
+    g3 = xp.reshape(m, ng, group)
+    amax = np.abs(g3).max(-1)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    x8 = np.rint(g3 * inv[..., None]).astype(np.float64)  # the float32 product, as the kernel's
+    d = (amax / np.float32(127)).astype(np.float64)  # [M, NG]
+    code = np.zeros((planes01.shape[1], kp))
+    code[:, :k] = sum(planes01[i].astype(np.float64) * 2.0**i for i in range(q))
+    c3 = code.reshape(-1, ng, group)
+    sd = s.astype(np.float64)[None] * d[:, None, :]  # [M, N, NG]
+    y = (np.einsum("mgk,ngk->mng", x8, c3) * sd).sum(-1) + g3.astype(np.float64).sum(-1) @ mu.astype(np.float64).T
+    bound = (np.einsum("mgk,ngk->mng", np.abs(x8), c3) * sd).sum(-1) + np.abs(g3).sum(-1) @ np.abs(mu.astype(np.float64)).T
+    return y, bound
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 1024])
+@pytest.mark.parametrize("q", [1, 2, 3, 4])
+def test_uniform_int8_gemm(q, group):
+    """The AVX2 GEMM of uniform weights on int8 X (the default there, `int8` mode): equal to
+    x8_ref within float rounding (RTOL of its bound) for every M of the GEMM path (both workspace
+    layouts: below and above MAX_M), partial blocks, tasks and groups (K = 100), more than one
+    K-slice (K = 1536), 1 and 2 threads; different from the float32 mode wherever it runs, and
+    equal to it bit for bit where it does not (the table path below GEMM_FROM_M, and groups wider
+    than the kernel's 512-column panel)."""
+    try:
+        nat.bcq_set_isa("avx2")
+    except ValueError as e:
+        pytest.skip(f"this CPU/build lacks avx2: {e}")  # hardware: never a CI failure
+    rng = np.random.default_rng(11 * q + group)
+    before = nat.bcq_tables()
+    try:
+        for n, k in ((17, 576), (40, 100), (200, 1536)):
+            planes01, s, mu = make_uniform(rng, q, n, k, group)
+            for m in sorted({6, 7, 8, MAX_M - 1, MAX_M, 16, 33, 130}):
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                x[:, rng.integers(0, k)] *= 30.0  # an outlier column
+                x[0, : min(k, group)] = 0.0  # an all-zero group (scale 0)
+                nat.bcq_set_tables("float32")
+                yf = run_uniform(x, planes01, s, mu, k=k, group=group)
+                assert nat.bcq_set_tables("int8") == "int8"
+                y8 = run_uniform(x, planes01, s, mu, k=k, group=group)
+                np.testing.assert_array_equal(run_uniform(x, planes01, s, mu, k=k, group=group, threads=2), y8)
+                what = f"int8 GEMM q={q} G={group} N={n} K={k} M={m}"
+                if m < GEMM_FROM_M[q] or group > 512:
+                    if m >= GEMM_FROM_M[q]:
+                        np.testing.assert_array_equal(y8, yf, err_msg=what)
+                    continue
+                assert (y8 != yf).any(), f"{what}: identical to the float32 GEMM (int8 path not taken?)"
+                ref, bound = x8_ref(x, planes01, s, mu, k, group)
+                err = np.abs(y8.astype(np.float64) - ref)
+                bad = err > RTOL * bound + 1e-30
+                assert not bad.any(), f"{what}: {bad.sum()} outputs off, worst err/bound {np.max(err / np.maximum(bound, 1e-30)):.3g}"
+    finally:
+        nat.bcq_set_isa("auto")
+        nat.bcq_set_tables(before)
+
+
 def test_set_tables_rejects_unknown():
     with pytest.raises(ValueError, match="bcq_set_tables: name must be"):
         nat.bcq_set_tables("int4")

@@ -15,6 +15,8 @@
 //                    (lut_task_* pick them for uniform weights where use_t8)
 //   GEMM (larger M)  gemm_task_scalar (4x16)  gemm_task_avx2 (6x16)    gemm_task_avx512 (14x32)
 //                    (2x16 on x86-64)
+//   GEMM, uniform                             gemm8_task_avx2 (4x16,
+//     int8 X                                  vpmaddubsw; x8_prepared)
 //   aarch64 NEON     prepare_neon, lut_task_neon (16 rows, vqtbl4q_u8), gemm_task_neon (5x16)
 //   x86-64 AMX       the AVX-512 kernels, and gemm_task_amx (bf16 parts in tiles, 2 x 16 rows x 32)
 //                    for M >= SHIFTC_BCQ_AMX_MIN_M
@@ -161,6 +163,8 @@ struct Problem {
     const float* gsums;        // [M][NG] per-group sums of X's rows (after the tables)
     const uint8_t* t8;         // GEMV int8 tables: per row of X, lo then hi nibble tables (t8_tables)
     const float* t8s;          // [M][NG] the int8 tables' scales (after t8)
+    const int8_t* x8;          // int8 GEMM: X rounded per row and group, [M][Kp] (x8_prepared)
+    const float* x8s;          // [M][NG] their scales (after x8)
     int q;
     // Whether groups carry an offset (+-1 form): always for uniform weights, with offsets else.
     bool has_offset() const { return su != nullptr || offsets != nullptr; }
@@ -203,6 +207,9 @@ Problem make_problem(const float* x, const float* ws, int64_t M, int64_t K, int6
     p.gsums = ws + (M < SHIFTC_BCQ_LUT_MAX_M ? M * p.Kp * 4 : 0);
     p.t8 = reinterpret_cast<const uint8_t*>(p.gsums + M * p.NG);
     p.t8s = p.gsums + M * p.NG + M * t8_floats(p.Kp);
+    const float* x8_at = M < SHIFTC_BCQ_LUT_MAX_M ? p.t8s + M * p.NG : p.gsums + M * p.NG;
+    p.x8 = reinterpret_cast<const int8_t*>(x8_at);
+    p.x8s = x8_at + M * p.Kp / 4;
     return p;
 }
 
@@ -243,6 +250,12 @@ int tables_mode() {
 
 #if SHIFTC_LUT_X86
 bool use_t8(const Problem& p) { return p.su && tables_mode() == 0 && t8_fits(p.q, p.G); }
+
+// The int8 GEMM (AVX2, uniform weights; gemm8_task_avx2): X is rounded to int8 per row and group
+// by prepare when int8 is the mode and M can reach the GEMM path of some bit width (M >= the
+// smallest table cutoff); compute takes it for uniform weights on the GEMM path.
+constexpr int64_t kX8MinRows = 6;  // = min(kLutRowsBelow)
+bool x8_prepared(int64_t M) { return tables_mode() == 0 && M >= kX8MinRows; }
 #endif
 
 #include "bcq_lut_scalar.inc"
@@ -305,7 +318,11 @@ void run_task(const Problem& p, int64_t task) {
             else gemm_task_avx512(p, task);
             break;
         case kAvx512: lut ? lut_task_avx512(p, task) : gemm_task_avx512(p, task); break;
-        case kAvx2: lut ? lut_task_avx2(p, task) : gemm_task_avx2(p, task); break;
+        case kAvx2:
+            if (lut) lut_task_avx2(p, task);
+            else if (p.su && x8_prepared(p.M)) gemm8_task_avx2(p, task);
+            else gemm_task_avx2(p, task);
+            break;
 #endif
 #if SHIFTC_LUT_NEON
         case kNeon: lut ? lut_task_neon(p, task) : gemm_task_neon(p, task); break;
@@ -406,8 +423,10 @@ int shiftc_bcq_pack_uniform(const uint16_t* s, const uint16_t* mu, int64_t N, in
 int64_t shiftc_bcq_workspace_floats(int64_t M, int64_t K, int64_t G) {
     if (M < 0 || !valid_shape(1, K, 1, G)) return -1;
     const int64_t NG = ceil_div(K, G);
-    // GEMV: float tables, group sums, int8 tables (t8_floats) and their scales
-    return M < SHIFTC_BCQ_LUT_MAX_M ? M * (NG * G * 4 + NG + t8_floats(NG * G) + NG) : M * NG;
+    // GEMV: float tables, group sums, int8 tables (t8_floats) and their scales; GEMM: group sums;
+    // both: X rounded to int8 (Kp bytes per row) and its scales, for the int8 GEMM
+    const int64_t x8 = NG * G / 4 + NG;
+    return M < SHIFTC_BCQ_LUT_MAX_M ? M * (NG * G * 4 + NG + t8_floats(NG * G) + NG + x8) : M * (NG + x8);
 }
 
 int shiftc_bcq_prepare(const float* x, int64_t M, int64_t K, int64_t G, float* ws) {

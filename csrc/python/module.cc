@@ -643,9 +643,10 @@ PYBIND11_MODULE(_native, m) {
           "M >= BCQ_AMX_MIN_M). Raises ValueError if the CPU or build lacks it.");
     m.def("bcq_isa", &py_bcq_isa, "bcq_isa() -> str: the ISA the lut16 kernels use now.");
     m.def("bcq_set_tables", &py_bcq_set_tables, py::arg("name"),
-          "bcq_set_tables(name: 'int8'|'float32') -> str: the GEMV tables of uniform weights on AVX2/AVX-512\n"
-          "(process-wide; int8 is the default, SHIFTC_LUT_TABLES=float32 in the environment selects\n"
-          "float32 before the first call). Other ISAs and the float-scale format always use float32.");
+          "bcq_set_tables(name: 'int8'|'float32') -> str: the int8 paths of uniform weights: the GEMV tables on\n"
+          "AVX2/AVX-512 and the AVX2 GEMM's X (process-wide; int8 is the default, SHIFTC_LUT_TABLES=float32\n"
+          "in the environment selects float32 before the first call). Other ISAs and the float-scale format\n"
+          "always use float32.");
     m.def("bcq_tables", &py_bcq_tables, "bcq_tables() -> str: the GEMV table precision now selected.");
     m.def("attention", &py_attention, py::arg("q"), py::arg("kc"), py::arg("vc"), py::arg("mask"), py::arg("scale"),
           "attention(q: float32 [B, KVH, G, S, D], kc, vc: float32 or float16 [B, KVH, M, D], mask: float32 [B, S, T],\n"

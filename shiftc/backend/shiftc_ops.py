@@ -104,11 +104,13 @@ def workspace_floats(m, k: int, group: int, lut_max_m: int):
     from tvm import tirx
 
     kp, ng = -(-k // group) * group, -(-k // group)
-    # float tables, group sums, int8 tables ((kp / 8 + 4) octets x 32 bytes) and their scales
-    lut = kp // 4 * 16 + ng + (kp // 8 + 4) * 8 + ng
+    # float tables, group sums, int8 tables ((kp / 8 + 4) octets x 32 bytes) and their scales;
+    # the GEMM path: group sums; both: X rounded to int8 (kp bytes) and its scales (int8 GEMM)
+    x8 = kp // 4 + ng
+    lut = kp // 4 * 16 + ng + (kp // 8 + 4) * 8 + ng + x8
     if isinstance(m, int):
-        return m * lut if m < lut_max_m else m * ng
-    return tirx.Select(m < lut_max_m, m * lut, m * ng)
+        return m * lut if m < lut_max_m else m * (ng + x8)
+    return tirx.Select(m < lut_max_m, m * lut, m * (ng + x8))
 
 
 def lut_max_m() -> int:

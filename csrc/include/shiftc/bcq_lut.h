@@ -55,7 +55,10 @@
 //   summed over planes; mu adds mu * sum_{k in g} x[k].
 //   M >= SHIFTC_BCQ_LUT_MAX_M ("GEMM", prefill): each task expands its 32-row panel of W to float
 //   a K-slice at a time (sign select + add per plane) and runs a register-blocked FMA kernel
-//   over all M rows; the expansion is amortised over M.
+//   over all M rows; the expansion is amortised over M. Uniform weights on AVX2 (int8 mode, the
+//   default): prepare also rounds X to int8 per row and group (scale max|x|/127), the panel is
+//   expanded to the weights' integer codes as bytes, and the products run on vpmaddubsw (16-bit
+//   sums, widened per chunk of columns), scaled by s d per group; mu sum_k x stays in float.
 //
 // ---------------------------------------------------------------------------
 // Calling convention (used by the TIR that `shiftc compile` emits, and by shiftc._native)
@@ -126,10 +129,11 @@ int shiftc_bcq_pack_uniform(const uint16_t* s, const uint16_t* mu, int64_t N, in
                             uint16_t* su);
 
 // Workspace, in floats, that shiftc_bcq_prepare fills and shiftc_bcq_compute reads:
-//   M < SHIFTC_BCQ_LUT_MAX_M :  M * (Kp/4*16 + NG)   (tables [M][Kp/4][16], then per-group
-//                                                     sums of x [M][NG]; 64-byte alignment of
-//                                                     ws keeps every table on one cache line)
-//   otherwise                :  M * NG               (per-group sums of x)
+//   M < SHIFTC_BCQ_LUT_MAX_M :  M * (Kp/4*16 + NG + (Kp/8 + 4)*8 + NG + Kp/4 + NG)
+//                               (tables [M][Kp/4][16], per-group sums of x [M][NG], int8 tables
+//                               and their scales, X as int8 [M][Kp] bytes and its scales [M][NG];
+//                               64-byte alignment of ws keeps every table on one cache line)
+//   otherwise                :  M * (NG + Kp/4 + NG) (per-group sums of x, X as int8 and scales)
 int64_t shiftc_bcq_workspace_floats(int64_t M, int64_t K, int64_t G);
 
 int shiftc_bcq_prepare(const float* x, int64_t M, int64_t K, int64_t G, float* ws);
@@ -149,9 +153,10 @@ int shiftc_bcq_compute_uniform(const float* x, const float* ws, int64_t M, int64
 int shiftc_bcq_set_isa(int isa);
 int shiftc_bcq_isa(void);
 
-// GEMV tables of uniform weights on AVX2 and AVX-512: 0 = int8 (default: entries rounded to 8 bits
-// per group of columns, one byte shuffle per 32 / 64 lookups), 1 = float32 (the exact tables of
-// every other path). The
+// The int8 paths of uniform weights: 0 = int8 (default: the AVX2 / AVX-512 GEMV's table entries
+// rounded to 8 bits per group of columns, one byte shuffle per 32 / 64 lookups; the AVX2 GEMM's X
+// rounded to int8 per row and group), 1 = float32 (the exact tables and float GEMM of every other
+// path). The
 // environment variable SHIFTC_LUT_TABLES=float32 sets 1 before the first call. Returns the mode now
 // in use, or -1 for another value.
 int shiftc_bcq_set_tables(int mode);
