@@ -493,6 +493,10 @@ def test_uniform_threads_match_one_thread(isa, m):
     check_uniform(y2, x, planes01, s, mu, k=k, group=group, what=f"{isa} uniform threads=2 M={m}")
 
 
+# rows of X from which each bit width runs the int8 GEMM
+GEMM_FROM_M = {1: 6, 2: 5, 3: 2, 4: 2}  # bcq_lut.cc kLutRowsBelowX8 (AVX2, int8 mode)
+
+
 def t8_fits(q: int, group: int) -> bool:
     """bcq_lut.cc t8_fits: the int8 GEMV runs where a group's weighted sum of biased lookups fits 16 bits."""
     return 2 * 255 * (group // 8) * (2**q - 1) < 65536
@@ -530,7 +534,8 @@ def test_uniform_int8_tables(q, group, simd):
     try:
         for n, k in ((17, 576), (40, 100), (200, 1536)):
             planes01, s, mu = make_uniform(rng, q, n, k, group)
-            for m in (1, 2, 3, 5):
+            # (on AVX2, more rows than GEMM_FROM_M run the int8 GEMM instead: test_uniform_int8_gemm)
+            for m in [m for m in (1, 2, 3, 5) if simd == "avx512" or m < GEMM_FROM_M[q]]:
                 x = rng.standard_normal((m, k)).astype(np.float32)
                 x[:, rng.integers(0, k)] *= 30.0  # an outlier column, as LLM activations have
                 assert nat.bcq_set_tables("int8") == "int8"
@@ -550,10 +555,6 @@ def test_uniform_int8_tables(q, group, simd):
     finally:
         nat.bcq_set_isa("auto")
         nat.bcq_set_tables(before)
-
-
-# rows of X from which each bit width runs the GEMM path (bcq_lut.cc kLutRowsBelow)
-GEMM_FROM_M = {1: MAX_M, 2: MAX_M, 3: 8, 4: 6}
 
 
 def x8_ref(x: np.ndarray, planes01: np.ndarray, s: np.ndarray, mu: np.ndarray, k: int, group: int):
@@ -588,8 +589,8 @@ def test_uniform_int8_gemm(q, group):
     x8_ref within float rounding (RTOL of its bound) for every M of the GEMM path (both workspace
     layouts: below and above MAX_M), partial blocks, tasks and groups (K = 100), more than one
     K-slice (K = 1536), 1 and 2 threads; different from the float32 mode wherever it runs, and
-    equal to it bit for bit where it does not (the table path below GEMM_FROM_M, and groups wider
-    than the kernel's 512-column panel)."""
+    equal to it bit for bit on the GEMM path where it does not (groups wider than the kernel's
+    512-column panel)."""
     try:
         nat.bcq_set_isa("avx2")
     except ValueError as e:
@@ -599,7 +600,7 @@ def test_uniform_int8_gemm(q, group):
     try:
         for n, k in ((17, 576), (40, 100), (200, 1536)):
             planes01, s, mu = make_uniform(rng, q, n, k, group)
-            for m in sorted({6, 7, 8, MAX_M - 1, MAX_M, 16, 33, 130}):
+            for m in sorted({1, 2, 3, 4, 5, 6, 7, 8, MAX_M - 1, MAX_M, 16, 33, 130}):
                 x = rng.standard_normal((m, k)).astype(np.float32)
                 x[:, rng.integers(0, k)] *= 30.0  # an outlier column
                 x[0, : min(k, group)] = 0.0  # an all-zero group (scale 0)
@@ -609,9 +610,11 @@ def test_uniform_int8_gemm(q, group):
                 y8 = run_uniform(x, planes01, s, mu, k=k, group=group)
                 np.testing.assert_array_equal(run_uniform(x, planes01, s, mu, k=k, group=group, threads=2), y8)
                 what = f"int8 GEMM q={q} G={group} N={n} K={k} M={m}"
-                if m < GEMM_FROM_M[q] or group > 512:
-                    if m >= GEMM_FROM_M[q]:
+                if group > 512:  # the float GEMM in both modes (the tables below MAX_M: int8 where t8_fits)
+                    if m >= MAX_M:
                         np.testing.assert_array_equal(y8, yf, err_msg=what)
+                    continue
+                if m < GEMM_FROM_M[q]:  # the table path (int8 tables: test_uniform_int8_tables)
                     continue
                 assert (y8 != yf).any(), f"{what}: identical to the float32 GEMM (int8 path not taken?)"
                 ref, bound = x8_ref(x, planes01, s, mu, k, group)

@@ -16,11 +16,12 @@
 //   GEMM (larger M)  gemm_task_scalar (4x16)  gemm_task_avx2 (6x16)    gemm_task_avx512 (14x32)
 //                    (2x16 on x86-64)
 //   GEMM, uniform                             gemm8_task_avx2 (4x16,
-//     int8 X                                  vpmaddubsw; x8_prepared)
+//     int8 X                                  vpmaddubsw; use_x8)
 //   aarch64 NEON     prepare_neon, lut_task_neon (16 rows, vqtbl4q_u8), gemm_task_neon (5x16)
 //   x86-64 AMX       the AVX-512 kernels, and gemm_task_amx (bf16 parts in tiles, 2 x 16 rows x 32)
 //                    for M >= SHIFTC_BCQ_AMX_MIN_M
-// (the GEMV path runs for M < SHIFTC_BCQ_LUT_MAX_M and M < kLutRowsBelow[q - 1]).
+// (the GEMV path runs for M < SHIFTC_BCQ_LUT_MAX_M and M < kLutRowsBelow[q - 1], or where the
+// int8 GEMM runs, M < kLutRowsBelowX8[q - 1]).
 //
 // GEMV ("LUT") path. For 4 consecutive columns c of a row of X, prepare() stores the table
 //   T[c][m] = sum_{j<4} (bit j of m ? +x[4c+j] : -x[4c+j])         (0 for columns >= K)
@@ -254,7 +255,11 @@ bool use_t8(const Problem& p) { return p.su && tables_mode() == 0 && t8_fits(p.q
 // The int8 GEMM (AVX2, uniform weights; gemm8_task_avx2): X is rounded to int8 per row and group
 // by prepare when int8 is the mode and M can reach the GEMM path of some bit width (M >= the
 // smallest table cutoff); compute takes it for uniform weights on the GEMM path.
-constexpr int64_t kX8MinRows = 6;  // = min(kLutRowsBelow)
+// The table path's cutoffs there (uniform weights, int8 mode, ISA AVX2): the int8 GEMM is about
+// twice the float GEMM, so it wins from fewer rows (measured on Zen 3, 1 thread, SmolLM2's
+// 3072 x 576, 576 x 1536, 1728 x 576 and 49152 x 576; q = 2 ties from 4 to 6 rows).
+constexpr int64_t kLutRowsBelowX8[kMaxQ] = {6, 5, 2, 2};
+constexpr int64_t kX8MinRows = 2;  // = min(kLutRowsBelowX8)
 bool x8_prepared(int64_t M) { return tables_mode() == 0 && M >= kX8MinRows; }
 #endif
 
@@ -306,9 +311,20 @@ int current_isa() {
     return isa;
 }
 
+#if SHIFTC_LUT_X86
+// (a group must fit the int8 GEMM's panel of kKc columns)
+bool use_x8(const Problem& p) { return p.su && p.G <= kKc && current_isa() == kAvx2 && x8_prepared(p.M); }
+#endif
+
 // Task t of a valid problem (either weight format) on the current ISA.
 void run_task(const Problem& p, int64_t task) {
-    const bool lut = p.M < SHIFTC_BCQ_LUT_MAX_M && p.M < kLutRowsBelow[p.q - 1];
+#if SHIFTC_LUT_X86
+    const bool x8 = use_x8(p);
+    const int64_t below = x8 ? kLutRowsBelowX8[p.q - 1] : kLutRowsBelow[p.q - 1];
+#else
+    const int64_t below = kLutRowsBelow[p.q - 1];
+#endif
+    const bool lut = p.M < SHIFTC_BCQ_LUT_MAX_M && p.M < below;
     switch (current_isa()) {
 #if SHIFTC_LUT_X86
         case kAmx:
@@ -320,7 +336,7 @@ void run_task(const Problem& p, int64_t task) {
         case kAvx512: lut ? lut_task_avx512(p, task) : gemm_task_avx512(p, task); break;
         case kAvx2:
             if (lut) lut_task_avx2(p, task);
-            else if (p.su && x8_prepared(p.M)) gemm8_task_avx2(p, task);
+            else if (x8) gemm8_task_avx2(p, task);
             else gemm_task_avx2(p, task);
             break;
 #endif
