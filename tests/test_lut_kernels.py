@@ -557,28 +557,50 @@ def test_uniform_int8_tables(q, group, simd):
         nat.bcq_set_tables(before)
 
 
+X8_OUT = nat.BCQ_X8_OUTLIERS  # outliers per row and group of the int8 GEMM's X
+
+
+def x8_round(x: np.ndarray, k: int, group: int):
+    """X as the AVX2 int8 GEMM holds it (bcq_lut_avx2.inc, prepare_x8_avx2). Per group, the X8_OUT
+    columns of largest max |x| over the rows (> 0; the first of equals) are the outliers; per row
+    and group r = the largest |x| of the other columns, at least the outliers' |x| / 256; scale
+    d = r / 127 and every column, outliers included, as rint(x * (127 / r)) (float32 product, ties
+    to even). Returns (x8 [M, NG, G] as float64, with the outliers' large values; d [M, NG])."""
+    m = x.shape[0]
+    ng = -(-k // group)
+    xp = np.zeros((m, ng * group), np.float32)
+    xp[:, :k] = x
+    g3 = xp.reshape(m, ng, group)
+    a = np.abs(g3)
+    colmax = a.max(0)  # [NG, G]
+    order = np.argsort(-colmax, axis=-1, kind="stable")[:, :X8_OUT]
+    out = np.zeros(colmax.shape, bool)
+    np.put_along_axis(out, order, np.take_along_axis(colmax, order, -1) > 0, -1)
+    rest = np.maximum(np.where(out, 0, a).max(-1), np.where(out, a, 0).max(-1) * np.float32(1 / 256)).astype(np.float32)
+    inv = np.where(rest > 0, np.float32(127) / np.where(rest > 0, rest, 1), 0).astype(np.float32)
+    x8 = np.rint(g3 * inv[..., None]).astype(np.float64)
+    assert np.all(np.abs(x8[:, ~out]) <= 127) and np.all(np.abs(x8) <= 127 * 256)
+    return x8, (rest / np.float32(127)).astype(np.float64)
+
+
 def x8_ref(x: np.ndarray, planes01: np.ndarray, s: np.ndarray, mu: np.ndarray, k: int, group: int):
-    """The AVX2 int8 GEMM's arithmetic in float64 after its one rounding (bcq_lut_avx2.inc,
-    prepare_x8_avx2): X rounded per row and group to x8 = rint(x * (127 / a)), a = max |x| in the
-    group (float32 products, ties to even), scale d = a / 127; then
+    """The AVX2 int8 GEMM's arithmetic in float64 after its one rounding (x8_round):
     Y = sum_g s d (C x8) + mu sum_k x. Returns (Y, B) with B [M, N] bounding every intermediate
     (sum_g s d |C| |x8| + |mu| sum_k |x|) for the float rounding of the kernel's sums."""
     q = planes01.shape[0]
-    m, ng = x.shape[0], s.shape[1]
+    x8, d = x8_round(x, k, group)
+    m, ng = d.shape
     kp = ng * group
-    xp = np.zeros((m, kp), np.float32)
+    xp = np.zeros((m, kp), np.float64)
     xp[:, :k] = x
-    g3 = xp.reshape(m, ng, group)
-    amax = np.abs(g3).max(-1)
-    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    x8 = np.rint(g3 * inv[..., None]).astype(np.float64)  # the float32 product, as the kernel's
-    d = (amax / np.float32(127)).astype(np.float64)  # [M, NG]
+    gsum, gabs = xp.reshape(m, ng, group).sum(-1), np.abs(xp).reshape(m, ng, group).sum(-1)
     code = np.zeros((planes01.shape[1], kp))
     code[:, :k] = sum(planes01[i].astype(np.float64) * 2.0**i for i in range(q))
     c3 = code.reshape(-1, ng, group)
     sd = s.astype(np.float64)[None] * d[:, None, :]  # [M, N, NG]
-    y = (np.einsum("mgk,ngk->mng", x8, c3) * sd).sum(-1) + g3.astype(np.float64).sum(-1) @ mu.astype(np.float64).T
-    bound = (np.einsum("mgk,ngk->mng", np.abs(x8), c3) * sd).sum(-1) + np.abs(g3).sum(-1) @ np.abs(mu.astype(np.float64)).T
+    mu64 = mu.astype(np.float64)
+    y = (np.einsum("mgk,ngk->mng", x8, c3) * sd).sum(-1) + gsum @ mu64.T
+    bound = (np.einsum("mgk,ngk->mng", np.abs(x8), c3) * sd).sum(-1) + gabs @ np.abs(mu64).T
     return y, bound
 
 
@@ -602,8 +624,12 @@ def test_uniform_int8_gemm(q, group):
             planes01, s, mu = make_uniform(rng, q, n, k, group)
             for m in sorted({1, 2, 3, 4, 5, 6, 7, 8, MAX_M - 1, MAX_M, 16, 33, 130}):
                 x = rng.standard_normal((m, k)).astype(np.float32)
-                x[:, rng.integers(0, k)] *= 30.0  # an outlier column
+                x[:, rng.integers(0, k, 3)] *= 30.0  # outlier columns (some groups: more than X8_OUT)
                 x[0, : min(k, group)] = 0.0  # an all-zero group (scale 0)
+                if k >= 2 * group:  # a group of zeros, but for one column: an outlier, nothing else
+                    x[:, group : 2 * group] = 0.0
+                    x[m // 2, group + 3] = 5.0
+                x[:, -min(k, 8):] = 1.5  # equal magnitudes: the first are the outliers
                 nat.bcq_set_tables("float32")
                 yf = run_uniform(x, planes01, s, mu, k=k, group=group)
                 assert nat.bcq_set_tables("int8") == "int8"

@@ -609,6 +609,7 @@ PYBIND11_MODULE(_native, m) {
 
     m.attr("BCQ_LUT_MAX_M") = SHIFTC_BCQ_LUT_MAX_M;
     m.attr("BCQ_AMX_MIN_M") = SHIFTC_BCQ_AMX_MIN_M;
+    m.attr("BCQ_X8_OUTLIERS") = SHIFTC_BCQ_X8_OUTLIERS;
     m.def("bcq_pack_lut16", &py_bcq_pack_lut16, py::arg("planes"), py::arg("alpha"), py::arg("K"),
           py::arg("group"), py::arg("coding") = "pm1",
           "bcq_pack_lut16(planes: uint32 [q, N, ceil(K/32)], alpha: float32 [q, N, ceil(K/group)],\n"

@@ -105,25 +105,29 @@ def workspace_floats(m, k: int, group: int, lut_max_m: int):
 
     kp, ng = -(-k // group) * group, -(-k // group)
     # float tables, group sums, int8 tables ((kp / 8 + 4) octets x 32 bytes) and their scales;
-    # the GEMM path: group sums; both: X rounded to int8 (kp bytes) and its scales (int8 GEMM)
-    x8 = kp // 4 + ng
+    # the GEMM path: group sums; both: X rounded to int8 (kp bytes), its scales and outliers
+    x8 = kp // 4 + ng + ng * 2 * header_define("SHIFTC_BCQ_X8_OUTLIERS")
     lut = kp // 4 * 16 + ng + (kp // 8 + 4) * 8 + ng + x8
     if isinstance(m, int):
         return m * lut if m < lut_max_m else m * (ng + x8)
     return tirx.Select(m < lut_max_m, m * lut, m * (ng + x8))
 
 
-def lut_max_m() -> int:
-    """SHIFTC_BCQ_LUT_MAX_M from the kernels' header (the TIR must agree with the C code)."""
+def header_define(name: str) -> int:
+    """An integer #define of the kernels' header (the TIR must agree with the C code)."""
     import re
 
     from .kernels import kernel_header
 
-    text = kernel_header().read_text()
-    found = re.search(r"#define\s+SHIFTC_BCQ_LUT_MAX_M\s+(\d+)", text)
+    found = re.search(rf"#define\s+{name}\s+(\d+)", kernel_header().read_text())
     if not found:
-        raise RuntimeError("SHIFTC_BCQ_LUT_MAX_M not found in bcq_lut.h")
+        raise RuntimeError(f"{name} not found in bcq_lut.h")
     return int(found.group(1))
+
+
+def lut_max_m() -> int:
+    """SHIFTC_BCQ_LUT_MAX_M from the kernels' header."""
+    return header_define("SHIFTC_BCQ_LUT_MAX_M")
 
 
 def _lut_primfunc(k: int, n: int, q: int, group: int, n_codes: int, n_scales: int, n_offsets: int,

@@ -95,6 +95,10 @@ extern "C" {
 // measurement in bcq_lut.cc); otherwise it runs the GEMM path, which reads no tables.
 #define SHIFTC_BCQ_LUT_MAX_M 12
 
+// The int8 GEMM (AVX2, uniform weights): per row of X and group of columns, this many columns of
+// largest |x| are kept apart as 16-bit multiples of the group's scale (see bcq_lut_avx2.inc).
+#define SHIFTC_BCQ_X8_OUTLIERS 2
+
 // Rows of X from which the GEMM path runs on AMX-BF16 tiles when the ISA is "AMX" (5): X is split
 // exactly into three bf16 parts and each expanded weight into bf16 hi + lo, and the bf16 products
 // are accumulated in float (see bcq_lut.cc). Where the expanded weights have at most 16
@@ -129,11 +133,13 @@ int shiftc_bcq_pack_uniform(const uint16_t* s, const uint16_t* mu, int64_t N, in
                             uint16_t* su);
 
 // Workspace, in floats, that shiftc_bcq_prepare fills and shiftc_bcq_compute reads:
-//   M < SHIFTC_BCQ_LUT_MAX_M :  M * (Kp/4*16 + NG + (Kp/8 + 4)*8 + NG + Kp/4 + NG)
+//   M < SHIFTC_BCQ_LUT_MAX_M :  M * (Kp/4*16 + NG + (Kp/8 + 4)*8 + NG + X8)
 //                               (tables [M][Kp/4][16], per-group sums of x [M][NG], int8 tables
-//                               and their scales, X as int8 [M][Kp] bytes and its scales [M][NG];
-//                               64-byte alignment of ws keeps every table on one cache line)
-//   otherwise                :  M * (NG + Kp/4 + NG) (per-group sums of x, X as int8 and scales)
+//                               and their scales, then X8; 64-byte alignment of ws keeps every
+//                               table on one cache line)
+//   otherwise                :  M * (NG + X8)        (per-group sums of x, then X8)
+//   X8 = Kp/4 + NG + NG*2*SHIFTC_BCQ_X8_OUTLIERS: X as int8 [M][Kp] bytes, its scales [M][NG] and
+//   its outliers [M][NG][2 * SHIFTC_BCQ_X8_OUTLIERS] int32 (the int8 GEMM)
 int64_t shiftc_bcq_workspace_floats(int64_t M, int64_t K, int64_t G);
 
 int shiftc_bcq_prepare(const float* x, int64_t M, int64_t K, int64_t G, float* ws);
