@@ -13,8 +13,10 @@ name, 503 with ``Retry-After`` when the queue is full.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import secrets
+import threading
 import time
 import uuid
 from typing import Any
@@ -148,6 +150,13 @@ class Server:
     def __init__(self, engine: Engine, model_id: str):
         self.engine, self.model_id, self.tok = engine, model_id, engine.tok
         self.created = int(time.time())
+        self._handoff: _Handoff | None = None
+
+    def handoff(self, loop: asyncio.AbstractEventLoop) -> _Handoff:
+        """The event hand-off to ``loop`` (one per serving loop)."""
+        if self._handoff is None or self._handoff.loop is not loop:
+            self._handoff = _Handoff(loop)
+        return self._handoff
 
     def check_model(self, name: str) -> None:
         if name != self.model_id:
@@ -216,6 +225,36 @@ class Server:
         return req
 
 
+class _Handoff:
+    """Engine-thread events to the requests' queues on the event loop, with one wake-up of the loop
+    per burst: a decode step emits an event for every active request, and a wake-up (a write to
+    the loop's self-pipe, a turn of the loop) per event cost as much as the events themselves."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: collections.deque = collections.deque()
+        self.armed = False
+
+    def post(self, queue: asyncio.Queue, ev: dict) -> None:
+        with self.lock:
+            self.pending.append((queue, ev))
+            if self.armed:
+                return
+            self.armed = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop has closed (shutdown): nobody waits for the events
+            pass
+
+    def _drain(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, collections.deque()
+            self.armed = False
+        for queue, ev in items:
+            queue.put_nowait(ev)
+
+
 def create_app(engine: Engine, model_id: str) -> FastAPI:
     """The FastAPI application; the engine must be started (``engine.start()``)."""
     srv = Server(engine, model_id)
@@ -272,9 +311,9 @@ def create_app(engine: Engine, model_id: str) -> FastAPI:
 
 async def _respond(srv: Server, http: HttpRequest, body: _Sampling, ids: list[int], max_tokens: int | None,
                    *, chat: bool):
-    loop = asyncio.get_running_loop()
+    handoff = srv.handoff(asyncio.get_running_loop())
     events: asyncio.Queue = asyncio.Queue()
-    req = srv.request(ids, max_tokens, body, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    req = srv.request(ids, max_tokens, body, lambda ev: handoff.post(events, ev))
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
@@ -326,11 +365,23 @@ async def _respond(srv: Server, http: HttpRequest, body: _Sampling, ids: list[in
         try:
             if chat:
                 yield {"data": chunk(None, None, first=True)}
+            ev = None
             while True:
-                ev = await events.get()
+                if ev is None:
+                    ev = await events.get()
                 if ev["type"] == "text":
-                    yield {"data": chunk(ev["text"], None)}
-                elif ev["type"] == "error":
+                    # text the engine has already produced goes out as one chunk (a client or a
+                    # loop that falls behind under load gets fewer, longer chunks)
+                    text, ev = ev["text"], None
+                    while ev is None and not events.empty():
+                        nxt = events.get_nowait()
+                        if nxt["type"] == "text":
+                            text += nxt["text"]
+                        else:
+                            ev = nxt
+                    yield {"data": chunk(text, None)}
+                    continue
+                if ev["type"] == "error":
                     yield {"data": json.dumps({"error": {"message": ev["message"], "type": "server_error",
                                                          "param": None, "code": None}})}
                     break
