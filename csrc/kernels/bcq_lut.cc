@@ -166,7 +166,7 @@ struct Problem {
     const float* t8s;          // [M][NG] the int8 tables' scales (after t8)
     const int8_t* x8;          // int8 GEMM: X rounded per row and group, [M][Kp] (x8_prepared)
     const float* x8s;          // [M][NG] their scales (after x8)
-    const int32_t* x8o;        // [M][NG][4] outliers: 2 columns in the group, their values / scale (int16 pair)
+    const int32_t* x8o;        // outlier columns [NG][kX8Out], then their values [M][NG][kX8Out / 2] (int16 pairs)
     int q;
     // Whether groups carry an offset (+-1 form): always for uniform weights, with offsets else.
     bool has_offset() const { return su != nullptr || offsets != nullptr; }
@@ -256,13 +256,14 @@ bool use_t8(const Problem& p) { return p.su && tables_mode() == 0 && t8_fits(p.q
 
 // The int8 GEMM (AVX2, uniform weights; gemm8_task_avx2): X is rounded to int8 per row and group
 // by prepare when int8 is the mode and M can reach the GEMM path of some bit width (M >= the
-// smallest table cutoff); compute takes it for uniform weights on the GEMM path.
+// smallest table cutoff; prepare does not know the weights' format, so it also does for float
+// scales: O(M K) against the GEMM's O(M K N)); compute takes it for uniform weights on the GEMM path.
 // The table path's cutoffs there (uniform weights, int8 mode, ISA AVX2): the int8 GEMM is about
 // twice the float GEMM, so it wins from fewer rows (measured on Zen 3, 1 thread, SmolLM2's
 // 3072 x 576, 576 x 1536, 1728 x 576 and 49152 x 576; q = 2 ties from 4 to 6 rows).
 constexpr int64_t kLutRowsBelowX8[kMaxQ] = {6, 5, 2, 2};
 constexpr int64_t kX8MinRows = 2;  // = min(kLutRowsBelowX8)
-constexpr int kX8Out = SHIFTC_BCQ_X8_OUTLIERS;  // outliers per row and group (prepare_x8_avx2)
+constexpr int kX8Out = SHIFTC_BCQ_X8_OUTLIERS;  // outlier columns per group (prepare_x8_avx2)
 static_assert(kX8Out >= 2 && kX8Out % 2 == 0, "the int8 GEMM applies its outliers as pairs of int16 values");
 // Byte of column j (0..3) of a quad in x8 and in the int8 panel: the order (0, 2, 1, 3).
 constexpr int kX8QuadPos[4] = {0, 2, 1, 3};
@@ -446,7 +447,7 @@ int64_t shiftc_bcq_workspace_floats(int64_t M, int64_t K, int64_t G) {
     if (M < 0 || !valid_shape(1, K, 1, G)) return -1;
     const int64_t NG = ceil_div(K, G);
     // GEMV: float tables, group sums, int8 tables (t8_floats) and their scales; GEMM: group sums;
-    // both: X rounded to int8 (Kp bytes per row) and its scales, for the int8 GEMM
+    // both: X rounded to int8 (Kp bytes per row), its scales and outliers, for the int8 GEMM
     const int64_t x8 = NG * G / 4 + NG + NG * 2 * SHIFTC_BCQ_X8_OUTLIERS;
     return M < SHIFTC_BCQ_LUT_MAX_M ? M * (NG * G * 4 + NG + t8_floats(NG * G) + NG + x8) : M * (NG + x8);
 }

@@ -95,8 +95,8 @@ extern "C" {
 // measurement in bcq_lut.cc); otherwise it runs the GEMM path, which reads no tables.
 #define SHIFTC_BCQ_LUT_MAX_M 12
 
-// The int8 GEMM (AVX2, uniform weights): per row of X and group of columns, this many columns of
-// largest |x| are kept apart as 16-bit multiples of the group's scale (see bcq_lut_avx2.inc).
+// The int8 GEMM (AVX2, uniform weights): per group of columns, this many columns (those of largest
+// max |x| over X's rows) are kept apart as 16-bit multiples of each row's scale (bcq_lut_avx2.inc).
 #define SHIFTC_BCQ_X8_OUTLIERS 2
 
 // Rows of X from which the GEMM path runs on AMX-BF16 tiles when the ISA is "AMX" (5): X is split
@@ -139,7 +139,8 @@ int shiftc_bcq_pack_uniform(const uint16_t* s, const uint16_t* mu, int64_t N, in
 //                               table on one cache line)
 //   otherwise                :  M * (NG + X8)        (per-group sums of x, then X8)
 //   X8 = Kp/4 + NG + NG*2*SHIFTC_BCQ_X8_OUTLIERS: X as int8 [M][Kp] bytes, its scales [M][NG] and
-//   its outliers [M][NG][2 * SHIFTC_BCQ_X8_OUTLIERS] int32 (the int8 GEMM)
+//   its outliers (columns [NG][SHIFTC_BCQ_X8_OUTLIERS], values [M][NG][SHIFTC_BCQ_X8_OUTLIERS / 2],
+//   int32; the space reserved is [M][NG][2 * SHIFTC_BCQ_X8_OUTLIERS]) (the int8 GEMM)
 int64_t shiftc_bcq_workspace_floats(int64_t M, int64_t K, int64_t G);
 
 int shiftc_bcq_prepare(const float* x, int64_t M, int64_t K, int64_t G, float* ws);
