@@ -279,3 +279,24 @@ def test_cli_serve_refusals(tiny_llama, tmp_path):
         port = taken.getsockname()[1]
         r = run_cli("serve", tiny_llama[1], "--port", str(port))
     assert r.returncode == 2 and f"--port {port}" in r.stderr, r.stderr
+
+
+def test_stream_coalesces_queued_text():
+    """Text events already queued when a stream reads go out as one chunk, in order; the events
+    after text (done, error) are kept and end the stream."""
+    import asyncio
+
+    from shiftc.server.app import _coalesced
+
+    async def read(evs):
+        q: asyncio.Queue = asyncio.Queue()
+        for ev in evs:
+            q.put_nowait(ev)
+        return [ev async for ev in _coalesced(q)]
+
+    t = lambda s: {"type": "text", "text": s}  # noqa: E731
+    done = {"type": "done", "finish_reason": "length"}
+    assert asyncio.run(read([t("a"), t("b"), t("c"), done])) == [t("abc"), done]
+    assert asyncio.run(read([done, t("never read")])) == [done]
+    err = {"type": "error", "message": "x"}
+    assert asyncio.run(read([t("a"), err])) == [t("a"), err]

@@ -365,23 +365,10 @@ async def _respond(srv: Server, http: HttpRequest, body: _Sampling, ids: list[in
         try:
             if chat:
                 yield {"data": chunk(None, None, first=True)}
-            ev = None
-            while True:
-                if ev is None:
-                    ev = await events.get()
+            async for ev in _coalesced(events):
                 if ev["type"] == "text":
-                    # text the engine has already produced goes out as one chunk (a client or a
-                    # loop that falls behind under load gets fewer, longer chunks)
-                    text, ev = ev["text"], None
-                    while ev is None and not events.empty():
-                        nxt = events.get_nowait()
-                        if nxt["type"] == "text":
-                            text += nxt["text"]
-                        else:
-                            ev = nxt
-                    yield {"data": chunk(text, None)}
-                    continue
-                if ev["type"] == "error":
+                    yield {"data": chunk(ev["text"], None)}
+                elif ev["type"] == "error":
                     yield {"data": json.dumps({"error": {"message": ev["message"], "type": "server_error",
                                                          "param": None, "code": None}})}
                     break
@@ -396,6 +383,23 @@ async def _respond(srv: Server, http: HttpRequest, body: _Sampling, ids: list[in
             req.cancel()  # a client gone mid-stream frees its slot; a no-op once done
 
     return EventSourceResponse(stream(), ping=15)
+
+
+async def _coalesced(events: asyncio.Queue):
+    """A request's engine events up to the last, text events already queued merged into one (a
+    client or an event loop that falls behind under load gets fewer, longer chunks)."""
+    while True:
+        ev = await events.get()
+        while ev["type"] == "text" and not events.empty():
+            nxt = events.get_nowait()
+            if nxt["type"] != "text":
+                yield ev
+                ev = nxt
+                break
+            ev = {"type": "text", "text": ev["text"] + nxt["text"]}
+        yield ev
+        if ev["type"] != "text":
+            return
 
 
 def build(model_path: str, *, threads: int | None = None, max_batch: int = 16, max_queue: int = 64,
