@@ -22,6 +22,7 @@ kernel, not on bf16 tiles).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -66,22 +67,30 @@ def rtol_for(isa: str, m: int) -> float:
     return RTOL_BF16X3 if isa == "amx" and m >= AMX_MIN_M else RTOL
 
 
+@contextlib.contextmanager
+def kernels_on(isa: str):
+    """The lut16 kernels forced to ``isa`` (a skip where this CPU/build lacks it: hardware, never a
+    CI failure); the ISA and the table mode restored after."""
+    try:
+        nat.bcq_set_isa(isa)
+    except ValueError as e:
+        pytest.skip(NO_AMX if isa == "amx" else f"this CPU/build lacks ISA {isa}: {e}")
+    before = nat.bcq_tables()
+    try:
+        yield
+    finally:
+        nat.bcq_set_isa("auto")
+        nat.bcq_set_tables(before)
+
+
 @pytest.fixture(params=ISAS)
 def isa(request):
     """Run the test with the lut16 kernels forced to one ISA and float32 GEMV tables (exact up to
     float rounding: the int8 tables of the AVX-512 uniform GEMV have their own test and bound);
     restore the defaults after."""
-    try:
-        nat.bcq_set_isa(request.param)
-    except ValueError as e:
-        if request.param == "amx":
-            pytest.skip(NO_AMX)
-        pytest.skip(f"this CPU/build lacks ISA {request.param}: {e}")  # hardware: never a CI failure
-    before = nat.bcq_tables()
-    nat.bcq_set_tables("float32")
-    yield request.param
-    nat.bcq_set_isa("auto")
-    nat.bcq_set_tables(before)
+    with kernels_on(request.param):
+        nat.bcq_set_tables("float32")
+        yield request.param
 
 
 def make_weights(rng, q: int, n: int, k: int, group: int):
@@ -525,13 +534,8 @@ def test_uniform_int8_tables(q, group, simd):
     product, for decode-sized M (below every bit width's table cutoff), partial groups and blocks,
     1 and 2 threads; it must differ from the float32 tables where it runs (t8_fits) and equal them
     bit for bit where it does not."""
-    try:
-        nat.bcq_set_isa(simd)
-    except ValueError as e:
-        pytest.skip(f"this CPU/build lacks {simd}: {e}")  # hardware: never a CI failure
     rng = np.random.default_rng(7 * q + group)
-    before = nat.bcq_tables()
-    try:
+    with kernels_on(simd):
         for n, k in ((17, 576), (40, 100), (200, 1536)):
             planes01, s, mu = make_uniform(rng, q, n, k, group)
             # (on AVX2, more rows than GEMM_FROM_M run the int8 GEMM instead: test_uniform_int8_gemm)
@@ -552,9 +556,6 @@ def test_uniform_int8_tables(q, group, simd):
                 err = np.abs(y8.astype(np.float64) - ref)
                 allowed = t8_bound(x, s, q, k, group) * (1 + 1e-5) + RTOL * bound + 1e-30
                 assert (err <= allowed).all(), f"{what}: worst err/allowed {np.max(err / allowed):.3g}"
-    finally:
-        nat.bcq_set_isa("auto")
-        nat.bcq_set_tables(before)
 
 
 X8_OUT = nat.BCQ_X8_OUTLIERS  # outliers per row and group of the int8 GEMM's X
@@ -613,13 +614,8 @@ def test_uniform_int8_gemm(q, group):
     K-slice (K = 1536), 1 and 2 threads; different from the float32 mode wherever it runs, and
     equal to it bit for bit on the GEMM path where it does not (groups wider than the kernel's
     512-column panel)."""
-    try:
-        nat.bcq_set_isa("avx2")
-    except ValueError as e:
-        pytest.skip(f"this CPU/build lacks avx2: {e}")  # hardware: never a CI failure
     rng = np.random.default_rng(11 * q + group)
-    before = nat.bcq_tables()
-    try:
+    with kernels_on("avx2"):
         for n, k in ((17, 576), (40, 100), (200, 1536)):
             planes01, s, mu = make_uniform(rng, q, n, k, group)
             for m in sorted({1, 2, 3, 4, 5, 6, 7, 8, MAX_M - 1, MAX_M, 16, 33, 130}):
@@ -647,9 +643,6 @@ def test_uniform_int8_gemm(q, group):
                 err = np.abs(y8.astype(np.float64) - ref)
                 bad = err > RTOL * bound + 1e-30
                 assert not bad.any(), f"{what}: {bad.sum()} outputs off, worst err/bound {np.max(err / np.maximum(bound, 1e-30)):.3g}"
-    finally:
-        nat.bcq_set_isa("auto")
-        nat.bcq_set_tables(before)
 
 
 def test_set_tables_rejects_unknown():

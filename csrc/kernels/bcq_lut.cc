@@ -146,6 +146,19 @@ void t8_fill_spare(uint8_t* lo, uint8_t* hi, int64_t Kp) {
 bool t8_fits(int q, int64_t G) { return 2 * 255 * (G / 8) * ((int64_t{1} << q) - 1) < 65536; }
 #endif
 
+// The int8 GEMM's part of the workspace (shiftc_bcq_workspace_floats): X as int8 [M][Kp], its
+// scales [M][NG] and outliers (prepare_x8_avx2), after the GEMV's tables, group sums, int8 tables
+// and their scales (M < SHIFTC_BCQ_LUT_MAX_M) or after the group sums.
+struct X8Parts {
+    int8_t* x8;
+    float* scales;
+    int32_t* outliers;
+};
+X8Parts x8_parts(float* ws, int64_t M, int64_t Kp, int64_t NG) {
+    float* const at = ws + (M < SHIFTC_BCQ_LUT_MAX_M ? M * (Kp * 4 + NG + t8_floats(Kp) + NG) : M * NG);
+    return {reinterpret_cast<int8_t*>(at), at + M * Kp / 4, reinterpret_cast<int32_t*>(at + M * Kp / 4 + M * NG)};
+}
+
 // Everything a task needs, derived once per call.
 // The scale format is the one switch between the two weight formats: su non-null = uniform (one
 // half-precision (s, mu) pair per row and group), else float scales (and offsets). The kernels
@@ -209,10 +222,10 @@ Problem make_problem(const float* x, const float* ws, int64_t M, int64_t K, int6
     p.gsums = ws + (M < SHIFTC_BCQ_LUT_MAX_M ? M * p.Kp * 4 : 0);
     p.t8 = reinterpret_cast<const uint8_t*>(p.gsums + M * p.NG);
     p.t8s = p.gsums + M * p.NG + M * t8_floats(p.Kp);
-    const float* x8_at = M < SHIFTC_BCQ_LUT_MAX_M ? p.t8s + M * p.NG : p.gsums + M * p.NG;
-    p.x8 = reinterpret_cast<const int8_t*>(x8_at);
-    p.x8s = x8_at + M * p.Kp / 4;
-    p.x8o = reinterpret_cast<const int32_t*>(p.x8s + M * p.NG);
+    const X8Parts x8 = x8_parts(const_cast<float*>(ws), M, p.Kp, p.NG);
+    p.x8 = x8.x8;
+    p.x8s = x8.scales;
+    p.x8o = x8.outliers;
     return p;
 }
 

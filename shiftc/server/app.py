@@ -227,8 +227,8 @@ class Server:
 
 class _Handoff:
     """Engine-thread events to the requests' queues on the event loop, with one wake-up of the loop
-    per burst: a decode step emits an event for every active request, and a wake-up (a write to
-    the loop's self-pipe, a turn of the loop) per event cost as much as the events themselves."""
+    per burst: a decode step emits an event for every active request, and each wake-up is a write
+    to the loop's self-pipe and a turn of the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
